@@ -1,0 +1,16 @@
+//! The pure scheduling core of granule.
+//!
+//! Everything here is a function of its inputs: no IO, no clock, no randomness it
+//! does not receive. Time arrives as `now_ms` arguments. The same code runs in the
+//! worker, in the store's claim path and (later) in the simulator, so a policy
+//! tested here is the policy that runs.
+
+mod ids;
+mod intervals;
+mod ledger;
+mod sizer;
+
+pub use ids::{FragmentId, JobId, StageId};
+pub use intervals::{IntervalSet, Span};
+pub use ledger::{Claim, FinishOutcome, Pending, PendingRange, StageLedger};
+pub use sizer::{ClaimContext, CostModel, Observation, Pid, SizeCap, Sizer, SizerConfig, Sizing};

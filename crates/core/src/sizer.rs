@@ -1,0 +1,604 @@
+//! The fragment sizer: an online cost model corrected by a PID controller.
+//!
+//! For each (stage, worker class) the model is `duration(n) ≈ a + b·n`: `a` the
+//! per-fragment overhead (process start, warm-up), `b` the per-item cost. `b` is
+//! measured from the spacing of acks inside a fragment when the task acks (the
+//! start-up cost then drops out), else by least squares over whole fragments. Old
+//! observations fade by `forget` per fragment, so a drifting cost is followed.
+//! A PID controller on `ln(target / observed)` removes what bias the model keeps.
+//! Caps, each from something measured, bound the result: the hard limit, the
+//! worker's lifespan, the tail of the stage and resource pressure.
+
+use serde::{Deserialize, Serialize};
+
+/// Tunables of the sizer (`[stage.sizer]` in a job spec) and the stage's own
+/// `target`, `limit` and `initial`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SizerConfig {
+    /// Target fragment duration in ms; `None` picks one from the overhead.
+    #[serde(skip)]
+    pub target_ms: Option<f64>,
+    /// Hard per-fragment limit in ms.
+    #[serde(skip)]
+    pub limit_ms: Option<f64>,
+    /// First fragment size before any history (slow start doubles from it).
+    #[serde(skip)]
+    pub initial: Option<u64>,
+    /// Proportional gain of the PID on the log-duration error.
+    pub kp: f64,
+    /// Integral gain.
+    pub ki: f64,
+    /// Derivative gain.
+    pub kd: f64,
+    /// Weight the old history keeps at each new observation (0..1).
+    pub forget: f64,
+    /// Largest share of a fragment's time the overhead `a` may take when the target is derived.
+    pub overhead_share: f64,
+    /// Smallest derived target, ms.
+    pub target_min_ms: f64,
+    /// Largest derived target, ms.
+    pub target_max_ms: f64,
+    /// Fewest items in a fragment.
+    pub min_items: u64,
+    /// Most items in a fragment.
+    pub max_items: u64,
+    /// Tail factoring: a fragment takes at most `remaining / (tail_factor · slots)` items...
+    pub tail_factor: f64,
+    /// ...but never so few that the overhead exceeds this share of it.
+    pub tail_overhead_share: f64,
+    /// Free memory share below which fragments shrink in proportion.
+    pub min_free_memory: f64,
+    /// Load per CPU above which fragments shrink in proportion.
+    pub max_load: f64,
+    /// Share of the limit or of the remaining lifespan a fragment may be predicted to use.
+    pub deadline_share: f64,
+}
+
+impl Default for SizerConfig {
+    fn default() -> Self {
+        SizerConfig {
+            target_ms: None,
+            limit_ms: None,
+            initial: None,
+            kp: 0.2,
+            ki: 0.1,
+            kd: 0.0,
+            forget: 0.7,
+            overhead_share: 0.01,
+            target_min_ms: 1_000.0,
+            target_max_ms: 60_000.0,
+            min_items: 1,
+            max_items: 10_000_000,
+            tail_factor: 2.0,
+            tail_overhead_share: 0.1,
+            min_free_memory: 0.05,
+            max_load: 2.0,
+            deadline_share: 0.8,
+        }
+    }
+}
+
+/// What a finished fragment teaches the model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Observation {
+    /// Items the fragment ran (fed and finished).
+    pub n: u64,
+    /// Wall time from start to exit, ms.
+    pub duration_ms: f64,
+    /// Acks received and when the first and last arrived (ms after start).
+    pub acks: u64,
+    /// Time of the first ack, ms after start.
+    pub first_ack_ms: Option<f64>,
+    /// Time of the last ack, ms after start.
+    pub last_ack_ms: Option<f64>,
+    /// Whether the fragment's size was set by the model and PID alone (only such
+    /// fragments feed the PID, else a cap would wind it up).
+    pub sized_by_model: bool,
+}
+
+/// Online estimate of `duration(n) ≈ a + b·n` with forgetting.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CostModel {
+    /// Per-fragment overhead, ms.
+    pub a_ms: f64,
+    /// Mean per-item cost, ms.
+    pub b_ms: f64,
+    /// Variance of the per-item cost between fragments, ms².
+    pub b_var: f64,
+    /// Fragments observed.
+    pub observations: u64,
+    /// Ack intervals observed (how much the ack-based estimate has seen).
+    pub ack_intervals: f64,
+    /// Largest fragment observed.
+    pub n_max: u64,
+    b_weight: f64,
+    a_weight: f64,
+    // Exponentially weighted least-squares sums over (n, duration).
+    sw: f64,
+    sn: f64,
+    sd: f64,
+    snn: f64,
+    snd: f64,
+}
+
+impl CostModel {
+    /// Whether there is enough history to size from the model.
+    pub fn ready(&self) -> bool {
+        self.observations >= 1
+            && (self.ack_intervals >= 8.0
+                || (self.observations >= 2 && self.b_ms * self.n_max as f64 >= self.a_ms))
+    }
+
+    /// Predicted duration of `n` items, ms.
+    pub fn predict_ms(&self, n: u64) -> f64 {
+        self.a_ms + self.b_ms * n as f64
+    }
+
+    /// An upper quantile (about the 97th percentile) of the per-item cost, ms.
+    pub fn b_high_ms(&self) -> f64 {
+        self.b_ms + 2.0 * self.b_var.max(0.0).sqrt()
+    }
+
+    /// Folds one finished fragment into the model.
+    pub fn observe(&mut self, obs: &Observation, forget: f64) {
+        let n = obs.n.max(1) as f64;
+        let d = obs.duration_ms.max(0.0);
+        let lambda = forget.clamp(0.0, 1.0);
+        self.sw = lambda * self.sw + 1.0;
+        self.sn = lambda * self.sn + n;
+        self.sd = lambda * self.sd + d;
+        self.snn = lambda * self.snn + n * n;
+        self.snd = lambda * self.snd + n * d;
+
+        let (b_sample, weight) = match (obs.first_ack_ms, obs.last_ack_ms) {
+            (Some(first), Some(last)) if obs.acks >= 2 => {
+                let intervals = (obs.acks - 1) as f64;
+                self.ack_intervals += intervals;
+                (((last - first) / intervals).max(0.0), intervals)
+            }
+            _ => match self.least_squares() {
+                Some((_, b)) => (b, n),
+                None => (((d - self.a_ms) / n).max(0.0), n),
+            },
+        };
+        let a_sample = (d - n * b_sample).max(0.0);
+
+        self.b_weight = lambda * self.b_weight + weight;
+        let share = weight / self.b_weight;
+        let delta = b_sample - self.b_ms;
+        self.b_ms += share * delta;
+        self.b_var = (1.0 - share) * (self.b_var + share * delta * delta);
+
+        self.a_weight = lambda * self.a_weight + 1.0;
+        self.a_ms += (a_sample - self.a_ms) / self.a_weight;
+
+        self.observations += 1;
+        self.n_max = self.n_max.max(obs.n);
+    }
+
+    fn least_squares(&self) -> Option<(f64, f64)> {
+        let det = self.sw * self.snn - self.sn * self.sn;
+        if self.sw < 1.5 || det <= 1e-3 * self.sw * self.snn {
+            return None;
+        }
+        let b = (self.sw * self.snd - self.sn * self.sd) / det;
+        let a = (self.sd - b * self.sn) / self.sw;
+        (b > 0.0).then_some((a.max(0.0), b))
+    }
+}
+
+/// A PID controller on the log-ratio of target to observed duration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pid {
+    /// Integral of the error.
+    pub integral: f64,
+    /// Last error, for the derivative.
+    pub last_error: Option<f64>,
+    /// Current output `u`; fragments are scaled by `exp(u)`.
+    pub output: f64,
+}
+
+/// Bound on the PID output: fragments are scaled by at most e^±1.5 (×4.5).
+const PID_OUTPUT_MAX: f64 = 1.5;
+
+impl Pid {
+    /// Feeds one error `ln(target / observed)` and updates the output.
+    pub fn update(&mut self, error: f64, cfg: &SizerConfig) {
+        let derivative = self.last_error.map_or(0.0, |last| error - last);
+        self.last_error = Some(error);
+        // Anti-windup: the integral never asks for more than the output bound.
+        let limit = if cfg.ki > 0.0 {
+            PID_OUTPUT_MAX / cfg.ki
+        } else {
+            0.0
+        };
+        self.integral = (self.integral + error).clamp(-limit, limit);
+        self.output = (cfg.kp * error + cfg.ki * self.integral + cfg.kd * derivative)
+            .clamp(-PID_OUTPUT_MAX, PID_OUTPUT_MAX);
+    }
+}
+
+/// What the claimer knows of its situation when it asks for a size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClaimContext {
+    /// Items of the stage still pending.
+    pub remaining: u64,
+    /// Slots working on the stage, the claimer's included.
+    pub slots: u32,
+    /// Share of memory free on the claiming worker (1.0 when unknown).
+    pub free_memory: f64,
+    /// Load average per CPU on the claiming worker (0.0 when unknown).
+    pub load_per_cpu: f64,
+    /// Remaining lifespan of the worker, ms, if it has one.
+    pub lifespan_ms: Option<f64>,
+}
+
+/// Which rule set the size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SizeCap {
+    /// The cost model and the PID.
+    Model,
+    /// Cold start: the initial size or doubling.
+    SlowStart,
+    /// The hard per-fragment limit.
+    Limit,
+    /// The worker's remaining lifespan.
+    Lifespan,
+    /// Tail factoring near the end of the stage.
+    Tail,
+    /// Low free memory or high load.
+    Pressure,
+    /// The configured minimum or maximum.
+    Bounds,
+}
+
+/// The sizer's answer for one claim.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sizing {
+    /// Items to claim; 0 means this worker should not take from this stage now.
+    pub n: u64,
+    /// Predicted duration, ms.
+    pub predicted_ms: f64,
+    /// The rule that decided `n`.
+    pub cap: SizeCap,
+}
+
+/// The sizer state of one (stage, class): persisted between claims.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sizer {
+    /// The cost model.
+    pub model: CostModel,
+    /// The bias corrector.
+    pub pid: Pid,
+    /// Next slow-start size (0 = not started yet).
+    pub slow_start_next: u64,
+}
+
+impl Sizer {
+    /// Target fragment duration, ms.
+    pub fn target_ms(&self, cfg: &SizerConfig) -> f64 {
+        cfg.target_ms.unwrap_or_else(|| {
+            (self.model.a_ms / cfg.overhead_share.max(1e-6))
+                .clamp(cfg.target_min_ms, cfg.target_max_ms)
+        })
+    }
+
+    /// Picks the size of the next fragment.
+    pub fn size(&mut self, cfg: &SizerConfig, ctx: &ClaimContext) -> Sizing {
+        let model = &self.model;
+        let (mut n, mut cap) = if model.ready() {
+            let target = self.target_ms(cfg);
+            let per_item = model.b_ms.max(1e-9);
+            let n_model = ((target - model.a_ms).max(per_item) / per_item) * self.pid.output.exp();
+            (n_model, SizeCap::Model)
+        } else {
+            if self.slow_start_next == 0 {
+                self.slow_start_next = cfg.initial.unwrap_or(1).max(1);
+            }
+            let n = self.slow_start_next;
+            self.slow_start_next = self.slow_start_next.saturating_mul(2);
+            (n as f64, SizeCap::SlowStart)
+        };
+        fn lower(n: &mut f64, cap: &mut SizeCap, bound: f64, why: SizeCap) {
+            if bound < *n {
+                *n = bound;
+                *cap = why;
+            }
+        }
+        let b_high = model.b_high_ms().max(1e-9);
+        if let Some(limit) = cfg.limit_ms {
+            lower(
+                &mut n,
+                &mut cap,
+                ((cfg.deadline_share * limit - model.a_ms) / b_high).max(0.0),
+                SizeCap::Limit,
+            );
+        }
+        if let Some(life) = ctx.lifespan_ms {
+            lower(
+                &mut n,
+                &mut cap,
+                ((cfg.deadline_share * life - model.a_ms) / b_high).max(0.0),
+                SizeCap::Lifespan,
+            );
+        }
+        let tail = ctx.remaining as f64 / (cfg.tail_factor.max(1.0) * f64::from(ctx.slots.max(1)));
+        let tail_floor = if model.ready() {
+            model.a_ms / cfg.tail_overhead_share.max(1e-6) / model.b_ms.max(1e-9)
+        } else {
+            1.0
+        };
+        lower(&mut n, &mut cap, tail.max(tail_floor).ceil(), SizeCap::Tail);
+        let mut pressure = 1.0;
+        if ctx.free_memory < cfg.min_free_memory {
+            pressure *= (ctx.free_memory / cfg.min_free_memory).max(0.0);
+        }
+        if ctx.load_per_cpu > cfg.max_load {
+            pressure *= cfg.max_load / ctx.load_per_cpu;
+        }
+        if pressure < 1.0 {
+            let shrunk = (n * pressure).floor();
+            lower(&mut n, &mut cap, shrunk, SizeCap::Pressure);
+        }
+        lower(&mut n, &mut cap, cfg.max_items as f64, SizeCap::Bounds);
+        let mut n = n.floor() as u64;
+        // A deadline that leaves no room for one item means: not here.
+        let fits = !matches!(cap, SizeCap::Limit | SizeCap::Lifespan) || n >= 1;
+        if fits && n < cfg.min_items.max(1) {
+            n = cfg.min_items.max(1);
+            cap = SizeCap::Bounds;
+        }
+        Sizing {
+            n,
+            predicted_ms: self.model.predict_ms(n),
+            cap,
+        }
+    }
+
+    /// Learns from a finished fragment.
+    pub fn observe(&mut self, cfg: &SizerConfig, obs: &Observation) {
+        let was_ready = self.model.ready();
+        self.model.observe(obs, cfg.forget);
+        if was_ready && obs.sized_by_model && obs.duration_ms > 0.0 {
+            let error = (self.target_ms(cfg) / obs.duration_ms).ln();
+            self.pid.update(error, cfg);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic noisy task: duration a + sum of n item costs with spread.
+    struct Synthetic {
+        a_ms: f64,
+        b_ms: f64,
+        seed: u64,
+    }
+
+    impl Synthetic {
+        fn noise(&mut self) -> f64 {
+            // xorshift, uniform in [0.5, 1.5)
+            self.seed ^= self.seed << 13;
+            self.seed ^= self.seed >> 7;
+            self.seed ^= self.seed << 17;
+            0.5 + (self.seed % 10_000) as f64 / 10_000.0
+        }
+
+        fn run(&mut self, n: u64) -> Observation {
+            let item = self.b_ms * self.noise();
+            let first = self.a_ms * 0.9 + item;
+            let duration = self.a_ms + self.b_ms * n as f64 * (0.95 + 0.1 * self.noise() / 1.5);
+            Observation {
+                n,
+                duration_ms: duration,
+                acks: n,
+                first_ack_ms: Some(first),
+                last_ack_ms: Some(duration - self.a_ms * 0.1),
+                sized_by_model: true,
+            }
+        }
+    }
+
+    fn roomy() -> ClaimContext {
+        ClaimContext {
+            remaining: u64::MAX / 4,
+            slots: 2,
+            free_memory: 0.5,
+            load_per_cpu: 1.0,
+            lifespan_ms: None,
+        }
+    }
+
+    fn drive(
+        sizer: &mut Sizer,
+        cfg: &SizerConfig,
+        task: &mut Synthetic,
+        fragments: usize,
+    ) -> Vec<f64> {
+        (0..fragments)
+            .map(|_| {
+                let sizing = sizer.size(cfg, &roomy());
+                let mut obs = task.run(sizing.n);
+                obs.sized_by_model = sizing.cap == SizeCap::Model;
+                sizer.observe(cfg, &obs);
+                obs.duration_ms
+            })
+            .collect()
+    }
+
+    fn within(durations: &[f64], target: f64, share: f64) -> bool {
+        durations.iter().all(|d| (d / target - 1.0).abs() <= share)
+    }
+
+    #[test]
+    fn reaches_the_target_within_20_percent() {
+        for (a, b) in [(40.0, 0.093), (5.0, 2.0), (200.0, 0.001), (1.0, 50.0)] {
+            let cfg = SizerConfig {
+                target_ms: Some(3_000.0),
+                ..SizerConfig::default()
+            };
+            let mut sizer = Sizer::default();
+            let mut task = Synthetic {
+                a_ms: a,
+                b_ms: b,
+                seed: 99,
+            };
+            let durations = drive(&mut sizer, &cfg, &mut task, 40);
+            assert!(
+                within(&durations[25..], 3_000.0, 0.2),
+                "a={a} b={b}: {durations:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn follows_a_step_change_in_item_cost() {
+        let cfg = SizerConfig {
+            target_ms: Some(2_000.0),
+            ..SizerConfig::default()
+        };
+        let mut sizer = Sizer::default();
+        let mut task = Synthetic {
+            a_ms: 30.0,
+            b_ms: 0.5,
+            seed: 7,
+        };
+        let before = drive(&mut sizer, &cfg, &mut task, 30);
+        assert!(within(&before[20..], 2_000.0, 0.2), "{before:?}");
+        task.b_ms = 2.0; // every item now costs 4x
+        let after = drive(&mut sizer, &cfg, &mut task, 30);
+        assert!(within(&after[10..], 2_000.0, 0.2), "{after:?}");
+    }
+
+    #[test]
+    fn derived_target_keeps_overhead_near_one_percent() {
+        let cfg = SizerConfig::default();
+        let mut sizer = Sizer::default();
+        let mut task = Synthetic {
+            a_ms: 40.0,
+            b_ms: 0.1,
+            seed: 3,
+        };
+        drive(&mut sizer, &cfg, &mut task, 30);
+        let target = sizer.target_ms(&cfg);
+        assert!((3_000.0..5_000.0).contains(&target), "target {target}");
+    }
+
+    #[test]
+    fn slow_start_doubles_from_one_or_initial() {
+        let cfg = SizerConfig::default();
+        let mut sizer = Sizer::default();
+        let sizes: Vec<u64> = (0..4).map(|_| sizer.size(&cfg, &roomy()).n).collect();
+        assert_eq!(sizes, vec![1, 2, 4, 8]);
+        let cfg = SizerConfig {
+            initial: Some(100),
+            ..SizerConfig::default()
+        };
+        let mut sizer = Sizer::default();
+        assert_eq!(sizer.size(&cfg, &roomy()).n, 100);
+        assert_eq!(sizer.size(&cfg, &roomy()).n, 200);
+    }
+
+    #[test]
+    fn tail_factoring_shrinks_the_last_fragments() {
+        let cfg = SizerConfig {
+            target_ms: Some(10_000.0),
+            ..SizerConfig::default()
+        };
+        let mut sizer = Sizer::default();
+        let mut task = Synthetic {
+            a_ms: 10.0,
+            b_ms: 1.0,
+            seed: 5,
+        };
+        drive(&mut sizer, &cfg, &mut task, 20);
+        // Far from the end the model decides; near the end each claim takes at
+        // most remaining / (2 * slots), down to the floor where overhead is 10%.
+        let mut remaining = 40_000u64;
+        let mut sizes = Vec::new();
+        while remaining > 0 {
+            let ctx = ClaimContext {
+                remaining,
+                slots: 4,
+                ..roomy()
+            };
+            let s = sizer.size(&cfg, &ctx);
+            let n = s.n.min(remaining);
+            assert!(
+                n as f64 <= (remaining as f64 / 8.0).ceil().max(100.0) + 1.0,
+                "{n} of {remaining}"
+            );
+            sizes.push(n);
+            remaining -= n;
+        }
+        assert!(
+            sizes.windows(2).all(|w| w[1] <= w[0]),
+            "sizes grow at the tail: {sizes:?}"
+        );
+        assert!(
+            *sizes.last().unwrap() <= 200,
+            "last fragment too big: {sizes:?}"
+        );
+        assert!(sizes.len() < 60, "too many tail fragments: {}", sizes.len());
+    }
+
+    #[test]
+    fn limit_and_lifespan_cap_with_the_upper_quantile() {
+        let cfg = SizerConfig {
+            limit_ms: Some(1_000.0),
+            target_ms: Some(10_000.0),
+            ..SizerConfig::default()
+        };
+        let mut sizer = Sizer::default();
+        let mut task = Synthetic {
+            a_ms: 10.0,
+            b_ms: 1.0,
+            seed: 11,
+        };
+        drive(&mut sizer, &cfg, &mut task, 20);
+        let s = sizer.size(&cfg, &roomy());
+        assert_eq!(s.cap, SizeCap::Limit);
+        assert!(s.predicted_ms <= 800.0, "{s:?}");
+        let ctx = ClaimContext {
+            lifespan_ms: Some(300.0),
+            ..roomy()
+        };
+        let s = sizer.size(&cfg, &ctx);
+        assert_eq!(s.cap, SizeCap::Lifespan);
+        assert!(s.predicted_ms <= 240.0, "{s:?}");
+        let ctx = ClaimContext {
+            lifespan_ms: Some(5.0),
+            ..roomy()
+        };
+        assert_eq!(sizer.size(&cfg, &ctx).n, 0, "nothing fits in 5 ms");
+    }
+
+    #[test]
+    fn memory_pressure_shrinks_fragments() {
+        let cfg = SizerConfig {
+            target_ms: Some(1_000.0),
+            ..SizerConfig::default()
+        };
+        let mut sizer = Sizer::default();
+        let mut task = Synthetic {
+            a_ms: 10.0,
+            b_ms: 1.0,
+            seed: 13,
+        };
+        drive(&mut sizer, &cfg, &mut task, 20);
+        let free = sizer.size(&cfg, &roomy()).n;
+        let tight = sizer.size(
+            &cfg,
+            &ClaimContext {
+                free_memory: 0.01,
+                ..roomy()
+            },
+        );
+        assert_eq!(tight.cap, SizeCap::Pressure);
+        assert!(tight.n * 4 < free, "{} vs {free}", tight.n);
+    }
+}
