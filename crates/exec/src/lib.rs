@@ -1,1 +1,19 @@
-//! placeholder
+//! Running one fragment of a stage as a child process, speaking the task protocol.
+//!
+//! Batch mode starts the command once per fragment, feeds item values on stdin
+//! lazily (a bounded window beyond the last ack, so the unfed tail can be split
+//! off), reads acks and `checkpoint PATH` lines on fd 3, and yields by closing
+//! stdin, then SIGTERM, then SIGKILL. Per-item mode runs the command once per item
+//! with `{}` replaced by the value; an exit of 0 is the item's ack. Threads, not an
+//! async runtime: a fragment is a handful of blocking pipes.
+
+mod blob;
+mod items;
+mod run;
+mod sample;
+mod sys;
+
+pub use blob::{Blob, BlobError};
+pub use items::{ItemIter, ItemSource};
+pub use run::{run_fragment, Checkpoint, Control, Failure, FragmentJob, Progress, RunReport};
+pub use sample::{Sample, Sampler};

@@ -1,0 +1,230 @@
+//! The task protocol against real child processes.
+
+use granule_core::{FinishOutcome, FragmentId, IntervalSet, Span};
+use granule_exec::{run_fragment, Control, Failure, FragmentJob, ItemSource};
+use granule_spec::ItemsSpec;
+use std::time::{Duration, Instant};
+
+fn job(argv: &[&str], span: Span, per_item: bool) -> FragmentJob {
+    FragmentJob {
+        fragment: FragmentId(1),
+        span,
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        per_item,
+        env: vec![("GRANULE_FIRST".into(), span.start.to_string())],
+        source: ItemSource::open(&ItemsSpec::Range {
+            start: 100,
+            end: 10_100,
+        })
+        .unwrap(),
+        limit: None,
+        item_cost_ms: 1.0,
+        deadline_share: 0.8,
+        grace: Duration::from_secs(5),
+        window: 8,
+        expect_acks: true,
+        first_ack_patience: Duration::from_secs(10),
+        log_tail_bytes: 1024,
+        checkpoint_level: 3,
+    }
+}
+
+const ACKER: &str = r#"
+import os, sys
+ack = os.fdopen(3, "w", buffering=1)
+for line in sys.stdin:
+    v = line.strip()
+    if v == os.environ.get("FAIL_AT"):
+        sys.exit(3)
+    ack.write(v + "\n")
+"#;
+
+#[test]
+fn batch_acks_every_item_with_values_as_received() {
+    let j = job(&["python3", "-c", ACKER], Span::new(10, 60), false);
+    let ctl = Control::new(j.span);
+    let report = run_fragment(&j, &ctl);
+    assert_eq!(
+        report.failure,
+        None,
+        "{:?}",
+        String::from_utf8_lossy(&report.stderr_tail)
+    );
+    assert_eq!(report.acks, 50);
+    assert_eq!(report.outcome, FinishOutcome::Success);
+    let (acked, _) = ctl.take_unflushed();
+    assert_eq!(acked, IntervalSet::from_span(Span::new(10, 60)));
+    assert!(report.first_ack_ms.is_some() && report.last_ack_ms >= report.first_ack_ms);
+}
+
+#[test]
+fn a_command_that_never_acks_is_all_or_nothing() {
+    let mut j = job(&["cat"], Span::new(0, 5000), false);
+    j.expect_acks = false;
+    let ctl = Control::new(j.span);
+    let report = run_fragment(&j, &ctl);
+    assert_eq!(report.failure, None);
+    assert_eq!(report.acks, 0);
+    assert_eq!(report.fed, 5000);
+    assert_eq!(report.outcome, FinishOutcome::Success);
+    assert!(
+        String::from_utf8_lossy(&report.stdout_tail).ends_with("5099\n"),
+        "stdout tail is kept"
+    );
+    assert!(report.stdout_tail.len() <= 1024);
+}
+
+#[test]
+fn a_failing_batch_keeps_its_acks_and_fails_the_rest() {
+    let mut j = job(&["python3", "-c", ACKER], Span::new(0, 20), false);
+    j.env.push(("FAIL_AT".into(), "107".into()));
+    let ctl = Control::new(j.span);
+    let report = run_fragment(&j, &ctl);
+    assert_eq!(report.failure, Some(Failure::Exit(3)));
+    assert_eq!(
+        ctl.take_unflushed().0,
+        IntervalSet::from_span(Span::new(0, 7))
+    );
+    assert_eq!(
+        report.outcome,
+        FinishOutcome::Failed {
+            culprits: IntervalSet::new(),
+            rest_failed: true
+        }
+    );
+}
+
+#[test]
+fn per_item_mode_acks_by_exit_status_and_names_culprits() {
+    let j = job(
+        &["sh", "-c", "test \"$1\" != 103", "sh", "{}"],
+        Span::new(0, 6),
+        true,
+    );
+    let ctl = Control::new(j.span);
+    let report = run_fragment(&j, &ctl);
+    assert_eq!(report.culprits, IntervalSet::from_span(Span::new(3, 4)));
+    assert_eq!(report.acks, 5);
+    assert!(matches!(
+        report.outcome,
+        FinishOutcome::Failed {
+            rest_failed: false,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn yield_closes_stdin_and_keeps_acked_work() {
+    // Acks slowly; a yield after the first acks must end it quickly and cleanly.
+    let slow = r#"
+import os, sys, time
+ack = os.fdopen(3, "w", buffering=1)
+for line in sys.stdin:
+    time.sleep(0.02)
+    ack.write(line)
+"#;
+    let j = job(&["python3", "-c", slow], Span::new(0, 10_000), false);
+    let ctl = Control::new(j.span);
+    let runner = {
+        let (j, ctl) = (j.clone(), ctl.clone());
+        std::thread::spawn(move || run_fragment(&j, &ctl))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ctl.progress().acks < 3 {
+        assert!(Instant::now() < deadline, "no acks");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ctl.request_yield();
+    let report = runner.join().unwrap();
+    assert!(report.yielded);
+    assert_eq!(report.failure, None);
+    assert_eq!(report.outcome, FinishOutcome::Yielded);
+    assert!(
+        report.fed <= report.acks + j.window,
+        "fed {} acked {}",
+        report.fed,
+        report.acks
+    );
+}
+
+#[test]
+fn split_stops_feeding_the_tail() {
+    let slow = r#"
+import os, sys, time
+ack = os.fdopen(3, "w", buffering=1)
+for line in sys.stdin:
+    time.sleep(0.01)
+    ack.write(line)
+"#;
+    let j = job(&["python3", "-c", slow], Span::new(0, 1000), false);
+    let ctl = Control::new(j.span);
+    let runner = {
+        let (j, ctl) = (j.clone(), ctl.clone());
+        std::thread::spawn(move || run_fragment(&j, &ctl))
+    };
+    while ctl.progress().acks < 2 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let at = ctl.split_at(20).expect("split");
+    assert!(at >= 20 && at < 1000);
+    let report = runner.join().unwrap();
+    assert_eq!(report.fed, at);
+    assert_eq!(report.acks, at);
+    assert_eq!(
+        ctl.take_unflushed().0,
+        IntervalSet::from_span(Span::new(0, at))
+    );
+}
+
+#[test]
+fn checkpoint_lines_are_read_and_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let script = format!(
+        r#"
+import os, sys
+ack = os.fdopen(3, "w", buffering=1)
+total = 0
+for line in sys.stdin:
+    total += int(line)
+    ack.write(line)
+open("{0}", "w").write(str(total))
+ack.write("checkpoint {0}\n")
+"#,
+        state.display()
+    );
+    let j = job(&["python3", "-c", &script], Span::new(0, 10), false);
+    let ctl = Control::new(j.span);
+    let report = run_fragment(&j, &ctl);
+    assert_eq!(report.outcome, FinishOutcome::Success);
+    let (_, checkpoints) = ctl.take_unflushed();
+    assert_eq!(checkpoints.len(), 1);
+    assert_eq!(checkpoints[0].acks, 10);
+    let raw = checkpoints[0].blob.as_ref().unwrap().open().unwrap();
+    assert_eq!(
+        String::from_utf8(raw).unwrap(),
+        (100..110).sum::<u64>().to_string()
+    );
+}
+
+#[test]
+fn limit_kills_and_classifies_a_timeout() {
+    let mut j = job(&["sleep", "30"], Span::new(0, 1), true);
+    j.limit = Some(Duration::from_millis(300));
+    let ctl = Control::new(j.span);
+    let report = run_fragment(&j, &ctl);
+    assert_eq!(report.failure, Some(Failure::Timeout(300)));
+    assert!(report.duration_ms < 10_000.0);
+}
+
+#[test]
+fn signals_are_classified() {
+    let j = job(&["sh", "-c", "kill -SEGV $$"], Span::new(0, 3), false);
+    let report = run_fragment(&j, &Control::new(j.span));
+    assert_eq!(report.failure, Some(Failure::Signal(libc_sigsegv())));
+}
+
+fn libc_sigsegv() -> i32 {
+    11
+}
