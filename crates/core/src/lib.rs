@@ -12,5 +12,7 @@ mod sizer;
 
 pub use ids::{FragmentId, JobId, StageId};
 pub use intervals::{IntervalSet, Span};
-pub use ledger::{Claim, FinishOutcome, Pending, PendingRange, StageLedger};
+pub use ledger::{
+    Claim, FinishOutcome, FinishReport, Pending, PendingRange, RunningFragment, StageLedger,
+};
 pub use sizer::{ClaimContext, CostModel, Observation, Pid, SizeCap, Sizer, SizerConfig, Sizing};

@@ -1,1 +1,70 @@
-//! placeholder
+//! granule's durable state, behind one [`Store`] trait.
+//!
+//! Every state transition (submit, claim, ack flush, finish, recovery) is one
+//! transaction that loads the stage's ledger, applies the pure transition from
+//! `granule-core`, and writes it back. Item sets are interval sets stored as
+//! JSON, so the store grows with fragments, never with items. Writes by a
+//! fragment's holder are fenced by its worker id and `running` state: a worker
+//! whose lease was taken over cannot count anything.
+
+mod model;
+mod schema;
+mod sqlite;
+
+pub use model::*;
+pub use sqlite::SqliteStore;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A job of that name exists with another spec.
+    #[error("job \"{0}\" already exists with a different spec; rerun with --fresh to discard its state and start over, or rename the job")]
+    SpecChanged(String),
+    /// No job of that name.
+    #[error("no job named \"{0}\" in this store")]
+    NoSuchJob(String),
+    /// The database said no.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Stored state could not be decoded.
+    #[error("stored state is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Result alias of the store.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The operations every backend provides.
+pub trait Store {
+    /// Records a job (or finds it again): the same spec resumes, a changed one is
+    /// refused unless `fresh`, which discards the old state.
+    fn submit(&mut self, job: &NewJob, now_ms: i64, fresh: bool) -> Result<Submitted>;
+    /// A job's stored spec and state, by name.
+    fn job(&mut self, name: &str) -> Result<Option<JobRecord>>;
+    /// Registers or refreshes a worker.
+    fn register_worker(&mut self, worker: &WorkerInfo, now_ms: i64) -> Result<()>;
+    /// Carves a fragment for a slot of `req.worker`, sized by the stage's sizer.
+    fn claim(&mut self, req: &ClaimRequest) -> Result<Option<Assignment>>;
+    /// Records acks and checkpoints of running fragments and renews the worker's leases.
+    fn flush(
+        &mut self,
+        worker: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        batch: &[FragmentFlush],
+    ) -> Result<u64>;
+    /// Ends a fragment; its final acks and checkpoints are in `end.flush`.
+    fn finish(&mut self, worker: &str, now_ms: i64, end: &FragmentEnd) -> Result<Finished>;
+    /// Workers that hold running fragments, for a liveness check by the caller.
+    fn workers_holding_work(&mut self) -> Result<Vec<WorkerInfo>>;
+    /// Returns to pending the unacked items of fragments whose lease expired or
+    /// whose worker is in `dead`; returns how many fragments were released.
+    fn release(&mut self, now_ms: i64, dead: &[String]) -> Result<u64>;
+    /// Status of one job or all.
+    fn status(&mut self, job: Option<&str>) -> Result<Vec<JobStatus>>;
+    /// Stored output tails of a stage's fragments (or one fragment).
+    fn logs(&mut self, job: &str, stage: &str, fragment: Option<i64>) -> Result<Vec<FragmentLog>>;
+    /// A checkpoint blob by id.
+    fn blob(&mut self, id: i64) -> Result<Option<BlobRow>>;
+}

@@ -1,0 +1,271 @@
+//! The values that cross the store boundary.
+
+use granule_core::{
+    ClaimContext, FinishOutcome, FragmentId, IntervalSet, JobId, SizeCap, SizerConfig, Span,
+    StageId,
+};
+use serde::Serialize;
+
+/// A job to record: its name, a digest of its spec, the spec as JSON, and per stage
+/// what the store needs to account and size it.
+#[derive(Clone, Debug)]
+pub struct NewJob {
+    /// Unique name.
+    pub name: String,
+    /// Digest of the spec; a different digest under the same name is a changed spec.
+    pub spec_hash: String,
+    /// The whole spec, JSON (workers rebuild their commands from it).
+    pub spec_json: String,
+    /// Stages in spec order.
+    pub stages: Vec<NewStage>,
+}
+
+/// One stage of a [`NewJob`].
+#[derive(Clone, Debug)]
+pub struct NewStage {
+    /// Name.
+    pub name: String,
+    /// Number of items.
+    pub items: u64,
+    /// Indices (in the job) of the stages it waits for.
+    pub after: Vec<usize>,
+    /// Retries before bisection.
+    pub retries: u32,
+    /// Sizer configuration.
+    pub sizer: SizerConfig,
+}
+
+/// What `submit` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Submitted {
+    /// A new job.
+    Created(JobId),
+    /// An unfinished job with the same spec.
+    Resumed(JobId),
+    /// A finished job with the same spec: nothing to do.
+    AlreadyFinished(JobId),
+}
+
+impl Submitted {
+    /// The job's id.
+    pub fn id(&self) -> JobId {
+        match *self {
+            Submitted::Created(id) | Submitted::Resumed(id) | Submitted::AlreadyFinished(id) => id,
+        }
+    }
+}
+
+/// A stored job.
+#[derive(Clone, Debug)]
+pub struct JobRecord {
+    /// Id.
+    pub id: JobId,
+    /// Name.
+    pub name: String,
+    /// `running`, `done` or `failed` (finished with quarantined items).
+    pub state: String,
+    /// The spec, JSON.
+    pub spec_json: String,
+}
+
+/// A worker as the store knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// Unique id, `host:pid:start`.
+    pub id: String,
+    /// Host name.
+    pub host: String,
+    /// Process id on that host.
+    pub pid: i64,
+    /// Process start time (ticks since boot), to tell a reused pid apart.
+    pub proc_start: i64,
+    /// Slots it runs.
+    pub slots: u32,
+    /// Executor class.
+    pub class: String,
+}
+
+/// A slot asking for work.
+#[derive(Clone, Debug)]
+pub struct ClaimRequest {
+    /// The job to take from.
+    pub job: JobId,
+    /// The claiming worker.
+    pub worker: String,
+    /// Its class (selects the sizer state).
+    pub class: String,
+    /// Now, unix ms.
+    pub now_ms: i64,
+    /// Lease length, ms.
+    pub lease_ms: i64,
+    /// Slots sharing the job (for tail factoring).
+    pub slots: u32,
+    /// Resource readings and lifespan; `remaining` and `slots` are filled per stage.
+    pub context: ClaimContext,
+}
+
+/// A claimed fragment.
+#[derive(Clone, Debug)]
+pub struct Assignment {
+    /// Its id.
+    pub fragment: FragmentId,
+    /// Its stage.
+    pub stage: StageId,
+    /// The stage's position in the job spec.
+    pub stage_index: usize,
+    /// Its items.
+    pub span: Span,
+    /// Failures its items had before (attempt = failures + 1).
+    pub failures: u32,
+    /// Checkpoint to resume from.
+    pub checkpoint: Option<i64>,
+    /// Size chosen, predicted duration and the rule that decided.
+    pub n: u64,
+    /// Predicted duration, ms.
+    pub predicted_ms: f64,
+    /// Which rule decided the size.
+    pub cap: SizeCap,
+    /// The model's per-item cost, ms.
+    pub item_cost_ms: f64,
+    /// Whether the stage's tasks ack.
+    pub expect_acks: bool,
+}
+
+/// A sealed checkpoint as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobRow {
+    /// Compressed bytes.
+    pub data: Vec<u8>,
+    /// Uncompressed length.
+    pub raw_len: u64,
+    /// blake3 of the uncompressed bytes, hex.
+    pub hash: String,
+    /// Metadata JSON (fragment size, resources, predicted remaining time).
+    pub meta: String,
+}
+
+/// Acks and checkpoints of one fragment since its last flush.
+#[derive(Clone, Debug, Default)]
+pub struct FragmentFlush {
+    /// The fragment.
+    pub fragment: FragmentId,
+    /// Newly acked items.
+    pub acked: IntervalSet,
+    /// Checkpoints in arrival order.
+    pub checkpoints: Vec<BlobRow>,
+}
+
+/// How a fragment ended, with its measurements.
+#[derive(Clone, Debug)]
+pub struct FragmentEnd {
+    /// Final acks and checkpoints.
+    pub flush: FragmentFlush,
+    /// Where it ended after any split (its span is cut there first).
+    pub end: u64,
+    /// What accounting does with the unacked rest.
+    pub outcome: FinishOutcome,
+    /// `done`, `yielded`, `failed`.
+    pub state: &'static str,
+    /// Failure cause (`exit`, `signal`, `timeout`, `oom`, ...), if any.
+    pub cause: Option<String>,
+    /// Human-readable detail.
+    pub detail: Option<String>,
+    /// Wall time, ms.
+    pub observed_ms: f64,
+    /// CPU time, ms.
+    pub cpu_ms: f64,
+    /// Peak RSS, KiB.
+    pub peak_rss_kb: u64,
+    /// Load per CPU at the end.
+    pub load: f64,
+    /// Items fed.
+    pub fed: u64,
+    /// Items acked.
+    pub acks: u64,
+    /// First and last ack, ms after start.
+    pub first_ack_ms: Option<f64>,
+    /// See `first_ack_ms`.
+    pub last_ack_ms: Option<f64>,
+    /// Output tails.
+    pub stdout: Vec<u8>,
+    /// See `stdout`.
+    pub stderr: Vec<u8>,
+}
+
+/// What a finish changed.
+#[derive(Clone, Debug, Default)]
+pub struct Finished {
+    /// False if the fragment was no longer ours (lease lost): nothing counted.
+    pub accepted: bool,
+    /// Items newly quarantined.
+    pub quarantined: IntervalSet,
+    /// Whether the job is now finished.
+    pub job_finished: bool,
+}
+
+/// Status of a job.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobStatus {
+    /// Name.
+    pub name: String,
+    /// `running`, `done`, `failed`.
+    pub state: String,
+    /// Stages in spec order.
+    pub stages: Vec<StageStatus>,
+}
+
+/// Status of a stage.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageStatus {
+    /// Name.
+    pub name: String,
+    /// `waiting`, `running`, `done`.
+    pub state: String,
+    /// Items in all.
+    pub items: u64,
+    /// Items done.
+    pub done: u64,
+    /// Items inside running fragments, not yet acked.
+    pub running: u64,
+    /// Items waiting for a claim.
+    pub pending: u64,
+    /// Items quarantined.
+    pub quarantined: u64,
+    /// Quarantined items as `[start, end)` spans.
+    pub quarantined_items: Vec<[u64; 2]>,
+    /// Fragments claimed so far.
+    pub fragments: u64,
+    /// Fragments running now.
+    pub running_fragments: u64,
+    /// Failed fragments.
+    pub failed_fragments: u64,
+    /// Size of the latest fragment.
+    pub fragment_size: u64,
+    /// The model's per-item cost, µs.
+    pub item_cost_us: f64,
+    /// The model's per-fragment overhead, ms.
+    pub overhead_ms: f64,
+    /// The sizer's target duration, ms.
+    pub target_ms: f64,
+}
+
+/// Output of one fragment.
+#[derive(Clone, Debug, Serialize)]
+pub struct FragmentLog {
+    /// Fragment id.
+    pub fragment: i64,
+    /// Its span.
+    pub start: u64,
+    /// See `start`.
+    pub end: u64,
+    /// Its state.
+    pub state: String,
+    /// Failure cause and detail.
+    pub cause: Option<String>,
+    /// See `cause`.
+    pub detail: Option<String>,
+    /// stdout tail.
+    pub stdout: Vec<u8>,
+    /// stderr tail.
+    pub stderr: Vec<u8>,
+}

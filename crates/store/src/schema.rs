@@ -1,0 +1,89 @@
+//! Versioned schema migrations: `PRAGMA user_version` counts the ones applied.
+
+/// Migrations in order; never edit one that has shipped, append a new one.
+pub(crate) const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    spec_hash TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    finished_ms INTEGER
+);
+CREATE TABLE stages (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    items INTEGER NOT NULL,
+    after TEXT NOT NULL,
+    retries INTEGER NOT NULL,
+    sizer_config TEXT NOT NULL,
+    state TEXT NOT NULL,
+    pending TEXT NOT NULL,
+    done TEXT NOT NULL,
+    done_count INTEGER NOT NULL DEFAULT 0,
+    quarantined TEXT NOT NULL,
+    expect_acks INTEGER NOT NULL DEFAULT 0,
+    last_n INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (job_id, idx)
+);
+CREATE TABLE sizers (
+    stage_id INTEGER NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    class TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (stage_id, class)
+);
+CREATE TABLE workers (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    proc_start INTEGER NOT NULL,
+    slots INTEGER NOT NULL,
+    class TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    heartbeat_ms INTEGER NOT NULL
+);
+CREATE TABLE fragments (
+    id INTEGER PRIMARY KEY,
+    stage_id INTEGER NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    start_idx INTEGER NOT NULL,
+    end_idx INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    class TEXT NOT NULL,
+    lease_expires_ms INTEGER NOT NULL,
+    failures INTEGER NOT NULL,
+    acked TEXT NOT NULL DEFAULT '[]',
+    checkpoint_id INTEGER,
+    n INTEGER NOT NULL,
+    predicted_ms REAL NOT NULL,
+    size_cap TEXT NOT NULL,
+    claimed_ms INTEGER NOT NULL,
+    finished_ms INTEGER,
+    observed_ms REAL,
+    cpu_ms REAL,
+    peak_rss_kb INTEGER,
+    load REAL,
+    fed INTEGER,
+    acks INTEGER,
+    cause TEXT,
+    detail TEXT,
+    stdout BLOB,
+    stderr BLOB
+);
+CREATE INDEX fragments_by_state ON fragments (stage_id, state);
+CREATE INDEX fragments_by_worker ON fragments (worker, state);
+CREATE TABLE blobs (
+    id INTEGER PRIMARY KEY,
+    stage_id INTEGER NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    fragment_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    raw_len INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    data BLOB NOT NULL,
+    meta TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+"#];

@@ -1,0 +1,755 @@
+//! The embedded backend: one SQLite file in WAL mode, safe across processes.
+//!
+//! SQLite has no `SKIP LOCKED`; every transition takes the write lock up front
+//! (`BEGIN IMMEDIATE`) so two claimers serialize instead of deadlocking, and each
+//! holds it for a few row reads and writes only.
+
+use crate::schema::MIGRATIONS;
+use crate::*;
+use granule_core::{
+    FinishOutcome, FragmentId, JobId, Observation, Pending, RunningFragment, SizeCap, Sizer,
+    SizerConfig, Span, StageId, StageLedger,
+};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// A store in one SQLite file.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("serializing plain data")
+}
+
+fn parse<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// The columns of a stage row the transitions need.
+struct StageRow {
+    id: i64,
+    idx: usize,
+    name: String,
+    items: u64,
+    after: Vec<usize>,
+    retries: u32,
+    sizer_config: SizerConfig,
+    state: String,
+}
+
+const STAGE_COLUMNS: &str = "id, idx, name, items, after, retries, sizer_config, state";
+
+fn stage_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(StageRow, String, String)> {
+    Ok((
+        StageRow {
+            id: row.get(0)?,
+            idx: row.get::<_, i64>(1)? as usize,
+            name: row.get(2)?,
+            items: row.get::<_, i64>(3)? as u64,
+            after: Vec::new(),
+            retries: row.get(5)?,
+            sizer_config: SizerConfig::default(),
+            state: row.get(7)?,
+        },
+        row.get(4)?,
+        row.get(6)?,
+    ))
+}
+
+fn stages_of(tx: &Connection, job: i64) -> Result<Vec<StageRow>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {STAGE_COLUMNS} FROM stages WHERE job_id = ?1 ORDER BY idx"
+    ))?;
+    let rows = stmt
+        .query_map([job], stage_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter().map(decode_stage).collect()
+}
+
+fn stage_by_id(tx: &Connection, stage: i64) -> Result<StageRow> {
+    let mut stmt =
+        tx.prepare_cached(&format!("SELECT {STAGE_COLUMNS} FROM stages WHERE id = ?1"))?;
+    decode_stage(stmt.query_row([stage], stage_row)?)
+}
+
+fn decode_stage((mut row, after, config): (StageRow, String, String)) -> Result<StageRow> {
+    row.after = parse(&after, "stage after")?;
+    let mut cfg: SizerConfig = parse(&config, "sizer config")?;
+    // `serde(skip)` fields travel beside the tunables in the same object.
+    let extra: serde_json::Value = parse(&config, "sizer config")?;
+    cfg.target_ms = extra.get("target_ms").and_then(|v| v.as_f64());
+    cfg.limit_ms = extra.get("limit_ms").and_then(|v| v.as_f64());
+    cfg.initial = extra.get("initial").and_then(|v| v.as_u64());
+    row.sizer_config = cfg;
+    Ok(row)
+}
+
+fn sizer_config_json(cfg: &SizerConfig) -> String {
+    let mut value = serde_json::to_value(cfg).expect("plain data");
+    let obj = value
+        .as_object_mut()
+        .expect("struct serializes to an object");
+    obj.insert("target_ms".into(), json_opt(cfg.target_ms));
+    obj.insert("limit_ms".into(), json_opt(cfg.limit_ms));
+    obj.insert(
+        "initial".into(),
+        cfg.initial.map_or(serde_json::Value::Null, Into::into),
+    );
+    value.to_string()
+}
+
+fn json_opt(v: Option<f64>) -> serde_json::Value {
+    v.map_or(serde_json::Value::Null, Into::into)
+}
+
+fn load_ledger(tx: &Connection, stage: i64) -> Result<StageLedger> {
+    let (items, pending, done, quarantined): (i64, String, String, String) = tx.query_row(
+        "SELECT items, pending, done, quarantined FROM stages WHERE id = ?1",
+        [stage],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )?;
+    let mut stmt = tx.prepare_cached(
+        "SELECT id, start_idx, end_idx, acked, failures, checkpoint_id FROM fragments
+         WHERE stage_id = ?1 AND state = 'running'",
+    )?;
+    let running = stmt
+        .query_map([stage], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?
+        .into_iter()
+        .map(|(id, start, end, acked, failures, checkpoint)| {
+            Ok(RunningFragment {
+                id: FragmentId(id),
+                span: Span::new(start as u64, end as u64),
+                acked: parse(&acked, "fragment acks")?,
+                failures,
+                checkpoint,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(StageLedger {
+        items: items as u64,
+        pending: parse::<Pending>(&pending, "pending")?,
+        done: parse(&done, "done")?,
+        quarantined: parse(&quarantined, "quarantined")?,
+        running,
+    })
+}
+
+fn save_ledger(tx: &Connection, stage: i64, ledger: &StageLedger) -> Result<()> {
+    let state = if ledger.is_finished() {
+        "done"
+    } else {
+        "running"
+    };
+    tx.prepare_cached(
+        "UPDATE stages SET pending = ?2, done = ?3, done_count = ?4, quarantined = ?5, state = ?6 WHERE id = ?1",
+    )?
+    .execute(params![
+        stage,
+        json(&ledger.pending),
+        json(&ledger.done),
+        ledger.done.len() as i64,
+        json(&ledger.quarantined),
+        state
+    ])?;
+    let mut stmt = tx.prepare_cached(
+        "UPDATE fragments SET end_idx = ?2, acked = ?3, checkpoint_id = ?4 WHERE id = ?1",
+    )?;
+    for f in &ledger.running {
+        stmt.execute(params![
+            f.id.0,
+            f.span.end as i64,
+            json(&f.acked),
+            f.checkpoint
+        ])?;
+    }
+    Ok(())
+}
+
+fn load_sizer(tx: &Connection, stage: i64, class: &str) -> Result<Sizer> {
+    let state: Option<String> = tx
+        .query_row(
+            "SELECT state FROM sizers WHERE stage_id = ?1 AND class = ?2",
+            params![stage, class],
+            |r| r.get(0),
+        )
+        .optional()?;
+    state.map_or(Ok(Sizer::default()), |s| parse(&s, "sizer state"))
+}
+
+fn save_sizer(tx: &Connection, stage: i64, class: &str, sizer: &Sizer) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO sizers (stage_id, class, state) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![stage, class, json(sizer)])?;
+    Ok(())
+}
+
+/// Applies one flush to a loaded ledger; returns items newly done.
+fn apply_flush(
+    tx: &Connection,
+    ledger: &mut StageLedger,
+    stage: i64,
+    f: &FragmentFlush,
+    now_ms: i64,
+) -> Result<u64> {
+    let done = ledger.ack(f.fragment, &f.acked);
+    for cp in &f.checkpoints {
+        tx.prepare_cached(
+            "INSERT INTO blobs (stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms)
+             VALUES (?1, ?2, 'checkpoint', ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            stage,
+            f.fragment.0,
+            cp.raw_len as i64,
+            cp.hash,
+            cp.data,
+            cp.meta,
+            now_ms
+        ])?;
+        ledger.checkpoint(f.fragment, tx.last_insert_rowid());
+    }
+    Ok(done)
+}
+
+/// The stage of a fragment if `worker` still holds it running.
+fn held_stage(tx: &Connection, fragment: FragmentId, worker: &str) -> Result<Option<i64>> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT stage_id FROM fragments WHERE id = ?1 AND state = 'running' AND worker = ?2",
+        )?
+        .query_row(params![fragment.0, worker], |r| r.get(0))
+        .optional()?)
+}
+
+/// Marks the job finished once every stage is.
+fn settle_job(tx: &Connection, stage: i64, now_ms: i64) -> Result<bool> {
+    let job: i64 = tx.query_row("SELECT job_id FROM stages WHERE id = ?1", [stage], |r| {
+        r.get(0)
+    })?;
+    let open: i64 = tx.query_row(
+        "SELECT count(*) FROM stages WHERE job_id = ?1 AND state != 'done'",
+        [job],
+        |r| r.get(0),
+    )?;
+    if open > 0 {
+        return Ok(false);
+    }
+    let quarantined: i64 = tx.query_row(
+        "SELECT count(*) FROM stages WHERE job_id = ?1 AND quarantined != '[]'",
+        [job],
+        |r| r.get(0),
+    )?;
+    let state = if quarantined > 0 { "failed" } else { "done" };
+    tx.execute(
+        "UPDATE jobs SET state = ?2, finished_ms = ?3 WHERE id = ?1",
+        params![job, state, now_ms],
+    )?;
+    Ok(true)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path` and applies pending migrations.
+    pub fn open(path: &Path) -> Result<SqliteStore> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut store = SqliteStore { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: usize =
+            tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn write(&mut self) -> Result<Transaction<'_>> {
+        Ok(self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?)
+    }
+}
+
+impl Store for SqliteStore {
+    fn submit(&mut self, job: &NewJob, now_ms: i64, fresh: bool) -> Result<Submitted> {
+        let tx = self.write()?;
+        let existing: Option<(i64, String, String)> = tx
+            .query_row(
+                "SELECT id, spec_hash, state FROM jobs WHERE name = ?1",
+                [&job.name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        if let Some((id, hash, state)) = existing {
+            if !fresh {
+                if hash != job.spec_hash {
+                    return Err(StoreError::SpecChanged(job.name.clone()));
+                }
+                let found = if state == "running" {
+                    Submitted::Resumed(JobId(id))
+                } else {
+                    Submitted::AlreadyFinished(JobId(id))
+                };
+                return Ok(found);
+            }
+            tx.execute(
+                "DELETE FROM fragments WHERE stage_id IN (SELECT id FROM stages WHERE job_id = ?1)",
+                [id],
+            )?;
+            tx.execute("DELETE FROM jobs WHERE id = ?1", [id])?;
+        }
+        tx.execute(
+            "INSERT INTO jobs (name, spec_hash, spec, state, created_ms) VALUES (?1, ?2, ?3, 'running', ?4)",
+            params![job.name, job.spec_hash, job.spec_json, now_ms],
+        )?;
+        let id = tx.last_insert_rowid();
+        for (idx, stage) in job.stages.iter().enumerate() {
+            let ledger = StageLedger::new(stage.items);
+            tx.execute(
+                "INSERT INTO stages (job_id, idx, name, items, after, retries, sizer_config, state, pending, done, quarantined)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, '[]', '[]')",
+                params![
+                    id,
+                    idx as i64,
+                    stage.name,
+                    stage.items as i64,
+                    json(&stage.after),
+                    stage.retries,
+                    sizer_config_json(&stage.sizer),
+                    if stage.items == 0 { "done" } else { "waiting" },
+                    json(&ledger.pending)
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(Submitted::Created(JobId(id)))
+    }
+
+    fn job(&mut self, name: &str) -> Result<Option<JobRecord>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, name, state, spec FROM jobs WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(JobRecord {
+                        id: JobId(r.get(0)?),
+                        name: r.get(1)?,
+                        state: r.get(2)?,
+                        spec_json: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn register_worker(&mut self, w: &WorkerInfo, now_ms: i64) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO workers (id, host, pid, proc_start, slots, class, started_ms, heartbeat_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
+             ON CONFLICT (id) DO UPDATE SET slots = ?5, class = ?6, heartbeat_ms = ?7",
+            params![w.id, w.host, w.pid, w.proc_start, w.slots, w.class, now_ms],
+        )?;
+        Ok(())
+    }
+
+    fn claim(&mut self, req: &ClaimRequest) -> Result<Option<Assignment>> {
+        let tx = self.write()?;
+        let stages = stages_of(&tx, req.job.0)?;
+        let finished: Vec<bool> = stages.iter().map(|s| s.state == "done").collect();
+        let mut ready: Vec<(i64, &StageRow)> = Vec::new();
+        for stage in &stages {
+            if finished[stage.idx]
+                || !stage
+                    .after
+                    .iter()
+                    .all(|&a| finished.get(a).copied().unwrap_or(true))
+            {
+                continue;
+            }
+            let running: i64 = tx
+                .prepare_cached(
+                    "SELECT count(*) FROM fragments WHERE stage_id = ?1 AND state = 'running'",
+                )?
+                .query_row([stage.id], |r| r.get(0))?;
+            ready.push((running, stage));
+        }
+        // Share slots between ready stages: the least-served stage first.
+        ready.sort_by_key(|(running, stage)| (*running, stage.idx));
+        for (_, stage) in ready {
+            let mut ledger = load_ledger(&tx, stage.id)?;
+            if ledger.pending.is_empty() {
+                continue;
+            }
+            let mut sizer = load_sizer(&tx, stage.id, &req.class)?;
+            let mut ctx = req.context.clone();
+            ctx.remaining = ledger.pending.len();
+            ctx.slots = req.slots;
+            let sizing = sizer.size(&stage.sizer_config, &ctx);
+            if sizing.n == 0 {
+                continue;
+            }
+            let claim = ledger
+                .claim(FragmentId(0), sizing.n)
+                .expect("pending is not empty");
+            tx.prepare_cached(
+                "INSERT INTO fragments (stage_id, start_idx, end_idx, state, worker, class, lease_expires_ms, failures,
+                  checkpoint_id, n, predicted_ms, size_cap, claimed_ms)
+                 VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?
+            .execute(params![
+                stage.id,
+                claim.span.start as i64,
+                claim.span.end as i64,
+                req.worker,
+                req.class,
+                req.now_ms + req.lease_ms,
+                claim.failures,
+                claim.checkpoint,
+                claim.span.len() as i64,
+                sizer.model.predict_ms(claim.span.len()),
+                json(&sizing.cap).trim_matches('"'),
+                req.now_ms
+            ])?;
+            let id = FragmentId(tx.last_insert_rowid());
+            ledger.running.retain(|f| f.id != FragmentId(0));
+            tx.prepare_cached(
+                "UPDATE stages SET pending = ?2, state = 'running', last_n = ?3 WHERE id = ?1",
+            )?
+            .execute(params![
+                stage.id,
+                json(&ledger.pending),
+                claim.span.len() as i64
+            ])?;
+            save_sizer(&tx, stage.id, &req.class, &sizer)?;
+            let expect_acks: bool = tx.query_row(
+                "SELECT expect_acks FROM stages WHERE id = ?1",
+                [stage.id],
+                |r| r.get(0),
+            )?;
+            tx.commit()?;
+            return Ok(Some(Assignment {
+                fragment: id,
+                stage: StageId(stage.id),
+                stage_index: stage.idx,
+                span: claim.span,
+                failures: claim.failures,
+                checkpoint: claim.checkpoint,
+                n: claim.span.len(),
+                predicted_ms: sizer.model.predict_ms(claim.span.len()),
+                cap: if claim.span.len() < sizing.n {
+                    SizeCap::Bounds
+                } else {
+                    sizing.cap
+                },
+                item_cost_ms: sizer.model.b_ms,
+                expect_acks,
+            }));
+        }
+        tx.commit()?;
+        Ok(None)
+    }
+
+    fn flush(
+        &mut self,
+        worker: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        batch: &[FragmentFlush],
+    ) -> Result<u64> {
+        let tx = self.write()?;
+        let mut ledgers: HashMap<i64, StageLedger> = HashMap::new();
+        let mut done = 0;
+        for f in batch {
+            let Some(stage) = held_stage(&tx, f.fragment, worker)? else {
+                continue;
+            };
+            if !ledgers.contains_key(&stage) {
+                ledgers.insert(stage, load_ledger(&tx, stage)?);
+            }
+            let ledger = ledgers.get_mut(&stage).expect("just inserted");
+            done += apply_flush(&tx, ledger, stage, f, now_ms)?;
+        }
+        for (stage, ledger) in &ledgers {
+            save_ledger(&tx, *stage, ledger)?;
+        }
+        tx.prepare_cached(
+            "UPDATE fragments SET lease_expires_ms = ?2 WHERE worker = ?1 AND state = 'running'",
+        )?
+        .execute(params![worker, now_ms + lease_ms])?;
+        tx.prepare_cached("UPDATE workers SET heartbeat_ms = ?2 WHERE id = ?1")?
+            .execute(params![worker, now_ms])?;
+        tx.commit()?;
+        Ok(done)
+    }
+
+    fn finish(&mut self, worker: &str, now_ms: i64, end: &FragmentEnd) -> Result<Finished> {
+        let tx = self.write()?;
+        let id = end.flush.fragment;
+        let Some(stage) = held_stage(&tx, id, worker)? else {
+            return Ok(Finished::default());
+        };
+        let stage_row = stage_by_id(&tx, stage)?;
+        let (size_cap, class): (String, String) = tx.query_row(
+            "SELECT size_cap, class FROM fragments WHERE id = ?1",
+            [id.0],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let mut ledger = load_ledger(&tx, stage)?;
+        apply_flush(&tx, &mut ledger, stage, &end.flush, now_ms)?;
+        if ledger.fragment(id).is_some_and(|f| end.end < f.span.end) {
+            ledger.split(id, end.end);
+        }
+        let span = ledger
+            .fragment(id)
+            .map(|f| f.span)
+            .unwrap_or(Span::new(0, 0));
+        let acked = ledger
+            .fragment(id)
+            .map(|f| f.acked.clone())
+            .unwrap_or_default();
+        let report = ledger.finish(id, &end.outcome, stage_row.retries);
+        save_ledger(&tx, stage, &ledger)?;
+        tx.prepare_cached(
+            "UPDATE fragments SET state = ?2, finished_ms = ?3, observed_ms = ?4, cpu_ms = ?5, peak_rss_kb = ?6,
+              load = ?7, fed = ?8, acks = ?9, cause = ?10, detail = ?11, stdout = ?12, stderr = ?13,
+              end_idx = ?14, acked = ?15
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            id.0,
+            end.state,
+            now_ms,
+            end.observed_ms,
+            end.cpu_ms,
+            end.peak_rss_kb as i64,
+            end.load,
+            end.fed as i64,
+            end.acks as i64,
+            end.cause,
+            end.detail,
+            end.stdout,
+            end.stderr,
+            span.end as i64,
+            json(&acked)
+        ])?;
+        if end.acks > 0 {
+            tx.execute("UPDATE stages SET expect_acks = 1 WHERE id = ?1", [stage])?;
+        }
+        if end.outcome == FinishOutcome::Success && end.fed > 0 {
+            let cfg = &stage_row.sizer_config;
+            let mut sizer = load_sizer(&tx, stage, &class)?;
+            sizer.observe(
+                cfg,
+                &Observation {
+                    n: end.fed,
+                    duration_ms: end.observed_ms,
+                    acks: end.acks,
+                    first_ack_ms: end.first_ack_ms,
+                    last_ack_ms: end.last_ack_ms,
+                    sized_by_model: size_cap == "model",
+                },
+            );
+            save_sizer(&tx, stage, &class, &sizer)?;
+        }
+        let job_finished = ledger.is_finished() && settle_job(&tx, stage, now_ms)?;
+        tx.commit()?;
+        Ok(Finished {
+            accepted: true,
+            quarantined: report.quarantined,
+            job_finished,
+        })
+    }
+
+    fn workers_holding_work(&mut self) -> Result<Vec<WorkerInfo>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, host, pid, proc_start, slots, class FROM workers
+             WHERE id IN (SELECT DISTINCT worker FROM fragments WHERE state = 'running')",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(WorkerInfo {
+                id: r.get(0)?,
+                host: r.get(1)?,
+                pid: r.get(2)?,
+                proc_start: r.get(3)?,
+                slots: r.get(4)?,
+                class: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn release(&mut self, now_ms: i64, dead: &[String]) -> Result<u64> {
+        let tx = self.write()?;
+        let mut stmt = tx.prepare(
+            "SELECT id, stage_id, worker, lease_expires_ms FROM fragments WHERE state = 'running'",
+        )?;
+        let lost: Vec<(i64, i64, String)> = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .into_iter()
+            .filter(|(_, _, worker, expires)| *expires < now_ms || dead.contains(worker))
+            .map(|(id, stage, worker, _)| (id, stage, worker))
+            .collect();
+        drop(stmt);
+        let mut ledgers: HashMap<i64, StageLedger> = HashMap::new();
+        for (id, stage, worker) in &lost {
+            if !ledgers.contains_key(stage) {
+                ledgers.insert(*stage, load_ledger(&tx, *stage)?);
+            }
+            let ledger = ledgers.get_mut(stage).expect("just inserted");
+            ledger.finish(FragmentId(*id), &FinishOutcome::Lost, u32::MAX);
+            let why = if dead.contains(worker) {
+                "worker died"
+            } else {
+                "lease expired"
+            };
+            tx.execute(
+                "UPDATE fragments SET state = 'lost', finished_ms = ?2, cause = 'lost', detail = ?3 WHERE id = ?1",
+                params![id, now_ms, format!("{why}: {worker}")],
+            )?;
+        }
+        for (stage, ledger) in &ledgers {
+            save_ledger(&tx, *stage, ledger)?;
+        }
+        tx.commit()?;
+        Ok(lost.len() as u64)
+    }
+
+    fn status(&mut self, job: Option<&str>) -> Result<Vec<JobStatus>> {
+        let jobs: Vec<(i64, String, String)> = {
+            let mut stmt = self.conn.prepare(
+                "SELECT id, name, state FROM jobs WHERE ?1 IS NULL OR name = ?1 ORDER BY id",
+            )?;
+            let rows = stmt.query_map([job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        if let (Some(name), true) = (job, jobs.is_empty()) {
+            return Err(StoreError::NoSuchJob(name.to_string()));
+        }
+        let mut out = Vec::new();
+        for (id, name, state) in jobs {
+            let mut stages = Vec::new();
+            for stage in stages_of(&self.conn, id)? {
+                stages.push(self.stage_status(&stage)?);
+            }
+            out.push(JobStatus {
+                name,
+                state,
+                stages,
+            });
+        }
+        Ok(out)
+    }
+
+    fn logs(&mut self, job: &str, stage: &str, fragment: Option<i64>) -> Result<Vec<FragmentLog>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT f.id, f.start_idx, f.end_idx, f.state, f.cause, f.detail, f.stdout, f.stderr
+             FROM fragments f JOIN stages s ON s.id = f.stage_id JOIN jobs j ON j.id = s.job_id
+             WHERE j.name = ?1 AND s.name = ?2 AND (?3 IS NULL OR f.id = ?3) ORDER BY f.id",
+        )?;
+        let rows = stmt.query_map(params![job, stage, fragment], |r| {
+            Ok(FragmentLog {
+                fragment: r.get(0)?,
+                start: r.get::<_, i64>(1)? as u64,
+                end: r.get::<_, i64>(2)? as u64,
+                state: r.get(3)?,
+                cause: r.get(4)?,
+                detail: r.get(5)?,
+                stdout: r.get::<_, Option<Vec<u8>>>(6)?.unwrap_or_default(),
+                stderr: r.get::<_, Option<Vec<u8>>>(7)?.unwrap_or_default(),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn blob(&mut self, id: i64) -> Result<Option<BlobRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT data, raw_len, hash, meta FROM blobs WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(BlobRow {
+                        data: r.get(0)?,
+                        raw_len: r.get::<_, i64>(1)? as u64,
+                        hash: r.get(2)?,
+                        meta: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+}
+
+impl SqliteStore {
+    fn stage_status(&self, stage: &StageRow) -> Result<StageStatus> {
+        let ledger = load_ledger(&self.conn, stage.id)?;
+        let (fragments, failed, last_n): (i64, i64, i64) = self.conn.query_row(
+            "SELECT (SELECT count(*) FROM fragments WHERE stage_id = ?1),
+                    (SELECT count(*) FROM fragments WHERE stage_id = ?1 AND state = 'failed'),
+                    (SELECT last_n FROM stages WHERE id = ?1)",
+            [stage.id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let sizer = load_sizer(&self.conn, stage.id, "default")?;
+        let state = match stage.state.as_str() {
+            "done" => "done",
+            "waiting" => "waiting",
+            _ => "running",
+        };
+        Ok(StageStatus {
+            name: stage.name.clone(),
+            state: state.to_string(),
+            items: stage.items,
+            done: ledger.done.len(),
+            running: ledger.running_unacked(),
+            pending: ledger.pending.len(),
+            quarantined: ledger.quarantined.len(),
+            quarantined_items: ledger
+                .quarantined
+                .spans()
+                .map(|s| [s.start, s.end])
+                .collect(),
+            fragments: fragments as u64,
+            running_fragments: ledger.running.len() as u64,
+            failed_fragments: failed as u64,
+            fragment_size: last_n as u64,
+            item_cost_us: sizer.model.b_ms * 1e3,
+            overhead_ms: sizer.model.a_ms,
+            target_ms: sizer.target_ms(&stage.sizer_config),
+        })
+    }
+}
