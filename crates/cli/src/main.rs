@@ -1,1 +1,336 @@
-fn main() {}
+//! The `granule` binary: glue between the spec, the store, the runner and the user.
+
+mod engine;
+mod host;
+mod progress;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use granule_spec::JobSpec;
+use granule_store::{NewJob, NewStage, SqliteStore, Store, StoreError, Submitted};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Exit code: every item done.
+const EXIT_DONE: u8 = 0;
+/// Exit code: the job finished with quarantined items.
+const EXIT_QUARANTINED: u8 = 1;
+/// Exit code: bad input (spec, arguments).
+const EXIT_BAD_INPUT: u8 = 2;
+/// Exit code: granule itself failed (store, IO).
+const EXIT_BROKEN: u8 = 3;
+/// Exit code: interrupted (Ctrl-C); the job resumes on the next run.
+const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(Parser)]
+#[command(
+    name = "granule",
+    version,
+    about = "Run big batch jobs in adaptive, resumable fragments"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Submit a job spec and run it here until done (resumes an unfinished job).
+    Run(RunArgs),
+    /// Record a job spec in the store without running it.
+    Submit(SubmitArgs),
+    /// Show jobs and their stages.
+    Status(StatusArgs),
+    /// Print the stored stdout/stderr of a stage's fragments.
+    Logs(LogsArgs),
+}
+
+#[derive(clap::Args)]
+struct StateArg {
+    /// State directory (holds the SQLite store).
+    #[arg(long, default_value = ".granule", env = "GRANULE_STATE")]
+    state: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The job spec (TOML).
+    spec: PathBuf,
+    #[command(flatten)]
+    state: StateArg,
+    /// Worker slots (concurrent fragments); default: number of CPUs.
+    #[arg(long)]
+    slots: Option<u32>,
+    /// Discard the stored state of a job of the same name and start over.
+    #[arg(long)]
+    fresh: bool,
+    /// Time a yielding fragment gets after stdin closes before SIGTERM, and after SIGTERM before SIGKILL.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// How often acks are flushed to the store (and leases renewed).
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    flush: Duration,
+    /// Lease length: a worker silent this long loses its fragments.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    lease: Duration,
+    /// No progress output.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+struct SubmitArgs {
+    /// The job spec (TOML).
+    spec: PathBuf,
+    #[command(flatten)]
+    state: StateArg,
+    /// Discard the stored state of a job of the same name and start over.
+    #[arg(long)]
+    fresh: bool,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// Only this job.
+    job: Option<String>,
+    #[command(flatten)]
+    state: StateArg,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct LogsArgs {
+    /// The stage.
+    stage: String,
+    #[command(flatten)]
+    state: StateArg,
+    /// The job (default: the latest job that has this stage).
+    #[arg(long)]
+    job: Option<String>,
+    /// Only this fragment.
+    #[arg(long)]
+    fragment: Option<i64>,
+}
+
+/// An error that is the user's input, not granule's fault: exit code 2.
+#[derive(Debug)]
+struct BadInput(String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Submit(args) => submit(args),
+        Command::Status(args) => status(args),
+        Command::Logs(args) => logs(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            let bad_input = err.downcast_ref::<BadInput>().is_some()
+                || err.downcast_ref::<granule_spec::SpecError>().is_some()
+                || matches!(
+                    err.downcast_ref::<StoreError>(),
+                    Some(StoreError::SpecChanged(_) | StoreError::NoSuchJob(_))
+                );
+            eprintln!("granule: error: {err:#}");
+            ExitCode::from(if bad_input {
+                EXIT_BAD_INPUT
+            } else {
+                EXIT_BROKEN
+            })
+        }
+    }
+}
+
+fn open_store(state: &Path) -> Result<SqliteStore> {
+    std::fs::create_dir_all(state)
+        .with_context(|| format!("creating state directory {}", state.display()))?;
+    let path = state.join("granule.db");
+    SqliteStore::open(&path).with_context(|| format!("opening store {}", path.display()))
+}
+
+/// The store's view of a spec.
+fn new_job(spec: &JobSpec) -> NewJob {
+    let index = |name: &String| {
+        spec.stages
+            .iter()
+            .position(|s| &s.name == name)
+            .expect("validated")
+    };
+    NewJob {
+        name: spec.name.clone(),
+        spec_hash: granule_spec::job_hash(spec),
+        spec_json: serde_json::to_string(spec).expect("plain data"),
+        stages: spec
+            .stages
+            .iter()
+            .map(|s| NewStage {
+                name: s.name.clone(),
+                items: s.items.count(),
+                after: s.after.iter().map(index).collect(),
+                retries: s.retries,
+                sizer: s.sizer.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn run(args: RunArgs) -> Result<u8> {
+    let spec = granule_spec::load(&args.spec)?;
+    let mut store = open_store(&args.state.state)?;
+    let submitted = store.submit(&new_job(&spec), host::now_ms(), args.fresh)?;
+    if let Submitted::AlreadyFinished(_) = submitted {
+        let record = store.job(&spec.name)?.context("job vanished")?;
+        eprintln!("granule: job \"{}\" already finished ({}); nothing to run. Use --fresh to run it again.", spec.name, record.state);
+        return Ok(if record.state == "done" {
+            EXIT_DONE
+        } else {
+            EXIT_QUARANTINED
+        });
+    }
+    if let Submitted::Resumed(_) = submitted {
+        eprintln!("granule: resuming job \"{}\"", spec.name);
+    }
+    let interrupts = Arc::new(AtomicUsize::new(0));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let counter = interrupts.clone();
+        // SAFETY: the handler only increments an atomic, which is async-signal-safe.
+        unsafe {
+            signal_hook::low_level::register(signal, move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            })
+        }
+        .context("installing signal handler")?;
+    }
+    let slots = args
+        .slots
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    if slots == 0 {
+        return Err(BadInput("--slots must be at least 1".into()).into());
+    }
+    let config = engine::EngineConfig {
+        slots,
+        flush: args.flush,
+        lease: args.lease,
+        grace: args.grace,
+        state_dir: args.state.state.clone(),
+        quiet: args.quiet,
+        ..engine::EngineConfig::default()
+    };
+    let outcome = engine::run_job(&mut store, &spec, submitted.id(), &config, &interrupts)?;
+    Ok(match outcome {
+        engine::Outcome::Done => EXIT_DONE,
+        engine::Outcome::Quarantined => EXIT_QUARANTINED,
+        engine::Outcome::Interrupted => EXIT_INTERRUPTED,
+    })
+}
+
+fn submit(args: SubmitArgs) -> Result<u8> {
+    let spec = granule_spec::load(&args.spec)?;
+    let mut store = open_store(&args.state.state)?;
+    let what = match store.submit(&new_job(&spec), host::now_ms(), args.fresh)? {
+        Submitted::Created(_) => "submitted",
+        Submitted::Resumed(_) => "already submitted, unfinished",
+        Submitted::AlreadyFinished(_) => "already finished",
+    };
+    let items: u64 = spec.stages.iter().map(|s| s.items.count()).sum();
+    eprintln!(
+        "granule: job \"{}\" {what}: {} stages, {items} items",
+        spec.name,
+        spec.stages.len()
+    );
+    Ok(EXIT_DONE)
+}
+
+fn status(args: StatusArgs) -> Result<u8> {
+    let mut store = open_store(&args.state.state)?;
+    let jobs = store.status(args.job.as_deref())?;
+    if args.json {
+        println!("{}", serde_json::json!({ "jobs": jobs }));
+        return Ok(EXIT_DONE);
+    }
+    if jobs.is_empty() {
+        println!("no jobs in {}", args.state.state.display());
+    }
+    for job in &jobs {
+        println!("job {}: {}", job.name, job.state);
+        for s in &job.stages {
+            println!(
+                "  {:<16} {:<8} {}/{} done, {} running, {} pending, {} quarantined; {} fragments (last {} items), {:.1} µs/item",
+                s.name, s.state, s.done, s.items, s.running, s.pending, s.quarantined, s.fragments, s.fragment_size, s.item_cost_us
+            );
+            if !s.quarantined_items.is_empty() {
+                let items: Vec<String> = s
+                    .quarantined_items
+                    .iter()
+                    .map(|[a, b]| {
+                        if b - a == 1 {
+                            a.to_string()
+                        } else {
+                            format!("{a}-{}", b - 1)
+                        }
+                    })
+                    .collect();
+                println!("    quarantined items: {}", items.join(", "));
+            }
+        }
+    }
+    Ok(EXIT_DONE)
+}
+
+fn logs(args: LogsArgs) -> Result<u8> {
+    let mut store = open_store(&args.state.state)?;
+    let job = match args.job {
+        Some(job) => job,
+        None => store
+            .status(None)?
+            .into_iter()
+            .rev()
+            .find(|j| j.stages.iter().any(|s| s.name == args.stage))
+            .map(|j| j.name)
+            .ok_or_else(|| BadInput(format!("no job has a stage named \"{}\"", args.stage)))?,
+    };
+    let logs = store.logs(&job, &args.stage, args.fragment)?;
+    if logs.is_empty() {
+        return Err(BadInput(format!(
+            "no fragments recorded for stage \"{}\" of job \"{job}\"",
+            args.stage
+        ))
+        .into());
+    }
+    for log in logs {
+        let cause = log
+            .detail
+            .or(log.cause)
+            .map(|c| format!(": {c}"))
+            .unwrap_or_default();
+        println!(
+            "== fragment {} [{}, {}) {}{cause} ==",
+            log.fragment, log.start, log.end, log.state
+        );
+        for (name, bytes) in [("stdout", &log.stdout), ("stderr", &log.stderr)] {
+            if !bytes.is_empty() {
+                println!("-- {name} --");
+                print!("{}", String::from_utf8_lossy(bytes));
+                if !bytes.ends_with(b"\n") {
+                    println!();
+                }
+            }
+        }
+    }
+    Ok(EXIT_DONE)
+}

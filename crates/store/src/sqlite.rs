@@ -77,32 +77,36 @@ fn stage_by_id(tx: &Connection, stage: i64) -> Result<StageRow> {
 
 fn decode_stage((mut row, after, config): (StageRow, String, String)) -> Result<StageRow> {
     row.after = parse(&after, "stage after")?;
-    let mut cfg: SizerConfig = parse(&config, "sizer config")?;
-    // `serde(skip)` fields travel beside the tunables in the same object.
-    let extra: serde_json::Value = parse(&config, "sizer config")?;
-    cfg.target_ms = extra.get("target_ms").and_then(|v| v.as_f64());
-    cfg.limit_ms = extra.get("limit_ms").and_then(|v| v.as_f64());
-    cfg.initial = extra.get("initial").and_then(|v| v.as_u64());
-    row.sizer_config = cfg;
+    row.sizer_config = decode_sizer_config(&config)?;
     Ok(row)
 }
 
-fn sizer_config_json(cfg: &SizerConfig) -> String {
-    let mut value = serde_json::to_value(cfg).expect("plain data");
-    let obj = value
-        .as_object_mut()
-        .expect("struct serializes to an object");
-    obj.insert("target_ms".into(), json_opt(cfg.target_ms));
-    obj.insert("limit_ms".into(), json_opt(cfg.limit_ms));
-    obj.insert(
-        "initial".into(),
-        cfg.initial.map_or(serde_json::Value::Null, Into::into),
-    );
-    value.to_string()
+/// A sizer config as stored: the tunables plus the stage keys that `serde(skip)` leaves out.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredSizerConfig {
+    tunables: SizerConfig,
+    target_ms: Option<f64>,
+    limit_ms: Option<f64>,
+    initial: Option<u64>,
 }
 
-fn json_opt(v: Option<f64>) -> serde_json::Value {
-    v.map_or(serde_json::Value::Null, Into::into)
+fn sizer_config_json(cfg: &SizerConfig) -> String {
+    json(&StoredSizerConfig {
+        tunables: cfg.clone(),
+        target_ms: cfg.target_ms,
+        limit_ms: cfg.limit_ms,
+        initial: cfg.initial,
+    })
+}
+
+fn decode_sizer_config(text: &str) -> Result<SizerConfig> {
+    let stored: StoredSizerConfig = parse(text, "sizer config")?;
+    Ok(SizerConfig {
+        target_ms: stored.target_ms,
+        limit_ms: stored.limit_ms,
+        initial: stored.initial,
+        ..stored.tunables
+    })
 }
 
 fn load_ledger(tx: &Connection, stage: i64) -> Result<StageLedger> {

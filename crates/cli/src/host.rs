@@ -1,0 +1,29 @@
+//! Facts about this host and process: time, identity, liveness of other workers.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Now, unix ms.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// This host's name.
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "localhost".into(), |h| h.trim().to_string())
+}
+
+/// Start time of a process (clock ticks since boot), to tell a reused pid apart.
+pub(crate) fn proc_start(pid: i64) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether a worker on this host is still the same live process.
+pub(crate) fn alive(pid: i64, start: i64) -> bool {
+    proc_start(pid) == Some(start)
+}

@@ -1,0 +1,347 @@
+//! The `granule` binary end to end, with real child processes and a real SQLite file.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn granule() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_granule"))
+}
+
+fn spin() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/bench/spin.py");
+    assert!(
+        path.exists(),
+        "the shared benchmark task is missing: {}",
+        path.display()
+    );
+    path.canonicalize().unwrap()
+}
+
+struct Job {
+    dir: tempfile::TempDir,
+}
+
+impl Job {
+    fn new(spec: &str) -> Job {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("job.toml"), spec).unwrap();
+        Job { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = granule();
+        cmd.current_dir(self.dir.path())
+            .args(args)
+            .env_remove("GRANULE_STATE");
+        cmd
+    }
+
+    fn run(&self, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = self.cmd(&["run", "job.toml", "--slots", "2"]);
+        cmd.args(extra).envs(env.iter().copied());
+        cmd.output().unwrap()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = self.cmd(&["status", "--json"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Every item recorded by spin.py under OUT_DIR, with how often it ran.
+    fn recorded(&self) -> std::collections::BTreeMap<u64, u32> {
+        let mut seen = std::collections::BTreeMap::new();
+        for entry in std::fs::read_dir(self.path("out")).unwrap() {
+            for line in std::fs::read_to_string(entry.unwrap().path())
+                .unwrap()
+                .lines()
+            {
+                *seen.entry(line.parse::<u64>().unwrap()).or_insert(0) += 1;
+            }
+        }
+        seen
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spin_spec(items: u64) -> String {
+    format!(
+        "name = \"spin\"\n[[stage]]\nname = \"work\"\ncommand = [\"python3\", \"{}\"]\nitems = {{ range = [0, {items}] }}\n",
+        spin().display()
+    )
+}
+
+fn stage(status: &serde_json::Value, i: usize) -> &serde_json::Value {
+    &status["jobs"][0]["stages"][i]
+}
+
+#[test]
+fn runs_a_dag_to_the_end_and_reports_status() {
+    let job = Job::new(
+        r#"
+name = "dag"
+[[stage]]
+name = "first"
+command = ["sh", "-c", "while read -r x; do echo \"$x\" >&3; done"]
+items = { range = [0, 500] }
+[[stage]]
+name = "second"
+command = ["sh", "-c", "test -n \"$GRANULE_JOB\" && echo \"$GRANULE_STAGE:$1\"", "sh", "{}"]
+per_item = true
+items = { list = ["a", "b", "c"] }
+after = ["first"]
+"#,
+    );
+    let out = job.run(&[], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = job.status();
+    assert_eq!(status["jobs"][0]["name"], "dag");
+    assert_eq!(status["jobs"][0]["state"], "done");
+    for (i, items) in [(0, 500), (1, 3)] {
+        let s = stage(&status, i);
+        for key in [
+            "name",
+            "items",
+            "done",
+            "running",
+            "pending",
+            "quarantined",
+            "fragments",
+            "fragment_size",
+            "item_cost_us",
+        ] {
+            assert!(!s[key].is_null(), "status lacks {key}: {s}");
+        }
+        assert_eq!(s["done"], items);
+        assert_eq!(s["pending"], 0);
+        assert_eq!(s["running"], 0);
+    }
+    let logs = job.cmd(&["logs", "second"]).output().unwrap();
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(text.contains("second:b"), "per-item output is kept: {text}");
+    // A finished job is not run again.
+    let again = job.run(&[], &[]);
+    assert!(again.status.success());
+    assert!(
+        stderr(&again).contains("already finished"),
+        "{}",
+        stderr(&again)
+    );
+}
+
+#[test]
+fn a_changed_spec_is_refused_unless_fresh() {
+    let job = Job::new(
+        "name = \"j\"\n[[stage]]\nname = \"s\"\ncommand = [\"true\"]\nitems = { range = [0, 3] }\n",
+    );
+    assert!(job.run(&[], &[]).status.success());
+    std::fs::write(
+        job.path("job.toml"),
+        "name = \"j\"\n[[stage]]\nname = \"s\"\ncommand = [\"true\"]\nitems = { range = [0, 4] }\n",
+    )
+    .unwrap();
+    let out = job.run(&[], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("different spec"), "{}", stderr(&out));
+    let out = job.run(&["--fresh"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stage(&job.status(), 0)["done"], 4);
+}
+
+#[test]
+fn a_poison_item_is_quarantined_alone() {
+    let job = Job::new(&spin_spec(3000));
+    std::fs::create_dir(job.path("out")).unwrap();
+    let out_dir = job.path("out");
+    let out = job.run(
+        &[],
+        &[
+            ("POISON", "1234"),
+            ("MED_US", "20"),
+            ("OUT_DIR", out_dir.to_str().unwrap()),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let status = job.status();
+    assert_eq!(status["jobs"][0]["state"], "failed");
+    let s = stage(&status, 0);
+    assert_eq!(s["quarantined"], 1);
+    assert_eq!(s["quarantined_items"], serde_json::json!([[1234, 1235]]));
+    assert_eq!(s["done"], 2999);
+    let recorded = job.recorded();
+    assert_eq!(recorded.len(), 2999);
+    assert!(!recorded.contains_key(&1234));
+    let text = String::from_utf8_lossy(&job.cmd(&["status"]).output().unwrap().stdout).into_owned();
+    assert!(text.contains("quarantined items: 1234"), "{text}");
+    let logs = job.cmd(&["logs", "work"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("exit code 3"));
+}
+
+#[test]
+fn per_item_failures_are_isolated_without_bisecting_neighbours() {
+    let job = Job::new(
+        r#"
+name = "pi"
+[[stage]]
+name = "check"
+command = ["sh", "-c", "test \"$1\" != 7", "sh", "{}"]
+per_item = true
+retries = 1
+items = { range = [0, 20] }
+"#,
+    );
+    let out = job.run(&[], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let s = stage(&job.status(), 0).clone();
+    assert_eq!(s["quarantined_items"], serde_json::json!([[7, 8]]));
+    assert_eq!(s["done"], 19);
+}
+
+fn start_run(job: &Job, env: &[(&str, &str)]) -> Child {
+    job.cmd(&["run", "job.toml", "--slots", "2"])
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn done(job: &Job) -> u64 {
+    stage(&job.status(), 0)["done"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn kill_9_then_rerun_loses_nothing_and_counts_once() {
+    let job = Job::new(&spin_spec(20_000));
+    std::fs::create_dir(job.path("out")).unwrap();
+    let out_dir = job.path("out").to_str().unwrap().to_string();
+    let env = [
+        ("MED_US", "100"),
+        ("SIGMA", "0.5"),
+        ("OUT_DIR", out_dir.as_str()),
+    ];
+    let mut child = start_run(&job, &env);
+    wait_until("some items done", Duration::from_secs(60), || {
+        done(&job) > 3000
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = done(&job);
+    assert!(before < 20_000, "the job finished before the kill");
+    let out = job.run(&[], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = job.status();
+    assert_eq!(stage(&status, 0)["done"], 20_000);
+    let recorded = job.recorded();
+    assert_eq!(recorded.len(), 20_000, "an item was never run");
+    let twice: u32 = recorded.values().map(|n| n - 1).sum();
+    // Only work after the last flush and the in-flight window may run again.
+    assert!(twice < 2_000, "{twice} items ran twice");
+}
+
+#[test]
+fn ctrl_c_yields_and_the_rerun_finishes() {
+    let job = Job::new(&spin_spec(20_000));
+    std::fs::create_dir(job.path("out")).unwrap();
+    let out_dir = job.path("out").to_str().unwrap().to_string();
+    let env = [
+        ("MED_US", "100"),
+        ("SIGMA", "0.5"),
+        ("OUT_DIR", out_dir.as_str()),
+    ];
+    let mut child = start_run(&job, &env);
+    wait_until("some items done", Duration::from_secs(60), || {
+        done(&job) > 2000
+    });
+    // SAFETY: signalling our own child.
+    unsafe { libc_kill(child.id() as i32, 2) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let s = stage(&job.status(), 0).clone();
+    assert_eq!(s["running"], 0, "every fragment yielded: {s}");
+    assert!(s["done"].as_u64().unwrap() < 20_000);
+    let out = job.run(&[], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let recorded = job.recorded();
+    assert_eq!(recorded.len(), 20_000);
+    let twice: u32 = recorded.values().map(|n| n - 1).sum();
+    assert!(
+        twice <= 2 * 64,
+        "a yield reruns at most the in-flight window: {twice}"
+    );
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn bad_specs_exit_2_naming_file_line_and_key_before_running_anything() {
+    let cases = [
+        ("name = \"x\"\nbogus = 1\n", "bogus"),
+        ("name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { range = [5, 5] }\n", "stage[0].items"),
+        ("name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { range = [9, 2] }\n", "stage[0].items"),
+        ("name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"no-such-program-here\"]\nitems = { range = [0, 2] }\n", "stage[0].command"),
+        ("name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { lines = \"missing.txt\" }\n", "stage[0].items"),
+        (
+            "name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { range = [0, 2] }\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { range = [0, 2] }\n",
+            "stage[1].name",
+        ),
+        (
+            "name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { range = [0, 2] }\nafter = [\"b\"]\n[[stage]]\nname = \"b\"\ncommand = [\"true\"]\nitems = { range = [0, 2] }\nafter = [\"a\"]\n",
+            "after",
+        ),
+    ];
+    for (spec, key) in cases {
+        let job = Job::new(spec);
+        let out = job.run(&[], &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "spec {spec:?}: {}",
+            stderr(&out)
+        );
+        let err = stderr(&out);
+        assert!(err.contains("job.toml:"), "error names the file: {err}");
+        assert!(err.contains(key), "error names the key {key}: {err}");
+        assert!(
+            !job.path(".granule").exists(),
+            "nothing may run or be stored for a bad spec"
+        );
+    }
+}
+
+#[test]
+fn a_hundred_million_items_are_a_few_rows() {
+    let job = Job::new("name = \"big\"\n[[stage]]\nname = \"s\"\ncommand = [\"true\"]\nitems = { range = [0, 100000000] }\n");
+    let out = job.cmd(&["submit", "job.toml"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = stage(&job.status(), 0).clone();
+    assert_eq!(s["items"], 100_000_000u64);
+    assert_eq!(s["pending"], 100_000_000u64);
+    let size = std::fs::metadata(job.path(".granule/granule.db"))
+        .unwrap()
+        .len();
+    assert!(size < 1 << 20, "store is {size} bytes");
+}
