@@ -1,1 +1,128 @@
-//! placeholder
+//! Job specs: the TOML a user writes, parsed and validated before anything runs.
+//!
+//! Every error names the file, the line and the key, so a user can fix a spec
+//! without guessing; the CLI maps [`SpecError`] to exit code 2.
+
+use granule_core::SizerConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+mod command;
+mod duration;
+mod graph;
+mod items;
+mod locate;
+mod stage;
+mod tree;
+
+/// A validated job: a name and a DAG of stages, in file order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// The job's name (unique within a store).
+    pub name: String,
+    /// The stages, in the order the file lists them.
+    pub stages: Vec<StageSpec>,
+}
+
+/// One stage: a command mapped over an item source.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageSpec {
+    /// Stage name, unique within the job.
+    pub name: String,
+    /// argv; `command[0]` was found on PATH (or as a path) at validation.
+    pub command: Vec<String>,
+    /// Run once per item with `{}` replaced by the value, instead of batch mode.
+    pub per_item: bool,
+    /// Where the items come from.
+    pub items: ItemsSpec,
+    /// Names of stages that must finish first.
+    pub after: Vec<String>,
+    /// Retries before bisection (default 3).
+    pub retries: u32,
+    /// Sizer tunables plus `target`, `limit` and `initial` (ms / items).
+    pub sizer: SizerConfig,
+}
+
+/// An item source. Item `i` (0-based index) has a value the command sees.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemsSpec {
+    /// Integers `start..end` (half-open); item `i` has value `start + i`.
+    Range {
+        /// First value.
+        start: i64,
+        /// One past the last value.
+        end: i64,
+    },
+    /// One item per line of a file (absolute path after validation); `count` lines.
+    Lines {
+        /// The file, absolute.
+        path: PathBuf,
+        /// Number of lines (items).
+        count: u64,
+    },
+    /// Literal values.
+    List {
+        /// The values, as strings.
+        values: Vec<String>,
+    },
+}
+
+impl ItemsSpec {
+    /// Number of items.
+    pub fn count(&self) -> u64 {
+        match self {
+            ItemsSpec::Range { start, end } => (end - start) as u64,
+            ItemsSpec::Lines { count, .. } => *count,
+            ItemsSpec::List { values } => values.len() as u64,
+        }
+    }
+}
+
+/// A spec that cannot run, and where the problem is.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{}:{line}:{column}: {key}: {message}", file.display())]
+pub struct SpecError {
+    /// The spec file.
+    pub file: PathBuf,
+    /// 1-based line (0 when the problem has no place in the file, e.g. unreadable).
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// Dotted key path, e.g. `stage[1].items` or `stage.retries`.
+    pub key: String,
+    /// What is wrong, in words.
+    pub message: String,
+}
+
+/// Reads and validates the spec at `path`.
+pub fn load(path: &Path) -> Result<JobSpec, SpecError> {
+    let text = std::fs::read_to_string(path).map_err(|e| SpecError {
+        file: path.to_path_buf(),
+        line: 0,
+        column: 0,
+        key: String::new(),
+        message: format!("cannot read spec: {e}"),
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates spec text; `path` names it in errors and anchors
+/// relative `lines` paths (relative to the spec file's folder).
+///
+/// A `command[0]` containing `/` is resolved against the current working
+/// directory (as the runner will exec it), not the spec's folder; other names
+/// must be executables on `$PATH`.
+pub fn parse(text: &str, path: &Path) -> Result<JobSpec, SpecError> {
+    stage::parse_job(&locate::Ctx::new(text, path))
+}
+
+/// A stable hex digest (FNV-1a 64 of the JSON form) that identifies a spec, so
+/// a changed spec under an existing job name can be refused.
+pub fn job_hash(spec: &JobSpec) -> String {
+    let bytes = serde_json::to_vec(spec).unwrap_or_else(|_| format!("{spec:?}").into_bytes());
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}

@@ -1,0 +1,187 @@
+//! The document and its `[[stage]]` tables, turned into a [`JobSpec`].
+
+use crate::graph::{self, Located};
+use crate::locate::Ctx;
+use crate::tree::{Field, Table};
+use crate::{command, duration, items, JobSpec, SpecError, StageSpec};
+use granule_core::SizerConfig;
+use serde::Deserialize;
+use std::path::Path;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
+
+const TOP_KEYS: [&str; 2] = ["name", "stage"];
+const STAGE_KEYS: [&str; 10] = [
+    "name", "command", "per_item", "items", "after", "target", "limit", "retries", "initial",
+    "sizer",
+];
+
+/// Parses the whole document and runs every check.
+pub(crate) fn parse_job(cx: &Ctx<'_>) -> Result<JobSpec, SpecError> {
+    let doc = DeTable::parse(cx.text).map_err(|e| cx.syntax(&e))?;
+    let root = Table::root(&doc);
+    root.check_keys(cx, &TOP_KEYS)?;
+    let name = root.require(cx, "name")?.non_empty_str(cx)?.to_string();
+    let folder = match cx.path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let stages = stage_tables(cx, &root)?
+        .iter()
+        .map(|t| parse_stage(cx, t, folder))
+        .collect::<Result<Vec<_>, _>>()?;
+    graph::check(cx, &stages)?;
+    Ok(JobSpec {
+        name,
+        stages: stages.into_iter().map(|s| s.spec).collect(),
+    })
+}
+
+/// The `[[stage]]` tables, keyed `stage[i]`; at least one.
+fn stage_tables<'a>(cx: &Ctx<'_>, root: &Table<'a>) -> Result<Vec<Table<'a>>, SpecError> {
+    let Some(field) = root.get("stage") else {
+        return Err(cx.err(
+            root.span.clone(),
+            "stage",
+            "a job needs at least one [[stage]]",
+        ));
+    };
+    let elements = match field.value.get_ref() {
+        DeValue::Array(_) => field.array(cx)?,
+        _ => return Err(field.wrong_type(cx, "an array of tables ([[stage]])")),
+    };
+    if elements.is_empty() {
+        return Err(field.err(cx, "a job needs at least one [[stage]]"));
+    }
+    let tables = elements.into_iter().enumerate().map(|(i, f)| {
+        Field {
+            key: format!("stage[{i}]"),
+            ..f
+        }
+        .table(cx)
+    });
+    tables.collect()
+}
+
+/// One stage: its own keys checked, cross-stage checks left to [`graph`].
+fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, SpecError> {
+    t.check_keys(cx, &STAGE_KEYS)?;
+    let name_field = t.require(cx, "name")?;
+    let name = name_field.non_empty_str(cx)?.to_string();
+    let command = parse_command(cx, &t.require(cx, "command")?)?;
+    let per_item = t
+        .get("per_item")
+        .map(|f| f.bool(cx))
+        .transpose()?
+        .unwrap_or(false);
+    let items = items::parse(cx, &t.require(cx, "items")?, folder)?;
+    let after = t
+        .get("after")
+        .map(|f| f.strings(cx))
+        .transpose()?
+        .unwrap_or_default();
+    let retries = t
+        .get("retries")
+        .map(|f| retries(cx, &f))
+        .transpose()?
+        .unwrap_or(3);
+    let sizer = parse_sizer(cx, t)?;
+    let (after, after_spans) = after.into_iter().unzip();
+    let spec = StageSpec {
+        name,
+        command,
+        per_item,
+        items,
+        after,
+        retries,
+        sizer,
+    };
+    Ok(Located {
+        spec,
+        name_span: name_field.span(),
+        after_spans,
+    })
+}
+
+/// `command`: a non-empty argv whose program can be found now.
+fn parse_command(cx: &Ctx<'_>, field: &Field<'_>) -> Result<Vec<String>, SpecError> {
+    let argv = field.strings(cx)?;
+    let Some((program, span)) = argv.first() else {
+        return Err(field.err(
+            cx,
+            "command is empty (give an argv such as [\"python3\", \"run.py\"])",
+        ));
+    };
+    if program.is_empty() {
+        return Err(cx.err(span.clone(), &field.key, "command[0] is empty"));
+    }
+    command::check(program).map_err(|msg| cx.err(span.clone(), &field.key, msg))?;
+    Ok(argv.into_iter().map(|(arg, _)| arg).collect())
+}
+
+fn retries(cx: &Ctx<'_>, field: &Field<'_>) -> Result<u32, SpecError> {
+    let n = field.int(cx)?;
+    u32::try_from(n)
+        .map_err(|_| field.err(cx, format!("retries must be between 0 and {}", u32::MAX)))
+}
+
+fn initial(cx: &Ctx<'_>, field: &Field<'_>) -> Result<u64, SpecError> {
+    let n = field.int(cx)?;
+    u64::try_from(n)
+        .ok()
+        .filter(|&n| n >= 1)
+        .ok_or_else(|| field.err(cx, "initial must be at least 1"))
+}
+
+/// `[stage.sizer]` plus the stage's `target`, `limit` and `initial`.
+fn parse_sizer(cx: &Ctx<'_>, t: &Table<'_>) -> Result<SizerConfig, SpecError> {
+    let mut sizer = match t.get("sizer") {
+        Some(field) => sizer_table(cx, &field)?,
+        None => SizerConfig::default(),
+    };
+    let target = t.get("target");
+    let limit = t.get("limit");
+    sizer.target_ms = target
+        .as_ref()
+        .map(|f| duration::millis(cx, f))
+        .transpose()?;
+    sizer.limit_ms = limit
+        .as_ref()
+        .map(|f| duration::millis(cx, f))
+        .transpose()?;
+    sizer.initial = t.get("initial").map(|f| initial(cx, &f)).transpose()?;
+    if let (Some(tf), Some(lf), Some(tm), Some(lm)) =
+        (&target, &limit, sizer.target_ms, sizer.limit_ms)
+    {
+        if tm >= lm {
+            let (ts, ls) = (&cx.text[tf.span()], &cx.text[lf.span()]);
+            return Err(tf.err(cx, format!("target {ts} must be below limit {ls}")));
+        }
+    }
+    Ok(sizer)
+}
+
+/// Deserializes `[stage.sizer]`, naming the offending key on error.
+fn sizer_table(cx: &Ctx<'_>, field: &Field<'_>) -> Result<SizerConfig, SpecError> {
+    let table = field.table(cx)?;
+    let value: Spanned<DeValue<'_>> = field.value.clone();
+    SizerConfig::deserialize(ValueDeserializer::from(value)).map_err(|e| {
+        let span = e.span().unwrap_or_else(|| field.span());
+        let key = table
+            .key_at(span.start)
+            .unwrap_or_else(|| field.key.clone());
+        cx.err(span, &key, sizer_message(e.message()))
+    })
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" in this crate's words.
+fn sizer_message(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let (name, expected) = rest.split_once('`').unwrap_or((rest, ""));
+    let expected = expected
+        .trim_start_matches(", expected one of ")
+        .replace('`', "");
+    format!("unknown key \"{name}\" (expected one of: {expected})")
+}

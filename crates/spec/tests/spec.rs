@@ -1,0 +1,440 @@
+//! Job spec parsing: a full valid spec, and one test per kind of bad spec,
+//! each checking the line and key the error points at.
+
+use granule_core::SizerConfig;
+use granule_spec::{job_hash, load, parse, ItemsSpec, JobSpec, SpecError};
+use std::path::Path;
+use tempfile::TempDir;
+
+/// Writes `text` as `job.toml` in a fresh folder and loads it.
+fn load_text(text: &str) -> (TempDir, Result<JobSpec, SpecError>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("job.toml");
+    std::fs::write(&path, text).expect("write spec");
+    let result = load(&path);
+    (dir, result)
+}
+
+/// Loads `text`, expecting an error; returns it.
+fn error(text: &str) -> SpecError {
+    match load_text(text).1 {
+        Ok(spec) => panic!("expected an error, got {spec:?}"),
+        Err(e) => e,
+    }
+}
+
+/// Asserts the error's line, key and that its message contains `needle`.
+fn assert_err(text: &str, line: usize, key: &str, needle: &str) -> SpecError {
+    let e = error(text);
+    assert_eq!((e.line, e.key.as_str()), (line, key), "error: {e}");
+    assert!(
+        e.message.contains(needle),
+        "message {:?} lacks {needle:?}",
+        e.message
+    );
+    e
+}
+
+/// A valid one-stage spec with `extra` appended to the stage.
+fn one_stage(extra: &str) -> String {
+    format!("name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = {{ range = [0, 10] }}\n{extra}")
+}
+
+const FULL: &str = r#"name = "thumbs"
+
+[[stage]]
+name = "resize"
+command = ["sh", "-c", "cat"]
+items = { range = [0, 1000] }
+target = "2s"
+limit = "10m"
+retries = 5
+initial = 100
+per_item = true
+
+[stage.sizer]
+kp = 0.3
+max_items = 500
+
+[[stage]]
+name = "index"
+command = ["sh"]
+items = { lines = "inputs.txt" }
+after = ["resize"]
+target = 1.5
+limit = 60
+
+[[stage]]
+name = "report"
+command = ["sh"]
+items.list = ["x", 42, "y z"]
+after = ["resize", "index"]
+"#;
+
+#[test]
+fn full_spec_parses_with_values_and_defaults() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("inputs.txt"), "a\nb\nc").expect("write lines");
+    let path = dir.path().join("job.toml");
+    std::fs::write(&path, FULL).expect("write spec");
+    let spec = load(&path).expect("valid spec");
+
+    assert_eq!(spec.name, "thumbs");
+    assert_eq!(spec.stages.len(), 3);
+    let [resize, index, report] = &spec.stages[..] else {
+        unreachable!()
+    };
+
+    assert_eq!(resize.name, "resize");
+    assert_eq!(resize.command, ["sh", "-c", "cat"]);
+    assert!(resize.per_item);
+    assert_eq!(
+        resize.items,
+        ItemsSpec::Range {
+            start: 0,
+            end: 1000
+        }
+    );
+    assert_eq!(resize.items.count(), 1000);
+    assert!(resize.after.is_empty());
+    assert_eq!(resize.retries, 5);
+    let expected = SizerConfig {
+        target_ms: Some(2_000.0),
+        limit_ms: Some(600_000.0),
+        initial: Some(100),
+        kp: 0.3,
+        max_items: 500,
+        ..SizerConfig::default()
+    };
+    assert_eq!(resize.sizer, expected);
+
+    let lines = dir
+        .path()
+        .join("inputs.txt")
+        .canonicalize()
+        .expect("canonical");
+    assert_eq!(
+        index.items,
+        ItemsSpec::Lines {
+            path: lines,
+            count: 3
+        }
+    );
+    assert_eq!(index.after, ["resize"]);
+    assert!(!index.per_item, "per_item defaults to false");
+    assert_eq!(index.retries, 3, "retries defaults to 3");
+    assert_eq!(index.sizer.target_ms, Some(1_500.0));
+    assert_eq!(index.sizer.limit_ms, Some(60_000.0));
+    assert_eq!(index.sizer.initial, None);
+    assert_eq!(index.sizer.kp, SizerConfig::default().kp);
+
+    let values = ["x", "42", "y z"].map(String::from).to_vec();
+    assert_eq!(report.items, ItemsSpec::List { values });
+    assert_eq!(report.after, ["resize", "index"]);
+    assert_eq!(report.sizer, SizerConfig::default());
+}
+
+#[test]
+fn humantime_durations_convert_to_ms() {
+    let (_d, spec) = load_text(&one_stage("target = \"500ms\"\nlimit = \"1m 30s\""));
+    let sizer = &spec.expect("valid").stages[0].sizer;
+    assert_eq!(
+        (sizer.target_ms, sizer.limit_ms),
+        (Some(500.0), Some(90_000.0))
+    );
+}
+
+#[test]
+fn lines_file_with_trailing_newline_counts_each_line_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("in.txt"), "a\nb\n").expect("write lines");
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = { lines = \"in.txt\" }\n";
+    let spec = parse(text, &dir.path().join("job.toml")).expect("valid");
+    assert_eq!(spec.stages[0].items.count(), 2);
+}
+
+#[test]
+fn job_hash_is_stable_and_tracks_changes() {
+    let (_d, a) = load_text(&one_stage(""));
+    let (_e, b) = load_text(&one_stage("retries = 4"));
+    let (a, b) = (a.expect("valid"), b.expect("valid"));
+    assert_eq!(job_hash(&a), job_hash(&a.clone()));
+    assert_eq!(job_hash(&a).len(), 16);
+    assert_ne!(job_hash(&a), job_hash(&b));
+}
+
+#[test]
+fn display_is_file_line_col_key_message() {
+    let e = parse("name = \"j\"\nbogus = 1\n", Path::new("/x/job.toml")).expect_err("unknown key");
+    assert_eq!(
+        e.to_string(),
+        format!("/x/job.toml:2:1: bogus: {}", e.message)
+    );
+    assert_eq!(e.column, 1);
+}
+
+#[test]
+fn unknown_top_level_key() {
+    assert_err("name = \"j\"\nfoo = 1\n", 2, "foo", "unknown key \"foo\"");
+}
+
+#[test]
+fn unknown_stage_key() {
+    let e = assert_err(
+        &one_stage("colour = \"red\""),
+        6,
+        "stage[0].colour",
+        "unknown key \"colour\"",
+    );
+    assert_eq!(e.column, 1);
+}
+
+#[test]
+fn unknown_sizer_key() {
+    let text = one_stage("[stage.sizer]\nkp = 0.3\nturbo = true");
+    assert_err(&text, 8, "stage[0].sizer.turbo", "unknown key \"turbo\"");
+}
+
+#[test]
+fn sizer_keys_filled_from_the_stage_are_not_sizer_keys() {
+    assert_err(
+        &one_stage("[stage.sizer]\ntarget_ms = 5"),
+        7,
+        "stage[0].sizer.target_ms",
+        "unknown key",
+    );
+}
+
+#[test]
+fn missing_command() {
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\nitems = { range = [0, 1] }\n";
+    assert_err(text, 2, "stage[0].command", "missing key \"command\"");
+}
+
+#[test]
+fn empty_command() {
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = []\nitems = { range = [0, 1] }\n";
+    assert_err(text, 4, "stage[0].command", "command is empty");
+}
+
+#[test]
+fn command_as_shell_string_is_rejected() {
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = \"sh -c x\"\nitems = { range = [0, 1] }\n";
+    assert_err(text, 4, "stage[0].command", "expected an array");
+}
+
+#[test]
+fn command_not_found() {
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"nosuchprog-granule\"]\nitems = { range = [0, 1] }\n";
+    assert_err(
+        text,
+        4,
+        "stage[0].command",
+        "command not found: \"nosuchprog-granule\" (not on PATH)",
+    );
+}
+
+#[test]
+fn command_path_is_relative_to_cwd_and_must_exist() {
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"./no/such/tool\"]\nitems = { range = [0, 1] }\n";
+    assert_err(
+        text,
+        4,
+        "stage[0].command",
+        "relative to the current directory",
+    );
+}
+
+#[test]
+fn duplicate_stage_names() {
+    let text =
+        "name = \"j\"\n[[stage]]\nname = \"b\"\ncommand = [\"sh\"]\nitems = { range = [0, 1] }\n\
+                [[stage]]\nname = \"b\"\ncommand = [\"sh\"]\nitems = { range = [0, 1] }\n";
+    assert_err(
+        text,
+        7,
+        "stage[1].name",
+        "stage \"b\" is listed twice (first at line 3)",
+    );
+}
+
+/// Two stages `a` and `b` with the given `after` lines.
+fn two_stages(after_a: &str, after_b: &str) -> String {
+    format!(
+        "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = {{ range = [0, 1] }}\n{after_a}\n\
+         [[stage]]\nname = \"b\"\ncommand = [\"sh\"]\nitems = {{ range = [0, 1] }}\n{after_b}\n"
+    )
+}
+
+#[test]
+fn after_names_missing_stage() {
+    assert_err(
+        &two_stages("", "after = [\"a\", \"x\"]"),
+        11,
+        "stage[1].after",
+        "unknown stage \"x\"",
+    );
+}
+
+#[test]
+fn after_cycle() {
+    let text = two_stages("after = [\"b\"]", "after = [\"a\"]");
+    assert_err(&text, 6, "stage[0].after", "cycle in after: a -> b -> a");
+}
+
+#[test]
+fn after_self_reference() {
+    assert_err(
+        &two_stages("", "after = [\"b\"]"),
+        11,
+        "stage[1].after",
+        "stage \"b\" cannot come after itself",
+    );
+}
+
+#[test]
+fn empty_range() {
+    let text =
+        "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = { range = [5, 5] }\n";
+    assert_err(text, 5, "stage[0].items.range", "range [5, 5] is empty");
+}
+
+#[test]
+fn reversed_range() {
+    let text =
+        "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = { range = [9, 2] }\n";
+    assert_err(text, 5, "stage[0].items.range", "range [9, 2] is reversed");
+}
+
+#[test]
+fn missing_lines_file() {
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = { lines = \"nope.txt\" }\n";
+    let e = assert_err(text, 5, "stage[0].items.lines", "file not found: ");
+    assert!(
+        e.message
+            .contains("nope.txt (relative to the spec's folder)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn empty_lines_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("empty.txt"), "").expect("write lines");
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = { lines = \"empty.txt\" }\n";
+    let e = parse(text, &dir.path().join("job.toml")).expect_err("empty file");
+    assert_eq!((e.line, e.key.as_str()), (5, "stage[0].items.lines"), "{e}");
+    assert!(e.message.contains("no items"), "{e}");
+}
+
+#[test]
+fn bad_duration_string() {
+    let e = assert_err(
+        &one_stage("target = \"2 parsecs\""),
+        6,
+        "stage[0].target",
+        "bad duration \"2 parsecs\"",
+    );
+    assert_eq!(e.column, 10);
+}
+
+#[test]
+fn zero_duration() {
+    assert_err(
+        &one_stage("limit = 0"),
+        6,
+        "stage[0].limit",
+        "greater than zero",
+    );
+}
+
+#[test]
+fn target_not_below_limit() {
+    assert_err(
+        &one_stage("limit = \"1s\"\ntarget = \"2s\""),
+        7,
+        "stage[0].target",
+        "must be below limit",
+    );
+}
+
+#[test]
+fn list_value_with_newline() {
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems.list = [\n  \"ok\",\n  \"a\\nb\",\n]\n";
+    assert_err(
+        text,
+        7,
+        "stage[0].items.list",
+        "item 1 (\"a\\nb\") contains a line break",
+    );
+}
+
+#[test]
+fn empty_list() {
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = { list = [] }\n";
+    assert_err(text, 5, "stage[0].items.list", "list is empty");
+}
+
+#[test]
+fn items_with_two_sources() {
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\n[stage.items]\nrange = [0, 2]\nlist = [\"x\"]\n";
+    assert_err(text, 7, "stage[0].items", "has both range and list");
+}
+
+#[test]
+fn items_with_no_source() {
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = {}\n";
+    assert_err(
+        text,
+        5,
+        "stage[0].items",
+        "needs one of range, lines or list",
+    );
+}
+
+#[test]
+fn wrong_type_names_key() {
+    assert_err(
+        &one_stage("retries = \"many\""),
+        6,
+        "stage[0].retries",
+        "expected an integer, found string",
+    );
+    assert_err(
+        &one_stage("initial = 0"),
+        6,
+        "stage[0].initial",
+        "at least 1",
+    );
+    assert_err(
+        &one_stage("[stage.sizer]\nkp = \"high\""),
+        7,
+        "stage[0].sizer.kp",
+        "invalid type",
+    );
+}
+
+#[test]
+fn missing_name_and_stages() {
+    assert_err(
+        "[[stage]]\nname = \"a\"\n",
+        1,
+        "name",
+        "missing key \"name\"",
+    );
+    assert_err("name = \"j\"\n", 1, "stage", "at least one [[stage]]");
+    assert_err("name = \"\"\n", 1, "name", "must not be empty");
+}
+
+#[test]
+fn toml_syntax_error() {
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\nretries = = 3\n";
+    let e = assert_err(text, 4, "stage[0].retries", "");
+    assert!(!e.message.is_empty());
+}
+
+#[test]
+fn toml_duplicate_key() {
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\nname = \"b\"\n";
+    assert_err(text, 4, "stage[0].name", "duplicate key \"name\"");
+}
