@@ -62,6 +62,17 @@ impl Default for EngineConfig {
     }
 }
 
+/// Items in flight beyond the last ack: at least `min`, and about 20 ms of work,
+/// so that reading acks in batches never starves a fast task.
+fn window(min: u64, item_cost_ms: f64) -> u64 {
+    let by_time = if item_cost_ms > 0.0 {
+        (20.0 / item_cost_ms) as u64
+    } else {
+        min
+    };
+    by_time.clamp(min, 1 << 20)
+}
+
 /// How a run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -208,6 +219,10 @@ impl Worker<'_> {
     fn fill_slots(&mut self) -> Result<()> {
         while self.running.len() < self.cfg.slots as usize {
             let sample = self.sampler.sample();
+            // The load average counts our own busy slots; only others' load is pressure.
+            let cpus = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+            let others_load =
+                (sample.load_per_cpu * cpus - f64::from(self.cfg.slots)).max(0.0) / cpus;
             let req = ClaimRequest {
                 job: self.job,
                 worker: self.info.id.clone(),
@@ -219,7 +234,7 @@ impl Worker<'_> {
                     remaining: 0,
                     slots: self.cfg.slots,
                     free_memory: sample.free_memory,
-                    load_per_cpu: sample.load_per_cpu,
+                    load_per_cpu: others_load,
                     lifespan_ms: None,
                 },
             };
@@ -267,7 +282,7 @@ impl Worker<'_> {
             item_cost_ms: a.item_cost_ms,
             deadline_share: stage.sizer.deadline_share,
             grace: self.cfg.grace,
-            window: self.cfg.window,
+            window: window(self.cfg.window, a.item_cost_ms),
             expect_acks: a.expect_acks,
             first_ack_patience: Duration::from_secs_f64(
                 (a.predicted_ms * 4.0 / 1e3).clamp(1.0, 60.0),

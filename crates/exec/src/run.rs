@@ -6,7 +6,7 @@ use crate::sys::{self, Exit, Waiter};
 use granule_core::{FinishOutcome, FragmentId, IntervalSet, Span};
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{ChildStdin, Command, Stdio};
@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 const UNTRACKED_AFTER: usize = 65_536;
 /// How often the supervisor wakes to check yields, kills and deadlines.
 const TICK: Duration = Duration::from_millis(20);
+/// Pause after a short read of fd 3, so acks are read in batches.
+const ACK_BATCH: Duration = Duration::from_millis(1);
 
 /// Everything needed to run one fragment.
 #[derive(Clone, Debug)]
@@ -597,29 +599,58 @@ fn feed(job: &FragmentJob, control: &Control, stdin: ChildStdin) {
 }
 
 /// Reads fd 3: ack lines (an item's value) and `checkpoint PATH` lines.
-fn read_acks(job: &FragmentJob, control: &Control, pipe: File, start: Instant) {
-    let reader = BufReader::with_capacity(1 << 16, pipe);
-    for line in reader.split(b'\n') {
-        let Ok(mut line) = line else { break };
-        if line.last() == Some(&b'\r') {
-            line.pop();
+///
+/// Reads in batches: after a short read it waits `ACK_BATCH` so that the next
+/// read returns many acks at once. One wake-up per ack would cost the spinning
+/// tasks a context switch each on a busy machine.
+fn read_acks(job: &FragmentJob, control: &Control, mut pipe: File, start: Instant) {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut filled = 0;
+    loop {
+        if filled == buf.len() {
+            buf.resize(buf.len() * 2, 0);
         }
-        let line = String::from_utf8_lossy(&line);
-        let now = Instant::now();
+        let n = match pipe.read(&mut buf[filled..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        filled += n;
+        let complete = buf[..filled]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        handle_ack_lines(job, control, &buf[..complete], start);
+        buf.copy_within(complete..filled, 0);
+        filled -= complete;
+        if n < 4096 {
+            thread::sleep(ACK_BATCH);
+        }
+    }
+    if filled > 0 {
+        handle_ack_lines(job, control, &buf[..filled], start);
+    }
+}
+
+fn handle_ack_lines(job: &FragmentJob, control: &Control, lines: &[u8], start: Instant) {
+    let now = Instant::now();
+    let mut st = control.lock();
+    for line in lines.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            continue;
+        }
+        let line = String::from_utf8_lossy(line);
         if let Some(path) = line.strip_prefix("checkpoint ") {
+            drop(st);
             let blob = std::fs::read(path)
                 .map(|raw| Blob::seal(&raw, job.checkpoint_level))
                 .map_err(|e| format!("checkpoint {path}: {e}"));
-            let mut st = control.lock();
+            st = control.lock();
             let acks = st.acks;
-            st.checkpoints.push(Checkpoint {
-                blob,
-                acks,
-                at_ms: now.duration_since(start).as_secs_f64() * 1e3,
-            });
+            let at_ms = now.duration_since(start).as_secs_f64() * 1e3;
+            st.checkpoints.push(Checkpoint { blob, acks, at_ms });
             continue;
         }
-        let mut st = control.lock();
         let fed_end = job.span.start + st.fed;
         let index = match job.source.direct_index(&line, job.span) {
             Some(found) => found.filter(|&i| i < fed_end),
@@ -628,13 +659,12 @@ fn read_acks(job: &FragmentJob, control: &Control, pipe: File, start: Instant) {
                 .get_mut(line.as_ref())
                 .and_then(|q| q.pop_front()),
         };
-        let counted = index.is_some_and(|i| Control::ack(&mut st, i, now));
-        if !counted {
+        if !index.is_some_and(|i| Control::ack(&mut st, i, now)) {
             st.bad_acks += 1;
         }
-        if st.feeder_waiting && st.fed - st.acks.min(st.fed) <= job.window / 2 {
-            control.cond.notify_all();
-        }
+    }
+    if st.feeder_waiting && st.fed - st.acks.min(st.fed) <= job.window / 2 {
+        control.cond.notify_all();
     }
 }
 
