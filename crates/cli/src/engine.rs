@@ -13,6 +13,7 @@ use granule_spec::JobSpec;
 use granule_store::{
     Assignment, BlobRow, ClaimRequest, FragmentEnd, FragmentFlush, Store, WorkerInfo,
 };
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -248,11 +249,15 @@ impl Worker<'_> {
 
     fn start(&mut self, a: Assignment) -> Result<()> {
         let stage = &self.spec.stages[a.stage_index];
-        if !self.sources.contains_key(&a.stage_index) {
-            let source = ItemSource::open(&stage.items)
-                .with_context(|| format!("opening items of stage {}", stage.name))?;
-            self.sources.insert(a.stage_index, source);
-        }
+        let source = match self.sources.entry(a.stage_index) {
+            Entry::Occupied(e) => e.get().clone(),
+            Entry::Vacant(e) => e
+                .insert(
+                    ItemSource::open(&stage.items)
+                        .with_context(|| format!("opening items of stage {}", stage.name))?,
+                )
+                .clone(),
+        };
         let mut env = vec![
             ("GRANULE_JOB".to_string(), self.spec.name.clone()),
             ("GRANULE_STAGE".to_string(), stage.name.clone()),
@@ -274,7 +279,7 @@ impl Worker<'_> {
             argv: stage.command.clone(),
             per_item: stage.per_item,
             env,
-            source: self.sources[&a.stage_index].clone(),
+            source,
             limit: stage
                 .sizer
                 .limit_ms
@@ -357,6 +362,7 @@ impl Worker<'_> {
             ..FragmentFlush::default()
         });
         entry.acked.union_with(&acked);
+        let sample = (!checkpoints.is_empty()).then(|| self.sampler.sample());
         for cp in checkpoints {
             match cp.blob {
                 Ok(blob) => entry.checkpoints.push(BlobRow {
@@ -368,6 +374,8 @@ impl Worker<'_> {
                         "acks": cp.acks,
                         "at_ms": cp.at_ms,
                         "predicted_remaining_ms": (n.saturating_sub(cp.acks)) as f64 * b,
+                        "free_memory": sample.map(|s| s.free_memory),
+                        "load_per_cpu": sample.map(|s| s.load_per_cpu),
                     })
                     .to_string(),
                 }),

@@ -1,7 +1,7 @@
 //! Progress for people: bars on a terminal, periodic plain lines otherwise.
 
 use granule_spec::JobSpec;
-use granule_store::JobStatus;
+use granule_store::{JobStatus, StageStatus};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -14,23 +14,22 @@ pub(crate) struct Progress {
     bars: Option<(MultiProgress, Vec<ProgressBar>)>,
     quiet: bool,
     started: Instant,
+    /// Items finished per stage when this run started (a resumed job starts above 0).
+    done_at_start: Option<Vec<u64>>,
     last_plain: Option<Instant>,
+    last: Option<JobStatus>,
     sizes: Vec<u64>,
-    names: Vec<String>,
 }
 
 impl Progress {
     /// Bars when stderr is a terminal, plain lines otherwise; nothing if `quiet`.
     pub(crate) fn new(spec: &JobSpec, quiet: bool) -> Progress {
-        let names: Vec<String> = spec.stages.iter().map(|s| s.name.clone()).collect();
         let bars = (!quiet && std::io::stderr().is_terminal()).then(|| {
             let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4));
-            let style = ProgressStyle::with_template(
-                "{prefix:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
-            )
-            .expect("valid template")
-            .progress_chars("=> ");
-            let width = names.iter().map(|n| n.len()).max().unwrap_or(0);
+            let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
+                .expect("valid template")
+                .progress_chars("=> ");
+            let width = spec.stages.iter().map(|s| s.name.len()).max().unwrap_or(0);
             let bars = spec
                 .stages
                 .iter()
@@ -47,9 +46,10 @@ impl Progress {
             bars,
             quiet,
             started: Instant::now(),
+            done_at_start: None,
             last_plain: None,
-            sizes: vec![0; names.len()],
-            names,
+            last: None,
+            sizes: vec![0; spec.stages.len()],
         }
     }
 
@@ -58,43 +58,67 @@ impl Progress {
         self.sizes[stage] = n;
     }
 
+    /// Rate (items/s this run), ETA and fragment size of a stage.
+    fn describe(&self, i: usize, s: &StageStatus) -> String {
+        let finished = s.done + s.quarantined;
+        let before = self.done_at_start.as_ref().map_or(0, |d| d[i]);
+        let rate =
+            finished.saturating_sub(before) as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
+        let left = s.items - finished;
+        let eta = match (left, rate > 0.0) {
+            (0, _) => "done".to_string(),
+            (_, true) => format!(
+                "eta {}",
+                humantime::format_duration(Duration::from_secs((left as f64 / rate) as u64))
+            ),
+            _ => "eta ?".to_string(),
+        };
+        let size = if self.sizes[i] > 0 {
+            self.sizes[i]
+        } else {
+            s.fragment_size
+        };
+        let quarantined = if s.quarantined > 0 {
+            format!(", {} quarantined", s.quarantined)
+        } else {
+            String::new()
+        };
+        format!("{rate:.0} items/s, {eta}, fragment {size}{quarantined}")
+    }
+
     /// Shows the latest status.
     pub(crate) fn update(&mut self, job: &JobStatus) {
         if self.quiet {
             return;
         }
+        if self.done_at_start.is_none() {
+            self.done_at_start = Some(job.stages.iter().map(|s| s.done + s.quarantined).collect());
+        }
+        self.last = Some(job.clone());
         match &self.bars {
             Some((_, bars)) => {
                 for (i, (bar, s)) in bars.iter().zip(&job.stages).enumerate() {
                     bar.set_position(s.done + s.quarantined);
-                    let size = if self.sizes[i] > 0 {
-                        self.sizes[i]
-                    } else {
-                        s.fragment_size
-                    };
-                    bar.set_message(format!("fragment {size}"));
+                    bar.set_message(self.describe(i, s));
                 }
             }
-            None => {
-                if self.last_plain.is_some_and(|t| t.elapsed() < PLAIN_EVERY) {
-                    return;
-                }
+            None if self.last_plain.is_none_or(|t| t.elapsed() >= PLAIN_EVERY) => {
                 self.last_plain = Some(Instant::now());
-                let elapsed = self.started.elapsed().as_secs_f64().max(1e-3);
-                for s in &job.stages {
-                    let rate = s.done as f64 / elapsed;
-                    let left = s.items - s.done - s.quarantined;
-                    let eta = if rate > 0.0 {
-                        format!("{:.0}s", left as f64 / rate)
-                    } else {
-                        "?".into()
-                    };
-                    eprintln!(
-                        "granule: {} {}/{} done ({} quarantined), {:.1} items/s, eta {eta}, fragment {}",
-                        s.name, s.done, s.items, s.quarantined, rate, s.fragment_size
-                    );
-                }
+                self.print_plain(job);
             }
+            None => {}
+        }
+    }
+
+    fn print_plain(&self, job: &JobStatus) {
+        for (i, s) in job.stages.iter().enumerate() {
+            eprintln!(
+                "granule: {} {}/{} done: {}",
+                s.name,
+                s.done,
+                s.items,
+                self.describe(i, s)
+            );
         }
     }
 
@@ -111,11 +135,12 @@ impl Progress {
         }
     }
 
-    /// Leaves the bars on screen in their final state.
+    /// Leaves the bars on screen in their final state, or prints a last plain line.
     pub(crate) fn finish(&mut self) {
-        if let Some((_, bars)) = &self.bars {
-            bars.iter().for_each(|b| b.abandon());
+        match (&self.bars, &self.last) {
+            (Some((_, bars)), _) => bars.iter().for_each(|b| b.abandon()),
+            (None, Some(job)) if !self.quiet => self.print_plain(job),
+            _ => {}
         }
-        let _ = &self.names;
     }
 }

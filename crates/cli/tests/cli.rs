@@ -274,7 +274,7 @@ fn ctrl_c_yields_and_the_rerun_finishes() {
         done(&job) > 2000
     });
     // SAFETY: signalling our own child.
-    unsafe { libc_kill(child.id() as i32, 2) };
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
     let s = stage(&job.status(), 0).clone();
@@ -289,11 +289,6 @@ fn ctrl_c_yields_and_the_rerun_finishes() {
         twice <= 2 * 64,
         "a yield reruns at most the in-flight window: {twice}"
     );
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 #[test]

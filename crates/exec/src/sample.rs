@@ -39,7 +39,7 @@ impl Sampler {
     pub fn sample(&mut self) -> Sample {
         // Unknown readings count as no pressure.
         let free_memory = self.system.as_mut().map_or(1.0, |system| {
-            let _ = system.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
+            system.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
             let total = system.total_memory();
             if total == 0 {
                 1.0

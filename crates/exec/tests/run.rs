@@ -167,7 +167,7 @@ for line in sys.stdin:
         std::thread::sleep(Duration::from_millis(5));
     }
     let at = ctl.split_at(20).expect("split");
-    assert!(at >= 20 && at < 1000);
+    assert!((20..1000).contains(&at));
     let report = runner.join().unwrap();
     assert_eq!(report.fed, at);
     assert_eq!(report.acks, at);

@@ -11,6 +11,7 @@ use granule_core::{
     SizerConfig, Span, StageId, StageLedger,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
@@ -148,6 +149,18 @@ fn load_ledger(tx: &Connection, stage: i64) -> Result<StageLedger> {
         done: parse(&done, "done")?,
         quarantined: parse(&quarantined, "quarantined")?,
         running,
+    })
+}
+
+/// The ledger of `stage`, loaded once per transaction.
+fn ledger_of<'a>(
+    tx: &Connection,
+    ledgers: &'a mut HashMap<i64, StageLedger>,
+    stage: i64,
+) -> Result<&'a mut StageLedger> {
+    Ok(match ledgers.entry(stage) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => e.insert(load_ledger(tx, stage)?),
     })
 }
 
@@ -493,10 +506,7 @@ impl Store for SqliteStore {
             let Some(stage) = held_stage(&tx, f.fragment, worker)? else {
                 continue;
             };
-            if !ledgers.contains_key(&stage) {
-                ledgers.insert(stage, load_ledger(&tx, stage)?);
-            }
-            let ledger = ledgers.get_mut(&stage).expect("just inserted");
+            let ledger = ledger_of(&tx, &mut ledgers, stage)?;
             done += apply_flush(&tx, ledger, stage, f, now_ms)?;
         }
         for (stage, ledger) in &ledgers {
@@ -630,10 +640,7 @@ impl Store for SqliteStore {
         drop(stmt);
         let mut ledgers: HashMap<i64, StageLedger> = HashMap::new();
         for (id, stage, worker) in &lost {
-            if !ledgers.contains_key(stage) {
-                ledgers.insert(*stage, load_ledger(&tx, *stage)?);
-            }
-            let ledger = ledgers.get_mut(stage).expect("just inserted");
+            let ledger = ledger_of(&tx, &mut ledgers, *stage)?;
             ledger.finish(FragmentId(*id), &FinishOutcome::Lost, u32::MAX);
             let why = if dead.contains(worker) {
                 "worker died"
