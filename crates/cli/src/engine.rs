@@ -1,8 +1,10 @@
 //! The worker loop: claim fragments for free slots, run them on threads, flush
 //! acks and checkpoints in batches, finish each fragment in one transaction.
 //!
-//! One loop serves `granule run`; it owns the store connection, so every store
-//! write happens here and the runner threads only touch their [`Control`].
+//! One loop serves `granule run` (one job, embedded, Ctrl-C yields) and
+//! `granule worker` (any job in the store, a lifespan, SIGTERM as a preemption
+//! notice). It owns the store connection, so every store write happens here and
+//! the runner threads only touch their [`Control`].
 
 use crate::host;
 use crate::progress::Progress;
@@ -11,7 +13,8 @@ use granule_core::{ClaimContext, FinishOutcome, FragmentId, JobId};
 use granule_exec::{run_fragment, Blob, Control, FragmentJob, ItemSource, RunReport, Sampler};
 use granule_spec::JobSpec;
 use granule_store::{
-    Assignment, BlobRow, ClaimRequest, FragmentEnd, FragmentFlush, Store, WorkerInfo,
+    Assignment, BlobRow, ClaimRequest, FragmentEnd, FragmentFlush, Heartbeat, SplitAnswer, Store,
+    WorkerInfo,
 };
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -21,18 +24,22 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// How often a worker looks for dead workers on its host and expired leases.
+const REAP_EVERY: Duration = Duration::from_secs(1);
+
 /// How a worker runs.
 #[derive(Clone, Debug)]
 pub(crate) struct EngineConfig {
     /// Concurrent fragments.
     pub(crate) slots: u32,
-    /// Ack flush (and lease renewal) period.
+    /// Ack flush (and heartbeat, lease renewal) period.
     pub(crate) flush: Duration,
     /// Lease length.
     pub(crate) lease: Duration,
-    /// Yield grace before SIGTERM, and before SIGKILL.
+    /// Time a yielding fragment gets (run: before SIGTERM and again before SIGKILL;
+    /// worker: the whole preemption notice).
     pub(crate) grace: Duration,
-    /// Items in flight beyond the last ack.
+    /// Least items in flight beyond the last ack.
     pub(crate) window: u64,
     /// Bytes of stdout/stderr kept per fragment.
     pub(crate) log_tail_bytes: usize,
@@ -44,6 +51,14 @@ pub(crate) struct EngineConfig {
     pub(crate) state_dir: PathBuf,
     /// No progress output.
     pub(crate) quiet: bool,
+    /// `run`: only this job, with its progress, until it is finished.
+    pub(crate) job: Option<(JobId, Arc<JobSpec>)>,
+    /// When the worker's lifespan ends (instant and unix ms), if it has one.
+    pub(crate) lifespan_end: Option<(Instant, i64)>,
+    /// How long before the end of its lifespan the worker stops and yields.
+    pub(crate) drain_margin: Duration,
+    /// `worker`: exit after this long without work (default: when no job is left).
+    pub(crate) idle_exit: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -59,8 +74,23 @@ impl Default for EngineConfig {
             class: "default".into(),
             state_dir: PathBuf::from(".granule"),
             quiet: false,
+            job: None,
+            lifespan_end: None,
+            drain_margin: Duration::ZERO,
+            idle_exit: None,
         }
     }
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Every item done (`run`), or no work left (`worker`).
+    Done,
+    /// Finished, with quarantined items.
+    Quarantined,
+    /// Stopped by a signal or its lifespan after yielding its fragments.
+    Stopped,
 }
 
 /// Items in flight beyond the last ack: at least `min`, and about 20 ms of work,
@@ -74,42 +104,40 @@ fn window(min: u64, item_cost_ms: f64) -> u64 {
     by_time.clamp(min, 1 << 20)
 }
 
-/// How a run ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// Every item done.
-    Done,
-    /// Finished, with quarantined items.
-    Quarantined,
-    /// Stopped by a signal; the job resumes on the next run.
-    Interrupted,
-}
-
 struct Slot {
     assignment: Assignment,
+    spec: Arc<JobSpec>,
     control: Arc<Control>,
     handle: JoinHandle<RunReport>,
+    checkpoint_fallbacks: u32,
+    notes: Vec<String>,
+}
+
+/// A worker stopping: since when, by when everything must be gone, and whether
+/// the remaining fragments were killed already.
+struct Drain {
+    deadline: Instant,
+    killed: bool,
 }
 
 struct Worker<'a> {
     store: &'a mut dyn Store,
-    spec: &'a JobSpec,
-    job: JobId,
     cfg: &'a EngineConfig,
     info: WorkerInfo,
-    sources: HashMap<usize, ItemSource>,
+    specs: HashMap<JobId, Arc<JobSpec>>,
+    sources: HashMap<(JobId, usize), ItemSource>,
     running: HashMap<FragmentId, Slot>,
     unflushed: HashMap<FragmentId, FragmentFlush>,
     finished_tx: mpsc::Sender<FragmentId>,
     sampler: Sampler,
     progress: Progress,
+    cpus: f64,
 }
 
-/// Runs `job` with `cfg.slots` local slots until it is finished or interrupted.
-pub(crate) fn run_job(
+/// Runs fragments with `cfg.slots` local slots until the job (or all work) is
+/// finished, the worker is told to stop, or its lifespan ends.
+pub(crate) fn run_worker(
     store: &mut dyn Store,
-    spec: &JobSpec,
-    job: JobId,
     cfg: &EngineConfig,
     interrupts: &AtomicUsize,
 ) -> Result<Outcome> {
@@ -123,38 +151,50 @@ pub(crate) fn run_job(
         proc_start,
         slots: cfg.slots,
         class: cfg.class.clone(),
+        lifespan_end_ms: cfg.lifespan_end.map(|(_, ms)| ms),
     };
     store.register_worker(&info, host::now_ms())?;
     release_dead_workers(store, &info.host)?;
     let (finished_tx, finished_rx) = mpsc::channel();
-    let progress = Progress::new(spec, cfg.quiet);
+    let progress = match &cfg.job {
+        Some((_, spec)) => Progress::new(spec, cfg.quiet),
+        None => Progress::notes_only(cfg.quiet),
+    };
+    let mut specs = HashMap::new();
+    if let Some((id, spec)) = &cfg.job {
+        specs.insert(*id, spec.clone());
+    }
     let mut worker = Worker {
         store,
-        spec,
-        job,
         cfg,
         info,
+        specs,
         sources: HashMap::new(),
         running: HashMap::new(),
         unflushed: HashMap::new(),
         finished_tx,
         sampler: Sampler::new(),
         progress,
+        cpus: std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
     };
-    worker.run(&finished_rx, interrupts)
+    let outcome = worker.run(&finished_rx, interrupts);
+    let id = worker.info.id.clone();
+    worker
+        .store
+        .set_worker_state(&id, "exited", host::now_ms())?;
+    outcome
 }
 
-/// Fragments held by workers of this host that are gone go back to pending at once
-/// (other hosts' workers are left to their leases).
-fn release_dead_workers(store: &mut dyn Store, host_name: &str) -> Result<()> {
+/// Fragments held by workers of this host that are gone, and fragments whose lease
+/// expired, go back to pending (other hosts' workers are left to their leases).
+fn release_dead_workers(store: &mut dyn Store, host_name: &str) -> Result<u64> {
     let dead: Vec<String> = store
         .workers_holding_work()?
         .into_iter()
         .filter(|w| w.host == host_name && !host::alive(w.pid, w.proc_start))
         .map(|w| w.id)
         .collect();
-    store.release(host::now_ms(), &dead)?;
-    Ok(())
+    Ok(store.release(host::now_ms(), &dead)?)
 }
 
 impl Worker<'_> {
@@ -164,42 +204,61 @@ impl Worker<'_> {
         interrupts: &AtomicUsize,
     ) -> Result<Outcome> {
         let mut last_flush = Instant::now();
-        let (mut stopping, mut killing) = (false, false);
+        let mut last_reap = Instant::now();
+        let mut last_split_ask: Option<Instant> = None;
+        let mut idle_since: Option<Instant> = None;
+        let mut drain: Option<Drain> = None;
         self.refresh_progress()?;
         loop {
+            let now = Instant::now();
             let signals = interrupts.load(Ordering::SeqCst);
-            if signals >= 1 && !stopping {
-                stopping = true;
-                self.progress.note("interrupted: yielding every fragment at its next safe point (again to kill now)");
-                self.running
-                    .values()
-                    .for_each(|s| s.control.request_yield());
-            }
-            if signals >= 2 && !killing {
-                killing = true;
-                self.running.values().for_each(|s| s.control.kill());
-            }
-            if !stopping {
-                self.fill_slots()?;
-            }
-            if self.running.is_empty() {
-                self.refresh_progress()?;
-                self.progress.finish();
-                if stopping {
-                    return Ok(Outcome::Interrupted);
+            if drain.is_none() {
+                if signals >= 1 {
+                    drain = Some(self.start_drain(
+                        now + self.cfg.grace,
+                        "stop requested: yielding every fragment",
+                    ));
+                } else if let Some((end, _)) = self.cfg.lifespan_end {
+                    if now + self.cfg.drain_margin >= end {
+                        drain =
+                            Some(self.start_drain(end, "lifespan ending: yielding every fragment"));
+                    }
                 }
-                let record = self
-                    .store
-                    .job(&self.spec.name)?
-                    .context("job vanished from the store")?;
-                return match record.state.as_str() {
-                    "done" => Ok(Outcome::Done),
-                    "failed" => Ok(Outcome::Quarantined),
-                    _ => anyhow::bail!(
-                        "job \"{}\" has no claimable work and nothing running",
-                        self.spec.name
-                    ),
-                };
+            }
+            if let Some(d) = drain.as_mut() {
+                if (signals >= 2 || now >= d.deadline) && !d.killed {
+                    d.killed = true;
+                    self.running.values().for_each(|s| s.control.kill());
+                }
+            }
+            let free = if drain.is_none() {
+                self.fill_slots()?
+            } else {
+                0
+            };
+            if self.running.is_empty() {
+                if drain.is_some() {
+                    self.refresh_progress()?;
+                    self.progress.finish();
+                    return Ok(Outcome::Stopped);
+                }
+                if let Some(outcome) = self.finished_work(&mut idle_since)? {
+                    self.refresh_progress()?;
+                    self.progress.finish();
+                    return Ok(outcome);
+                }
+            } else {
+                idle_since = None;
+            }
+            // Free slots and nothing to claim: ask for the tail of the longest fragment.
+            if free > 0
+                && drain.is_none()
+                && last_split_ask.is_none_or(|t| t.elapsed() >= self.cfg.flush)
+            {
+                let job = self.cfg.job.as_ref().map(|(id, _)| *id);
+                let min_ms = 2.0 * self.cfg.flush.as_secs_f64() * 1e3;
+                self.store.request_split(job, host::now_ms(), min_ms)?;
+                last_split_ask = Some(Instant::now());
             }
             let wait = self.cfg.flush.saturating_sub(last_flush.elapsed());
             match finished.recv_timeout(wait) {
@@ -209,26 +268,73 @@ impl Worker<'_> {
                     unreachable!("the worker holds a sender")
                 }
             }
+            while let Ok(id) = finished.try_recv() {
+                self.finish(id)?;
+            }
             if last_flush.elapsed() >= self.cfg.flush {
                 self.flush()?;
                 last_flush = Instant::now();
                 self.refresh_progress()?;
             }
+            if last_reap.elapsed() >= REAP_EVERY {
+                let released = release_dead_workers(self.store, &self.info.host)?;
+                if released > 0 {
+                    self.progress
+                        .note(&format!("released {released} fragment(s) of lost workers"));
+                }
+                last_reap = Instant::now();
+            }
         }
     }
 
-    fn fill_slots(&mut self) -> Result<()> {
+    fn start_drain(&mut self, deadline: Instant, why: &str) -> Drain {
+        self.progress.note(why);
+        self.running
+            .values()
+            .for_each(|s| s.control.request_yield());
+        let _ = self
+            .store
+            .set_worker_state(&self.info.id, "draining", host::now_ms());
+        Drain {
+            deadline,
+            killed: false,
+        }
+    }
+
+    /// With nothing running and nothing claimable: the outcome if this worker is done.
+    fn finished_work(&mut self, idle_since: &mut Option<Instant>) -> Result<Option<Outcome>> {
+        if let Some((job, _)) = &self.cfg.job {
+            let record = self
+                .store
+                .job_by_id(*job)?
+                .context("job vanished from the store")?;
+            // Otherwise other workers still hold its fragments: wait for them.
+            return Ok(match record.state.as_str() {
+                "done" => Some(Outcome::Done),
+                "failed" => Some(Outcome::Quarantined),
+                _ => None,
+            });
+        }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        Ok(match self.cfg.idle_exit {
+            Some(limit) => (since.elapsed() >= limit).then_some(Outcome::Done),
+            None => self.store.open_jobs()?.is_empty().then_some(Outcome::Done),
+        })
+    }
+
+    /// Claims for free slots; returns how many stay free.
+    fn fill_slots(&mut self) -> Result<usize> {
         while self.running.len() < self.cfg.slots as usize {
             let sample = self.sampler.sample();
             // The load average counts our own busy slots; only others' load is pressure.
-            let cpus = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
             let others_load =
-                (sample.load_per_cpu * cpus - f64::from(self.cfg.slots)).max(0.0) / cpus;
+                (sample.load_per_cpu * self.cpus - f64::from(self.cfg.slots)).max(0.0) / self.cpus;
+            let now_ms = host::now_ms();
             let req = ClaimRequest {
-                job: self.job,
+                job: self.cfg.job.as_ref().map(|(id, _)| *id),
                 worker: self.info.id.clone(),
                 class: self.cfg.class.clone(),
-                now_ms: host::now_ms(),
+                now_ms,
                 lease_ms: self.cfg.lease.as_millis() as i64,
                 slots: self.cfg.slots,
                 context: ClaimContext {
@@ -236,20 +342,38 @@ impl Worker<'_> {
                     slots: self.cfg.slots,
                     free_memory: sample.free_memory,
                     load_per_cpu: others_load,
-                    lifespan_ms: None,
+                    lifespan_ms: self
+                        .cfg
+                        .lifespan_end
+                        .map(|(_, end)| (end - now_ms).max(0) as f64),
                 },
             };
             let Some(assignment) = self.store.claim(&req)? else {
-                return Ok(());
+                break;
             };
             self.start(assignment)?;
         }
-        Ok(())
+        Ok(self.cfg.slots as usize - self.running.len())
+    }
+
+    fn spec(&mut self, job: JobId) -> Result<Arc<JobSpec>> {
+        if let Some(spec) = self.specs.get(&job) {
+            return Ok(spec.clone());
+        }
+        let record = self
+            .store
+            .job_by_id(job)?
+            .context("claimed a fragment of a job that is gone")?;
+        let spec: JobSpec = serde_json::from_str(&record.spec_json).context("stored job spec")?;
+        let spec = Arc::new(spec);
+        self.specs.insert(job, spec.clone());
+        Ok(spec)
     }
 
     fn start(&mut self, a: Assignment) -> Result<()> {
-        let stage = &self.spec.stages[a.stage_index];
-        let source = match self.sources.entry(a.stage_index) {
+        let spec = self.spec(a.job)?;
+        let stage = &spec.stages[a.stage_index];
+        let source = match self.sources.entry((a.job, a.stage_index)) {
             Entry::Occupied(e) => e.get().clone(),
             Entry::Vacant(e) => e
                 .insert(
@@ -259,20 +383,47 @@ impl Worker<'_> {
                 .clone(),
         };
         let mut env = vec![
-            ("GRANULE_JOB".to_string(), self.spec.name.clone()),
+            ("GRANULE_JOB".to_string(), spec.name.clone()),
             ("GRANULE_STAGE".to_string(), stage.name.clone()),
             ("GRANULE_FRAGMENT".to_string(), a.fragment.to_string()),
             ("GRANULE_FIRST".to_string(), a.span.start.to_string()),
             ("GRANULE_COUNT".to_string(), a.span.len().to_string()),
             ("GRANULE_ATTEMPT".to_string(), (a.failures + 1).to_string()),
         ];
-        if let Some(limit) = stage.sizer.limit_ms {
-            let deadline = host::now_ms() + (limit * stage.sizer.deadline_share) as i64;
+        let now = Instant::now();
+        let now_ms = host::now_ms();
+        let share = stage.sizer.deadline_share;
+        let by_limit = stage.sizer.limit_ms.map(|ms| now_ms + (ms * share) as i64);
+        let by_life = self
+            .cfg
+            .lifespan_end
+            .map(|(_, end)| now_ms + ((end - now_ms) as f64 * share) as i64);
+        if let Some(deadline) = by_limit.into_iter().chain(by_life).min() {
             env.push(("GRANULE_DEADLINE".to_string(), deadline.to_string()));
         }
-        if let Some(path) = self.restore_checkpoint(&a)? {
-            env.push(("GRANULE_CHECKPOINT".to_string(), path.display().to_string()));
+        let (restored, checkpoint_fallbacks, notes) = self.restore_checkpoint(&a)?;
+        if let Some((state, meta)) = restored {
+            env.push((
+                "GRANULE_CHECKPOINT".to_string(),
+                state.display().to_string(),
+            ));
+            env.push((
+                "GRANULE_CHECKPOINT_META".to_string(),
+                meta.display().to_string(),
+            ));
         }
+        let grace = match (&self.cfg.job, self.cfg.lifespan_end) {
+            // `run`: the grace before SIGTERM and again before SIGKILL, as documented.
+            (Some(_), None) => self.cfg.grace,
+            // `worker`: the whole notice covers stdin close, SIGTERM and SIGKILL.
+            _ => {
+                self.cfg.grace.min(if self.cfg.lifespan_end.is_some() {
+                    self.cfg.drain_margin
+                } else {
+                    self.cfg.grace
+                }) / 3
+            }
+        };
         let job = FragmentJob {
             fragment: a.fragment,
             span: a.span,
@@ -285,8 +436,9 @@ impl Worker<'_> {
                 .limit_ms
                 .map(|ms| Duration::from_secs_f64(ms / 1e3)),
             item_cost_ms: a.item_cost_ms,
-            deadline_share: stage.sizer.deadline_share,
-            grace: self.cfg.grace,
+            deadline_share: share,
+            yield_by: by_life.map(|ms| now + Duration::from_millis((ms - now_ms).max(0) as u64)),
+            grace,
             window: window(self.cfg.window, a.item_cost_ms),
             expect_acks: a.expect_acks,
             first_ack_patience: Duration::from_secs_f64(
@@ -306,50 +458,72 @@ impl Worker<'_> {
                     report
                 })?
         };
-        self.running.insert(
-            a.fragment,
-            Slot {
-                assignment: a,
-                control,
-                handle,
-            },
-        );
+        let slot = Slot {
+            assignment: a,
+            spec,
+            control,
+            handle,
+            checkpoint_fallbacks,
+            notes,
+        };
+        self.running.insert(slot.assignment.fragment, slot);
         Ok(())
     }
 
-    /// Writes the checkpoint a resumed fragment starts from; `None` if it has none
-    /// or it no longer verifies (then the fragment starts from its first item).
-    fn restore_checkpoint(&mut self, a: &Assignment) -> Result<Option<PathBuf>> {
-        let Some(id) = a.checkpoint else {
-            return Ok(None);
-        };
-        let Some(row) = self.store.blob(id)? else {
-            return Ok(None);
-        };
-        let blob = Blob {
-            data: row.data,
-            raw_len: row.raw_len,
-            hash: row.hash,
-        };
-        match blob.open() {
-            Ok(raw) => {
-                let dir = self.cfg.state_dir.join("checkpoints");
-                std::fs::create_dir_all(&dir)?;
-                let path = dir.join(format!("fragment-{}.state", a.fragment));
-                std::fs::write(&path, raw)?;
-                Ok(Some(std::path::absolute(path)?))
-            }
-            Err(e) => {
-                self.progress.note(&format!(
-                    "checkpoint {id} of fragment {} is unusable ({e}); starting without it",
-                    a.fragment
-                ));
-                Ok(None)
+    /// Writes the checkpoint a resumed fragment starts from, and its metadata. A
+    /// checkpoint that is missing or fails verification is skipped for the one
+    /// before it, down to none (then the fragment starts at its first item).
+    #[allow(clippy::type_complexity)]
+    fn restore_checkpoint(
+        &mut self,
+        a: &Assignment,
+    ) -> Result<(Option<(PathBuf, PathBuf)>, u32, Vec<String>)> {
+        let (mut next, mut fallbacks, mut notes) = (a.checkpoint, 0, Vec::new());
+        while let Some(id) = next {
+            let Some((row, prev)) = self.store.blob(id)? else {
+                notes.push(format!("checkpoint {id} is missing"));
+                fallbacks += 1;
+                break;
+            };
+            let blob = Blob {
+                data: row.data,
+                raw_len: row.raw_len,
+                hash: row.hash,
+            };
+            match blob.open() {
+                Ok(raw) => {
+                    let dir = self.cfg.state_dir.join("checkpoints");
+                    std::fs::create_dir_all(&dir)?;
+                    let state =
+                        std::path::absolute(dir.join(format!("fragment-{}.state", a.fragment)))?;
+                    let meta = std::path::absolute(
+                        dir.join(format!("fragment-{}.meta.json", a.fragment)),
+                    )?;
+                    std::fs::write(&state, raw)?;
+                    std::fs::write(&meta, row.meta)?;
+                    if fallbacks > 0 {
+                        notes.push(format!("resumed from older checkpoint {id}"));
+                    }
+                    return Ok((Some((state, meta)), fallbacks, notes));
+                }
+                Err(e) => {
+                    notes.push(format!("checkpoint {id} is unusable ({e})"));
+                    fallbacks += 1;
+                    next = prev;
+                }
             }
         }
+        if fallbacks > 0 {
+            notes.push("no good checkpoint left: started without state".into());
+        }
+        for note in &notes {
+            self.progress
+                .note(&format!("fragment {}: {note}", a.fragment));
+        }
+        Ok((None, fallbacks, notes))
     }
 
-    /// Moves what the runners acked since the last call into `unflushed`.
+    /// Moves what the runner acked since the last call into `unflushed`.
     fn collect(&mut self, id: FragmentId) {
         let Some(slot) = self.running.get(&id) else {
             return;
@@ -390,17 +564,50 @@ impl Worker<'_> {
             self.collect(id);
         }
         let batch: Vec<FragmentFlush> = self.unflushed.values().cloned().collect();
-        match self.store.flush(
-            &self.info.id,
-            host::now_ms(),
-            self.cfg.lease.as_millis() as i64,
-            &batch,
-        ) {
-            Ok(_) => self.unflushed.clear(),
-            // Keep the acks and try again next time: nothing acked is dropped.
-            Err(e) => self
-                .progress
-                .note(&format!("flush failed, will retry: {e}")),
+        let sample = self.sampler.sample();
+        let heartbeat = Heartbeat {
+            busy: self.running.len() as u32,
+            free_memory: sample.free_memory,
+            load: sample.load_per_cpu,
+        };
+        let lease_ms = self.cfg.lease.as_millis() as i64;
+        let reply =
+            match self
+                .store
+                .flush(&self.info.id, host::now_ms(), lease_ms, &heartbeat, &batch)
+            {
+                Ok(reply) => reply,
+                Err(e) => {
+                    // Keep the acks and try again next time: nothing acked is dropped.
+                    self.progress
+                        .note(&format!("flush failed, will retry: {e}"));
+                    return Ok(());
+                }
+            };
+        self.unflushed.clear();
+        for id in reply.lost {
+            if let Some(slot) = self.running.get(&id) {
+                self.progress.note(&format!(
+                    "fragment {id} was taken over (lease lost): stopping it"
+                ));
+                slot.control.kill();
+            }
+        }
+        for (id, at) in reply.split_requests {
+            let Some(slot) = self.running.get(&id) else {
+                continue;
+            };
+            let answer = slot
+                .control
+                .split_at(at)
+                .map_or(SplitAnswer::Refused, SplitAnswer::At);
+            self.unflushed
+                .entry(id)
+                .or_insert_with(|| FragmentFlush {
+                    fragment: id,
+                    ..FragmentFlush::default()
+                })
+                .split = Some(answer);
         }
         Ok(())
     }
@@ -424,13 +631,22 @@ impl Worker<'_> {
             FinishOutcome::Yielded | FinishOutcome::Lost => "yielded",
             FinishOutcome::Failed { .. } => "failed",
         };
+        let mut detail: Vec<String> = report.failure.iter().map(|f| f.to_string()).collect();
+        detail.extend(slot.notes.iter().cloned());
+        let wasted_items = if report.outcome == FinishOutcome::Success {
+            0
+        } else {
+            report.fed.saturating_sub(report.acks)
+        };
         let end = FragmentEnd {
             flush,
             end: report.end,
             outcome: report.outcome.clone(),
             state,
             cause: report.failure.as_ref().map(|f| f.cause().to_string()),
-            detail: report.failure.as_ref().map(|f| f.to_string()),
+            detail: (!detail.is_empty()).then(|| detail.join("; ")),
+            wasted_ms: wasted_items as f64 * slot.assignment.item_cost_ms,
+            checkpoint_fallbacks: slot.checkpoint_fallbacks,
             observed_ms: report.duration_ms,
             cpu_ms: report.cpu_ms,
             peak_rss_kb: report.peak_rss_kb,
@@ -443,7 +659,11 @@ impl Worker<'_> {
             stderr: report.stderr_tail,
         };
         let finished = self.store.finish(&self.info.id, host::now_ms(), &end)?;
-        let stage = &self.spec.stages[slot.assignment.stage_index].name;
+        let stage = &slot.spec.stages[slot.assignment.stage_index].name;
+        if !finished.accepted {
+            self.progress.note(&format!("stage {stage}: fragment {id} was no longer ours; its late results were not counted"));
+            return Ok(());
+        }
         if let Some(failure) = &report.failure {
             self.progress.note(&format!(
                 "stage {stage}: fragment {id} [{}, {}) failed: {failure} (see: granule logs {stage} --fragment {id})",
@@ -456,13 +676,18 @@ impl Worker<'_> {
                 span.start, span.end
             ));
         }
-        self.progress
-            .fragment_size(slot.assignment.stage_index, slot.assignment.n);
+        if self.cfg.job.is_some() {
+            self.progress
+                .fragment_size(slot.assignment.stage_index, slot.assignment.n);
+        }
         Ok(())
     }
 
     fn refresh_progress(&mut self) -> Result<()> {
-        if let Some(job) = self.store.status(Some(&self.spec.name))?.into_iter().next() {
+        let Some((_, spec)) = &self.cfg.job else {
+            return Ok(());
+        };
+        if let Some(job) = self.store.status(Some(&spec.name))?.into_iter().next() {
             self.progress.update(&job);
         }
         Ok(())

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Exit code: every item done.
 const EXIT_DONE: u8 = 0;
@@ -42,6 +42,8 @@ enum Command {
     Run(RunArgs),
     /// Record a job spec in the store without running it.
     Submit(SubmitArgs),
+    /// Claim and run fragments of any job in the store until the work is done.
+    Worker(WorkerArgs),
     /// Show jobs and their stages.
     Status(StatusArgs),
     /// Print the stored stdout/stderr of a stage's fragments.
@@ -93,6 +95,39 @@ struct SubmitArgs {
 }
 
 #[derive(clap::Args)]
+struct WorkerArgs {
+    #[command(flatten)]
+    state: StateArg,
+    /// Worker slots (concurrent fragments); default: number of CPUs.
+    #[arg(long)]
+    slots: Option<u32>,
+    /// Wall-clock time this worker has (a walltime, a serverless limit).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    lifespan: Option<Duration>,
+    /// The moment this worker must be gone (RFC 3339 or unix seconds).
+    #[arg(long)]
+    deadline: Option<String>,
+    /// Exit after this long with no work (default: exit once no unfinished job is left).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_exit: Option<Duration>,
+    /// Preemption notice: on SIGTERM, yield everything and exit within this time.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// How often acks are flushed to the store (the heartbeat, which renews leases).
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    flush: Duration,
+    /// Lease length: a worker silent this long loses its fragments.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    lease: Duration,
+    /// Executor class of this worker.
+    #[arg(long, default_value = "default")]
+    class: String,
+    /// No notes on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
 struct StatusArgs {
     /// Only this job.
     job: Option<String>,
@@ -134,6 +169,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Submit(args) => submit(args),
+        Command::Worker(args) => worker(args),
         Command::Status(args) => status(args),
         Command::Logs(args) => logs(args),
     };
@@ -205,6 +241,28 @@ fn run(args: RunArgs) -> Result<u8> {
     if let Submitted::Resumed(_) = submitted {
         eprintln!("granule: resuming job \"{}\"", spec.name);
     }
+    let interrupts = count_signals()?;
+    let config = engine::EngineConfig {
+        slots: slots(args.slots)?,
+        flush: args.flush,
+        lease: args.lease,
+        grace: args.grace,
+        state_dir: args.state.state.clone(),
+        quiet: args.quiet,
+        job: Some((submitted.id(), Arc::new(spec))),
+        ..engine::EngineConfig::default()
+    };
+    Ok(
+        match engine::run_worker(&mut store, &config, &interrupts)? {
+            engine::Outcome::Done => EXIT_DONE,
+            engine::Outcome::Quarantined => EXIT_QUARANTINED,
+            engine::Outcome::Stopped => EXIT_INTERRUPTED,
+        },
+    )
+}
+
+/// Counts SIGINT and SIGTERM: the first asks for a clean stop, the second for a kill.
+fn count_signals() -> Result<Arc<AtomicUsize>> {
     let interrupts = Arc::new(AtomicUsize::new(0));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let counter = interrupts.clone();
@@ -216,27 +274,66 @@ fn run(args: RunArgs) -> Result<u8> {
         }
         .context("installing signal handler")?;
     }
-    let slots = args
-        .slots
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    Ok(interrupts)
+}
+
+fn slots(arg: Option<u32>) -> Result<u32> {
+    let slots =
+        arg.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
     if slots == 0 {
         return Err(BadInput("--slots must be at least 1".into()).into());
     }
+    Ok(slots)
+}
+
+fn worker(args: WorkerArgs) -> Result<u8> {
+    let mut store = open_store(&args.state.state)?;
+    let now = Instant::now();
+    let now_ms = host::now_ms();
+    let lifespan = match (args.lifespan, &args.deadline) {
+        (Some(_), Some(_)) => {
+            return Err(BadInput("give --lifespan or --deadline, not both".into()).into())
+        }
+        (Some(d), None) => Some(d),
+        (None, Some(text)) => Some(deadline_in(text, now_ms)?),
+        (None, None) => None,
+    };
+    let interrupts = count_signals()?;
     let config = engine::EngineConfig {
-        slots,
+        slots: slots(args.slots)?,
         flush: args.flush,
         lease: args.lease,
         grace: args.grace,
+        class: args.class,
         state_dir: args.state.state.clone(),
         quiet: args.quiet,
+        lifespan_end: lifespan.map(|d| (now + d, now_ms + d.as_millis() as i64)),
+        // Stop with a tenth of the lifespan (at most the grace) left to yield in.
+        drain_margin: lifespan.map_or(Duration::ZERO, |d| (d / 10).min(args.grace)),
+        idle_exit: args.idle_exit,
         ..engine::EngineConfig::default()
     };
-    let outcome = engine::run_job(&mut store, &spec, submitted.id(), &config, &interrupts)?;
-    Ok(match outcome {
-        engine::Outcome::Done => EXIT_DONE,
-        engine::Outcome::Quarantined => EXIT_QUARANTINED,
-        engine::Outcome::Interrupted => EXIT_INTERRUPTED,
-    })
+    engine::run_worker(&mut store, &config, &interrupts)?;
+    Ok(EXIT_DONE)
+}
+
+/// Time left until `text` (RFC 3339, e.g. `2026-11-22T18:00:00Z`, or unix seconds).
+fn deadline_in(text: &str, now_ms: i64) -> Result<Duration> {
+    let end_ms = match text.parse::<f64>() {
+        Ok(secs) => (secs * 1e3) as i64,
+        Err(_) => humantime::parse_rfc3339_weak(text)
+            .map_err(|e| {
+                BadInput(format!(
+                    "--deadline {text:?}: {e} (want RFC 3339 or unix seconds)"
+                ))
+            })?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
+    };
+    if end_ms <= now_ms {
+        return Err(BadInput(format!("--deadline {text:?} is in the past")).into());
+    }
+    Ok(Duration::from_millis((end_ms - now_ms) as u64))
 }
 
 fn submit(args: SubmitArgs) -> Result<u8> {
@@ -256,11 +353,18 @@ fn submit(args: SubmitArgs) -> Result<u8> {
     Ok(EXIT_DONE)
 }
 
+/// Workers shown by `status`: those seen in the last minute, or holding work.
+const WORKERS_SEEN_MS: i64 = 60_000;
+
 fn status(args: StatusArgs) -> Result<u8> {
     let mut store = open_store(&args.state.state)?;
     let jobs = store.status(args.job.as_deref())?;
+    let workers = store.workers(host::now_ms(), WORKERS_SEEN_MS)?;
     if args.json {
-        println!("{}", serde_json::json!({ "jobs": jobs }));
+        println!(
+            "{}",
+            serde_json::json!({ "jobs": jobs, "workers": workers })
+        );
         return Ok(EXIT_DONE);
     }
     if jobs.is_empty() {
@@ -272,6 +376,10 @@ fn status(args: StatusArgs) -> Result<u8> {
             println!(
                 "  {:<16} {:<8} {}/{} done, {} running, {} pending, {} quarantined; {} fragments (last {} items), {:.1} µs/item",
                 s.name, s.state, s.done, s.items, s.running, s.pending, s.quarantined, s.fragments, s.fragment_size, s.item_cost_us
+            );
+            println!(
+                "  {:<16} {} yields, {} splits, {} lost, {} checkpoints ({} fallbacks), {:.1}s of work wasted",
+                "", s.yields, s.splits, s.lost, s.checkpoints, s.checkpoint_fallbacks, s.wasted_s
             );
             if !s.quarantined_items.is_empty() {
                 let items: Vec<String> = s
@@ -288,6 +396,24 @@ fn status(args: StatusArgs) -> Result<u8> {
                 println!("    quarantined items: {}", items.join(", "));
             }
         }
+    }
+    if !workers.is_empty() {
+        println!("workers:");
+    }
+    for w in &workers {
+        let life = w.lifespan_left_ms.map_or("no lifespan".to_string(), |ms| {
+            format!("{:.1}s of lifespan left", ms as f64 / 1e3)
+        });
+        println!(
+            "  {} ({}, {}): {}/{} slots busy, {} fragments done, {life}, last heard {:.1}s ago",
+            w.id,
+            w.class,
+            w.state,
+            w.busy,
+            w.slots,
+            w.fragments_done,
+            w.heartbeat_age_ms as f64 / 1e3
+        );
     }
     Ok(EXIT_DONE)
 }

@@ -53,6 +53,19 @@ impl Progress {
         }
     }
 
+    /// Notes only (a worker serving any job has no stages to show).
+    pub(crate) fn notes_only(quiet: bool) -> Progress {
+        Progress {
+            bars: None,
+            quiet,
+            started: Instant::now(),
+            done_at_start: None,
+            last_plain: None,
+            last: None,
+            sizes: Vec::new(),
+        }
+    }
+
     /// Records the size of a stage's latest fragment.
     pub(crate) fn fragment_size(&mut self, stage: usize, n: u64) {
         self.sizes[stage] = n;

@@ -43,6 +43,9 @@ pub struct FragmentJob {
     pub item_cost_ms: f64,
     /// Share of the limit a fragment may be predicted to reach before it yields.
     pub deadline_share: f64,
+    /// The worker's own soft deadline for this fragment (from its lifespan): it
+    /// yields when the unacked items are predicted to run past it, or at it.
+    pub yield_by: Option<Instant>,
     /// Time between closing stdin and SIGTERM, and between SIGTERM and SIGKILL.
     pub grace: Duration,
     /// Items fed beyond the last ack, once the task has acked.
@@ -390,16 +393,10 @@ fn supervise(job: &FragmentJob, control: &Control, waiter: &Waiter, start: Insta
         let now = Instant::now();
         let (kill, yielding) = {
             let mut st = control.lock();
-            if !st.yield_requested && st.acks > 0 {
-                if let Some(limit) = job.limit {
-                    let left_ms = (job.span.len() - st.acks) as f64 * job.item_cost_ms;
-                    let end_ms = now.duration_since(start).as_secs_f64() * 1e3 + left_ms;
-                    if end_ms > job.deadline_share * limit.as_secs_f64() * 1e3 {
-                        st.yield_requested = true;
-                        st.stop_feeding = true;
-                        control.cond.notify_all();
-                    }
-                }
+            if !st.yield_requested && deadline_passes(job, &st, now, start) {
+                st.yield_requested = true;
+                st.stop_feeding = true;
+                control.cond.notify_all();
             }
             (st.kill_requested, st.yield_requested)
         };
@@ -429,6 +426,30 @@ fn supervise(job: &FragmentJob, control: &Control, waiter: &Waiter, start: Insta
             }
         }
     }
+}
+
+/// Whether the fragment must yield now: its soft deadline (`deadline_share` of the
+/// limit, or `yield_by` from the worker's lifespan) has come, or the unacked items
+/// are predicted to run past it.
+fn deadline_passes(job: &FragmentJob, st: &Shared, now: Instant, start: Instant) -> bool {
+    // The lifespan's deadline is firm: past it the worker is gone anyway. The
+    // limit's share is only a forecast; the limit itself is enforced by a kill.
+    if job.yield_by.is_some_and(|by| now >= by) {
+        return true;
+    }
+    let by_limit = job.limit.map(|l| start + l.mul_f64(job.deadline_share));
+    let soft = match (by_limit, job.yield_by) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => match a.or(b) {
+            Some(d) => d,
+            None => return false,
+        },
+    };
+    if st.acks == 0 {
+        return false; // no pace to predict from yet
+    }
+    let unacked = (st.feed_end - job.span.start).saturating_sub(st.acks);
+    now + Duration::from_secs_f64(unacked as f64 * job.item_cost_ms / 1e3) > soft
 }
 
 fn classify(s: &Supervision, limit: Option<Duration>) -> Option<Failure> {

@@ -20,6 +20,7 @@ fn job(argv: &[&str], span: Span, per_item: bool) -> FragmentJob {
         limit: None,
         item_cost_ms: 1.0,
         deadline_share: 0.8,
+        yield_by: None,
         grace: Duration::from_secs(5),
         window: 8,
         expect_acks: true,

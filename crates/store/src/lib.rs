@@ -14,6 +14,8 @@ mod sqlite;
 pub use model::*;
 pub use sqlite::SqliteStore;
 
+use granule_core::{FragmentId, JobId};
+
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -42,18 +44,35 @@ pub trait Store {
     fn submit(&mut self, job: &NewJob, now_ms: i64, fresh: bool) -> Result<Submitted>;
     /// A job's stored spec and state, by name.
     fn job(&mut self, name: &str) -> Result<Option<JobRecord>>;
+    /// A job's stored spec and state, by id.
+    fn job_by_id(&mut self, id: JobId) -> Result<Option<JobRecord>>;
+    /// Jobs not yet finished, oldest first.
+    fn open_jobs(&mut self) -> Result<Vec<JobId>>;
     /// Registers or refreshes a worker.
     fn register_worker(&mut self, worker: &WorkerInfo, now_ms: i64) -> Result<()>;
+    /// Marks a worker `draining` or `exited`.
+    fn set_worker_state(&mut self, worker: &str, state: &str, now_ms: i64) -> Result<()>;
     /// Carves a fragment for a slot of `req.worker`, sized by the stage's sizer.
     fn claim(&mut self, req: &ClaimRequest) -> Result<Option<Assignment>>;
-    /// Records acks and checkpoints of running fragments and renews the worker's leases.
+    /// Records acks, checkpoints and split answers of running fragments, renews the
+    /// worker's leases and heartbeat; answers with split requests and lost fragments.
     fn flush(
         &mut self,
         worker: &str,
         now_ms: i64,
         lease_ms: i64,
+        heartbeat: &Heartbeat,
         batch: &[FragmentFlush],
-    ) -> Result<u64>;
+    ) -> Result<FlushReply>;
+    /// Asks the owner of the running fragment with the most predicted remaining
+    /// work (at least `min_ms`) to give up the second half of it; returns that
+    /// fragment, or `None` if nothing is worth splitting.
+    fn request_split(
+        &mut self,
+        job: Option<JobId>,
+        now_ms: i64,
+        min_ms: f64,
+    ) -> Result<Option<FragmentId>>;
     /// Ends a fragment; its final acks and checkpoints are in `end.flush`.
     fn finish(&mut self, worker: &str, now_ms: i64, end: &FragmentEnd) -> Result<Finished>;
     /// Workers that hold running fragments, for a liveness check by the caller.
@@ -63,8 +82,10 @@ pub trait Store {
     fn release(&mut self, now_ms: i64, dead: &[String]) -> Result<u64>;
     /// Status of one job or all.
     fn status(&mut self, job: Option<&str>) -> Result<Vec<JobStatus>>;
+    /// Workers seen within `window_ms`, or still holding work.
+    fn workers(&mut self, now_ms: i64, window_ms: i64) -> Result<Vec<WorkerStatus>>;
     /// Stored output tails of a stage's fragments (or one fragment).
     fn logs(&mut self, job: &str, stage: &str, fragment: Option<i64>) -> Result<Vec<FragmentLog>>;
-    /// A checkpoint blob by id.
-    fn blob(&mut self, id: i64) -> Result<Option<BlobRow>>;
+    /// A checkpoint blob by id, with the id of the checkpoint before it.
+    fn blob(&mut self, id: i64) -> Result<Option<(BlobRow, Option<i64>)>>;
 }

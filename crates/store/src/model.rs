@@ -83,13 +83,49 @@ pub struct WorkerInfo {
     pub slots: u32,
     /// Executor class.
     pub class: String,
+    /// When its lifespan ends, unix ms, if it has one.
+    pub lifespan_end_ms: Option<i64>,
+}
+
+/// What a worker reports of itself with every flush.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Heartbeat {
+    /// Slots running a fragment now.
+    pub busy: u32,
+    /// Share of memory free.
+    pub free_memory: f64,
+    /// Load per CPU.
+    pub load: f64,
+}
+
+/// A worker as `status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerStatus {
+    /// Id.
+    pub id: String,
+    /// Host.
+    pub host: String,
+    /// `running`, `draining` or `exited`.
+    pub state: String,
+    /// Executor class.
+    pub class: String,
+    /// Slots.
+    pub slots: u32,
+    /// Slots busy at the last heartbeat.
+    pub busy: u32,
+    /// Fragments it finished successfully.
+    pub fragments_done: u64,
+    /// Lifespan left, ms (negative once past), if it has one.
+    pub lifespan_left_ms: Option<i64>,
+    /// Time since its last heartbeat, ms.
+    pub heartbeat_age_ms: i64,
 }
 
 /// A slot asking for work.
 #[derive(Clone, Debug)]
 pub struct ClaimRequest {
-    /// The job to take from.
-    pub job: JobId,
+    /// The job to take from; `None`: any unfinished job, oldest first.
+    pub job: Option<JobId>,
     /// The claiming worker.
     pub worker: String,
     /// Its class (selects the sizer state).
@@ -109,6 +145,8 @@ pub struct ClaimRequest {
 pub struct Assignment {
     /// Its id.
     pub fragment: FragmentId,
+    /// Its job.
+    pub job: JobId,
     /// Its stage.
     pub stage: StageId,
     /// The stage's position in the job spec.
@@ -153,6 +191,28 @@ pub struct FragmentFlush {
     pub acked: IntervalSet,
     /// Checkpoints in arrival order.
     pub checkpoints: Vec<BlobRow>,
+    /// The owner's answer to a split request.
+    pub split: Option<SplitAnswer>,
+}
+
+/// How the owner of a fragment answered a split request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitAnswer {
+    /// It stopped feeding at this index: the tail from here on is free.
+    At(u64),
+    /// Nothing left to split (everything was fed already).
+    Refused,
+}
+
+/// What a flush tells the worker back.
+#[derive(Clone, Debug, Default)]
+pub struct FlushReply {
+    /// Items newly counted done.
+    pub done: u64,
+    /// Split requests for its fragments: (fragment, wanted end).
+    pub split_requests: Vec<(FragmentId, u64)>,
+    /// Its fragments it no longer holds (lease lost): stop them, count nothing.
+    pub lost: Vec<FragmentId>,
 }
 
 /// How a fragment ended, with its measurements.
@@ -170,6 +230,10 @@ pub struct FragmentEnd {
     pub cause: Option<String>,
     /// Human-readable detail.
     pub detail: Option<String>,
+    /// Work run and then lost (fed but unacked items × cost), ms.
+    pub wasted_ms: f64,
+    /// Checkpoints that did not verify and were skipped when it started.
+    pub checkpoint_fallbacks: u32,
     /// Wall time, ms.
     pub observed_ms: f64,
     /// CPU time, ms.
@@ -247,6 +311,19 @@ pub struct StageStatus {
     pub overhead_ms: f64,
     /// The sizer's target duration, ms.
     pub target_ms: f64,
+    /// Fragments that yielded (stopped early at a safe point).
+    pub yields: u64,
+    /// Tails split off running fragments.
+    pub splits: u64,
+    /// Fragments whose worker vanished or whose lease expired.
+    pub lost: u64,
+    /// Checkpoints stored.
+    pub checkpoints: u64,
+    /// Checkpoints that failed verification and were skipped for an older one.
+    pub checkpoint_fallbacks: u64,
+    /// Work run and then lost by yields and failures (fed, never acked), seconds.
+    /// Lost fragments are counted in `lost`: how much they ran is not known.
+    pub wasted_s: f64,
 }
 
 /// Output of one fragment.

@@ -1,7 +1,8 @@
 //! Versioned schema migrations: `PRAGMA user_version` counts the ones applied.
 
 /// Migrations in order; never edit one that has shipped, append a new one.
-pub(crate) const MIGRATIONS: &[&str] = &[r#"
+pub(crate) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE jobs (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -86,4 +87,18 @@ CREATE TABLE blobs (
     meta TEXT NOT NULL,
     created_ms INTEGER NOT NULL
 );
-"#];
+"#,
+    // 2: workers with lifespans, splits, waste and checkpoint lineage.
+    r#"
+ALTER TABLE workers ADD COLUMN state TEXT NOT NULL DEFAULT 'running';
+ALTER TABLE workers ADD COLUMN lifespan_end_ms INTEGER;
+ALTER TABLE workers ADD COLUMN busy INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN free_memory REAL;
+ALTER TABLE workers ADD COLUMN load REAL;
+ALTER TABLE fragments ADD COLUMN split_request INTEGER;
+ALTER TABLE fragments ADD COLUMN splits INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE fragments ADD COLUMN wasted_ms REAL NOT NULL DEFAULT 0;
+ALTER TABLE fragments ADD COLUMN checkpoint_fallbacks INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE blobs ADD COLUMN prev INTEGER;
+"#,
+];

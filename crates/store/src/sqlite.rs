@@ -6,6 +6,7 @@
 
 use crate::schema::MIGRATIONS;
 use crate::*;
+use crate::{Heartbeat, SplitAnswer};
 use granule_core::{
     FinishOutcome, FragmentId, JobId, Observation, Pending, RunningFragment, SizeCap, Sizer,
     SizerConfig, Span, StageId, StageLedger,
@@ -224,9 +225,10 @@ fn apply_flush(
 ) -> Result<u64> {
     let done = ledger.ack(f.fragment, &f.acked);
     for cp in &f.checkpoints {
+        let prev = ledger.fragment(f.fragment).and_then(|r| r.checkpoint);
         tx.prepare_cached(
-            "INSERT INTO blobs (stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms)
-             VALUES (?1, ?2, 'checkpoint', ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO blobs (stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms, prev)
+             VALUES (?1, ?2, 'checkpoint', ?3, ?4, ?5, ?6, ?7, ?8)",
         )?
         .execute(params![
             stage,
@@ -235,11 +237,48 @@ fn apply_flush(
             cp.hash,
             cp.data,
             cp.meta,
-            now_ms
+            now_ms,
+            prev
         ])?;
         ledger.checkpoint(f.fragment, tx.last_insert_rowid());
     }
+    match f.split {
+        Some(SplitAnswer::At(at)) => {
+            if ledger.split(f.fragment, at) > 0 {
+                tx.prepare_cached("UPDATE fragments SET splits = splits + 1 WHERE id = ?1")?
+                    .execute([f.fragment.0])?;
+            }
+            clear_split_request(tx, f.fragment)?;
+        }
+        Some(SplitAnswer::Refused) => clear_split_request(tx, f.fragment)?,
+        None => {}
+    }
     Ok(done)
+}
+
+fn clear_split_request(tx: &Connection, fragment: FragmentId) -> Result<()> {
+    tx.prepare_cached("UPDATE fragments SET split_request = NULL WHERE id = ?1")?
+        .execute([fragment.0])?;
+    Ok(())
+}
+
+/// Slots of live workers (heartbeat within a lease), for tail factoring; at least `own`.
+fn active_slots(tx: &Connection, now_ms: i64, lease_ms: i64, own: u32) -> Result<u32> {
+    let slots: Option<i64> = tx
+        .prepare_cached(
+            "SELECT sum(slots) FROM workers WHERE state != 'exited' AND heartbeat_ms >= ?1",
+        )?
+        .query_row([now_ms - lease_ms], |r| r.get(0))?;
+    Ok((slots.unwrap_or(0) as u32).max(own))
+}
+
+fn job_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
+    Ok(JobRecord {
+        id: JobId(r.get(0)?),
+        name: r.get(1)?,
+        state: r.get(2)?,
+        spec_json: r.get(3)?,
+    })
 }
 
 /// The stage of a fragment if `worker` still holds it running.
@@ -327,12 +366,11 @@ impl Store for SqliteStore {
                 if hash != job.spec_hash {
                     return Err(StoreError::SpecChanged(job.name.clone()));
                 }
-                let found = if state == "running" {
+                return Ok(if state == "running" {
                     Submitted::Resumed(JobId(id))
                 } else {
                     Submitted::AlreadyFinished(JobId(id))
-                };
-                return Ok(found);
+                });
             }
             tx.execute(
                 "DELETE FROM fragments WHERE stage_id IN (SELECT id FROM stages WHERE job_id = ?1)",
@@ -373,120 +411,69 @@ impl Store for SqliteStore {
             .query_row(
                 "SELECT id, name, state, spec FROM jobs WHERE name = ?1",
                 [name],
-                |r| {
-                    Ok(JobRecord {
-                        id: JobId(r.get(0)?),
-                        name: r.get(1)?,
-                        state: r.get(2)?,
-                        spec_json: r.get(3)?,
-                    })
-                },
+                job_record,
             )
             .optional()?)
     }
 
+    fn job_by_id(&mut self, id: JobId) -> Result<Option<JobRecord>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, name, state, spec FROM jobs WHERE id = ?1",
+                [id.0],
+                job_record,
+            )
+            .optional()?)
+    }
+
+    fn open_jobs(&mut self) -> Result<Vec<JobId>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id FROM jobs WHERE state = 'running' ORDER BY id")?;
+        let ids = stmt.query_map([], |r| Ok(JobId(r.get(0)?)))?;
+        Ok(ids.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     fn register_worker(&mut self, w: &WorkerInfo, now_ms: i64) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO workers (id, host, pid, proc_start, slots, class, started_ms, heartbeat_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
-             ON CONFLICT (id) DO UPDATE SET slots = ?5, class = ?6, heartbeat_ms = ?7",
-            params![w.id, w.host, w.pid, w.proc_start, w.slots, w.class, now_ms],
+            "INSERT INTO workers (id, host, pid, proc_start, slots, class, started_ms, heartbeat_ms, lifespan_end_ms, state)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, 'running')
+             ON CONFLICT (id) DO UPDATE SET slots = ?5, class = ?6, heartbeat_ms = ?7, lifespan_end_ms = ?8,
+               state = 'running'",
+            params![w.id, w.host, w.pid, w.proc_start, w.slots, w.class, now_ms, w.lifespan_end_ms],
+        )?;
+        Ok(())
+    }
+
+    fn set_worker_state(&mut self, worker: &str, state: &str, now_ms: i64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE workers SET state = ?2, heartbeat_ms = ?3, busy = CASE WHEN ?2 = 'exited' THEN 0 ELSE busy END
+             WHERE id = ?1",
+            params![worker, state, now_ms],
         )?;
         Ok(())
     }
 
     fn claim(&mut self, req: &ClaimRequest) -> Result<Option<Assignment>> {
         let tx = self.write()?;
-        let stages = stages_of(&tx, req.job.0)?;
-        let finished: Vec<bool> = stages.iter().map(|s| s.state == "done").collect();
-        let mut ready: Vec<(i64, &StageRow)> = Vec::new();
-        for stage in &stages {
-            if finished[stage.idx]
-                || !stage
-                    .after
-                    .iter()
-                    .all(|&a| finished.get(a).copied().unwrap_or(true))
-            {
-                continue;
+        let jobs: Vec<i64> = match req.job {
+            Some(job) => vec![job.0],
+            None => {
+                let mut stmt =
+                    tx.prepare_cached("SELECT id FROM jobs WHERE state = 'running' ORDER BY id")?;
+                let ids = stmt
+                    .query_map([], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                ids
             }
-            let running: i64 = tx
-                .prepare_cached(
-                    "SELECT count(*) FROM fragments WHERE stage_id = ?1 AND state = 'running'",
-                )?
-                .query_row([stage.id], |r| r.get(0))?;
-            ready.push((running, stage));
-        }
-        // Share slots between ready stages: the least-served stage first.
-        ready.sort_by_key(|(running, stage)| (*running, stage.idx));
-        for (_, stage) in ready {
-            let mut ledger = load_ledger(&tx, stage.id)?;
-            if ledger.pending.is_empty() {
-                continue;
+        };
+        let slots = active_slots(&tx, req.now_ms, req.lease_ms, req.slots)?;
+        for job in jobs {
+            if let Some(assignment) = claim_in_job(&tx, req, job, slots)? {
+                tx.commit()?;
+                return Ok(Some(assignment));
             }
-            let mut sizer = load_sizer(&tx, stage.id, &req.class)?;
-            let mut ctx = req.context.clone();
-            ctx.remaining = ledger.pending.len();
-            ctx.slots = req.slots;
-            let sizing = sizer.size(&stage.sizer_config, &ctx);
-            if sizing.n == 0 {
-                continue;
-            }
-            let claim = ledger
-                .claim(FragmentId(0), sizing.n)
-                .expect("pending is not empty");
-            tx.prepare_cached(
-                "INSERT INTO fragments (stage_id, start_idx, end_idx, state, worker, class, lease_expires_ms, failures,
-                  checkpoint_id, n, predicted_ms, size_cap, claimed_ms)
-                 VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            )?
-            .execute(params![
-                stage.id,
-                claim.span.start as i64,
-                claim.span.end as i64,
-                req.worker,
-                req.class,
-                req.now_ms + req.lease_ms,
-                claim.failures,
-                claim.checkpoint,
-                claim.span.len() as i64,
-                sizer.model.predict_ms(claim.span.len()),
-                json(&sizing.cap).trim_matches('"'),
-                req.now_ms
-            ])?;
-            let id = FragmentId(tx.last_insert_rowid());
-            ledger.running.retain(|f| f.id != FragmentId(0));
-            tx.prepare_cached(
-                "UPDATE stages SET pending = ?2, state = 'running', last_n = ?3 WHERE id = ?1",
-            )?
-            .execute(params![
-                stage.id,
-                json(&ledger.pending),
-                claim.span.len() as i64
-            ])?;
-            save_sizer(&tx, stage.id, &req.class, &sizer)?;
-            let expect_acks: bool = tx.query_row(
-                "SELECT expect_acks FROM stages WHERE id = ?1",
-                [stage.id],
-                |r| r.get(0),
-            )?;
-            tx.commit()?;
-            return Ok(Some(Assignment {
-                fragment: id,
-                stage: StageId(stage.id),
-                stage_index: stage.idx,
-                span: claim.span,
-                failures: claim.failures,
-                checkpoint: claim.checkpoint,
-                n: claim.span.len(),
-                predicted_ms: sizer.model.predict_ms(claim.span.len()),
-                cap: if claim.span.len() < sizing.n {
-                    SizeCap::Bounds
-                } else {
-                    sizing.cap
-                },
-                item_cost_ms: sizer.model.b_ms,
-                expect_acks,
-            }));
         }
         tx.commit()?;
         Ok(None)
@@ -497,17 +484,19 @@ impl Store for SqliteStore {
         worker: &str,
         now_ms: i64,
         lease_ms: i64,
+        heartbeat: &Heartbeat,
         batch: &[FragmentFlush],
-    ) -> Result<u64> {
+    ) -> Result<FlushReply> {
         let tx = self.write()?;
         let mut ledgers: HashMap<i64, StageLedger> = HashMap::new();
-        let mut done = 0;
+        let mut reply = FlushReply::default();
         for f in batch {
             let Some(stage) = held_stage(&tx, f.fragment, worker)? else {
+                reply.lost.push(f.fragment);
                 continue;
             };
             let ledger = ledger_of(&tx, &mut ledgers, stage)?;
-            done += apply_flush(&tx, ledger, stage, f, now_ms)?;
+            reply.done += apply_flush(&tx, ledger, stage, f, now_ms)?;
         }
         for (stage, ledger) in &ledgers {
             save_ledger(&tx, *stage, ledger)?;
@@ -516,10 +505,92 @@ impl Store for SqliteStore {
             "UPDATE fragments SET lease_expires_ms = ?2 WHERE worker = ?1 AND state = 'running'",
         )?
         .execute(params![worker, now_ms + lease_ms])?;
-        tx.prepare_cached("UPDATE workers SET heartbeat_ms = ?2 WHERE id = ?1")?
-            .execute(params![worker, now_ms])?;
+        tx.prepare_cached("UPDATE workers SET heartbeat_ms = ?2, busy = ?3, free_memory = ?4, load = ?5 WHERE id = ?1")?
+            .execute(params![worker, now_ms, heartbeat.busy, heartbeat.free_memory, heartbeat.load])?;
+        let mut stmt = tx.prepare_cached(
+            "SELECT id, split_request FROM fragments
+             WHERE worker = ?1 AND state = 'running' AND split_request IS NOT NULL",
+        )?;
+        reply.split_requests = stmt
+            .query_map([worker], |r| {
+                Ok((FragmentId(r.get(0)?), r.get::<_, i64>(1)? as u64))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        drop(stmt);
         tx.commit()?;
-        Ok(done)
+        Ok(reply)
+    }
+
+    fn request_split(
+        &mut self,
+        job: Option<JobId>,
+        now_ms: i64,
+        min_ms: f64,
+    ) -> Result<Option<FragmentId>> {
+        let tx = self.write()?;
+        let mut stmt = tx.prepare_cached(
+            "SELECT f.id, f.stage_id, f.start_idx, f.end_idx, f.acked, f.class, f.claimed_ms, f.predicted_ms
+             FROM fragments f JOIN stages s ON s.id = f.stage_id
+             WHERE f.state = 'running' AND f.split_request IS NULL AND (?1 IS NULL OR s.job_id = ?1)",
+        )?;
+        type Row = (i64, i64, i64, i64, String, String, i64, f64);
+        let rows: Vec<Row> = stmt
+            .query_map([job.map(|j| j.0)], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        drop(stmt);
+        let mut best: Option<(f64, i64, u64)> = None;
+        for (id, stage, start, end, acked, class, claimed_ms, predicted_ms) in rows {
+            let acked: granule_core::IntervalSet = parse(&acked, "fragment acks")?;
+            let span = Span::new(start as u64, end as u64);
+            let left = span.len() - acked.len();
+            let model = load_sizer(&tx, stage, &class)?.model;
+            // A straggler runs slower than the model: judge it by its own pace.
+            let elapsed = (now_ms - claimed_ms) as f64;
+            let pace = if acked.len() > 0 {
+                elapsed / acked.len() as f64
+            } else {
+                0.0
+            };
+            let overdue = elapsed > predicted_ms;
+            let per_item = if overdue {
+                model.b_ms.max(pace)
+            } else {
+                model.b_ms
+            };
+            let remaining_ms = left as f64 * per_item;
+            // The owner keeps the first half of what it has not acked.
+            let tail_start = acked
+                .spans()
+                .last()
+                .map_or(span.start, |s| s.end.max(span.start));
+            let at = tail_start + (span.end - tail_start) / 2;
+            if remaining_ms >= min_ms.max(4.0 * model.a_ms)
+                && at > tail_start
+                && best.is_none_or(|b| remaining_ms > b.0)
+            {
+                best = Some((remaining_ms, id, at));
+            }
+        }
+        let chosen = best.map(|(_, id, at)| (FragmentId(id), at));
+        if let Some((id, at)) = chosen {
+            tx.execute(
+                "UPDATE fragments SET split_request = ?2 WHERE id = ?1",
+                params![id.0, at as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(chosen.map(|(id, _)| id))
     }
 
     fn finish(&mut self, worker: &str, now_ms: i64, end: &FragmentEnd) -> Result<Finished> {
@@ -536,13 +607,15 @@ impl Store for SqliteStore {
         )?;
         let mut ledger = load_ledger(&tx, stage)?;
         apply_flush(&tx, &mut ledger, stage, &end.flush, now_ms)?;
-        if ledger.fragment(id).is_some_and(|f| end.end < f.span.end) {
-            ledger.split(id, end.end);
+        if ledger.fragment(id).is_some_and(|f| end.end < f.span.end)
+            && ledger.split(id, end.end) > 0
+        {
+            tx.execute(
+                "UPDATE fragments SET splits = splits + 1 WHERE id = ?1",
+                [id.0],
+            )?;
         }
-        let span = ledger
-            .fragment(id)
-            .map(|f| f.span)
-            .unwrap_or(Span::new(0, 0));
+        let span = ledger.fragment(id).map_or(Span::new(0, 0), |f| f.span);
         let acked = ledger
             .fragment(id)
             .map(|f| f.acked.clone())
@@ -552,7 +625,7 @@ impl Store for SqliteStore {
         tx.prepare_cached(
             "UPDATE fragments SET state = ?2, finished_ms = ?3, observed_ms = ?4, cpu_ms = ?5, peak_rss_kb = ?6,
               load = ?7, fed = ?8, acks = ?9, cause = ?10, detail = ?11, stdout = ?12, stderr = ?13,
-              end_idx = ?14, acked = ?15
+              end_idx = ?14, acked = ?15, wasted_ms = ?16, checkpoint_fallbacks = ?17, split_request = NULL
              WHERE id = ?1",
         )?
         .execute(params![
@@ -570,16 +643,17 @@ impl Store for SqliteStore {
             end.stdout,
             end.stderr,
             span.end as i64,
-            json(&acked)
+            json(&acked),
+            end.wasted_ms,
+            end.checkpoint_fallbacks
         ])?;
         if end.acks > 0 {
             tx.execute("UPDATE stages SET expect_acks = 1 WHERE id = ?1", [stage])?;
         }
         if end.outcome == FinishOutcome::Success && end.fed > 0 {
-            let cfg = &stage_row.sizer_config;
             let mut sizer = load_sizer(&tx, stage, &class)?;
             sizer.observe(
-                cfg,
+                &stage_row.sizer_config,
                 &Observation {
                     n: end.fed,
                     duration_ms: end.observed_ms,
@@ -602,7 +676,7 @@ impl Store for SqliteStore {
 
     fn workers_holding_work(&mut self) -> Result<Vec<WorkerInfo>> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, host, pid, proc_start, slots, class FROM workers
+            "SELECT id, host, pid, proc_start, slots, class, lifespan_end_ms FROM workers
              WHERE id IN (SELECT DISTINCT worker FROM fragments WHERE state = 'running')",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -613,6 +687,7 @@ impl Store for SqliteStore {
                 proc_start: r.get(3)?,
                 slots: r.get(4)?,
                 class: r.get(5)?,
+                lifespan_end_ms: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -648,12 +723,19 @@ impl Store for SqliteStore {
                 "lease expired"
             };
             tx.execute(
-                "UPDATE fragments SET state = 'lost', finished_ms = ?2, cause = 'lost', detail = ?3 WHERE id = ?1",
+                "UPDATE fragments SET state = 'lost', finished_ms = ?2, cause = 'lost', detail = ?3,
+                   split_request = NULL WHERE id = ?1",
                 params![id, now_ms, format!("{why}: {worker}")],
             )?;
         }
         for (stage, ledger) in &ledgers {
             save_ledger(&tx, *stage, ledger)?;
+        }
+        for worker in dead {
+            tx.execute(
+                "UPDATE workers SET state = 'exited', busy = 0 WHERE id = ?1",
+                [worker],
+            )?;
         }
         tx.commit()?;
         Ok(lost.len() as u64)
@@ -685,6 +767,30 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    fn workers(&mut self, now_ms: i64, window_ms: i64) -> Result<Vec<WorkerStatus>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT w.id, w.host, w.state, w.class, w.slots, w.busy, w.lifespan_end_ms, w.heartbeat_ms,
+                    (SELECT count(*) FROM fragments f WHERE f.worker = w.id AND f.state = 'done')
+             FROM workers w
+             WHERE w.heartbeat_ms >= ?1 OR w.id IN (SELECT worker FROM fragments WHERE state = 'running')
+             ORDER BY w.started_ms",
+        )?;
+        let rows = stmt.query_map([now_ms - window_ms], |r| {
+            Ok(WorkerStatus {
+                id: r.get(0)?,
+                host: r.get(1)?,
+                state: r.get(2)?,
+                class: r.get(3)?,
+                slots: r.get(4)?,
+                busy: r.get(5)?,
+                lifespan_left_ms: r.get::<_, Option<i64>>(6)?.map(|end| end - now_ms),
+                heartbeat_age_ms: now_ms - r.get::<_, i64>(7)?,
+                fragments_done: r.get::<_, i64>(8)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     fn logs(&mut self, job: &str, stage: &str, fragment: Option<i64>) -> Result<Vec<FragmentLog>> {
         let mut stmt = self.conn.prepare(
             "SELECT f.id, f.start_idx, f.end_idx, f.state, f.cause, f.detail, f.stdout, f.stderr
@@ -706,36 +812,161 @@ impl Store for SqliteStore {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    fn blob(&mut self, id: i64) -> Result<Option<BlobRow>> {
+    fn blob(&mut self, id: i64) -> Result<Option<(BlobRow, Option<i64>)>> {
         Ok(self
             .conn
             .query_row(
-                "SELECT data, raw_len, hash, meta FROM blobs WHERE id = ?1",
+                "SELECT data, raw_len, hash, meta, prev FROM blobs WHERE id = ?1",
                 [id],
                 |r| {
-                    Ok(BlobRow {
-                        data: r.get(0)?,
-                        raw_len: r.get::<_, i64>(1)? as u64,
-                        hash: r.get(2)?,
-                        meta: r.get(3)?,
-                    })
+                    Ok((
+                        BlobRow {
+                            data: r.get(0)?,
+                            raw_len: r.get::<_, i64>(1)? as u64,
+                            hash: r.get(2)?,
+                            meta: r.get(3)?,
+                        },
+                        r.get(4)?,
+                    ))
                 },
             )
             .optional()?)
     }
 }
 
+/// Tries the ready stages of one job, least-served first; claims from the first
+/// whose sizer gives this worker a fragment.
+fn claim_in_job(
+    tx: &Connection,
+    req: &ClaimRequest,
+    job: i64,
+    slots: u32,
+) -> Result<Option<Assignment>> {
+    let stages = stages_of(tx, job)?;
+    let finished: Vec<bool> = stages.iter().map(|s| s.state == "done").collect();
+    let mut ready: Vec<(i64, &StageRow)> = Vec::new();
+    for stage in &stages {
+        let after_done = stage
+            .after
+            .iter()
+            .all(|&a| finished.get(a).copied().unwrap_or(true));
+        if finished[stage.idx] || !after_done {
+            continue;
+        }
+        let running: i64 = tx
+            .prepare_cached(
+                "SELECT count(*) FROM fragments WHERE stage_id = ?1 AND state = 'running'",
+            )?
+            .query_row([stage.id], |r| r.get(0))?;
+        ready.push((running, stage));
+    }
+    // Share slots between ready stages: the least-served stage first.
+    ready.sort_by_key(|(running, stage)| (*running, stage.idx));
+    for (_, stage) in ready {
+        let mut ledger = load_ledger(tx, stage.id)?;
+        if ledger.pending.is_empty() {
+            continue;
+        }
+        let mut sizer = load_sizer(tx, stage.id, &req.class)?;
+        let mut ctx = req.context.clone();
+        ctx.remaining = ledger.pending.len();
+        ctx.slots = slots;
+        let sizing = sizer.size(&stage.sizer_config, &ctx);
+        if sizing.n == 0 {
+            continue;
+        }
+        let claim = ledger
+            .claim(FragmentId(0), sizing.n)
+            .expect("pending is not empty");
+        let predicted_ms = sizer.model.predict_ms(claim.span.len());
+        let cap = if claim.span.len() < sizing.n {
+            SizeCap::Bounds
+        } else {
+            sizing.cap
+        };
+        tx.prepare_cached(
+            "INSERT INTO fragments (stage_id, start_idx, end_idx, state, worker, class, lease_expires_ms, failures,
+              checkpoint_id, n, predicted_ms, size_cap, claimed_ms)
+             VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        )?
+        .execute(params![
+            stage.id,
+            claim.span.start as i64,
+            claim.span.end as i64,
+            req.worker,
+            req.class,
+            req.now_ms + req.lease_ms,
+            claim.failures,
+            claim.checkpoint,
+            claim.span.len() as i64,
+            predicted_ms,
+            json(&cap).trim_matches('"'),
+            req.now_ms
+        ])?;
+        let id = FragmentId(tx.last_insert_rowid());
+        tx.prepare_cached(
+            "UPDATE stages SET pending = ?2, state = 'running', last_n = ?3 WHERE id = ?1",
+        )?
+        .execute(params![
+            stage.id,
+            json(&ledger.pending),
+            claim.span.len() as i64
+        ])?;
+        save_sizer(tx, stage.id, &req.class, &sizer)?;
+        let expect_acks: bool = tx.query_row(
+            "SELECT expect_acks FROM stages WHERE id = ?1",
+            [stage.id],
+            |r| r.get(0),
+        )?;
+        return Ok(Some(Assignment {
+            fragment: id,
+            job: JobId(job),
+            stage: StageId(stage.id),
+            stage_index: stage.idx,
+            span: claim.span,
+            failures: claim.failures,
+            checkpoint: claim.checkpoint,
+            n: claim.span.len(),
+            predicted_ms,
+            cap,
+            item_cost_ms: sizer.model.b_ms,
+            expect_acks,
+        }));
+    }
+    Ok(None)
+}
+
 impl SqliteStore {
     fn stage_status(&self, stage: &StageRow) -> Result<StageStatus> {
         let ledger = load_ledger(&self.conn, stage.id)?;
-        let (fragments, failed, last_n): (i64, i64, i64) = self.conn.query_row(
-            "SELECT (SELECT count(*) FROM fragments WHERE stage_id = ?1),
-                    (SELECT count(*) FROM fragments WHERE stage_id = ?1 AND state = 'failed'),
-                    (SELECT last_n FROM stages WHERE id = ?1)",
+        type Counts = (i64, i64, i64, i64, i64, i64, i64, f64, i64);
+        let c: Counts = self.conn.query_row(
+            "SELECT count(*),
+                    count(*) FILTER (WHERE state = 'failed'),
+                    count(*) FILTER (WHERE state = 'yielded'),
+                    count(*) FILTER (WHERE state = 'lost'),
+                    coalesce(sum(splits), 0),
+                    coalesce(sum(checkpoint_fallbacks), 0),
+                    (SELECT count(*) FROM blobs WHERE stage_id = ?1 AND kind = 'checkpoint'),
+                    coalesce(sum(wasted_ms), 0.0),
+                    (SELECT last_n FROM stages WHERE id = ?1)
+             FROM fragments WHERE stage_id = ?1",
             [stage.id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                ))
+            },
         )?;
-        let sizer = load_sizer(&self.conn, stage.id, "default")?;
+        let sizer = self.busiest_sizer(stage.id)?;
         let state = match stage.state.as_str() {
             "done" => "done",
             "waiting" => "waiting",
@@ -754,13 +985,37 @@ impl SqliteStore {
                 .spans()
                 .map(|s| [s.start, s.end])
                 .collect(),
-            fragments: fragments as u64,
+            fragments: c.0 as u64,
             running_fragments: ledger.running.len() as u64,
-            failed_fragments: failed as u64,
-            fragment_size: last_n as u64,
+            failed_fragments: c.1 as u64,
+            fragment_size: c.8 as u64,
             item_cost_us: sizer.model.b_ms * 1e3,
             overhead_ms: sizer.model.a_ms,
             target_ms: sizer.target_ms(&stage.sizer_config),
+            yields: c.2 as u64,
+            lost: c.3 as u64,
+            splits: c.4 as u64,
+            checkpoint_fallbacks: c.5 as u64,
+            checkpoints: c.6 as u64,
+            wasted_s: c.7 / 1e3,
         })
+    }
+
+    /// The sizer state with the most history (one per class).
+    fn busiest_sizer(&self, stage: i64) -> Result<Sizer> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT state FROM sizers WHERE stage_id = ?1")?;
+        let states = stmt
+            .query_map([stage], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let sizers = states
+            .iter()
+            .map(|s| parse::<Sizer>(s, "sizer state"))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(sizers
+            .into_iter()
+            .max_by_key(|s| s.model.observations)
+            .unwrap_or_default())
     }
 }
