@@ -557,7 +557,7 @@ impl Store for SqliteStore {
             let model = load_sizer(&tx, stage, &class)?.model;
             // A straggler runs slower than the model: judge it by its own pace.
             let elapsed = (now_ms - claimed_ms) as f64;
-            let pace = if acked.len() > 0 {
+            let pace = if !acked.is_empty() {
                 elapsed / acked.len() as f64
             } else {
                 0.0
