@@ -504,6 +504,7 @@ impl Worker<'_> {
                     if fallbacks > 0 {
                         notes.push(format!("resumed from older checkpoint {id}"));
                     }
+                    self.show_notes(a.fragment, &notes);
                     return Ok((Some((state, meta)), fallbacks, notes));
                 }
                 Err(e) => {
@@ -516,11 +517,14 @@ impl Worker<'_> {
         if fallbacks > 0 {
             notes.push("no good checkpoint left: started without state".into());
         }
-        for note in &notes {
-            self.progress
-                .note(&format!("fragment {}: {note}", a.fragment));
-        }
+        self.show_notes(a.fragment, &notes);
         Ok((None, fallbacks, notes))
+    }
+
+    fn show_notes(&self, fragment: FragmentId, notes: &[String]) {
+        for note in notes {
+            self.progress.note(&format!("fragment {fragment}: {note}"));
+        }
     }
 
     /// Moves what the runner acked since the last call into `unflushed`.

@@ -48,6 +48,8 @@ enum Command {
     Status(StatusArgs),
     /// Print the stored stdout/stderr of a stage's fragments.
     Logs(LogsArgs),
+    /// Write out a stage's results (the final checkpoint of each finished fragment).
+    Results(ResultsArgs),
 }
 
 #[derive(clap::Args)]
@@ -152,6 +154,20 @@ struct LogsArgs {
     fragment: Option<i64>,
 }
 
+#[derive(clap::Args)]
+struct ResultsArgs {
+    /// The stage.
+    stage: String,
+    #[command(flatten)]
+    state: StateArg,
+    /// The job (default: the latest job that has this stage).
+    #[arg(long)]
+    job: Option<String>,
+    /// Write each result to DIR/fragment-ID instead of concatenating them on stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 /// An error that is the user's input, not granule's fault: exit code 2.
 #[derive(Debug)]
 struct BadInput(String);
@@ -172,6 +188,7 @@ fn main() -> ExitCode {
         Command::Worker(args) => worker(args),
         Command::Status(args) => status(args),
         Command::Logs(args) => logs(args),
+        Command::Results(args) => results(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -418,18 +435,53 @@ fn status(args: StatusArgs) -> Result<u8> {
     Ok(EXIT_DONE)
 }
 
-fn logs(args: LogsArgs) -> Result<u8> {
-    let mut store = open_store(&args.state.state)?;
-    let job = match args.job {
-        Some(job) => job,
-        None => store
+/// The named job, or the latest job that has a stage called `stage`.
+fn job_with_stage(store: &mut SqliteStore, job: Option<String>, stage: &str) -> Result<String> {
+    match job {
+        Some(job) => Ok(job),
+        None => Ok(store
             .status(None)?
             .into_iter()
             .rev()
-            .find(|j| j.stages.iter().any(|s| s.name == args.stage))
+            .find(|j| j.stages.iter().any(|s| s.name == stage))
             .map(|j| j.name)
-            .ok_or_else(|| BadInput(format!("no job has a stage named \"{}\"", args.stage)))?,
-    };
+            .ok_or_else(|| BadInput(format!("no job has a stage named \"{stage}\"")))?),
+    }
+}
+
+fn results(args: ResultsArgs) -> Result<u8> {
+    let mut store = open_store(&args.state.state)?;
+    let job = job_with_stage(&mut store, args.job, &args.stage)?;
+    let mut stdout = std::io::stdout().lock();
+    for (fragment, row) in store.results(&job, &args.stage)? {
+        let blob = granule_exec::Blob {
+            data: row.data,
+            raw_len: row.raw_len,
+            hash: row.hash,
+        };
+        let raw = blob
+            .open()
+            .with_context(|| format!("result of fragment {fragment}"))?;
+        match &args.out {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                std::fs::write(dir.join(format!("fragment-{fragment}")), raw)?;
+            }
+            None => {
+                use std::io::Write;
+                stdout.write_all(&raw)?;
+                if !raw.ends_with(b"\n") {
+                    stdout.write_all(b"\n")?;
+                }
+            }
+        }
+    }
+    Ok(EXIT_DONE)
+}
+
+fn logs(args: LogsArgs) -> Result<u8> {
+    let mut store = open_store(&args.state.state)?;
+    let job = job_with_stage(&mut store, args.job, &args.stage)?;
     let logs = store.logs(&job, &args.stage, args.fragment)?;
     if logs.is_empty() {
         return Err(BadInput(format!(

@@ -1,99 +1,9 @@
 //! The `granule` binary end to end, with real child processes and a real SQLite file.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-fn granule() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_granule"))
-}
-
-fn spin() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/bench/spin.py");
-    assert!(
-        path.exists(),
-        "the shared benchmark task is missing: {}",
-        path.display()
-    );
-    path.canonicalize().unwrap()
-}
-
-struct Job {
-    dir: tempfile::TempDir,
-}
-
-impl Job {
-    fn new(spec: &str) -> Job {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("job.toml"), spec).unwrap();
-        Job { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = granule();
-        cmd.current_dir(self.dir.path())
-            .args(args)
-            .env_remove("GRANULE_STATE");
-        cmd
-    }
-
-    fn run(&self, extra: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut cmd = self.cmd(&["run", "job.toml", "--slots", "2"]);
-        cmd.args(extra).envs(env.iter().copied());
-        cmd.output().unwrap()
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let out = self.cmd(&["status", "--json"]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// Every item recorded by spin.py under OUT_DIR, with how often it ran.
-    fn recorded(&self) -> std::collections::BTreeMap<u64, u32> {
-        let mut seen = std::collections::BTreeMap::new();
-        for entry in std::fs::read_dir(self.path("out")).unwrap() {
-            for line in std::fs::read_to_string(entry.unwrap().path())
-                .unwrap()
-                .lines()
-            {
-                *seen.entry(line.parse::<u64>().unwrap()).or_insert(0) += 1;
-            }
-        }
-        seen
-    }
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn spin_spec(items: u64) -> String {
-    format!(
-        "name = \"spin\"\n[[stage]]\nname = \"work\"\ncommand = [\"python3\", \"{}\"]\nitems = {{ range = [0, {items}] }}\n",
-        spin().display()
-    )
-}
-
-fn stage(status: &serde_json::Value, i: usize) -> &serde_json::Value {
-    &status["jobs"][0]["stages"][i]
-}
+use common::*;
+use std::time::Duration;
 
 #[test]
 fn runs_a_dag_to_the_end_and_reports_status() {
@@ -215,19 +125,6 @@ items = { range = [0, 20] }
     let s = stage(&job.status(), 0).clone();
     assert_eq!(s["quarantined_items"], serde_json::json!([[7, 8]]));
     assert_eq!(s["done"], 19);
-}
-
-fn start_run(job: &Job, env: &[(&str, &str)]) -> Child {
-    job.cmd(&["run", "job.toml", "--slots", "2"])
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn done(job: &Job) -> u64 {
-    stage(&job.status(), 0)["done"].as_u64().unwrap_or(0)
 }
 
 #[test]

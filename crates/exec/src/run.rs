@@ -50,9 +50,10 @@ pub struct FragmentJob {
     pub grace: Duration,
     /// Items fed beyond the last ack, once the task has acked.
     pub window: u64,
-    /// The stage's tasks have acked before: keep the window from the first item
-    /// (waiting at most `first_ack_patience` for a first ack before feeding freely).
-    pub expect_acks: bool,
+    /// Whether the stage's tasks ack (`None`: not known yet). Unless they are known
+    /// not to, the window holds from the first item, waiting at most
+    /// `first_ack_patience` for a first ack before feeding freely.
+    pub expect_acks: Option<bool>,
     /// See `expect_acks`.
     pub first_ack_patience: Duration,
     /// Bytes of stdout and of stderr kept (the tail).
@@ -569,7 +570,8 @@ fn feed(job: &FragmentJob, control: &Control, stdin: ChildStdin) {
                     return;
                 }
                 let windowed = st.acks > 0
-                    || (job.expect_acks && fed_since.elapsed() < job.first_ack_patience);
+                    || (job.expect_acks != Some(false)
+                        && fed_since.elapsed() < job.first_ack_patience);
                 if !windowed || st.fed - st.acks.min(st.fed) < job.window {
                     break;
                 }
@@ -609,8 +611,8 @@ fn feed(job: &FragmentJob, control: &Control, stdin: ChildStdin) {
             return;
         }
         let st = control.lock();
-        let window_full =
-            (st.acks > 0 || job.expect_acks) && st.fed - st.acks.min(st.fed) >= job.window;
+        let window_full = (st.acks > 0 || job.expect_acks != Some(false))
+            && st.fed - st.acks.min(st.fed) >= job.window;
         drop(st);
         if window_full && out.flush().is_err() {
             return;
@@ -652,32 +654,43 @@ fn read_acks(job: &FragmentJob, control: &Control, mut pipe: File, start: Instan
     }
 }
 
+/// Applies one batch of fd-3 lines. Checkpoint files are read first, then the
+/// batch's acks and checkpoints are published under one lock: a task that writes
+/// acks and the checkpoint covering them in one write is flushed all-or-nothing.
 fn handle_ack_lines(job: &FragmentJob, control: &Control, lines: &[u8], start: Instant) {
     let now = Instant::now();
-    let mut st = control.lock();
-    for line in lines.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            continue;
-        }
-        let line = String::from_utf8_lossy(line);
-        if let Some(path) = line.strip_prefix("checkpoint ") {
-            drop(st);
-            let blob = std::fs::read(path)
+    let at_ms = now.duration_since(start).as_secs_f64() * 1e3;
+    let lines: Vec<String> = lines
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .filter(|l| !l.is_empty())
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect();
+    let mut sealed: VecDeque<Result<Blob, String>> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("checkpoint "))
+        .map(|path| {
+            std::fs::read(path)
                 .map(|raw| Blob::seal(&raw, job.checkpoint_level))
-                .map_err(|e| format!("checkpoint {path}: {e}"));
-            st = control.lock();
+                .map_err(|e| format!("checkpoint {path}: {e}"))
+        })
+        .collect();
+    let mut st = control.lock();
+    for line in &lines {
+        if line.starts_with("checkpoint ") {
+            let blob = sealed
+                .pop_front()
+                .expect("one sealed blob per checkpoint line");
             let acks = st.acks;
-            let at_ms = now.duration_since(start).as_secs_f64() * 1e3;
             st.checkpoints.push(Checkpoint { blob, acks, at_ms });
             continue;
         }
         let fed_end = job.span.start + st.fed;
-        let index = match job.source.direct_index(&line, job.span) {
+        let index = match job.source.direct_index(line, job.span) {
             Some(found) => found.filter(|&i| i < fed_end),
             None => st
                 .inflight
-                .get_mut(line.as_ref())
+                .get_mut(line.as_str())
                 .and_then(|q| q.pop_front()),
         };
         if !index.is_some_and(|i| Control::ack(&mut st, i, now)) {

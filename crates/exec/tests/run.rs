@@ -23,7 +23,7 @@ fn job(argv: &[&str], span: Span, per_item: bool) -> FragmentJob {
         yield_by: None,
         grace: Duration::from_secs(5),
         window: 8,
-        expect_acks: true,
+        expect_acks: Some(true),
         first_ack_patience: Duration::from_secs(10),
         log_tail_bytes: 1024,
         checkpoint_level: 3,
@@ -61,7 +61,7 @@ fn batch_acks_every_item_with_values_as_received() {
 #[test]
 fn a_command_that_never_acks_is_all_or_nothing() {
     let mut j = job(&["cat"], Span::new(0, 5000), false);
-    j.expect_acks = false;
+    j.expect_acks = Some(false);
     let ctl = Control::new(j.span);
     let report = run_fragment(&j, &ctl);
     assert_eq!(report.failure, None);

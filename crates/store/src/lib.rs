@@ -86,6 +86,8 @@ pub trait Store {
     fn workers(&mut self, now_ms: i64, window_ms: i64) -> Result<Vec<WorkerStatus>>;
     /// Stored output tails of a stage's fragments (or one fragment).
     fn logs(&mut self, job: &str, stage: &str, fragment: Option<i64>) -> Result<Vec<FragmentLog>>;
+    /// Results of a stage: the last checkpoint of each fragment that finished.
+    fn results(&mut self, job: &str, stage: &str) -> Result<Vec<(i64, BlobRow)>>;
     /// A checkpoint blob by id, with the id of the checkpoint before it.
     fn blob(&mut self, id: i64) -> Result<Option<(BlobRow, Option<i64>)>>;
 }

@@ -165,8 +165,8 @@ pub struct Assignment {
     pub cap: SizeCap,
     /// The model's per-item cost, ms.
     pub item_cost_ms: f64,
-    /// Whether the stage's tasks ack.
-    pub expect_acks: bool,
+    /// Whether the stage's tasks ack (`None`: not known yet).
+    pub expect_acks: Option<bool>,
 }
 
 /// A sealed checkpoint as stored.

@@ -26,7 +26,7 @@ CREATE TABLE stages (
     done TEXT NOT NULL,
     done_count INTEGER NOT NULL DEFAULT 0,
     quarantined TEXT NOT NULL,
-    expect_acks INTEGER NOT NULL DEFAULT 0,
+    acks TEXT NOT NULL DEFAULT 'unknown',
     last_n INTEGER NOT NULL DEFAULT 0,
     UNIQUE (job_id, idx)
 );

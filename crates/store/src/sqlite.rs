@@ -319,10 +319,29 @@ fn settle_job(tx: &Connection, stage: i64, now_ms: i64) -> Result<bool> {
 
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path` and applies pending migrations.
+    /// Several processes may open it at once; a busy database is retried for 30 s.
     pub fn open(path: &Path) -> Result<SqliteStore> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match SqliteStore::try_open(path) {
+                Err(StoreError::Sqlite(e))
+                    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_open(path: &Path) -> Result<SqliteStore> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(30))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+        }
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let mut store = SqliteStore { conn };
@@ -620,12 +639,15 @@ impl Store for SqliteStore {
             .fragment(id)
             .map(|f| f.acked.clone())
             .unwrap_or_default();
+        // The last checkpoint: the fragment's result if it succeeded.
+        let checkpoint = ledger.fragment(id).and_then(|f| f.checkpoint);
         let report = ledger.finish(id, &end.outcome, stage_row.retries);
         save_ledger(&tx, stage, &ledger)?;
         tx.prepare_cached(
             "UPDATE fragments SET state = ?2, finished_ms = ?3, observed_ms = ?4, cpu_ms = ?5, peak_rss_kb = ?6,
               load = ?7, fed = ?8, acks = ?9, cause = ?10, detail = ?11, stdout = ?12, stderr = ?13,
-              end_idx = ?14, acked = ?15, wasted_ms = ?16, checkpoint_fallbacks = ?17, split_request = NULL
+              end_idx = ?14, acked = ?15, wasted_ms = ?16, checkpoint_fallbacks = ?17, split_request = NULL,
+              checkpoint_id = ?18
              WHERE id = ?1",
         )?
         .execute(params![
@@ -645,10 +667,17 @@ impl Store for SqliteStore {
             span.end as i64,
             json(&acked),
             end.wasted_ms,
-            end.checkpoint_fallbacks
+            end.checkpoint_fallbacks,
+            checkpoint
         ])?;
         if end.acks > 0 {
-            tx.execute("UPDATE stages SET expect_acks = 1 WHERE id = ?1", [stage])?;
+            tx.execute("UPDATE stages SET acks = 'yes' WHERE id = ?1", [stage])?;
+        } else if end.outcome == FinishOutcome::Success && end.fed > 0 {
+            // Finished all its input without a single ack: an all-or-nothing task.
+            tx.execute(
+                "UPDATE stages SET acks = 'no' WHERE id = ?1 AND acks = 'unknown'",
+                [stage],
+            )?;
         }
         if end.outcome == FinishOutcome::Success && end.fed > 0 {
             let mut sizer = load_sizer(&tx, stage, &class)?;
@@ -812,6 +841,27 @@ impl Store for SqliteStore {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
+    fn results(&mut self, job: &str, stage: &str) -> Result<Vec<(i64, BlobRow)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT f.id, b.data, b.raw_len, b.hash, b.meta
+             FROM fragments f JOIN stages s ON s.id = f.stage_id JOIN jobs j ON j.id = s.job_id
+               JOIN blobs b ON b.id = f.checkpoint_id
+             WHERE j.name = ?1 AND s.name = ?2 AND f.state = 'done' ORDER BY f.start_idx",
+        )?;
+        let rows = stmt.query_map(params![job, stage], |r| {
+            Ok((
+                r.get(0)?,
+                BlobRow {
+                    data: r.get(1)?,
+                    raw_len: r.get::<_, i64>(2)? as u64,
+                    hash: r.get(3)?,
+                    meta: r.get(4)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     fn blob(&mut self, id: i64) -> Result<Option<(BlobRow, Option<i64>)>> {
         Ok(self
             .conn
@@ -913,11 +963,15 @@ fn claim_in_job(
             claim.span.len() as i64
         ])?;
         save_sizer(tx, stage.id, &req.class, &sizer)?;
-        let expect_acks: bool = tx.query_row(
-            "SELECT expect_acks FROM stages WHERE id = ?1",
-            [stage.id],
-            |r| r.get(0),
-        )?;
+        let acks: String =
+            tx.query_row("SELECT acks FROM stages WHERE id = ?1", [stage.id], |r| {
+                r.get(0)
+            })?;
+        let expect_acks = match acks.as_str() {
+            "yes" => Some(true),
+            "no" => Some(false),
+            _ => None,
+        };
         return Ok(Some(Assignment {
             fragment: id,
             job: JobId(job),

@@ -1,0 +1,320 @@
+//! Separate workers sharing one state dir: lifespans, preemption notices, kills,
+//! checkpoint resume and splitting. Every test checks that no item is missing and
+//! none is counted twice.
+
+mod common;
+
+use common::*;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+fn spawn_worker(job: &Job, args: &[&str], env: &[(&str, &str)]) -> Child {
+    job.cmd(&["worker", "-q"])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn job_state(job: &Job) -> String {
+    job.status()["jobs"][0]["state"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+/// A small deterministic generator for the kill schedule (seeded, printed on failure).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// Keeps `slots` worker processes alive (starting replacements) until the job is
+/// finished; `chaos` may signal one of them now and then.
+fn keep_workers(
+    job: &Job,
+    slots: usize,
+    args: &[&str],
+    env: &[(&str, &str)],
+    mut chaos: impl FnMut(&mut [Child]),
+) {
+    let mut workers: Vec<Child> = (0..slots).map(|_| spawn_worker(job, args, env)).collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while job_state(job) == "running" {
+        assert!(
+            Instant::now() < deadline,
+            "the job did not finish: {}",
+            job.status()
+        );
+        for w in workers.iter_mut() {
+            if w.try_wait().unwrap().is_some() {
+                *w = spawn_worker(job, args, env);
+            }
+        }
+        chaos(&mut workers);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for mut w in workers {
+        let _ = w.wait();
+    }
+}
+
+fn assert_all_done_once(job: &Job, items: u64) -> std::collections::BTreeMap<u64, u32> {
+    let status = job.status();
+    assert_eq!(status["jobs"][0]["state"], "done", "{status}");
+    let s = stage(&status, 0);
+    assert_eq!(s["done"], items, "exactly-once accounting: {s}");
+    assert_eq!(s["pending"], 0);
+    assert_eq!(s["running"], 0);
+    let recorded = job.recorded();
+    let missing: Vec<u64> = (0..items)
+        .filter(|i| !recorded.contains_key(i))
+        .take(5)
+        .collect();
+    assert!(missing.is_empty(), "items never run: {missing:?}");
+    recorded
+}
+
+fn spin_job(items: u64) -> (Job, String) {
+    let job = Job::new(&spin_spec(items));
+    std::fs::create_dir(job.path("out")).unwrap();
+    let out = job.path("out").to_str().unwrap().to_string();
+    let submitted = job.cmd(&["submit", "job.toml"]).output().unwrap();
+    assert!(submitted.status.success(), "{}", stderr(&submitted));
+    (job, out)
+}
+
+#[test]
+fn short_lived_workers_drain_a_job_many_lifespans_long() {
+    let (job, out) = spin_job(40_000);
+    let env = [
+        ("MED_US", "100"),
+        ("SIGMA", "0.5"),
+        ("OUT_DIR", out.as_str()),
+    ];
+    keep_workers(&job, 2, &["--slots", "1", "--lifespan", "1s"], &env, |_| {});
+    let recorded = assert_all_done_once(&job, 40_000);
+    let twice: u32 = recorded.values().map(|n| n - 1).sum();
+    assert!(twice < 40_000 / 20, "{twice} items ran twice");
+    let workers = job.status()["workers"].as_array().unwrap().len();
+    assert!(
+        workers > 2,
+        "the job outlived its first workers ({workers} seen)"
+    );
+}
+
+#[test]
+fn workers_killed_at_random_lose_nothing() {
+    let (job, out) = spin_job(30_000);
+    let env = [
+        ("MED_US", "100"),
+        ("SIGMA", "0.5"),
+        ("OUT_DIR", out.as_str()),
+    ];
+    let mut rng = Lcg(0x5eed);
+    let mut next_kill = Instant::now() + Duration::from_millis(300);
+    let mut kills = 0;
+    keep_workers(
+        &job,
+        2,
+        &["--slots", "1", "--grace", "1s", "--lease", "3s"],
+        &env,
+        |workers| {
+            if Instant::now() >= next_kill {
+                let victim = &workers[rng.next(workers.len() as u64) as usize];
+                signal(
+                    victim,
+                    if kills % 2 == 0 {
+                        libc::SIGTERM
+                    } else {
+                        libc::SIGKILL
+                    },
+                );
+                kills += 1;
+                next_kill = Instant::now() + Duration::from_millis(200 + rng.next(500));
+            }
+        },
+    );
+    assert!(kills >= 2, "the chaos did not happen");
+    assert_all_done_once(&job, 30_000);
+}
+
+fn sum_spec(items: u64) -> String {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/running_sum.py");
+    format!(
+        "name = \"sum\"\n[[stage]]\nname = \"sum\"\ncommand = [\"python3\", \"{}\"]\nitems = {{ range = [0, {items}] }}\n",
+        script.canonicalize().unwrap().display()
+    )
+}
+
+fn results_sum(job: &Job) -> (u64, u64) {
+    let out = job.cmd(&["results", "sum"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<(u64, u64)>(l).unwrap())
+        .fold((0, 0), |(t, c), (dt, dc)| (t + dt, c + dc))
+}
+
+#[test]
+fn a_stateful_task_gives_the_right_answer_across_preemptions() {
+    let items = 3_000u64;
+    let job = Job::new(&sum_spec(items));
+    assert!(job
+        .cmd(&["submit", "job.toml"])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let state_dir = job.path("states");
+    std::fs::create_dir(&state_dir).unwrap();
+    let env = [
+        ("ITEM_SECONDS", "0.001"),
+        ("STATE_DIR", state_dir.to_str().unwrap()),
+    ];
+    let mut rng = Lcg(42);
+    let mut next_term = Instant::now() + Duration::from_millis(400);
+    let mut terms = 0;
+    keep_workers(
+        &job,
+        2,
+        &["--slots", "1", "--lifespan", "1500ms", "--grace", "2s"],
+        &env,
+        |workers| {
+            if Instant::now() >= next_term {
+                signal(&workers[rng.next(2) as usize], libc::SIGTERM);
+                terms += 1;
+                next_term = Instant::now() + Duration::from_millis(300 + rng.next(400));
+            }
+        },
+    );
+    assert!(terms >= 2);
+    let status = job.status();
+    let s = stage(&status, 0);
+    assert_eq!(s["done"], items);
+    assert!(
+        s["yields"].as_u64().unwrap() >= 1,
+        "no fragment was ever preempted: {s}"
+    );
+    let (total, count) = results_sum(&job);
+    assert_eq!(count, items, "every item is in exactly one result");
+    assert_eq!(total, items * (items - 1) / 2);
+}
+
+#[test]
+fn a_corrupt_checkpoint_falls_back_and_is_reported() {
+    let items = 1_500u64;
+    // One big first fragment that checkpoints every 50 items.
+    let job = Job::new(&format!("{}initial = 1000\n", sum_spec(items)));
+    let state_dir = job.path("states");
+    std::fs::create_dir(&state_dir).unwrap();
+    let env = [
+        ("ITEM_SECONDS", "0.002"),
+        ("CHECKPOINT_EVERY", "50"),
+        ("STATE_DIR", state_dir.to_str().unwrap()),
+    ];
+    let mut run = job
+        .cmd(&["run", "job.toml", "--slots", "1", "-q"])
+        .envs(env)
+        .spawn()
+        .unwrap();
+    wait_until("three checkpoints", Duration::from_secs(60), || {
+        stage(&job.status(), 0)["checkpoints"].as_u64() >= Some(3)
+    });
+    run.kill().unwrap();
+    run.wait().unwrap();
+    // Flip bytes of the newest checkpoint, as a bad disk would.
+    let db = job.path(".granule/granule.db");
+    let corrupt = std::process::Command::new("python3")
+        .args(["-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute(\"UPDATE blobs SET data = zeroblob(length(data)) WHERE id = (SELECT max(id) FROM blobs)\"); c.commit()"])
+        .arg(&db)
+        .status()
+        .unwrap();
+    assert!(corrupt.success());
+    let out = job.run(&[], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unusable"),
+        "the fallback is shown: {}",
+        stderr(&out)
+    );
+    let s = stage(&job.status(), 0).clone();
+    assert_eq!(
+        s["done"], items,
+        "accounting is untouched by the bad blob: {s}"
+    );
+    assert!(s["checkpoint_fallbacks"].as_u64().unwrap() >= 1, "{s}");
+    let (_, count) = results_sum(&job);
+    // The state of up to one checkpoint interval was lost with the bad blob.
+    assert!(count <= items && count >= items - 2 * 50, "{count}");
+}
+
+#[test]
+fn an_idle_worker_splits_a_running_fragment_and_no_item_runs_twice() {
+    let items = 2_000u64;
+    let spec = format!(
+        "{}initial = {items}\n[stage.sizer]\ntail_factor = 1.0\n",
+        spin_spec(items)
+    );
+    let job = Job::new(&spec);
+    std::fs::create_dir(job.path("out")).unwrap();
+    let out = job.path("out").to_str().unwrap().to_string();
+    assert!(job
+        .cmd(&["submit", "job.toml"])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let env = [
+        ("MED_US", "2000"),
+        ("SIGMA", "0"),
+        ("OUT_DIR", out.as_str()),
+    ];
+    let mut first = spawn_worker(&job, &["--slots", "1"], &env);
+    // The first worker, alone, takes every item in one fragment.
+    wait_until(
+        "one fragment holding everything",
+        Duration::from_secs(30),
+        || {
+            let s = stage(&job.status(), 0).clone();
+            s["running_fragments"] == 1 && s["pending"] == 0 && s["done"].as_u64() > Some(10)
+        },
+    );
+    let mut second = spawn_worker(&job, &["--slots", "1"], &env);
+    first.wait().unwrap();
+    second.wait().unwrap();
+    let recorded = assert_all_done_once(&job, items);
+    let twice: Vec<_> = recorded.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(twice.is_empty(), "items run twice after a split: {twice:?}");
+    let status = job.status();
+    assert!(
+        stage(&status, 0)["splits"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+    let done_by: Vec<u64> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["fragments_done"].as_u64().unwrap())
+        .collect();
+    assert!(
+        done_by.iter().all(|&n| n > 0),
+        "both workers did work: {done_by:?}"
+    );
+}
