@@ -59,6 +59,8 @@ pub(crate) struct EngineConfig {
     pub(crate) drain_margin: Duration,
     /// `worker`: exit after this long without work (default: when no job is left).
     pub(crate) idle_exit: Option<Duration>,
+    /// Whether idle slots ask for the tails of running fragments.
+    pub(crate) steal: bool,
 }
 
 impl Default for EngineConfig {
@@ -78,6 +80,7 @@ impl Default for EngineConfig {
             lifespan_end: None,
             drain_margin: Duration::ZERO,
             idle_exit: None,
+            steal: true,
         }
     }
 }
@@ -252,6 +255,7 @@ impl Worker<'_> {
             }
             // Free slots and nothing to claim: ask for the tail of the longest fragment.
             if free > 0
+                && self.cfg.steal
                 && drain.is_none()
                 && last_split_ask.is_none_or(|t| t.elapsed() >= self.cfg.flush)
             {

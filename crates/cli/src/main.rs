@@ -124,6 +124,9 @@ struct WorkerArgs {
     /// Executor class of this worker.
     #[arg(long, default_value = "default")]
     class: String,
+    /// Never ask to split running fragments (for benchmarks comparing with splitting).
+    #[arg(long, hide = true)]
+    no_steal: bool,
     /// No notes on stderr.
     #[arg(long, short)]
     quiet: bool,
@@ -328,6 +331,7 @@ fn worker(args: WorkerArgs) -> Result<u8> {
         // Stop with a tenth of the lifespan (at most the grace) left to yield in.
         drain_margin: lifespan.map_or(Duration::ZERO, |d| (d / 10).min(args.grace)),
         idle_exit: args.idle_exit,
+        steal: !args.no_steal,
         ..engine::EngineConfig::default()
     };
     engine::run_worker(&mut store, &config, &interrupts)?;
