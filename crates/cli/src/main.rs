@@ -80,6 +80,9 @@ struct RunArgs {
     /// Lease length: a worker silent this long loses its fragments.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     lease: Duration,
+    /// zstd level of stored checkpoints (1 fast .. 19 small).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    zstd_level: i32,
     /// No progress output.
     #[arg(long, short)]
     quiet: bool,
@@ -121,6 +124,9 @@ struct WorkerArgs {
     /// Lease length: a worker silent this long loses its fragments.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     lease: Duration,
+    /// zstd level of stored checkpoints (1 fast .. 19 small).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    zstd_level: i32,
     /// Executor class of this worker.
     #[arg(long, default_value = "default")]
     class: String,
@@ -267,6 +273,7 @@ fn run(args: RunArgs) -> Result<u8> {
         flush: args.flush,
         lease: args.lease,
         grace: args.grace,
+        checkpoint_level: args.zstd_level,
         state_dir: args.state.state.clone(),
         quiet: args.quiet,
         job: Some((submitted.id(), Arc::new(spec))),
@@ -324,6 +331,7 @@ fn worker(args: WorkerArgs) -> Result<u8> {
         flush: args.flush,
         lease: args.lease,
         grace: args.grace,
+        checkpoint_level: args.zstd_level,
         class: args.class,
         state_dir: args.state.state.clone(),
         quiet: args.quiet,
