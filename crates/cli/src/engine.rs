@@ -13,8 +13,8 @@ use granule_core::{ClaimContext, FinishOutcome, FragmentId, JobId};
 use granule_exec::{run_fragment, Blob, Control, FragmentJob, ItemSource, RunReport, Sampler};
 use granule_spec::JobSpec;
 use granule_store::{
-    Assignment, BlobRow, ClaimRequest, FragmentEnd, FragmentFlush, Heartbeat, SplitAnswer, Store,
-    WorkerInfo,
+    Assignment, BlobRow, ClaimRequest, Finished, FragmentEnd, FragmentFlush, Heartbeat,
+    SplitAnswer, Store, StoreError, WorkerInfo,
 };
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -61,6 +61,8 @@ pub(crate) struct EngineConfig {
     pub(crate) idle_exit: Option<Duration>,
     /// Whether idle slots ask for the tails of running fragments.
     pub(crate) steal: bool,
+    /// Most items per fragment, whatever the sizer says.
+    pub(crate) max_items: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -81,6 +83,7 @@ impl Default for EngineConfig {
             drain_margin: Duration::ZERO,
             idle_exit: None,
             steal: true,
+            max_items: None,
         }
     }
 }
@@ -94,6 +97,18 @@ pub(crate) enum Outcome {
     Quarantined,
     /// Stopped by a signal or its lifespan after yielding its fragments.
     Stopped,
+    /// The job was cancelled.
+    Cancelled,
+}
+
+/// What is needed to report a fragment's end once the store has taken it.
+struct FinishContext {
+    id: FragmentId,
+    stage: String,
+    stage_index: usize,
+    span: granule_core::Span,
+    n: u64,
+    failure: Option<String>,
 }
 
 /// Items in flight beyond the last ack: at least `min`, and about 20 ms of work,
@@ -135,6 +150,10 @@ struct Worker<'a> {
     sampler: Sampler,
     progress: Progress,
     cpus: f64,
+    /// Ends the store could not take yet, with what is needed to report them.
+    unfinished: Vec<(FragmentEnd, FinishContext)>,
+    /// Since when the store has been unreachable.
+    outage: Option<Instant>,
 }
 
 /// Runs fragments with `cfg.slots` local slots until the job (or all work) is
@@ -179,6 +198,8 @@ pub(crate) fn run_worker(
         sampler: Sampler::new(),
         progress,
         cpus: std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
+        unfinished: Vec::new(),
+        outage: None,
     };
     let outcome = worker.run(&finished_rx, interrupts);
     let id = worker.info.id.clone();
@@ -190,14 +211,14 @@ pub(crate) fn run_worker(
 
 /// Fragments held by workers of this host that are gone, and fragments whose lease
 /// expired, go back to pending (other hosts' workers are left to their leases).
-fn release_dead_workers(store: &mut dyn Store, host_name: &str) -> Result<u64> {
+fn release_dead_workers(store: &mut dyn Store, host_name: &str) -> Result<u64, StoreError> {
     let dead: Vec<String> = store
         .workers_holding_work()?
         .into_iter()
         .filter(|w| w.host == host_name && !host::alive(w.pid, w.proc_start))
         .map(|w| w.id)
         .collect();
-    Ok(store.release(host::now_ms(), &dead)?)
+    store.release(host::now_ms(), &dead)
 }
 
 impl Worker<'_> {
@@ -211,6 +232,8 @@ impl Worker<'_> {
         let mut last_split_ask: Option<Instant> = None;
         let mut idle_since: Option<Instant> = None;
         let mut drain: Option<Drain> = None;
+        // When the last claim found nothing; claims wait for a sign of work or the poll.
+        let mut claim_found_nothing: Option<Instant> = None;
         self.refresh_progress()?;
         loop {
             let now = Instant::now();
@@ -234,13 +257,21 @@ impl Worker<'_> {
                     self.running.values().for_each(|s| s.control.kill());
                 }
             }
-            let free = if drain.is_none() {
-                self.fill_slots()?
-            } else {
-                0
-            };
-            if self.running.is_empty() {
+            self.retry_finishes()?;
+            let mut free = self.cfg.slots as usize - self.running.len();
+            if drain.is_none() && free > 0 {
+                let poll_due =
+                    claim_found_nothing.is_none_or(|t| t.elapsed() >= self.store.idle_poll());
+                let signalled = poll_due || self.wait_for_work(Duration::ZERO)?;
+                if signalled {
+                    free = self.fill_slots()?;
+                    claim_found_nothing = (free > 0).then(Instant::now);
+                }
+            }
+            let idle = self.running.is_empty() && self.unfinished.is_empty();
+            if idle {
                 if drain.is_some() {
+                    self.flush()?;
                     self.refresh_progress()?;
                     self.progress.finish();
                     return Ok(Outcome::Stopped);
@@ -257,19 +288,31 @@ impl Worker<'_> {
             if free > 0
                 && self.cfg.steal
                 && drain.is_none()
+                && !self.running.is_empty() | self.cfg.job.is_none()
                 && last_split_ask.is_none_or(|t| t.elapsed() >= self.cfg.flush)
             {
                 let job = self.cfg.job.as_ref().map(|(id, _)| *id);
                 let min_ms = 2.0 * self.cfg.flush.as_secs_f64() * 1e3;
-                self.store.request_split(job, host::now_ms(), min_ms)?;
+                let asked = self.store.request_split(job, host::now_ms(), min_ms);
+                if self.available(asked)?.flatten().is_some() {
+                    // The tail becomes pending at the owner's next flush: look again soon.
+                    claim_found_nothing = None;
+                }
                 last_split_ask = Some(Instant::now());
             }
             let wait = self.cfg.flush.saturating_sub(last_flush.elapsed());
-            match finished.recv_timeout(wait) {
-                Ok(id) => self.finish(id)?,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    unreachable!("the worker holds a sender")
+            if idle {
+                // Nothing runs: sleep until work is announced (or the next flush is due).
+                if self.wait_for_work(wait)? {
+                    claim_found_nothing = None;
+                }
+            } else {
+                match finished.recv_timeout(wait) {
+                    Ok(id) => self.finish(id)?,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        unreachable!("the worker holds a sender")
+                    }
                 }
             }
             while let Ok(id) = finished.try_recv() {
@@ -281,14 +324,63 @@ impl Worker<'_> {
                 self.refresh_progress()?;
             }
             if last_reap.elapsed() >= REAP_EVERY {
-                let released = release_dead_workers(self.store, &self.info.host)?;
-                if released > 0 {
-                    self.progress
-                        .note(&format!("released {released} fragment(s) of lost workers"));
+                let released = release_dead_workers(self.store, &self.info.host);
+                if let Some(released) = self.available(released)? {
+                    if released > 0 {
+                        self.progress
+                            .note(&format!("released {released} fragment(s) of lost workers"));
+                        claim_found_nothing = None;
+                    }
                 }
                 last_reap = Instant::now();
             }
         }
+    }
+
+    /// A store result, with an unreachable store turned into `None` (noted once per
+    /// outage): the worker keeps its fragments running and its acks buffered.
+    fn available<T>(&mut self, result: Result<T, StoreError>) -> Result<Option<T>> {
+        match result {
+            Ok(value) => {
+                if let Some(since) = self.outage.take() {
+                    self.progress.note(&format!(
+                        "store reachable again after {:.1}s",
+                        since.elapsed().as_secs_f64()
+                    ));
+                }
+                Ok(Some(value))
+            }
+            Err(e) if e.is_transient() => {
+                if self.outage.is_none() {
+                    self.outage = Some(Instant::now());
+                    self.progress.note(&format!(
+                        "{e}; keeping fragments running and acks buffered, retrying"
+                    ));
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn wait_for_work(&mut self, timeout: Duration) -> Result<bool> {
+        let woke = self.store.wait_for_work(timeout);
+        Ok(self.available(woke)?.unwrap_or(false))
+    }
+
+    /// Retries finishes the store could not take (it was unreachable).
+    fn retry_finishes(&mut self) -> Result<()> {
+        while let Some((end, context)) = self.unfinished.pop() {
+            let result = self.store.finish(&self.info.id, host::now_ms(), &end);
+            match self.available(result)? {
+                Some(finished) => self.report_finish(&context, &finished),
+                None => {
+                    self.unfinished.push((end, context));
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn start_drain(&mut self, deadline: Instant, why: &str) -> Drain {
@@ -308,21 +400,29 @@ impl Worker<'_> {
     /// With nothing running and nothing claimable: the outcome if this worker is done.
     fn finished_work(&mut self, idle_since: &mut Option<Instant>) -> Result<Option<Outcome>> {
         if let Some((job, _)) = &self.cfg.job {
-            let record = self
-                .store
-                .job_by_id(*job)?
-                .context("job vanished from the store")?;
+            let job = *job;
+            let record = self.store.job_by_id(job);
+            let Some(record) = self.available(record)? else {
+                return Ok(None);
+            };
+            let record = record.context("job vanished from the store")?;
             // Otherwise other workers still hold its fragments: wait for them.
             return Ok(match record.state.as_str() {
                 "done" => Some(Outcome::Done),
                 "failed" => Some(Outcome::Quarantined),
+                "cancelled" => Some(Outcome::Cancelled),
                 _ => None,
             });
         }
         let since = *idle_since.get_or_insert_with(Instant::now);
         Ok(match self.cfg.idle_exit {
             Some(limit) => (since.elapsed() >= limit).then_some(Outcome::Done),
-            None => self.store.open_jobs()?.is_empty().then_some(Outcome::Done),
+            None => {
+                let open = self.store.open_jobs();
+                self.available(open)?
+                    .is_some_and(|jobs| jobs.is_empty())
+                    .then_some(Outcome::Done)
+            }
         })
     }
 
@@ -341,6 +441,7 @@ impl Worker<'_> {
                 now_ms,
                 lease_ms: self.cfg.lease.as_millis() as i64,
                 slots: self.cfg.slots,
+                max_items: self.cfg.max_items,
                 context: ClaimContext {
                     remaining: 0,
                     slots: self.cfg.slots,
@@ -352,7 +453,8 @@ impl Worker<'_> {
                         .map(|(_, end)| (end - now_ms).max(0) as f64),
                 },
             };
-            let Some(assignment) = self.store.claim(&req)? else {
+            let claimed = self.store.claim(&req);
+            let Some(assignment) = self.available(claimed)?.flatten() else {
                 break;
             };
             self.start(assignment)?;
@@ -579,19 +681,13 @@ impl Worker<'_> {
             load: sample.load_per_cpu,
         };
         let lease_ms = self.cfg.lease.as_millis() as i64;
-        let reply =
-            match self
-                .store
-                .flush(&self.info.id, host::now_ms(), lease_ms, &heartbeat, &batch)
-            {
-                Ok(reply) => reply,
-                Err(e) => {
-                    // Keep the acks and try again next time: nothing acked is dropped.
-                    self.progress
-                        .note(&format!("flush failed, will retry: {e}"));
-                    return Ok(());
-                }
-            };
+        let result = self
+            .store
+            .flush(&self.info.id, host::now_ms(), lease_ms, &heartbeat, &batch);
+        // Unreachable: keep the acks and try again next time; nothing acked is dropped.
+        let Some(reply) = self.available(result)? else {
+            return Ok(());
+        };
         self.unflushed.clear();
         for id in reply.lost {
             if let Some(slot) = self.running.get(&id) {
@@ -666,16 +762,33 @@ impl Worker<'_> {
             stdout: report.stdout_tail,
             stderr: report.stderr_tail,
         };
-        let finished = self.store.finish(&self.info.id, host::now_ms(), &end)?;
-        let stage = &slot.spec.stages[slot.assignment.stage_index].name;
+        let context = FinishContext {
+            id,
+            stage: slot.spec.stages[slot.assignment.stage_index].name.clone(),
+            stage_index: slot.assignment.stage_index,
+            span: slot.assignment.span,
+            n: slot.assignment.n,
+            failure: report.failure.as_ref().map(|f| f.to_string()),
+        };
+        let result = self.store.finish(&self.info.id, host::now_ms(), &end);
+        match self.available(result)? {
+            Some(finished) => self.report_finish(&context, &finished),
+            // Kept (with its acks) until the store is back.
+            None => self.unfinished.push((end, context)),
+        }
+        Ok(())
+    }
+
+    fn report_finish(&mut self, c: &FinishContext, finished: &Finished) {
+        let (id, stage) = (c.id, &c.stage);
         if !finished.accepted {
             self.progress.note(&format!("stage {stage}: fragment {id} was no longer ours; its late results were not counted"));
-            return Ok(());
+            return;
         }
-        if let Some(failure) = &report.failure {
+        if let Some(failure) = &c.failure {
             self.progress.note(&format!(
                 "stage {stage}: fragment {id} [{}, {}) failed: {failure} (see: granule logs {stage} --fragment {id})",
-                slot.assignment.span.start, slot.assignment.span.end
+                c.span.start, c.span.end
             ));
         }
         for span in finished.quarantined.spans() {
@@ -685,17 +798,20 @@ impl Worker<'_> {
             ));
         }
         if self.cfg.job.is_some() {
-            self.progress
-                .fragment_size(slot.assignment.stage_index, slot.assignment.n);
+            self.progress.fragment_size(c.stage_index, c.n);
         }
-        Ok(())
     }
 
     fn refresh_progress(&mut self) -> Result<()> {
         let Some((_, spec)) = &self.cfg.job else {
             return Ok(());
         };
-        if let Some(job) = self.store.status(Some(&spec.name))?.into_iter().next() {
+        let name = spec.name.clone();
+        let status = self.store.status(Some(&name));
+        if let Some(job) = self
+            .available(status)?
+            .and_then(|jobs| jobs.into_iter().next())
+        {
             self.progress.update(&job);
         }
         Ok(())

@@ -7,8 +7,8 @@ mod progress;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use granule_spec::JobSpec;
-use granule_store::{NewJob, NewStage, SqliteStore, Store, StoreError, Submitted};
-use std::path::{Path, PathBuf};
+use granule_store::{NewJob, NewStage, PgStore, SqliteStore, Store, StoreError, Submitted};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -50,13 +50,18 @@ enum Command {
     Logs(LogsArgs),
     /// Write out a stage's results (the final checkpoint of each finished fragment).
     Results(ResultsArgs),
+    /// Cancel a job: nothing more of it is claimed, its running fragments are stopped.
+    Cancel(CancelArgs),
 }
 
 #[derive(clap::Args)]
 struct StateArg {
-    /// State directory (holds the SQLite store).
+    /// State directory (holds the SQLite store, restored checkpoints).
     #[arg(long, default_value = ".granule", env = "GRANULE_STATE")]
     state: PathBuf,
+    /// Shared store instead of the embedded one: `postgres://user@host/db`.
+    #[arg(long, env = "GRANULE_STORE")]
+    store: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -164,6 +169,14 @@ struct LogsArgs {
 }
 
 #[derive(clap::Args)]
+struct CancelArgs {
+    /// The job.
+    job: String,
+    #[command(flatten)]
+    state: StateArg,
+}
+
+#[derive(clap::Args)]
 struct ResultsArgs {
     /// The stage.
     stage: String,
@@ -198,6 +211,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status(args),
         Command::Logs(args) => logs(args),
         Command::Results(args) => results(args),
+        Command::Cancel(args) => cancel(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -218,11 +232,39 @@ fn main() -> ExitCode {
     }
 }
 
-fn open_store(state: &Path) -> Result<SqliteStore> {
+/// The store named by `--store`, or the SQLite file in the state directory.
+fn open_store(args: &StateArg) -> Result<Box<dyn Store>> {
+    let state = &args.state;
     std::fs::create_dir_all(state)
         .with_context(|| format!("creating state directory {}", state.display()))?;
-    let path = state.join("granule.db");
-    SqliteStore::open(&path).with_context(|| format!("opening store {}", path.display()))
+    match args.store.as_deref() {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let store =
+                PgStore::open(url).with_context(|| format!("opening store {}", redact(url)))?;
+            Ok(Box::new(store))
+        }
+        Some(other) => {
+            Err(BadInput(format!("--store {other:?}: expected a postgres:// URL")).into())
+        }
+        None => {
+            let path = state.join("granule.db");
+            let store = SqliteStore::open(&path)
+                .with_context(|| format!("opening store {}", path.display()))?;
+            Ok(Box::new(store))
+        }
+    }
+}
+
+/// A store URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}@{}", &url[..scheme + 3], user, &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// The store's view of a spec.
@@ -253,7 +295,7 @@ fn new_job(spec: &JobSpec) -> NewJob {
 
 fn run(args: RunArgs) -> Result<u8> {
     let spec = granule_spec::load(&args.spec)?;
-    let mut store = open_store(&args.state.state)?;
+    let mut store = open_store(&args.state)?;
     let submitted = store.submit(&new_job(&spec), host::now_ms(), args.fresh)?;
     if let Submitted::AlreadyFinished(_) = submitted {
         let record = store.job(&spec.name)?.context("job vanished")?;
@@ -280,10 +322,14 @@ fn run(args: RunArgs) -> Result<u8> {
         ..engine::EngineConfig::default()
     };
     Ok(
-        match engine::run_worker(&mut store, &config, &interrupts)? {
+        match engine::run_worker(store.as_mut(), &config, &interrupts)? {
             engine::Outcome::Done => EXIT_DONE,
             engine::Outcome::Quarantined => EXIT_QUARANTINED,
             engine::Outcome::Stopped => EXIT_INTERRUPTED,
+            engine::Outcome::Cancelled => {
+                eprintln!("granule: the job was cancelled");
+                EXIT_QUARANTINED
+            }
         },
     )
 }
@@ -314,7 +360,7 @@ fn slots(arg: Option<u32>) -> Result<u32> {
 }
 
 fn worker(args: WorkerArgs) -> Result<u8> {
-    let mut store = open_store(&args.state.state)?;
+    let mut store = open_store(&args.state)?;
     let now = Instant::now();
     let now_ms = host::now_ms();
     let lifespan = match (args.lifespan, &args.deadline) {
@@ -342,7 +388,7 @@ fn worker(args: WorkerArgs) -> Result<u8> {
         steal: !args.no_steal,
         ..engine::EngineConfig::default()
     };
-    engine::run_worker(&mut store, &config, &interrupts)?;
+    engine::run_worker(store.as_mut(), &config, &interrupts)?;
     Ok(EXIT_DONE)
 }
 
@@ -367,7 +413,7 @@ fn deadline_in(text: &str, now_ms: i64) -> Result<Duration> {
 
 fn submit(args: SubmitArgs) -> Result<u8> {
     let spec = granule_spec::load(&args.spec)?;
-    let mut store = open_store(&args.state.state)?;
+    let mut store = open_store(&args.state)?;
     let what = match store.submit(&new_job(&spec), host::now_ms(), args.fresh)? {
         Submitted::Created(_) => "submitted",
         Submitted::Resumed(_) => "already submitted, unfinished",
@@ -386,7 +432,7 @@ fn submit(args: SubmitArgs) -> Result<u8> {
 const WORKERS_SEEN_MS: i64 = 60_000;
 
 fn status(args: StatusArgs) -> Result<u8> {
-    let mut store = open_store(&args.state.state)?;
+    let mut store = open_store(&args.state)?;
     let jobs = store.status(args.job.as_deref())?;
     let workers = store.workers(host::now_ms(), WORKERS_SEEN_MS)?;
     if args.json {
@@ -448,7 +494,7 @@ fn status(args: StatusArgs) -> Result<u8> {
 }
 
 /// The named job, or the latest job that has a stage called `stage`.
-fn job_with_stage(store: &mut SqliteStore, job: Option<String>, stage: &str) -> Result<String> {
+fn job_with_stage(store: &mut dyn Store, job: Option<String>, stage: &str) -> Result<String> {
     match job {
         Some(job) => Ok(job),
         None => Ok(store
@@ -461,9 +507,25 @@ fn job_with_stage(store: &mut SqliteStore, job: Option<String>, stage: &str) -> 
     }
 }
 
+fn cancel(args: CancelArgs) -> Result<u8> {
+    let mut store = open_store(&args.state)?;
+    if !store.cancel(&args.job, host::now_ms())? {
+        return Err(BadInput(format!(
+            "job \"{}\" is not running (see granule status)",
+            args.job
+        ))
+        .into());
+    }
+    eprintln!(
+        "granule: job \"{}\" cancelled; its running fragments stop at the workers' next flush",
+        args.job
+    );
+    Ok(EXIT_DONE)
+}
+
 fn results(args: ResultsArgs) -> Result<u8> {
-    let mut store = open_store(&args.state.state)?;
-    let job = job_with_stage(&mut store, args.job, &args.stage)?;
+    let mut store = open_store(&args.state)?;
+    let job = job_with_stage(store.as_mut(), args.job, &args.stage)?;
     let mut stdout = std::io::stdout().lock();
     for (fragment, row) in store.results(&job, &args.stage)? {
         let blob = granule_exec::Blob {
@@ -492,8 +554,8 @@ fn results(args: ResultsArgs) -> Result<u8> {
 }
 
 fn logs(args: LogsArgs) -> Result<u8> {
-    let mut store = open_store(&args.state.state)?;
-    let job = job_with_stage(&mut store, args.job, &args.stage)?;
+    let mut store = open_store(&args.state)?;
+    let job = job_with_stage(store.as_mut(), args.job, &args.stage)?;
     let logs = store.logs(&job, &args.stage, args.fragment)?;
     if logs.is_empty() {
         return Err(BadInput(format!(

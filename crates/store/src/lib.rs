@@ -7,11 +7,14 @@
 //! fragment's holder are fenced by its worker id and `running` state: a worker
 //! whose lease was taken over cannot count anything.
 
+mod common;
 mod model;
+mod pg;
 mod schema;
 mod sqlite;
 
 pub use model::*;
+pub use pg::PgStore;
 pub use sqlite::SqliteStore;
 
 use granule_core::{FragmentId, JobId};
@@ -32,6 +35,35 @@ pub enum StoreError {
     /// Stored state could not be decoded.
     #[error("stored state is corrupt: {0}")]
     Corrupt(String),
+    /// PostgreSQL said no.
+    #[error("postgres: {0}")]
+    Postgres(#[from] postgres::Error),
+    /// The database cannot be reached now (it may come back: retry later).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed (a lost connection, a busy database).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) => true,
+            StoreError::Postgres(e) => {
+                e.is_closed()
+                    || e.code()
+                        .is_none_or(|c| c.code().starts_with("08") || c.code().starts_with("57"))
+            }
+            StoreError::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(
+                    rusqlite::ErrorCode::DatabaseBusy
+                        | rusqlite::ErrorCode::DatabaseLocked
+                        | rusqlite::ErrorCode::DiskFull
+                )
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// Result alias of the store.
@@ -46,6 +78,8 @@ pub trait Store {
     fn job(&mut self, name: &str) -> Result<Option<JobRecord>>;
     /// A job's stored spec and state, by id.
     fn job_by_id(&mut self, id: JobId) -> Result<Option<JobRecord>>;
+    /// Cancels a running job; false if there is no running job of that name.
+    fn cancel(&mut self, name: &str, now_ms: i64) -> Result<bool>;
     /// Jobs not yet finished, oldest first.
     fn open_jobs(&mut self) -> Result<Vec<JobId>>;
     /// Registers or refreshes a worker.
@@ -90,4 +124,9 @@ pub trait Store {
     fn results(&mut self, job: &str, stage: &str) -> Result<Vec<(i64, BlobRow)>>;
     /// A checkpoint blob by id, with the id of the checkpoint before it.
     fn blob(&mut self, id: i64) -> Result<Option<(BlobRow, Option<i64>)>>;
+    /// Waits up to `timeout` for a sign that work appeared (a notification where the
+    /// backend has them); true if one came. Backends without them just sleep.
+    fn wait_for_work(&mut self, timeout: std::time::Duration) -> Result<bool>;
+    /// How often an idle worker should try to claim without a sign of new work.
+    fn idle_poll(&self) -> std::time::Duration;
 }

@@ -136,6 +136,8 @@ pub struct ClaimRequest {
     pub lease_ms: i64,
     /// Slots sharing the job (for tail factoring).
     pub slots: u32,
+    /// Most items the fragment may hold, whatever the sizer says.
+    pub max_items: Option<u64>,
     /// Resource readings and lifespan; `remaining` and `slots` are filled per stage.
     pub context: ClaimContext,
 }

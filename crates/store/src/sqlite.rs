@@ -4,6 +4,7 @@
 //! (`BEGIN IMMEDIATE`) so two claimers serialize instead of deadlocking, and each
 //! holds it for a few row reads and writes only.
 
+use crate::common::{decode_sizer_config, json, parse, sizer_config_json, split_point};
 use crate::schema::MIGRATIONS;
 use crate::*;
 use crate::{Heartbeat, SplitAnswer};
@@ -20,14 +21,6 @@ use std::time::Duration;
 /// A store in one SQLite file.
 pub struct SqliteStore {
     conn: Connection,
-}
-
-fn json<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string(value).expect("serializing plain data")
-}
-
-fn parse<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
 /// The columns of a stage row the transitions need.
@@ -81,34 +74,6 @@ fn decode_stage((mut row, after, config): (StageRow, String, String)) -> Result<
     row.after = parse(&after, "stage after")?;
     row.sizer_config = decode_sizer_config(&config)?;
     Ok(row)
-}
-
-/// A sizer config as stored: the tunables plus the stage keys that `serde(skip)` leaves out.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct StoredSizerConfig {
-    tunables: SizerConfig,
-    target_ms: Option<f64>,
-    limit_ms: Option<f64>,
-    initial: Option<u64>,
-}
-
-fn sizer_config_json(cfg: &SizerConfig) -> String {
-    json(&StoredSizerConfig {
-        tunables: cfg.clone(),
-        target_ms: cfg.target_ms,
-        limit_ms: cfg.limit_ms,
-        initial: cfg.initial,
-    })
-}
-
-fn decode_sizer_config(text: &str) -> Result<SizerConfig> {
-    let stored: StoredSizerConfig = parse(text, "sizer config")?;
-    Ok(SizerConfig {
-        target_ms: stored.target_ms,
-        limit_ms: stored.limit_ms,
-        initial: stored.initial,
-        ..stored.tunables
-    })
 }
 
 fn load_ledger(tx: &Connection, stage: i64) -> Result<StageLedger> {
@@ -291,6 +256,15 @@ fn held_stage(tx: &Connection, fragment: FragmentId, worker: &str) -> Result<Opt
         .optional()?)
 }
 
+fn job_cancelled(tx: &Connection, stage: i64) -> Result<bool> {
+    let state: String = tx
+        .prepare_cached(
+            "SELECT j.state FROM jobs j JOIN stages s ON s.job_id = j.id WHERE s.id = ?1",
+        )?
+        .query_row([stage], |r| r.get(0))?;
+    Ok(state == "cancelled")
+}
+
 /// Marks the job finished once every stage is.
 fn settle_job(tx: &Connection, stage: i64, now_ms: i64) -> Result<bool> {
     let job: i64 = tx.query_row("SELECT job_id FROM stages WHERE id = ?1", [stage], |r| {
@@ -311,7 +285,7 @@ fn settle_job(tx: &Connection, stage: i64, now_ms: i64) -> Result<bool> {
     )?;
     let state = if quarantined > 0 { "failed" } else { "done" };
     tx.execute(
-        "UPDATE jobs SET state = ?2, finished_ms = ?3 WHERE id = ?1",
+        "UPDATE jobs SET state = ?2, finished_ms = ?3 WHERE id = ?1 AND state = 'running'",
         params![job, state, now_ms],
     )?;
     Ok(true)
@@ -446,6 +420,14 @@ impl Store for SqliteStore {
             .optional()?)
     }
 
+    fn cancel(&mut self, name: &str, now_ms: i64) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE jobs SET state = 'cancelled', finished_ms = ?2 WHERE name = ?1 AND state = 'running'",
+            params![name, now_ms],
+        )?;
+        Ok(n == 1)
+    }
+
     fn open_jobs(&mut self) -> Result<Vec<JobId>> {
         let mut stmt = self
             .conn
@@ -477,7 +459,18 @@ impl Store for SqliteStore {
     fn claim(&mut self, req: &ClaimRequest) -> Result<Option<Assignment>> {
         let tx = self.write()?;
         let jobs: Vec<i64> = match req.job {
-            Some(job) => vec![job.0],
+            Some(job) => {
+                let state: Option<String> = tx
+                    .query_row("SELECT state FROM jobs WHERE id = ?1", [job.0], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                if state.as_deref() == Some("running") {
+                    vec![job.0]
+                } else {
+                    vec![]
+                }
+            }
             None => {
                 let mut stmt =
                     tx.prepare_cached("SELECT id FROM jobs WHERE state = 'running' ORDER BY id")?;
@@ -514,6 +507,14 @@ impl Store for SqliteStore {
                 reply.lost.push(f.fragment);
                 continue;
             };
+            if job_cancelled(&tx, stage)? {
+                tx.execute(
+                    "UPDATE fragments SET state = 'cancelled', finished_ms = ?2 WHERE id = ?1",
+                    params![f.fragment.0, now_ms],
+                )?;
+                reply.lost.push(f.fragment);
+                continue;
+            }
             let ledger = ledger_of(&tx, &mut ledgers, stage)?;
             reply.done += apply_flush(&tx, ledger, stage, f, now_ms)?;
         }
@@ -571,34 +572,19 @@ impl Store for SqliteStore {
         let mut best: Option<(f64, i64, u64)> = None;
         for (id, stage, start, end, acked, class, claimed_ms, predicted_ms) in rows {
             let acked: granule_core::IntervalSet = parse(&acked, "fragment acks")?;
-            let span = Span::new(start as u64, end as u64);
-            let left = span.len() - acked.len();
             let model = load_sizer(&tx, stage, &class)?.model;
-            // A straggler runs slower than the model: judge it by its own pace.
-            let elapsed = (now_ms - claimed_ms) as f64;
-            let pace = if !acked.is_empty() {
-                elapsed / acked.len() as f64
-            } else {
-                0.0
-            };
-            let overdue = elapsed > predicted_ms;
-            let per_item = if overdue {
-                model.b_ms.max(pace)
-            } else {
-                model.b_ms
-            };
-            let remaining_ms = left as f64 * per_item;
-            // The owner keeps the first half of what it has not acked.
-            let tail_start = acked
-                .spans()
-                .last()
-                .map_or(span.start, |s| s.end.max(span.start));
-            let at = tail_start + (span.end - tail_start) / 2;
-            if remaining_ms >= min_ms.max(4.0 * model.a_ms)
-                && at > tail_start
-                && best.is_none_or(|b| remaining_ms > b.0)
-            {
-                best = Some((remaining_ms, id, at));
+            let candidate = split_point(
+                Span::new(start as u64, end as u64),
+                &acked,
+                &model,
+                now_ms - claimed_ms,
+                predicted_ms,
+                min_ms,
+            );
+            if let Some((remaining_ms, at)) = candidate {
+                if best.is_none_or(|b| remaining_ms > b.0) {
+                    best = Some((remaining_ms, id, at));
+                }
             }
         }
         let chosen = best.map(|(_, id, at)| (FragmentId(id), at));
@@ -862,6 +848,16 @@ impl Store for SqliteStore {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
+    fn wait_for_work(&mut self, timeout: Duration) -> Result<bool> {
+        std::thread::sleep(timeout.min(self.idle_poll()));
+        Ok(true)
+    }
+
+    fn idle_poll(&self) -> Duration {
+        // A claim is a local transaction: polling is cheap.
+        Duration::from_millis(100)
+    }
+
     fn blob(&mut self, id: i64) -> Result<Option<(BlobRow, Option<i64>)>> {
         Ok(self
             .conn
@@ -922,11 +918,12 @@ fn claim_in_job(
         ctx.remaining = ledger.pending.len();
         ctx.slots = slots;
         let sizing = sizer.size(&stage.sizer_config, &ctx);
-        if sizing.n == 0 {
+        let n = req.max_items.map_or(sizing.n, |max| sizing.n.min(max));
+        if n == 0 {
             continue;
         }
         let claim = ledger
-            .claim(FragmentId(0), sizing.n)
+            .claim(FragmentId(0), n)
             .expect("pending is not empty");
         let predicted_ms = sizer.model.predict_ms(claim.span.len());
         let cap = if claim.span.len() < sizing.n {

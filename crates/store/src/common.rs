@@ -1,0 +1,78 @@
+//! Pieces both backends share: JSON columns, the stored sizer config, and the
+//! choice of where to split a running fragment.
+
+use crate::{Result, StoreError};
+use granule_core::{CostModel, IntervalSet, SizerConfig, Span};
+
+/// A value as a JSON column.
+pub(crate) fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("serializing plain data")
+}
+
+/// A JSON column back to a value; `what` names it in the error.
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// A sizer config as stored: the tunables plus the stage keys that `serde(skip)` leaves out.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredSizerConfig {
+    tunables: SizerConfig,
+    target_ms: Option<f64>,
+    limit_ms: Option<f64>,
+    initial: Option<u64>,
+}
+
+/// The JSON a stage's sizer config is stored as.
+pub(crate) fn sizer_config_json(cfg: &SizerConfig) -> String {
+    json(&StoredSizerConfig {
+        tunables: cfg.clone(),
+        target_ms: cfg.target_ms,
+        limit_ms: cfg.limit_ms,
+        initial: cfg.initial,
+    })
+}
+
+/// Reads a stored sizer config back.
+pub(crate) fn decode_sizer_config(text: &str) -> Result<SizerConfig> {
+    let stored: StoredSizerConfig = parse(text, "sizer config")?;
+    Ok(SizerConfig {
+        target_ms: stored.target_ms,
+        limit_ms: stored.limit_ms,
+        initial: stored.initial,
+        ..stored.tunables
+    })
+}
+
+/// Where to split a running fragment, and how much work its tail holds: the owner
+/// keeps the first half of what it has not acked. Its remaining work is judged by
+/// the model's per-item cost, or by its own pace once it runs past its prediction
+/// (a straggler). `None` if the remaining work is under `min_ms` or 4 overheads.
+pub(crate) fn split_point(
+    span: Span,
+    acked: &IntervalSet,
+    model: &CostModel,
+    elapsed_ms: i64,
+    predicted_ms: f64,
+    min_ms: f64,
+) -> Option<(f64, u64)> {
+    let left = span.len() - acked.len();
+    let elapsed = elapsed_ms as f64;
+    let pace = if acked.is_empty() {
+        0.0
+    } else {
+        elapsed / acked.len() as f64
+    };
+    let per_item = if elapsed > predicted_ms {
+        model.b_ms.max(pace)
+    } else {
+        model.b_ms
+    };
+    let remaining_ms = left as f64 * per_item;
+    let tail_start = acked
+        .spans()
+        .last()
+        .map_or(span.start, |s| s.end.max(span.start));
+    let at = tail_start + (span.end - tail_start) / 2;
+    (remaining_ms >= min_ms.max(4.0 * model.a_ms) && at > tail_start).then_some((remaining_ms, at))
+}

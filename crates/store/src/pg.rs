@@ -1,0 +1,1196 @@
+//! The shared backend: one PostgreSQL database for workers on many hosts.
+//!
+//! Unlike the SQLite store, nothing hot lives on one row. Pending items are rows of
+//! ranges (a stage starts as up to 64 of them); a claim locks one with
+//! `FOR UPDATE SKIP LOCKED`, so concurrent claimers take different ranges instead of
+//! queueing. Done items are counted on the fragment rows that did them. The sizer
+//! row is written only by whoever gets its lock without waiting (`SKIP LOCKED`):
+//! under contention the model learns from a sample of fragments. Each transition
+//! runs the same pure ledger functions as SQLite on the rows it touches.
+//!
+//! One connection per worker. A lost connection makes every call fail as
+//! `Unavailable` until a reconnect (tried at most once per backoff step) succeeds;
+//! the worker buffers acks meanwhile.
+
+use crate::common::{decode_sizer_config, json, parse, sizer_config_json, split_point};
+use crate::*;
+use granule_core::{
+    FinishOutcome, FragmentId, IntervalSet, JobId, Observation, PendingRange, RunningFragment,
+    SizeCap, Sizer, SizerConfig, Span, StageId, StageLedger,
+};
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, NoTls, Transaction};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// Pending ranges a new stage starts as, so that claimers do not queue on one row.
+const SHARDS: u64 = 64;
+/// The channel idle workers listen on.
+const CHANNEL: &str = "granule_work";
+/// Longest wait between reconnect attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Migrations in order; never edit one that has shipped, append a new one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE jobs (
+    id BIGSERIAL PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    spec_hash TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    finished_ms BIGINT
+);
+CREATE TABLE stages (
+    id BIGSERIAL PRIMARY KEY,
+    job_id BIGINT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    idx INT NOT NULL,
+    name TEXT NOT NULL,
+    items BIGINT NOT NULL,
+    after TEXT NOT NULL,
+    retries INT NOT NULL,
+    sizer_config TEXT NOT NULL,
+    state TEXT NOT NULL,
+    quarantined TEXT NOT NULL DEFAULT '[]',
+    acks TEXT NOT NULL DEFAULT 'unknown',
+    UNIQUE (job_id, idx)
+);
+CREATE TABLE pending (
+    id BIGSERIAL PRIMARY KEY,
+    stage_id BIGINT NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    start_idx BIGINT NOT NULL,
+    end_idx BIGINT NOT NULL,
+    failures INT NOT NULL,
+    checkpoint_id BIGINT
+);
+CREATE INDEX pending_by_stage ON pending (stage_id, start_idx);
+CREATE TABLE sizers (
+    stage_id BIGINT NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    class TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (stage_id, class)
+);
+CREATE TABLE workers (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid BIGINT NOT NULL,
+    proc_start BIGINT NOT NULL,
+    slots INT NOT NULL,
+    class TEXT NOT NULL,
+    started_ms BIGINT NOT NULL,
+    heartbeat_ms BIGINT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'running',
+    lifespan_end_ms BIGINT,
+    busy INT NOT NULL DEFAULT 0,
+    free_memory DOUBLE PRECISION,
+    load DOUBLE PRECISION
+);
+CREATE TABLE fragments (
+    id BIGSERIAL PRIMARY KEY,
+    stage_id BIGINT NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    start_idx BIGINT NOT NULL,
+    end_idx BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    class TEXT NOT NULL,
+    lease_expires_ms BIGINT NOT NULL,
+    failures INT NOT NULL,
+    acked TEXT NOT NULL DEFAULT '[]',
+    done_count BIGINT NOT NULL DEFAULT 0,
+    checkpoint_id BIGINT,
+    n BIGINT NOT NULL,
+    predicted_ms DOUBLE PRECISION NOT NULL,
+    size_cap TEXT NOT NULL,
+    claimed_ms BIGINT NOT NULL,
+    finished_ms BIGINT,
+    observed_ms DOUBLE PRECISION,
+    cpu_ms DOUBLE PRECISION,
+    peak_rss_kb BIGINT,
+    load DOUBLE PRECISION,
+    fed BIGINT,
+    acks BIGINT,
+    cause TEXT,
+    detail TEXT,
+    stdout BYTEA,
+    stderr BYTEA,
+    split_request BIGINT,
+    splits INT NOT NULL DEFAULT 0,
+    wasted_ms DOUBLE PRECISION NOT NULL DEFAULT 0,
+    checkpoint_fallbacks INT NOT NULL DEFAULT 0
+);
+CREATE INDEX fragments_by_stage ON fragments (stage_id, state);
+CREATE INDEX fragments_by_worker ON fragments (worker, state);
+CREATE TABLE blobs (
+    id BIGSERIAL PRIMARY KEY,
+    stage_id BIGINT NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    fragment_id BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    raw_len BIGINT NOT NULL,
+    hash TEXT NOT NULL,
+    data BYTEA NOT NULL,
+    meta TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    prev BIGINT
+);
+"#];
+
+/// A store in a PostgreSQL database.
+pub struct PgStore {
+    config: postgres::Config,
+    client: Option<Client>,
+    next_attempt: Instant,
+    backoff: Duration,
+}
+
+/// The columns of a stage row the transitions need.
+struct StageRow {
+    id: i64,
+    idx: usize,
+    name: String,
+    items: u64,
+    after: Vec<usize>,
+    retries: u32,
+    sizer_config: SizerConfig,
+    state: String,
+    acks: String,
+}
+
+const STAGE_COLUMNS: &str = "id, idx, name, items, after, retries, sizer_config, state, acks";
+
+fn stage_row(r: &postgres::Row) -> Result<StageRow> {
+    Ok(StageRow {
+        id: r.get(0),
+        idx: r.get::<_, i32>(1) as usize,
+        name: r.get(2),
+        items: r.get::<_, i64>(3) as u64,
+        after: parse(r.get(4), "stage after")?,
+        retries: r.get::<_, i32>(5) as u32,
+        sizer_config: decode_sizer_config(r.get(6))?,
+        state: r.get(7),
+        acks: r.get(8),
+    })
+}
+
+fn stages_of(tx: &mut Transaction<'_>, job: i64) -> Result<Vec<StageRow>> {
+    let sql = format!("SELECT {STAGE_COLUMNS} FROM stages WHERE job_id = $1 ORDER BY idx");
+    tx.query(&sql, &[&job])?.iter().map(stage_row).collect()
+}
+
+fn stage_by_id(tx: &mut Transaction<'_>, stage: i64) -> Result<StageRow> {
+    let sql = format!("SELECT {STAGE_COLUMNS} FROM stages WHERE id = $1");
+    stage_row(&tx.query_one(&sql, &[&stage])?)
+}
+
+/// A running fragment, locked for this transaction, as long as `worker` holds it.
+struct HeldFragment {
+    stage: i64,
+    fragment: RunningFragment,
+    class: String,
+    size_cap: String,
+}
+
+fn hold(tx: &mut Transaction<'_>, id: FragmentId, worker: &str) -> Result<Option<HeldFragment>> {
+    let row = tx.query_opt(
+        "SELECT stage_id, start_idx, end_idx, acked, failures, checkpoint_id, class, size_cap FROM fragments
+         WHERE id = $1 AND worker = $2 AND state = 'running' FOR UPDATE",
+        &[&id.0, &worker],
+    )?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(HeldFragment {
+        stage: r.get(0),
+        fragment: RunningFragment {
+            id,
+            span: Span::new(r.get::<_, i64>(1) as u64, r.get::<_, i64>(2) as u64),
+            acked: parse(r.get(3), "fragment acks")?,
+            failures: r.get::<_, i32>(4) as u32,
+            checkpoint: r.get(5),
+        },
+        class: r.get(6),
+        size_cap: r.get(7),
+    }))
+}
+
+/// A ledger holding just one running fragment: the core's transitions applied to
+/// the rows one transaction touches. Its `done` and `pending` are what changed.
+fn mini_ledger(f: &RunningFragment) -> StageLedger {
+    StageLedger {
+        items: f.span.end,
+        pending: Default::default(),
+        done: f.acked.clone(),
+        quarantined: IntervalSet::new(),
+        running: vec![f.clone()],
+    }
+}
+
+fn insert_pending(tx: &mut Transaction<'_>, stage: i64, ranges: &[PendingRange]) -> Result<()> {
+    for r in ranges {
+        tx.execute(
+            "INSERT INTO pending (stage_id, start_idx, end_idx, failures, checkpoint_id) VALUES ($1, $2, $3, $4, $5)",
+            &[&stage, &(r.span.start as i64), &(r.span.end as i64), &(r.failures as i32), &r.checkpoint],
+        )?;
+    }
+    Ok(())
+}
+
+/// Applies acks, checkpoints and a split answer to a held fragment; returns the
+/// items newly done and whether pending work appeared.
+fn apply_flush(
+    tx: &mut Transaction<'_>,
+    held: &HeldFragment,
+    ledger: &mut StageLedger,
+    f: &FragmentFlush,
+    now_ms: i64,
+) -> Result<(u64, bool)> {
+    let done = ledger.ack(f.fragment, &f.acked);
+    for cp in &f.checkpoints {
+        let prev = ledger.fragment(f.fragment).and_then(|r| r.checkpoint);
+        let id: i64 = tx
+            .query_one(
+                "INSERT INTO blobs (stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms, prev)
+                 VALUES ($1, $2, 'checkpoint', $3, $4, $5, $6, $7, $8) RETURNING id",
+                &[&held.stage, &f.fragment.0, &(cp.raw_len as i64), &cp.hash, &cp.data, &cp.meta, &now_ms, &prev],
+            )?
+            .get(0);
+        ledger.checkpoint(f.fragment, id);
+    }
+    let mut appeared = false;
+    if let Some(answer) = f.split {
+        if let SplitAnswer::At(at) = answer {
+            if ledger.split(f.fragment, at) > 0 {
+                let tail = ledger.pending.ranges().to_vec();
+                insert_pending(tx, held.stage, &tail)?;
+                ledger.pending = Default::default();
+                tx.execute(
+                    "UPDATE fragments SET splits = splits + 1 WHERE id = $1",
+                    &[&f.fragment.0],
+                )?;
+                appeared = true;
+            }
+        }
+        tx.execute(
+            "UPDATE fragments SET split_request = NULL WHERE id = $1",
+            &[&f.fragment.0],
+        )?;
+    }
+    Ok((done, appeared))
+}
+
+fn save_fragment(tx: &mut Transaction<'_>, ledger: &StageLedger, id: FragmentId) -> Result<()> {
+    if let Some(f) = ledger.fragment(id) {
+        tx.execute(
+            "UPDATE fragments SET end_idx = $2, acked = $3, done_count = $4, checkpoint_id = $5 WHERE id = $1",
+            &[&id.0, &(f.span.end as i64), &json(&f.acked), &(f.acked.len() as i64), &f.checkpoint],
+        )?;
+    }
+    Ok(())
+}
+
+/// The sizer of (stage, class), and whether this transaction holds its row lock
+/// (taken only if free: a busy sizer is read, not waited for).
+fn sizer_for(tx: &mut Transaction<'_>, stage: i64, class: &str) -> Result<(Sizer, bool)> {
+    let locked = tx.query_opt(
+        "SELECT state FROM sizers WHERE stage_id = $1 AND class = $2 FOR UPDATE SKIP LOCKED",
+        &[&stage, &class],
+    )?;
+    if let Some(r) = locked {
+        return Ok((parse(r.get(0), "sizer state")?, true));
+    }
+    let plain = tx.query_opt(
+        "SELECT state FROM sizers WHERE stage_id = $1 AND class = $2",
+        &[&stage, &class],
+    )?;
+    match plain {
+        Some(r) => Ok((parse(r.get(0), "sizer state")?, false)),
+        None => {
+            let created = tx.execute(
+                "INSERT INTO sizers (stage_id, class, state) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                &[&stage, &class, &json(&Sizer::default())],
+            )?;
+            Ok((Sizer::default(), created == 1))
+        }
+    }
+}
+
+fn save_sizer(tx: &mut Transaction<'_>, stage: i64, class: &str, sizer: &Sizer) -> Result<()> {
+    tx.execute(
+        "UPDATE sizers SET state = $3 WHERE stage_id = $1 AND class = $2",
+        &[&stage, &class, &json(sizer)],
+    )?;
+    Ok(())
+}
+
+fn notify(tx: &mut Transaction<'_>) -> Result<()> {
+    tx.execute(&format!("NOTIFY {CHANNEL}"), &[])?;
+    Ok(())
+}
+
+/// Marks the stage done if nothing of it is pending or running, and its job once
+/// every stage is. The stage row lock makes two last finishers see each other.
+fn settle(tx: &mut Transaction<'_>, stage: i64, now_ms: i64) -> Result<bool> {
+    let open: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM pending WHERE stage_id = $1",
+            &[&stage],
+        )?
+        .get(0);
+    if open > 0 {
+        return Ok(false);
+    }
+    let job: i64 = tx
+        .query_one(
+            "SELECT job_id FROM stages WHERE id = $1 FOR UPDATE",
+            &[&stage],
+        )?
+        .get(0);
+    let busy: i64 = tx
+        .query_one(
+            "SELECT (SELECT count(*) FROM pending WHERE stage_id = $1)
+                  + (SELECT count(*) FROM fragments WHERE stage_id = $1 AND state = 'running')",
+            &[&stage],
+        )?
+        .get(0);
+    if busy > 0 {
+        return Ok(false);
+    }
+    tx.execute("UPDATE stages SET state = 'done' WHERE id = $1", &[&stage])?;
+    // Stages that waited for this one may be ready now.
+    notify(tx)?;
+    tx.query_one("SELECT id FROM jobs WHERE id = $1 FOR UPDATE", &[&job])?;
+    let open: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM stages WHERE job_id = $1 AND state != 'done'",
+            &[&job],
+        )?
+        .get(0);
+    if open > 0 {
+        return Ok(false);
+    }
+    let quarantined: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM stages WHERE job_id = $1 AND quarantined != '[]'",
+            &[&job],
+        )?
+        .get(0);
+    let state = if quarantined > 0 { "failed" } else { "done" };
+    tx.execute(
+        "UPDATE jobs SET state = $2, finished_ms = $3 WHERE id = $1 AND state = 'running'",
+        &[&job, &state, &now_ms],
+    )?;
+    Ok(true)
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://…`) and applies pending migrations.
+    pub fn open(url: &str) -> Result<PgStore> {
+        let mut config = postgres::Config::from_str(url)?;
+        config
+            .connect_timeout(Duration::from_secs(5))
+            // A cut link surfaces as an error within seconds instead of hanging a call.
+            .tcp_user_timeout(Duration::from_secs(5))
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(5))
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(3);
+        if config.get_application_name().is_none() {
+            config.application_name("granule");
+        }
+        let mut store = PgStore {
+            config,
+            client: None,
+            next_attempt: Instant::now(),
+            backoff: Duration::ZERO,
+        };
+        store.connect()?;
+        Ok(store)
+    }
+
+    fn connect(&mut self) -> Result<()> {
+        let mut client = self.config.connect(NoTls)?;
+        let mut tx = client.transaction()?;
+        // One migrator at a time, across every worker that starts at once.
+        tx.execute("SELECT pg_advisory_xact_lock(7267435)", &[])?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS granule_schema (version INT NOT NULL)")?;
+        let version: i64 = tx
+            .query_one(
+                "SELECT coalesce(max(version), 0)::BIGINT FROM granule_schema",
+                &[],
+            )?
+            .get(0);
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.batch_execute(sql)?;
+            tx.execute(
+                "INSERT INTO granule_schema (version) VALUES ($1)",
+                &[&((i + 1) as i32)],
+            )?;
+        }
+        tx.commit()?;
+        client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+        self.client = Some(client);
+        self.backoff = Duration::ZERO;
+        Ok(())
+    }
+
+    /// The connection, reconnecting (with backoff) if it was lost.
+    fn client(&mut self) -> Result<&mut Client> {
+        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            if Instant::now() < self.next_attempt {
+                return Err(StoreError::Unavailable("reconnecting to PostgreSQL".into()));
+            }
+            if let Err(e) = self.connect() {
+                self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), BACKOFF_MAX);
+                self.next_attempt = Instant::now() + self.backoff;
+                return Err(StoreError::Unavailable(format!(
+                    "cannot reach PostgreSQL: {e}"
+                )));
+            }
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    /// Runs `f` in a transaction; a broken connection is dropped for a reconnect.
+    fn with_tx<T>(&mut self, f: impl FnOnce(&mut Transaction<'_>) -> Result<T>) -> Result<T> {
+        let client = self.client()?;
+        let result: Result<T> = (|| {
+            let mut tx = client.transaction()?;
+            let value = f(&mut tx)?;
+            tx.commit()?;
+            Ok(value)
+        })();
+        if let Err(e) = &result {
+            if e.is_transient() {
+                self.client = None;
+            }
+        }
+        result
+    }
+}
+
+impl Store for PgStore {
+    fn submit(&mut self, job: &NewJob, now_ms: i64, fresh: bool) -> Result<Submitted> {
+        self.with_tx(|tx| {
+            let existing = tx.query_opt("SELECT id, spec_hash, state FROM jobs WHERE name = $1 FOR UPDATE", &[&job.name])?;
+            if let Some(r) = existing {
+                let (id, hash, state): (i64, String, String) = (r.get(0), r.get(1), r.get(2));
+                if !fresh {
+                    if hash != job.spec_hash {
+                        return Err(StoreError::SpecChanged(job.name.clone()));
+                    }
+                    return Ok(if state == "running" { Submitted::Resumed(JobId(id)) } else { Submitted::AlreadyFinished(JobId(id)) });
+                }
+                tx.execute("DELETE FROM jobs WHERE id = $1", &[&id])?;
+            }
+            let id: i64 = tx
+                .query_one(
+                    "INSERT INTO jobs (name, spec_hash, spec, state, created_ms) VALUES ($1, $2, $3, 'running', $4) RETURNING id",
+                    &[&job.name, &job.spec_hash, &job.spec_json, &now_ms],
+                )?
+                .get(0);
+            for (idx, stage) in job.stages.iter().enumerate() {
+                let state = if stage.items == 0 { "done" } else { "waiting" };
+                let stage_id: i64 = tx
+                    .query_one(
+                        "INSERT INTO stages (job_id, idx, name, items, after, retries, sizer_config, state)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                        &[
+                            &id,
+                            &(idx as i32),
+                            &stage.name,
+                            &(stage.items as i64),
+                            &json(&stage.after),
+                            &(stage.retries as i32),
+                            &sizer_config_json(&stage.sizer),
+                            &state,
+                        ],
+                    )?
+                    .get(0);
+                let shards = SHARDS.min(stage.items.max(1));
+                let shard = stage.items.div_ceil(shards);
+                let ranges: Vec<PendingRange> = (0..stage.items)
+                    .step_by(shard.max(1) as usize)
+                    .map(|start| PendingRange {
+                        span: Span::new(start, (start + shard).min(stage.items)),
+                        failures: 0,
+                        checkpoint: None,
+                    })
+                    .collect();
+                insert_pending(tx, stage_id, &ranges)?;
+            }
+            notify(tx)?;
+            Ok(Submitted::Created(JobId(id)))
+        })
+    }
+
+    fn job(&mut self, name: &str) -> Result<Option<JobRecord>> {
+        let row = self.client()?.query_opt(
+            "SELECT id, name, state, spec FROM jobs WHERE name = $1",
+            &[&name],
+        )?;
+        Ok(row.map(|r| JobRecord {
+            id: JobId(r.get(0)),
+            name: r.get(1),
+            state: r.get(2),
+            spec_json: r.get(3),
+        }))
+    }
+
+    fn job_by_id(&mut self, id: JobId) -> Result<Option<JobRecord>> {
+        let row = self.client()?.query_opt(
+            "SELECT id, name, state, spec FROM jobs WHERE id = $1",
+            &[&id.0],
+        )?;
+        Ok(row.map(|r| JobRecord {
+            id: JobId(r.get(0)),
+            name: r.get(1),
+            state: r.get(2),
+            spec_json: r.get(3),
+        }))
+    }
+
+    fn cancel(&mut self, name: &str, now_ms: i64) -> Result<bool> {
+        let n = self.client()?.execute(
+            "UPDATE jobs SET state = 'cancelled', finished_ms = $2 WHERE name = $1 AND state = 'running'",
+            &[&name, &now_ms],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn open_jobs(&mut self) -> Result<Vec<JobId>> {
+        let rows = self.client()?.query(
+            "SELECT id FROM jobs WHERE state = 'running' ORDER BY id",
+            &[],
+        )?;
+        Ok(rows.iter().map(|r| JobId(r.get(0))).collect())
+    }
+
+    fn register_worker(&mut self, w: &WorkerInfo, now_ms: i64) -> Result<()> {
+        self.client()?.execute(
+            "INSERT INTO workers (id, host, pid, proc_start, slots, class, started_ms, heartbeat_ms, lifespan_end_ms, state)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, 'running')
+             ON CONFLICT (id) DO UPDATE SET slots = $5, class = $6, heartbeat_ms = $7, lifespan_end_ms = $8,
+               state = 'running'",
+            &[&w.id, &w.host, &w.pid, &w.proc_start, &(w.slots as i32), &w.class, &now_ms, &w.lifespan_end_ms],
+        )?;
+        Ok(())
+    }
+
+    fn set_worker_state(&mut self, worker: &str, state: &str, now_ms: i64) -> Result<()> {
+        self.client()?.execute(
+            "UPDATE workers SET state = $2, heartbeat_ms = $3, busy = CASE WHEN $2 = 'exited' THEN 0 ELSE busy END
+             WHERE id = $1",
+            &[&worker, &state, &now_ms],
+        )?;
+        Ok(())
+    }
+
+    fn claim(&mut self, req: &ClaimRequest) -> Result<Option<Assignment>> {
+        // A range locked by another claimer is skipped; if that was the only one
+        // left, try again shortly rather than report "no work".
+        for attempt in 0..4 {
+            let (assignment, contended) = self.with_tx(|tx| claim_once(tx, req))?;
+            if assignment.is_some() || !contended {
+                return Ok(assignment);
+            }
+            std::thread::sleep(Duration::from_millis(2 << attempt));
+        }
+        Ok(None)
+    }
+
+    fn flush(
+        &mut self,
+        worker: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        heartbeat: &Heartbeat,
+        batch: &[FragmentFlush],
+    ) -> Result<FlushReply> {
+        self.with_tx(|tx| {
+            let mut reply = FlushReply::default();
+            let mut appeared = false;
+            for f in batch {
+                let Some(held) = hold(tx, f.fragment, worker)? else {
+                    reply.lost.push(f.fragment);
+                    continue;
+                };
+                let job_state: String = tx
+                    .query_one("SELECT j.state FROM jobs j JOIN stages s ON s.job_id = j.id WHERE s.id = $1", &[&held.stage])?
+                    .get(0);
+                if job_state == "cancelled" {
+                    tx.execute(
+                        "UPDATE fragments SET state = 'cancelled', finished_ms = $2 WHERE id = $1",
+                        &[&f.fragment.0, &now_ms],
+                    )?;
+                    reply.lost.push(f.fragment);
+                    continue;
+                }
+                let mut ledger = mini_ledger(&held.fragment);
+                let (done, new_work) = apply_flush(tx, &held, &mut ledger, f, now_ms)?;
+                reply.done += done;
+                appeared |= new_work;
+                save_fragment(tx, &ledger, f.fragment)?;
+            }
+            tx.execute(
+                "UPDATE fragments SET lease_expires_ms = $2 WHERE worker = $1 AND state = 'running'",
+                &[&worker, &(now_ms + lease_ms)],
+            )?;
+            tx.execute(
+                "UPDATE workers SET heartbeat_ms = $2, busy = $3, free_memory = $4, load = $5 WHERE id = $1",
+                &[&worker, &now_ms, &(heartbeat.busy as i32), &heartbeat.free_memory, &heartbeat.load],
+            )?;
+            reply.split_requests = tx
+                .query(
+                    "SELECT id, split_request FROM fragments
+                     WHERE worker = $1 AND state = 'running' AND split_request IS NOT NULL",
+                    &[&worker],
+                )?
+                .iter()
+                .map(|r| (FragmentId(r.get(0)), r.get::<_, i64>(1) as u64))
+                .collect();
+            if appeared {
+                notify(tx)?;
+            }
+            Ok(reply)
+        })
+    }
+
+    fn request_split(
+        &mut self,
+        job: Option<JobId>,
+        now_ms: i64,
+        min_ms: f64,
+    ) -> Result<Option<FragmentId>> {
+        self.with_tx(|tx| {
+            let rows = tx.query(
+                "SELECT f.id, f.stage_id, f.start_idx, f.end_idx, f.acked, f.class, f.claimed_ms, f.predicted_ms
+                 FROM fragments f JOIN stages s ON s.id = f.stage_id
+                 WHERE f.state = 'running' AND f.split_request IS NULL AND ($1::BIGINT IS NULL OR s.job_id = $1)",
+                &[&job.map(|j| j.0)],
+            )?;
+            let mut best: Option<(f64, i64, u64)> = None;
+            for r in &rows {
+                let (stage, class): (i64, String) = (r.get(1), r.get(5));
+                let state = tx.query_opt("SELECT state FROM sizers WHERE stage_id = $1 AND class = $2", &[&stage, &class])?;
+                let model = match state {
+                    Some(s) => parse::<Sizer>(s.get(0), "sizer state")?.model,
+                    None => Default::default(),
+                };
+                let acked: IntervalSet = parse(r.get(4), "fragment acks")?;
+                let span = Span::new(r.get::<_, i64>(2) as u64, r.get::<_, i64>(3) as u64);
+                let elapsed = now_ms - r.get::<_, i64>(6);
+                if let Some((remaining, at)) = split_point(span, &acked, &model, elapsed, r.get(7), min_ms) {
+                    if best.is_none_or(|b| remaining > b.0) {
+                        best = Some((remaining, r.get(0), at));
+                    }
+                }
+            }
+            let Some((_, id, at)) = best else { return Ok(None) };
+            let set = tx.execute(
+                "UPDATE fragments SET split_request = $2 WHERE id = $1 AND state = 'running' AND split_request IS NULL",
+                &[&id, &(at as i64)],
+            )?;
+            Ok((set == 1).then_some(FragmentId(id)))
+        })
+    }
+
+    fn finish(&mut self, worker: &str, now_ms: i64, end: &FragmentEnd) -> Result<Finished> {
+        self.with_tx(|tx| {
+            let id = end.flush.fragment;
+            let Some(held) = hold(tx, id, worker)? else { return Ok(Finished::default()) };
+            let stage = stage_by_id(tx, held.stage)?;
+            let mut ledger = mini_ledger(&held.fragment);
+            let (_, mut appeared) = apply_flush(tx, &held, &mut ledger, &end.flush, now_ms)?;
+            let mut splits = 0;
+            if ledger.fragment(id).is_some_and(|f| end.end < f.span.end) && ledger.split(id, end.end) > 0 {
+                splits = 1;
+            }
+            let f = ledger.fragment(id).expect("held fragment").clone();
+            let report = ledger.finish(id, &end.outcome, stage.retries);
+            let requeue = ledger.pending.ranges().to_vec();
+            appeared |= !requeue.is_empty();
+            insert_pending(tx, held.stage, &requeue)?;
+            if !report.quarantined.is_empty() {
+                let q: String =
+                    tx.query_one("SELECT quarantined FROM stages WHERE id = $1 FOR UPDATE", &[&held.stage])?.get(0);
+                let mut q: IntervalSet = parse(&q, "quarantined")?;
+                q.union_with(&report.quarantined);
+                tx.execute("UPDATE stages SET quarantined = $2 WHERE id = $1", &[&held.stage, &json(&q)])?;
+            }
+            tx.execute(
+                "UPDATE fragments SET state = $2, finished_ms = $3, observed_ms = $4, cpu_ms = $5, peak_rss_kb = $6,
+                  load = $7, fed = $8, acks = $9, cause = $10, detail = $11, stdout = $12, stderr = $13,
+                  end_idx = $14, acked = $15, done_count = $16, wasted_ms = $17, checkpoint_fallbacks = $18,
+                  split_request = NULL, checkpoint_id = $19, splits = splits + $20
+                 WHERE id = $1",
+                &[
+                    &id.0,
+                    &end.state,
+                    &now_ms,
+                    &end.observed_ms,
+                    &end.cpu_ms,
+                    &(end.peak_rss_kb as i64),
+                    &end.load,
+                    &(end.fed as i64),
+                    &(end.acks as i64),
+                    &end.cause,
+                    &end.detail,
+                    &end.stdout,
+                    &end.stderr,
+                    &(f.span.end as i64),
+                    &json(&f.acked),
+                    &(ledger.done.len() as i64),
+                    &end.wasted_ms,
+                    &(end.checkpoint_fallbacks as i32),
+                    &f.checkpoint,
+                    &splits,
+                ],
+            )?;
+            if end.acks > 0 && stage.acks != "yes" {
+                tx.execute("UPDATE stages SET acks = 'yes' WHERE id = $1", &[&held.stage])?;
+            } else if end.acks == 0 && end.outcome == FinishOutcome::Success && end.fed > 0 && stage.acks == "unknown" {
+                tx.execute("UPDATE stages SET acks = 'no' WHERE id = $1 AND acks = 'unknown'", &[&held.stage])?;
+            }
+            if end.outcome == FinishOutcome::Success && end.fed > 0 {
+                let (mut sizer, locked) = sizer_for(tx, held.stage, &held.class)?;
+                if locked {
+                    sizer.observe(
+                        &stage.sizer_config,
+                        &Observation {
+                            n: end.fed,
+                            duration_ms: end.observed_ms,
+                            acks: end.acks,
+                            first_ack_ms: end.first_ack_ms,
+                            last_ack_ms: end.last_ack_ms,
+                            sized_by_model: held.size_cap == "model",
+                        },
+                    );
+                    save_sizer(tx, held.stage, &held.class, &sizer)?;
+                }
+            }
+            if appeared {
+                notify(tx)?;
+            }
+            let job_finished = requeue.is_empty() && settle(tx, held.stage, now_ms)?;
+            Ok(Finished { accepted: true, quarantined: report.quarantined, job_finished })
+        })
+    }
+
+    fn workers_holding_work(&mut self) -> Result<Vec<WorkerInfo>> {
+        let rows = self.client()?.query(
+            "SELECT id, host, pid, proc_start, slots, class, lifespan_end_ms FROM workers
+             WHERE id IN (SELECT DISTINCT worker FROM fragments WHERE state = 'running')",
+            &[],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| WorkerInfo {
+                id: r.get(0),
+                host: r.get(1),
+                pid: r.get(2),
+                proc_start: r.get(3),
+                slots: r.get::<_, i32>(4) as u32,
+                class: r.get(5),
+                lifespan_end_ms: r.get(6),
+            })
+            .collect())
+    }
+
+    fn release(&mut self, now_ms: i64, dead: &[String]) -> Result<u64> {
+        self.with_tx(|tx| {
+            let rows = tx.query(
+                "SELECT id, worker FROM fragments
+                 WHERE state = 'running' AND (lease_expires_ms < $1 OR worker = ANY($2))
+                 FOR UPDATE SKIP LOCKED",
+                &[&now_ms, &dead],
+            )?;
+            for r in &rows {
+                let (id, worker): (i64, String) = (r.get(0), r.get(1));
+                let Some(held) = hold(tx, FragmentId(id), &worker)? else { continue };
+                let mut ledger = mini_ledger(&held.fragment);
+                ledger.finish(FragmentId(id), &FinishOutcome::Lost, u32::MAX);
+                insert_pending(tx, held.stage, ledger.pending.ranges())?;
+                let why = if dead.contains(&worker) { "worker died" } else { "lease expired" };
+                tx.execute(
+                    "UPDATE fragments SET state = 'lost', finished_ms = $2, cause = 'lost', detail = $3, split_request = NULL
+                     WHERE id = $1",
+                    &[&id, &now_ms, &format!("{why}: {worker}")],
+                )?;
+            }
+            if !dead.is_empty() {
+                tx.execute("UPDATE workers SET state = 'exited', busy = 0 WHERE id = ANY($1)", &[&dead])?;
+            }
+            if !rows.is_empty() {
+                notify(tx)?;
+            }
+            Ok(rows.len() as u64)
+        })
+    }
+
+    fn status(&mut self, job: Option<&str>) -> Result<Vec<JobStatus>> {
+        self.with_tx(|tx| {
+            let jobs = tx.query(
+                "SELECT id, name, state FROM jobs WHERE $1::TEXT IS NULL OR name = $1 ORDER BY id",
+                &[&job],
+            )?;
+            if let (Some(name), true) = (job, jobs.is_empty()) {
+                return Err(StoreError::NoSuchJob(name.to_string()));
+            }
+            let mut out = Vec::new();
+            for j in &jobs {
+                let mut stages = Vec::new();
+                for stage in stages_of(tx, j.get(0))? {
+                    stages.push(stage_status(tx, &stage)?);
+                }
+                out.push(JobStatus {
+                    name: j.get(1),
+                    state: j.get(2),
+                    stages,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn workers(&mut self, now_ms: i64, window_ms: i64) -> Result<Vec<WorkerStatus>> {
+        let rows = self.client()?.query(
+            "SELECT w.id, w.host, w.state, w.class, w.slots, w.busy, w.lifespan_end_ms, w.heartbeat_ms,
+                    (SELECT count(*) FROM fragments f WHERE f.worker = w.id AND f.state = 'done')
+             FROM workers w
+             WHERE w.heartbeat_ms >= $1 OR w.id IN (SELECT worker FROM fragments WHERE state = 'running')
+             ORDER BY w.started_ms",
+            &[&(now_ms - window_ms)],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| WorkerStatus {
+                id: r.get(0),
+                host: r.get(1),
+                state: r.get(2),
+                class: r.get(3),
+                slots: r.get::<_, i32>(4) as u32,
+                busy: r.get::<_, i32>(5) as u32,
+                lifespan_left_ms: r.get::<_, Option<i64>>(6).map(|end| end - now_ms),
+                heartbeat_age_ms: now_ms - r.get::<_, i64>(7),
+                fragments_done: r.get::<_, i64>(8) as u64,
+            })
+            .collect())
+    }
+
+    fn logs(&mut self, job: &str, stage: &str, fragment: Option<i64>) -> Result<Vec<FragmentLog>> {
+        let rows = self.client()?.query(
+            "SELECT f.id, f.start_idx, f.end_idx, f.state, f.cause, f.detail, f.stdout, f.stderr
+             FROM fragments f JOIN stages s ON s.id = f.stage_id JOIN jobs j ON j.id = s.job_id
+             WHERE j.name = $1 AND s.name = $2 AND ($3::BIGINT IS NULL OR f.id = $3) ORDER BY f.id",
+            &[&job, &stage, &fragment],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| FragmentLog {
+                fragment: r.get(0),
+                start: r.get::<_, i64>(1) as u64,
+                end: r.get::<_, i64>(2) as u64,
+                state: r.get(3),
+                cause: r.get(4),
+                detail: r.get(5),
+                stdout: r.get::<_, Option<Vec<u8>>>(6).unwrap_or_default(),
+                stderr: r.get::<_, Option<Vec<u8>>>(7).unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    fn results(&mut self, job: &str, stage: &str) -> Result<Vec<(i64, BlobRow)>> {
+        let rows = self.client()?.query(
+            "SELECT f.id, b.data, b.raw_len, b.hash, b.meta
+             FROM fragments f JOIN stages s ON s.id = f.stage_id JOIN jobs j ON j.id = s.job_id
+               JOIN blobs b ON b.id = f.checkpoint_id
+             WHERE j.name = $1 AND s.name = $2 AND f.state = 'done' ORDER BY f.start_idx",
+            &[&job, &stage],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    BlobRow {
+                        data: r.get(1),
+                        raw_len: r.get::<_, i64>(2) as u64,
+                        hash: r.get(3),
+                        meta: r.get(4),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    fn blob(&mut self, id: i64) -> Result<Option<(BlobRow, Option<i64>)>> {
+        let row = self.client()?.query_opt(
+            "SELECT data, raw_len, hash, meta, prev FROM blobs WHERE id = $1",
+            &[&id],
+        )?;
+        Ok(row.map(|r| {
+            (
+                BlobRow {
+                    data: r.get(0),
+                    raw_len: r.get::<_, i64>(1) as u64,
+                    hash: r.get(2),
+                    meta: r.get(3),
+                },
+                r.get(4),
+            )
+        }))
+    }
+
+    fn wait_for_work(&mut self, timeout: Duration) -> Result<bool> {
+        let client = match self.client() {
+            Ok(c) => c,
+            Err(e) => {
+                std::thread::sleep(timeout.min(Duration::from_millis(100)));
+                return Err(e);
+            }
+        };
+        let mut notifications = client.notifications();
+        let mut got = false;
+        // Drain what is there, then wait for one more only if there was nothing.
+        while notifications.iter().next()?.is_some() {
+            got = true;
+        }
+        if !got && !timeout.is_zero() {
+            got = notifications.timeout_iter(timeout).next()?.is_some();
+        }
+        Ok(got)
+    }
+
+    fn idle_poll(&self) -> Duration {
+        // Notifications wake idle workers; the poll is only a safety net.
+        Duration::from_secs(2)
+    }
+}
+
+/// One claim attempt; also says whether a range existed but was locked by others.
+fn claim_once(tx: &mut Transaction<'_>, req: &ClaimRequest) -> Result<(Option<Assignment>, bool)> {
+    let jobs: Vec<i64> = match req.job {
+        Some(job) => tx
+            .query(
+                "SELECT id FROM jobs WHERE id = $1 AND state = 'running'",
+                &[&job.0],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+        None => tx
+            .query(
+                "SELECT id FROM jobs WHERE state = 'running' ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+    };
+    let slots: i64 = tx
+        .query_one(
+            "SELECT coalesce(sum(slots), 0)::BIGINT FROM workers WHERE state != 'exited' AND heartbeat_ms >= $1",
+            &[&(req.now_ms - req.lease_ms)],
+        )?
+        .get(0);
+    let slots = (slots as u32).max(req.slots);
+    let mut contended = false;
+    for job in jobs {
+        let stages = stages_of(tx, job)?;
+        let finished: Vec<bool> = stages.iter().map(|s| s.state == "done").collect();
+        let mut ready = Vec::new();
+        for stage in &stages {
+            let after_done = stage
+                .after
+                .iter()
+                .all(|&a| finished.get(a).copied().unwrap_or(true));
+            if finished[stage.idx] || !after_done {
+                continue;
+            }
+            let running: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM fragments WHERE stage_id = $1 AND state = 'running'",
+                    &[&stage.id],
+                )?
+                .get(0);
+            ready.push((running, stage));
+        }
+        ready.sort_by_key(|(running, stage)| (*running, stage.idx));
+        for (_, stage) in ready {
+            let row = tx.query_opt(
+                "SELECT id, start_idx, end_idx, failures, checkpoint_id FROM pending WHERE stage_id = $1
+                 ORDER BY start_idx LIMIT 1 FOR UPDATE SKIP LOCKED",
+                &[&stage.id],
+            )?;
+            let Some(row) = row else {
+                let any: bool = tx
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM pending WHERE stage_id = $1)",
+                        &[&stage.id],
+                    )?
+                    .get(0);
+                contended |= any;
+                continue;
+            };
+            if let Some(a) = claim_range(tx, req, job, stage, &row, slots)? {
+                return Ok((Some(a), false));
+            }
+        }
+    }
+    Ok((None, contended))
+}
+
+/// Carves a fragment from a locked pending range.
+fn claim_range(
+    tx: &mut Transaction<'_>,
+    req: &ClaimRequest,
+    job: i64,
+    stage: &StageRow,
+    row: &postgres::Row,
+    slots: u32,
+) -> Result<Option<Assignment>> {
+    let (range_id, start, end): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let range = PendingRange {
+        span: Span::new(start as u64, end as u64),
+        failures: row.get::<_, i32>(3) as u32,
+        checkpoint: row.get(4),
+    };
+    let remaining: i64 = tx
+        .query_one(
+            "SELECT coalesce(sum(end_idx - start_idx), 0)::BIGINT FROM pending WHERE stage_id = $1",
+            &[&stage.id],
+        )?
+        .get(0);
+    let (mut sizer, locked) = sizer_for(tx, stage.id, &req.class)?;
+    let mut ctx = req.context.clone();
+    ctx.remaining = remaining as u64;
+    ctx.slots = slots;
+    let sizing = sizer.size(&stage.sizer_config, &ctx);
+    let n = req.max_items.map_or(sizing.n, |max| sizing.n.min(max));
+    if n == 0 {
+        return Ok(None);
+    }
+    let take = n.min(range.span.len());
+    if take == range.span.len() {
+        tx.execute("DELETE FROM pending WHERE id = $1", &[&range_id])?;
+    } else {
+        tx.execute(
+            "UPDATE pending SET start_idx = $2, checkpoint_id = NULL WHERE id = $1",
+            &[&range_id, &((range.span.start + take) as i64)],
+        )?;
+    }
+    let span = Span::new(range.span.start, range.span.start + take);
+    let predicted_ms = sizer.model.predict_ms(take);
+    let cap = if take < sizing.n {
+        SizeCap::Bounds
+    } else {
+        sizing.cap
+    };
+    let id: i64 = tx
+        .query_one(
+            "INSERT INTO fragments (stage_id, start_idx, end_idx, state, worker, class, lease_expires_ms, failures,
+              checkpoint_id, n, predicted_ms, size_cap, claimed_ms)
+             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
+            &[
+                &stage.id,
+                &(span.start as i64),
+                &(span.end as i64),
+                &req.worker,
+                &req.class,
+                &(req.now_ms + req.lease_ms),
+                &(range.failures as i32),
+                &range.checkpoint,
+                &(take as i64),
+                &predicted_ms,
+                &json(&cap).trim_matches('"'),
+                &req.now_ms,
+            ],
+        )?
+        .get(0);
+    if locked {
+        save_sizer(tx, stage.id, &req.class, &sizer)?;
+    }
+    if stage.state == "waiting" {
+        tx.execute(
+            "UPDATE stages SET state = 'running' WHERE id = $1 AND state = 'waiting'",
+            &[&stage.id],
+        )?;
+    }
+    let expect_acks = match stage.acks.as_str() {
+        "yes" => Some(true),
+        "no" => Some(false),
+        _ => None,
+    };
+    Ok(Some(Assignment {
+        fragment: FragmentId(id),
+        job: JobId(job),
+        stage: StageId(stage.id),
+        stage_index: stage.idx,
+        span,
+        failures: range.failures,
+        checkpoint: range.checkpoint,
+        n: take,
+        predicted_ms,
+        cap,
+        item_cost_ms: sizer.model.b_ms,
+        expect_acks,
+    }))
+}
+
+fn stage_status(tx: &mut Transaction<'_>, stage: &StageRow) -> Result<StageStatus> {
+    let r = tx.query_one(
+        "SELECT coalesce(sum(done_count), 0)::BIGINT,
+                coalesce(sum(end_idx - start_idx - done_count) FILTER (WHERE state = 'running'), 0)::BIGINT,
+                count(*) FILTER (WHERE state = 'running'),
+                count(*),
+                count(*) FILTER (WHERE state = 'failed'),
+                count(*) FILTER (WHERE state = 'yielded'),
+                count(*) FILTER (WHERE state = 'lost'),
+                coalesce(sum(splits), 0)::BIGINT,
+                coalesce(sum(checkpoint_fallbacks), 0)::BIGINT,
+                coalesce(sum(wasted_ms), 0)::DOUBLE PRECISION,
+                (SELECT n FROM fragments WHERE stage_id = $1 ORDER BY id DESC LIMIT 1),
+                (SELECT coalesce(sum(end_idx - start_idx), 0)::BIGINT FROM pending WHERE stage_id = $1),
+                (SELECT count(*) FROM blobs WHERE stage_id = $1 AND kind = 'checkpoint'),
+                (SELECT quarantined FROM stages WHERE id = $1)
+         FROM fragments WHERE stage_id = $1",
+        &[&stage.id],
+    )?;
+    let quarantined: IntervalSet = parse(r.get(13), "quarantined")?;
+    let sizers = tx.query("SELECT state FROM sizers WHERE stage_id = $1", &[&stage.id])?;
+    let sizer = sizers
+        .iter()
+        .map(|s| parse::<Sizer>(s.get(0), "sizer state"))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .max_by_key(|s| s.model.observations)
+        .unwrap_or_default();
+    let state = match stage.state.as_str() {
+        "done" => "done",
+        "waiting" => "waiting",
+        _ => "running",
+    };
+    Ok(StageStatus {
+        name: stage.name.clone(),
+        state: state.to_string(),
+        items: stage.items,
+        done: r.get::<_, i64>(0) as u64,
+        running: r.get::<_, i64>(1) as u64,
+        pending: r.get::<_, i64>(11) as u64,
+        quarantined: quarantined.len(),
+        quarantined_items: quarantined.spans().map(|s| [s.start, s.end]).collect(),
+        fragments: r.get::<_, i64>(3) as u64,
+        running_fragments: r.get::<_, i64>(2) as u64,
+        failed_fragments: r.get::<_, i64>(4) as u64,
+        fragment_size: r.get::<_, Option<i64>>(10).unwrap_or(0) as u64,
+        item_cost_us: sizer.model.b_ms * 1e3,
+        overhead_ms: sizer.model.a_ms,
+        target_ms: sizer.target_ms(&stage.sizer_config),
+        yields: r.get::<_, i64>(5) as u64,
+        lost: r.get::<_, i64>(6) as u64,
+        splits: r.get::<_, i64>(7) as u64,
+        checkpoint_fallbacks: r.get::<_, i64>(8) as u64,
+        checkpoints: r.get::<_, i64>(12) as u64,
+        wasted_s: r.get::<_, f64>(9) / 1e3,
+    })
+}
