@@ -7,56 +7,59 @@ use std::time::Duration;
 
 #[test]
 fn runs_a_dag_to_the_end_and_reports_status() {
-    let job = Job::new(
-        r#"
-name = "dag"
-[[stage]]
-name = "first"
-command = ["sh", "-c", "while read -r x; do echo \"$x\" >&3; done"]
-items = { range = [0, 500] }
-[[stage]]
-name = "second"
-command = ["sh", "-c", "test -n \"$GRANULE_JOB\" && echo \"$GRANULE_STAGE:$1\"", "sh", "{}"]
-per_item = true
-items = { list = ["a", "b", "c"] }
-after = ["first"]
-"#,
-    );
-    let out = job.run(&[], &[]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let status = job.status();
-    assert_eq!(status["jobs"][0]["name"], "dag");
-    assert_eq!(status["jobs"][0]["state"], "done");
-    for (i, items) in [(0, 500), (1, 3)] {
-        let s = stage(&status, i);
-        for key in [
-            "name",
-            "items",
-            "done",
-            "running",
-            "pending",
-            "quarantined",
-            "fragments",
-            "fragment_size",
-            "item_cost_us",
-        ] {
-            assert!(!s[key].is_null(), "status lacks {key}: {s}");
+    for backend in backends("runs_a_dag_to_the_end_and_reports_status") {
+        let job = Job::on(
+            r#"
+    name = "dag"
+    [[stage]]
+    name = "first"
+    command = ["sh", "-c", "while read -r x; do echo \"$x\" >&3; done"]
+    items = { range = [0, 500] }
+    [[stage]]
+    name = "second"
+    command = ["sh", "-c", "test -n \"$GRANULE_JOB\" && echo \"$GRANULE_STAGE:$1\"", "sh", "{}"]
+    per_item = true
+    items = { list = ["a", "b", "c"] }
+    after = ["first"]
+    "#,
+            &backend,
+        );
+        let out = job.run(&[], &[]);
+        assert!(out.status.success(), "{}: {}", backend.name, stderr(&out));
+        let status = job.status();
+        assert_eq!(status["jobs"][0]["name"], "dag");
+        assert_eq!(status["jobs"][0]["state"], "done");
+        for (i, items) in [(0, 500), (1, 3)] {
+            let s = stage(&status, i);
+            for key in [
+                "name",
+                "items",
+                "done",
+                "running",
+                "pending",
+                "quarantined",
+                "fragments",
+                "fragment_size",
+                "item_cost_us",
+            ] {
+                assert!(!s[key].is_null(), "status lacks {key}: {s}");
+            }
+            assert_eq!(s["done"], items);
+            assert_eq!(s["pending"], 0);
+            assert_eq!(s["running"], 0);
         }
-        assert_eq!(s["done"], items);
-        assert_eq!(s["pending"], 0);
-        assert_eq!(s["running"], 0);
+        let logs = job.cmd(&["logs", "second"]).output().unwrap();
+        let text = String::from_utf8_lossy(&logs.stdout);
+        assert!(text.contains("second:b"), "per-item output is kept: {text}");
+        // A finished job is not run again.
+        let again = job.run(&[], &[]);
+        assert!(again.status.success());
+        assert!(
+            stderr(&again).contains("already finished"),
+            "{}",
+            stderr(&again)
+        );
     }
-    let logs = job.cmd(&["logs", "second"]).output().unwrap();
-    let text = String::from_utf8_lossy(&logs.stdout);
-    assert!(text.contains("second:b"), "per-item output is kept: {text}");
-    // A finished job is not run again.
-    let again = job.run(&[], &[]);
-    assert!(again.status.success());
-    assert!(
-        stderr(&again).contains("already finished"),
-        "{}",
-        stderr(&again)
-    );
 }
 
 #[test]
@@ -80,31 +83,34 @@ fn a_changed_spec_is_refused_unless_fresh() {
 
 #[test]
 fn a_poison_item_is_quarantined_alone() {
-    let job = Job::new(&spin_spec(3000));
-    std::fs::create_dir(job.path("out")).unwrap();
-    let out_dir = job.path("out");
-    let out = job.run(
-        &[],
-        &[
-            ("POISON", "1234"),
-            ("MED_US", "20"),
-            ("OUT_DIR", out_dir.to_str().unwrap()),
-        ],
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let status = job.status();
-    assert_eq!(status["jobs"][0]["state"], "failed");
-    let s = stage(&status, 0);
-    assert_eq!(s["quarantined"], 1);
-    assert_eq!(s["quarantined_items"], serde_json::json!([[1234, 1235]]));
-    assert_eq!(s["done"], 2999);
-    let recorded = job.recorded();
-    assert_eq!(recorded.len(), 2999);
-    assert!(!recorded.contains_key(&1234));
-    let text = String::from_utf8_lossy(&job.cmd(&["status"]).output().unwrap().stdout).into_owned();
-    assert!(text.contains("quarantined items: 1234"), "{text}");
-    let logs = job.cmd(&["logs", "work"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&logs.stdout).contains("exit code 3"));
+    for backend in backends("a_poison_item_is_quarantined_alone") {
+        let job = Job::on(&spin_spec(3000), &backend);
+        std::fs::create_dir(job.path("out")).unwrap();
+        let out_dir = job.path("out");
+        let out = job.run(
+            &[],
+            &[
+                ("POISON", "1234"),
+                ("MED_US", "20"),
+                ("OUT_DIR", out_dir.to_str().unwrap()),
+            ],
+        );
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let status = job.status();
+        assert_eq!(status["jobs"][0]["state"], "failed");
+        let s = stage(&status, 0);
+        assert_eq!(s["quarantined"], 1);
+        assert_eq!(s["quarantined_items"], serde_json::json!([[1234, 1235]]));
+        assert_eq!(s["done"], 2999);
+        let recorded = job.recorded();
+        assert_eq!(recorded.len(), 2999);
+        assert!(!recorded.contains_key(&1234));
+        let text =
+            String::from_utf8_lossy(&job.cmd(&["status"]).output().unwrap().stdout).into_owned();
+        assert!(text.contains("quarantined items: 1234"), "{text}");
+        let logs = job.cmd(&["logs", "work"]).output().unwrap();
+        assert!(String::from_utf8_lossy(&logs.stdout).contains("exit code 3"));
+    }
 }
 
 #[test]
@@ -129,31 +135,33 @@ items = { range = [0, 20] }
 
 #[test]
 fn kill_9_then_rerun_loses_nothing_and_counts_once() {
-    let job = Job::new(&spin_spec(20_000));
-    std::fs::create_dir(job.path("out")).unwrap();
-    let out_dir = job.path("out").to_str().unwrap().to_string();
-    let env = [
-        ("MED_US", "100"),
-        ("SIGMA", "0.5"),
-        ("OUT_DIR", out_dir.as_str()),
-    ];
-    let mut child = start_run(&job, &env);
-    wait_until("some items done", Duration::from_secs(60), || {
-        done(&job) > 3000
-    });
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    let before = done(&job);
-    assert!(before < 20_000, "the job finished before the kill");
-    let out = job.run(&[], &env);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let status = job.status();
-    assert_eq!(stage(&status, 0)["done"], 20_000);
-    let recorded = job.recorded();
-    assert_eq!(recorded.len(), 20_000, "an item was never run");
-    let twice: u32 = recorded.values().map(|n| n - 1).sum();
-    // Only work after the last flush and the in-flight window may run again.
-    assert!(twice < 2_000, "{twice} items ran twice");
+    for backend in backends("kill_9_then_rerun_loses_nothing_and_counts_once") {
+        let job = Job::on(&spin_spec(20_000), &backend);
+        std::fs::create_dir(job.path("out")).unwrap();
+        let out_dir = job.path("out").to_str().unwrap().to_string();
+        let env = [
+            ("MED_US", "100"),
+            ("SIGMA", "0.5"),
+            ("OUT_DIR", out_dir.as_str()),
+        ];
+        let mut child = start_run(&job, &env);
+        wait_until("some items done", Duration::from_secs(60), || {
+            done(&job) > 3000
+        });
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let before = done(&job);
+        assert!(before < 20_000, "the job finished before the kill");
+        let out = job.run(&[], &env);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let status = job.status();
+        assert_eq!(stage(&status, 0)["done"], 20_000);
+        let recorded = job.recorded();
+        assert_eq!(recorded.len(), 20_000, "an item was never run");
+        let twice: u32 = recorded.values().map(|n| n - 1).sum();
+        // Only work after the last flush and the in-flight window may run again.
+        assert!(twice < 2_000, "{twice} items ran twice");
+    }
 }
 
 #[test]

@@ -89,8 +89,8 @@ fn assert_all_done_once(job: &Job, items: u64) -> std::collections::BTreeMap<u64
     recorded
 }
 
-fn spin_job(items: u64) -> (Job, String) {
-    let job = Job::new(&spin_spec(items));
+fn spin_job(items: u64, backend: &Backend) -> (Job, String) {
+    let job = Job::on(&spin_spec(items), backend);
     std::fs::create_dir(job.path("out")).unwrap();
     let out = job.path("out").to_str().unwrap().to_string();
     let submitted = job.cmd(&["submit", "job.toml"]).output().unwrap();
@@ -100,7 +100,7 @@ fn spin_job(items: u64) -> (Job, String) {
 
 #[test]
 fn short_lived_workers_drain_a_job_many_lifespans_long() {
-    let (job, out) = spin_job(40_000);
+    let (job, out) = spin_job(40_000, &Backend::sqlite());
     let env = [
         ("MED_US", "100"),
         ("SIGMA", "0.5"),
@@ -119,38 +119,40 @@ fn short_lived_workers_drain_a_job_many_lifespans_long() {
 
 #[test]
 fn workers_killed_at_random_lose_nothing() {
-    let (job, out) = spin_job(30_000);
-    let env = [
-        ("MED_US", "100"),
-        ("SIGMA", "0.5"),
-        ("OUT_DIR", out.as_str()),
-    ];
-    let mut rng = Lcg(0x5eed);
-    let mut next_kill = Instant::now() + Duration::from_millis(300);
-    let mut kills = 0;
-    keep_workers(
-        &job,
-        2,
-        &["--slots", "1", "--grace", "1s", "--lease", "3s"],
-        &env,
-        |workers| {
-            if Instant::now() >= next_kill {
-                let victim = &workers[rng.next(workers.len() as u64) as usize];
-                signal(
-                    victim,
-                    if kills % 2 == 0 {
-                        libc::SIGTERM
-                    } else {
-                        libc::SIGKILL
-                    },
-                );
-                kills += 1;
-                next_kill = Instant::now() + Duration::from_millis(200 + rng.next(500));
-            }
-        },
-    );
-    assert!(kills >= 2, "the chaos did not happen");
-    assert_all_done_once(&job, 30_000);
+    for backend in backends("workers_killed_at_random_lose_nothing") {
+        let (job, out) = spin_job(30_000, &backend);
+        let env = [
+            ("MED_US", "100"),
+            ("SIGMA", "0.5"),
+            ("OUT_DIR", out.as_str()),
+        ];
+        let mut rng = Lcg(0x5eed);
+        let mut next_kill = Instant::now() + Duration::from_millis(300);
+        let mut kills = 0;
+        keep_workers(
+            &job,
+            2,
+            &["--slots", "1", "--grace", "1s", "--lease", "3s"],
+            &env,
+            |workers| {
+                if Instant::now() >= next_kill {
+                    let victim = &workers[rng.next(workers.len() as u64) as usize];
+                    signal(
+                        victim,
+                        if kills % 2 == 0 {
+                            libc::SIGTERM
+                        } else {
+                            libc::SIGKILL
+                        },
+                    );
+                    kills += 1;
+                    next_kill = Instant::now() + Duration::from_millis(200 + rng.next(500));
+                }
+            },
+        );
+        assert!(kills >= 2, "the chaos did not happen");
+        assert_all_done_once(&job, 30_000);
+    }
 }
 
 fn sum_spec(items: u64) -> String {
@@ -174,47 +176,49 @@ fn results_sum(job: &Job) -> (u64, u64) {
 
 #[test]
 fn a_stateful_task_gives_the_right_answer_across_preemptions() {
-    let items = 3_000u64;
-    let job = Job::new(&sum_spec(items));
-    assert!(job
-        .cmd(&["submit", "job.toml"])
-        .output()
-        .unwrap()
-        .status
-        .success());
-    let state_dir = job.path("states");
-    std::fs::create_dir(&state_dir).unwrap();
-    let env = [
-        ("ITEM_SECONDS", "0.001"),
-        ("STATE_DIR", state_dir.to_str().unwrap()),
-    ];
-    let mut rng = Lcg(42);
-    let mut next_term = Instant::now() + Duration::from_millis(400);
-    let mut terms = 0;
-    keep_workers(
-        &job,
-        2,
-        &["--slots", "1", "--lifespan", "1500ms", "--grace", "2s"],
-        &env,
-        |workers| {
-            if Instant::now() >= next_term {
-                signal(&workers[rng.next(2) as usize], libc::SIGTERM);
-                terms += 1;
-                next_term = Instant::now() + Duration::from_millis(300 + rng.next(400));
-            }
-        },
-    );
-    assert!(terms >= 2);
-    let status = job.status();
-    let s = stage(&status, 0);
-    assert_eq!(s["done"], items);
-    assert!(
-        s["yields"].as_u64().unwrap() >= 1,
-        "no fragment was ever preempted: {s}"
-    );
-    let (total, count) = results_sum(&job);
-    assert_eq!(count, items, "every item is in exactly one result");
-    assert_eq!(total, items * (items - 1) / 2);
+    for backend in backends("a_stateful_task_gives_the_right_answer_across_preemptions") {
+        let items = 3_000u64;
+        let job = Job::on(&sum_spec(items), &backend);
+        assert!(job
+            .cmd(&["submit", "job.toml"])
+            .output()
+            .unwrap()
+            .status
+            .success());
+        let state_dir = job.path("states");
+        std::fs::create_dir(&state_dir).unwrap();
+        let env = [
+            ("ITEM_SECONDS", "0.001"),
+            ("STATE_DIR", state_dir.to_str().unwrap()),
+        ];
+        let mut rng = Lcg(42);
+        let mut next_term = Instant::now() + Duration::from_millis(400);
+        let mut terms = 0;
+        keep_workers(
+            &job,
+            2,
+            &["--slots", "1", "--lifespan", "1500ms", "--grace", "2s"],
+            &env,
+            |workers| {
+                if Instant::now() >= next_term {
+                    signal(&workers[rng.next(2) as usize], libc::SIGTERM);
+                    terms += 1;
+                    next_term = Instant::now() + Duration::from_millis(300 + rng.next(400));
+                }
+            },
+        );
+        assert!(terms >= 2);
+        let status = job.status();
+        let s = stage(&status, 0);
+        assert_eq!(s["done"], items);
+        assert!(
+            s["yields"].as_u64().unwrap() >= 1,
+            "no fragment was ever preempted: {s}"
+        );
+        let (total, count) = results_sum(&job);
+        assert_eq!(count, items, "every item is in exactly one result");
+        assert_eq!(total, items * (items - 1) / 2);
+    }
 }
 
 #[test]
@@ -267,54 +271,56 @@ fn a_corrupt_checkpoint_falls_back_and_is_reported() {
 
 #[test]
 fn an_idle_worker_splits_a_running_fragment_and_no_item_runs_twice() {
-    let items = 2_000u64;
-    let spec = format!(
-        "{}initial = {items}\n[stage.sizer]\ntail_factor = 1.0\n",
-        spin_spec(items)
-    );
-    let job = Job::new(&spec);
-    std::fs::create_dir(job.path("out")).unwrap();
-    let out = job.path("out").to_str().unwrap().to_string();
-    assert!(job
-        .cmd(&["submit", "job.toml"])
-        .output()
-        .unwrap()
-        .status
-        .success());
-    let env = [
-        ("MED_US", "2000"),
-        ("SIGMA", "0"),
-        ("OUT_DIR", out.as_str()),
-    ];
-    let mut first = spawn_worker(&job, &["--slots", "1"], &env);
-    // The first worker, alone, takes every item in one fragment.
-    wait_until(
-        "one fragment holding everything",
-        Duration::from_secs(30),
-        || {
-            let s = stage(&job.status(), 0).clone();
-            s["running_fragments"] == 1 && s["pending"] == 0 && s["done"].as_u64() > Some(10)
-        },
-    );
-    let mut second = spawn_worker(&job, &["--slots", "1"], &env);
-    first.wait().unwrap();
-    second.wait().unwrap();
-    let recorded = assert_all_done_once(&job, items);
-    let twice: Vec<_> = recorded.iter().filter(|(_, n)| **n > 1).take(5).collect();
-    assert!(twice.is_empty(), "items run twice after a split: {twice:?}");
-    let status = job.status();
-    assert!(
-        stage(&status, 0)["splits"].as_u64().unwrap() >= 1,
-        "{status}"
-    );
-    let done_by: Vec<u64> = status["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["fragments_done"].as_u64().unwrap())
-        .collect();
-    assert!(
-        done_by.iter().all(|&n| n > 0),
-        "both workers did work: {done_by:?}"
-    );
+    for backend in backends("an_idle_worker_splits_a_running_fragment_and_no_item_runs_twice") {
+        let items = 2_000u64;
+        let spec = format!(
+            "{}initial = {items}\n[stage.sizer]\ntail_factor = 1.0\n",
+            spin_spec(items)
+        );
+        let job = Job::on(&spec, &backend);
+        std::fs::create_dir(job.path("out")).unwrap();
+        let out = job.path("out").to_str().unwrap().to_string();
+        assert!(job
+            .cmd(&["submit", "job.toml"])
+            .output()
+            .unwrap()
+            .status
+            .success());
+        let env = [
+            ("MED_US", "2000"),
+            ("SIGMA", "0"),
+            ("OUT_DIR", out.as_str()),
+        ];
+        let mut first = spawn_worker(&job, &["--slots", "1"], &env);
+        // The first worker, alone, takes every item in one fragment.
+        wait_until(
+            "one fragment holding everything",
+            Duration::from_secs(30),
+            || {
+                let s = stage(&job.status(), 0).clone();
+                s["running_fragments"] == 1 && s["pending"] == 0 && s["done"].as_u64() > Some(10)
+            },
+        );
+        let mut second = spawn_worker(&job, &["--slots", "1"], &env);
+        first.wait().unwrap();
+        second.wait().unwrap();
+        let recorded = assert_all_done_once(&job, items);
+        let twice: Vec<_> = recorded.iter().filter(|(_, n)| **n > 1).take(5).collect();
+        assert!(twice.is_empty(), "items run twice after a split: {twice:?}");
+        let status = job.status();
+        assert!(
+            stage(&status, 0)["splits"].as_u64().unwrap() >= 1,
+            "{status}"
+        );
+        let done_by: Vec<u64> = status["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["fragments_done"].as_u64().unwrap())
+            .collect();
+        assert!(
+            done_by.iter().all(|&n| n > 0),
+            "both workers did work: {done_by:?}"
+        );
+    }
 }

@@ -12,6 +12,7 @@ mod model;
 mod pg;
 mod schema;
 mod sqlite;
+pub mod testing;
 
 pub use model::*;
 pub use pg::PgStore;

@@ -1070,15 +1070,7 @@ fn claim_range(
     if n == 0 {
         return Ok(None);
     }
-    let take = n.min(range.span.len());
-    if take == range.span.len() {
-        tx.execute("DELETE FROM pending WHERE id = $1", &[&range_id])?;
-    } else {
-        tx.execute(
-            "UPDATE pending SET start_idx = $2, checkpoint_id = NULL WHERE id = $1",
-            &[&range_id, &((range.span.start + take) as i64)],
-        )?;
-    }
+    let take = take_from(tx, stage.id, range_id, &range, n)?;
     let span = Span::new(range.span.start, range.span.start + take);
     let predicted_ms = sizer.model.predict_ms(take);
     let cap = if take < sizing.n {
@@ -1135,6 +1127,44 @@ fn claim_range(
         item_cost_ms: sizer.model.b_ms,
         expect_acks,
     }))
+}
+
+/// Takes `n` items from the front of a locked pending range and, while that is not
+/// enough, from the ranges that follow it without a gap (if no one else holds
+/// them); returns how many were taken. Ranges with a history never merge.
+fn take_from(
+    tx: &mut Transaction<'_>,
+    stage: i64,
+    first_id: i64,
+    first: &PendingRange,
+    n: u64,
+) -> Result<u64> {
+    let (mut id, mut span, mut taken) = (first_id, first.span, 0);
+    loop {
+        let here = (n - taken).min(span.len());
+        taken += here;
+        if here == span.len() {
+            tx.execute("DELETE FROM pending WHERE id = $1", &[&id])?;
+        } else {
+            tx.execute(
+                "UPDATE pending SET start_idx = $2, checkpoint_id = NULL WHERE id = $1",
+                &[&id, &((span.start + here) as i64)],
+            )?;
+            return Ok(taken);
+        }
+        if taken == n || first.failures > 0 || first.checkpoint.is_some() {
+            return Ok(taken);
+        }
+        let next = tx.query_opt(
+            "SELECT id, end_idx FROM pending
+             WHERE stage_id = $1 AND start_idx = $2 AND failures = 0 AND checkpoint_id IS NULL
+             FOR UPDATE SKIP LOCKED",
+            &[&stage, &(span.end as i64)],
+        )?;
+        let Some(row) = next else { return Ok(taken) };
+        id = row.get(0);
+        span = Span::new(span.end, row.get::<_, i64>(1) as u64);
+    }
 }
 
 fn stage_status(tx: &mut Transaction<'_>, stage: &StageRow) -> Result<StageStatus> {

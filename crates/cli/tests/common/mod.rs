@@ -22,13 +22,61 @@ pub fn spin() -> PathBuf {
 
 pub struct Job {
     pub dir: tempfile::TempDir,
+    store_url: Option<String>,
+}
+
+/// A backend a test runs against: the embedded SQLite store, or a fresh
+/// PostgreSQL database (when `GRANULE_TEST_POSTGRES` names a server).
+pub struct Backend {
+    pub name: &'static str,
+    pub url: Option<String>,
+    _db: Option<granule_store::testing::TestDatabase>,
+}
+
+impl Backend {
+    /// The embedded store only.
+    pub fn sqlite() -> Backend {
+        Backend {
+            name: "sqlite",
+            url: None,
+            _db: None,
+        }
+    }
+}
+
+/// Every backend available to `test`.
+pub fn backends(test: &str) -> Vec<Backend> {
+    let mut all = vec![Backend {
+        name: "sqlite",
+        url: None,
+        _db: None,
+    }];
+    if let Some(db) = granule_store::testing::TestDatabase::create(test) {
+        all.push(Backend {
+            name: "postgres",
+            url: Some(db.url.clone()),
+            _db: Some(db),
+        });
+    }
+    all
 }
 
 impl Job {
     pub fn new(spec: &str) -> Job {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("job.toml"), spec).unwrap();
-        Job { dir }
+        Job {
+            dir,
+            store_url: None,
+        }
+    }
+
+    /// A job whose commands use `backend`'s store.
+    pub fn on(spec: &str, backend: &Backend) -> Job {
+        Job {
+            store_url: backend.url.clone(),
+            ..Job::new(spec)
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -40,6 +88,10 @@ impl Job {
         cmd.current_dir(self.dir.path())
             .args(args)
             .env_remove("GRANULE_STATE");
+        match &self.store_url {
+            Some(url) => cmd.env("GRANULE_STORE", url),
+            None => cmd.env_remove("GRANULE_STORE"),
+        };
         cmd
     }
 

@@ -1,0 +1,398 @@
+//! One conformance suite, run against both backends: SQLite in a temporary file and
+//! PostgreSQL in a fresh database (`GRANULE_TEST_POSTGRES`).
+
+use granule_core::{
+    ClaimContext, FinishOutcome, FragmentId, IntervalSet, JobId, SizerConfig, Span,
+};
+use granule_store::testing::TestDatabase;
+use granule_store::*;
+use std::collections::BTreeSet;
+
+type Opener = Box<dyn Fn() -> Box<dyn Store> + Send + Sync>;
+
+/// Opens connections to one store under test.
+struct Backend {
+    name: &'static str,
+    open: Opener,
+    _dir: tempfile::TempDir,
+    _db: Option<TestDatabase>,
+}
+
+fn backends(test: &str) -> Vec<Backend> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("granule.db");
+    let mut all = vec![Backend {
+        name: "sqlite",
+        open: Box::new(move || Box::new(SqliteStore::open(&path).unwrap())),
+        _dir: dir,
+        _db: None,
+    }];
+    if let Some(db) = TestDatabase::create(test) {
+        let url = db.url.clone();
+        all.push(Backend {
+            name: "postgres",
+            open: Box::new(move || Box::new(PgStore::open(&url).unwrap())),
+            _dir: tempfile::tempdir().unwrap(),
+            _db: Some(db),
+        });
+    }
+    all
+}
+
+fn job(name: &str, items: u64, hash: &str) -> NewJob {
+    NewJob {
+        name: name.into(),
+        spec_hash: hash.into(),
+        spec_json: "{}".into(),
+        // No slow start: claims take what `max_items` allows (tail factoring still applies).
+        stages: vec![NewStage {
+            name: "s".into(),
+            items,
+            after: vec![],
+            retries: 1,
+            sizer: SizerConfig {
+                initial: Some(1 << 40),
+                tail_factor: 1.0,
+                ..SizerConfig::default()
+            },
+        }],
+    }
+}
+
+fn worker(store: &mut dyn Store, id: &str) -> String {
+    let info = WorkerInfo {
+        id: id.into(),
+        host: "test".into(),
+        pid: 1,
+        proc_start: 1,
+        slots: 1,
+        class: "default".into(),
+        lifespan_end_ms: None,
+    };
+    store.register_worker(&info, 0).unwrap();
+    id.into()
+}
+
+fn claim(
+    store: &mut dyn Store,
+    job: JobId,
+    worker: &str,
+    now_ms: i64,
+    max: Option<u64>,
+) -> Option<Assignment> {
+    let req = ClaimRequest {
+        job: Some(job),
+        worker: worker.into(),
+        class: "default".into(),
+        now_ms,
+        lease_ms: 10_000,
+        slots: 1,
+        max_items: max,
+        context: ClaimContext {
+            remaining: 0,
+            slots: 1,
+            free_memory: 1.0,
+            load_per_cpu: 0.0,
+            lifespan_ms: None,
+        },
+    };
+    store.claim(&req).unwrap()
+}
+
+fn end(fragment: FragmentId, outcome: FinishOutcome, to: u64) -> FragmentEnd {
+    FragmentEnd {
+        flush: FragmentFlush {
+            fragment,
+            ..FragmentFlush::default()
+        },
+        end: to,
+        state: match outcome {
+            FinishOutcome::Success => "done",
+            FinishOutcome::Failed { .. } => "failed",
+            _ => "yielded",
+        },
+        outcome,
+        cause: None,
+        detail: None,
+        wasted_ms: 0.0,
+        checkpoint_fallbacks: 0,
+        observed_ms: 10.0,
+        cpu_ms: 1.0,
+        peak_rss_kb: 1,
+        load: 0.0,
+        fed: 1,
+        acks: 0,
+        first_ack_ms: None,
+        last_ack_ms: None,
+        stdout: vec![],
+        stderr: vec![],
+    }
+}
+
+fn acks(fragment: FragmentId, span: Span) -> FragmentFlush {
+    FragmentFlush {
+        fragment,
+        acked: IntervalSet::from_span(span),
+        ..FragmentFlush::default()
+    }
+}
+
+fn stage(store: &mut dyn Store, name: &str) -> StageStatus {
+    store.status(Some(name)).unwrap().remove(0).stages.remove(0)
+}
+
+#[test]
+fn submit_resumes_refuses_a_changed_spec_and_starts_fresh() {
+    for b in backends("submit_resumes") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 10, "h1"), 0, false).unwrap();
+        assert!(matches!(id, Submitted::Created(_)), "{}", b.name);
+        assert_eq!(
+            s.submit(&job("j", 10, "h1"), 0, false).unwrap(),
+            Submitted::Resumed(id.id())
+        );
+        assert!(
+            matches!(
+                s.submit(&job("j", 11, "h2"), 0, false),
+                Err(StoreError::SpecChanged(_))
+            ),
+            "{}",
+            b.name
+        );
+        assert!(matches!(
+            s.submit(&job("j", 11, "h2"), 0, true).unwrap(),
+            Submitted::Created(_)
+        ));
+        assert_eq!(stage(s.as_mut(), "j").items, 11, "{}", b.name);
+        s.submit(&job("big", 100_000_000, "h"), 0, false).unwrap();
+        assert_eq!(stage(s.as_mut(), "big").pending, 100_000_000, "{}", b.name);
+    }
+}
+
+#[test]
+fn acks_count_once_and_a_released_fragment_counts_nothing_late() {
+    for b in backends("acks_count_once") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 100, "h"), 0, false).unwrap().id();
+        let w1 = worker(s.as_mut(), "w1");
+        let w2 = worker(s.as_mut(), "w2");
+        let a = claim(s.as_mut(), id, &w1, 0, Some(40)).unwrap();
+        assert_eq!(a.span, Span::new(0, 40), "{}", b.name);
+        let hb = Heartbeat::default();
+        let first = acks(a.fragment, Span::new(0, 10));
+        s.flush(&w1, 1, 10_000, &hb, std::slice::from_ref(&first))
+            .unwrap();
+        s.flush(&w1, 2, 10_000, &hb, std::slice::from_ref(&first))
+            .unwrap(); // repeated: counts nothing
+        assert_eq!(stage(s.as_mut(), "j").done, 10, "{}", b.name);
+        // The lease expires; the rest goes back to pending for another worker.
+        assert_eq!(s.release(20_000, &[]).unwrap(), 1, "{}", b.name);
+        let reply = s
+            .flush(
+                &w1,
+                20_001,
+                10_000,
+                &hb,
+                &[acks(a.fragment, Span::new(10, 20))],
+            )
+            .unwrap();
+        assert_eq!(
+            reply.lost,
+            vec![a.fragment],
+            "{}: the late worker is told",
+            b.name
+        );
+        let finished = s
+            .finish(&w1, 20_002, &end(a.fragment, FinishOutcome::Success, 40))
+            .unwrap();
+        assert!(!finished.accepted, "{}", b.name);
+        assert_eq!(
+            stage(s.as_mut(), "j").done,
+            10,
+            "{}: late acks are not counted",
+            b.name
+        );
+        let mut claimed = Vec::new();
+        while let Some(a) = claim(s.as_mut(), id, &w2, 30_000, None) {
+            claimed.push(a.span);
+            s.finish(
+                &w2,
+                30_001,
+                &end(a.fragment, FinishOutcome::Success, a.span.end),
+            )
+            .unwrap();
+        }
+        let st = stage(s.as_mut(), "j");
+        assert_eq!(
+            (st.done, st.pending, st.running),
+            (100, 0, 0),
+            "{}: {st:?}",
+            b.name
+        );
+        assert_eq!(s.job("j").unwrap().unwrap().state, "done", "{}", b.name);
+        assert!(
+            claimed.iter().all(|sp| sp.start >= 10),
+            "{}: acked items claimed again: {claimed:?}",
+            b.name
+        );
+    }
+}
+
+#[test]
+fn a_failing_item_is_bisected_and_quarantined_alone() {
+    for b in backends("bisect") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 64, "h"), 0, false).unwrap().id();
+        let w = worker(s.as_mut(), "w");
+        let poison = 37;
+        for _ in 0..500 {
+            let Some(a) = claim(s.as_mut(), id, &w, 0, Some(16)) else {
+                break;
+            };
+            let outcome = if (a.span.start..a.span.end).contains(&poison) {
+                FinishOutcome::Failed {
+                    culprits: IntervalSet::new(),
+                    rest_failed: true,
+                }
+            } else {
+                FinishOutcome::Success
+            };
+            s.finish(&w, 1, &end(a.fragment, outcome, a.span.end))
+                .unwrap();
+        }
+        let st = stage(s.as_mut(), "j");
+        assert_eq!(
+            st.quarantined_items,
+            vec![[poison, poison + 1]],
+            "{}",
+            b.name
+        );
+        assert_eq!(st.done, 63, "{}", b.name);
+        assert_eq!(s.job("j").unwrap().unwrap().state, "failed", "{}", b.name);
+    }
+}
+
+#[test]
+fn a_split_moves_only_the_unfed_tail() {
+    for b in backends("split") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 1000, "h"), 0, false).unwrap().id();
+        let owner = worker(s.as_mut(), "owner");
+        let thief = worker(s.as_mut(), "thief");
+        let a = claim(s.as_mut(), id, &owner, 0, Some(1000)).unwrap();
+        let hb = Heartbeat::default();
+        s.flush(
+            &owner,
+            10,
+            10_000,
+            &hb,
+            &[acks(
+                a.fragment,
+                Span::new(a.span.start, a.span.start + 100),
+            )],
+        )
+        .unwrap();
+        // Long overdue: judged by its own pace, its tail is worth stealing.
+        assert_eq!(
+            s.request_split(Some(id), 100_000, 10.0).unwrap(),
+            Some(a.fragment),
+            "{}",
+            b.name
+        );
+        let nothing = FragmentFlush {
+            fragment: a.fragment,
+            ..FragmentFlush::default()
+        };
+        let reply = s.flush(&owner, 100_001, 10_000, &hb, &[nothing]).unwrap();
+        let (fragment, at) = reply.split_requests[0];
+        assert_eq!(fragment, a.fragment);
+        assert!(
+            at > a.span.start + 100 && at < a.span.end,
+            "{}: {at}",
+            b.name
+        );
+        let early = claim(s.as_mut(), id, &thief, 100_002, None);
+        assert!(
+            early.is_none_or(|t| t.span.start >= a.span.end),
+            "{}: tail free before the owner answered",
+            b.name
+        );
+        let answer = FragmentFlush {
+            fragment: a.fragment,
+            split: Some(SplitAnswer::At(at)),
+            ..FragmentFlush::default()
+        };
+        s.flush(&owner, 100_003, 10_000, &hb, &[answer]).unwrap();
+        let t = claim(s.as_mut(), id, &thief, 100_004, Some(10_000)).unwrap();
+        assert_eq!(t.span.start, at, "{}", b.name);
+        assert_eq!(stage(s.as_mut(), "j").splits, 1, "{}", b.name);
+    }
+}
+
+#[test]
+fn concurrent_claimers_never_share_an_item() {
+    for b in backends("concurrent") {
+        let items = 3_000u64;
+        let id = (b.open)()
+            .submit(&job("j", items, "h"), 0, false)
+            .unwrap()
+            .id();
+        let open = &b.open;
+        let spans: Vec<Span> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..6u64)
+                .map(|t| {
+                    scope.spawn(move || {
+                        let mut s = open();
+                        let w = worker(s.as_mut(), &format!("w{t}"));
+                        let mut mine = Vec::new();
+                        while let Some(a) = claim(s.as_mut(), id, &w, 0, Some(1 + t * 7)) {
+                            mine.push(a.span);
+                            s.finish(&w, 1, &end(a.fragment, FinishOutcome::Success, a.span.end))
+                                .unwrap();
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        let mut seen = BTreeSet::new();
+        for span in &spans {
+            for i in span.start..span.end {
+                assert!(seen.insert(i), "{}: item {i} claimed twice", b.name);
+            }
+        }
+        assert_eq!(seen.len() as u64, items, "{}", b.name);
+        assert_eq!(stage((b.open)().as_mut(), "j").done, items, "{}", b.name);
+    }
+}
+
+#[test]
+fn a_cancelled_job_is_not_claimed_and_its_fragments_are_told() {
+    for b in backends("cancel") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 100, "h"), 0, false).unwrap().id();
+        let w = worker(s.as_mut(), "w");
+        let a = claim(s.as_mut(), id, &w, 0, Some(10)).unwrap();
+        assert!(s.cancel("j", 1).unwrap(), "{}", b.name);
+        assert!(!s.cancel("j", 1).unwrap(), "{}", b.name);
+        assert!(claim(s.as_mut(), id, &w, 2, None).is_none(), "{}", b.name);
+        let nothing = FragmentFlush {
+            fragment: a.fragment,
+            ..FragmentFlush::default()
+        };
+        let reply = s
+            .flush(&w, 3, 10_000, &Heartbeat::default(), &[nothing])
+            .unwrap();
+        assert_eq!(reply.lost, vec![a.fragment], "{}", b.name);
+        assert_eq!(
+            s.job("j").unwrap().unwrap().state,
+            "cancelled",
+            "{}",
+            b.name
+        );
+    }
+}
