@@ -52,6 +52,9 @@ enum Command {
     Results(ResultsArgs),
     /// Cancel a job: nothing more of it is claimed, its running fragments are stopped.
     Cancel(CancelArgs),
+    /// Benchmark the store's own path: clients looping claim-one-item -> finish.
+    #[command(hide = true)]
+    BenchStore(BenchStoreArgs),
 }
 
 #[derive(clap::Args)]
@@ -169,6 +172,18 @@ struct LogsArgs {
 }
 
 #[derive(clap::Args)]
+struct BenchStoreArgs {
+    #[command(flatten)]
+    state: StateArg,
+    /// Concurrent clients (each with its own connection).
+    #[arg(long, default_value_t = 32)]
+    clients: u32,
+    /// How long to run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+}
+
+#[derive(clap::Args)]
 struct CancelArgs {
     /// The job.
     job: String,
@@ -204,6 +219,15 @@ impl std::error::Error for BadInput {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Status(_) | Command::Logs(_) | Command::Results(_)
+    ) {
+        // Printing into a closed pipe (`granule status | head`) ends quietly, as
+        // other Unix tools do, instead of panicking.
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Submit(args) => submit(args),
@@ -212,6 +236,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => logs(args),
         Command::Results(args) => results(args),
         Command::Cancel(args) => cancel(args),
+        Command::BenchStore(args) => bench_store(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -505,6 +530,115 @@ fn job_with_stage(store: &mut dyn Store, job: Option<String>, stage: &str) -> Re
             .map(|j| j.name)
             .ok_or_else(|| BadInput(format!("no job has a stage named \"{stage}\"")))?),
     }
+}
+
+/// Clients loop claim (one item) -> finish on a fresh job for `duration`; prints
+/// cycles per second as JSON and fails if any item was claimed twice.
+fn bench_store(args: BenchStoreArgs) -> Result<u8> {
+    use granule_core::{ClaimContext, FinishOutcome, SizerConfig};
+    use granule_store::{ClaimRequest, FragmentEnd, FragmentFlush, WorkerInfo};
+    let name = format!("bench-store-{}", host::now_ms());
+    let job = NewJob {
+        name: name.clone(),
+        spec_hash: String::new(),
+        spec_json: "{}".into(),
+        stages: vec![NewStage {
+            name: "s".into(),
+            items: 1 << 40,
+            after: vec![],
+            retries: 0,
+            sizer: SizerConfig::default(),
+        }],
+    };
+    let id = open_store(&args.state)?
+        .submit(&job, host::now_ms(), true)?
+        .id();
+    let deadline = Instant::now() + args.duration;
+    let started = Instant::now();
+    let claimed: Vec<Vec<(u64, u64)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..args.clients)
+            .map(|c| {
+                let state = &args.state;
+                scope.spawn(move || -> Result<Vec<(u64, u64)>> {
+                    let mut store = open_store(state)?;
+                    let worker = format!("bench-{c}");
+                    let info = WorkerInfo {
+                        id: worker.clone(),
+                        host: "bench".into(),
+                        pid: 0,
+                        proc_start: 0,
+                        slots: 1,
+                        class: "default".into(),
+                        lifespan_end_ms: None,
+                    };
+                    store.register_worker(&info, host::now_ms())?;
+                    let mut mine = Vec::new();
+                    while Instant::now() < deadline {
+                        let req = ClaimRequest {
+                            job: Some(id),
+                            worker: worker.clone(),
+                            class: "default".into(),
+                            now_ms: host::now_ms(),
+                            lease_ms: 60_000,
+                            slots: 1,
+                            max_items: Some(1),
+                            context: ClaimContext {
+                                remaining: 0,
+                                slots: 1,
+                                free_memory: 1.0,
+                                load_per_cpu: 0.0,
+                                lifespan_ms: None,
+                            },
+                        };
+                        let Some(a) = store.claim(&req)? else {
+                            continue;
+                        };
+                        mine.push((a.span.start, a.span.end));
+                        let end = FragmentEnd {
+                            flush: FragmentFlush {
+                                fragment: a.fragment,
+                                ..FragmentFlush::default()
+                            },
+                            end: a.span.end,
+                            outcome: FinishOutcome::Success,
+                            state: "done",
+                            cause: None,
+                            detail: None,
+                            wasted_ms: 0.0,
+                            checkpoint_fallbacks: 0,
+                            observed_ms: 1.0,
+                            cpu_ms: 0.0,
+                            peak_rss_kb: 0,
+                            load: 0.0,
+                            fed: 1,
+                            acks: 0,
+                            first_ack_ms: None,
+                            last_ack_ms: None,
+                            stdout: Vec::new(),
+                            stderr: Vec::new(),
+                        };
+                        store.finish(&worker, host::now_ms(), &end)?;
+                    }
+                    Ok(mine)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let mut all: Vec<(u64, u64)> = claimed.into_iter().flatten().collect();
+    all.sort_unstable();
+    let twice = all.windows(2).filter(|w| w[1].0 < w[0].1).count();
+    let cycles = all.len() as f64 / seconds;
+    println!(
+        "{}",
+        serde_json::json!({ "clients": args.clients, "cycles": all.len(), "seconds": seconds, "cycles_per_s": cycles, "claimed_twice": twice })
+    );
+    open_store(&args.state)?.cancel(&name, host::now_ms())?;
+    Ok(if twice == 0 { EXIT_DONE } else { EXIT_BROKEN })
 }
 
 fn cancel(args: CancelArgs) -> Result<u8> {

@@ -19,7 +19,9 @@ use granule_core::{
     SizeCap, Sizer, SizerConfig, Span, StageId, StageLedger,
 };
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, NoTls, Transaction};
+use postgres::types::ToSql;
+use postgres::{Client, NoTls, Statement, Transaction};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -138,8 +140,50 @@ CREATE TABLE blobs (
 pub struct PgStore {
     config: postgres::Config,
     client: Option<Client>,
+    /// Prepared statements of the current connection, by SQL text.
+    statements: HashMap<String, Statement>,
     next_attempt: Instant,
     backoff: Duration,
+}
+
+/// A transaction whose statements are prepared once per connection: each query is
+/// then one round trip instead of two.
+struct Tx<'a, 'b> {
+    tx: &'a mut Transaction<'b>,
+    statements: &'a mut HashMap<String, Statement>,
+}
+
+type Params<'p> = [&'p (dyn ToSql + Sync)];
+
+impl Tx<'_, '_> {
+    fn statement(&mut self, sql: &str) -> Result<Statement> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.tx.prepare(sql)?;
+        self.statements.insert(sql.to_string(), s.clone());
+        Ok(s)
+    }
+
+    fn query(&mut self, sql: &str, params: &Params<'_>) -> Result<Vec<postgres::Row>> {
+        let s = self.statement(sql)?;
+        Ok(self.tx.query(&s, params)?)
+    }
+
+    fn query_one(&mut self, sql: &str, params: &Params<'_>) -> Result<postgres::Row> {
+        let s = self.statement(sql)?;
+        Ok(self.tx.query_one(&s, params)?)
+    }
+
+    fn query_opt(&mut self, sql: &str, params: &Params<'_>) -> Result<Option<postgres::Row>> {
+        let s = self.statement(sql)?;
+        Ok(self.tx.query_opt(&s, params)?)
+    }
+
+    fn execute(&mut self, sql: &str, params: &Params<'_>) -> Result<u64> {
+        let s = self.statement(sql)?;
+        Ok(self.tx.execute(&s, params)?)
+    }
 }
 
 /// The columns of a stage row the transitions need.
@@ -171,12 +215,12 @@ fn stage_row(r: &postgres::Row) -> Result<StageRow> {
     })
 }
 
-fn stages_of(tx: &mut Transaction<'_>, job: i64) -> Result<Vec<StageRow>> {
+fn stages_of(tx: &mut Tx<'_, '_>, job: i64) -> Result<Vec<StageRow>> {
     let sql = format!("SELECT {STAGE_COLUMNS} FROM stages WHERE job_id = $1 ORDER BY idx");
     tx.query(&sql, &[&job])?.iter().map(stage_row).collect()
 }
 
-fn stage_by_id(tx: &mut Transaction<'_>, stage: i64) -> Result<StageRow> {
+fn stage_by_id(tx: &mut Tx<'_, '_>, stage: i64) -> Result<StageRow> {
     let sql = format!("SELECT {STAGE_COLUMNS} FROM stages WHERE id = $1");
     stage_row(&tx.query_one(&sql, &[&stage])?)
 }
@@ -189,7 +233,7 @@ struct HeldFragment {
     size_cap: String,
 }
 
-fn hold(tx: &mut Transaction<'_>, id: FragmentId, worker: &str) -> Result<Option<HeldFragment>> {
+fn hold(tx: &mut Tx<'_, '_>, id: FragmentId, worker: &str) -> Result<Option<HeldFragment>> {
     let row = tx.query_opt(
         "SELECT stage_id, start_idx, end_idx, acked, failures, checkpoint_id, class, size_cap FROM fragments
          WHERE id = $1 AND worker = $2 AND state = 'running' FOR UPDATE",
@@ -222,7 +266,7 @@ fn mini_ledger(f: &RunningFragment) -> StageLedger {
     }
 }
 
-fn insert_pending(tx: &mut Transaction<'_>, stage: i64, ranges: &[PendingRange]) -> Result<()> {
+fn insert_pending(tx: &mut Tx<'_, '_>, stage: i64, ranges: &[PendingRange]) -> Result<()> {
     for r in ranges {
         tx.execute(
             "INSERT INTO pending (stage_id, start_idx, end_idx, failures, checkpoint_id) VALUES ($1, $2, $3, $4, $5)",
@@ -235,7 +279,7 @@ fn insert_pending(tx: &mut Transaction<'_>, stage: i64, ranges: &[PendingRange])
 /// Applies acks, checkpoints and a split answer to a held fragment; returns the
 /// items newly done and whether pending work appeared.
 fn apply_flush(
-    tx: &mut Transaction<'_>,
+    tx: &mut Tx<'_, '_>,
     held: &HeldFragment,
     ledger: &mut StageLedger,
     f: &FragmentFlush,
@@ -275,7 +319,7 @@ fn apply_flush(
     Ok((done, appeared))
 }
 
-fn save_fragment(tx: &mut Transaction<'_>, ledger: &StageLedger, id: FragmentId) -> Result<()> {
+fn save_fragment(tx: &mut Tx<'_, '_>, ledger: &StageLedger, id: FragmentId) -> Result<()> {
     if let Some(f) = ledger.fragment(id) {
         tx.execute(
             "UPDATE fragments SET end_idx = $2, acked = $3, done_count = $4, checkpoint_id = $5 WHERE id = $1",
@@ -287,7 +331,7 @@ fn save_fragment(tx: &mut Transaction<'_>, ledger: &StageLedger, id: FragmentId)
 
 /// The sizer of (stage, class), and whether this transaction holds its row lock
 /// (taken only if free: a busy sizer is read, not waited for).
-fn sizer_for(tx: &mut Transaction<'_>, stage: i64, class: &str) -> Result<(Sizer, bool)> {
+fn sizer_for(tx: &mut Tx<'_, '_>, stage: i64, class: &str) -> Result<(Sizer, bool)> {
     let locked = tx.query_opt(
         "SELECT state FROM sizers WHERE stage_id = $1 AND class = $2 FOR UPDATE SKIP LOCKED",
         &[&stage, &class],
@@ -311,7 +355,7 @@ fn sizer_for(tx: &mut Transaction<'_>, stage: i64, class: &str) -> Result<(Sizer
     }
 }
 
-fn save_sizer(tx: &mut Transaction<'_>, stage: i64, class: &str, sizer: &Sizer) -> Result<()> {
+fn save_sizer(tx: &mut Tx<'_, '_>, stage: i64, class: &str, sizer: &Sizer) -> Result<()> {
     tx.execute(
         "UPDATE sizers SET state = $3 WHERE stage_id = $1 AND class = $2",
         &[&stage, &class, &json(sizer)],
@@ -319,14 +363,14 @@ fn save_sizer(tx: &mut Transaction<'_>, stage: i64, class: &str, sizer: &Sizer) 
     Ok(())
 }
 
-fn notify(tx: &mut Transaction<'_>) -> Result<()> {
+fn notify(tx: &mut Tx<'_, '_>) -> Result<()> {
     tx.execute(&format!("NOTIFY {CHANNEL}"), &[])?;
     Ok(())
 }
 
 /// Marks the stage done if nothing of it is pending or running, and its job once
 /// every stage is. The stage row lock makes two last finishers see each other.
-fn settle(tx: &mut Transaction<'_>, stage: i64, now_ms: i64) -> Result<bool> {
+fn settle(tx: &mut Tx<'_, '_>, stage: i64, now_ms: i64) -> Result<bool> {
     let open: i64 = tx
         .query_one(
             "SELECT count(*) FROM pending WHERE stage_id = $1",
@@ -397,6 +441,7 @@ impl PgStore {
         let mut store = PgStore {
             config,
             client: None,
+            statements: HashMap::new(),
             next_attempt: Instant::now(),
             backoff: Duration::ZERO,
         };
@@ -426,6 +471,7 @@ impl PgStore {
         tx.commit()?;
         client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
         self.client = Some(client);
+        self.statements.clear();
         self.backoff = Duration::ZERO;
         Ok(())
     }
@@ -451,17 +497,25 @@ impl PgStore {
     }
 
     /// Runs `f` in a transaction; a broken connection is dropped for a reconnect.
-    fn with_tx<T>(&mut self, f: impl FnOnce(&mut Transaction<'_>) -> Result<T>) -> Result<T> {
-        let client = self.client()?;
+    fn with_tx<T>(&mut self, f: impl FnOnce(&mut Tx<'_, '_>) -> Result<T>) -> Result<T> {
+        self.client()?;
+        let (client, statements) = (
+            self.client.as_mut().expect("connected"),
+            &mut self.statements,
+        );
         let result: Result<T> = (|| {
             let mut tx = client.transaction()?;
-            let value = f(&mut tx)?;
+            let value = f(&mut Tx {
+                tx: &mut tx,
+                statements,
+            })?;
             tx.commit()?;
             Ok(value)
         })();
         if let Err(e) = &result {
             if e.is_transient() {
                 self.client = None;
+                self.statements.clear();
             }
         }
         result
@@ -968,7 +1022,7 @@ impl Store for PgStore {
 }
 
 /// One claim attempt; also says whether a range existed but was locked by others.
-fn claim_once(tx: &mut Transaction<'_>, req: &ClaimRequest) -> Result<(Option<Assignment>, bool)> {
+fn claim_once(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(Option<Assignment>, bool)> {
     let jobs: Vec<i64> = match req.job {
         Some(job) => tx
             .query(
@@ -987,35 +1041,32 @@ fn claim_once(tx: &mut Transaction<'_>, req: &ClaimRequest) -> Result<(Option<As
             .map(|r| r.get(0))
             .collect(),
     };
-    let slots: i64 = tx
-        .query_one(
-            "SELECT coalesce(sum(slots), 0)::BIGINT FROM workers WHERE state != 'exited' AND heartbeat_ms >= $1",
-            &[&(req.now_ms - req.lease_ms)],
-        )?
-        .get(0);
-    let slots = (slots as u32).max(req.slots);
     let mut contended = false;
     for job in jobs {
         let stages = stages_of(tx, job)?;
         let finished: Vec<bool> = stages.iter().map(|s| s.state == "done").collect();
-        let mut ready = Vec::new();
-        for stage in &stages {
-            let after_done = stage
-                .after
-                .iter()
-                .all(|&a| finished.get(a).copied().unwrap_or(true));
-            if finished[stage.idx] || !after_done {
-                continue;
+        let mut ready: Vec<(i64, &StageRow)> = stages
+            .iter()
+            .filter(|s| {
+                !finished[s.idx]
+                    && s.after
+                        .iter()
+                        .all(|&a| finished.get(a).copied().unwrap_or(true))
+            })
+            .map(|s| (0, s))
+            .collect();
+        if ready.len() > 1 {
+            // Share slots between ready stages: the least-served stage first.
+            for (running, stage) in ready.iter_mut() {
+                *running = tx
+                    .query_one(
+                        "SELECT count(*) FROM fragments WHERE stage_id = $1 AND state = 'running'",
+                        &[&stage.id],
+                    )?
+                    .get(0);
             }
-            let running: i64 = tx
-                .query_one(
-                    "SELECT count(*) FROM fragments WHERE stage_id = $1 AND state = 'running'",
-                    &[&stage.id],
-                )?
-                .get(0);
-            ready.push((running, stage));
+            ready.sort_by_key(|(running, stage)| (*running, stage.idx));
         }
-        ready.sort_by_key(|(running, stage)| (*running, stage.idx));
         for (_, stage) in ready {
             let row = tx.query_opt(
                 "SELECT id, start_idx, end_idx, failures, checkpoint_id FROM pending WHERE stage_id = $1
@@ -1032,7 +1083,7 @@ fn claim_once(tx: &mut Transaction<'_>, req: &ClaimRequest) -> Result<(Option<As
                 contended |= any;
                 continue;
             };
-            if let Some(a) = claim_range(tx, req, job, stage, &row, slots)? {
+            if let Some(a) = claim_range(tx, req, job, stage, &row)? {
                 return Ok((Some(a), false));
             }
         }
@@ -1042,12 +1093,11 @@ fn claim_once(tx: &mut Transaction<'_>, req: &ClaimRequest) -> Result<(Option<As
 
 /// Carves a fragment from a locked pending range.
 fn claim_range(
-    tx: &mut Transaction<'_>,
+    tx: &mut Tx<'_, '_>,
     req: &ClaimRequest,
     job: i64,
     stage: &StageRow,
     row: &postgres::Row,
-    slots: u32,
 ) -> Result<Option<Assignment>> {
     let (range_id, start, end): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     let range = PendingRange {
@@ -1055,12 +1105,14 @@ fn claim_range(
         failures: row.get::<_, i32>(3) as u32,
         checkpoint: row.get(4),
     };
-    let remaining: i64 = tx
-        .query_one(
-            "SELECT coalesce(sum(end_idx - start_idx), 0)::BIGINT FROM pending WHERE stage_id = $1",
-            &[&stage.id],
-        )?
-        .get(0);
+    // Items left and live slots, for tail factoring.
+    let counts = tx.query_one(
+        "SELECT (SELECT coalesce(sum(end_idx - start_idx), 0)::BIGINT FROM pending WHERE stage_id = $1),
+                (SELECT coalesce(sum(slots), 0)::BIGINT FROM workers WHERE state != 'exited' AND heartbeat_ms >= $2)",
+        &[&stage.id, &(req.now_ms - req.lease_ms)],
+    )?;
+    let (remaining, slots): (i64, i64) = (counts.get(0), counts.get(1));
+    let slots = (slots as u32).max(req.slots);
     let (mut sizer, locked) = sizer_for(tx, stage.id, &req.class)?;
     let mut ctx = req.context.clone();
     ctx.remaining = remaining as u64;
@@ -1133,7 +1185,7 @@ fn claim_range(
 /// enough, from the ranges that follow it without a gap (if no one else holds
 /// them); returns how many were taken. Ranges with a history never merge.
 fn take_from(
-    tx: &mut Transaction<'_>,
+    tx: &mut Tx<'_, '_>,
     stage: i64,
     first_id: i64,
     first: &PendingRange,
@@ -1167,7 +1219,7 @@ fn take_from(
     }
 }
 
-fn stage_status(tx: &mut Transaction<'_>, stage: &StageRow) -> Result<StageStatus> {
+fn stage_status(tx: &mut Tx<'_, '_>, stage: &StageRow) -> Result<StageStatus> {
     let r = tx.query_one(
         "SELECT coalesce(sum(done_count), 0)::BIGINT,
                 coalesce(sum(end_idx - start_idx - done_count) FILTER (WHERE state = 'running'), 0)::BIGINT,
