@@ -71,6 +71,11 @@ impl Job {
         }
     }
 
+    /// Points the job's commands at the store at `url` (`None`: the embedded one).
+    pub fn set_store(&mut self, url: Option<String>) {
+        self.store_url = url;
+    }
+
     /// A job whose commands use `backend`'s store.
     pub fn on(spec: &str, backend: &Backend) -> Job {
         Job {
