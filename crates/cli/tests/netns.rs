@@ -287,3 +287,79 @@ fn a_cut_off_worker_loses_its_lease_and_counts_nothing_twice() {
         }
     }
 }
+
+impl Cluster {
+    fn restart(&self) {
+        let data = self.dir.path().join("data");
+        let opts = format!(
+            "-p {} -c listen_addresses='127.0.0.1' -k {}",
+            self.port,
+            self.dir.path().display()
+        );
+        assert!(run(Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                "pg_ctl",
+                "-D",
+                data.to_str().unwrap()
+            ])
+            .args(["-o", &opts, "-m", "fast", "-w", "restart"])));
+    }
+}
+
+#[test]
+fn postgres_restarted_twice_mid_job_loses_nothing() {
+    if !(is_root() && have("initdb") && have("pg_ctl") && have("runuser")) {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI must run this test"
+        );
+        eprintln!("!!! SKIPPING postgres_restarted_twice_mid_job_loses_nothing: needs root and PostgreSQL's initdb");
+        return;
+    }
+    let items = 12_000u64;
+    let port = 30_000 + (std::process::id() % 10_000) as u16;
+    let pg = Cluster::start("127.0.0.1", port).expect("a private PostgreSQL cluster");
+    let mut job = Job::new(&spin_spec(items));
+    job.set_store(Some(format!(
+        "postgres://postgres@127.0.0.1:{port}/postgres"
+    )));
+    let out = job.path("out");
+    std::fs::create_dir(&out).unwrap();
+    assert!(job
+        .cmd(&["submit", "job.toml"])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let mut workers: Vec<Child> = (0..2)
+        .map(|_| worker_cmd(&job, &url, &out).spawn().unwrap())
+        .collect();
+    for threshold in [2_000u64, 6_000] {
+        wait_until("progress before a restart", Duration::from_secs(60), || {
+            stage(&job.status(), 0)["done"].as_u64() > Some(threshold)
+        });
+        pg.restart();
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while workers.iter_mut().any(|w| w.try_wait().unwrap().is_none()) {
+        assert!(
+            Instant::now() < deadline,
+            "workers did not finish: {}",
+            job.status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = job.status();
+    assert_eq!(status["jobs"][0]["state"], "done", "{status}");
+    assert_eq!(
+        stage(&status, 0)["done"],
+        items,
+        "every item counted exactly once"
+    );
+    assert_eq!(job.recorded().len() as u64, items, "an item was never run");
+}
