@@ -11,34 +11,13 @@ kill9     the hetero job killed with SIGKILL at a random moment, then rerun: ite
 submit    seconds to submit a 100,000,000-item range (against a 1-item job)
 rss       peak RSS of `granule run` on a 10,000,000-item job (`cat >/dev/null`)
 """
-import argparse, json, os, random, shutil, signal, subprocess, sys, tempfile, time
+import argparse, json, os, random, signal, subprocess, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPIN = os.path.normpath(os.path.join(ROOT, "..", "shared", "bench", "spin.py"))
-GRANULE = os.path.join(ROOT, "target", "release", "granule")
-# The system interpreter starts in ~10 ms; a version manager's (pyenv here) costs ~60 ms of
-# CPU per start through its site hooks, which is the task's overhead, not granule's.
-PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else os.path.realpath(sys.executable)
-
-
-def build():
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "granule"], cwd=ROOT, check=True)
-
-
-def write_spec(d, command, items, per_item=False, name="bench"):
-    path = os.path.join(d, "job.toml")
-    with open(path, "w") as f:
-        f.write(f'name = "{name}"\n[[stage]]\nname = "work"\ncommand = {json.dumps(command)}\n')
-        f.write(f"items = {{ range = [0, {items}] }}\nper_item = {'true' if per_item else 'false'}\n")
-    return path
+from common import GRANULE, PYTHON, ROOT, SPIN, build, recorded, status, write_spec
 
 
 def granule(d, *args, env=None, check=True):
     return subprocess.run([GRANULE, *args], cwd=d, env=env, check=check, capture_output=True, text=True)
-
-
-def status(d):
-    return json.loads(granule(d, "status", "--json").stdout)["jobs"][0]["stages"][0]
 
 
 def timed(argv, **kw):
@@ -63,7 +42,7 @@ def hetero(slots, n=150_000):
     with tempfile.TemporaryDirectory() as d:
         write_spec(d, [PYTHON, SPIN], n)
         makespan = timed([GRANULE, "run", "job.toml", "--slots", str(slots), "-q"], cwd=d, env=env)
-        s = status(d)
+        s = status(d)["jobs"][0]["stages"][0]
         assert s["done"] == n, s
     ideal = work / slots
     print(f"hetero: {n} items, total work {work:.2f}s, {slots} slots, ideal {ideal:.2f}s, "
@@ -76,22 +55,13 @@ def per_item(slots, n=3000):
     with tempfile.TemporaryDirectory() as d:
         write_spec(d, ["true"], n, per_item=True)
         ours = timed([GRANULE, "run", "job.toml", "--slots", str(slots), "-q"], cwd=d)
-        assert status(d)["done"] == n
+        assert status(d)["jobs"][0]["stages"][0]["done"] == n
     seq = subprocess.run(["seq", "0", str(n - 1)], capture_output=True).stdout
     xargs = timed(["xargs", f"-P{slots}", "-n1", "true"], input=seq)
     ratio = (n / ours) / (n / xargs)
     print(f"per_item: {n} x true, {slots} slots: granule {n / ours:.0f} items/s, "
           f"xargs {n / xargs:.0f} items/s, ratio {ratio:.2f} (bar >= 0.7)")
     return ratio
-
-
-def recorded(out):
-    seen = {}
-    for name in os.listdir(out):
-        with open(os.path.join(out, name)) as f:
-            for line in f:
-                seen[int(line)] = seen.get(int(line), 0) + 1
-    return seen
 
 
 def kill9(slots, n=150_000, seed=None):
@@ -107,9 +77,9 @@ def kill9(slots, n=150_000, seed=None):
         time.sleep(at)
         p.send_signal(signal.SIGKILL)
         p.wait()
-        before = status(d)["done"]
+        before = status(d)["jobs"][0]["stages"][0]["done"]
         granule(d, "run", "job.toml", "--slots", str(slots), "-q", env=env)
-        s = status(d)
+        s = status(d)["jobs"][0]["stages"][0]
         seen = recorded(out)
     missing = n - len(seen)
     twice = sum(c - 1 for c in seen.values())
@@ -152,7 +122,7 @@ def rss(slots, n=10_000_000):
             time.sleep(0.02)
         elapsed = time.perf_counter() - t
         assert p.returncode == 0
-        s = status(d)
+        s = status(d)["jobs"][0]["stages"][0]
         assert s["done"] == n, s
     print(f"rss: {n} items ({s['fragments']} fragments) in {elapsed:.1f}s, peak RSS of granule run "
           f"{peak / 1024:.1f} MB (bar < 100 MB)")

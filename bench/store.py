@@ -13,10 +13,8 @@ restart  ~60 s of spin.py work on 2 workers while PostgreSQL is restarted twice:
 """
 import json, os, re, subprocess, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPIN = os.path.normpath(os.path.join(ROOT, "..", "shared", "bench", "spin.py"))
-GRANULE = os.path.join(ROOT, "target", "release", "granule")
-PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else os.path.realpath(sys.executable)
+from common import GRANULE, PYTHON, ROOT, SPIN, build, recorded, status, write_spec
+
 PG = os.environ.get("GRANULE_BENCH_POSTGRES", "postgres://postgres@127.0.0.1:5432/postgres")
 
 
@@ -62,17 +60,6 @@ def tps():
         r = bench_store(clients, 5)
         print(f"tps: {clients} clients on SQLite: {r['cycles_per_s']:.0f} cycles/s, claimed twice {r['claimed_twice']}",
               flush=True)
-
-
-def status(d, env):
-    out = subprocess.run([GRANULE, "status", "--json"], cwd=d, env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
-
-
-def write_spec(d, command, items):
-    with open(os.path.join(d, "job.toml"), "w") as f:
-        f.write(f'name = "bench"\n[[stage]]\nname = "work"\ncommand = {json.dumps(command)}\n')
-        f.write(f"items = {{ range = [0, {items}] }}\n")
 
 
 def run_workers(d, env, workers, limit=600):

@@ -14,11 +14,9 @@ straggler   2 workers; items 40,000-41,000 of 50,000 are 20x slower: makespan /
 """
 import importlib.util, json, os, random, signal, subprocess, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPIN = os.path.normpath(os.path.join(ROOT, "..", "shared", "bench", "spin.py"))
+from common import GRANULE, PYTHON, ROOT, SPIN, build, recorded, status, write_spec
+
 SLOW = os.path.join(ROOT, "bench", "slow.py")
-GRANULE = os.path.join(ROOT, "target", "release", "granule")
-PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else os.path.realpath(sys.executable)
 SPIN_ENV = {"MED_US": "40", "SIGMA": "1.3", "SEED": "7"}
 
 
@@ -28,26 +26,6 @@ def load_spin():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def write_spec(d, command, items, name="bench"):
-    with open(os.path.join(d, "job.toml"), "w") as f:
-        f.write(f'name = "{name}"\n[[stage]]\nname = "work"\ncommand = {json.dumps(command)}\n')
-        f.write(f"items = {{ range = [0, {items}] }}\n")
-
-
-def status(d):
-    out = subprocess.run([GRANULE, "status", "--json"], cwd=d, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
-
-
-def recorded(out):
-    seen = {}
-    for name in os.listdir(out):
-        with open(os.path.join(out, name)) as f:
-            for line in f:
-                seen[int(line)] = seen.get(int(line), 0) + 1
-    return seen
 
 
 def drive(d, env, workers, args, chaos=None, limit=600):

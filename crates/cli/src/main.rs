@@ -82,7 +82,17 @@ struct RunArgs {
     /// Time a yielding fragment gets after stdin closes before SIGTERM, and after SIGTERM before SIGKILL.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
-    /// How often acks are flushed to the store (and leases renewed).
+    #[command(flatten)]
+    tuning: TuningArgs,
+    /// No progress output.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// How a worker talks to the store and stores checkpoints (`run` and `worker`).
+#[derive(clap::Args)]
+struct TuningArgs {
+    /// How often acks are flushed to the store (the heartbeat, which renews leases).
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     flush: Duration,
     /// Lease length: a worker silent this long loses its fragments.
@@ -91,9 +101,6 @@ struct RunArgs {
     /// zstd level of stored checkpoints (1 fast .. 19 small).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
     zstd_level: i32,
-    /// No progress output.
-    #[arg(long, short)]
-    quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -126,15 +133,8 @@ struct WorkerArgs {
     /// Preemption notice: on SIGTERM, yield everything and exit within this time.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     grace: Duration,
-    /// How often acks are flushed to the store (the heartbeat, which renews leases).
-    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
-    flush: Duration,
-    /// Lease length: a worker silent this long loses its fragments.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    lease: Duration,
-    /// zstd level of stored checkpoints (1 fast .. 19 small).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
-    zstd_level: i32,
+    #[command(flatten)]
+    tuning: TuningArgs,
     /// Executor class of this worker.
     #[arg(long, default_value = "default")]
     class: String,
@@ -337,10 +337,10 @@ fn run(args: RunArgs) -> Result<u8> {
     let interrupts = count_signals()?;
     let config = engine::EngineConfig {
         slots: slots(args.slots)?,
-        flush: args.flush,
-        lease: args.lease,
+        flush: args.tuning.flush,
+        lease: args.tuning.lease,
         grace: args.grace,
-        checkpoint_level: args.zstd_level,
+        checkpoint_level: args.tuning.zstd_level,
         state_dir: args.state.state.clone(),
         quiet: args.quiet,
         job: Some((submitted.id(), Arc::new(spec))),
@@ -399,10 +399,10 @@ fn worker(args: WorkerArgs) -> Result<u8> {
     let interrupts = count_signals()?;
     let config = engine::EngineConfig {
         slots: slots(args.slots)?,
-        flush: args.flush,
-        lease: args.lease,
+        flush: args.tuning.flush,
+        lease: args.tuning.lease,
         grace: args.grace,
-        checkpoint_level: args.zstd_level,
+        checkpoint_level: args.tuning.zstd_level,
         class: args.class,
         state_dir: args.state.state.clone(),
         quiet: args.quiet,
@@ -535,8 +535,8 @@ fn job_with_stage(store: &mut dyn Store, job: Option<String>, stage: &str) -> Re
 /// Clients loop claim (one item) -> finish on a fresh job for `duration`; prints
 /// cycles per second as JSON and fails if any item was claimed twice.
 fn bench_store(args: BenchStoreArgs) -> Result<u8> {
-    use granule_core::{ClaimContext, FinishOutcome, SizerConfig};
-    use granule_store::{ClaimRequest, FragmentEnd, FragmentFlush, WorkerInfo};
+    use granule_core::{ClaimContext, SizerConfig};
+    use granule_store::{ClaimRequest, FragmentEnd, WorkerInfo};
     let name = format!("bench-store-{}", host::now_ms());
     let job = NewJob {
         name: name.clone(),
@@ -594,29 +594,7 @@ fn bench_store(args: BenchStoreArgs) -> Result<u8> {
                             continue;
                         };
                         mine.push((a.span.start, a.span.end));
-                        let end = FragmentEnd {
-                            flush: FragmentFlush {
-                                fragment: a.fragment,
-                                ..FragmentFlush::default()
-                            },
-                            end: a.span.end,
-                            outcome: FinishOutcome::Success,
-                            state: "done",
-                            cause: None,
-                            detail: None,
-                            wasted_ms: 0.0,
-                            checkpoint_fallbacks: 0,
-                            observed_ms: 1.0,
-                            cpu_ms: 0.0,
-                            peak_rss_kb: 0,
-                            load: 0.0,
-                            fed: 1,
-                            acks: 0,
-                            first_ack_ms: None,
-                            last_ack_ms: None,
-                            stdout: Vec::new(),
-                            stderr: Vec::new(),
-                        };
+                        let end = FragmentEnd::success(a.fragment, a.span.end);
                         store.finish(&worker, host::now_ms(), &end)?;
                     }
                     Ok(mine)

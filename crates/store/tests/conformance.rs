@@ -100,32 +100,15 @@ fn claim(
 }
 
 fn end(fragment: FragmentId, outcome: FinishOutcome, to: u64) -> FragmentEnd {
+    let state = match outcome {
+        FinishOutcome::Success => "done",
+        FinishOutcome::Failed { .. } => "failed",
+        _ => "yielded",
+    };
     FragmentEnd {
-        flush: FragmentFlush {
-            fragment,
-            ..FragmentFlush::default()
-        },
-        end: to,
-        state: match outcome {
-            FinishOutcome::Success => "done",
-            FinishOutcome::Failed { .. } => "failed",
-            _ => "yielded",
-        },
         outcome,
-        cause: None,
-        detail: None,
-        wasted_ms: 0.0,
-        checkpoint_fallbacks: 0,
-        observed_ms: 10.0,
-        cpu_ms: 1.0,
-        peak_rss_kb: 1,
-        load: 0.0,
-        fed: 1,
-        acks: 0,
-        first_ack_ms: None,
-        last_ack_ms: None,
-        stdout: vec![],
-        stderr: vec![],
+        state,
+        ..FragmentEnd::success(fragment, to)
     }
 }
 
