@@ -63,6 +63,12 @@ pub(crate) struct EngineConfig {
     pub(crate) steal: bool,
     /// Most items per fragment, whatever the sizer says.
     pub(crate) max_items: Option<u64>,
+    /// Declared cost per hour.
+    pub(crate) cost_per_hour: f64,
+    /// Declared spot (preemptible) capacity.
+    pub(crate) spot: bool,
+    /// Declared custom resources (`--resource name=amount`).
+    pub(crate) custom: Vec<(String, f64)>,
 }
 
 impl Default for EngineConfig {
@@ -84,6 +90,9 @@ impl Default for EngineConfig {
             idle_exit: None,
             steal: true,
             max_items: None,
+            cost_per_hour: 0.0,
+            spot: false,
+            custom: Vec::new(),
         }
     }
 }
@@ -174,6 +183,9 @@ pub(crate) fn run_worker(
         slots: cfg.slots,
         class: cfg.class.clone(),
         lifespan_end_ms: cfg.lifespan_end.map(|(_, ms)| ms),
+        cost_per_hour: cfg.cost_per_hour,
+        spot: cfg.spot,
+        resources: describe(&cfg.custom).to_string(),
     };
     store.register_worker(&info, host::now_ms())?;
     release_dead_workers(store, &info.host)?;
@@ -207,6 +219,17 @@ pub(crate) fn run_worker(
         .store
         .set_worker_state(&id, "exited", host::now_ms())?;
     outcome
+}
+
+/// What this worker has: detected CPUs, memory and GPUs, plus declared resources.
+pub(crate) fn describe(custom: &[(String, f64)]) -> serde_json::Value {
+    let mut value = serde_json::to_value(granule_exec::detect()).expect("plain data");
+    let custom: serde_json::Map<String, serde_json::Value> = custom
+        .iter()
+        .map(|(name, amount)| (name.clone(), (*amount).into()))
+        .collect();
+    value["custom"] = custom.into();
+    value
 }
 
 /// Fragments held by workers of this host that are gone, and fragments whose lease

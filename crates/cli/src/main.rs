@@ -135,9 +135,21 @@ struct WorkerArgs {
     grace: Duration,
     #[command(flatten)]
     tuning: TuningArgs,
-    /// Executor class of this worker.
+    /// Executor class of this worker (cpu, memory, io, gpu, latency, or any name).
     #[arg(long, default_value = "default")]
     class: String,
+    /// What this worker costs per hour (any currency).
+    #[arg(long, default_value_t = 0.0)]
+    cost: f64,
+    /// This worker is spot (preemptible) capacity.
+    #[arg(long)]
+    spot: bool,
+    /// A custom resource this worker has, `NAME=AMOUNT` (repeatable), e.g. `licenses=4`.
+    #[arg(long = "resource", value_parser = parse_resource)]
+    resources: Vec<(String, f64)>,
+    /// Print what this worker would declare (detected and declared resources) and exit.
+    #[arg(long)]
+    describe: bool,
     /// Never ask to split running fragments (for benchmarks comparing with splitting).
     #[arg(long, hide = true)]
     no_steal: bool,
@@ -384,7 +396,39 @@ fn slots(arg: Option<u32>) -> Result<u32> {
     Ok(slots)
 }
 
+/// `NAME=AMOUNT` of a custom resource.
+fn parse_resource(text: &str) -> Result<(String, f64), String> {
+    let (name, amount) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected NAME=AMOUNT"))?;
+    let amount: f64 = amount
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?}: AMOUNT must be a number"))?;
+    if name.trim().is_empty() || !amount.is_finite() || amount < 0.0 {
+        return Err(format!(
+            "{text:?}: expected a name and a non-negative amount"
+        ));
+    }
+    Ok((name.trim().to_string(), amount))
+}
+
 fn worker(args: WorkerArgs) -> Result<u8> {
+    if args.describe {
+        let mut description = engine::describe(&args.resources);
+        description["class"] = args.class.clone().into();
+        description["cost_per_hour"] = args.cost.into();
+        description["spot"] = args.spot.into();
+        println!("{description}");
+        return Ok(EXIT_DONE);
+    }
+    if !args.cost.is_finite() || args.cost < 0.0 {
+        return Err(BadInput(format!(
+            "--cost {}: must be a non-negative number",
+            args.cost
+        ))
+        .into());
+    }
     let mut store = open_store(&args.state)?;
     let now = Instant::now();
     let now_ms = host::now_ms();
@@ -410,6 +454,9 @@ fn worker(args: WorkerArgs) -> Result<u8> {
         // Stop with a tenth of the lifespan (at most the grace) left to yield in.
         drain_margin: lifespan.map_or(Duration::ZERO, |d| (d / 10).min(args.grace)),
         idle_exit: args.idle_exit,
+        cost_per_hour: args.cost,
+        spot: args.spot,
+        custom: args.resources.clone(),
         steal: !args.no_steal,
         ..engine::EngineConfig::default()
     };
@@ -504,14 +551,11 @@ fn status(args: StatusArgs) -> Result<u8> {
         let life = w.lifespan_left_ms.map_or("no lifespan".to_string(), |ms| {
             format!("{:.1}s of lifespan left", ms as f64 / 1e3)
         });
+        let gpus = w.resources["gpus"].as_array().map_or(0, |g| g.len());
+        let spot = if w.spot { ", spot" } else { "" };
         println!(
-            "  {} ({}, {}): {}/{} slots busy, {} fragments done, {life}, last heard {:.1}s ago",
-            w.id,
-            w.class,
-            w.state,
-            w.busy,
-            w.slots,
-            w.fragments_done,
+            "  {} ({}, {}{spot}, {}/h, {} cpus, {} gpus): {}/{} slots busy, {} fragments done, {life}, last heard {:.1}s ago",
+            w.id, w.class, w.state, w.cost_per_hour, w.resources["cpus"], gpus, w.busy, w.slots, w.fragments_done,
             w.heartbeat_age_ms as f64 / 1e3
         );
     }
@@ -570,6 +614,9 @@ fn bench_store(args: BenchStoreArgs) -> Result<u8> {
                         slots: 1,
                         class: "default".into(),
                         lifespan_end_ms: None,
+                        cost_per_hour: 0.0,
+                        spot: false,
+                        resources: "{}".into(),
                     };
                     store.register_worker(&info, host::now_ms())?;
                     let mut mine = Vec::new();

@@ -324,3 +324,65 @@ fn an_idle_worker_splits_a_running_fragment_and_no_item_runs_twice() {
         );
     }
 }
+
+#[test]
+fn workers_describe_detected_and_declared_resources() {
+    for backend in backends("workers_describe") {
+        let job = Job::on("name = \"d\"\n[[stage]]\nname = \"s\"\ncommand = [\"true\"]\nitems = { range = [0, 3] }\n", &backend);
+        // A stand-in for the NVIDIA tool, answering the query granule makes.
+        let bin = job.path("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let smi = bin.join("nvidia-smi");
+        std::fs::write(
+            &smi,
+            "#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 81559'\necho 'NVIDIA H100 80GB HBM3, 81559'\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&smi, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+        assert!(job
+            .cmd(&["submit", "job.toml"])
+            .output()
+            .unwrap()
+            .status
+            .success());
+        let out = job
+            .cmd(&[
+                "worker",
+                "-q",
+                "--class",
+                "gpu",
+                "--cost",
+                "2.5",
+                "--spot",
+                "--resource",
+                "licenses=4",
+            ])
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {}", backend.name, stderr(&out));
+        let status = job.status();
+        let w = &status["workers"][0];
+        assert_eq!(w["class"], "gpu", "{}: {w}", backend.name);
+        assert_eq!(w["cost_per_hour"], 2.5);
+        assert_eq!(w["spot"], true);
+        assert_eq!(w["resources"]["custom"]["licenses"], 4.0);
+        assert_eq!(w["resources"]["gpus"].as_array().unwrap().len(), 2, "{w}");
+        assert_eq!(w["resources"]["gpus"][0]["memory_mb"], 81559);
+        assert!(
+            w["resources"]["cpus"].as_u64().unwrap() >= 1
+                && w["resources"]["memory_mb"].as_u64().unwrap() > 0
+        );
+        let bad = job
+            .cmd(&["worker", "--resource", "licenses"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            bad.status.code(),
+            Some(2),
+            "a malformed resource is bad input"
+        );
+    }
+}

@@ -16,4 +16,4 @@ mod sys;
 pub use blob::{Blob, BlobError};
 pub use items::{ItemIter, ItemSource};
 pub use run::{run_fragment, Checkpoint, Control, Failure, FragmentJob, Progress, RunReport};
-pub use sample::{Sample, Sampler};
+pub use sample::{detect, Detected, Gpu, Sample, Sampler};

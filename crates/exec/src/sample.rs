@@ -54,3 +54,84 @@ impl Sampler {
         }
     }
 }
+
+/// What a worker's machine has, as detected: CPUs, memory and NVIDIA GPUs.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Detected {
+    /// CPUs available to this process.
+    pub cpus: u32,
+    /// Total memory, MiB.
+    pub memory_mb: u64,
+    /// GPUs reported by `nvidia-smi` (none when it is absent or fails).
+    pub gpus: Vec<Gpu>,
+}
+
+/// One GPU.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Gpu {
+    /// Model name.
+    pub name: String,
+    /// Memory, MiB.
+    pub memory_mb: u64,
+}
+
+/// Detects CPUs, memory and GPUs. GPUs come from `nvidia-smi` on PATH; a machine
+/// without it (or without a driver) simply has none.
+pub fn detect() -> Detected {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let memory_mb = System::new_with_specifics(
+        RefreshKind::nothing().with_memory(MemoryRefreshKind::nothing().with_ram()),
+    )
+    .map_or(0, |s| s.total_memory() / (1024 * 1024));
+    Detected {
+        cpus,
+        memory_mb,
+        gpus: nvidia_gpus(),
+    }
+}
+
+fn nvidia_gpus() -> Vec<Gpu> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=name,memory.total",
+            "--format=csv,noheader,nounits",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    let Some(out) = out.ok().filter(|o| o.status.success()) else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(parse_gpu_line)
+        .collect()
+}
+
+/// One line of `nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits`.
+fn parse_gpu_line(line: &str) -> Option<Gpu> {
+    let (name, memory) = line.rsplit_once(',')?;
+    Some(Gpu {
+        name: name.trim().to_string(),
+        memory_mb: memory.trim().parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_nvidia_smi_lines() {
+        assert_eq!(
+            parse_gpu_line("NVIDIA H100 80GB HBM3, 81559"),
+            Some(Gpu {
+                name: "NVIDIA H100 80GB HBM3".into(),
+                memory_mb: 81559
+            })
+        );
+        assert_eq!(parse_gpu_line("No devices were found"), None);
+        let here = detect();
+        assert!(here.cpus >= 1 && here.memory_mb > 0, "{here:?}");
+    }
+}

@@ -69,7 +69,7 @@ pub struct JobRecord {
 }
 
 /// A worker as the store knows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct WorkerInfo {
     /// Unique id, `host:pid:start`.
     pub id: String,
@@ -85,6 +85,12 @@ pub struct WorkerInfo {
     pub class: String,
     /// When its lifespan ends, unix ms, if it has one.
     pub lifespan_end_ms: Option<i64>,
+    /// What it costs per hour (any currency; 0 when not declared).
+    pub cost_per_hour: f64,
+    /// Whether it is spot (preemptible) capacity.
+    pub spot: bool,
+    /// Detected and declared resources, JSON (`{"cpus":..,"memory_mb":..,"gpus":[..],"custom":{..}}`).
+    pub resources: String,
 }
 
 /// What a worker reports of itself with every flush.
@@ -119,6 +125,12 @@ pub struct WorkerStatus {
     pub lifespan_left_ms: Option<i64>,
     /// Time since its last heartbeat, ms.
     pub heartbeat_age_ms: i64,
+    /// What it costs per hour.
+    pub cost_per_hour: f64,
+    /// Whether it is spot capacity.
+    pub spot: bool,
+    /// Detected and declared resources.
+    pub resources: serde_json::Value,
 }
 
 /// A slot asking for work.

@@ -33,7 +33,8 @@ const CHANNEL: &str = "granule_work";
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Migrations in order; never edit one that has shipped, append a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE jobs (
     id BIGSERIAL PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -134,7 +135,14 @@ CREATE TABLE blobs (
     created_ms BIGINT NOT NULL,
     prev BIGINT
 );
-"#];
+"#,
+    // 2: workers describe themselves.
+    r#"
+ALTER TABLE workers ADD COLUMN cost DOUBLE PRECISION NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN spot BOOLEAN NOT NULL DEFAULT false;
+ALTER TABLE workers ADD COLUMN resources TEXT NOT NULL DEFAULT '{}';
+"#,
+];
 
 /// A store in a PostgreSQL database.
 pub struct PgStore {
@@ -621,11 +629,24 @@ impl Store for PgStore {
 
     fn register_worker(&mut self, w: &WorkerInfo, now_ms: i64) -> Result<()> {
         self.client()?.execute(
-            "INSERT INTO workers (id, host, pid, proc_start, slots, class, started_ms, heartbeat_ms, lifespan_end_ms, state)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, 'running')
+            "INSERT INTO workers (id, host, pid, proc_start, slots, class, started_ms, heartbeat_ms, lifespan_end_ms,
+               state, cost, spot, resources)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, 'running', $9, $10, $11)
              ON CONFLICT (id) DO UPDATE SET slots = $5, class = $6, heartbeat_ms = $7, lifespan_end_ms = $8,
-               state = 'running'",
-            &[&w.id, &w.host, &w.pid, &w.proc_start, &(w.slots as i32), &w.class, &now_ms, &w.lifespan_end_ms],
+               state = 'running', cost = $9, spot = $10, resources = $11",
+            &[
+                &w.id,
+                &w.host,
+                &w.pid,
+                &w.proc_start,
+                &(w.slots as i32),
+                &w.class,
+                &now_ms,
+                &w.lifespan_end_ms,
+                &w.cost_per_hour,
+                &w.spot,
+                &w.resources,
+            ],
         )?;
         Ok(())
     }
@@ -832,7 +853,7 @@ impl Store for PgStore {
 
     fn workers_holding_work(&mut self) -> Result<Vec<WorkerInfo>> {
         let rows = self.client()?.query(
-            "SELECT id, host, pid, proc_start, slots, class, lifespan_end_ms FROM workers
+            "SELECT id, host, pid, proc_start, slots, class, lifespan_end_ms, cost, spot, resources FROM workers
              WHERE id IN (SELECT DISTINCT worker FROM fragments WHERE state = 'running')",
             &[],
         )?;
@@ -846,6 +867,9 @@ impl Store for PgStore {
                 slots: r.get::<_, i32>(4) as u32,
                 class: r.get(5),
                 lifespan_end_ms: r.get(6),
+                cost_per_hour: r.get(7),
+                spot: r.get(8),
+                resources: r.get(9),
             })
             .collect())
     }
@@ -909,7 +933,8 @@ impl Store for PgStore {
     fn workers(&mut self, now_ms: i64, window_ms: i64) -> Result<Vec<WorkerStatus>> {
         let rows = self.client()?.query(
             "SELECT w.id, w.host, w.state, w.class, w.slots, w.busy, w.lifespan_end_ms, w.heartbeat_ms,
-                    (SELECT count(*) FROM fragments f WHERE f.worker = w.id AND f.state = 'done')
+                    (SELECT count(*) FROM fragments f WHERE f.worker = w.id AND f.state = 'done'),
+                    w.cost, w.spot, w.resources
              FROM workers w
              WHERE w.heartbeat_ms >= $1 OR w.id IN (SELECT worker FROM fragments WHERE state = 'running')
              ORDER BY w.started_ms",
@@ -927,6 +952,9 @@ impl Store for PgStore {
                 lifespan_left_ms: r.get::<_, Option<i64>>(6).map(|end| end - now_ms),
                 heartbeat_age_ms: now_ms - r.get::<_, i64>(7),
                 fragments_done: r.get::<_, i64>(8) as u64,
+                cost_per_hour: r.get(9),
+                spot: r.get(10),
+                resources: serde_json::from_str(r.get(11)).unwrap_or_default(),
             })
             .collect())
     }

@@ -101,4 +101,10 @@ ALTER TABLE fragments ADD COLUMN wasted_ms REAL NOT NULL DEFAULT 0;
 ALTER TABLE fragments ADD COLUMN checkpoint_fallbacks INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE blobs ADD COLUMN prev INTEGER;
 "#,
+    // 3: workers describe themselves.
+    r#"
+ALTER TABLE workers ADD COLUMN cost REAL NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN spot INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN resources TEXT NOT NULL DEFAULT '{}';
+"#,
 ];

@@ -438,11 +438,24 @@ impl Store for SqliteStore {
 
     fn register_worker(&mut self, w: &WorkerInfo, now_ms: i64) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO workers (id, host, pid, proc_start, slots, class, started_ms, heartbeat_ms, lifespan_end_ms, state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, 'running')
+            "INSERT INTO workers (id, host, pid, proc_start, slots, class, started_ms, heartbeat_ms, lifespan_end_ms,
+               state, cost, spot, resources)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, 'running', ?9, ?10, ?11)
              ON CONFLICT (id) DO UPDATE SET slots = ?5, class = ?6, heartbeat_ms = ?7, lifespan_end_ms = ?8,
-               state = 'running'",
-            params![w.id, w.host, w.pid, w.proc_start, w.slots, w.class, now_ms, w.lifespan_end_ms],
+               state = 'running', cost = ?9, spot = ?10, resources = ?11",
+            params![
+                w.id,
+                w.host,
+                w.pid,
+                w.proc_start,
+                w.slots,
+                w.class,
+                now_ms,
+                w.lifespan_end_ms,
+                w.cost_per_hour,
+                w.spot,
+                w.resources
+            ],
         )?;
         Ok(())
     }
@@ -691,7 +704,7 @@ impl Store for SqliteStore {
 
     fn workers_holding_work(&mut self) -> Result<Vec<WorkerInfo>> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, host, pid, proc_start, slots, class, lifespan_end_ms FROM workers
+            "SELECT id, host, pid, proc_start, slots, class, lifespan_end_ms, cost, spot, resources FROM workers
              WHERE id IN (SELECT DISTINCT worker FROM fragments WHERE state = 'running')",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -703,6 +716,9 @@ impl Store for SqliteStore {
                 slots: r.get(4)?,
                 class: r.get(5)?,
                 lifespan_end_ms: r.get(6)?,
+                cost_per_hour: r.get(7)?,
+                spot: r.get(8)?,
+                resources: r.get(9)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -785,7 +801,8 @@ impl Store for SqliteStore {
     fn workers(&mut self, now_ms: i64, window_ms: i64) -> Result<Vec<WorkerStatus>> {
         let mut stmt = self.conn.prepare(
             "SELECT w.id, w.host, w.state, w.class, w.slots, w.busy, w.lifespan_end_ms, w.heartbeat_ms,
-                    (SELECT count(*) FROM fragments f WHERE f.worker = w.id AND f.state = 'done')
+                    (SELECT count(*) FROM fragments f WHERE f.worker = w.id AND f.state = 'done'),
+                    w.cost, w.spot, w.resources
              FROM workers w
              WHERE w.heartbeat_ms >= ?1 OR w.id IN (SELECT worker FROM fragments WHERE state = 'running')
              ORDER BY w.started_ms",
@@ -801,6 +818,9 @@ impl Store for SqliteStore {
                 lifespan_left_ms: r.get::<_, Option<i64>>(6)?.map(|end| end - now_ms),
                 heartbeat_age_ms: now_ms - r.get::<_, i64>(7)?,
                 fragments_done: r.get::<_, i64>(8)? as u64,
+                cost_per_hour: r.get(9)?,
+                spot: r.get(10)?,
+                resources: serde_json::from_str(&r.get::<_, String>(11)?).unwrap_or_default(),
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)

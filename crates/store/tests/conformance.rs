@@ -68,6 +68,9 @@ fn worker(store: &mut dyn Store, id: &str) -> String {
         slots: 1,
         class: "default".into(),
         lifespan_end_ms: None,
+        cost_per_hour: 1.5,
+        spot: true,
+        resources: r#"{"cpus":2,"custom":{"licenses":4.0}}"#.into(),
     };
     store.register_worker(&info, 0).unwrap();
     id.into()
