@@ -9,7 +9,7 @@
 use crate::host;
 use crate::progress::Progress;
 use anyhow::{Context, Result};
-use granule_core::{ClaimContext, FinishOutcome, FragmentId, JobId};
+use granule_core::{ClaimContext, FinishOutcome, FragmentId, JobId, WorkerOffer};
 use granule_exec::{run_fragment, Blob, Control, FragmentJob, ItemSource, RunReport, Sampler};
 use granule_spec::JobSpec;
 use granule_store::{
@@ -163,6 +163,8 @@ struct Worker<'a> {
     unfinished: Vec<(FragmentEnd, FinishContext)>,
     /// Since when the store has been unreachable.
     outage: Option<Instant>,
+    /// What this worker offers to stages (class and resources).
+    offer: WorkerOffer,
 }
 
 /// Runs fragments with `cfg.slots` local slots until the job (or all work) is
@@ -187,6 +189,7 @@ pub(crate) fn run_worker(
         spot: cfg.spot,
         resources: describe(&cfg.custom).to_string(),
     };
+    let offer = offer(cfg);
     store.register_worker(&info, host::now_ms())?;
     release_dead_workers(store, &info.host)?;
     let (finished_tx, finished_rx) = mpsc::channel();
@@ -212,6 +215,7 @@ pub(crate) fn run_worker(
         cpus: std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
         unfinished: Vec::new(),
         outage: None,
+        offer,
     };
     let outcome = worker.run(&finished_rx, interrupts);
     let id = worker.info.id.clone();
@@ -219,6 +223,19 @@ pub(crate) fn run_worker(
         .store
         .set_worker_state(&id, "exited", host::now_ms())?;
     outcome
+}
+
+/// What this worker offers to stages: its class and resources (detected and declared).
+fn offer(cfg: &EngineConfig) -> WorkerOffer {
+    let detected = granule_exec::detect();
+    WorkerOffer {
+        class: cfg.class.clone(),
+        slots: cfg.slots,
+        cpus: f64::from(detected.cpus),
+        memory_mb: detected.memory_mb,
+        gpus: detected.gpus.len() as u32,
+        resources: cfg.custom.iter().cloned().collect(),
+    }
 }
 
 /// What this worker has: detected CPUs, memory and GPUs, plus declared resources.
@@ -331,7 +348,11 @@ impl Worker<'_> {
                 }
             } else {
                 match finished.recv_timeout(wait) {
-                    Ok(id) => self.finish(id)?,
+                    Ok(id) => {
+                        self.finish(id)?;
+                        // A slot just freed: look for work now, not at the next poll.
+                        claim_found_nothing = None;
+                    }
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
                         unreachable!("the worker holds a sender")
@@ -340,6 +361,7 @@ impl Worker<'_> {
             }
             while let Ok(id) = finished.try_recv() {
                 self.finish(id)?;
+                claim_found_nothing = None;
             }
             if last_flush.elapsed() >= self.cfg.flush {
                 self.flush()?;
@@ -465,6 +487,7 @@ impl Worker<'_> {
                 lease_ms: self.cfg.lease.as_millis() as i64,
                 slots: self.cfg.slots,
                 max_items: self.cfg.max_items,
+                offer: self.free_offer(),
                 context: ClaimContext {
                     remaining: 0,
                     slots: self.cfg.slots,
@@ -483,6 +506,16 @@ impl Worker<'_> {
             self.start(assignment)?;
         }
         Ok(self.cfg.slots as usize - self.running.len())
+    }
+
+    /// What this worker has free for one more fragment: its resources less what
+    /// its running fragments' stages need.
+    fn free_offer(&self) -> WorkerOffer {
+        self.running
+            .values()
+            .fold(self.offer.clone(), |free, slot| {
+                free.less(&slot.spec.stages[slot.assignment.stage_index].needs)
+            })
     }
 
     fn spec(&mut self, job: JobId) -> Result<Arc<JobSpec>> {

@@ -325,6 +325,7 @@ fn new_job(spec: &JobSpec) -> NewJob {
                 after: s.after.iter().map(index).collect(),
                 retries: s.retries,
                 sizer: s.sizer.clone(),
+                needs: s.needs.clone(),
             })
             .collect(),
     }
@@ -592,6 +593,7 @@ fn bench_store(args: BenchStoreArgs) -> Result<u8> {
             after: vec![],
             retries: 0,
             sizer: SizerConfig::default(),
+            needs: Default::default(),
         }],
     };
     let id = open_store(&args.state)?
@@ -629,6 +631,7 @@ fn bench_store(args: BenchStoreArgs) -> Result<u8> {
                             lease_ms: 60_000,
                             slots: 1,
                             max_items: Some(1),
+                            offer: Default::default(),
                             context: ClaimContext {
                                 remaining: 0,
                                 slots: 1,

@@ -386,3 +386,65 @@ fn workers_describe_detected_and_declared_resources() {
         );
     }
 }
+
+#[test]
+fn stages_run_only_where_their_class_and_resources_fit() {
+    for backend in backends("placement") {
+        let spec = "name = \"place\"\n[[stage]]\nname = \"render\"\ncommand = [\"true\"]\nitems = { range = [0, 5] }\ngpus = 1\n[[stage]]\nname = \"index\"\ncommand = [\"true\"]\nitems = { range = [0, 5] }\nclass = \"cpu\"\nresources = { licenses = 1 }\n";
+        let job = Job::on(spec, &backend);
+        assert!(job
+            .cmd(&["submit", "job.toml"])
+            .output()
+            .unwrap()
+            .status
+            .success());
+        // A CPU worker without GPUs runs the index stage only.
+        let cpu = job
+            .cmd(&[
+                "worker",
+                "-q",
+                "--class",
+                "cpu",
+                "--resource",
+                "licenses=1",
+                "--idle-exit",
+                "1s",
+            ])
+            .output()
+            .unwrap();
+        assert!(cpu.status.success(), "{}: {}", backend.name, stderr(&cpu));
+        let status = job.status();
+        assert_eq!(stage(&status, 1)["done"], 5, "{}: {status}", backend.name);
+        assert_eq!(
+            stage(&status, 0)["pending"],
+            5,
+            "{}: the GPU stage waits for a GPU",
+            backend.name
+        );
+        // A GPU worker (two GPUs, as nvidia-smi reports them) takes the rest.
+        let bin = job.path("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let smi = bin.join("nvidia-smi");
+        std::fs::write(
+            &smi,
+            "#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 81559'\necho 'NVIDIA H100 80GB HBM3, 81559'\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&smi, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+        let gpu = job
+            .cmd(&["worker", "-q", "--class", "gpu", "--slots", "2"])
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        assert!(gpu.status.success(), "{}", stderr(&gpu));
+        let status = job.status();
+        assert_eq!(
+            status["jobs"][0]["state"], "done",
+            "{}: {status}",
+            backend.name
+        );
+        assert_eq!(stage(&status, 0)["done"], 5);
+    }
+}

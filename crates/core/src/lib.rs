@@ -8,6 +8,7 @@
 mod ids;
 mod intervals;
 mod ledger;
+mod placement;
 mod sizer;
 
 pub use ids::{FragmentId, JobId, StageId};
@@ -15,4 +16,5 @@ pub use intervals::{IntervalSet, Span};
 pub use ledger::{
     Claim, FinishOutcome, FinishReport, Pending, PendingRange, RunningFragment, StageLedger,
 };
+pub use placement::{fits, rank, Misfit, StageNeeds, WorkerOffer};
 pub use sizer::{ClaimContext, CostModel, Observation, Pid, SizeCap, Sizer, SizerConfig, Sizing};

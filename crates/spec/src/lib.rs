@@ -3,7 +3,7 @@
 //! Every error names the file, the line and the key, so a user can fix a spec
 //! without guessing; the CLI maps [`SpecError`] to exit code 2.
 
-use granule_core::SizerConfig;
+use granule_core::{SizerConfig, StageNeeds};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -12,6 +12,7 @@ mod duration;
 mod graph;
 mod items;
 mod locate;
+mod needs;
 mod stage;
 mod tree;
 
@@ -41,6 +42,9 @@ pub struct StageSpec {
     pub retries: u32,
     /// Sizer tunables plus `target`, `limit` and `initial` (ms / items).
     pub sizer: SizerConfig,
+    /// What one slot needs, its class, priority and owner (placement).
+    #[serde(default)]
+    pub needs: StageNeeds,
 }
 
 /// An item source. Item `i` (0-based index) has a value the command sees.

@@ -3,7 +3,7 @@
 use crate::graph::{self, Located};
 use crate::locate::Ctx;
 use crate::tree::{Field, Table};
-use crate::{command, duration, items, JobSpec, SpecError, StageSpec};
+use crate::{command, duration, items, needs, JobSpec, SpecError, StageSpec};
 use granule_core::SizerConfig;
 use serde::Deserialize;
 use std::path::Path;
@@ -11,9 +11,25 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 const TOP_KEYS: [&str; 2] = ["name", "stage"];
-const STAGE_KEYS: [&str; 10] = [
-    "name", "command", "per_item", "items", "after", "target", "limit", "retries", "initial",
+const STAGE_KEYS: [&str; 18] = [
+    "name",
+    "command",
+    "per_item",
+    "items",
+    "after",
+    "target",
+    "limit",
+    "retries",
+    "initial",
     "sizer",
+    "cpus",
+    "memory",
+    "gpus",
+    "resources",
+    "class",
+    "prefer",
+    "priority",
+    "owner",
 ];
 
 /// Parses the whole document and runs every check.
@@ -86,6 +102,7 @@ fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, Sp
         .transpose()?
         .unwrap_or(3);
     let sizer = parse_sizer(cx, t)?;
+    let needs = needs::parse(cx, t)?;
     let (after, after_spans) = after.into_iter().unzip();
     let spec = StageSpec {
         name,
@@ -95,6 +112,7 @@ fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, Sp
         after,
         retries,
         sizer,
+        needs,
     };
     Ok(Located {
         spec,

@@ -69,6 +69,21 @@ impl<'a> Table<'a> {
         found
     }
 
+    /// Every entry, in file order.
+    pub(crate) fn fields(&self) -> Vec<Field<'a>> {
+        let mut all: Vec<Field<'a>> = self
+            .map
+            .iter()
+            .map(|(k, value)| Field {
+                key: join(&self.key, k.get_ref()),
+                key_span: k.span(),
+                value,
+            })
+            .collect();
+        all.sort_by_key(|f| f.key_span.start);
+        all
+    }
+
     /// The value under `name`, if present.
     pub(crate) fn get(&self, name: &str) -> Option<Field<'a>> {
         let (k, value) = self

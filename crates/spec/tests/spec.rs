@@ -438,3 +438,46 @@ fn toml_duplicate_key() {
     let text = "name = \"j\"\n[[stage]]\nname = \"a\"\nname = \"b\"\n";
     assert_err(text, 4, "stage[0].name", "duplicate key \"name\"");
 }
+
+#[test]
+fn placement_keys_parse_into_stage_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.toml");
+    let text = "name = \"p\"\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { range = [0, 2] }\ncpus = 2\nmemory = \"1.5GiB\"\ngpus = 1\nresources = { licenses = 0.5 }\nclass = \"gpu\"\npriority = 7\nowner = \"ada\"\n[[stage]]\nname = \"b\"\ncommand = [\"true\"]\nitems = { range = [0, 2] }\nprefer = \"memory\"\n";
+    std::fs::write(&path, text).unwrap();
+    let spec = granule_spec::load(&path).unwrap();
+    let a = &spec.stages[0].needs;
+    assert_eq!((a.cpus, a.memory_mb, a.gpus), (2.0, 1536, 1));
+    assert_eq!(a.resources["licenses"], 0.5);
+    assert_eq!(
+        (
+            a.class.as_deref(),
+            a.class_required,
+            a.priority,
+            a.owner.as_deref()
+        ),
+        (Some("gpu"), true, 7, Some("ada"))
+    );
+    let b = &spec.stages[1].needs;
+    assert_eq!(
+        (b.class.as_deref(), b.class_required, b.cpus),
+        (Some("memory"), false, 0.0)
+    );
+    std::fs::write(
+        &path,
+        text.replace(
+            "prefer = \"memory\"",
+            "prefer = \"memory\"\nclass = \"cpu\"",
+        ),
+    )
+    .unwrap();
+    let err = granule_spec::load(&path).unwrap_err();
+    assert!(err.message.contains("not both"), "{err}");
+    std::fs::write(&path, text.replace("\"1.5GiB\"", "\"lots\"")).unwrap();
+    let err = granule_spec::load(&path).unwrap_err();
+    assert_eq!(
+        (err.key.as_str(), err.line),
+        ("stage[0].memory", 7),
+        "{err}"
+    );
+}

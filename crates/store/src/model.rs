@@ -2,7 +2,7 @@
 
 use granule_core::{
     ClaimContext, FinishOutcome, FragmentId, IntervalSet, JobId, SizeCap, SizerConfig, Span,
-    StageId,
+    StageId, StageNeeds, WorkerOffer,
 };
 use serde::Serialize;
 
@@ -33,6 +33,8 @@ pub struct NewStage {
     pub retries: u32,
     /// Sizer configuration.
     pub sizer: SizerConfig,
+    /// What one slot needs, class, priority (placement).
+    pub needs: StageNeeds,
 }
 
 /// What `submit` found.
@@ -150,6 +152,8 @@ pub struct ClaimRequest {
     pub slots: u32,
     /// Most items the fragment may hold, whatever the sizer says.
     pub max_items: Option<u64>,
+    /// What the worker offers: only stages that fit it are claimed.
+    pub offer: WorkerOffer,
     /// Resource readings and lifespan; `remaining` and `slots` are filled per stage.
     pub context: ClaimContext,
 }

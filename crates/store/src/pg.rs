@@ -15,8 +15,8 @@
 use crate::common::{decode_sizer_config, json, parse, sizer_config_json, split_point};
 use crate::*;
 use granule_core::{
-    FinishOutcome, FragmentId, IntervalSet, JobId, Observation, PendingRange, RunningFragment,
-    SizeCap, Sizer, SizerConfig, Span, StageId, StageLedger,
+    fits, rank, FinishOutcome, FragmentId, IntervalSet, JobId, Observation, PendingRange,
+    RunningFragment, SizeCap, Sizer, SizerConfig, Span, StageId, StageLedger, StageNeeds,
 };
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
@@ -142,6 +142,10 @@ ALTER TABLE workers ADD COLUMN cost DOUBLE PRECISION NOT NULL DEFAULT 0;
 ALTER TABLE workers ADD COLUMN spot BOOLEAN NOT NULL DEFAULT false;
 ALTER TABLE workers ADD COLUMN resources TEXT NOT NULL DEFAULT '{}';
 "#,
+    // 3: what a stage's slots need, its class and priority.
+    r#"
+ALTER TABLE stages ADD COLUMN needs TEXT NOT NULL DEFAULT '{}';
+"#,
 ];
 
 /// A store in a PostgreSQL database.
@@ -205,9 +209,11 @@ struct StageRow {
     sizer_config: SizerConfig,
     state: String,
     acks: String,
+    needs: StageNeeds,
 }
 
-const STAGE_COLUMNS: &str = "id, idx, name, items, after, retries, sizer_config, state, acks";
+const STAGE_COLUMNS: &str =
+    "id, idx, name, items, after, retries, sizer_config, state, acks, needs";
 
 fn stage_row(r: &postgres::Row) -> Result<StageRow> {
     Ok(StageRow {
@@ -220,6 +226,7 @@ fn stage_row(r: &postgres::Row) -> Result<StageRow> {
         sizer_config: decode_sizer_config(r.get(6))?,
         state: r.get(7),
         acks: r.get(8),
+        needs: parse(r.get(9), "stage needs")?,
     })
 }
 
@@ -554,8 +561,8 @@ impl Store for PgStore {
                 let state = if stage.items == 0 { "done" } else { "waiting" };
                 let stage_id: i64 = tx
                     .query_one(
-                        "INSERT INTO stages (job_id, idx, name, items, after, retries, sizer_config, state)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                        "INSERT INTO stages (job_id, idx, name, items, after, retries, sizer_config, state, needs)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
                         &[
                             &id,
                             &(idx as i32),
@@ -565,6 +572,7 @@ impl Store for PgStore {
                             &(stage.retries as i32),
                             &sizer_config_json(&stage.sizer),
                             &state,
+                            &json(&stage.needs),
                         ],
                     )?
                     .get(0);
@@ -1070,21 +1078,30 @@ fn claim_once(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(Option<Assignm
             .collect(),
     };
     let mut contended = false;
+    // Jobs by their highest stage priority, then oldest first.
+    let mut keyed = Vec::with_capacity(jobs.len());
     for job in jobs {
         let stages = stages_of(tx, job)?;
+        let top = stages.iter().map(|s| s.needs.priority).max().unwrap_or(0);
+        keyed.push((-top, job, stages));
+    }
+    keyed.sort_by_key(|(top, job, _)| (*top, *job));
+    for (_, job, stages) in keyed {
         let finished: Vec<bool> = stages.iter().map(|s| s.state == "done").collect();
         let mut ready: Vec<(i64, &StageRow)> = stages
             .iter()
             .filter(|s| {
+                // Placement: never a stage whose slots need more than this worker has.
                 !finished[s.idx]
                     && s.after
                         .iter()
                         .all(|&a| finished.get(a).copied().unwrap_or(true))
+                    && fits(&s.needs, &req.offer).is_ok()
             })
             .map(|s| (0, s))
             .collect();
         if ready.len() > 1 {
-            // Share slots between ready stages: the least-served stage first.
+            // Priority, then the preferred class, then the least-served stage.
             for (running, stage) in ready.iter_mut() {
                 *running = tx
                     .query_one(
@@ -1093,7 +1110,9 @@ fn claim_once(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(Option<Assignm
                     )?
                     .get(0);
             }
-            ready.sort_by_key(|(running, stage)| (*running, stage.idx));
+            ready.sort_by_key(|(running, stage)| {
+                rank(&stage.needs, &req.offer, *running, stage.idx)
+            });
         }
         for (_, stage) in ready {
             let row = tx.query_opt(

@@ -107,4 +107,8 @@ ALTER TABLE workers ADD COLUMN cost REAL NOT NULL DEFAULT 0;
 ALTER TABLE workers ADD COLUMN spot INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE workers ADD COLUMN resources TEXT NOT NULL DEFAULT '{}';
 "#,
+    // 4: what a stage's slots need, its class and priority.
+    r#"
+ALTER TABLE stages ADD COLUMN needs TEXT NOT NULL DEFAULT '{}';
+"#,
 ];

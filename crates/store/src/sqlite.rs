@@ -9,8 +9,8 @@ use crate::schema::MIGRATIONS;
 use crate::*;
 use crate::{Heartbeat, SplitAnswer};
 use granule_core::{
-    FinishOutcome, FragmentId, JobId, Observation, Pending, RunningFragment, SizeCap, Sizer,
-    SizerConfig, Span, StageId, StageLedger,
+    fits, rank, FinishOutcome, FragmentId, JobId, Observation, Pending, RunningFragment, SizeCap,
+    Sizer, SizerConfig, Span, StageId, StageLedger, StageNeeds,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use std::collections::hash_map::Entry;
@@ -33,11 +33,14 @@ struct StageRow {
     retries: u32,
     sizer_config: SizerConfig,
     state: String,
+    needs: StageNeeds,
 }
 
-const STAGE_COLUMNS: &str = "id, idx, name, items, after, retries, sizer_config, state";
+const STAGE_COLUMNS: &str = "id, idx, name, items, after, retries, sizer_config, state, needs";
 
-fn stage_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(StageRow, String, String)> {
+type RawStage = (StageRow, String, String, String);
+
+fn stage_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawStage> {
     Ok((
         StageRow {
             id: row.get(0)?,
@@ -48,9 +51,11 @@ fn stage_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(StageRow, String, Str
             retries: row.get(5)?,
             sizer_config: SizerConfig::default(),
             state: row.get(7)?,
+            needs: StageNeeds::default(),
         },
         row.get(4)?,
         row.get(6)?,
+        row.get(8)?,
     ))
 }
 
@@ -70,9 +75,10 @@ fn stage_by_id(tx: &Connection, stage: i64) -> Result<StageRow> {
     decode_stage(stmt.query_row([stage], stage_row)?)
 }
 
-fn decode_stage((mut row, after, config): (StageRow, String, String)) -> Result<StageRow> {
+fn decode_stage((mut row, after, config, needs): RawStage) -> Result<StageRow> {
     row.after = parse(&after, "stage after")?;
     row.sizer_config = decode_sizer_config(&config)?;
+    row.needs = parse(&needs, "stage needs")?;
     Ok(row)
 }
 
@@ -379,8 +385,9 @@ impl Store for SqliteStore {
         for (idx, stage) in job.stages.iter().enumerate() {
             let ledger = StageLedger::new(stage.items);
             tx.execute(
-                "INSERT INTO stages (job_id, idx, name, items, after, retries, sizer_config, state, pending, done, quarantined)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, '[]', '[]')",
+                "INSERT INTO stages (job_id, idx, name, items, after, retries, sizer_config, state, pending, done,
+                   quarantined, needs)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, '[]', '[]', ?10)",
                 params![
                     id,
                     idx as i64,
@@ -390,7 +397,8 @@ impl Store for SqliteStore {
                     stage.retries,
                     sizer_config_json(&stage.sizer),
                     if stage.items == 0 { "done" } else { "waiting" },
-                    json(&ledger.pending)
+                    json(&ledger.pending),
+                    json(&stage.needs)
                 ],
             )?;
         }
@@ -494,6 +502,7 @@ impl Store for SqliteStore {
             }
         };
         let slots = active_slots(&tx, req.now_ms, req.lease_ms, req.slots)?;
+        let jobs = by_priority(&tx, jobs)?;
         for job in jobs {
             if let Some(assignment) = claim_in_job(&tx, req, job, slots)? {
                 tx.commit()?;
@@ -902,6 +911,21 @@ impl Store for SqliteStore {
 
 /// Tries the ready stages of one job, least-served first; claims from the first
 /// whose sizer gives this worker a fragment.
+/// Jobs ordered by their highest stage priority (then oldest first).
+fn by_priority(tx: &Connection, jobs: Vec<i64>) -> Result<Vec<i64>> {
+    let mut keyed = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let top = stages_of(tx, job)?
+            .iter()
+            .map(|s| s.needs.priority)
+            .max()
+            .unwrap_or(0);
+        keyed.push((-top, job));
+    }
+    keyed.sort_unstable();
+    Ok(keyed.into_iter().map(|(_, job)| job).collect())
+}
+
 fn claim_in_job(
     tx: &Connection,
     req: &ClaimRequest,
@@ -916,7 +940,8 @@ fn claim_in_job(
             .after
             .iter()
             .all(|&a| finished.get(a).copied().unwrap_or(true));
-        if finished[stage.idx] || !after_done {
+        // Placement: never a stage whose slots need more than this worker has.
+        if finished[stage.idx] || !after_done || fits(&stage.needs, &req.offer).is_err() {
             continue;
         }
         let running: i64 = tx
@@ -926,8 +951,8 @@ fn claim_in_job(
             .query_row([stage.id], |r| r.get(0))?;
         ready.push((running, stage));
     }
-    // Share slots between ready stages: the least-served stage first.
-    ready.sort_by_key(|(running, stage)| (*running, stage.idx));
+    // Priority, then the preferred class, then the least-served stage.
+    ready.sort_by_key(|(running, stage)| rank(&stage.needs, &req.offer, *running, stage.idx));
     for (_, stage) in ready {
         let mut ledger = load_ledger(tx, stage.id)?;
         if ledger.pending.is_empty() {

@@ -55,6 +55,7 @@ fn job(name: &str, items: u64, hash: &str) -> NewJob {
                 tail_factor: 1.0,
                 ..SizerConfig::default()
             },
+            needs: Default::default(),
         }],
     }
 }
@@ -91,6 +92,7 @@ fn claim(
         lease_ms: 10_000,
         slots: 1,
         max_items: max,
+        offer: Default::default(),
         context: ClaimContext {
             remaining: 0,
             slots: 1,
