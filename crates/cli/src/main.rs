@@ -529,6 +529,9 @@ fn status(args: StatusArgs) -> Result<u8> {
                 "  {:<16} {} yields, {} splits, {} lost, {} checkpoints ({} fallbacks), {:.1}s of work wasted",
                 "", s.yields, s.splits, s.lost, s.checkpoints, s.checkpoint_fallbacks, s.wasted_s
             );
+            if let (Some(median), Some(p90)) = (s.prediction_error_median, s.prediction_error_p90) {
+                println!("  {:<16} predicted fragment durations off by {median:.1}% (median), {p90:.1}% (p90)", "");
+            }
             if !s.quarantined_items.is_empty() {
                 let items: Vec<String> = s
                     .quarantined_items

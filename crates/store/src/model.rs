@@ -369,6 +369,11 @@ pub struct StageStatus {
     pub checkpoints: u64,
     /// Checkpoints that failed verification and were skipped for an older one.
     pub checkpoint_fallbacks: u64,
+    /// Median absolute percentage error of predicted vs observed fragment durations
+    /// (finished fragments after the stage's first 20).
+    pub prediction_error_median: Option<f64>,
+    /// 90th percentile of the same.
+    pub prediction_error_p90: Option<f64>,
     /// Work run and then lost by yields and failures (fed, never acked), seconds.
     /// Lost fragments are counted in `lost`: how much they ran is not known.
     pub wasted_s: f64,

@@ -12,7 +12,9 @@
 //! `Unavailable` until a reconnect (tried at most once per backoff step) succeeds;
 //! the worker buffers acks meanwhile.
 
-use crate::common::{decode_sizer_config, json, parse, sizer_config_json, split_point};
+use crate::common::{
+    decode_sizer_config, json, parse, prediction_error, sizer_config_json, split_point,
+};
 use crate::*;
 use granule_core::{
     fits, rank, FinishOutcome, FragmentId, IntervalSet, JobId, Observation, PendingRange,
@@ -1285,6 +1287,15 @@ fn stage_status(tx: &mut Tx<'_, '_>, stage: &StageRow) -> Result<StageStatus> {
          FROM fragments WHERE stage_id = $1",
         &[&stage.id],
     )?;
+    let pairs: Vec<(f64, f64)> = tx
+        .query(
+            "SELECT predicted_ms, observed_ms FROM fragments WHERE stage_id = $1 AND state = 'done' ORDER BY id",
+            &[&stage.id],
+        )?
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, Option<f64>>(1).unwrap_or(0.0)))
+        .collect();
+    let error = prediction_error(&pairs);
     let quarantined: IntervalSet = parse(r.get(13), "quarantined")?;
     let sizers = tx.query("SELECT state FROM sizers WHERE stage_id = $1", &[&stage.id])?;
     let sizer = sizers
@@ -1321,5 +1332,7 @@ fn stage_status(tx: &mut Tx<'_, '_>, stage: &StageRow) -> Result<StageStatus> {
         checkpoint_fallbacks: r.get::<_, i64>(8) as u64,
         checkpoints: r.get::<_, i64>(12) as u64,
         wasted_s: r.get::<_, f64>(9) / 1e3,
+        prediction_error_median: error.0,
+        prediction_error_p90: error.1,
     })
 }

@@ -4,7 +4,9 @@
 //! (`BEGIN IMMEDIATE`) so two claimers serialize instead of deadlocking, and each
 //! holds it for a few row reads and writes only.
 
-use crate::common::{decode_sizer_config, json, parse, sizer_config_json, split_point};
+use crate::common::{
+    decode_sizer_config, json, parse, prediction_error, sizer_config_json, split_point,
+};
 use crate::schema::MIGRATIONS;
 use crate::*;
 use crate::{Heartbeat, SplitAnswer};
@@ -1062,6 +1064,14 @@ impl SqliteStore {
                 ))
             },
         )?;
+        let pairs: Vec<(f64, f64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT predicted_ms, observed_ms FROM fragments WHERE stage_id = ?1 AND state = 'done' ORDER BY id",
+            )?
+            .query_map([stage.id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let error = prediction_error(&pairs);
         let sizer = self.busiest_sizer(stage.id)?;
         let state = match stage.state.as_str() {
             "done" => "done",
@@ -1094,6 +1104,8 @@ impl SqliteStore {
             checkpoint_fallbacks: c.5 as u64,
             checkpoints: c.6 as u64,
             wasted_s: c.7 / 1e3,
+            prediction_error_median: error.0,
+            prediction_error_p90: error.1,
         })
     }
 
