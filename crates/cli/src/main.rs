@@ -162,6 +162,9 @@ struct WorkerArgs {
 struct StatusArgs {
     /// Only this job.
     job: Option<String>,
+    /// Explain where this stage's work can go and why (per live worker).
+    #[arg(long, value_name = "STAGE")]
+    explain: Option<String>,
     #[command(flatten)]
     state: StateArg,
     /// Machine-readable output.
@@ -508,6 +511,9 @@ fn status(args: StatusArgs) -> Result<u8> {
     let mut store = open_store(&args.state)?;
     let jobs = store.status(args.job.as_deref())?;
     let workers = store.workers(host::now_ms(), WORKERS_SEEN_MS)?;
+    if let Some(stage) = &args.explain {
+        return explain(&jobs, &workers, stage);
+    }
     if args.json {
         println!(
             "{}",
@@ -562,6 +568,68 @@ fn status(args: StatusArgs) -> Result<u8> {
             w.id, w.class, w.state, w.cost_per_hour, w.resources["cpus"], gpus, w.busy, w.slots, w.fragments_done,
             w.heartbeat_age_ms as f64 / 1e3
         );
+    }
+    Ok(EXIT_DONE)
+}
+
+/// Why a stage's work goes where it goes: its needs, then per worker seen lately whether one
+/// fragment fits (or what is short) and the rank it would have there.
+fn explain(
+    jobs: &[granule_store::JobStatus],
+    workers: &[granule_store::WorkerStatus],
+    name: &str,
+) -> Result<u8> {
+    let Some((job, stage)) = jobs
+        .iter()
+        .rev()
+        .find_map(|j| j.stages.iter().find(|s| s.name == name).map(|s| (j, s)))
+    else {
+        return Err(BadInput(format!("no stage named \"{name}\"")).into());
+    };
+    let n = &stage.needs;
+    let class = match (&n.class, n.class_required) {
+        (Some(c), true) => format!("requires class {c}"),
+        (Some(c), false) => format!("prefers class {c}"),
+        (None, _) => "any class".into(),
+    };
+    println!(
+        "stage {} of job {} ({}): per fragment {} cpus, {} MiB, {} gpus, resources {:?}; {class}; priority {}",
+        stage.name, job.name, stage.state, n.cpus, n.memory_mb, n.gpus, n.resources, n.priority
+    );
+    println!("  {} pending, {} running; stages of equal fit go by priority, then preferred class, then fewest running", stage.pending, stage.running_fragments);
+    if workers.is_empty() {
+        println!("  no workers seen in the last minute");
+    }
+    for w in workers {
+        let r = &w.resources;
+        let offer = granule_core::WorkerOffer {
+            class: w.class.clone(),
+            slots: w.slots,
+            cpus: r["cpus"].as_f64().unwrap_or(0.0),
+            memory_mb: r["memory_mb"].as_u64().unwrap_or(0),
+            gpus: r["gpus"].as_array().map_or(0, |g| g.len() as u32),
+            resources: r["custom"].as_object().map_or_else(Default::default, |m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
+                    .collect()
+            }),
+        };
+        let verdict = match granule_core::fits(n, &offer) {
+            Ok(()) => {
+                let (priority, elsewhere, _, _) = granule_core::rank(n, &offer, 0, 0);
+                let preference = if elsewhere {
+                    ", not its preferred class"
+                } else {
+                    ""
+                };
+                format!(
+                    "fits (priority {}{preference}); {}/{} slots busy",
+                    -priority, w.busy, w.slots
+                )
+            }
+            Err(misfit) => format!("does not fit: {misfit}"),
+        };
+        println!("  {} ({}, {}): {verdict}", w.id, w.class, w.state);
     }
     Ok(EXIT_DONE)
 }

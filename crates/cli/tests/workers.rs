@@ -421,6 +421,16 @@ fn stages_run_only_where_their_class_and_resources_fit() {
             "{}: the GPU stage waits for a GPU",
             backend.name
         );
+        let explain = job
+            .cmd(&["status", "--explain", "render"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&explain.stdout).into_owned();
+        assert!(
+            text.contains("does not fit: needs 1 gpus"),
+            "{}: {text}",
+            backend.name
+        );
         // A GPU worker (two GPUs, as nvidia-smi reports them) takes the rest.
         let bin = job.path("bin");
         std::fs::create_dir(&bin).unwrap();

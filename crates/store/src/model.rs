@@ -374,6 +374,8 @@ pub struct StageStatus {
     pub prediction_error_median: Option<f64>,
     /// 90th percentile of the same.
     pub prediction_error_p90: Option<f64>,
+    /// What one slot needs, its class and priority.
+    pub needs: StageNeeds,
     /// Work run and then lost by yields and failures (fed, never acked), seconds.
     /// Lost fragments are counted in `lost`: how much they ran is not known.
     pub wasted_s: f64,

@@ -1334,5 +1334,6 @@ fn stage_status(tx: &mut Tx<'_, '_>, stage: &StageRow) -> Result<StageStatus> {
         wasted_s: r.get::<_, f64>(9) / 1e3,
         prediction_error_median: error.0,
         prediction_error_p90: error.1,
+        needs: stage.needs.clone(),
     })
 }

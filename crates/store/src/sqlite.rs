@@ -1106,6 +1106,7 @@ impl SqliteStore {
             wasted_s: c.7 / 1e3,
             prediction_error_median: error.0,
             prediction_error_p90: error.1,
+            needs: stage.needs.clone(),
         })
     }
 
