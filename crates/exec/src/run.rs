@@ -89,6 +89,8 @@ pub enum Failure {
     Spawn(String),
     /// It exited 0 but left items it was fed unacked.
     Unacked(u64),
+    /// It exited 0, acking nothing, before it was given all its items.
+    Early(u64),
 }
 
 impl Failure {
@@ -101,6 +103,7 @@ impl Failure {
             Failure::OutOfMemory => "oom",
             Failure::Spawn(_) => "spawn",
             Failure::Unacked(_) => "unacked",
+            Failure::Early(_) => "early-exit",
         }
     }
 }
@@ -120,6 +123,10 @@ impl std::fmt::Display for Failure {
             Failure::OutOfMemory => write!(f, "killed by the kernel's OOM killer (out of memory)"),
             Failure::Spawn(e) => write!(f, "could not start: {e}"),
             Failure::Unacked(n) => write!(f, "exited 0 but never acked {n} items it was fed"),
+            Failure::Early(n) => write!(
+                f,
+                "exited 0 without acking anything while {n} of its items were still unread"
+            ),
         }
     }
 }
@@ -508,7 +515,12 @@ fn run_batch(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> RunRe
             control.clone(),
             child.stdin.take().expect("piped stdin"),
         );
-        thread::spawn(move || feed(&job, &control, stdin))
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            feed(&job, &control, stdin);
+            let _ = tx.send(());
+        });
+        rx
     };
     let acker = {
         let (job, control) = (job.clone(), control.clone());
@@ -521,7 +533,9 @@ fn run_batch(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> RunRe
     };
     let sup = supervise(job, control, &waiter, start);
     control.request_stop_feeding();
-    let _ = feeder.join();
+    // A grandchild that inherited stdin and reads nothing could block the feeder in
+    // a write forever: `collect` gives it a moment, then leaves it behind.
+    collect(feeder);
     collect(acker);
     report.stdout_tail = collect(stdout);
     report.stderr_tail = collect(stderr);
@@ -537,6 +551,12 @@ fn run_batch(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> RunRe
     }
     if report.failure.is_none() && !report.yielded && st.acks > 0 && st.acks < st.fed {
         report.failure = Some(Failure::Unacked(st.fed - st.acks));
+    }
+    // Exit 0 with no ack and input left unfed is no progress at all: calling it a
+    // yield would hand the same items out again forever.
+    let unfed = (st.feed_end - job.span.start).saturating_sub(st.fed);
+    if report.failure.is_none() && !report.yielded && st.acks == 0 && unfed > 0 {
+        report.failure = Some(Failure::Early(unfed));
     }
     drop(st);
     report

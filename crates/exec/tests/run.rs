@@ -229,3 +229,28 @@ fn signals_are_classified() {
 fn libc_sigsegv() -> i32 {
     11
 }
+
+#[test]
+fn exiting_zero_early_without_an_ack_is_a_failure_not_a_yield() {
+    // Reads one line and leaves: the window (8) holds the rest back, so most of its
+    // items were never given to it. Calling this a yield would loop forever.
+    let j = job(
+        &["python3", "-c", "import sys; sys.stdin.readline()"],
+        Span::new(0, 100),
+        false,
+    );
+    let ctl = Control::new(j.span);
+    let report = run_fragment(&j, &ctl);
+    assert!(
+        matches!(report.failure, Some(Failure::Early(n)) if n >= 92),
+        "{:?}",
+        report.failure
+    );
+    assert!(matches!(
+        report.outcome,
+        FinishOutcome::Failed {
+            rest_failed: true,
+            ..
+        }
+    ));
+}
