@@ -24,6 +24,8 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Heartbeat period of a worker with nothing running.
+const IDLE_HEARTBEAT: Duration = Duration::from_secs(1);
 /// How often a worker looks for dead workers on its host and expired leases.
 const REAP_EVERY: Duration = Duration::from_secs(1);
 
@@ -154,6 +156,9 @@ struct Worker<'a> {
     specs: HashMap<JobId, Arc<JobSpec>>,
     sources: HashMap<(JobId, usize), ItemSource>,
     running: HashMap<FragmentId, Slot>,
+    /// Claimed but not started: the store went away while reading its spec or
+    /// checkpoint. Started (or left to lease expiry, if draining) later.
+    deferred: Vec<Assignment>,
     unflushed: HashMap<FragmentId, FragmentFlush>,
     finished_tx: mpsc::Sender<FragmentId>,
     sampler: Sampler,
@@ -208,6 +213,7 @@ pub(crate) fn run_worker(
         specs,
         sources: HashMap::new(),
         running: HashMap::new(),
+        deferred: Vec::new(),
         unflushed: HashMap::new(),
         finished_tx,
         sampler: Sampler::new(),
@@ -298,7 +304,7 @@ impl Worker<'_> {
                 }
             }
             self.retry_finishes()?;
-            let mut free = self.cfg.slots as usize - self.running.len();
+            let mut free = self.free_slots();
             if drain.is_none() && free > 0 {
                 let poll_due =
                     claim_found_nothing.is_none_or(|t| t.elapsed() >= self.store.idle_poll());
@@ -308,7 +314,8 @@ impl Worker<'_> {
                     claim_found_nothing = (free > 0).then(Instant::now);
                 }
             }
-            let idle = self.running.is_empty() && self.unfinished.is_empty();
+            let idle =
+                self.running.is_empty() && self.unfinished.is_empty() && self.deferred.is_empty();
             if idle {
                 if drain.is_some() {
                     self.flush()?;
@@ -340,7 +347,14 @@ impl Worker<'_> {
                 }
                 last_split_ask = Some(Instant::now());
             }
-            let wait = self.cfg.flush.saturating_sub(last_flush.elapsed());
+            // An idle worker heartbeats once a second, not at the flush rate: idle
+            // workers must not load a shared store.
+            let flush_every = if idle && self.unflushed.is_empty() {
+                self.cfg.flush.max(IDLE_HEARTBEAT)
+            } else {
+                self.cfg.flush
+            };
+            let wait = flush_every.saturating_sub(last_flush.elapsed());
             if idle {
                 // Nothing runs: sleep until work is announced (or the next flush is due).
                 if self.wait_for_work(wait)? {
@@ -363,7 +377,7 @@ impl Worker<'_> {
                 self.finish(id)?;
                 claim_found_nothing = None;
             }
-            if last_flush.elapsed() >= self.cfg.flush {
+            if last_flush.elapsed() >= flush_every {
                 self.flush()?;
                 last_flush = Instant::now();
                 self.refresh_progress()?;
@@ -430,6 +444,8 @@ impl Worker<'_> {
 
     fn start_drain(&mut self, deadline: Instant, why: &str) -> Drain {
         self.progress.note(why);
+        // Never started, nothing acked: their leases run out and others take them.
+        self.deferred.clear();
         self.running
             .values()
             .for_each(|s| s.control.request_yield());
@@ -473,7 +489,10 @@ impl Worker<'_> {
 
     /// Claims for free slots; returns how many stay free.
     fn fill_slots(&mut self) -> Result<usize> {
-        while self.running.len() < self.cfg.slots as usize {
+        for a in std::mem::take(&mut self.deferred) {
+            self.start_or_defer(a)?;
+        }
+        while self.free_slots() > 0 && self.deferred.is_empty() {
             let sample = self.sampler.sample();
             // The load average counts our own busy slots; only others' load is pressure.
             let others_load =
@@ -503,9 +522,21 @@ impl Worker<'_> {
             let Some(assignment) = self.available(claimed)?.flatten() else {
                 break;
             };
-            self.start(assignment)?;
+            self.start_or_defer(assignment)?;
         }
-        Ok(self.cfg.slots as usize - self.running.len())
+        Ok(self.free_slots())
+    }
+
+    fn free_slots(&self) -> usize {
+        self.cfg.slots as usize - self.running.len() - self.deferred.len()
+    }
+
+    /// Starts a claimed fragment, or keeps it for later if the store is unreachable.
+    fn start_or_defer(&mut self, a: Assignment) -> Result<()> {
+        if let Some(a) = self.start(a)? {
+            self.deferred.push(a);
+        }
+        Ok(())
     }
 
     /// What this worker has free for one more fragment: its resources less what
@@ -518,22 +549,27 @@ impl Worker<'_> {
             })
     }
 
-    fn spec(&mut self, job: JobId) -> Result<Arc<JobSpec>> {
+    /// The job's spec, or `None` while the store is unreachable.
+    fn spec(&mut self, job: JobId) -> Result<Option<Arc<JobSpec>>> {
         if let Some(spec) = self.specs.get(&job) {
-            return Ok(spec.clone());
+            return Ok(Some(spec.clone()));
         }
-        let record = self
-            .store
-            .job_by_id(job)?
-            .context("claimed a fragment of a job that is gone")?;
+        let record = self.store.job_by_id(job);
+        let Some(record) = self.available(record)? else {
+            return Ok(None);
+        };
+        let record = record.context("claimed a fragment of a job that is gone")?;
         let spec: JobSpec = serde_json::from_str(&record.spec_json).context("stored job spec")?;
         let spec = Arc::new(spec);
         self.specs.insert(job, spec.clone());
-        Ok(spec)
+        Ok(Some(spec))
     }
 
-    fn start(&mut self, a: Assignment) -> Result<()> {
-        let spec = self.spec(a.job)?;
+    /// Starts a claimed fragment; hands it back if the store is unreachable.
+    fn start(&mut self, a: Assignment) -> Result<Option<Assignment>> {
+        let Some(spec) = self.spec(a.job)? else {
+            return Ok(Some(a));
+        };
         let stage = &spec.stages[a.stage_index];
         let source = match self.sources.entry((a.job, a.stage_index)) {
             Entry::Occupied(e) => e.get().clone(),
@@ -563,7 +599,9 @@ impl Worker<'_> {
         if let Some(deadline) = by_limit.into_iter().chain(by_life).min() {
             env.push(("GRANULE_DEADLINE".to_string(), deadline.to_string()));
         }
-        let (restored, checkpoint_fallbacks, notes) = self.restore_checkpoint(&a)?;
+        let Some((restored, checkpoint_fallbacks, notes)) = self.restore_checkpoint(&a)? else {
+            return Ok(Some(a));
+        };
         if let Some((state, meta)) = restored {
             env.push((
                 "GRANULE_CHECKPOINT".to_string(),
@@ -629,20 +667,25 @@ impl Worker<'_> {
             notes,
         };
         self.running.insert(slot.assignment.fragment, slot);
-        Ok(())
+        Ok(None)
     }
 
     /// Writes the checkpoint a resumed fragment starts from, and its metadata. A
     /// checkpoint that is missing or fails verification is skipped for the one
     /// before it, down to none (then the fragment starts at its first item).
+    /// `None` while the store is unreachable.
     #[allow(clippy::type_complexity)]
     fn restore_checkpoint(
         &mut self,
         a: &Assignment,
-    ) -> Result<(Option<(PathBuf, PathBuf)>, u32, Vec<String>)> {
+    ) -> Result<Option<(Option<(PathBuf, PathBuf)>, u32, Vec<String>)>> {
         let (mut next, mut fallbacks, mut notes) = (a.checkpoint, 0, Vec::new());
         while let Some(id) = next {
-            let Some((row, prev)) = self.store.blob(id)? else {
+            let found = self.store.blob(id);
+            let Some(found) = self.available(found)? else {
+                return Ok(None);
+            };
+            let Some((row, prev)) = found else {
                 notes.push(format!("checkpoint {id} is missing"));
                 fallbacks += 1;
                 break;
@@ -667,7 +710,7 @@ impl Worker<'_> {
                         notes.push(format!("resumed from older checkpoint {id}"));
                     }
                     self.show_notes(a.fragment, &notes);
-                    return Ok((Some((state, meta)), fallbacks, notes));
+                    return Ok(Some((Some((state, meta)), fallbacks, notes)));
                 }
                 Err(e) => {
                     notes.push(format!("checkpoint {id} is unusable ({e})"));
@@ -680,7 +723,7 @@ impl Worker<'_> {
             notes.push("no good checkpoint left: started without state".into());
         }
         self.show_notes(a.fragment, &notes);
-        Ok((None, fallbacks, notes))
+        Ok(Some((None, fallbacks, notes)))
     }
 
     fn show_notes(&self, fragment: FragmentId, notes: &[String]) {
@@ -735,6 +778,12 @@ impl Worker<'_> {
             busy: self.running.len() as u32,
             free_memory: sample.free_memory,
             load: sample.load_per_cpu,
+            held: self
+                .running
+                .keys()
+                .copied()
+                .chain(self.deferred.iter().map(|a| a.fragment))
+                .collect(),
         };
         let lease_ms = self.cfg.lease.as_millis() as i64;
         let result = self

@@ -96,7 +96,7 @@ pub struct WorkerInfo {
 }
 
 /// What a worker reports of itself with every flush.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Heartbeat {
     /// Slots running a fragment now.
     pub busy: u32,
@@ -104,6 +104,8 @@ pub struct Heartbeat {
     pub free_memory: f64,
     /// Load per CPU.
     pub load: f64,
+    /// Fragments the worker knows it runs: only their leases are renewed.
+    pub held: Vec<FragmentId>,
 }
 
 /// A worker as `status` shows it.

@@ -716,9 +716,12 @@ impl Store for PgStore {
                 appeared |= new_work;
                 save_fragment(tx, &ledger, f.fragment)?;
             }
+            // Renew only what the worker knows it holds: a claim whose commit reply was
+            // lost must expire, not be kept alive by the worker's heartbeats.
+            let held: Vec<i64> = heartbeat.held.iter().map(|f| f.0).collect();
             tx.execute(
-                "UPDATE fragments SET lease_expires_ms = $2 WHERE worker = $1 AND state = 'running'",
-                &[&worker, &(now_ms + lease_ms)],
+                "UPDATE fragments SET lease_expires_ms = $2 WHERE worker = $1 AND state = 'running' AND id = ANY($3)",
+                &[&worker, &(now_ms + lease_ms), &held],
             )?;
             tx.execute(
                 "UPDATE workers SET heartbeat_ms = $2, busy = $3, free_memory = $4, load = $5 WHERE id = $1",
@@ -892,12 +895,16 @@ impl Store for PgStore {
                  FOR UPDATE SKIP LOCKED",
                 &[&now_ms, &dead],
             )?;
+            let mut drained = Vec::new();
             for r in &rows {
                 let (id, worker): (i64, String) = (r.get(0), r.get(1));
                 let Some(held) = hold(tx, FragmentId(id), &worker)? else { continue };
                 let mut ledger = mini_ledger(&held.fragment);
                 ledger.finish(FragmentId(id), &FinishOutcome::Lost, u32::MAX);
                 insert_pending(tx, held.stage, ledger.pending.ranges())?;
+                if ledger.pending.is_empty() {
+                    drained.push(held.stage);
+                }
                 let why = if dead.contains(&worker) { "worker died" } else { "lease expired" };
                 tx.execute(
                     "UPDATE fragments SET state = 'lost', finished_ms = $2, cause = 'lost', detail = $3, split_request = NULL
@@ -907,6 +914,12 @@ impl Store for PgStore {
             }
             if !dead.is_empty() {
                 tx.execute("UPDATE workers SET state = 'exited', busy = 0 WHERE id = ANY($1)", &[&dead])?;
+            }
+            // A fragment released with every item acked may have been its stage's last.
+            drained.sort_unstable();
+            drained.dedup();
+            for stage in drained {
+                settle(tx, stage, now_ms)?;
             }
             if !rows.is_empty() {
                 notify(tx)?;

@@ -545,10 +545,15 @@ impl Store for SqliteStore {
         for (stage, ledger) in &ledgers {
             save_ledger(&tx, *stage, ledger)?;
         }
-        tx.prepare_cached(
-            "UPDATE fragments SET lease_expires_ms = ?2 WHERE worker = ?1 AND state = 'running'",
-        )?
-        .execute(params![worker, now_ms + lease_ms])?;
+        // Renew only what the worker knows it holds: a claim whose reply never reached
+        // it must expire, not be kept alive by its heartbeats.
+        let mut renew = tx.prepare_cached(
+            "UPDATE fragments SET lease_expires_ms = ?3 WHERE id = ?1 AND worker = ?2 AND state = 'running'",
+        )?;
+        for id in &heartbeat.held {
+            renew.execute(params![id.0, worker, now_ms + lease_ms])?;
+        }
+        drop(renew);
         tx.prepare_cached("UPDATE workers SET heartbeat_ms = ?2, busy = ?3, free_memory = ?4, load = ?5 WHERE id = ?1")?
             .execute(params![worker, now_ms, heartbeat.busy, heartbeat.free_memory, heartbeat.load])?;
         let mut stmt = tx.prepare_cached(
@@ -772,6 +777,10 @@ impl Store for SqliteStore {
         }
         for (stage, ledger) in &ledgers {
             save_ledger(&tx, *stage, ledger)?;
+            // A fragment released with every item acked may have been its stage's last.
+            if ledger.is_finished() {
+                settle_job(&tx, *stage, now_ms)?;
+            }
         }
         for worker in dead {
             tx.execute(

@@ -384,3 +384,43 @@ fn a_cancelled_job_is_not_claimed_and_its_fragments_are_told() {
         );
     }
 }
+
+#[test]
+fn heartbeats_renew_only_held_fragments_and_a_fully_acked_release_settles_the_job() {
+    for b in backends("renew_settle") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 20, "h"), 0, false).unwrap().id();
+        let w = worker(s.as_mut(), "w");
+        let known = claim(s.as_mut(), id, &w, 0, Some(10)).unwrap();
+        // A claim whose reply never reached the worker: it does not hold it.
+        let orphan = claim(s.as_mut(), id, &w, 0, Some(10)).unwrap();
+        let hb = Heartbeat {
+            held: vec![known.fragment],
+            ..Heartbeat::default()
+        };
+        // Every item of the known fragment is acked, but it never finishes.
+        s.flush(&w, 9_000, 10_000, &hb, &[acks(known.fragment, known.span)])
+            .unwrap();
+        assert_eq!(
+            s.release(12_000, &[]).unwrap(),
+            1,
+            "{}: only the orphan's lease ran out",
+            b.name
+        );
+        assert_eq!(stage(s.as_mut(), "j").pending, 10, "{}", b.name);
+        let again = claim(s.as_mut(), id, &w, 12_001, None).unwrap();
+        assert_eq!(again.span, orphan.span, "{}", b.name);
+        s.finish(
+            &w,
+            12_002,
+            &end(again.fragment, FinishOutcome::Success, again.span.end),
+        )
+        .unwrap();
+        assert_eq!(s.job("j").unwrap().unwrap().state, "running", "{}", b.name);
+        // The worker vanishes holding a fragment whose every item is acked: releasing
+        // it must end the job, not leave it running with nothing left to do.
+        assert_eq!(s.release(30_000, &[]).unwrap(), 1, "{}", b.name);
+        assert_eq!(stage(s.as_mut(), "j").done, 20, "{}", b.name);
+        assert_eq!(s.job("j").unwrap().unwrap().state, "done", "{}", b.name);
+    }
+}
