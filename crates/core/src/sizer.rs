@@ -293,12 +293,12 @@ impl Sizer {
             let n_model = ((target - model.a_ms).max(per_item) / per_item) * self.pid.output.exp();
             (n_model, SizeCap::Model)
         } else {
+            // Doubling happens as fragments finish (in `observe`), not per claim:
+            // a hundred workers starting at once must not get 1, 2, 4 .. 2^99 items.
             if self.slow_start_next == 0 {
                 self.slow_start_next = cfg.initial.unwrap_or(1).max(1);
             }
-            let n = self.slow_start_next;
-            self.slow_start_next = self.slow_start_next.saturating_mul(2);
-            (n as f64, SizeCap::SlowStart)
+            (self.slow_start_next as f64, SizeCap::SlowStart)
         };
         fn lower(n: &mut f64, cap: &mut SizeCap, bound: f64, why: SizeCap) {
             if bound < *n {
@@ -360,6 +360,12 @@ impl Sizer {
     pub fn observe(&mut self, cfg: &SizerConfig, obs: &Observation) {
         let was_ready = self.model.ready();
         self.model.observe(obs, cfg.forget);
+        if !was_ready {
+            // Twice what just finished: one doubling per round of fragments, however
+            // many workers finish one of the same size.
+            let next = obs.n.max(cfg.initial.unwrap_or(1)).saturating_mul(2);
+            self.slow_start_next = self.slow_start_next.max(next);
+        }
         if was_ready && obs.sized_by_model && obs.duration_ms > 0.0 {
             let error = (self.target_ms(cfg) / obs.duration_ms).ln();
             self.pid.update(error, cfg);
@@ -488,17 +494,37 @@ mod tests {
     }
 
     #[test]
-    fn slow_start_doubles_from_one_or_initial() {
+    fn slow_start_doubles_per_finished_fragment_not_per_claim() {
         let cfg = SizerConfig::default();
         let mut sizer = Sizer::default();
+        // Many workers claiming at once, before anything finished: all get one item.
         let sizes: Vec<u64> = (0..4).map(|_| sizer.size(&cfg, &roomy()).n).collect();
-        assert_eq!(sizes, vec![1, 2, 4, 8]);
+        assert_eq!(sizes, vec![1, 1, 1, 1]);
+        // Overhead-dominated fragments without acks leave the model unready: doubling.
+        let quick = |n| Observation {
+            n,
+            duration_ms: 100.0,
+            acks: 0,
+            first_ack_ms: None,
+            last_ack_ms: None,
+            sized_by_model: false,
+        };
+        sizer.observe(&cfg, &quick(1));
+        assert_eq!(sizer.size(&cfg, &roomy()).n, 2);
+        // The other workers' one-item fragments finishing do not double it again.
+        sizer.observe(&cfg, &quick(1));
+        sizer.observe(&cfg, &quick(1));
+        assert_eq!(sizer.size(&cfg, &roomy()).n, 2);
+        sizer.observe(&cfg, &quick(2));
+        assert_eq!(sizer.size(&cfg, &roomy()).n, 4);
         let cfg = SizerConfig {
             initial: Some(100),
             ..SizerConfig::default()
         };
         let mut sizer = Sizer::default();
         assert_eq!(sizer.size(&cfg, &roomy()).n, 100);
+        assert_eq!(sizer.size(&cfg, &roomy()).n, 100);
+        sizer.observe(&cfg, &quick(100));
         assert_eq!(sizer.size(&cfg, &roomy()).n, 200);
     }
 
