@@ -2,13 +2,14 @@
 //!
 //! Everything here is a function of its inputs: no IO, no clock, no randomness it
 //! does not receive. Time arrives as `now_ms` arguments. The same code runs in the
-//! worker, in the store's claim path and (later) in the simulator, so a policy
+//! worker, in the store's claim path and in the simulator, so a policy
 //! tested here is the policy that runs.
 
 mod ids;
 mod intervals;
 mod ledger;
 mod placement;
+mod plan;
 mod sizer;
 
 pub use ids::{FragmentId, JobId, StageId};
@@ -17,4 +18,7 @@ pub use ledger::{
     Claim, FinishOutcome, FinishReport, Pending, PendingRange, RunningFragment, StageLedger,
 };
 pub use placement::{fits, rank, Misfit, StageNeeds, WorkerOffer};
+pub use plan::{
+    assign, class_plan, critical_paths, fluid_finish, order, order_key, Candidate, Holt, StageWork,
+};
 pub use sizer::{ClaimContext, CostModel, Observation, Pid, SizeCap, Sizer, SizerConfig, Sizing};
