@@ -3,6 +3,7 @@
 mod engine;
 mod host;
 mod progress;
+mod sim;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -52,6 +53,8 @@ enum Command {
     Results(ResultsArgs),
     /// Cancel a job: nothing more of it is claimed, its running fragments are stopped.
     Cancel(CancelArgs),
+    /// Simulate a scenario (pool and workload) in virtual time with the same core.
+    Sim(sim::SimArgs),
     /// Benchmark the store's own path: clients looping claim-one-item -> finish.
     #[command(hide = true)]
     BenchStore(BenchStoreArgs),
@@ -251,6 +254,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => logs(args),
         Command::Results(args) => results(args),
         Command::Cancel(args) => cancel(args),
+        Command::Sim(args) => sim::sim(args),
         Command::BenchStore(args) => bench_store(args),
     };
     match result {

@@ -1,0 +1,166 @@
+//! `granule sim`: runs a scenario through the simulator and reports.
+
+use crate::BadInput;
+use anyhow::{Context, Result};
+use granule_sim::{Policy, Report, TraceRow};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Arguments of `granule sim`.
+#[derive(clap::Args)]
+pub(crate) struct SimArgs {
+    /// The scenario (TOML): worker classes and stages.
+    scenario: PathBuf,
+    /// Placement to simulate; `both` runs granule and class-blind FIFO on the same pool.
+    #[arg(long, value_enum, default_value = "granule")]
+    policy: PolicyArg,
+    /// Seed (default: the scenario's).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Write every fragment as a JSON line here (granule's run).
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Write a timeline plot (SVG) of the first 120 workers here (granule's run).
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// Print the report(s) as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PolicyArg {
+    Granule,
+    Fifo,
+    Both,
+}
+
+/// Runs `granule sim`.
+pub(crate) fn sim(args: SimArgs) -> Result<u8> {
+    let path = args.scenario.display().to_string();
+    let text = std::fs::read_to_string(&args.scenario)
+        .map_err(|e| BadInput(format!("{path}: cannot read the scenario: {e}")))?;
+    let mut scenario = granule_sim::parse(&path, &text).map_err(BadInput)?;
+    if let Some(seed) = args.seed {
+        scenario.seed = seed;
+    }
+    let policies: &[Policy] = match args.policy {
+        PolicyArg::Granule => &[Policy::Granule],
+        PolicyArg::Fifo => &[Policy::Fifo],
+        PolicyArg::Both => &[Policy::Granule, Policy::Fifo],
+    };
+    let mut reports = Vec::new();
+    for (i, &policy) in policies.iter().enumerate() {
+        let started = std::time::Instant::now();
+        let want_rows = i == 0 && (args.trace.is_some() || args.svg.is_some());
+        let mut rows: Vec<TraceRow> = Vec::new();
+        let mut keep = |row: &TraceRow| rows.push(row.clone());
+        let report = granule_sim::run(
+            &scenario,
+            policy,
+            want_rows.then_some(&mut keep as &mut dyn FnMut(&TraceRow)),
+        );
+        let wall = started.elapsed().as_secs_f64();
+        if let Some(file) = args.trace.as_ref().filter(|_| want_rows) {
+            let mut out = std::io::BufWriter::new(
+                std::fs::File::create(file)
+                    .with_context(|| format!("creating {}", file.display()))?,
+            );
+            for row in &rows {
+                serde_json::to_writer(&mut out, row)?;
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
+        }
+        if let Some(file) = args.svg.as_ref().filter(|_| want_rows) {
+            let names: Vec<String> = scenario.stages.iter().map(|s| s.name.clone()).collect();
+            let svg = granule_sim::timeline(&rows, &names, report.makespan_ms, 120);
+            std::fs::write(file, svg).with_context(|| format!("writing {}", file.display()))?;
+        }
+        if !args.json {
+            print_report(&report, wall);
+        }
+        reports.push((report, wall));
+    }
+    if args.json {
+        let all: Vec<serde_json::Value> = reports
+            .iter()
+            .map(|(r, wall)| {
+                let mut v = serde_json::to_value(r).expect("plain data");
+                v["wall_s"] = serde_json::json!(wall);
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else if let [(g, _), (f, _)] = reports.as_slice() {
+        println!(
+            "granule vs fifo: makespan {:.3}x, cost {:.3}x (cost {:.1}% lower)",
+            g.makespan_ms / f.makespan_ms.max(1e-9),
+            g.cost / f.cost.max(1e-9),
+            100.0 * (1.0 - g.cost / f.cost.max(1e-9))
+        );
+    }
+    Ok(if reports.iter().all(|(r, _)| r.finished) {
+        0
+    } else {
+        1
+    })
+}
+
+fn hours(ms: f64) -> String {
+    format!("{:.3} h", ms / 3_600_000.0)
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.1}%"))
+}
+
+fn print_report(r: &Report, wall: f64) {
+    println!(
+        "scenario {} (seed {}), policy {:?}: {} in {:.2}s wall",
+        r.scenario,
+        r.seed,
+        r.policy,
+        if r.finished {
+            "finished"
+        } else {
+            "NOT finished by the horizon"
+        },
+        wall
+    );
+    println!(
+        "  makespan {}  lower bound {}  ratio {:.3}",
+        hours(r.makespan_ms),
+        hours(r.lower_bound_ms),
+        r.makespan_ms / r.lower_bound_ms.max(1e-9)
+    );
+    println!(
+        "  cost {:.2}  wasted work {:.2}% of useful  fragments {}  prediction error median {} p90 {}",
+        r.cost,
+        100.0 * r.wasted_ms / r.useful_ms.max(1e-9),
+        r.fragments,
+        pct(r.error_median),
+        pct(r.error_p90)
+    );
+    for c in &r.classes {
+        println!(
+            "  class {:<10} utilization {:5.1}%  cost {:10.2}  items {:>12}  preemptions {}",
+            c.name,
+            100.0 * c.utilization,
+            c.cost,
+            c.items,
+            c.preemptions
+        );
+    }
+    for s in &r.stages {
+        println!(
+            "  stage {:<10} done at {:>10}  fragments {:>7}  items by class {:?}  error median {} p90 {}",
+            s.name,
+            s.done_ms.map_or("-".into(), hours),
+            s.fragments,
+            s.items_by_class,
+            pct(s.error_median),
+            pct(s.error_p90)
+        );
+    }
+}

@@ -1,0 +1,894 @@
+//! The event loop: workers arrive, claim fragments sized by the core's sizer for
+//! the stage the core's planner picks, run them in virtual time, and end by
+//! finishing, being preempted (with or without notice) or running out of life.
+
+use crate::pool::{Ending, Life, Lives};
+use crate::scenario::Scenario;
+use granule_core::{
+    class_plan, critical_paths, fits, fluid_finish, order, Candidate, ClaimContext, FinishOutcome,
+    FragmentId, Holt, IntervalSet, Observation, SizeCap, Sizer, SizerConfig, Span, StageLedger,
+    StageNeeds, StageWork, WorkerOffer,
+};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, LogNormal, StandardNormal};
+use serde::Serialize;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
+
+/// Which placement to simulate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// granule's planner: cost plan, priority, fairness, comparative advantage,
+    /// critical path; idle workers leave after `idle_exit`.
+    Granule,
+    /// Class-blind first-in-first-out: the first ready stage that fits (required
+    /// classes and resources are still honoured). Same sizer.
+    Fifo,
+}
+
+/// One fragment as the trace records it.
+#[derive(Clone, Debug, Serialize)]
+pub struct TraceRow {
+    /// Stage name.
+    pub stage: String,
+    /// Class of the worker that ran it.
+    pub class: String,
+    /// Worker number.
+    pub worker: usize,
+    /// Claimed at, virtual ms.
+    pub start_ms: f64,
+    /// Ended at, virtual ms.
+    pub end_ms: f64,
+    /// Items claimed.
+    pub items: u64,
+    /// Items that ended done.
+    pub done: u64,
+    /// Predicted duration, ms.
+    pub predicted_ms: f64,
+    /// `done`, `yielded` (notice or lifespan) or `lost` (killed).
+    pub outcome: &'static str,
+}
+
+/// Per-class figures of a run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ClassReport {
+    /// Class name.
+    pub name: String,
+    /// Slot-time paid for, ms.
+    pub alive_slot_ms: f64,
+    /// Slot-time spent running fragments, ms.
+    pub busy_slot_ms: f64,
+    /// `busy / alive`.
+    pub utilization: f64,
+    /// What the class cost.
+    pub cost: f64,
+    /// Items it finished.
+    pub items: u64,
+    /// Preemptions suffered.
+    pub preemptions: u64,
+}
+
+/// Per-stage figures of a run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StageReport {
+    /// Stage name.
+    pub name: String,
+    /// When its last item was done, virtual ms.
+    pub done_ms: Option<f64>,
+    /// Fragments run.
+    pub fragments: u64,
+    /// Items done per class (in class order).
+    pub items_by_class: Vec<u64>,
+    /// Median absolute percentage error of fragment durations after the first 20.
+    pub error_median: Option<f64>,
+    /// 90th percentile of the same.
+    pub error_p90: Option<f64>,
+}
+
+/// What a simulation run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Placement simulated.
+    pub policy: Policy,
+    /// Seed used.
+    pub seed: u64,
+    /// Whether every item was done before the horizon.
+    pub finished: bool,
+    /// When the last item was done, virtual ms.
+    pub makespan_ms: f64,
+    /// No placement can finish sooner (see `bound`); filled by `lib::run`.
+    pub lower_bound_ms: f64,
+    /// Total paid for workers.
+    pub cost: f64,
+    /// Item-time run and then lost (preemptions, lifespans), ms.
+    pub wasted_ms: f64,
+    /// Item-time of items done, ms.
+    pub useful_ms: f64,
+    /// Fragments run.
+    pub fragments: u64,
+    /// Median absolute percentage error of all fragment durations past warm-up.
+    pub error_median: Option<f64>,
+    /// 90th percentile of the same.
+    pub error_p90: Option<f64>,
+    /// Per class.
+    pub classes: Vec<ClassReport>,
+    /// Per stage.
+    pub stages: Vec<StageReport>,
+}
+
+/// Fragments of each stage not judged by the predictor's error figures.
+const WARM_UP: usize = 20;
+/// Planner period: forecasts and the class plan are updated, idle workers look again.
+const TICK_MS: f64 = 60_000.0;
+/// Without a deadline, the plan may finish this much later than the soonest
+/// possible finish if that is cheaper.
+const SLACK: f64 = 0.05;
+/// With a deadline, the plan aims to finish within this share of the time left.
+const DEADLINE_SHARE: f64 = 0.9;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    /// The planner's periodic look.
+    Tick,
+    /// A worker's life begins.
+    Arrive(usize),
+    /// A fragment ends on its own.
+    Done(usize, usize, FragmentId),
+    /// A worker is told its life ends soon: it yields and stops claiming.
+    Notice(usize),
+    /// A worker's life ends.
+    End(usize),
+    /// A worker idle since the given µs may leave.
+    IdleCheck(usize, u64),
+}
+
+struct Running {
+    id: FragmentId,
+    stage: usize,
+    span: Span,
+    start: f64,
+    /// Mean cost of its items as drawn, ms.
+    item_ms: f64,
+    overhead_ms: f64,
+    duration: f64,
+    predicted: f64,
+    sized_by_model: bool,
+}
+
+struct Worker {
+    class: usize,
+    /// Position in its class (which stream of lives it follows).
+    position: u32,
+    life: Life,
+    slots: Vec<Option<Running>>,
+    draining: bool,
+    gone: bool,
+    idle_since: Option<f64>,
+}
+
+struct Stage {
+    needs: StageNeeds,
+    config: SizerConfig,
+    after: Vec<usize>,
+    ledger: StageLedger,
+    /// Sizer per class.
+    sizers: Vec<Sizer>,
+    running: u64,
+    /// Items inside running fragments.
+    running_items: u64,
+    done_ms: Option<f64>,
+    fragments: u64,
+    items_by_class: Vec<u64>,
+    errors: Vec<f64>,
+    judged: usize,
+}
+
+struct Sim<'a> {
+    sc: &'a Scenario,
+    policy: Policy,
+    now: f64,
+    seq: u64,
+    events: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    workers: Vec<Worker>,
+    lives: Vec<Vec<Lives>>,
+    stages: Vec<Stage>,
+    idle: BTreeSet<usize>,
+    rng: SmallRng,
+    next_fragment: i64,
+    /// Alive slots per class now, and their forecasts.
+    alive_slots: Vec<f64>,
+    forecast: Vec<Holt>,
+    classes: Vec<ClassReport>,
+    wasted_ms: f64,
+    useful_ms: f64,
+    fragments: u64,
+    stages_left: usize,
+    trace: Option<&'a mut dyn FnMut(&TraceRow)>,
+    offers: Vec<WorkerOffer>,
+    /// The class plan: `plan[stage][class]`.
+    plan: Vec<Vec<bool>>,
+}
+
+/// Runs `sc` under `policy`; every fragment goes to `trace` if given.
+pub fn simulate<'a>(
+    sc: &'a Scenario,
+    policy: Policy,
+    trace: Option<&'a mut dyn FnMut(&TraceRow)>,
+) -> Report {
+    let index = |name: &str| {
+        sc.stages
+            .iter()
+            .position(|s| s.name == name)
+            .expect("checked")
+    };
+    let stages = sc
+        .stages
+        .iter()
+        .map(|st| Stage {
+            needs: StageNeeds {
+                class: st.class.clone(),
+                class_required: st.class_required,
+                priority: st.priority,
+                owner: st.owner.clone(),
+                ..StageNeeds::default()
+            },
+            config: SizerConfig {
+                target_ms: st.target,
+                ..SizerConfig::default()
+            },
+            after: st.after.iter().map(|a| index(a)).collect(),
+            ledger: StageLedger::new(st.items),
+            sizers: vec![Sizer::default(); sc.classes.len()],
+            running: 0,
+            running_items: 0,
+            done_ms: None,
+            fragments: 0,
+            items_by_class: vec![0; sc.classes.len()],
+            errors: Vec::new(),
+            judged: 0,
+        })
+        .collect();
+    let mut sim = Sim {
+        sc,
+        policy,
+        now: 0.0,
+        seq: 0,
+        events: BinaryHeap::new(),
+        workers: Vec::new(),
+        lives: sc
+            .classes
+            .iter()
+            .enumerate()
+            .map(|(c, class)| {
+                (0..class.count)
+                    .map(|i| Lives::new(sc, c, class, i))
+                    .collect()
+            })
+            .collect(),
+        stages,
+        idle: BTreeSet::new(),
+        rng: SmallRng::seed_from_u64(sc.seed.wrapping_add(0x5EED)),
+        next_fragment: 1,
+        alive_slots: vec![0.0; sc.classes.len()],
+        forecast: vec![Holt::default(); sc.classes.len()],
+        classes: sc
+            .classes
+            .iter()
+            .map(|c| ClassReport {
+                name: c.name.clone(),
+                ..ClassReport::default()
+            })
+            .collect(),
+        wasted_ms: 0.0,
+        useful_ms: 0.0,
+        fragments: 0,
+        stages_left: sc.stages.len(),
+        trace,
+        offers: sc
+            .classes
+            .iter()
+            .map(|c| WorkerOffer {
+                class: c.name.clone(),
+                slots: c.slots,
+                cpus: f64::from(c.slots),
+                ..WorkerOffer::default()
+            })
+            .collect(),
+        plan: vec![vec![true; sc.classes.len()]; sc.stages.len()],
+    };
+    for (c, class) in sc.classes.iter().enumerate() {
+        for i in 0..class.count {
+            sim.next_life(c, i);
+        }
+    }
+    sim.at(0.0, Event::Tick);
+    sim.run();
+    sim.report()
+}
+
+fn micros(ms: f64) -> u64 {
+    (ms * 1000.0).round().max(0.0) as u64
+}
+
+impl Sim<'_> {
+    fn at(&mut self, ms: f64, event: Event) {
+        self.seq += 1;
+        self.events.push(Reverse((micros(ms), self.seq, event)));
+    }
+
+    /// Schedules the next life of a worker position, if it has one.
+    fn next_life(&mut self, class: usize, position: u32) {
+        let Some(life) = self.lives[class][position as usize].next() else {
+            return;
+        };
+        let w = self.workers.len();
+        self.workers.push(Worker {
+            class,
+            position,
+            life,
+            slots: (0..self.sc.classes[class].slots).map(|_| None).collect(),
+            draining: false,
+            gone: true,
+            idle_since: None,
+        });
+        self.at(life.start, Event::Arrive(w));
+    }
+
+    fn run(&mut self) {
+        while self.stages_left > 0 {
+            let Some(Reverse((t, _, event))) = self.events.pop() else {
+                break;
+            };
+            if t as f64 / 1000.0 > self.sc.horizon {
+                break;
+            }
+            self.now = t as f64 / 1000.0;
+            match event {
+                Event::Tick => self.tick(),
+                Event::Arrive(w) => self.arrive(w),
+                Event::Done(w, slot, id) => self.done(w, slot, id),
+                Event::Notice(w) => self.notice(w),
+                Event::End(w) => self.end(w),
+                Event::IdleCheck(w, since) => self.idle_check(w, since),
+            }
+        }
+        // Whoever is still here stops being paid for now.
+        for w in 0..self.workers.len() {
+            if !self.workers[w].gone {
+                self.leave(w);
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        for c in 0..self.alive_slots.len() {
+            self.forecast[c].observe(self.alive_slots[c]);
+        }
+        if self.policy == Policy::Granule {
+            self.replan();
+        }
+        // Shadow re-evaluation: plans change as deadlines near and capacity moves.
+        self.wake_idle();
+        self.at(self.now + TICK_MS, Event::Tick);
+    }
+
+    fn arrive(&mut self, w: usize) {
+        let (class, life) = (self.workers[w].class, self.workers[w].life);
+        self.workers[w].gone = false;
+        self.alive_slots[class] += f64::from(self.sc.classes[class].slots);
+        self.classes[class].alive_slot_ms -= self.now * f64::from(self.sc.classes[class].slots);
+        let spec = &self.sc.classes[class];
+        match life.ending {
+            Ending::Never => {}
+            Ending::Preempted => {
+                if spec.notice > 0.0 {
+                    self.at((life.end - spec.notice).max(life.start), Event::Notice(w));
+                }
+                self.at(life.end, Event::End(w));
+            }
+            Ending::Lifespan => {
+                // The worker drains a little before its end, as `--lifespan` does.
+                let margin = (0.1 * (life.end - life.start)).min(30_000.0);
+                self.at(life.end - margin, Event::Notice(w));
+                self.at(life.end, Event::End(w));
+            }
+        }
+        self.fill(w);
+    }
+
+    /// Stops paying for a worker.
+    fn leave(&mut self, w: usize) {
+        let class = self.workers[w].class;
+        let slots = f64::from(self.sc.classes[class].slots);
+        self.workers[w].gone = true;
+        self.idle.remove(&w);
+        self.alive_slots[class] -= slots;
+        self.classes[class].alive_slot_ms += self.now * slots;
+    }
+
+    fn done(&mut self, w: usize, slot: usize, id: FragmentId) {
+        let matches = self.workers[w].slots[slot]
+            .as_ref()
+            .is_some_and(|r| r.id == id);
+        if !matches || self.workers[w].gone {
+            return;
+        }
+        let r = self.workers[w].slots[slot].take().expect("running");
+        self.close(w, &r, r.span.len(), FinishOutcome::Success);
+        self.fill(w);
+    }
+
+    /// Ends a running fragment with `done` of its items (a prefix) done.
+    fn close(&mut self, w: usize, r: &Running, done: u64, outcome: FinishOutcome) {
+        let class = self.workers[w].class;
+        let elapsed = self.now - r.start;
+        let st = &mut self.stages[r.stage];
+        st.running -= 1;
+        st.running_items -= r.span.len();
+        st.fragments += 1;
+        self.fragments += 1;
+        if done > 0 && done < r.span.len() {
+            let acked = IntervalSet::from_span(Span::new(r.span.start, r.span.start + done));
+            st.ledger.ack(r.id, &acked);
+        }
+        st.ledger.finish(r.id, &outcome, u32::MAX);
+        st.items_by_class[class] += done;
+        self.classes[class].items += done;
+        self.classes[class].busy_slot_ms += elapsed;
+        let useful = done as f64 * r.item_ms;
+        self.useful_ms += useful;
+        self.wasted_ms += (elapsed - r.overhead_ms - useful).max(0.0);
+        let name = match outcome {
+            FinishOutcome::Success => {
+                st.sizers[class].observe(
+                    &st.config,
+                    &Observation {
+                        n: done,
+                        duration_ms: elapsed,
+                        acks: done,
+                        first_ack_ms: Some(r.overhead_ms + r.item_ms),
+                        last_ack_ms: Some(elapsed),
+                        sized_by_model: r.sized_by_model,
+                    },
+                );
+                // As `status` judges: past the warm-up, and only fragments that had a
+                // prediction (claimed once the model had seen something).
+                st.judged += 1;
+                if st.judged > WARM_UP && elapsed > 0.0 && r.predicted > 0.0 {
+                    st.errors
+                        .push(100.0 * (r.predicted - elapsed).abs() / elapsed);
+                }
+                "done"
+            }
+            FinishOutcome::Lost => "lost",
+            _ => "yielded",
+        };
+        if let Some(trace) = self.trace.as_mut() {
+            trace(&TraceRow {
+                stage: self.sc.stages[r.stage].name.clone(),
+                class: self.sc.classes[class].name.clone(),
+                worker: w,
+                start_ms: r.start,
+                end_ms: self.now,
+                items: r.span.len(),
+                done,
+                predicted_ms: r.predicted,
+                outcome: name,
+            });
+        }
+        let requeued = outcome != FinishOutcome::Success;
+        let st = &mut self.stages[r.stage];
+        if st.done_ms.is_none() && st.ledger.is_finished() {
+            st.done_ms = Some(self.now);
+            self.stages_left -= 1;
+            // Stages that waited for this one may be ready: plan again, and idle
+            // workers look again.
+            if self.policy == Policy::Granule {
+                self.replan();
+            }
+            self.wake_idle();
+        } else if requeued {
+            self.wake_idle();
+        }
+    }
+
+    /// Items of a running fragment finished by `at`: progress is even over its items.
+    fn progress(r: &Running, at: f64) -> u64 {
+        let work = r.duration - r.overhead_ms;
+        if work <= 0.0 {
+            return r.span.len();
+        }
+        let share = ((at - r.start - r.overhead_ms) / work).clamp(0.0, 1.0);
+        (share * r.span.len() as f64).floor() as u64
+    }
+
+    fn notice(&mut self, w: usize) {
+        if self.workers[w].gone {
+            return;
+        }
+        self.workers[w].draining = true;
+        self.idle.remove(&w);
+        // Every fragment yields at its next safe point: the items done so far are acked.
+        for slot in 0..self.workers[w].slots.len() {
+            if let Some(r) = self.workers[w].slots[slot].take() {
+                let done = Self::progress(&r, self.now);
+                self.close(w, &r, done, FinishOutcome::Yielded);
+            }
+        }
+    }
+
+    fn end(&mut self, w: usize) {
+        if self.workers[w].gone {
+            return;
+        }
+        let class = self.workers[w].class;
+        if self.workers[w].life.ending == Ending::Preempted {
+            self.classes[class].preemptions += 1;
+        }
+        // Killed: acks since the last heartbeat (half of one, on average) are lost.
+        let flushed = self.now - self.sc.heartbeat / 2.0;
+        for slot in 0..self.workers[w].slots.len() {
+            if let Some(r) = self.workers[w].slots[slot].take() {
+                let done = Self::progress(&r, flushed);
+                self.close(w, &r, done, FinishOutcome::Lost);
+            }
+        }
+        self.leave(w);
+        let position = self.workers[w].position;
+        self.next_life(class, position);
+    }
+
+    fn idle_check(&mut self, w: usize, since: u64) {
+        let worker = &self.workers[w];
+        if worker.gone || worker.idle_since.map(micros) != Some(since) {
+            return;
+        }
+        // Only a worker no unfinished stage can ever use leaves: the pool does not
+        // bring back a worker that left, and a stage waiting in the DAG may need it.
+        let class = &self.offers[worker.class];
+        let useful = self
+            .stages
+            .iter()
+            .any(|st| st.done_ms.is_none() && fits(&st.needs, class).is_ok());
+        if worker.slots.iter().all(Option::is_none) && !useful {
+            self.leave(w);
+        }
+    }
+
+    fn wake_idle(&mut self) {
+        let idle: Vec<usize> = self.idle.iter().copied().collect();
+        for w in idle {
+            self.fill(w);
+        }
+    }
+
+    /// Claims fragments for the free slots of worker `w`.
+    fn fill(&mut self, w: usize) {
+        if self.workers[w].gone || self.workers[w].draining {
+            return;
+        }
+        for slot in 0..self.workers[w].slots.len() {
+            if self.workers[w].slots[slot].is_some() {
+                continue;
+            }
+            match self.claim(w) {
+                Some(r) => {
+                    let end = r.start + r.duration;
+                    let id = r.id;
+                    self.workers[w].slots[slot] = Some(r);
+                    self.at(end, Event::Done(w, slot, id));
+                }
+                None => break,
+            }
+        }
+        let worker = &mut self.workers[w];
+        if worker.slots.iter().any(Option::is_none) {
+            self.idle.insert(w);
+        } else {
+            self.idle.remove(&w);
+        }
+        if worker.slots.iter().all(Option::is_none) {
+            if worker.idle_since.is_none() {
+                worker.idle_since = Some(self.now);
+                let since = micros(self.now);
+                self.at(self.now + self.sc.idle_exit, Event::IdleCheck(w, since));
+            }
+        } else {
+            worker.idle_since = None;
+        }
+    }
+
+    /// Mean per-item cost of stage `s` on class `c` as learned so far.
+    fn learned(&self, s: usize, c: usize) -> Option<f64> {
+        let m = &self.stages[s].sizers[c].model;
+        m.ready().then_some(m.b_ms)
+    }
+
+    /// The stages worker `w` should try, best first.
+    fn candidates(&self, w: usize) -> Vec<usize> {
+        let class = self.workers[w].class;
+        let offer = &self.offers[class];
+        let ready: Vec<usize> = (0..self.stages.len())
+            .filter(|&s| {
+                let st = &self.stages[s];
+                st.done_ms.is_none()
+                    && !st.ledger.pending.is_empty()
+                    && st.after.iter().all(|&a| self.stages[a].done_ms.is_some())
+                    && fits(&st.needs, offer).is_ok()
+            })
+            .collect();
+        if self.policy == Policy::Fifo {
+            return ready;
+        }
+        let classes = self.sc.classes.len();
+        // What is known of each stage on each class; unknown classes count as the best.
+        let best: Vec<Option<f64>> = (0..self.stages.len())
+            .map(|s| {
+                (0..classes)
+                    .filter_map(|c| self.learned(s, c))
+                    .min_by(f64::total_cmp)
+            })
+            .collect();
+        let remaining_ms: Vec<f64> = (0..self.stages.len())
+            .map(|s| {
+                let st = &self.stages[s];
+                let left = (st.ledger.pending.len() + st.running_items) as f64;
+                left * best[s].unwrap_or(self.sc.stages[s].item_ms)
+            })
+            .collect();
+        let after: Vec<Vec<usize>> = self.stages.iter().map(|s| s.after.clone()).collect();
+        let critical = critical_paths(&after, &remaining_ms);
+        let owner_running = |owner: &Option<String>| -> u64 {
+            self.stages
+                .iter()
+                .filter(|st| st.needs.owner == *owner)
+                .map(|st| st.running)
+                .sum()
+        };
+        let mut cands: Vec<Candidate<'_>> = ready
+            .iter()
+            .map(|&s| {
+                let st = &self.stages[s];
+                let here = self.learned(s, class);
+                let slowdown = match (here, best[s]) {
+                    (Some(h), Some(b)) if b > 0.0 => h / b,
+                    _ => 1.0,
+                };
+                Candidate {
+                    needs: &st.needs,
+                    index: s,
+                    running: st.running,
+                    owner_running: owner_running(&st.needs.owner),
+                    critical_ms: critical[s],
+                    slowdown,
+                    planned: self.planned(s, class),
+                }
+            })
+            .collect();
+        order(&mut cands, offer);
+        cands.iter().map(|c| c.index).collect()
+    }
+
+    /// Whether stage `s` is unfinished and every stage it waits for is done.
+    fn ready(&self, s: usize) -> bool {
+        self.stages[s].done_ms.is_none()
+            && self.stages[s]
+                .after
+                .iter()
+                .all(|&a| self.stages[a].done_ms.is_some())
+    }
+
+    /// Whether an unfinished stage waits for stage `s`.
+    fn awaited(&self, s: usize) -> bool {
+        self.stages
+            .iter()
+            .any(|st| st.done_ms.is_none() && st.after.contains(&s))
+    }
+
+    /// Price of a slot-ms of class `c`.
+    fn price(&self, c: usize) -> f64 {
+        let class = &self.sc.classes[c];
+        class.cost / f64::from(class.slots) / 3_600_000.0
+    }
+
+    /// Recomputes the class plan from what is learned, the pool's forecast and
+    /// the deadlines: the cheapest assignment of the remaining work that finishes
+    /// within the horizon.
+    fn replan(&mut self) {
+        let classes = self.sc.classes.len();
+        let work: Vec<StageWork> = (0..self.stages.len())
+            .map(|s| {
+                let st = &self.stages[s];
+                let best = (0..classes)
+                    .filter_map(|c| self.learned(s, c))
+                    .min_by(f64::total_cmp);
+                StageWork {
+                    items: if self.ready(s) {
+                        (st.ledger.pending.len() + st.running_items) as f64
+                    } else {
+                        0.0
+                    },
+                    per_item_ms: (0..classes)
+                        .map(|c| {
+                            fits(&st.needs, &self.offers[c]).is_ok().then(|| {
+                                self.learned(s, c)
+                                    .or(best)
+                                    .unwrap_or(self.sc.stages[s].item_ms)
+                            })
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        let slots: Vec<f64> = (0..classes)
+            .map(|c| {
+                // Plan on the capacity expected a few ticks ahead, not on what is here now.
+                let ahead = self.forecast[c]
+                    .forecast(5.0)
+                    .unwrap_or(self.alive_slots[c]);
+                ahead.min(self.alive_slots[c].max(1.0) * 2.0)
+            })
+            .collect();
+        let Some(soonest) = fluid_finish(&work, &slots, 1e12) else {
+            self.plan = vec![vec![true; classes]; self.stages.len()];
+            return;
+        };
+        let deadline = self
+            .sc
+            .stages
+            .iter()
+            .zip(&self.stages)
+            .filter(|(_, st)| st.done_ms.is_none())
+            .filter_map(|(spec, _)| spec.deadline)
+            .map(|d| (d - self.now) * DEADLINE_SHARE)
+            .min_by(f64::total_cmp);
+        let horizon = match deadline {
+            Some(d) => d.max(soonest * (1.0 + SLACK)),
+            None => soonest * (1.0 + SLACK),
+        };
+        let prices: Vec<f64> = (0..classes).map(|c| self.price(c)).collect();
+        self.plan = class_plan(&work, &slots, &prices, horizon);
+    }
+
+    /// Whether the plan lets class `c` take stage `s`: planned for it, its cost
+    /// there is not yet known (it must be learned), or it is no dearer per item
+    /// than a class the plan does use (backfill).
+    fn planned(&self, s: usize, c: usize) -> bool {
+        // The fluid plan does not see the DAG's order: a stage others wait for is
+        // on the way to the end and takes any class that fits.
+        if self.plan[s][c] || self.awaited(s) {
+            return true;
+        }
+        let Some(here) = self.learned(s, c) else {
+            return true;
+        };
+        let per_item = |k: usize| self.learned(s, k).map(|ms| ms * self.price(k));
+        let dearest = (0..self.sc.classes.len())
+            .filter(|&k| self.plan[s][k])
+            .filter_map(per_item)
+            .fold(0.0, f64::max);
+        here * self.price(c) <= dearest
+    }
+
+    fn claim(&mut self, w: usize) -> Option<Running> {
+        let class = self.workers[w].class;
+        let life_left = match self.workers[w].life.ending {
+            Ending::Lifespan => Some((self.workers[w].life.end - self.now).max(0.0)),
+            _ => None,
+        };
+        let active: u32 = self.alive_slots.iter().sum::<f64>().max(1.0) as u32;
+        for s in self.candidates(w) {
+            let spec = &self.sc.stages[s];
+            let st = &mut self.stages[s];
+            let ctx = ClaimContext {
+                remaining: st.ledger.pending.len(),
+                slots: active,
+                free_memory: 1.0,
+                load_per_cpu: 0.0,
+                lifespan_ms: life_left,
+            };
+            let sizing = st.sizers[class].size(&st.config, &ctx);
+            if sizing.n == 0 {
+                continue; // does not fit the worker's remaining life
+            }
+            let id = FragmentId(self.next_fragment);
+            self.next_fragment += 1;
+            let claim = st.ledger.claim(id, sizing.n)?;
+            st.running += 1;
+            st.running_items += claim.span.len();
+            let n = claim.span.len();
+            let drift = match spec.drift_at {
+                Some(at) if self.now >= at => spec.drift_factor,
+                _ => 1.0,
+            };
+            let mean = spec.item_ms_on(&self.sc.classes[class]) * drift;
+            // The sum of n log-normal item costs, by its normal approximation, on a
+            // machine a little faster or slower than its class's nominal speed.
+            let sd = mean * (spec.spread * spec.spread).exp_m1().sqrt() * (n as f64).sqrt();
+            let z: f64 = StandardNormal.sample(&mut self.rng);
+            let machine = LogNormal::new(0.0, 0.05)
+                .expect("valid")
+                .sample(&mut self.rng);
+            let work = ((n as f64 * mean + z * sd).max(0.1 * n as f64 * mean)) * machine;
+            return Some(Running {
+                id,
+                stage: s,
+                span: claim.span,
+                start: self.now,
+                item_ms: work / n as f64,
+                overhead_ms: spec.overhead_ms,
+                duration: spec.overhead_ms + work,
+                predicted: sizing.predicted_ms,
+                sized_by_model: sizing.cap == SizeCap::Model,
+            });
+        }
+        None
+    }
+
+    fn report(self) -> Report {
+        let finished = self.stages.iter().all(|s| s.done_ms.is_some());
+        let makespan = self
+            .stages
+            .iter()
+            .filter_map(|s| s.done_ms)
+            .fold(0.0, f64::max);
+        let mut all_errors = Vec::new();
+        let stages = self
+            .stages
+            .iter()
+            .zip(&self.sc.stages)
+            .map(|(st, spec)| {
+                all_errors.extend_from_slice(&st.errors);
+                let (error_median, error_p90) = quantiles(&st.errors);
+                StageReport {
+                    name: spec.name.clone(),
+                    done_ms: st.done_ms,
+                    fragments: st.fragments,
+                    items_by_class: st.items_by_class.clone(),
+                    error_median,
+                    error_p90,
+                }
+            })
+            .collect();
+        let (error_median, error_p90) = quantiles(&all_errors);
+        let mut classes = self.classes;
+        let mut cost = 0.0;
+        for (c, report) in classes.iter_mut().enumerate() {
+            let spec = &self.sc.classes[c];
+            report.utilization = report.busy_slot_ms / report.alive_slot_ms.max(1e-9);
+            report.cost = report.alive_slot_ms / f64::from(spec.slots) / 3_600_000.0 * spec.cost;
+            cost += report.cost;
+        }
+        Report {
+            scenario: self.sc.name.clone(),
+            policy: self.policy,
+            seed: self.sc.seed,
+            finished,
+            makespan_ms: makespan,
+            lower_bound_ms: 0.0,
+            cost,
+            wasted_ms: self.wasted_ms,
+            useful_ms: self.useful_ms,
+            fragments: self.fragments,
+            error_median,
+            error_p90,
+            classes,
+            stages,
+        }
+    }
+}
+
+/// Median and 90th percentile.
+fn quantiles(values: &[f64]) -> (Option<f64>, Option<f64>) {
+    if values.is_empty() {
+        return (None, None);
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (Some(at(0.5)), Some(at(0.9)))
+}
