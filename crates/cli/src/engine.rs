@@ -512,10 +512,10 @@ impl Worker<'_> {
                     slots: self.cfg.slots,
                     free_memory: sample.free_memory,
                     load_per_cpu: others_load,
-                    lifespan_ms: self
-                        .cfg
-                        .lifespan_end
-                        .map(|(_, end)| (end - now_ms).max(0) as f64),
+                    // The life a fragment may use ends where the drain begins.
+                    lifespan_ms: self.cfg.lifespan_end.map(|(_, end)| {
+                        (end - now_ms - self.cfg.drain_margin.as_millis() as i64).max(0) as f64
+                    }),
                 },
             };
             let claimed = self.store.claim(&req);

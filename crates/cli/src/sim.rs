@@ -79,6 +79,14 @@ pub(crate) fn sim(args: SimArgs) -> Result<u8> {
         }
         if !args.json {
             print_report(&report, wall);
+            if let Some(budget) = scenario.budget {
+                let verdict = if report.cost <= budget {
+                    "within"
+                } else {
+                    "OVER"
+                };
+                println!("  budget {budget:.2}: {verdict} (cost {:.2})", report.cost);
+            }
         }
         reports.push((report, wall));
     }

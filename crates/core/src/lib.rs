@@ -19,6 +19,7 @@ pub use ledger::{
 };
 pub use placement::{fits, rank, Misfit, StageNeeds, WorkerOffer};
 pub use plan::{
-    assign, class_plan, critical_paths, fluid_finish, order, order_key, Candidate, Holt, StageWork,
+    assign, class_plan, critical_paths, fluid_finish, order, order_key, Candidate, ClassPlan, Holt,
+    StageWork,
 };
 pub use sizer::{ClaimContext, CostModel, Observation, Pid, SizeCap, Sizer, SizerConfig, Sizing};

@@ -165,32 +165,65 @@ pub fn fluid_finish(work: &[StageWork], slots: &[f64], upper_ms: f64) -> Option<
     Some(hi)
 }
 
-/// Which classes each stage's work should go to: the cheapest assignment that
-/// still finishes everything within `horizon_ms` (`plan[stage][class]`). A class
-/// whose cost on a stage is unknown is planned there (to learn it). Where nothing
-/// fits the horizon, every class that may run a stage is planned for it.
+/// The plan for the pool: which classes take which stage, and how many slots of
+/// each class the work needs (the rest may leave).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassPlan {
+    /// `planned[stage][class]`: whether the class takes the stage's work.
+    pub planned: Vec<Vec<bool>>,
+    /// Slots of each class the plan keeps busy until the horizon.
+    pub slots_wanted: Vec<f64>,
+}
+
+/// The cheapest assignment of the remaining work to classes that still finishes
+/// everything within `horizon_ms`. Where nothing fits the horizon, every class
+/// that may run a stage is planned for it, and every slot is wanted.
 pub fn class_plan(
     work: &[StageWork],
     slots: &[f64],
     cost_per_ms: &[f64],
     horizon_ms: f64,
-) -> Vec<Vec<bool>> {
+) -> ClassPlan {
     let capacity: Vec<f64> = slots.iter().map(|s| s * horizon_ms).collect();
-    let assigned = assign(work, &capacity, cost_per_ms);
-    work.iter()
-        .enumerate()
-        .map(|(s, w)| {
+    let Some(assigned) = assign(work, &capacity, cost_per_ms) else {
+        return ClassPlan {
+            planned: work
+                .iter()
+                .map(|w| {
+                    (0..slots.len())
+                        .map(|c| w.per_item_ms.get(c).copied().flatten().is_some())
+                        .collect()
+                })
+                .collect(),
+            slots_wanted: slots.to_vec(),
+        };
+    };
+    let planned = work
+        .iter()
+        .zip(&assigned)
+        .map(|(w, row)| {
             (0..slots.len())
-                .map(
-                    |c| match (w.per_item_ms.get(c).copied().flatten(), &assigned) {
-                        (None, _) => false,
-                        (Some(_), Some(a)) => a[s][c] > 0.5 || w.items <= 0.0,
-                        (Some(_), None) => true,
-                    },
-                )
+                .map(|c| {
+                    w.per_item_ms.get(c).copied().flatten().is_some()
+                        && (row[c] > 0.5 || w.items <= 0.0)
+                })
                 .collect()
         })
-        .collect()
+        .collect();
+    let slots_wanted = (0..slots.len())
+        .map(|c| {
+            let busy_ms: f64 = work
+                .iter()
+                .zip(&assigned)
+                .map(|(w, row)| row[c] * w.per_item_ms.get(c).copied().flatten().unwrap_or(0.0))
+                .sum();
+            busy_ms / horizon_ms.max(1e-9)
+        })
+        .collect();
+    ClassPlan {
+        planned,
+        slots_wanted,
+    }
 }
 
 /// Holt's linear exponential smoothing of a series sampled at a steady interval:
@@ -307,7 +340,7 @@ mod tests {
             if let Some(finish) = fluid_finish(&work, &slots, 1e12) {
                 let horizon = finish * stretch * 1.01;
                 let plan = class_plan(&work, &slots, &[1.0, 5.0], horizon);
-                prop_assert!(!(only && plan[0][1]));
+                prop_assert!(!(only && plan.planned[0][1]));
                 let capacity: Vec<f64> = slots.iter().map(|s| s * horizon).collect();
                 let a = assign(&work, &capacity, &[1.0, 5.0]);
                 prop_assert!(a.is_some());
@@ -368,7 +401,7 @@ mod tests {
                 per_item_ms: vec![Some(100.0), Some(100.0)],
             },
         ];
-        let (slots, price) = ([100.0, 10.0], [1.0, 60.0]);
+        let (slots, price) = ([100.0, 10.0], [1.0, 10.0]);
         let finish = fluid_finish(&work, &slots, 1e9).unwrap();
         // All 110 slots busy: (1000 * 100 + 100000 * 100) / 110 slots.
         assert!(
@@ -376,14 +409,19 @@ mod tests {
             "{finish}"
         );
         let plan = class_plan(&work, &slots, &price, finish * 1.05);
-        assert_eq!(plan[0], vec![false, true]);
+        assert_eq!(plan.planned[0], vec![false, true]);
         // The dear class must still help with stage 1 to make the horizon.
-        assert_eq!(plan[1], vec![true, true]);
-        // Given time, the cheap class does all of stage 1 alone.
-        let plan = class_plan(&work, &slots, &price, 1e6 * 100.0);
-        assert_eq!(plan[1], vec![true, false]);
-        // A horizon nothing fits: every class that may run a stage.
-        assert_eq!(class_plan(&work, &slots, &price, 1.0)[0], vec![true, true]);
+        assert_eq!(plan.planned[1], vec![true, true]);
+        // Given time, the cheap class does all of stage 1 alone, and the dear class
+        // needs only a few slots for stage 0.
+        let horizon = 1e6 * 100.0;
+        let plan = class_plan(&work, &slots, &price, horizon);
+        assert_eq!(plan.planned[1], vec![true, false]);
+        assert!((plan.slots_wanted[1] - 1_000.0 * 100.0 / horizon).abs() < 1e-6);
+        // A horizon nothing fits: every class that may run a stage, every slot.
+        let plan = class_plan(&work, &slots, &price, 1.0);
+        assert_eq!(plan.planned[0], vec![true, true]);
+        assert_eq!(plan.slots_wanted, slots.to_vec());
     }
 
     #[test]

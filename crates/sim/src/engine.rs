@@ -79,6 +79,8 @@ pub struct StageReport {
     pub done_ms: Option<f64>,
     /// Fragments run.
     pub fragments: u64,
+    /// Items done, as the stage's ledger counts them (each exactly once).
+    pub done: u64,
     /// Items done per class (in class order).
     pub items_by_class: Vec<u64>,
     /// Median absolute percentage error of fragment durations after the first 20.
@@ -211,6 +213,15 @@ struct Sim<'a> {
     offers: Vec<WorkerOffer>,
     /// The class plan: `plan[stage][class]`.
     plan: Vec<Vec<bool>>,
+    /// Slots of each class the plan wants busy (the others idle, then leave).
+    wanted: Vec<f64>,
+    /// Slots of each class running a fragment now.
+    busy: Vec<u32>,
+    /// Workers that left because the plan did not need them, by class: the plan
+    /// may call them back (a new worker starts `replace_after` later).
+    parked: Vec<Vec<(u32, Life)>>,
+    /// Slots of each class on their way (arrival scheduled).
+    arriving: Vec<f64>,
 }
 
 /// Runs `sc` under `policy`; every fragment goes to `trace` if given.
@@ -299,6 +310,10 @@ pub fn simulate<'a>(
             })
             .collect(),
         plan: vec![vec![true; sc.classes.len()]; sc.stages.len()],
+        wanted: vec![f64::INFINITY; sc.classes.len()],
+        busy: vec![0; sc.classes.len()],
+        parked: vec![Vec::new(); sc.classes.len()],
+        arriving: vec![0.0; sc.classes.len()],
     };
     for (c, class) in sc.classes.iter().enumerate() {
         for i in 0..class.count {
@@ -325,6 +340,11 @@ impl Sim<'_> {
         let Some(life) = self.lives[class][position as usize].next() else {
             return;
         };
+        self.start_life(class, position, life);
+    }
+
+    fn start_life(&mut self, class: usize, position: u32, life: Life) {
+        self.arriving[class] += f64::from(self.sc.classes[class].slots);
         let w = self.workers.len();
         self.workers.push(Worker {
             class,
@@ -370,6 +390,7 @@ impl Sim<'_> {
         }
         if self.policy == Policy::Granule {
             self.replan();
+            self.unpark();
         }
         // Shadow re-evaluation: plans change as deadlines near and capacity moves.
         self.wake_idle();
@@ -379,6 +400,7 @@ impl Sim<'_> {
     fn arrive(&mut self, w: usize) {
         let (class, life) = (self.workers[w].class, self.workers[w].life);
         self.workers[w].gone = false;
+        self.arriving[class] -= f64::from(self.sc.classes[class].slots);
         self.alive_slots[class] += f64::from(self.sc.classes[class].slots);
         self.classes[class].alive_slot_ms -= self.now * f64::from(self.sc.classes[class].slots);
         let spec = &self.sc.classes[class];
@@ -392,8 +414,7 @@ impl Sim<'_> {
             }
             Ending::Lifespan => {
                 // The worker drains a little before its end, as `--lifespan` does.
-                let margin = (0.1 * (life.end - life.start)).min(30_000.0);
-                self.at(life.end - margin, Event::Notice(w));
+                self.at(life.end - drain_margin(&life), Event::Notice(w));
                 self.at(life.end, Event::End(w));
             }
         }
@@ -426,6 +447,7 @@ impl Sim<'_> {
     fn close(&mut self, w: usize, r: &Running, done: u64, outcome: FinishOutcome) {
         let class = self.workers[w].class;
         let elapsed = self.now - r.start;
+        self.busy[class] -= 1;
         let st = &mut self.stages[r.stage];
         st.running -= 1;
         st.running_items -= r.span.len();
@@ -554,8 +576,38 @@ impl Sim<'_> {
             .stages
             .iter()
             .any(|st| st.done_ms.is_none() && fits(&st.needs, class).is_ok());
+        // Or one the plan does not want: its class has enough slots busy.
+        let spare = f64::from(self.busy[worker.class]) >= self.wanted[worker.class];
+        let useful = useful && !spare;
         if worker.slots.iter().all(Option::is_none) && !useful {
+            let (class, position, life) = (worker.class, worker.position, worker.life);
             self.leave(w);
+            self.parked[class].push((position, life));
+        }
+    }
+
+    /// Calls parked workers back while the plan wants more slots of their class
+    /// than are here or on their way.
+    fn unpark(&mut self) {
+        for c in 0..self.parked.len() {
+            while self.wanted[c] > self.alive_slots[c] + self.arriving[c] {
+                let Some((position, mut life)) = self.parked[c].pop() else {
+                    break;
+                };
+                let start = self.now + self.sc.classes[c].replace_after;
+                // The position's own history goes on: its current life if that has
+                // not ended by then, else its next one.
+                while life.end <= start {
+                    match self.lives[c][position as usize].next() {
+                        Some(next) => life = next,
+                        None => break,
+                    }
+                }
+                if life.end > start {
+                    life.start = life.start.max(start);
+                    self.start_life(c, position, life);
+                }
+            }
         }
     }
 
@@ -575,8 +627,13 @@ impl Sim<'_> {
             if self.workers[w].slots[slot].is_some() {
                 continue;
             }
+            let class = self.workers[w].class;
+            if f64::from(self.busy[class]) >= self.wanted[class] {
+                break; // the plan does not need more of this class now
+            }
             match self.claim(w) {
                 Some(r) => {
+                    self.busy[class] += 1;
                     let end = r.start + r.duration;
                     let id = r.id;
                     self.workers[w].slots[slot] = Some(r);
@@ -727,14 +784,16 @@ impl Sim<'_> {
         let slots: Vec<f64> = (0..classes)
             .map(|c| {
                 // Plan on the capacity expected a few ticks ahead, not on what is here now.
-                let ahead = self.forecast[c]
-                    .forecast(5.0)
-                    .unwrap_or(self.alive_slots[c]);
-                ahead.min(self.alive_slots[c].max(1.0) * 2.0)
+                // Parked workers count: the plan can call them back.
+                let parked = self.parked[c].len() as f64 * f64::from(self.sc.classes[c].slots);
+                let here = self.alive_slots[c] + self.arriving[c];
+                let ahead = self.forecast[c].forecast(5.0).unwrap_or(here);
+                ahead.min(here.max(1.0) * 2.0) + parked
             })
             .collect();
         let Some(soonest) = fluid_finish(&work, &slots, 1e12) else {
             self.plan = vec![vec![true; classes]; self.stages.len()];
+            self.wanted = vec![f64::INFINITY; classes];
             return;
         };
         let deadline = self
@@ -751,7 +810,27 @@ impl Sim<'_> {
             None => soonest * (1.0 + SLACK),
         };
         let prices: Vec<f64> = (0..classes).map(|c| self.price(c)).collect();
-        self.plan = class_plan(&work, &slots, &prices, horizon);
+        let plan = class_plan(&work, &slots, &prices, horizon);
+        self.plan = plan.planned;
+        // Until every class has run every ready stage it may run, keep everyone:
+        // the plan is only as good as what has been learned.
+        let learning = (0..self.stages.len()).any(|s| {
+            self.ready(s)
+                && (0..classes).any(|c| {
+                    fits(&self.stages[s].needs, &self.offers[c]).is_ok()
+                        && self.learned(s, c).is_none()
+                })
+        });
+        if learning {
+            self.wanted = vec![f64::INFINITY; classes];
+            return;
+        }
+        // A margin over what the fluid plan needs: fragments are not fluid.
+        self.wanted = plan
+            .slots_wanted
+            .iter()
+            .map(|w| (w * 1.1 + 1.0).ceil())
+            .collect();
     }
 
     /// Whether the plan lets class `c` take stage `s`: planned for it, its cost
@@ -776,8 +855,10 @@ impl Sim<'_> {
 
     fn claim(&mut self, w: usize) -> Option<Running> {
         let class = self.workers[w].class;
-        let life_left = match self.workers[w].life.ending {
-            Ending::Lifespan => Some((self.workers[w].life.end - self.now).max(0.0)),
+        // The life a fragment may use ends where the drain begins.
+        let life = self.workers[w].life;
+        let life_left = match life.ending {
+            Ending::Lifespan => Some((life.end - drain_margin(&life) - self.now).max(0.0)),
             _ => None,
         };
         let active: u32 = self.alive_slots.iter().sum::<f64>().max(1.0) as u32;
@@ -843,11 +924,14 @@ impl Sim<'_> {
             .zip(&self.sc.stages)
             .map(|(st, spec)| {
                 all_errors.extend_from_slice(&st.errors);
+                // The same exactly-once accounting as the store's: checked, not assumed.
+                st.ledger.assert_consistent();
                 let (error_median, error_p90) = quantiles(&st.errors);
                 StageReport {
                     name: spec.name.clone(),
                     done_ms: st.done_ms,
                     fragments: st.fragments,
+                    done: st.ledger.done.len(),
                     items_by_class: st.items_by_class.clone(),
                     error_median,
                     error_p90,
@@ -880,6 +964,11 @@ impl Sim<'_> {
             stages,
         }
     }
+}
+
+/// How long before the end of a fixed lifespan a worker drains, as `--lifespan` does.
+fn drain_margin(life: &Life) -> f64 {
+    (0.1 * (life.end - life.start)).min(30_000.0)
 }
 
 /// Median and 90th percentile.

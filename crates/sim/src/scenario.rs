@@ -18,6 +18,9 @@ pub struct Scenario {
     /// How long a worker with nothing to do stays (and is paid for), default 2 min.
     #[serde(default = "default_idle_exit", deserialize_with = "millis")]
     pub idle_exit: f64,
+    /// What the run may cost at most (reported against, not enforced).
+    #[serde(default)]
+    pub budget: Option<f64>,
     /// Stop the simulation at this virtual time, default 30 days.
     #[serde(default = "default_horizon", deserialize_with = "millis")]
     pub horizon: f64,
