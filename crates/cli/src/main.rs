@@ -600,7 +600,7 @@ fn explain(
         "stage {} of job {} ({}): per fragment {} cpus, {} MiB, {} gpus, resources {:?}; {class}; priority {}",
         stage.name, job.name, stage.state, n.cpus, n.memory_mb, n.gpus, n.resources, n.priority
     );
-    println!("  {} pending, {} running; stages of equal fit go by priority, then preferred class, then fewest running", stage.pending, stage.running_fragments);
+    println!("  {} pending, {} running; stages that fit go by priority, then the owner with fewer fragments running, then the class's relative speed on each stage (learned), then the preferred class, then the longest path of work left in the DAG, then fewest running", stage.pending, stage.running_fragments);
     if workers.is_empty() {
         println!("  no workers seen in the last minute");
     }
@@ -620,7 +620,7 @@ fn explain(
         };
         let verdict = match granule_core::fits(n, &offer) {
             Ok(()) => {
-                let (priority, elsewhere, _, _) = granule_core::rank(n, &offer, 0, 0);
+                let elsewhere = n.class.as_ref().is_some_and(|c| *c != offer.class);
                 let preference = if elsewhere {
                     ", not its preferred class"
                 } else {
@@ -628,7 +628,7 @@ fn explain(
                 };
                 format!(
                     "fits (priority {}{preference}); {}/{} slots busy",
-                    -priority, w.busy, w.slots
+                    n.priority, w.busy, w.slots
                 )
             }
             Err(misfit) => format!("does not fit: {misfit}"),

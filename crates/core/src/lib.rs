@@ -17,7 +17,7 @@ pub use intervals::{IntervalSet, Span};
 pub use ledger::{
     Claim, FinishOutcome, FinishReport, Pending, PendingRange, RunningFragment, StageLedger,
 };
-pub use placement::{fits, rank, Misfit, StageNeeds, WorkerOffer};
+pub use placement::{fits, Misfit, StageNeeds, WorkerOffer};
 pub use plan::{
     assign, class_plan, critical_paths, fluid_finish, order, order_key, Candidate, ClassPlan, Holt,
     StageWork,

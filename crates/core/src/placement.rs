@@ -3,9 +3,8 @@
 //! A stage declares what one slot of it needs (CPUs, memory, GPUs, custom
 //! resources), an executor class (required or preferred) and a priority. A worker
 //! offers its class and what is free now (its resources less what its running
-//! fragments hold). `fits` is the hard rule (never violated); `rank` orders the
-//! stages that fit: priority first, then the preferred class, then the stage with
-//! the fewest running fragments (fair share).
+//! fragments hold). `fits` is the hard rule (never violated); `plan::order` sorts
+//! the stages that fit.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -119,17 +118,6 @@ impl WorkerOffer {
     }
 }
 
-/// Sort key of a fitting stage: smaller goes first.
-pub fn rank(
-    needs: &StageNeeds,
-    offer: &WorkerOffer,
-    running: i64,
-    index: usize,
-) -> (i64, bool, i64, usize) {
-    let preferred_elsewhere = needs.class.as_ref().is_some_and(|c| c != &offer.class);
-    (-needs.priority, preferred_elsewhere, running, index)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,13 +180,6 @@ mod tests {
             }
         }
 
-        /// Among fitting stages, a higher priority always comes first.
-        #[test]
-        fn priority_orders_first(a in needs(), b in needs(), o in offer(), ra in 0i64..10, rb in 0i64..10) {
-            if a.priority > b.priority {
-                prop_assert!(rank(&a, &o, ra, 1) < rank(&b, &o, rb, 0));
-            }
-        }
     }
 
     proptest! {
@@ -218,7 +199,7 @@ mod tests {
     }
 
     #[test]
-    fn the_preferred_class_wins_a_tie_and_the_least_served_stage_the_rest() {
+    fn a_required_class_elsewhere_does_not_fit() {
         let o = WorkerOffer {
             class: "gpu".into(),
             slots: 1,
@@ -227,17 +208,11 @@ mod tests {
             gpus: 1,
             resources: BTreeMap::new(),
         };
-        let on_gpu = StageNeeds {
-            class: Some("gpu".into()),
-            ..StageNeeds::default()
-        };
-        let anywhere = StageNeeds::default();
         let on_cpu = StageNeeds {
             class: Some("cpu".into()),
             ..StageNeeds::default()
         };
-        assert!(rank(&on_gpu, &o, 5, 2) < rank(&on_cpu, &o, 0, 0));
-        assert!(rank(&anywhere, &o, 0, 1) < rank(&anywhere, &o, 1, 0));
+        assert_eq!(fits(&on_cpu, &o), Ok(()), "preferred only");
         let required = StageNeeds {
             class_required: true,
             ..on_cpu

@@ -2,7 +2,10 @@
 //! choice of where to split a running fragment.
 
 use crate::{Result, StoreError};
-use granule_core::{CostModel, IntervalSet, SizerConfig, Span};
+use granule_core::{
+    critical_paths, order, Candidate, CostModel, IntervalSet, Sizer, SizerConfig, Span, StageNeeds,
+    WorkerOffer,
+};
 
 /// A value as a JSON column.
 pub(crate) fn json<T: serde::Serialize>(value: &T) -> String {
@@ -75,6 +78,78 @@ pub(crate) fn split_point(
         .map_or(span.start, |s| s.end.max(span.start));
     let at = tail_start + (span.end - tail_start) / 2;
     (remaining_ms >= min_ms.max(4.0 * model.a_ms) && at > tail_start).then_some((remaining_ms, at))
+}
+
+/// One stage of a job as the claim path sees it, for placement.
+pub(crate) struct StageView {
+    /// Position in the job.
+    pub(crate) idx: usize,
+    /// Its needs, class, priority and owner.
+    pub(crate) needs: StageNeeds,
+    /// The stages it waits for.
+    pub(crate) after: Vec<usize>,
+    /// Whether a worker of the asking offer could take from it now.
+    pub(crate) ready: bool,
+    /// Fragments running.
+    pub(crate) running: u64,
+    /// Items not yet done.
+    pub(crate) left: u64,
+    /// Per-item cost learned on each class (classes with a ready model only).
+    pub(crate) learned: Vec<(String, f64)>,
+}
+
+/// A stored sizer state's learned per-item cost, if its model is ready.
+pub(crate) fn learned_cost(state: &str) -> Result<Option<f64>> {
+    let sizer: Sizer = parse(state, "sizer state")?;
+    Ok(sizer.model.ready().then_some(sizer.model.b_ms))
+}
+
+/// The ready stages (by `idx`) in the order a worker offering `offer` should try
+/// them: the core's `order` over what the store knows (priority, owner fairness
+/// within the job, comparative advantage from the per-class cost models, the
+/// preferred class, the critical path, the least-served stage).
+pub(crate) fn placement_order(views: &[StageView], offer: &WorkerOffer) -> Vec<usize> {
+    let best: Vec<Option<f64>> = views
+        .iter()
+        .map(|v| v.learned.iter().map(|(_, b)| *b).min_by(f64::total_cmp))
+        .collect();
+    let work: Vec<f64> = views
+        .iter()
+        .zip(&best)
+        .map(|(v, b)| v.left as f64 * b.unwrap_or(1.0))
+        .collect();
+    let after: Vec<Vec<usize>> = views.iter().map(|v| v.after.clone()).collect();
+    let critical = critical_paths(&after, &work);
+    let mut candidates: Vec<Candidate<'_>> = views
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.ready)
+        .map(|(i, v)| {
+            let here = v
+                .learned
+                .iter()
+                .find(|(c, _)| *c == offer.class)
+                .map(|(_, b)| *b);
+            Candidate {
+                needs: &v.needs,
+                index: v.idx,
+                running: v.running,
+                owner_running: views
+                    .iter()
+                    .filter(|o| o.needs.owner == v.needs.owner)
+                    .map(|o| o.running)
+                    .sum(),
+                critical_ms: critical[i],
+                slowdown: match (here, best[i]) {
+                    (Some(h), Some(b)) if b > 0.0 => h / b,
+                    _ => 1.0,
+                },
+                planned: true,
+            }
+        })
+        .collect();
+    order(&mut candidates, offer);
+    candidates.iter().map(|c| c.index).collect()
 }
 
 /// Skipped when judging the predictor: the first fragments of a stage are its slow start.

@@ -13,11 +13,12 @@
 //! the worker buffers acks meanwhile.
 
 use crate::common::{
-    decode_sizer_config, json, parse, prediction_error, sizer_config_json, split_point,
+    decode_sizer_config, json, learned_cost, parse, placement_order, prediction_error,
+    sizer_config_json, split_point, StageView,
 };
 use crate::*;
 use granule_core::{
-    fits, rank, FinishOutcome, FragmentId, IntervalSet, JobId, Observation, PendingRange,
+    fits, FinishOutcome, FragmentId, IntervalSet, JobId, Observation, PendingRange,
     RunningFragment, SizeCap, Sizer, SizerConfig, Span, StageId, StageLedger, StageNeeds,
 };
 use postgres::fallible_iterator::FallibleIterator;
@@ -1103,33 +1104,51 @@ fn claim_once(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(Option<Assignm
     keyed.sort_by_key(|(top, job, _)| (*top, *job));
     for (_, job, stages) in keyed {
         let finished: Vec<bool> = stages.iter().map(|s| s.state == "done").collect();
-        let mut ready: Vec<(i64, &StageRow)> = stages
-            .iter()
-            .filter(|s| {
-                // Placement: never a stage whose slots need more than this worker has.
-                !finished[s.idx]
-                    && s.after
-                        .iter()
-                        .all(|&a| finished.get(a).copied().unwrap_or(true))
-                    && fits(&s.needs, &req.offer).is_ok()
-            })
-            .map(|s| (0, s))
-            .collect();
+        // Placement: never a stage whose slots need more than this worker has.
+        let is_ready = |s: &StageRow| {
+            !finished[s.idx]
+                && s.after
+                    .iter()
+                    .all(|&a| finished.get(a).copied().unwrap_or(true))
+                && fits(&s.needs, &req.offer).is_ok()
+        };
+        let mut ready: Vec<&StageRow> = stages.iter().filter(|s| is_ready(s)).collect();
         if ready.len() > 1 {
-            // Priority, then the preferred class, then the least-served stage.
-            for (running, stage) in ready.iter_mut() {
-                *running = tx
-                    .query_one(
-                        "SELECT count(*) FROM fragments WHERE stage_id = $1 AND state = 'running'",
-                        &[&stage.id],
-                    )?
-                    .get(0);
+            let mut views = Vec::with_capacity(stages.len());
+            for stage in &stages {
+                let r = tx.query_one(
+                    "SELECT (SELECT count(*) FROM fragments WHERE stage_id = $1 AND state = 'running'),
+                            (SELECT coalesce(sum(end_idx - start_idx), 0)::BIGINT FROM pending WHERE stage_id = $1)
+                          + (SELECT coalesce(sum(end_idx - start_idx - done_count), 0)::BIGINT
+                               FROM fragments WHERE stage_id = $1 AND state = 'running')",
+                    &[&stage.id],
+                )?;
+                let (running, left): (i64, i64) = (r.get(0), r.get(1));
+                let mut learned = Vec::new();
+                for row in tx.query(
+                    "SELECT class, state FROM sizers WHERE stage_id = $1",
+                    &[&stage.id],
+                )? {
+                    if let Some(b) = learned_cost(row.get(1))? {
+                        learned.push((row.get::<_, String>(0), b));
+                    }
+                }
+                views.push(StageView {
+                    idx: stage.idx,
+                    needs: stage.needs.clone(),
+                    after: stage.after.clone(),
+                    ready: is_ready(stage),
+                    running: running as u64,
+                    left: left.max(0) as u64,
+                    learned,
+                });
             }
-            ready.sort_by_key(|(running, stage)| {
-                rank(&stage.needs, &req.offer, *running, stage.idx)
-            });
+            ready = placement_order(&views, &req.offer)
+                .into_iter()
+                .map(|idx| &stages[idx])
+                .collect();
         }
-        for (_, stage) in ready {
+        for stage in ready {
             let row = tx.query_opt(
                 "SELECT id, start_idx, end_idx, failures, checkpoint_id FROM pending WHERE stage_id = $1
                  ORDER BY start_idx LIMIT 1 FOR UPDATE SKIP LOCKED",

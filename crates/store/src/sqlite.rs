@@ -5,14 +5,15 @@
 //! holds it for a few row reads and writes only.
 
 use crate::common::{
-    decode_sizer_config, json, parse, prediction_error, sizer_config_json, split_point,
+    decode_sizer_config, json, learned_cost, parse, placement_order, prediction_error,
+    sizer_config_json, split_point, StageView,
 };
 use crate::schema::MIGRATIONS;
 use crate::*;
 use crate::{Heartbeat, SplitAnswer};
 use granule_core::{
-    fits, rank, FinishOutcome, FragmentId, JobId, Observation, Pending, RunningFragment, SizeCap,
-    Sizer, SizerConfig, Span, StageId, StageLedger, StageNeeds,
+    fits, FinishOutcome, FragmentId, JobId, Observation, Pending, RunningFragment, SizeCap, Sizer,
+    SizerConfig, Span, StageId, StageLedger, StageNeeds,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use std::collections::hash_map::Entry;
@@ -945,26 +946,54 @@ fn claim_in_job(
 ) -> Result<Option<Assignment>> {
     let stages = stages_of(tx, job)?;
     let finished: Vec<bool> = stages.iter().map(|s| s.state == "done").collect();
-    let mut ready: Vec<(i64, &StageRow)> = Vec::new();
-    for stage in &stages {
-        let after_done = stage
-            .after
-            .iter()
-            .all(|&a| finished.get(a).copied().unwrap_or(true));
-        // Placement: never a stage whose slots need more than this worker has.
-        if finished[stage.idx] || !after_done || fits(&stage.needs, &req.offer).is_err() {
-            continue;
+    // Placement: never a stage whose slots need more than this worker has.
+    let is_ready = |stage: &StageRow| {
+        !finished[stage.idx]
+            && stage
+                .after
+                .iter()
+                .all(|&a| finished.get(a).copied().unwrap_or(true))
+            && fits(&stage.needs, &req.offer).is_ok()
+    };
+    let mut ready: Vec<&StageRow> = stages.iter().filter(|s| is_ready(s)).collect();
+    if ready.len() > 1 {
+        let mut views = Vec::with_capacity(stages.len());
+        for stage in &stages {
+            let (running, left): (i64, i64) = tx
+                .prepare_cached(
+                    "SELECT (SELECT count(*) FROM fragments WHERE stage_id = ?1 AND state = 'running'),
+                            items - done_count FROM stages WHERE id = ?1",
+                )?
+                .query_row([stage.id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let mut learned = Vec::new();
+            let mut stmt =
+                tx.prepare_cached("SELECT class, state FROM sizers WHERE stage_id = ?1")?;
+            let rows = stmt
+                .query_map([stage.id], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            for (class, state) in rows {
+                if let Some(b) = learned_cost(&state)? {
+                    learned.push((class, b));
+                }
+            }
+            views.push(StageView {
+                idx: stage.idx,
+                needs: stage.needs.clone(),
+                after: stage.after.clone(),
+                ready: is_ready(stage),
+                running: running as u64,
+                left: left.max(0) as u64,
+                learned,
+            });
         }
-        let running: i64 = tx
-            .prepare_cached(
-                "SELECT count(*) FROM fragments WHERE stage_id = ?1 AND state = 'running'",
-            )?
-            .query_row([stage.id], |r| r.get(0))?;
-        ready.push((running, stage));
+        ready = placement_order(&views, &req.offer)
+            .into_iter()
+            .map(|idx| &stages[idx])
+            .collect();
     }
-    // Priority, then the preferred class, then the least-served stage.
-    ready.sort_by_key(|(running, stage)| rank(&stage.needs, &req.offer, *running, stage.idx));
-    for (_, stage) in ready {
+    for stage in ready {
         let mut ledger = load_ledger(tx, stage.id)?;
         if ledger.pending.is_empty() {
             continue;

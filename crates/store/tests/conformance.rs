@@ -2,7 +2,7 @@
 //! PostgreSQL in a fresh database (`GRANULE_TEST_POSTGRES`).
 
 use granule_core::{
-    ClaimContext, FinishOutcome, FragmentId, IntervalSet, JobId, SizerConfig, Span,
+    ClaimContext, FinishOutcome, FragmentId, IntervalSet, JobId, SizerConfig, Span, WorkerOffer,
 };
 use granule_store::testing::TestDatabase;
 use granule_store::*;
@@ -422,5 +422,78 @@ fn heartbeats_renew_only_held_fragments_and_a_fully_acked_release_settles_the_jo
         assert_eq!(s.release(30_000, &[]).unwrap(), 1, "{}", b.name);
         assert_eq!(stage(s.as_mut(), "j").done, 20, "{}", b.name);
         assert_eq!(s.job("j").unwrap().unwrap().state, "done", "{}", b.name);
+    }
+}
+
+#[test]
+fn each_class_is_sent_where_it_is_relatively_fastest() {
+    for b in backends("advantage") {
+        let mut s = (b.open)();
+        let mut two = job("j", 100_000, "h");
+        let mut second = two.stages[0].clone();
+        second.name = "t".into();
+        two.stages.push(second);
+        let id = s.submit(&two, 0, false).unwrap().id();
+        // Per-item cost, ms: stage 0 is ten times slower on class "slow"; stage 1
+        // costs the same on both.
+        let cost = |stage: usize, class: &str| {
+            if stage == 0 && class == "slow" {
+                10.0
+            } else {
+                1.0
+            }
+        };
+        let req = |class: &str, n: u64| ClaimRequest {
+            job: Some(id),
+            worker: class.into(),
+            class: class.into(),
+            now_ms: 0,
+            lease_ms: 10_000,
+            slots: 1,
+            max_items: Some(n),
+            offer: WorkerOffer {
+                class: class.into(),
+                ..WorkerOffer::default()
+            },
+            context: ClaimContext {
+                remaining: 0,
+                slots: 1,
+                free_memory: 1.0,
+                load_per_cpu: 0.0,
+                lifespan_ms: None,
+            },
+        };
+        for class in ["fast", "slow"] {
+            worker(s.as_mut(), class);
+            // Before a class's costs are learned (two fragments), its claims
+            // alternate between the stages (the least-served first): it learns both.
+            for n in [10u64, 40] {
+                let first = s.claim(&req(class, n)).unwrap().unwrap();
+                let second = s.claim(&req(class, n)).unwrap().unwrap();
+                assert_ne!(first.stage_index, second.stage_index, "{}", b.name);
+                for a in [first, second] {
+                    let end = FragmentEnd {
+                        observed_ms: 10.0 + n as f64 * cost(a.stage_index, class),
+                        fed: n,
+                        ..end(a.fragment, FinishOutcome::Success, a.span.end)
+                    };
+                    s.finish(class, 1, &end).unwrap();
+                }
+            }
+        }
+        for _ in 0..3 {
+            let a = s.claim(&req("slow", 10)).unwrap().unwrap();
+            assert_eq!(
+                a.stage_index, 1,
+                "{}: the slow class takes the stage it is not slow at",
+                b.name
+            );
+            s.finish(
+                "slow",
+                2,
+                &end(a.fragment, FinishOutcome::Success, a.span.end),
+            )
+            .unwrap();
+        }
     }
 }
