@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Benchmark task with a slow band: each item costs BASE_US microseconds of busy
-spinning, FACTOR times that for items in [SLOW_FROM, SLOW_TO). Acks on fd 3;
+spinning, FACTOR times that for items in [SLOW_FROM, SLOW_TO), and CLASS_FACTOR
+times that on a worker whose class (GRANULE_CLASS) is SLOW_CLASS. Acks on fd 3;
 records items under OUT_DIR like spin.py. `slow.py --total N` prints the total
-work of items 0..N in seconds."""
+work of items 0..N in seconds (on a normal worker)."""
 import os, sys, time
 
 base = float(os.environ.get("BASE_US", "200")) / 1e6
 factor = float(os.environ.get("FACTOR", "20"))
 lo, hi = int(os.environ.get("SLOW_FROM", "0")), int(os.environ.get("SLOW_TO", "0"))
+if os.environ.get("GRANULE_CLASS") and os.environ.get("GRANULE_CLASS") == os.environ.get("SLOW_CLASS"):
+    base *= float(os.environ.get("CLASS_FACTOR", "3"))
 
 
 def cost(i):

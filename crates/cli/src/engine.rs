@@ -587,6 +587,7 @@ impl Worker<'_> {
             ("GRANULE_FIRST".to_string(), a.span.start.to_string()),
             ("GRANULE_COUNT".to_string(), a.span.len().to_string()),
             ("GRANULE_ATTEMPT".to_string(), (a.failures + 1).to_string()),
+            ("GRANULE_CLASS".to_string(), self.cfg.class.clone()),
         ];
         let now = Instant::now();
         let now_ms = host::now_ms();

@@ -332,7 +332,16 @@ fn new_job(spec: &JobSpec) -> NewJob {
                 after: s.after.iter().map(index).collect(),
                 retries: s.retries,
                 sizer: s.sizer.clone(),
-                needs: s.needs.clone(),
+                needs: {
+                    // Before any history, a stage without a declared class prefers
+                    // the one its name and command suggest.
+                    let mut needs = s.needs.clone();
+                    if needs.class.is_none() {
+                        needs.guess =
+                            granule_core::guess_class(&s.name, &s.command).map(Into::into);
+                    }
+                    needs
+                },
             })
             .collect(),
     }
@@ -542,6 +551,17 @@ fn status(args: StatusArgs) -> Result<u8> {
             if let (Some(median), Some(p90)) = (s.prediction_error_median, s.prediction_error_p90) {
                 println!("  {:<16} predicted fragment durations off by {median:.1}% (median), {p90:.1}% (p90)", "");
             }
+            if let (Some(profile), Some(source)) = (&s.profile, &s.profile_source) {
+                println!("  {:<16} profile: {profile} ({source})", "");
+            }
+            if s.classes.len() > 1 {
+                for c in &s.classes {
+                    println!(
+                        "  {:<16} on {}: {} items in {} fragments (~{:.0} items each), {:.1} ± {:.1} µs/item",
+                        "", c.class, c.items, c.fragments, c.fragment_size, c.item_cost_us, c.item_cost_spread_us
+                    );
+                }
+            }
             if !s.quarantined_items.is_empty() {
                 let items: Vec<String> = s
                     .quarantined_items
@@ -601,6 +621,26 @@ fn explain(
         stage.name, job.name, stage.state, n.cpus, n.memory_mb, n.gpus, n.resources, n.priority
     );
     println!("  {} pending, {} running; stages that fit go by priority, then the owner with fewer fragments running, then the class's relative speed on each stage (learned), then the preferred class, then the longest path of work left in the DAG, then fewest running", stage.pending, stage.running_fragments);
+    if let (Some(profile), Some(source)) = (&stage.profile, &stage.profile_source) {
+        println!("  profile: {profile} ({source}: history is CPU time / wall time and peak memory; before any, the declared class or a guess from the name and command)");
+    }
+    let best = stage
+        .classes
+        .iter()
+        .filter(|c| c.item_cost_us > 0.0)
+        .map(|c| c.item_cost_us)
+        .fold(f64::INFINITY, f64::min);
+    for c in &stage.classes {
+        let relative = if c.item_cost_us > 0.0 && best.is_finite() {
+            format!(", {:.2}x the best class", c.item_cost_us / best)
+        } else {
+            ", not learned yet".into()
+        };
+        println!(
+            "  on class {}: {:.1} µs/item{relative}; {} items done in {} fragments",
+            c.class, c.item_cost_us, c.items, c.fragments
+        );
+    }
     if workers.is_empty() {
         println!("  no workers seen in the last minute");
     }

@@ -458,3 +458,63 @@ fn stages_run_only_where_their_class_and_resources_fit() {
         assert_eq!(stage(&status, 0)["done"], 5);
     }
 }
+
+/// Spins 2 ms per item, three times that on a worker of class `slow`; acks each.
+const CLASSED_TASK: &str = r#"
+import os, sys, time
+cost = 0.002 * (3 if os.environ.get("GRANULE_CLASS") == "slow" else 1)
+ack = os.fdopen(3, "w", buffering=1)
+for line in sys.stdin:
+    end = time.perf_counter() + cost
+    while time.perf_counter() < end:
+        pass
+    ack.write(line)
+"#;
+
+#[test]
+fn two_classes_share_a_stage_each_sized_by_what_it_learned() {
+    let spec = "name = \"shard\"\n[[stage]]\nname = \"work\"\ncommand = [\"python3\", \"task.py\"]\nitems = { range = [0, 3000] }\ntarget = \"500ms\"\n";
+    let job = Job::new(spec);
+    std::fs::write(job.path("task.py"), CLASSED_TASK).unwrap();
+    assert!(job
+        .cmd(&["submit", "job.toml"])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let fast = spawn_worker(&job, &["--class", "fast", "--slots", "1"], &[]);
+    let slow = spawn_worker(&job, &["--class", "slow", "--slots", "1"], &[]);
+    for mut w in [fast, slow] {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while w.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "worker did not exit: {}",
+                job.status()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let status = job.status();
+    assert_eq!(status["jobs"][0]["state"], "done", "{status}");
+    assert_eq!(stage(&status, 0)["done"], 3000);
+    let classes = stage(&status, 0)["classes"].as_array().unwrap().clone();
+    let find = |name: &str| classes.iter().find(|c| c["class"] == name).unwrap().clone();
+    let (f, s) = (find("fast"), find("slow"));
+    // Both classes took part in the stage (it was sharded across them)...
+    assert!(
+        f["items"].as_u64().unwrap() > 0 && s["items"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    // ... each learned its own per-item cost (about 3x apart) ...
+    let ratio = s["item_cost_us"].as_f64().unwrap() / f["item_cost_us"].as_f64().unwrap();
+    assert!((2.0..4.5).contains(&ratio), "cost ratio {ratio}: {status}");
+    // ... and sized its fragments by it: the slow class takes fewer items each.
+    let per_fragment =
+        |c: &serde_json::Value| c["items"].as_f64().unwrap() / c["fragments"].as_f64().unwrap();
+    assert!(per_fragment(&s) < per_fragment(&f), "{status}");
+    assert!(
+        f["items"].as_u64().unwrap() > s["items"].as_u64().unwrap(),
+        "{status}"
+    );
+}

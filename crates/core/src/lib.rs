@@ -10,6 +10,7 @@ mod intervals;
 mod ledger;
 mod placement;
 mod plan;
+mod profile;
 mod sizer;
 
 pub use ids::{FragmentId, JobId, StageId};
@@ -22,4 +23,5 @@ pub use plan::{
     assign, class_plan, critical_paths, fluid_finish, order, order_key, Candidate, ClassPlan, Holt,
     StageWork,
 };
+pub use profile::{guess_class, profile};
 pub use sizer::{ClaimContext, CostModel, Observation, Pid, SizeCap, Sizer, SizerConfig, Sizing};

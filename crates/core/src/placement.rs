@@ -29,6 +29,17 @@ pub struct StageNeeds {
     pub priority: i64,
     /// Who the work is for (for fairness between owners).
     pub owner: Option<String>,
+    /// The class its name and command suggest when none is declared (a soft
+    /// preference until history says more).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guess: Option<String>,
+}
+
+impl StageNeeds {
+    /// The class the stage prefers: the declared one, else the guessed one.
+    pub fn preferred_class(&self) -> Option<&str> {
+        self.class.as_deref().or(self.guess.as_deref())
+    }
 }
 
 /// What a worker offers a free slot: its class and its resources free now.
@@ -161,6 +172,7 @@ mod tests {
                 class_required: required,
                 priority,
                 owner: None,
+                guess: None,
             })
     }
 

@@ -37,7 +37,7 @@ pub struct Candidate<'a> {
 /// Sort key of a candidate: smaller goes first. Slowdowns within 10% of each
 /// other count as equal, so noise in the estimates does not reorder stages.
 pub fn order_key(c: &Candidate<'_>, offer: &WorkerOffer) -> impl Ord {
-    let preferred_elsewhere = c.needs.class.as_ref().is_some_and(|x| x != &offer.class);
+    let preferred_elsewhere = c.needs.preferred_class().is_some_and(|x| x != offer.class);
     let slowdown = (c.slowdown.max(1.0).ln() / 1.1f64.ln()).floor() as i64;
     (
         !c.planned,

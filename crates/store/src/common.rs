@@ -1,10 +1,10 @@
-//! Pieces both backends share: JSON columns, the stored sizer config, and the
-//! choice of where to split a running fragment.
+//! Pieces both backends share: JSON columns, the stored sizer config, the choice
+//! of where to split a running fragment, placement order and status figures.
 
-use crate::{Result, StoreError};
+use crate::{ClassStatus, Result, StoreError};
 use granule_core::{
-    critical_paths, order, Candidate, CostModel, IntervalSet, Sizer, SizerConfig, Span, StageNeeds,
-    WorkerOffer,
+    critical_paths, order, profile, Candidate, CostModel, IntervalSet, Sizer, SizerConfig, Span,
+    StageNeeds, WorkerOffer,
 };
 
 /// A value as a JSON column.
@@ -150,6 +150,71 @@ pub(crate) fn placement_order(views: &[StageView], offer: &WorkerOffer) -> Vec<u
         .collect();
     order(&mut candidates, offer);
     candidates.iter().map(|c| c.index).collect()
+}
+
+/// A finished fragment, as the status figures need it.
+pub(crate) struct DoneRow {
+    pub(crate) class: String,
+    pub(crate) n: u64,
+    pub(crate) predicted_ms: f64,
+    pub(crate) observed_ms: f64,
+    pub(crate) cpu_ms: f64,
+    pub(crate) peak_rss_kb: u64,
+}
+
+/// Per-class figures of a stage from its finished fragments (in finish order) and
+/// its sizer states.
+pub(crate) fn class_statuses(rows: &[DoneRow], sizers: &[(String, Sizer)]) -> Vec<ClassStatus> {
+    let mut classes: Vec<&str> = sizers.iter().map(|(c, _)| c.as_str()).collect();
+    classes.extend(rows.iter().map(|r| r.class.as_str()));
+    classes.sort_unstable();
+    classes.dedup();
+    classes
+        .into_iter()
+        .map(|class| {
+            let mine: Vec<&DoneRow> = rows.iter().filter(|r| r.class == class).collect();
+            let model = sizers
+                .iter()
+                .find(|(c, _)| c == class)
+                .map(|(_, s)| s.model.clone())
+                .unwrap_or_default();
+            let pairs: Vec<(f64, f64)> = mine
+                .iter()
+                .map(|r| (r.predicted_ms, r.observed_ms))
+                .collect();
+            let (median, p90) = prediction_error(&pairs);
+            let recent = &mine[mine.len().saturating_sub(10)..];
+            ClassStatus {
+                class: class.to_string(),
+                fragments: mine.len() as u64,
+                items: mine.iter().map(|r| r.n).sum(),
+                item_cost_us: model.b_ms * 1e3,
+                item_cost_spread_us: model.b_var.max(0.0).sqrt() * 1e3,
+                overhead_ms: model.a_ms,
+                fragment_size: recent.iter().map(|r| r.n as f64).sum::<f64>()
+                    / recent.len().max(1) as f64,
+                prediction_error_median: median,
+                prediction_error_p90: p90,
+            }
+        })
+        .collect()
+}
+
+/// What bounds a stage, and where that judgement comes from: its history, else
+/// its declared class, else the class its name and command suggest.
+pub(crate) fn stage_profile(
+    rows: &[DoneRow],
+    needs: &StageNeeds,
+) -> (Option<String>, Option<String>) {
+    let cpu: f64 = rows.iter().map(|r| r.cpu_ms).sum();
+    let wall: f64 = rows.iter().map(|r| r.observed_ms).sum();
+    let rss = rows.iter().map(|r| r.peak_rss_kb).max().unwrap_or(0);
+    let known =
+        |p: Option<&str>, source: &str| p.map(|p| (Some(p.to_string()), Some(source.to_string())));
+    known(profile(cpu, wall, rss), "history")
+        .or_else(|| known(needs.class.as_deref(), "declared"))
+        .or_else(|| known(needs.guess.as_deref(), "guess"))
+        .unwrap_or((None, None))
 }
 
 /// Skipped when judging the predictor: the first fragments of a stage are its slow start.

@@ -381,6 +381,36 @@ pub struct StageStatus {
     /// Work run and then lost by yields and failures (fed, never acked), seconds.
     /// Lost fragments are counted in `lost`: how much they ran is not known.
     pub wasted_s: f64,
+    /// What bounds the stage by its history (`cpu`, `memory`, `io`, `mixed`); before
+    /// any, the class its name and command suggest, if any.
+    pub profile: Option<String>,
+    /// Whether `profile` comes from `history`, the `declared` class or a `guess`.
+    pub profile_source: Option<String>,
+    /// What was learned on each executor class that ran the stage.
+    pub classes: Vec<ClassStatus>,
+}
+
+/// A stage on one executor class: what has been learned there.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ClassStatus {
+    /// The class.
+    pub class: String,
+    /// Fragments it finished.
+    pub fragments: u64,
+    /// Items those fragments did.
+    pub items: u64,
+    /// Per-item cost learned there, µs.
+    pub item_cost_us: f64,
+    /// Spread (standard deviation) of the per-item cost, µs.
+    pub item_cost_spread_us: f64,
+    /// Per-fragment overhead learned there, ms.
+    pub overhead_ms: f64,
+    /// Mean size of its last 10 finished fragments.
+    pub fragment_size: f64,
+    /// Median absolute percentage error of its fragment durations (after the first 20).
+    pub prediction_error_median: Option<f64>,
+    /// 90th percentile of the same.
+    pub prediction_error_p90: Option<f64>,
 }
 
 /// Output of one fragment.

@@ -13,8 +13,8 @@
 //! the worker buffers acks meanwhile.
 
 use crate::common::{
-    decode_sizer_config, json, learned_cost, parse, placement_order, prediction_error,
-    sizer_config_json, split_point, StageView,
+    class_statuses, decode_sizer_config, json, learned_cost, parse, placement_order,
+    prediction_error, sizer_config_json, split_point, stage_profile, DoneRow, StageView,
 };
 use crate::*;
 use granule_core::{
@@ -1319,24 +1319,49 @@ fn stage_status(tx: &mut Tx<'_, '_>, stage: &StageRow) -> Result<StageStatus> {
          FROM fragments WHERE stage_id = $1",
         &[&stage.id],
     )?;
-    let pairs: Vec<(f64, f64)> = tx
+    let rows: Vec<DoneRow> = tx
         .query(
-            "SELECT predicted_ms, observed_ms FROM fragments WHERE stage_id = $1 AND state = 'done' ORDER BY id",
+            "SELECT class, end_idx - start_idx, predicted_ms, coalesce(observed_ms, 0), coalesce(cpu_ms, 0),
+                    coalesce(peak_rss_kb, 0)
+             FROM fragments WHERE stage_id = $1 AND state = 'done' ORDER BY finished_ms, id",
             &[&stage.id],
         )?
         .iter()
-        .map(|r| (r.get(0), r.get::<_, Option<f64>>(1).unwrap_or(0.0)))
+        .map(|r| DoneRow {
+            class: r.get(0),
+            n: r.get::<_, i64>(1) as u64,
+            predicted_ms: r.get(2),
+            observed_ms: r.get(3),
+            cpu_ms: r.get(4),
+            peak_rss_kb: r.get::<_, i64>(5) as u64,
+        })
+        .collect();
+    let pairs: Vec<(f64, f64)> = rows
+        .iter()
+        .map(|r| (r.predicted_ms, r.observed_ms))
         .collect();
     let error = prediction_error(&pairs);
     let quarantined: IntervalSet = parse(r.get(13), "quarantined")?;
-    let sizers = tx.query("SELECT state FROM sizers WHERE stage_id = $1", &[&stage.id])?;
+    let sizers = tx
+        .query(
+            "SELECT class, state FROM sizers WHERE stage_id = $1 ORDER BY class",
+            &[&stage.id],
+        )?
+        .iter()
+        .map(|s| {
+            Ok((
+                s.get::<_, String>(0),
+                parse::<Sizer>(s.get(1), "sizer state")?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let sizer = sizers
         .iter()
-        .map(|s| parse::<Sizer>(s.get(0), "sizer state"))
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
+        .map(|(_, s)| s)
         .max_by_key(|s| s.model.observations)
+        .cloned()
         .unwrap_or_default();
+    let (profile, profile_source) = stage_profile(&rows, &stage.needs);
     let state = match stage.state.as_str() {
         "done" => "done",
         "waiting" => "waiting",
@@ -1367,5 +1392,8 @@ fn stage_status(tx: &mut Tx<'_, '_>, stage: &StageRow) -> Result<StageStatus> {
         prediction_error_median: error.0,
         prediction_error_p90: error.1,
         needs: stage.needs.clone(),
+        classes: class_statuses(&rows, &sizers),
+        profile,
+        profile_source,
     })
 }

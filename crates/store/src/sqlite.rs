@@ -5,8 +5,8 @@
 //! holds it for a few row reads and writes only.
 
 use crate::common::{
-    decode_sizer_config, json, learned_cost, parse, placement_order, prediction_error,
-    sizer_config_json, split_point, StageView,
+    class_statuses, decode_sizer_config, json, learned_cost, parse, placement_order,
+    prediction_error, sizer_config_json, split_point, stage_profile, DoneRow, StageView,
 };
 use crate::schema::MIGRATIONS;
 use crate::*;
@@ -1102,15 +1102,37 @@ impl SqliteStore {
                 ))
             },
         )?;
-        let pairs: Vec<(f64, f64)> = self
+        let rows: Vec<DoneRow> = self
             .conn
             .prepare_cached(
-                "SELECT predicted_ms, observed_ms FROM fragments WHERE stage_id = ?1 AND state = 'done' ORDER BY id",
+                "SELECT class, end_idx - start_idx, predicted_ms, coalesce(observed_ms, 0), coalesce(cpu_ms, 0),
+                        coalesce(peak_rss_kb, 0)
+                 FROM fragments WHERE stage_id = ?1 AND state = 'done' ORDER BY finished_ms, id",
             )?
-            .query_map([stage.id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .query_map([stage.id], |r| {
+                Ok(DoneRow {
+                    class: r.get(0)?,
+                    n: r.get::<_, i64>(1)? as u64,
+                    predicted_ms: r.get(2)?,
+                    observed_ms: r.get(3)?,
+                    cpu_ms: r.get(4)?,
+                    peak_rss_kb: r.get::<_, i64>(5)? as u64,
+                })
+            })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
+        let pairs: Vec<(f64, f64)> = rows
+            .iter()
+            .map(|r| (r.predicted_ms, r.observed_ms))
+            .collect();
         let error = prediction_error(&pairs);
-        let sizer = self.busiest_sizer(stage.id)?;
+        let sizers = self.sizers(stage.id)?;
+        let sizer = sizers
+            .iter()
+            .map(|(_, s)| s)
+            .max_by_key(|s| s.model.observations)
+            .cloned()
+            .unwrap_or_default();
+        let (profile, profile_source) = stage_profile(&rows, &stage.needs);
         let state = match stage.state.as_str() {
             "done" => "done",
             "waiting" => "waiting",
@@ -1145,24 +1167,25 @@ impl SqliteStore {
             prediction_error_median: error.0,
             prediction_error_p90: error.1,
             needs: stage.needs.clone(),
+            classes: class_statuses(&rows, &sizers),
+            profile,
+            profile_source,
         })
     }
 
-    /// The sizer state with the most history (one per class).
-    fn busiest_sizer(&self, stage: i64) -> Result<Sizer> {
+    /// The sizer state of each class that claimed from the stage.
+    fn sizers(&self, stage: i64) -> Result<Vec<(String, Sizer)>> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT state FROM sizers WHERE stage_id = ?1")?;
+            .prepare_cached("SELECT class, state FROM sizers WHERE stage_id = ?1 ORDER BY class")?;
         let states = stmt
-            .query_map([stage], |r| r.get::<_, String>(0))?
+            .query_map([stage], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let sizers = states
-            .iter()
-            .map(|s| parse::<Sizer>(s, "sizer state"))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(sizers
+        states
             .into_iter()
-            .max_by_key(|s| s.model.observations)
-            .unwrap_or_default())
+            .map(|(class, s)| Ok((class, parse::<Sizer>(&s, "sizer state")?)))
+            .collect()
     }
 }
