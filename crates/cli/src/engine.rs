@@ -241,6 +241,7 @@ fn offer(cfg: &EngineConfig) -> WorkerOffer {
         memory_mb: detected.memory_mb,
         gpus: detected.gpus.len() as u32,
         resources: cfg.custom.iter().cloned().collect(),
+        spot: cfg.spot,
     }
 }
 

@@ -657,6 +657,7 @@ fn explain(
                     .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
                     .collect()
             }),
+            spot: w.spot,
         };
         let verdict = match granule_core::fits(n, &offer) {
             Ok(()) => {

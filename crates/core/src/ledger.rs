@@ -20,6 +20,19 @@ pub struct PendingRange {
     pub failures: u32,
     /// Checkpoint blob to resume from (only on the span that follows the state).
     pub checkpoint: Option<i64>,
+    /// How often these items were lost with their worker (preempted, killed,
+    /// lease expired). Never counts against `retries`; placement escalates such
+    /// work away from spot workers.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lost: u32,
+    /// These items ran out of memory on a worker with this much (MiB): they go to
+    /// a worker with more, while one is around.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub floor_memory_mb: u64,
+}
+
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// The pending spans of a stage, sorted by start, disjoint.
@@ -74,17 +87,18 @@ impl Pending {
         }
     }
 
-    /// Takes up to `n` items from the front of the first pending range.
-    fn take(&mut self, n: u64) -> Option<PendingRange> {
-        let first = self.ranges.first_mut()?;
+    /// Takes up to `n` items from the front of the first pending range `ok` admits.
+    fn take_where(&mut self, n: u64, ok: impl Fn(&PendingRange) -> bool) -> Option<PendingRange> {
+        let at = self.ranges.iter().position(ok)?;
+        let first = &mut self.ranges[at];
         let n = n.max(1).min(first.span.len());
         if n == first.span.len() {
-            return Some(self.ranges.remove(0));
+            return Some(self.ranges.remove(at));
         }
         let head = PendingRange {
             span: Span::new(first.span.start, first.span.start + n),
-            failures: first.failures,
             checkpoint: first.checkpoint.take(),
+            ..first.clone()
         };
         first.span.start += n;
         Some(head)
@@ -94,10 +108,8 @@ impl Pending {
 /// Only never-failed ranges merge: a failed range keeps its bounds so that
 /// bisection's halves stay apart.
 fn mergeable(left: &PendingRange, right: &PendingRange) -> bool {
-    left.span.end == right.span.start
-        && left.failures == 0
-        && right.failures == 0
-        && right.checkpoint.is_none()
+    let fresh = |r: &PendingRange| r.failures == 0 && r.lost == 0 && r.floor_memory_mb == 0;
+    left.span.end == right.span.start && fresh(left) && fresh(right) && right.checkpoint.is_none()
 }
 
 /// A fragment that is running: its span and what it has acked so far.
@@ -113,6 +125,12 @@ pub struct RunningFragment {
     pub failures: u32,
     /// Latest checkpoint blob written by this fragment or handed to it.
     pub checkpoint: Option<i64>,
+    /// Times its items were lost before (see `PendingRange::lost`).
+    #[serde(default)]
+    pub lost: u32,
+    /// Memory floor its items carry (see `PendingRange::floor_memory_mb`).
+    #[serde(default)]
+    pub floor_memory_mb: u64,
 }
 
 /// What a claim hands to a worker.
@@ -124,6 +142,10 @@ pub struct Claim {
     pub failures: u32,
     /// Checkpoint to resume from.
     pub checkpoint: Option<i64>,
+    /// Times these items were lost with their worker before.
+    pub lost: u32,
+    /// Memory floor the items carry (0: none).
+    pub floor_memory_mb: u64,
 }
 
 /// How a fragment ended, as far as accounting is concerned.
@@ -179,6 +201,8 @@ impl StageLedger {
             span: Span::new(0, items),
             failures: 0,
             checkpoint: None,
+            lost: 0,
+            floor_memory_mb: 0,
         });
         StageLedger {
             items,
@@ -204,19 +228,44 @@ impl StageLedger {
 
     /// Carves a fragment of up to `n` items (at least one) from the pending set.
     pub fn claim(&mut self, id: FragmentId, n: u64) -> Option<Claim> {
-        let range = self.pending.take(n)?;
+        self.claim_where(id, n, |_| true)
+    }
+
+    /// Carves a fragment from the first pending range `ok` admits (placement may
+    /// keep some ranges for other workers: more memory, not spot).
+    pub fn claim_where(
+        &mut self,
+        id: FragmentId,
+        n: u64,
+        ok: impl Fn(&PendingRange) -> bool,
+    ) -> Option<Claim> {
+        let range = self.pending.take_where(n, ok)?;
         self.running.push(RunningFragment {
             id,
             span: range.span,
             acked: IntervalSet::new(),
             failures: range.failures,
             checkpoint: range.checkpoint,
+            lost: range.lost,
+            floor_memory_mb: range.floor_memory_mb,
         });
         Some(Claim {
             span: range.span,
             failures: range.failures,
             checkpoint: range.checkpoint,
+            lost: range.lost,
+            floor_memory_mb: range.floor_memory_mb,
         })
+    }
+
+    /// Marks the pending items inside `span` as needing a worker with more than
+    /// `mb` MiB of memory (they ran out of memory on one with that much).
+    pub fn raise_floor(&mut self, span: Span, mb: u64) {
+        for r in &mut self.pending.ranges {
+            if r.span.start >= span.start && r.span.end <= span.end {
+                r.floor_memory_mb = r.floor_memory_mb.max(mb);
+            }
+        }
     }
 
     /// Looks up a running fragment.
@@ -267,6 +316,8 @@ impl StageLedger {
             span: tail,
             failures: f.failures,
             checkpoint: None,
+            lost: f.lost,
+            floor_memory_mb: f.floor_memory_mb,
         });
         tail.len()
     }
@@ -290,9 +341,13 @@ impl StageLedger {
                 report.done = rest.len();
                 self.done.union_with(&rest);
             }
-            FinishOutcome::Yielded | FinishOutcome::Lost => {
+            FinishOutcome::Yielded => {
                 report.requeued = rest.len();
-                self.requeue(&rest, f.failures, f.checkpoint);
+                self.requeue(&rest, &f, f.lost, f.checkpoint);
+            }
+            FinishOutcome::Lost => {
+                report.requeued = rest.len();
+                self.requeue(&rest, &f, f.lost + 1, f.checkpoint);
             }
             FinishOutcome::Failed {
                 culprits,
@@ -306,47 +361,59 @@ impl StageLedger {
                 let mut others = rest.clone();
                 others.subtract(&culprits);
                 if *rest_failed {
-                    self.fail(&others, f.failures + 1, retries, &mut report);
+                    self.fail(&others, &f, retries, &mut report);
                 } else {
                     report.requeued += others.len();
                     // Untouched items resume without the failed attempt's state.
-                    self.requeue(&others, f.failures, None);
+                    self.requeue(&others, &f, f.lost, None);
                 }
-                self.fail(&culprits, f.failures + 1, retries, &mut report);
+                self.fail(&culprits, &f, retries, &mut report);
             }
         }
         report
     }
 
-    fn requeue(&mut self, rest: &IntervalSet, failures: u32, checkpoint: Option<i64>) {
+    fn requeue(
+        &mut self,
+        rest: &IntervalSet,
+        f: &RunningFragment,
+        lost: u32,
+        checkpoint: Option<i64>,
+    ) {
         for (i, span) in rest.spans().enumerate() {
             let checkpoint = if i == 0 { checkpoint } else { None };
             self.pending.push(PendingRange {
                 span,
-                failures,
+                failures: f.failures,
                 checkpoint,
+                lost,
+                floor_memory_mb: f.floor_memory_mb,
             });
         }
     }
 
-    /// Items that failed `failures` times: retried while within `retries`, then
-    /// bisected: a single item is quarantined, a longer span is halved and each
-    /// half is probed once more.
+    /// Items of fragment `f` that failed (once more): retried while within
+    /// `retries`, then bisected: a single item is quarantined, a longer span is
+    /// halved and each half is probed once more.
     fn fail(
         &mut self,
         items: &IntervalSet,
-        failures: u32,
+        f: &RunningFragment,
         retries: u32,
         report: &mut FinishReport,
     ) {
+        let failures = f.failures + 1;
+        let range = |span| PendingRange {
+            span,
+            failures,
+            checkpoint: None,
+            lost: f.lost,
+            floor_memory_mb: f.floor_memory_mb,
+        };
         for span in items.spans() {
             if failures <= retries {
                 report.requeued += span.len();
-                self.pending.push(PendingRange {
-                    span,
-                    failures,
-                    checkpoint: None,
-                });
+                self.pending.push(range(span));
             } else if span.len() == 1 {
                 self.quarantined.insert(span);
                 report.quarantined.insert(span);
@@ -354,11 +421,7 @@ impl StageLedger {
                 report.requeued += span.len();
                 let mid = span.start + span.len() / 2;
                 for half in [Span::new(span.start, mid), Span::new(mid, span.end)] {
-                    self.pending.push(PendingRange {
-                        span: half,
-                        failures,
-                        checkpoint: None,
-                    });
+                    self.pending.push(range(half));
                 }
             }
         }

@@ -57,6 +57,9 @@ pub struct WorkerOffer {
     pub gpus: u32,
     /// Custom resources it has.
     pub resources: BTreeMap<String, f64>,
+    /// Whether it is spot capacity (may be preempted).
+    #[serde(default)]
+    pub spot: bool,
 }
 
 /// Why a stage does not fit a worker.
@@ -150,6 +153,7 @@ mod tests {
                 memory_mb: mem,
                 gpus,
                 resources: [("licenses".to_string(), lic)].into(),
+                spot: false,
             })
     }
 
@@ -219,6 +223,7 @@ mod tests {
             memory_mb: 1024,
             gpus: 1,
             resources: BTreeMap::new(),
+            spot: false,
         };
         let on_cpu = StageNeeds {
             class: Some("cpu".into()),

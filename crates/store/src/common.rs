@@ -3,8 +3,8 @@
 
 use crate::{ClassStatus, Result, StoreError};
 use granule_core::{
-    critical_paths, order, profile, Candidate, CostModel, IntervalSet, Sizer, SizerConfig, Span,
-    StageNeeds, WorkerOffer,
+    critical_paths, order, profile, Candidate, CostModel, IntervalSet, PendingRange, Sizer,
+    SizerConfig, Span, StageNeeds, WorkerOffer,
 };
 
 /// A value as a JSON column.
@@ -150,6 +150,77 @@ pub(crate) fn placement_order(views: &[StageView], offer: &WorkerOffer) -> Vec<u
         .collect();
     order(&mut candidates, offer);
     candidates.iter().map(|c| c.index).collect()
+}
+
+/// Ranges lost with their worker this many times go to on-demand workers.
+pub(crate) const ESCALATE_AFTER_LOST: u32 = 2;
+
+/// Which pending ranges a worker may take. Items that ran out of memory go to a
+/// worker with more memory, and items lost with spot workers twice go to an
+/// on-demand worker, while such a worker is alive; otherwise anyone takes them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Admission {
+    /// Ranges with a memory floor at or above this are left for others.
+    pub(crate) below_floor_mb: u64,
+    /// Ranges lost this often or more are left for others.
+    pub(crate) lost_under: u32,
+}
+
+impl Admission {
+    /// What the asking worker itself can take.
+    pub(crate) fn strict(offer: &WorkerOffer) -> Admission {
+        Admission {
+            below_floor_mb: offer.memory_mb,
+            lost_under: if offer.spot {
+                ESCALATE_AFTER_LOST
+            } else {
+                u32::MAX
+            },
+        }
+    }
+
+    /// With no alive worker better placed for the held-back ranges (the largest
+    /// memory among alive workers; whether an on-demand one is alive), the asking
+    /// worker takes them too.
+    pub(crate) fn relaxed(self, max_alive_memory_mb: u64, on_demand_alive: bool) -> Admission {
+        Admission {
+            below_floor_mb: if max_alive_memory_mb > self.below_floor_mb {
+                self.below_floor_mb
+            } else {
+                u64::MAX
+            },
+            lost_under: if on_demand_alive {
+                self.lost_under
+            } else {
+                u32::MAX
+            },
+        }
+    }
+
+    /// Whether a pending range is for this worker.
+    pub(crate) fn admits(&self, r: &PendingRange) -> bool {
+        (r.floor_memory_mb == 0 || r.floor_memory_mb < self.below_floor_mb)
+            && r.lost < self.lost_under
+    }
+}
+
+/// The retry budget of a failure by its cause: an exit code or a refused start
+/// is the task's own doing and is likely to repeat, so it gets one retry before
+/// bisection; signals, timeouts and running out of memory get the stage's
+/// `retries`. (Lost workers and yields never count as failures at all.)
+pub(crate) fn retries_for(cause: Option<&str>, retries: u32) -> u32 {
+    match cause {
+        Some("exit" | "spawn" | "unacked" | "early-exit") => retries.min(1),
+        _ => retries,
+    }
+}
+
+/// The total memory (MiB) a worker's stored self-description reports.
+pub(crate) fn memory_of(resources: &str) -> u64 {
+    serde_json::from_str::<serde_json::Value>(resources)
+        .ok()
+        .and_then(|v| v["memory_mb"].as_u64())
+        .unwrap_or(0)
 }
 
 /// A finished fragment, as the status figures need it.

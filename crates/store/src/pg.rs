@@ -13,8 +13,9 @@
 //! the worker buffers acks meanwhile.
 
 use crate::common::{
-    class_statuses, decode_sizer_config, json, learned_cost, parse, placement_order,
-    prediction_error, sizer_config_json, split_point, stage_profile, DoneRow, StageView,
+    class_statuses, decode_sizer_config, json, learned_cost, memory_of, parse, placement_order,
+    prediction_error, retries_for, sizer_config_json, split_point, stage_profile, Admission,
+    DoneRow, StageView,
 };
 use crate::*;
 use granule_core::{
@@ -149,6 +150,13 @@ ALTER TABLE workers ADD COLUMN resources TEXT NOT NULL DEFAULT '{}';
     r#"
 ALTER TABLE stages ADD COLUMN needs TEXT NOT NULL DEFAULT '{}';
 "#,
+    // 4: what placement keeps of items' history (lost with workers, out of memory).
+    r#"
+ALTER TABLE pending ADD COLUMN lost INT NOT NULL DEFAULT 0;
+ALTER TABLE pending ADD COLUMN floor_memory_mb BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE fragments ADD COLUMN lost INT NOT NULL DEFAULT 0;
+ALTER TABLE fragments ADD COLUMN floor_memory_mb BIGINT NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// A store in a PostgreSQL database.
@@ -253,8 +261,8 @@ struct HeldFragment {
 
 fn hold(tx: &mut Tx<'_, '_>, id: FragmentId, worker: &str) -> Result<Option<HeldFragment>> {
     let row = tx.query_opt(
-        "SELECT stage_id, start_idx, end_idx, acked, failures, checkpoint_id, class, size_cap FROM fragments
-         WHERE id = $1 AND worker = $2 AND state = 'running' FOR UPDATE",
+        "SELECT stage_id, start_idx, end_idx, acked, failures, checkpoint_id, class, size_cap, lost, floor_memory_mb
+         FROM fragments WHERE id = $1 AND worker = $2 AND state = 'running' FOR UPDATE",
         &[&id.0, &worker],
     )?;
     let Some(r) = row else { return Ok(None) };
@@ -266,6 +274,8 @@ fn hold(tx: &mut Tx<'_, '_>, id: FragmentId, worker: &str) -> Result<Option<Held
             acked: parse(r.get(3), "fragment acks")?,
             failures: r.get::<_, i32>(4) as u32,
             checkpoint: r.get(5),
+            lost: r.get::<_, i32>(8) as u32,
+            floor_memory_mb: r.get::<_, i64>(9) as u64,
         },
         class: r.get(6),
         size_cap: r.get(7),
@@ -287,8 +297,17 @@ fn mini_ledger(f: &RunningFragment) -> StageLedger {
 fn insert_pending(tx: &mut Tx<'_, '_>, stage: i64, ranges: &[PendingRange]) -> Result<()> {
     for r in ranges {
         tx.execute(
-            "INSERT INTO pending (stage_id, start_idx, end_idx, failures, checkpoint_id) VALUES ($1, $2, $3, $4, $5)",
-            &[&stage, &(r.span.start as i64), &(r.span.end as i64), &(r.failures as i32), &r.checkpoint],
+            "INSERT INTO pending (stage_id, start_idx, end_idx, failures, checkpoint_id, lost, floor_memory_mb)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &stage,
+                &(r.span.start as i64),
+                &(r.span.end as i64),
+                &(r.failures as i32),
+                &r.checkpoint,
+                &(r.lost as i32),
+                &(r.floor_memory_mb as i64),
+            ],
         )?;
     }
     Ok(())
@@ -587,6 +606,8 @@ impl Store for PgStore {
                         span: Span::new(start, (start + shard).min(stage.items)),
                         failures: 0,
                         checkpoint: None,
+                        lost: 0,
+                        floor_memory_mb: 0,
                     })
                     .collect();
                 insert_pending(tx, stage_id, &ranges)?;
@@ -795,7 +816,14 @@ impl Store for PgStore {
                 splits = 1;
             }
             let f = ledger.fragment(id).expect("held fragment").clone();
-            let report = ledger.finish(id, &end.outcome, stage.retries);
+            let report = ledger.finish(id, &end.outcome, retries_for(end.cause.as_deref(), stage.retries));
+            if end.cause.as_deref() == Some("oom") {
+                // Retried on a worker with more memory than this one, while one is alive.
+                let resources: Option<String> = tx
+                    .query_opt("SELECT resources FROM workers WHERE id = $1", &[&worker])?
+                    .map(|r| r.get(0));
+                ledger.raise_floor(f.span, resources.map_or(0, |r| memory_of(&r)));
+            }
             let requeue = ledger.pending.ranges().to_vec();
             appeared |= !requeue.is_empty();
             insert_pending(tx, held.stage, &requeue)?;
@@ -1148,12 +1176,23 @@ fn claim_once(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(Option<Assignm
                 .map(|idx| &stages[idx])
                 .collect();
         }
+        let strict = Admission::strict(&req.offer);
+        let mut relaxed: Option<Admission> = None;
         for stage in ready {
-            let row = tx.query_opt(
-                "SELECT id, start_idx, end_idx, failures, checkpoint_id FROM pending WHERE stage_id = $1
-                 ORDER BY start_idx LIMIT 1 FOR UPDATE SKIP LOCKED",
-                &[&stage.id],
-            )?;
+            let mut row = pending_row(tx, stage.id, &strict)?;
+            if row.is_none() {
+                // Ranges held back for better placed workers: only while one is alive.
+                let admission = match relaxed {
+                    Some(a) => a,
+                    None => {
+                        let (memory, on_demand) = alive_capacity(tx, req)?;
+                        *relaxed.insert(strict.relaxed(memory, on_demand))
+                    }
+                };
+                if admission != strict {
+                    row = pending_row(tx, stage.id, &admission)?;
+                }
+            }
             let Some(row) = row else {
                 let any: bool = tx
                     .query_one(
@@ -1172,6 +1211,33 @@ fn claim_once(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(Option<Assignm
     Ok((None, contended))
 }
 
+/// The first pending range of a stage that `admission` lets the worker take,
+/// locked (ranges others hold locked are skipped).
+fn pending_row(
+    tx: &mut Tx<'_, '_>,
+    stage: i64,
+    admission: &Admission,
+) -> Result<Option<postgres::Row>> {
+    let below = i64::try_from(admission.below_floor_mb).unwrap_or(i64::MAX);
+    let lost = i32::try_from(admission.lost_under).unwrap_or(i32::MAX);
+    tx.query_opt(
+        "SELECT id, start_idx, end_idx, failures, checkpoint_id, lost, floor_memory_mb FROM pending
+         WHERE stage_id = $1 AND (floor_memory_mb = 0 OR floor_memory_mb < $2) AND lost < $3
+         ORDER BY start_idx LIMIT 1 FOR UPDATE SKIP LOCKED",
+        &[&stage, &below, &lost],
+    )
+}
+
+/// The largest memory (MiB) among live workers, and whether a live one is on-demand.
+fn alive_capacity(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(u64, bool)> {
+    let rows = tx.query(
+        "SELECT spot, resources FROM workers WHERE state = 'running' AND heartbeat_ms >= $1",
+        &[&(req.now_ms - req.lease_ms)],
+    )?;
+    let memory = rows.iter().map(|r| memory_of(r.get(1))).max().unwrap_or(0);
+    Ok((memory, rows.iter().any(|r| !r.get::<_, bool>(0))))
+}
+
 /// Carves a fragment from a locked pending range.
 fn claim_range(
     tx: &mut Tx<'_, '_>,
@@ -1185,6 +1251,8 @@ fn claim_range(
         span: Span::new(start as u64, end as u64),
         failures: row.get::<_, i32>(3) as u32,
         checkpoint: row.get(4),
+        lost: row.get::<_, i32>(5) as u32,
+        floor_memory_mb: row.get::<_, i64>(6) as u64,
     };
     // Items left and live slots, for tail factoring.
     let counts = tx.query_one(
@@ -1214,8 +1282,8 @@ fn claim_range(
     let id: i64 = tx
         .query_one(
             "INSERT INTO fragments (stage_id, start_idx, end_idx, state, worker, class, lease_expires_ms, failures,
-              checkpoint_id, n, predicted_ms, size_cap, claimed_ms)
-             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
+              checkpoint_id, n, predicted_ms, size_cap, claimed_ms, lost, floor_memory_mb)
+             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING id",
             &[
                 &stage.id,
                 &(span.start as i64),
@@ -1229,6 +1297,8 @@ fn claim_range(
                 &predicted_ms,
                 &json(&cap).trim_matches('"'),
                 &req.now_ms,
+                &(range.lost as i32),
+                &(range.floor_memory_mb as i64),
             ],
         )?
         .get(0);
@@ -1285,12 +1355,14 @@ fn take_from(
             )?;
             return Ok(taken);
         }
-        if taken == n || first.failures > 0 || first.checkpoint.is_some() {
+        let history = first.failures > 0 || first.lost > 0 || first.floor_memory_mb > 0;
+        if taken == n || history || first.checkpoint.is_some() {
             return Ok(taken);
         }
         let next = tx.query_opt(
             "SELECT id, end_idx FROM pending
              WHERE stage_id = $1 AND start_idx = $2 AND failures = 0 AND checkpoint_id IS NULL
+               AND lost = 0 AND floor_memory_mb = 0
              FOR UPDATE SKIP LOCKED",
             &[&stage, &(span.end as i64)],
         )?;

@@ -111,4 +111,9 @@ ALTER TABLE workers ADD COLUMN resources TEXT NOT NULL DEFAULT '{}';
     r#"
 ALTER TABLE stages ADD COLUMN needs TEXT NOT NULL DEFAULT '{}';
 "#,
+    // 5: what placement keeps of a fragment's items' history (lost, out of memory).
+    r#"
+ALTER TABLE fragments ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE fragments ADD COLUMN floor_memory_mb INTEGER NOT NULL DEFAULT 0;
+"#,
 ];

@@ -5,8 +5,9 @@
 //! holds it for a few row reads and writes only.
 
 use crate::common::{
-    class_statuses, decode_sizer_config, json, learned_cost, parse, placement_order,
-    prediction_error, sizer_config_json, split_point, stage_profile, DoneRow, StageView,
+    class_statuses, decode_sizer_config, json, learned_cost, memory_of, parse, placement_order,
+    prediction_error, retries_for, sizer_config_json, split_point, stage_profile, Admission,
+    DoneRow, StageView,
 };
 use crate::schema::MIGRATIONS;
 use crate::*;
@@ -92,31 +93,38 @@ fn load_ledger(tx: &Connection, stage: i64) -> Result<StageLedger> {
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
     )?;
     let mut stmt = tx.prepare_cached(
-        "SELECT id, start_idx, end_idx, acked, failures, checkpoint_id FROM fragments
+        "SELECT id, start_idx, end_idx, acked, failures, checkpoint_id, lost, floor_memory_mb FROM fragments
          WHERE stage_id = ?1 AND state = 'running'",
     )?;
+    type Row = (i64, i64, i64, String, u32, Option<i64>, u32, i64);
     let running = stmt
         .query_map([stage], |r| {
             Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
                 r.get(4)?,
                 r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
             ))
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?
+        .collect::<rusqlite::Result<Vec<Row>>>()?
         .into_iter()
-        .map(|(id, start, end, acked, failures, checkpoint)| {
-            Ok(RunningFragment {
-                id: FragmentId(id),
-                span: Span::new(start as u64, end as u64),
-                acked: parse(&acked, "fragment acks")?,
-                failures,
-                checkpoint,
-            })
-        })
+        .map(
+            |(id, start, end, acked, failures, checkpoint, lost, floor)| {
+                Ok(RunningFragment {
+                    id: FragmentId(id),
+                    span: Span::new(start as u64, end as u64),
+                    acked: parse(&acked, "fragment acks")?,
+                    failures,
+                    checkpoint,
+                    lost,
+                    floor_memory_mb: floor as u64,
+                })
+            },
+        )
         .collect::<Result<Vec<_>>>()?;
     Ok(StageLedger {
         items: items as u64,
@@ -125,6 +133,32 @@ fn load_ledger(tx: &Connection, stage: i64) -> Result<StageLedger> {
         quarantined: parse(&quarantined, "quarantined")?,
         running,
     })
+}
+
+/// The largest memory (MiB) among live workers, and whether a live one is on-demand.
+fn alive_capacity(tx: &Connection, req: &ClaimRequest) -> Result<(u64, bool)> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT spot, resources FROM workers WHERE state = 'running' AND heartbeat_ms >= ?1",
+    )?;
+    let rows = stmt
+        .query_map([req.now_ms - req.lease_ms], |r| {
+            Ok((r.get::<_, bool>(0)?, r.get::<_, String>(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let memory = rows.iter().map(|(_, r)| memory_of(r)).max().unwrap_or(0);
+    Ok((memory, rows.iter().any(|(spot, _)| !spot)))
+}
+
+/// The total memory (MiB) a worker reported of itself.
+fn worker_memory(tx: &Connection, worker: &str) -> Result<u64> {
+    let resources: Option<String> = tx
+        .query_row(
+            "SELECT resources FROM workers WHERE id = ?1",
+            [worker],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(resources.map_or(0, |r| memory_of(&r)))
 }
 
 /// The ledger of `stage`, loaded once per transaction.
@@ -657,7 +691,15 @@ impl Store for SqliteStore {
             .unwrap_or_default();
         // The last checkpoint: the fragment's result if it succeeded.
         let checkpoint = ledger.fragment(id).and_then(|f| f.checkpoint);
-        let report = ledger.finish(id, &end.outcome, stage_row.retries);
+        let report = ledger.finish(
+            id,
+            &end.outcome,
+            retries_for(end.cause.as_deref(), stage_row.retries),
+        );
+        if end.cause.as_deref() == Some("oom") {
+            // Retried on a worker with more memory than this one, while one is alive.
+            ledger.raise_floor(span, worker_memory(&tx, worker)?);
+        }
         save_ledger(&tx, stage, &ledger)?;
         tx.prepare_cached(
             "UPDATE fragments SET state = ?2, finished_ms = ?3, observed_ms = ?4, cpu_ms = ?5, peak_rss_kb = ?6,
@@ -1007,9 +1049,17 @@ fn claim_in_job(
         if n == 0 {
             continue;
         }
-        let claim = ledger
-            .claim(FragmentId(0), n)
-            .expect("pending is not empty");
+        let strict = Admission::strict(&req.offer);
+        let mut claim = ledger.claim_where(FragmentId(0), n, |r| strict.admits(r));
+        if claim.is_none() {
+            // Held back for better placed workers: only while one is alive.
+            let (memory, on_demand) = alive_capacity(tx, req)?;
+            let relaxed = strict.relaxed(memory, on_demand);
+            claim = ledger.claim_where(FragmentId(0), n, |r| relaxed.admits(r));
+        }
+        let Some(claim) = claim else {
+            continue;
+        };
         let predicted_ms = sizer.model.predict_ms(claim.span.len());
         let cap = if claim.span.len() < sizing.n {
             SizeCap::Bounds
@@ -1018,8 +1068,8 @@ fn claim_in_job(
         };
         tx.prepare_cached(
             "INSERT INTO fragments (stage_id, start_idx, end_idx, state, worker, class, lease_expires_ms, failures,
-              checkpoint_id, n, predicted_ms, size_cap, claimed_ms)
-             VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+              checkpoint_id, n, predicted_ms, size_cap, claimed_ms, lost, floor_memory_mb)
+             VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         )?
         .execute(params![
             stage.id,
@@ -1033,7 +1083,9 @@ fn claim_in_job(
             claim.span.len() as i64,
             predicted_ms,
             json(&cap).trim_matches('"'),
-            req.now_ms
+            req.now_ms,
+            claim.lost,
+            claim.floor_memory_mb as i64
         ])?;
         let id = FragmentId(tx.last_insert_rowid());
         tx.prepare_cached(

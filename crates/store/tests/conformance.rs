@@ -497,3 +497,183 @@ fn each_class_is_sent_where_it_is_relatively_fastest() {
         }
     }
 }
+
+/// Registers a worker with a class, spot flag and memory (MiB), seen at `now_ms`.
+fn described(store: &mut dyn Store, id: &str, spot: bool, memory_mb: u64, now_ms: i64) {
+    let info = WorkerInfo {
+        id: id.into(),
+        host: "test".into(),
+        pid: 1,
+        proc_start: 1,
+        slots: 1,
+        class: "default".into(),
+        lifespan_end_ms: None,
+        cost_per_hour: 1.0,
+        spot,
+        resources: format!(r#"{{"cpus":2,"memory_mb":{memory_mb}}}"#),
+    };
+    store.register_worker(&info, now_ms).unwrap();
+}
+
+fn offered(job: JobId, id: &str, spot: bool, memory_mb: u64, now_ms: i64) -> ClaimRequest {
+    ClaimRequest {
+        job: Some(job),
+        worker: id.into(),
+        class: "default".into(),
+        now_ms,
+        lease_ms: 10_000,
+        slots: 1,
+        max_items: Some(10),
+        offer: WorkerOffer {
+            class: "default".into(),
+            memory_mb,
+            spot,
+            ..WorkerOffer::default()
+        },
+        context: ClaimContext {
+            remaining: 0,
+            slots: 1,
+            free_memory: 1.0,
+            load_per_cpu: 0.0,
+            lifespan_ms: None,
+        },
+    }
+}
+
+#[test]
+fn items_lost_twice_go_to_on_demand_workers_while_one_is_alive() {
+    for b in backends("escalate") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 20, "h"), 0, false).unwrap().id();
+        described(s.as_mut(), "spot", true, 4096, 0);
+        // The first items are lost with their spot worker twice: lost work never
+        // uses retries (retries = 1 here), but it escalates.
+        let mut now = 0;
+        let mut lost = None;
+        for _ in 0..2 {
+            let a = s
+                .claim(&offered(id, "spot", true, 4096, now))
+                .unwrap()
+                .unwrap();
+            assert_eq!(a.span.start, 0, "{}", b.name);
+            lost = Some(a.span);
+            now += 20_000;
+            described(s.as_mut(), "spot", true, 4096, now);
+            assert_eq!(s.release(now, &[]).unwrap(), 1, "{}", b.name);
+        }
+        let lost = lost.unwrap();
+        described(s.as_mut(), "ondemand", false, 4096, now);
+        let a = s
+            .claim(&offered(id, "spot", true, 4096, now))
+            .unwrap()
+            .unwrap();
+        assert!(
+            a.span.start >= lost.end,
+            "{}: the spot worker leaves them",
+            b.name
+        );
+        let o = s
+            .claim(&offered(id, "ondemand", false, 4096, now))
+            .unwrap()
+            .unwrap();
+        assert!(
+            o.span.start == lost.start && o.span.end <= lost.end,
+            "{}: the on-demand worker takes them",
+            b.name
+        );
+        // Lost again, and no on-demand worker alive: the spot worker takes them.
+        now += 20_000;
+        described(s.as_mut(), "spot", true, 4096, now);
+        s.set_worker_state("ondemand", "exited", now).unwrap();
+        s.finish(
+            "spot",
+            now,
+            &end(a.fragment, FinishOutcome::Success, a.span.end),
+        )
+        .unwrap();
+        let released = s.release(now + 1, &["ondemand".to_string()]).unwrap();
+        assert_eq!(released, 1, "{}", b.name);
+        let again = s
+            .claim(&offered(id, "spot", true, 4096, now + 2))
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.span.start, 0, "{}", b.name);
+    }
+}
+
+#[test]
+fn out_of_memory_retries_on_a_bigger_worker_and_code_errors_fail_fast() {
+    let failed = |fragment, cause: &str, to| FragmentEnd {
+        cause: Some(cause.into()),
+        ..end(
+            fragment,
+            FinishOutcome::Failed {
+                culprits: IntervalSet::new(),
+                rest_failed: true,
+            },
+            to,
+        )
+    };
+    for b in backends("per_cause") {
+        let mut s = (b.open)();
+        let mut spec = job("j", 1000, "h");
+        spec.stages[0].retries = 3;
+        let id = s.submit(&spec, 0, false).unwrap().id();
+        described(s.as_mut(), "big", false, 8192, 0);
+        let big = |now| offered(id, "big", false, 8192, now);
+        // An exit code is the task's own doing: one retry, then bisection (the
+        // stage allows 3 retries for other causes).
+        let a = s.claim(&big(1)).unwrap().unwrap();
+        assert_eq!(a.span, Span::new(0, 10), "{}", b.name);
+        s.finish("big", 2, &failed(a.fragment, "exit", 10)).unwrap();
+        let again = s.claim(&big(3)).unwrap().unwrap();
+        assert_eq!(again.span, a.span, "{}: retried once", b.name);
+        s.finish("big", 4, &failed(again.fragment, "exit", 10))
+            .unwrap();
+        let half = s.claim(&big(5)).unwrap().unwrap();
+        assert_eq!(half.span, Span::new(0, 5), "{}: then bisected", b.name);
+        s.finish("big", 6, &end(half.fragment, FinishOutcome::Success, 5))
+            .unwrap();
+        let other = s.claim(&big(7)).unwrap().unwrap();
+        assert_eq!(other.span, Span::new(5, 10), "{}", b.name);
+        s.finish("big", 8, &end(other.fragment, FinishOutcome::Success, 10))
+            .unwrap();
+        // A signal keeps the stage's budget: the range is retried whole 3 times.
+        let sig = s.claim(&big(9)).unwrap().unwrap();
+        assert_eq!(sig.span, Span::new(10, 20), "{}", b.name);
+        s.finish("big", 10, &failed(sig.fragment, "signal", 20))
+            .unwrap();
+        for attempt in 0..3 {
+            let r = s.claim(&big(11)).unwrap().unwrap();
+            assert_eq!(r.span, sig.span, "{}: attempt {attempt}", b.name);
+            s.finish("big", 12, &failed(r.fragment, "signal", 20))
+                .unwrap();
+        }
+        let probe = s.claim(&big(13)).unwrap().unwrap();
+        assert_eq!(
+            probe.span,
+            Span::new(10, 15),
+            "{}: bisected at last",
+            b.name
+        );
+        s.finish("big", 14, &end(probe.fragment, FinishOutcome::Success, 15))
+            .unwrap();
+
+        // Out of memory on a small worker: the items wait for a bigger one while
+        // one is alive.
+        described(s.as_mut(), "small", false, 1024, 20);
+        let small = |now| offered(id, "small", false, 1024, now);
+        let rest = s.claim(&small(21)).unwrap().unwrap();
+        assert_eq!(rest.span.start, 15, "{}", b.name);
+        s.finish("small", 22, &failed(rest.fragment, "oom", rest.span.end))
+            .unwrap();
+        let next = s.claim(&small(23)).unwrap().unwrap();
+        assert!(
+            next.span.start >= rest.span.end,
+            "{}: left for the big worker",
+            b.name
+        );
+        let taken = s.claim(&big(24)).unwrap().unwrap();
+        assert_eq!(taken.span.start, rest.span.start, "{}", b.name);
+    }
+}
