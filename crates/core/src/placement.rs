@@ -33,6 +33,9 @@ pub struct StageNeeds {
     /// preference until history says more).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guess: Option<String>,
+    /// Finish within this long after submission, ms (the spec's `deadline`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<f64>,
 }
 
 impl StageNeeds {
@@ -177,6 +180,7 @@ mod tests {
                 priority,
                 owner: None,
                 guess: None,
+                deadline_ms: None,
             })
     }
 

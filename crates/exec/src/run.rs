@@ -324,8 +324,9 @@ fn outcome(job: &FragmentJob, report: &RunReport) -> FinishOutcome {
         },
         None if complete && report.acks == report.fed => FinishOutcome::Success,
         None if report.yielded => FinishOutcome::Yielded,
-        // A task that never acks is all-or-nothing: exit 0 after all its input.
-        None if complete && report.acks == 0 && !job.per_item => FinishOutcome::Success,
+        // A task that never acks is all-or-nothing: exit 0 means its whole range
+        // (it may have read it from GRANULE_FIRST/GRANULE_COUNT, not stdin).
+        None if report.acks == 0 && !job.per_item => FinishOutcome::Success,
         None => FinishOutcome::Yielded,
     }
 }
@@ -552,10 +553,13 @@ fn run_batch(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> RunRe
     if report.failure.is_none() && !report.yielded && st.acks > 0 && st.acks < st.fed {
         report.failure = Some(Failure::Unacked(st.fed - st.acks));
     }
-    // Exit 0 with no ack and input left unfed is no progress at all: calling it a
-    // yield would hand the same items out again forever.
+    // In a stage known to ack, exit 0 with no ack and input left unfed is no
+    // progress at all: calling it a yield would hand the same items out forever.
+    // (Elsewhere it is all-or-nothing: a task may read its range from the
+    // environment and never touch stdin.)
     let unfed = (st.feed_end - job.span.start).saturating_sub(st.fed);
-    if report.failure.is_none() && !report.yielded && st.acks == 0 && unfed > 0 {
+    let acking = job.expect_acks == Some(true);
+    if report.failure.is_none() && !report.yielded && acking && st.acks == 0 && unfed > 0 {
         report.failure = Some(Failure::Early(unfed));
     }
     drop(st);

@@ -231,6 +231,17 @@ fn libc_sigsegv() -> i32 {
 }
 
 #[test]
+fn a_task_that_ignores_stdin_and_never_acks_is_all_or_nothing() {
+    // It may read its range from GRANULE_FIRST / GRANULE_COUNT instead.
+    let mut j = job(&["true"], Span::new(0, 100), false);
+    j.expect_acks = None;
+    let ctl = Control::new(j.span);
+    let report = run_fragment(&j, &ctl);
+    assert_eq!(report.failure, None);
+    assert_eq!(report.outcome, FinishOutcome::Success);
+}
+
+#[test]
 fn exiting_zero_early_without_an_ack_is_a_failure_not_a_yield() {
     // Reads one line and leaves: the window (8) holds the rest back, so most of its
     // items were never given to it. Calling this a yield would loop forever.

@@ -11,7 +11,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 const TOP_KEYS: [&str; 2] = ["name", "stage"];
-const STAGE_KEYS: [&str; 18] = [
+const STAGE_KEYS: [&str; 19] = [
     "name",
     "command",
     "per_item",
@@ -30,6 +30,7 @@ const STAGE_KEYS: [&str; 18] = [
     "prefer",
     "priority",
     "owner",
+    "deadline",
 ];
 
 /// Parses the whole document and runs every check.
