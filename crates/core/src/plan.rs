@@ -7,7 +7,8 @@
 //! finish). `order` sorts the stages that fit, by: the plan (a class the plan
 //! leaves out of a stage goes last), priority, owner
 //! fairness (the owner with fewer running fragments first), comparative advantage
-//! (the stage this class is relatively best at), the declared preferred class, the
+//! (the stage this class is relatively best at), the declared preferred class,
+//! checkpointing work on spot workers (and the rest on on-demand ones), the
 //! critical path of the DAG (the stage with the most work behind it first), then
 //! the least-served stage. The worker, the store's claim path and the simulator all
 //! call these functions.
@@ -32,6 +33,9 @@ pub struct Candidate<'a> {
     pub slowdown: f64,
     /// Whether the plan (`class_plan`) lets this worker's class take the stage's work.
     pub planned: bool,
+    /// Whether the stage's tasks write checkpoints (a preemption then loses
+    /// little): such work goes to spot workers first, other work to on-demand ones.
+    pub checkpoints: bool,
 }
 
 /// Sort key of a candidate: smaller goes first. Slowdowns within 10% of each
@@ -45,6 +49,7 @@ pub fn order_key(c: &Candidate<'_>, offer: &WorkerOffer) -> impl Ord {
         c.owner_running,
         slowdown,
         preferred_elsewhere,
+        c.checkpoints != offer.spot,
         -(c.critical_ms.max(0.0) as i64),
         c.running,
         c.index,
@@ -282,6 +287,7 @@ mod tests {
             critical_ms: 0.0,
             slowdown: 1.0,
             planned: true,
+            checkpoints: false,
         }
     }
 
@@ -378,6 +384,26 @@ mod tests {
         let mut all = [unplanned, candidate(&b, 1)];
         order(&mut all, &offer("cpu"));
         assert_eq!(all[0].index, 1);
+    }
+
+    #[test]
+    fn checkpointing_work_goes_to_spot_workers_first() {
+        let (a, b) = (needs(0, "o", None), needs(0, "o", None));
+        let plain = candidate(&a, 0);
+        let checkpointing = Candidate {
+            checkpoints: true,
+            ..candidate(&b, 1)
+        };
+        let spot = WorkerOffer {
+            spot: true,
+            ..offer("cpu")
+        };
+        let mut all = [plain.clone(), checkpointing.clone()];
+        order(&mut all, &spot);
+        assert_eq!(all[0].index, 1);
+        let mut all = [checkpointing, plain];
+        order(&mut all, &offer("cpu"));
+        assert_eq!(all[0].index, 0);
     }
 
     #[test]

@@ -723,6 +723,7 @@ impl Sim<'_> {
                     critical_ms: critical[s],
                     slowdown,
                     planned: self.planned(s, class),
+                    checkpoints: false,
                 }
             })
             .collect();

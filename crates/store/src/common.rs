@@ -96,6 +96,8 @@ pub(crate) struct StageView {
     pub(crate) left: u64,
     /// Per-item cost learned on each class (classes with a ready model only).
     pub(crate) learned: Vec<(String, f64)>,
+    /// Whether its tasks have written checkpoints.
+    pub(crate) checkpoints: bool,
 }
 
 /// A stored sizer state's learned per-item cost, if its model is ready.
@@ -145,6 +147,7 @@ pub(crate) fn placement_order(views: &[StageView], offer: &WorkerOffer) -> Vec<u
                     _ => 1.0,
                 },
                 planned: true,
+                checkpoints: v.checkpoints,
             }
         })
         .collect();

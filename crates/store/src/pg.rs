@@ -1148,10 +1148,11 @@ fn claim_once(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(Option<Assignm
                     "SELECT (SELECT count(*) FROM fragments WHERE stage_id = $1 AND state = 'running'),
                             (SELECT coalesce(sum(end_idx - start_idx), 0)::BIGINT FROM pending WHERE stage_id = $1)
                           + (SELECT coalesce(sum(end_idx - start_idx - done_count), 0)::BIGINT
-                               FROM fragments WHERE stage_id = $1 AND state = 'running')",
+                               FROM fragments WHERE stage_id = $1 AND state = 'running'),
+                            EXISTS (SELECT 1 FROM blobs WHERE stage_id = $1 AND kind = 'checkpoint')",
                     &[&stage.id],
                 )?;
-                let (running, left): (i64, i64) = (r.get(0), r.get(1));
+                let (running, left, checkpoints): (i64, i64, bool) = (r.get(0), r.get(1), r.get(2));
                 let mut learned = Vec::new();
                 for row in tx.query(
                     "SELECT class, state FROM sizers WHERE stage_id = $1",
@@ -1169,6 +1170,7 @@ fn claim_once(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(Option<Assignm
                     running: running as u64,
                     left: left.max(0) as u64,
                     learned,
+                    checkpoints,
                 });
             }
             ready = placement_order(&views, &req.offer)

@@ -1001,12 +1001,14 @@ fn claim_in_job(
     if ready.len() > 1 {
         let mut views = Vec::with_capacity(stages.len());
         for stage in &stages {
-            let (running, left): (i64, i64) = tx
+            let (running, left, checkpoints): (i64, i64, bool) = tx
                 .prepare_cached(
                     "SELECT (SELECT count(*) FROM fragments WHERE stage_id = ?1 AND state = 'running'),
-                            items - done_count FROM stages WHERE id = ?1",
+                            items - done_count,
+                            EXISTS (SELECT 1 FROM blobs WHERE stage_id = ?1 AND kind = 'checkpoint')
+                     FROM stages WHERE id = ?1",
                 )?
-                .query_row([stage.id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                .query_row([stage.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             let mut learned = Vec::new();
             let mut stmt =
                 tx.prepare_cached("SELECT class, state FROM sizers WHERE stage_id = ?1")?;
@@ -1028,6 +1030,7 @@ fn claim_in_job(
                 running: running as u64,
                 left: left.max(0) as u64,
                 learned,
+                checkpoints,
             });
         }
         ready = placement_order(&views, &req.offer)
