@@ -204,6 +204,10 @@ struct Sim<'a> {
     /// Alive slots per class now, and their forecasts.
     alive_slots: Vec<f64>,
     forecast: Vec<Holt>,
+    /// Preemptions per class since the last tick, and the forecast of each class's
+    /// preemption rate per worker-ms.
+    preempted: Vec<f64>,
+    preempt_rate: Vec<Holt>,
     classes: Vec<ClassReport>,
     wasted_ms: f64,
     useful_ms: f64,
@@ -286,6 +290,8 @@ pub fn simulate<'a>(
         next_fragment: 1,
         alive_slots: vec![0.0; sc.classes.len()],
         forecast: vec![Holt::default(); sc.classes.len()],
+        preempted: vec![0.0; sc.classes.len()],
+        preempt_rate: vec![Holt::default(); sc.classes.len()],
         classes: sc
             .classes
             .iter()
@@ -387,6 +393,10 @@ impl Sim<'_> {
     fn tick(&mut self) {
         for c in 0..self.alive_slots.len() {
             self.forecast[c].observe(self.alive_slots[c]);
+            let workers = self.alive_slots[c] / f64::from(self.sc.classes[c].slots);
+            let rate = self.preempted[c] / (workers.max(1.0) * TICK_MS);
+            self.preempt_rate[c].observe(rate);
+            self.preempted[c] = 0.0;
         }
         if self.policy == Policy::Granule {
             self.replan();
@@ -528,6 +538,16 @@ impl Sim<'_> {
         (share * r.span.len() as f64).floor() as u64
     }
 
+    /// Items of a fragment that stay done if it is cut off at `at`: its progress,
+    /// or none for an all-or-nothing task.
+    fn progress_kept(&self, r: &Running, at: f64) -> u64 {
+        if self.sc.stages[r.stage].acks {
+            Self::progress(r, at)
+        } else {
+            0
+        }
+    }
+
     fn notice(&mut self, w: usize) {
         if self.workers[w].gone {
             return;
@@ -537,7 +557,7 @@ impl Sim<'_> {
         // Every fragment yields at its next safe point: the items done so far are acked.
         for slot in 0..self.workers[w].slots.len() {
             if let Some(r) = self.workers[w].slots[slot].take() {
-                let done = Self::progress(&r, self.now);
+                let done = self.progress_kept(&r, self.now);
                 self.close(w, &r, done, FinishOutcome::Yielded);
             }
         }
@@ -550,12 +570,13 @@ impl Sim<'_> {
         let class = self.workers[w].class;
         if self.workers[w].life.ending == Ending::Preempted {
             self.classes[class].preemptions += 1;
+            self.preempted[class] += 1.0;
         }
         // Killed: acks since the last heartbeat (half of one, on average) are lost.
         let flushed = self.now - self.sc.heartbeat / 2.0;
         for slot in 0..self.workers[w].slots.len() {
             if let Some(r) = self.workers[w].slots[slot].take() {
-                let done = Self::progress(&r, flushed);
+                let done = self.progress_kept(&r, flushed);
                 self.close(w, &r, done, FinishOutcome::Lost);
             }
         }
@@ -862,16 +883,30 @@ impl Sim<'_> {
             Ending::Lifespan => Some((life.end - drain_margin(&life) - self.now).max(0.0)),
             _ => None,
         };
+        // A fragment that cannot keep partial work should be short next to the time
+        // a spot worker of this class is expected to live: a tenth of it (what the
+        // sizer then fits into 80% of), so a preemption costs ~4% of the work.
+        let expected_life =
+            self.sc.classes[class].spot && self.sc.forecast && self.policy == Policy::Granule;
+        let expected_life = expected_life
+            .then(|| self.preempt_rate[class].forecast(1.0))
+            .flatten()
+            .filter(|rate| *rate > 0.0)
+            .map(|rate| 0.1 / rate);
         let active: u32 = self.alive_slots.iter().sum::<f64>().max(1.0) as u32;
         for s in self.candidates(w) {
             let spec = &self.sc.stages[s];
             let st = &mut self.stages[s];
+            let lifespan_ms = match (spec.acks, expected_life) {
+                (false, Some(expected)) => Some(life_left.map_or(expected, |l| l.min(expected))),
+                _ => life_left,
+            };
             let ctx = ClaimContext {
                 remaining: st.ledger.pending.len(),
                 slots: active,
                 free_memory: 1.0,
                 load_per_cpu: 0.0,
-                lifespan_ms: life_left,
+                lifespan_ms,
             };
             let sizing = st.sizers[class].size(&st.config, &ctx);
             if sizing.n == 0 {

@@ -18,6 +18,12 @@ pub struct Scenario {
     /// How long a worker with nothing to do stays (and is paid for), default 2 min.
     #[serde(default = "default_idle_exit", deserialize_with = "millis")]
     pub idle_exit: f64,
+    /// Whether the planner forecasts preemptions (Holt smoothing of each class's
+    /// preemption rate) and sizes all-or-nothing fragments on spot workers to a
+    /// small share of the expected time to the next one (default true; false to
+    /// compare).
+    #[serde(default = "yes")]
+    pub forecast: bool,
     /// What the run may cost at most (reported against, not enforced).
     #[serde(default)]
     pub budget: Option<f64>,
@@ -115,6 +121,10 @@ pub struct StageSpec {
     /// Target fragment duration (default: the sizer's).
     #[serde(default, deserialize_with = "opt_millis")]
     pub target: Option<f64>,
+    /// Whether its tasks ack items as they go (default). A task that does not is
+    /// all-or-nothing: a fragment cut off by a preemption loses all its work.
+    #[serde(default = "yes")]
+    pub acks: bool,
 }
 
 impl StageSpec {
@@ -124,6 +134,9 @@ impl StageSpec {
     }
 }
 
+fn yes() -> bool {
+    true
+}
 fn one() -> u32 {
     1
 }

@@ -234,3 +234,38 @@ deadline = "90m"
     assert!(g.classes[0].utilization > 0.9);
     assert!(g.classes[0].items > g.classes[1].items / 2);
 }
+
+#[test]
+fn forecast_preemptions_keep_all_or_nothing_fragments_short_on_spot() {
+    let text = r#"
+name = "spot-batch"
+seed = 8
+[[class]]
+name = "spot"
+count = 40
+spot = true
+preempt_per_hour = 2.0
+replace_after = "1m"
+[[stage]]
+name = "s"
+items = 20_000
+item_ms = 2000.0
+overhead_ms = 30000.0
+acks = false
+target = "20m"
+"#;
+    let with = run(&scenario(text), Policy::Granule, None);
+    let mut blind = scenario(text);
+    blind.forecast = false;
+    let without = run(&blind, Policy::Granule, None);
+    assert!(with.finished && without.finished);
+    assert_eq!(with.stages[0].done, 20_000);
+    // A preempted all-or-nothing fragment loses everything: sized by the forecast
+    // time to the next preemption, far less is lost.
+    assert!(
+        with.wasted_ms * 2.0 < without.wasted_ms,
+        "{} vs {}",
+        with.wasted_ms,
+        without.wasted_ms
+    );
+}
