@@ -28,6 +28,10 @@ use std::time::{Duration, Instant};
 const IDLE_HEARTBEAT: Duration = Duration::from_secs(1);
 /// How often a worker looks for dead workers on its host and expired leases.
 const REAP_EVERY: Duration = Duration::from_secs(1);
+/// How often a spot worker reads the pool's history to forecast its own life.
+const FORECAST_EVERY: Duration = Duration::from_secs(60);
+/// The history a forecast looks at.
+const FORECAST_WINDOW_MS: i64 = 3_600_000;
 
 /// How a worker runs.
 #[derive(Clone, Debug)]
@@ -170,6 +174,9 @@ struct Worker<'a> {
     outage: Option<Instant>,
     /// What this worker offers to stages (class and resources).
     offer: WorkerOffer,
+    /// On spot capacity: how long a worker of this class is expected to live, from
+    /// the pool's recorded losses (see `forecast`).
+    expected_life_ms: Option<f64>,
 }
 
 /// Runs fragments with `cfg.slots` local slots until the job (or all work) is
@@ -222,6 +229,7 @@ pub(crate) fn run_worker(
         unfinished: Vec::new(),
         outage: None,
         offer,
+        expected_life_ms: None,
     };
     let outcome = worker.run(&finished_rx, interrupts);
     let id = worker.info.id.clone();
@@ -276,6 +284,7 @@ impl Worker<'_> {
     ) -> Result<Outcome> {
         let mut last_flush = Instant::now();
         let mut last_reap = Instant::now();
+        let mut last_forecast: Option<Instant> = None;
         let mut last_split_ask: Option<Instant> = None;
         let mut idle_since: Option<Instant> = None;
         let mut drain: Option<Drain> = None;
@@ -394,7 +403,29 @@ impl Worker<'_> {
                 }
                 last_reap = Instant::now();
             }
+            if self.cfg.spot && last_forecast.is_none_or(|t| t.elapsed() >= FORECAST_EVERY) {
+                self.forecast()?;
+                last_forecast = Some(Instant::now());
+            }
         }
+    }
+
+    /// Reads the pool's last hour and forecasts how long a worker of this class
+    /// lives: one over its rate of lost workers (none while it has lost none).
+    fn forecast(&mut self) -> Result<()> {
+        let now = host::now_ms();
+        let history = self.store.worker_history(now, now - FORECAST_WINDOW_MS);
+        let Some(history) = self.available(history)? else {
+            return Ok(());
+        };
+        let forecast =
+            granule_core::forecast_pool(&history, now, FORECAST_WINDOW_MS, 60_000, 600_000);
+        self.expected_life_ms = forecast
+            .iter()
+            .find(|c| c.class == self.cfg.class)
+            .filter(|c| c.losses_per_hour > 0.0)
+            .map(|c| 3_600_000.0 / c.losses_per_hour);
+        Ok(())
     }
 
     /// A store result, with an unreachable store turned into `None` (noted once per
@@ -508,6 +539,7 @@ impl Worker<'_> {
                 slots: self.cfg.slots,
                 max_items: self.cfg.max_items,
                 offer: self.free_offer(),
+                expected_life_ms: self.expected_life_ms,
                 context: ClaimContext {
                     remaining: 0,
                     slots: self.cfg.slots,

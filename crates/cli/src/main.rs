@@ -523,14 +523,18 @@ const WORKERS_SEEN_MS: i64 = 60_000;
 fn status(args: StatusArgs) -> Result<u8> {
     let mut store = open_store(&args.state)?;
     let jobs = store.status(args.job.as_deref())?;
-    let workers = store.workers(host::now_ms(), WORKERS_SEEN_MS)?;
+    let now = host::now_ms();
+    let workers = store.workers(now, WORKERS_SEEN_MS)?;
     if let Some(stage) = &args.explain {
         return explain(&jobs, &workers, stage);
     }
+    // Each class's slots 10 minutes ahead and its losses, from the last hour.
+    let history = store.worker_history(now, now - 3_600_000)?;
+    let pool = granule_core::forecast_pool(&history, now, 3_600_000, 60_000, 600_000);
     if args.json {
         println!(
             "{}",
-            serde_json::json!({ "jobs": jobs, "workers": workers })
+            serde_json::json!({ "jobs": jobs, "workers": workers, "pool": pool })
         );
         return Ok(EXIT_DONE);
     }
@@ -591,6 +595,16 @@ fn status(args: StatusArgs) -> Result<u8> {
             "  {} ({}, {}{spot}, {}/h, {} cpus, {} gpus): {}/{} slots busy, {} fragments done, {life}, last heard {:.1}s ago",
             w.id, w.class, w.state, w.cost_per_hour, w.resources["cpus"], gpus, w.busy, w.slots, w.fragments_done,
             w.heartbeat_age_ms as f64 / 1e3
+        );
+    }
+    if !pool.is_empty() {
+        println!("pool (last hour, forecast 10 min ahead):");
+    }
+    for c in &pool {
+        let spot = if c.spot { " (spot)" } else { "" };
+        println!(
+            "  class {}{spot}: {} slots now, ~{:.1} expected, {:.2} workers lost per worker-hour",
+            c.class, c.slots_now, c.slots_ahead, c.losses_per_hour
         );
     }
     Ok(EXIT_DONE)
@@ -740,6 +754,7 @@ fn bench_store(args: BenchStoreArgs) -> Result<u8> {
                     let mut mine = Vec::new();
                     while Instant::now() < deadline {
                         let req = ClaimRequest {
+                            expected_life_ms: None,
                             job: Some(id),
                             worker: worker.clone(),
                             class: "default".into(),

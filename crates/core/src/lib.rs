@@ -5,6 +5,7 @@
 //! worker, in the store's claim path and in the simulator, so a policy
 //! tested here is the policy that runs.
 
+mod forecast;
 mod ids;
 mod intervals;
 mod ledger;
@@ -13,6 +14,7 @@ mod plan;
 mod profile;
 mod sizer;
 
+pub use forecast::{forecast_pool, ClassForecast, WorkerSpan};
 pub use ids::{FragmentId, JobId, StageId};
 pub use intervals::{IntervalSet, Span};
 pub use ledger::{

@@ -1,10 +1,10 @@
 //! Pieces both backends share: JSON columns, the stored sizer config, the choice
 //! of where to split a running fragment, placement order and status figures.
 
-use crate::{ClassStatus, Result, StoreError};
+use crate::{ClaimRequest, ClassStatus, Result, StoreError};
 use granule_core::{
-    critical_paths, order, profile, Candidate, CostModel, IntervalSet, PendingRange, Sizer,
-    SizerConfig, Span, StageNeeds, WorkerOffer,
+    critical_paths, order, profile, Candidate, ClaimContext, CostModel, IntervalSet, PendingRange,
+    Sizer, SizerConfig, Span, StageNeeds, WorkerOffer, WorkerSpan,
 };
 
 /// A value as a JSON column.
@@ -224,6 +224,46 @@ pub(crate) fn memory_of(resources: &str) -> u64 {
         .ok()
         .and_then(|v| v["memory_mb"].as_u64())
         .unwrap_or(0)
+}
+
+/// The sizing context of a claim on a stage whose `acks` are as stored: a stage
+/// not known to ack loses a whole fragment to a preemption, so on spot capacity
+/// its fragments must fit a tenth of the worker's expected life.
+pub(crate) fn claim_context(
+    req: &ClaimRequest,
+    acks: &str,
+    remaining: u64,
+    slots: u32,
+) -> ClaimContext {
+    let mut ctx = req.context.clone();
+    ctx.remaining = remaining;
+    ctx.slots = slots;
+    if let (Some(expected), false) = (req.expected_life_ms, acks == "yes") {
+        let cap = expected / 10.0;
+        ctx.lifespan_ms = Some(ctx.lifespan_ms.map_or(cap, |l| l.min(cap)));
+    }
+    ctx
+}
+
+/// A worker silent this long is taken for ended in the pool's history.
+const SILENT_MS: i64 = 60_000;
+
+/// A worker row of the pool's history: class, spot, slots, started, last heard,
+/// state, and whether it lost a fragment.
+pub(crate) type HistoryRow = (String, bool, i64, i64, i64, String, bool);
+
+/// The pool history as the core's forecast takes it.
+pub(crate) fn worker_span(now_ms: i64, row: HistoryRow) -> WorkerSpan {
+    let (class, spot, slots, started, heard, state, lost) = row;
+    let ended = state == "exited" || heard < now_ms - SILENT_MS;
+    WorkerSpan {
+        class,
+        spot,
+        slots: slots.max(0) as u32,
+        start_ms: started,
+        end_ms: ended.then_some(heard),
+        lost,
+    }
 }
 
 /// A finished fragment, as the status figures need it.

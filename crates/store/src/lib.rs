@@ -18,7 +18,7 @@ pub use model::*;
 pub use pg::PgStore;
 pub use sqlite::SqliteStore;
 
-use granule_core::{FragmentId, JobId};
+use granule_core::{FragmentId, JobId, WorkerSpan};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +119,9 @@ pub trait Store {
     fn status(&mut self, job: Option<&str>) -> Result<Vec<JobStatus>>;
     /// Workers seen within `window_ms`, or still holding work.
     fn workers(&mut self, now_ms: i64, window_ms: i64) -> Result<Vec<WorkerStatus>>;
+    /// Lives of the workers alive since `since_ms`, for forecasts of the pool: a
+    /// worker silent for a minute counts as ended; `lost` if it lost a fragment.
+    fn worker_history(&mut self, now_ms: i64, since_ms: i64) -> Result<Vec<WorkerSpan>>;
     /// Stored output tails of a stage's fragments (or one fragment).
     fn logs(&mut self, job: &str, stage: &str, fragment: Option<i64>) -> Result<Vec<FragmentLog>>;
     /// Results of a stage: the last checkpoint of each fragment that finished.

@@ -158,6 +158,10 @@ pub struct ClaimRequest {
     pub offer: WorkerOffer,
     /// Resource readings and lifespan; `remaining` and `slots` are filled per stage.
     pub context: ClaimContext,
+    /// On spot capacity: how long such a worker is expected to last, from the pool's
+    /// forecast loss rate. Fragments of stages whose tasks do not ack (a preemption
+    /// loses them whole) are sized to fit a tenth of it, like a lifespan.
+    pub expected_life_ms: Option<f64>,
 }
 
 /// A claimed fragment.

@@ -13,9 +13,9 @@
 //! the worker buffers acks meanwhile.
 
 use crate::common::{
-    class_statuses, decode_sizer_config, json, learned_cost, memory_of, parse, placement_order,
-    prediction_error, retries_for, sizer_config_json, split_point, stage_profile, Admission,
-    DoneRow, StageView,
+    claim_context, class_statuses, decode_sizer_config, json, learned_cost, memory_of, parse,
+    placement_order, prediction_error, retries_for, sizer_config_json, split_point, stage_profile,
+    worker_span, Admission, DoneRow, HistoryRow, StageView,
 };
 use crate::*;
 use granule_core::{
@@ -982,6 +982,30 @@ impl Store for PgStore {
         })
     }
 
+    fn worker_history(&mut self, now_ms: i64, since_ms: i64) -> Result<Vec<WorkerSpan>> {
+        let rows = self.client()?.query(
+            "SELECT w.class, w.spot, w.slots::BIGINT, w.started_ms, w.heartbeat_ms, w.state,
+                    w.id IN (SELECT worker FROM fragments WHERE state = 'lost' AND finished_ms >= $1)
+             FROM workers w WHERE w.state != 'exited' OR w.heartbeat_ms >= $1",
+            &[&since_ms],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let row: HistoryRow = (
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    r.get(3),
+                    r.get(4),
+                    r.get(5),
+                    r.get(6),
+                );
+                worker_span(now_ms, row)
+            })
+            .collect())
+    }
+
     fn workers(&mut self, now_ms: i64, window_ms: i64) -> Result<Vec<WorkerStatus>> {
         let rows = self.client()?.query(
             "SELECT w.id, w.host, w.state, w.class, w.slots, w.busy, w.lifespan_end_ms, w.heartbeat_ms,
@@ -1265,9 +1289,7 @@ fn claim_range(
     let (remaining, slots): (i64, i64) = (counts.get(0), counts.get(1));
     let slots = (slots as u32).max(req.slots);
     let (mut sizer, locked) = sizer_for(tx, stage.id, &req.class)?;
-    let mut ctx = req.context.clone();
-    ctx.remaining = remaining as u64;
-    ctx.slots = slots;
+    let ctx = claim_context(req, &stage.acks, remaining as u64, slots);
     let sizing = sizer.size(&stage.sizer_config, &ctx);
     let n = req.max_items.map_or(sizing.n, |max| sizing.n.min(max));
     if n == 0 {

@@ -5,9 +5,9 @@
 //! holds it for a few row reads and writes only.
 
 use crate::common::{
-    class_statuses, decode_sizer_config, json, learned_cost, memory_of, parse, placement_order,
-    prediction_error, retries_for, sizer_config_json, split_point, stage_profile, Admission,
-    DoneRow, StageView,
+    claim_context, class_statuses, decode_sizer_config, json, learned_cost, memory_of, parse,
+    placement_order, prediction_error, retries_for, sizer_config_json, split_point, stage_profile,
+    worker_span, Admission, DoneRow, HistoryRow, StageView,
 };
 use crate::schema::MIGRATIONS;
 use crate::*;
@@ -861,6 +861,31 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    fn worker_history(&mut self, now_ms: i64, since_ms: i64) -> Result<Vec<WorkerSpan>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT w.class, w.spot, w.slots, w.started_ms, w.heartbeat_ms, w.state,
+                    w.id IN (SELECT worker FROM fragments WHERE state = 'lost' AND finished_ms >= ?1)
+             FROM workers w WHERE w.state != 'exited' OR w.heartbeat_ms >= ?1",
+        )?;
+        let rows = stmt
+            .query_map([since_ms], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<HistoryRow>>>()?;
+        Ok(rows
+            .into_iter()
+            .map(|row| worker_span(now_ms, row))
+            .collect())
+    }
+
     fn workers(&mut self, now_ms: i64, window_ms: i64) -> Result<Vec<WorkerStatus>> {
         let mut stmt = self.conn.prepare(
             "SELECT w.id, w.host, w.state, w.class, w.slots, w.busy, w.lifespan_end_ms, w.heartbeat_ms,
@@ -1044,9 +1069,11 @@ fn claim_in_job(
             continue;
         }
         let mut sizer = load_sizer(tx, stage.id, &req.class)?;
-        let mut ctx = req.context.clone();
-        ctx.remaining = ledger.pending.len();
-        ctx.slots = slots;
+        let acks: String =
+            tx.query_row("SELECT acks FROM stages WHERE id = ?1", [stage.id], |r| {
+                r.get(0)
+            })?;
+        let ctx = claim_context(req, &acks, ledger.pending.len(), slots);
         let sizing = sizer.size(&stage.sizer_config, &ctx);
         let n = req.max_items.map_or(sizing.n, |max| sizing.n.min(max));
         if n == 0 {
@@ -1100,10 +1127,6 @@ fn claim_in_job(
             claim.span.len() as i64
         ])?;
         save_sizer(tx, stage.id, &req.class, &sizer)?;
-        let acks: String =
-            tx.query_row("SELECT acks FROM stages WHERE id = ?1", [stage.id], |r| {
-                r.get(0)
-            })?;
         let expect_acks = match acks.as_str() {
             "yes" => Some(true),
             "no" => Some(false),

@@ -93,6 +93,7 @@ fn claim(
         slots: 1,
         max_items: max,
         offer: Default::default(),
+        expected_life_ms: None,
         context: ClaimContext {
             remaining: 0,
             slots: 1,
@@ -455,6 +456,7 @@ fn each_class_is_sent_where_it_is_relatively_fastest() {
                 class: class.into(),
                 ..WorkerOffer::default()
             },
+            expected_life_ms: None,
             context: ClaimContext {
                 remaining: 0,
                 slots: 1,
@@ -530,6 +532,7 @@ fn offered(job: JobId, id: &str, spot: bool, memory_mb: u64, now_ms: i64) -> Cla
             spot,
             ..WorkerOffer::default()
         },
+        expected_life_ms: None,
         context: ClaimContext {
             remaining: 0,
             slots: 1,
@@ -675,5 +678,77 @@ fn out_of_memory_retries_on_a_bigger_worker_and_code_errors_fail_fast() {
         );
         let taken = s.claim(&big(24)).unwrap().unwrap();
         assert_eq!(taken.span.start, rest.span.start, "{}", b.name);
+    }
+}
+
+#[test]
+fn lost_workers_make_the_pool_history_and_cap_fragments_that_cannot_keep_partial_work() {
+    for b in backends("forecast") {
+        let mut s = (b.open)();
+        let id = s
+            .submit(&job("quiet", 1_000_000, "h"), 0, false)
+            .unwrap()
+            .id();
+        let talks = s
+            .submit(&job("talks", 1_000_000, "h"), 0, false)
+            .unwrap()
+            .id();
+        described(s.as_mut(), "w", true, 4096, 0);
+        // Teach both stages a model (1 ms per item, 10 ms overhead); "quiet" never
+        // acks (a preemption loses its fragments whole), "talks" does.
+        for (job, acks) in [(id, 0u64), (talks, 1)] {
+            for n in [10u64, 40] {
+                let mut req = offered(job, "w", true, 4096, 1);
+                req.max_items = Some(n);
+                let a = s.claim(&req).unwrap().unwrap();
+                let end = FragmentEnd {
+                    observed_ms: 10.0 + n as f64,
+                    fed: n,
+                    acks: acks * n,
+                    ..end(a.fragment, FinishOutcome::Success, a.span.end)
+                };
+                s.finish("w", 2, &end).unwrap();
+            }
+        }
+        let sized = |s: &mut Box<dyn Store>, job, life: Option<f64>| {
+            let mut req = offered(job, "w", true, 4096, 3);
+            req.max_items = None;
+            req.expected_life_ms = life;
+            let a = s.claim(&req).unwrap().unwrap();
+            s.finish("w", 4, &end(a.fragment, FinishOutcome::Success, a.span.end))
+                .unwrap();
+            a.n
+        };
+        let free = sized(&mut s, id, None);
+        let capped = sized(&mut s, id, Some(2_000.0));
+        assert!(capped * 4 < free, "{}: {capped} vs {free}", b.name);
+        assert!(
+            capped <= 200,
+            "{}: a tenth of 2 s at 1 ms per item: {capped}",
+            b.name
+        );
+        // A stage whose tasks ack keeps its work across a preemption: no cap.
+        let acking = sized(&mut s, talks, Some(2_000.0));
+        assert!(acking > 2 * capped, "{}: {acking} vs {capped}", b.name);
+
+        // The worker is lost holding a fragment: the history records it.
+        let a = s.claim(&offered(id, "w", true, 4096, 10)).unwrap().unwrap();
+        assert!(a.n > 0);
+        described(s.as_mut(), "w", true, 4096, 50_000); // its last heartbeat
+        assert_eq!(
+            s.release(100_000, &["w".to_string()]).unwrap(),
+            1,
+            "{}",
+            b.name
+        );
+        let history = s.worker_history(100_000, 0).unwrap();
+        assert_eq!(history.len(), 1, "{}", b.name);
+        assert!(
+            history[0].lost && history[0].spot,
+            "{}: {history:?}",
+            b.name
+        );
+        let pool = granule_core::forecast_pool(&history, 100_000, 100_000, 10_000, 60_000);
+        assert!(pool[0].losses_per_hour > 0.0, "{}: {pool:?}", b.name);
     }
 }
