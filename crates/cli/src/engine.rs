@@ -893,6 +893,7 @@ impl Worker<'_> {
             observed_ms: report.duration_ms,
             cpu_ms: report.cpu_ms,
             peak_rss_kb: report.peak_rss_kb,
+            io_bytes: report.io_bytes,
             load: self.sampler.sample().load_per_cpu,
             fed: report.fed,
             acks: report.acks,

@@ -636,7 +636,7 @@ fn explain(
     );
     println!("  {} pending, {} running; stages that fit go by priority, then the owner with fewer fragments running, then the class's relative speed on each stage (learned), then the preferred class, then the longest path of work left in the DAG, then fewest running", stage.pending, stage.running_fragments);
     if let (Some(profile), Some(source)) = (&stage.profile, &stage.profile_source) {
-        println!("  profile: {profile} ({source}: history is CPU time / wall time and peak memory; before any, the declared class or a guess from the name and command)");
+        println!("  profile: {profile} ({source}: history is CPU time / wall time, peak memory and block I/O; before any, the declared class or a guess from the name and command)");
     }
     let best = stage
         .classes

@@ -245,3 +245,28 @@ fn a_hundred_million_items_are_a_few_rows() {
         .len();
     assert!(size < 1 << 20, "store is {size} bytes");
 }
+
+#[test]
+fn a_stage_is_profiled_from_its_history_and_guessed_before() {
+    // Writes 30 MB per fragment: block I/O makes it IO-bound. Its name suggests
+    // nothing; a second stage, never run, is guessed from its name.
+    let job = Job::new(
+        "name = \"p\"\n[[stage]]\nname = \"step\"\ncommand = [\"sh\", \"-c\", \"head -c 30000000 /dev/zero > blob.$GRANULE_FRAGMENT; cat >/dev/null\"]\nitems = { range = [0, 4] }\n[[stage]]\nname = \"thumbnails\"\ncommand = [\"true\"]\nitems = { range = [0, 1] }\n",
+    );
+    assert!(job
+        .cmd(&["submit", "job.toml"])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let before = job.status();
+    assert_eq!(stage(&before, 0)["profile"], serde_json::Value::Null);
+    assert_eq!(stage(&before, 1)["profile"], "cpu", "{before}");
+    assert_eq!(stage(&before, 1)["profile_source"], "guess");
+    let out = job.run(&[], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = job.status();
+    let s = stage(&status, 0);
+    assert_eq!(s["profile"], "io", "{s}");
+    assert_eq!(s["profile_source"], "history", "{s}");
+}

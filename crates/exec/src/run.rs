@@ -158,6 +158,8 @@ pub struct RunReport {
     pub cpu_ms: f64,
     /// Peak RSS of the child(ren), KiB.
     pub peak_rss_kb: u64,
+    /// Block I/O of the child(ren), bytes.
+    pub io_bytes: u64,
     /// Tail of stdout.
     pub stdout_tail: Vec<u8>,
     /// Tail of stderr.
@@ -345,6 +347,7 @@ fn empty_report() -> RunReport {
         last_ack_ms: None,
         cpu_ms: 0.0,
         peak_rss_kb: 0,
+        io_bytes: 0,
         stdout_tail: Vec::new(),
         stderr_tail: Vec::new(),
         outcome: FinishOutcome::Yielded,
@@ -542,6 +545,7 @@ fn run_batch(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> RunRe
     report.stderr_tail = collect(stderr);
     report.cpu_ms = sup.exit.cpu_ms;
     report.peak_rss_kb = sup.exit.max_rss_kb;
+    report.io_bytes = sup.exit.io_bytes;
     let st = control.lock();
     report.yielded = st.yield_requested;
     report.failure = classify(&sup, job.limit);
@@ -782,6 +786,7 @@ fn run_per_item(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> Ru
         let sup = supervise(job, control, &waiter, start);
         report.cpu_ms += sup.exit.cpu_ms;
         report.peak_rss_kb = report.peak_rss_kb.max(sup.exit.max_rss_kb);
+        report.io_bytes += sup.exit.io_bytes;
         match classify(&sup, job.limit) {
             None => {
                 Control::ack(&mut control.lock(), index, Instant::now());

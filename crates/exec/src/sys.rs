@@ -47,6 +47,8 @@ pub(crate) struct Exit {
     pub(crate) cpu_ms: f64,
     /// Peak resident set, KiB.
     pub(crate) max_rss_kb: u64,
+    /// Bytes read from and written to storage (block I/O, not the page cache).
+    pub(crate) io_bytes: u64,
 }
 
 /// A child being waited for, by pidfd where the kernel has them.
@@ -103,6 +105,8 @@ impl Waiter {
             signal: libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status)),
             cpu_ms: ms(usage.ru_utime) + ms(usage.ru_stime),
             max_rss_kb: usage.ru_maxrss.max(0) as u64,
+            // rusage counts 512-byte blocks.
+            io_bytes: (usage.ru_inblock.max(0) + usage.ru_oublock.max(0)) as u64 * 512,
         })
     }
 

@@ -274,6 +274,7 @@ pub(crate) struct DoneRow {
     pub(crate) observed_ms: f64,
     pub(crate) cpu_ms: f64,
     pub(crate) peak_rss_kb: u64,
+    pub(crate) io_bytes: u64,
 }
 
 /// Per-class figures of a stage from its finished fragments (in finish order) and
@@ -323,9 +324,10 @@ pub(crate) fn stage_profile(
     let cpu: f64 = rows.iter().map(|r| r.cpu_ms).sum();
     let wall: f64 = rows.iter().map(|r| r.observed_ms).sum();
     let rss = rows.iter().map(|r| r.peak_rss_kb).max().unwrap_or(0);
+    let io: u64 = rows.iter().map(|r| r.io_bytes).sum();
     let known =
         |p: Option<&str>, source: &str| p.map(|p| (Some(p.to_string()), Some(source.to_string())));
-    known(profile(cpu, wall, rss), "history")
+    known(profile(cpu, wall, rss, io), "history")
         .or_else(|| known(needs.class.as_deref(), "declared"))
         .or_else(|| known(needs.guess.as_deref(), "guess"))
         .unwrap_or((None, None))

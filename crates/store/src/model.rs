@@ -264,6 +264,8 @@ pub struct FragmentEnd {
     pub cpu_ms: f64,
     /// Peak RSS, KiB.
     pub peak_rss_kb: u64,
+    /// Block I/O of the task, bytes.
+    pub io_bytes: u64,
     /// Load per CPU at the end.
     pub load: f64,
     /// Items fed.
@@ -299,6 +301,7 @@ impl FragmentEnd {
             observed_ms: 0.0,
             cpu_ms: 0.0,
             peak_rss_kb: 0,
+            io_bytes: 0,
             load: 0.0,
             fed: 1,
             acks: 0,

@@ -157,6 +157,10 @@ ALTER TABLE pending ADD COLUMN floor_memory_mb BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE fragments ADD COLUMN lost INT NOT NULL DEFAULT 0;
 ALTER TABLE fragments ADD COLUMN floor_memory_mb BIGINT NOT NULL DEFAULT 0;
 "#,
+    // 5: block I/O of a fragment's task, for the stage's profile.
+    r#"
+ALTER TABLE fragments ADD COLUMN io_bytes BIGINT NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// A store in a PostgreSQL database.
@@ -838,7 +842,7 @@ impl Store for PgStore {
                 "UPDATE fragments SET state = $2, finished_ms = $3, observed_ms = $4, cpu_ms = $5, peak_rss_kb = $6,
                   load = $7, fed = $8, acks = $9, cause = $10, detail = $11, stdout = $12, stderr = $13,
                   end_idx = $14, acked = $15, done_count = $16, wasted_ms = $17, checkpoint_fallbacks = $18,
-                  split_request = NULL, checkpoint_id = $19, splits = splits + $20
+                  split_request = NULL, checkpoint_id = $19, splits = splits + $20, io_bytes = $21
                  WHERE id = $1",
                 &[
                     &id.0,
@@ -861,6 +865,7 @@ impl Store for PgStore {
                     &(end.checkpoint_fallbacks as i32),
                     &f.checkpoint,
                     &splits,
+                    &(end.io_bytes as i64),
                 ],
             )?;
             if end.acks > 0 && stage.acks != "yes" {
@@ -1418,7 +1423,7 @@ fn stage_status(tx: &mut Tx<'_, '_>, stage: &StageRow) -> Result<StageStatus> {
     let rows: Vec<DoneRow> = tx
         .query(
             "SELECT class, end_idx - start_idx, predicted_ms, coalesce(observed_ms, 0), coalesce(cpu_ms, 0),
-                    coalesce(peak_rss_kb, 0)
+                    coalesce(peak_rss_kb, 0), io_bytes
              FROM fragments WHERE stage_id = $1 AND state = 'done' ORDER BY finished_ms, id",
             &[&stage.id],
         )?
@@ -1430,6 +1435,7 @@ fn stage_status(tx: &mut Tx<'_, '_>, stage: &StageRow) -> Result<StageStatus> {
             observed_ms: r.get(3),
             cpu_ms: r.get(4),
             peak_rss_kb: r.get::<_, i64>(5) as u64,
+            io_bytes: r.get::<_, i64>(6) as u64,
         })
         .collect();
     let pairs: Vec<(f64, f64)> = rows

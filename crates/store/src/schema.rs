@@ -116,4 +116,8 @@ ALTER TABLE stages ADD COLUMN needs TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE fragments ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE fragments ADD COLUMN floor_memory_mb INTEGER NOT NULL DEFAULT 0;
 "#,
+    // 6: block I/O of a fragment's task, for the stage's profile.
+    r#"
+ALTER TABLE fragments ADD COLUMN io_bytes INTEGER NOT NULL DEFAULT 0;
+"#,
 ];

@@ -705,7 +705,7 @@ impl Store for SqliteStore {
             "UPDATE fragments SET state = ?2, finished_ms = ?3, observed_ms = ?4, cpu_ms = ?5, peak_rss_kb = ?6,
               load = ?7, fed = ?8, acks = ?9, cause = ?10, detail = ?11, stdout = ?12, stderr = ?13,
               end_idx = ?14, acked = ?15, wasted_ms = ?16, checkpoint_fallbacks = ?17, split_request = NULL,
-              checkpoint_id = ?18
+              checkpoint_id = ?18, io_bytes = ?19
              WHERE id = ?1",
         )?
         .execute(params![
@@ -726,7 +726,8 @@ impl Store for SqliteStore {
             json(&acked),
             end.wasted_ms,
             end.checkpoint_fallbacks,
-            checkpoint
+            checkpoint,
+            end.io_bytes as i64
         ])?;
         if end.acks > 0 {
             tx.execute("UPDATE stages SET acks = 'yes' WHERE id = ?1", [stage])?;
@@ -1184,7 +1185,7 @@ impl SqliteStore {
             .conn
             .prepare_cached(
                 "SELECT class, end_idx - start_idx, predicted_ms, coalesce(observed_ms, 0), coalesce(cpu_ms, 0),
-                        coalesce(peak_rss_kb, 0)
+                        coalesce(peak_rss_kb, 0), io_bytes
                  FROM fragments WHERE stage_id = ?1 AND state = 'done' ORDER BY finished_ms, id",
             )?
             .query_map([stage.id], |r| {
@@ -1195,6 +1196,7 @@ impl SqliteStore {
                     observed_ms: r.get(3)?,
                     cpu_ms: r.get(4)?,
                     peak_rss_kb: r.get::<_, i64>(5)? as u64,
+                    io_bytes: r.get::<_, i64>(6)? as u64,
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
