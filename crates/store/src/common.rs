@@ -3,8 +3,9 @@
 
 use crate::{ClaimRequest, ClassStatus, Result, StoreError};
 use granule_core::{
-    critical_paths, order, profile, Candidate, ClaimContext, CostModel, IntervalSet, PendingRange,
-    Sizer, SizerConfig, Span, StageNeeds, WorkerOffer, WorkerSpan,
+    class_plan, critical_paths, fluid_finish, order, profile, Candidate, ClaimContext, CostModel,
+    IntervalSet, PendingRange, Sizer, SizerConfig, Span, StageNeeds, StageWork, WorkerOffer,
+    WorkerSpan,
 };
 
 /// A value as a JSON column.
@@ -98,6 +99,101 @@ pub(crate) struct StageView {
     pub(crate) learned: Vec<(String, f64)>,
     /// Whether its tasks have written checkpoints.
     pub(crate) checkpoints: bool,
+    /// When it should be done (its job's submission + its `deadline`), unix ms.
+    pub(crate) deadline_at_ms: Option<i64>,
+}
+
+/// A class of live workers, for the deadline plan.
+pub(crate) struct PoolClass {
+    /// The class.
+    pub(crate) class: String,
+    /// Its live slots.
+    pub(crate) slots: f64,
+    /// Its price per slot-hour.
+    pub(crate) cost_per_slot_hour: f64,
+}
+
+/// Live worker classes from rows of (class, slots, cost per worker-hour).
+pub(crate) fn pool_classes(rows: Vec<(String, i64, f64)>) -> Vec<PoolClass> {
+    let mut pool: Vec<PoolClass> = Vec::new();
+    for (class, slots, cost) in rows {
+        let slots = slots.max(1) as f64;
+        match pool.iter_mut().find(|p| p.class == class) {
+            Some(p) => {
+                let total = p.slots + slots;
+                p.cost_per_slot_hour = (p.cost_per_slot_hour * p.slots + cost) / total;
+                p.slots = total;
+            }
+            None => pool.push(PoolClass {
+                class,
+                slots,
+                cost_per_slot_hour: cost / slots,
+            }),
+        }
+    }
+    pool
+}
+
+/// With a deadline on a ready stage: for each view, whether the asking class is
+/// in the cheapest plan that still finishes the ready work by the earliest
+/// deadline (90% of the time left, or as soon as possible if that is too late).
+/// A class whose cost on a stage is not learned yet is planned there (to learn
+/// it). `None` when no ready stage has a deadline or no cost is learned at all.
+pub(crate) fn deadline_plan(
+    views: &[StageView],
+    pool: &[PoolClass],
+    class: &str,
+    now_ms: i64,
+) -> Option<Vec<bool>> {
+    let deadline = views
+        .iter()
+        .filter(|v| v.ready)
+        .filter_map(|v| v.deadline_at_ms)
+        .min()?;
+    let me = pool.iter().position(|p| p.class == class)?;
+    let work: Vec<StageWork> = views
+        .iter()
+        .map(|v| {
+            let best = v.learned.iter().map(|(_, b)| *b).min_by(f64::total_cmp);
+            StageWork {
+                items: if v.ready { v.left as f64 } else { 0.0 },
+                per_item_ms: pool
+                    .iter()
+                    .map(|p| {
+                        v.learned
+                            .iter()
+                            .find(|(c, _)| *c == p.class)
+                            .map(|(_, b)| *b)
+                            .or(best)
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    if work
+        .iter()
+        .all(|w| w.items <= 0.0 || w.per_item_ms.iter().all(Option::is_none))
+    {
+        return None;
+    }
+    let slots: Vec<f64> = pool.iter().map(|p| p.slots).collect();
+    let soonest = fluid_finish(&work, &slots, 1e12)?;
+    let horizon = (0.9 * (deadline - now_ms) as f64).max(soonest * 1.05);
+    let prices: Vec<f64> = pool
+        .iter()
+        .map(|p| p.cost_per_slot_hour / 3_600_000.0)
+        .collect();
+    let plan = class_plan(&work, &slots, &prices, horizon);
+    Some(
+        views
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let unknown = !v.learned.iter().any(|(c, _)| c == class);
+                plan.planned[i][me] || unknown
+            })
+            .collect(),
+    )
 }
 
 /// A stored sizer state's learned per-item cost, if its model is ready.
@@ -107,10 +203,16 @@ pub(crate) fn learned_cost(state: &str) -> Result<Option<f64>> {
 }
 
 /// The ready stages (by `idx`) in the order a worker offering `offer` should try
-/// them: the core's `order` over what the store knows (priority, owner fairness
-/// within the job, comparative advantage from the per-class cost models, the
-/// preferred class, the critical path, the least-served stage).
-pub(crate) fn placement_order(views: &[StageView], offer: &WorkerOffer) -> Vec<usize> {
+/// them: the core's `order` over what the store knows (the deadline plan, priority,
+/// owner fairness within the job, comparative advantage from the per-class cost
+/// models, the preferred class, the critical path, the least-served stage). With
+/// a deadline plan (`planned`, per view), stages it keeps from this class are left
+/// out: their work waits for cheaper classes, or for the plan to change.
+pub(crate) fn placement_order(
+    views: &[StageView],
+    offer: &WorkerOffer,
+    planned: Option<&[bool]>,
+) -> Vec<usize> {
     let best: Vec<Option<f64>> = views
         .iter()
         .map(|v| v.learned.iter().map(|(_, b)| *b).min_by(f64::total_cmp))
@@ -146,13 +248,17 @@ pub(crate) fn placement_order(views: &[StageView], offer: &WorkerOffer) -> Vec<u
                     (Some(h), Some(b)) if b > 0.0 => h / b,
                     _ => 1.0,
                 },
-                planned: true,
+                planned: planned.is_none_or(|p| p[i]),
                 checkpoints: v.checkpoints,
             }
         })
         .collect();
     order(&mut candidates, offer);
-    candidates.iter().map(|c| c.index).collect()
+    candidates
+        .iter()
+        .filter(|c| c.planned)
+        .map(|c| c.index)
+        .collect()
 }
 
 /// Ranges lost with their worker this many times go to on-demand workers.

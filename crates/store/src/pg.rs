@@ -13,9 +13,10 @@
 //! the worker buffers acks meanwhile.
 
 use crate::common::{
-    claim_context, class_statuses, decode_sizer_config, json, learned_cost, memory_of, parse,
-    placement_order, prediction_error, retries_for, sizer_config_json, split_point, stage_profile,
-    worker_span, Admission, DoneRow, HistoryRow, StageView,
+    claim_context, class_statuses, deadline_plan, decode_sizer_config, json, learned_cost,
+    memory_of, parse, placement_order, pool_classes, prediction_error, retries_for,
+    sizer_config_json, split_point, stage_profile, worker_span, Admission, DoneRow, HistoryRow,
+    StageView,
 };
 use crate::*;
 use granule_core::{
@@ -1170,7 +1171,11 @@ fn claim_once(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(Option<Assignm
                 && fits(&s.needs, &req.offer).is_ok()
         };
         let mut ready: Vec<&StageRow> = stages.iter().filter(|s| is_ready(s)).collect();
-        if ready.len() > 1 {
+        let deadlines = ready.iter().any(|s| s.needs.deadline_ms.is_some());
+        if ready.len() > 1 || deadlines {
+            let created: i64 = tx
+                .query_one("SELECT created_ms FROM jobs WHERE id = $1", &[&job])?
+                .get(0);
             let mut views = Vec::with_capacity(stages.len());
             for stage in &stages {
                 let r = tx.query_one(
@@ -1200,9 +1205,24 @@ fn claim_once(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(Option<Assignm
                     left: left.max(0) as u64,
                     learned,
                     checkpoints,
+                    deadline_at_ms: stage.needs.deadline_ms.map(|ms| created + ms as i64),
                 });
             }
-            ready = placement_order(&views, &req.offer)
+            let plan = if deadlines {
+                let rows = tx
+                    .query(
+                        "SELECT class, slots::BIGINT, cost FROM workers
+                         WHERE state = 'running' AND heartbeat_ms >= $1",
+                        &[&(req.now_ms - req.lease_ms)],
+                    )?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2)))
+                    .collect();
+                deadline_plan(&views, &pool_classes(rows), &req.class, req.now_ms)
+            } else {
+                None
+            };
+            ready = placement_order(&views, &req.offer, plan.as_deref())
                 .into_iter()
                 .map(|idx| &stages[idx])
                 .collect();

@@ -5,9 +5,10 @@
 //! holds it for a few row reads and writes only.
 
 use crate::common::{
-    claim_context, class_statuses, decode_sizer_config, json, learned_cost, memory_of, parse,
-    placement_order, prediction_error, retries_for, sizer_config_json, split_point, stage_profile,
-    worker_span, Admission, DoneRow, HistoryRow, StageView,
+    claim_context, class_statuses, deadline_plan, decode_sizer_config, json, learned_cost,
+    memory_of, parse, placement_order, pool_classes, prediction_error, retries_for,
+    sizer_config_json, split_point, stage_profile, worker_span, Admission, DoneRow, HistoryRow,
+    StageView,
 };
 use crate::schema::MIGRATIONS;
 use crate::*;
@@ -1024,7 +1025,12 @@ fn claim_in_job(
             && fits(&stage.needs, &req.offer).is_ok()
     };
     let mut ready: Vec<&StageRow> = stages.iter().filter(|s| is_ready(s)).collect();
-    if ready.len() > 1 {
+    let deadlines = ready.iter().any(|s| s.needs.deadline_ms.is_some());
+    if ready.len() > 1 || deadlines {
+        let created: i64 =
+            tx.query_row("SELECT created_ms FROM jobs WHERE id = ?1", [job], |r| {
+                r.get(0)
+            })?;
         let mut views = Vec::with_capacity(stages.len());
         for stage in &stages {
             let (running, left, checkpoints): (i64, i64, bool) = tx
@@ -1057,9 +1063,23 @@ fn claim_in_job(
                 left: left.max(0) as u64,
                 learned,
                 checkpoints,
+                deadline_at_ms: stage.needs.deadline_ms.map(|ms| created + ms as i64),
             });
         }
-        ready = placement_order(&views, &req.offer)
+        let plan = if deadlines {
+            let mut stmt = tx.prepare_cached(
+                "SELECT class, slots, cost FROM workers WHERE state = 'running' AND heartbeat_ms >= ?1",
+            )?;
+            let rows = stmt
+                .query_map([req.now_ms - req.lease_ms], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            deadline_plan(&views, &pool_classes(rows), &req.class, req.now_ms)
+        } else {
+            None
+        };
+        ready = placement_order(&views, &req.offer, plan.as_deref())
             .into_iter()
             .map(|idx| &stages[idx])
             .collect();

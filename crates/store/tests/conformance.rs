@@ -752,3 +752,74 @@ fn lost_workers_make_the_pool_history_and_cap_fragments_that_cannot_keep_partial
         assert!(pool[0].losses_per_hour > 0.0, "{}: {pool:?}", b.name);
     }
 }
+
+#[test]
+fn with_a_deadline_the_dear_class_waits_until_the_cheap_one_cannot_make_it() {
+    for b in backends("deadline_plan") {
+        let mut s = (b.open)();
+        let mut spec = job("j", 10_000, "h");
+        let hour = 3_600_000i64;
+        spec.stages[0].needs.deadline_ms = Some(hour as f64);
+        let id = s.submit(&spec, 0, false).unwrap().id();
+        let register = |s: &mut Box<dyn Store>, class: &str, cost: f64, now: i64| {
+            let info = WorkerInfo {
+                id: class.into(),
+                host: "test".into(),
+                pid: 1,
+                proc_start: 1,
+                slots: 1,
+                class: class.into(),
+                lifespan_end_ms: None,
+                cost_per_hour: cost,
+                spot: false,
+                resources: "{}".into(),
+            };
+            s.register_worker(&info, now).unwrap();
+        };
+        let req = |class: &str, now: i64, n: Option<u64>| {
+            let mut r = offered(id, class, false, 0, now);
+            r.class = class.into();
+            r.offer.class = class.into();
+            r.max_items = n;
+            r
+        };
+        register(&mut s, "cheap", 0.1, 0);
+        register(&mut s, "dear", 10.0, 0);
+        // Each class learns its cost first (cheap: 10 ms per item, dear: 1 ms).
+        for (class, per_item) in [("cheap", 10.0), ("dear", 1.0)] {
+            for n in [10u64, 40] {
+                let a = s.claim(&req(class, 1, Some(n))).unwrap().unwrap();
+                let end = FragmentEnd {
+                    observed_ms: 10.0 + n as f64 * per_item,
+                    fed: n,
+                    ..end(a.fragment, FinishOutcome::Success, a.span.end)
+                };
+                s.finish(class, 2, &end).unwrap();
+            }
+        }
+        // An hour to go: the cheap class alone makes it, the dear one is not used.
+        assert!(
+            s.claim(&req("dear", 3, Some(100))).unwrap().is_none(),
+            "{}",
+            b.name
+        );
+        let cheap = s.claim(&req("cheap", 3, Some(100))).unwrap().unwrap();
+        s.finish(
+            "cheap",
+            4,
+            &end(cheap.fragment, FinishOutcome::Success, cheap.span.end),
+        )
+        .unwrap();
+        // A minute before the deadline ~9,800 items are left: ~98 s for the cheap
+        // class alone. Now the dear class is planned too.
+        let late = hour - 60_000;
+        register(&mut s, "cheap", 0.1, late);
+        register(&mut s, "dear", 10.0, late);
+        let dear = s.claim(&req("dear", late, Some(100))).unwrap();
+        assert!(
+            dear.is_some(),
+            "{}: the dear class helps to make the deadline",
+            b.name
+        );
+    }
+}
