@@ -350,7 +350,9 @@ impl Worker<'_> {
             {
                 let job = self.cfg.job.as_ref().map(|(id, _)| *id);
                 let min_ms = 2.0 * self.cfg.flush.as_secs_f64() * 1e3;
-                let asked = self.store.request_split(job, host::now_ms(), min_ms);
+                let asked = self
+                    .store
+                    .request_split(job, host::now_ms(), min_ms, &self.cfg.class);
                 if self.available(asked)?.flatten().is_some() {
                     // The tail becomes pending at the owner's next flush: look again soon.
                     claim_found_nothing = None;

@@ -439,6 +439,18 @@ pub(crate) fn stage_profile(
         .unwrap_or((None, None))
 }
 
+/// How much more a running fragment's remaining work is worth splitting off for
+/// an idle worker of a class that is faster on its stage: the owner's learned
+/// per-item cost over the asker's (at least 1; 1 when either is unknown). A
+/// fragment stuck on a slow class moves first when a better placement appears.
+pub(crate) fn split_gain(owner: &CostModel, asker: &CostModel) -> f64 {
+    if owner.ready() && asker.ready() && asker.b_ms > 0.0 {
+        (owner.b_ms / asker.b_ms).max(1.0)
+    } else {
+        1.0
+    }
+}
+
 /// Skipped when judging the predictor: the first fragments of a stage are its slow start.
 pub(crate) const WARM_UP_FRAGMENTS: usize = 20;
 

@@ -101,12 +101,14 @@ pub trait Store {
     ) -> Result<FlushReply>;
     /// Asks the owner of the running fragment with the most predicted remaining
     /// work (at least `min_ms`) to give up the second half of it; returns that
-    /// fragment, or `None` if nothing is worth splitting.
+    /// fragment, or `None` if nothing is worth splitting. Remaining work counts
+    /// `split_gain` times more on a class slower than the asker's (`class`) there.
     fn request_split(
         &mut self,
         job: Option<JobId>,
         now_ms: i64,
         min_ms: f64,
+        class: &str,
     ) -> Result<Option<FragmentId>>;
     /// Ends a fragment; its final acks and checkpoints are in `end.flush`.
     fn finish(&mut self, worker: &str, now_ms: i64, end: &FragmentEnd) -> Result<Finished>;

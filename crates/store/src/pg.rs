@@ -15,8 +15,8 @@
 use crate::common::{
     claim_context, class_statuses, deadline_plan, decode_sizer_config, json, learned_cost,
     memory_of, parse, placement_order, pool_classes, prediction_error, retries_for,
-    sizer_config_json, split_point, stage_profile, worker_span, Admission, DoneRow, HistoryRow,
-    StageView,
+    sizer_config_json, split_gain, split_point, stage_profile, worker_span, Admission, DoneRow,
+    HistoryRow, StageView,
 };
 use crate::*;
 use granule_core::{
@@ -775,6 +775,7 @@ impl Store for PgStore {
         job: Option<JobId>,
         now_ms: i64,
         min_ms: f64,
+        asker: &str,
     ) -> Result<Option<FragmentId>> {
         self.with_tx(|tx| {
             let rows = tx.query(
@@ -786,17 +787,25 @@ impl Store for PgStore {
             let mut best: Option<(f64, i64, u64)> = None;
             for r in &rows {
                 let (stage, class): (i64, String) = (r.get(1), r.get(5));
-                let state = tx.query_opt("SELECT state FROM sizers WHERE stage_id = $1 AND class = $2", &[&stage, &class])?;
-                let model = match state {
-                    Some(s) => parse::<Sizer>(s.get(0), "sizer state")?.model,
-                    None => Default::default(),
+                let mut model_of = |class: &str| -> Result<granule_core::CostModel> {
+                    let state = tx.query_opt(
+                        "SELECT state FROM sizers WHERE stage_id = $1 AND class = $2",
+                        &[&stage, &class],
+                    )?;
+                    Ok(match state {
+                        Some(s) => parse::<Sizer>(s.get(0), "sizer state")?.model,
+                        None => Default::default(),
+                    })
                 };
+                let model = model_of(&class)?;
+                let gain = split_gain(&model, &model_of(asker)?);
                 let acked: IntervalSet = parse(r.get(4), "fragment acks")?;
                 let span = Span::new(r.get::<_, i64>(2) as u64, r.get::<_, i64>(3) as u64);
                 let elapsed = now_ms - r.get::<_, i64>(6);
                 if let Some((remaining, at)) = split_point(span, &acked, &model, elapsed, r.get(7), min_ms) {
-                    if best.is_none_or(|b| remaining > b.0) {
-                        best = Some((remaining, r.get(0), at));
+                    let worth = remaining * gain;
+                    if best.is_none_or(|b| worth > b.0) {
+                        best = Some((worth, r.get(0), at));
                     }
                 }
             }

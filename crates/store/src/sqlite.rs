@@ -7,8 +7,8 @@
 use crate::common::{
     claim_context, class_statuses, deadline_plan, decode_sizer_config, json, learned_cost,
     memory_of, parse, placement_order, pool_classes, prediction_error, retries_for,
-    sizer_config_json, split_point, stage_profile, worker_span, Admission, DoneRow, HistoryRow,
-    StageView,
+    sizer_config_json, split_gain, split_point, stage_profile, worker_span, Admission, DoneRow,
+    HistoryRow, StageView,
 };
 use crate::schema::MIGRATIONS;
 use crate::*;
@@ -611,6 +611,7 @@ impl Store for SqliteStore {
         job: Option<JobId>,
         now_ms: i64,
         min_ms: f64,
+        asker: &str,
     ) -> Result<Option<FragmentId>> {
         let tx = self.write()?;
         let mut stmt = tx.prepare_cached(
@@ -638,6 +639,7 @@ impl Store for SqliteStore {
         for (id, stage, start, end, acked, class, claimed_ms, predicted_ms) in rows {
             let acked: granule_core::IntervalSet = parse(&acked, "fragment acks")?;
             let model = load_sizer(&tx, stage, &class)?.model;
+            let gain = split_gain(&model, &load_sizer(&tx, stage, asker)?.model);
             let candidate = split_point(
                 Span::new(start as u64, end as u64),
                 &acked,
@@ -647,8 +649,9 @@ impl Store for SqliteStore {
                 min_ms,
             );
             if let Some((remaining_ms, at)) = candidate {
-                if best.is_none_or(|b| remaining_ms > b.0) {
-                    best = Some((remaining_ms, id, at));
+                let worth = remaining_ms * gain;
+                if best.is_none_or(|b| worth > b.0) {
+                    best = Some((worth, id, at));
                 }
             }
         }

@@ -283,7 +283,7 @@ fn a_split_moves_only_the_unfed_tail() {
         .unwrap();
         // Long overdue: judged by its own pace, its tail is worth stealing.
         assert_eq!(
-            s.request_split(Some(id), 100_000, 10.0).unwrap(),
+            s.request_split(Some(id), 100_000, 10.0, "default").unwrap(),
             Some(a.fragment),
             "{}",
             b.name
@@ -819,6 +819,51 @@ fn with_a_deadline_the_dear_class_waits_until_the_cheap_one_cannot_make_it() {
         assert!(
             dear.is_some(),
             "{}: the dear class helps to make the deadline",
+            b.name
+        );
+    }
+}
+
+#[test]
+fn an_idle_fast_worker_splits_work_stuck_on_a_slow_class_first() {
+    for b in backends("split_gain") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 100_000, "h"), 0, false).unwrap().id();
+        let req = |class: &str, n: u64| {
+            let mut r = offered(id, class, false, 0, 1);
+            r.class = class.into();
+            r.offer.class = class.into();
+            r.max_items = Some(n);
+            r
+        };
+        for (class, per_item) in [("slow", 10.0), ("fast", 1.0)] {
+            worker(s.as_mut(), class);
+            for n in [10u64, 40] {
+                let a = s.claim(&req(class, n)).unwrap().unwrap();
+                let end = FragmentEnd {
+                    observed_ms: 10.0 + n as f64 * per_item,
+                    fed: n,
+                    ..end(a.fragment, FinishOutcome::Success, a.span.end)
+                };
+                s.finish(class, 2, &end).unwrap();
+            }
+        }
+        // 100 items on the slow class (~1 s left), 5,000 on the fast one (~5 s).
+        let stuck = s.claim(&req("slow", 100)).unwrap().unwrap();
+        let long = s.claim(&req("fast", 5_000)).unwrap().unwrap();
+        // An idle fast worker first frees the work that runs ten times slower
+        // where it is, though the other fragment has more work left...
+        assert_eq!(
+            s.request_split(Some(id), 2, 10.0, "fast").unwrap(),
+            Some(stuck.fragment),
+            "{}",
+            b.name
+        );
+        // ... which is what a slow worker would have taken (the one left now).
+        assert_eq!(
+            s.request_split(Some(id), 2, 10.0, "slow").unwrap(),
+            Some(long.fragment),
+            "{}",
             b.name
         );
     }
