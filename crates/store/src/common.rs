@@ -103,6 +103,59 @@ pub(crate) struct StageView {
     pub(crate) deadline_at_ms: Option<i64>,
 }
 
+/// What the claim path reads of one stage for placement.
+pub(crate) struct StageReading {
+    /// Fragments running.
+    pub(crate) running: i64,
+    /// Items not yet done.
+    pub(crate) left: i64,
+    /// Whether its tasks have written checkpoints.
+    pub(crate) checkpoints: bool,
+    /// Its sizer rows: class and stored state.
+    pub(crate) sizers: Vec<(String, String)>,
+}
+
+impl StageView {
+    /// The view of a stage (position, needs, `after`, readiness) from what was read
+    /// of it; `created_ms` is its job's submission, for the deadline.
+    pub(crate) fn read(
+        idx: usize,
+        needs: &StageNeeds,
+        after: &[usize],
+        ready: bool,
+        created_ms: i64,
+        reading: StageReading,
+    ) -> Result<StageView> {
+        let mut learned = Vec::new();
+        for (class, state) in reading.sizers {
+            if let Some(b) = learned_cost(&state)? {
+                learned.push((class, b));
+            }
+        }
+        Ok(StageView {
+            idx,
+            needs: needs.clone(),
+            after: after.to_vec(),
+            ready,
+            running: reading.running.max(0) as u64,
+            left: reading.left.max(0) as u64,
+            learned,
+            checkpoints: reading.checkpoints,
+            deadline_at_ms: needs.deadline_ms.map(|ms| created_ms + ms as i64),
+        })
+    }
+}
+
+/// The sizer state with the most history among a stage's classes.
+pub(crate) fn busiest(sizers: &[(String, Sizer)]) -> Sizer {
+    sizers
+        .iter()
+        .map(|(_, s)| s)
+        .max_by_key(|s| s.model.observations)
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// A class of live workers, for the deadline plan.
 pub(crate) struct PoolClass {
     /// The class.

@@ -13,10 +13,10 @@
 //! the worker buffers acks meanwhile.
 
 use crate::common::{
-    claim_context, class_statuses, deadline_plan, decode_sizer_config, json, learned_cost,
-    memory_of, parse, placement_order, pool_classes, prediction_error, retries_for,
-    sizer_config_json, split_gain, split_point, stage_profile, worker_span, Admission, DoneRow,
-    HistoryRow, StageView,
+    busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config, json, memory_of,
+    parse, placement_order, pool_classes, prediction_error, retries_for, sizer_config_json,
+    split_gain, split_point, stage_profile, worker_span, Admission, DoneRow, HistoryRow,
+    StageReading, StageView,
 };
 use crate::*;
 use granule_core::{
@@ -1195,27 +1195,29 @@ fn claim_once(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(Option<Assignm
                             EXISTS (SELECT 1 FROM blobs WHERE stage_id = $1 AND kind = 'checkpoint')",
                     &[&stage.id],
                 )?;
-                let (running, left, checkpoints): (i64, i64, bool) = (r.get(0), r.get(1), r.get(2));
-                let mut learned = Vec::new();
-                for row in tx.query(
-                    "SELECT class, state FROM sizers WHERE stage_id = $1",
-                    &[&stage.id],
-                )? {
-                    if let Some(b) = learned_cost(row.get(1))? {
-                        learned.push((row.get::<_, String>(0), b));
-                    }
-                }
-                views.push(StageView {
-                    idx: stage.idx,
-                    needs: stage.needs.clone(),
-                    after: stage.after.clone(),
-                    ready: is_ready(stage),
-                    running: running as u64,
-                    left: left.max(0) as u64,
-                    learned,
-                    checkpoints,
-                    deadline_at_ms: stage.needs.deadline_ms.map(|ms| created + ms as i64),
-                });
+                let sizers = tx
+                    .query(
+                        "SELECT class, state FROM sizers WHERE stage_id = $1",
+                        &[&stage.id],
+                    )?
+                    .iter()
+                    .map(|s| (s.get(0), s.get(1)))
+                    .collect();
+                let reading = StageReading {
+                    running: r.get(0),
+                    left: r.get(1),
+                    checkpoints: r.get(2),
+                    sizers,
+                };
+                let ready = is_ready(stage);
+                views.push(StageView::read(
+                    stage.idx,
+                    &stage.needs,
+                    &stage.after,
+                    ready,
+                    created,
+                    reading,
+                )?);
             }
             let plan = if deadlines {
                 let rows = tx
@@ -1486,12 +1488,7 @@ fn stage_status(tx: &mut Tx<'_, '_>, stage: &StageRow) -> Result<StageStatus> {
             ))
         })
         .collect::<Result<Vec<_>>>()?;
-    let sizer = sizers
-        .iter()
-        .map(|(_, s)| s)
-        .max_by_key(|s| s.model.observations)
-        .cloned()
-        .unwrap_or_default();
+    let sizer = busiest(&sizers);
     let (profile, profile_source) = stage_profile(&rows, &stage.needs);
     let state = match stage.state.as_str() {
         "done" => "done",

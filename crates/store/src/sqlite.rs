@@ -5,10 +5,10 @@
 //! holds it for a few row reads and writes only.
 
 use crate::common::{
-    claim_context, class_statuses, deadline_plan, decode_sizer_config, json, learned_cost,
-    memory_of, parse, placement_order, pool_classes, prediction_error, retries_for,
-    sizer_config_json, split_gain, split_point, stage_profile, worker_span, Admission, DoneRow,
-    HistoryRow, StageView,
+    busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config, json, memory_of,
+    parse, placement_order, pool_classes, prediction_error, retries_for, sizer_config_json,
+    split_gain, split_point, stage_profile, worker_span, Admission, DoneRow, HistoryRow,
+    StageReading, StageView,
 };
 use crate::schema::MIGRATIONS;
 use crate::*;
@@ -1044,30 +1044,26 @@ fn claim_in_job(
                      FROM stages WHERE id = ?1",
                 )?
                 .query_row([stage.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            let mut learned = Vec::new();
             let mut stmt =
                 tx.prepare_cached("SELECT class, state FROM sizers WHERE stage_id = ?1")?;
-            let rows = stmt
-                .query_map([stage.id], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-                })?
+            let sizers = stmt
+                .query_map([stage.id], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            for (class, state) in rows {
-                if let Some(b) = learned_cost(&state)? {
-                    learned.push((class, b));
-                }
-            }
-            views.push(StageView {
-                idx: stage.idx,
-                needs: stage.needs.clone(),
-                after: stage.after.clone(),
-                ready: is_ready(stage),
-                running: running as u64,
-                left: left.max(0) as u64,
-                learned,
+            let reading = StageReading {
+                running,
+                left,
                 checkpoints,
-                deadline_at_ms: stage.needs.deadline_ms.map(|ms| created + ms as i64),
-            });
+                sizers,
+            };
+            let ready = is_ready(stage);
+            views.push(StageView::read(
+                stage.idx,
+                &stage.needs,
+                &stage.after,
+                ready,
+                created,
+                reading,
+            )?);
         }
         let plan = if deadlines {
             let mut stmt = tx.prepare_cached(
@@ -1229,12 +1225,7 @@ impl SqliteStore {
             .collect();
         let error = prediction_error(&pairs);
         let sizers = self.sizers(stage.id)?;
-        let sizer = sizers
-            .iter()
-            .map(|(_, s)| s)
-            .max_by_key(|s| s.model.observations)
-            .cloned()
-            .unwrap_or_default();
+        let sizer = busiest(&sizers);
         let (profile, profile_source) = stage_profile(&rows, &stage.needs);
         let state = match stage.state.as_str() {
             "done" => "done",

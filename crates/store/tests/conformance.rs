@@ -543,6 +543,41 @@ fn offered(job: JobId, id: &str, spot: bool, memory_mb: u64, now_ms: i64) -> Cla
     }
 }
 
+/// A claim of `job` by worker `id` of class `class` for at most `n` items.
+fn classed(
+    job: JobId,
+    id: &str,
+    class: &str,
+    spot: bool,
+    now_ms: i64,
+    n: Option<u64>,
+) -> ClaimRequest {
+    let mut r = offered(job, id, spot, 4096, now_ms);
+    r.class = class.into();
+    r.offer.class = class.into();
+    r.max_items = n;
+    r
+}
+
+/// Teaches `class` its cost on the job's stage: fragments of 10 and 40 items
+/// taking 10 ms plus `per_item` ms each, acked if `acks`, run by worker `id`.
+fn learn(s: &mut dyn Store, job: JobId, id: &str, class: &str, per_item: f64, acks: bool) {
+    let spot = id == "w";
+    for n in [10u64, 40] {
+        let a = s
+            .claim(&classed(job, id, class, spot, 1, Some(n)))
+            .unwrap()
+            .unwrap();
+        let end = FragmentEnd {
+            observed_ms: 10.0 + n as f64 * per_item,
+            fed: n,
+            acks: if acks { n } else { 0 },
+            ..end(a.fragment, FinishOutcome::Success, a.span.end)
+        };
+        s.finish(id, 2, &end).unwrap();
+    }
+}
+
 #[test]
 fn items_lost_twice_go_to_on_demand_workers_while_one_is_alive() {
     for b in backends("escalate") {
@@ -696,20 +731,8 @@ fn lost_workers_make_the_pool_history_and_cap_fragments_that_cannot_keep_partial
         described(s.as_mut(), "w", true, 4096, 0);
         // Teach both stages a model (1 ms per item, 10 ms overhead); "quiet" never
         // acks (a preemption loses its fragments whole), "talks" does.
-        for (job, acks) in [(id, 0u64), (talks, 1)] {
-            for n in [10u64, 40] {
-                let mut req = offered(job, "w", true, 4096, 1);
-                req.max_items = Some(n);
-                let a = s.claim(&req).unwrap().unwrap();
-                let end = FragmentEnd {
-                    observed_ms: 10.0 + n as f64,
-                    fed: n,
-                    acks: acks * n,
-                    ..end(a.fragment, FinishOutcome::Success, a.span.end)
-                };
-                s.finish("w", 2, &end).unwrap();
-            }
-        }
+        learn(s.as_mut(), id, "w", "default", 1.0, false);
+        learn(s.as_mut(), talks, "w", "default", 1.0, true);
         let sized = |s: &mut Box<dyn Store>, job, life: Option<f64>| {
             let mut req = offered(job, "w", true, 4096, 3);
             req.max_items = None;
@@ -776,27 +799,12 @@ fn with_a_deadline_the_dear_class_waits_until_the_cheap_one_cannot_make_it() {
             };
             s.register_worker(&info, now).unwrap();
         };
-        let req = |class: &str, now: i64, n: Option<u64>| {
-            let mut r = offered(id, class, false, 0, now);
-            r.class = class.into();
-            r.offer.class = class.into();
-            r.max_items = n;
-            r
-        };
+        let req = |class: &str, now: i64, n| classed(id, class, class, false, now, n);
         register(&mut s, "cheap", 0.1, 0);
         register(&mut s, "dear", 10.0, 0);
         // Each class learns its cost first (cheap: 10 ms per item, dear: 1 ms).
-        for (class, per_item) in [("cheap", 10.0), ("dear", 1.0)] {
-            for n in [10u64, 40] {
-                let a = s.claim(&req(class, 1, Some(n))).unwrap().unwrap();
-                let end = FragmentEnd {
-                    observed_ms: 10.0 + n as f64 * per_item,
-                    fed: n,
-                    ..end(a.fragment, FinishOutcome::Success, a.span.end)
-                };
-                s.finish(class, 2, &end).unwrap();
-            }
-        }
+        learn(s.as_mut(), id, "cheap", "cheap", 10.0, false);
+        learn(s.as_mut(), id, "dear", "dear", 1.0, false);
         // An hour to go: the cheap class alone makes it, the dear one is not used.
         assert!(
             s.claim(&req("dear", 3, Some(100))).unwrap().is_none(),
@@ -829,24 +837,10 @@ fn an_idle_fast_worker_splits_work_stuck_on_a_slow_class_first() {
     for b in backends("split_gain") {
         let mut s = (b.open)();
         let id = s.submit(&job("j", 100_000, "h"), 0, false).unwrap().id();
-        let req = |class: &str, n: u64| {
-            let mut r = offered(id, class, false, 0, 1);
-            r.class = class.into();
-            r.offer.class = class.into();
-            r.max_items = Some(n);
-            r
-        };
+        let req = |class: &str, n: u64| classed(id, class, class, false, 1, Some(n));
         for (class, per_item) in [("slow", 10.0), ("fast", 1.0)] {
             worker(s.as_mut(), class);
-            for n in [10u64, 40] {
-                let a = s.claim(&req(class, n)).unwrap().unwrap();
-                let end = FragmentEnd {
-                    observed_ms: 10.0 + n as f64 * per_item,
-                    fed: n,
-                    ..end(a.fragment, FinishOutcome::Success, a.span.end)
-                };
-                s.finish(class, 2, &end).unwrap();
-            }
+            learn(s.as_mut(), id, class, class, per_item, false);
         }
         // 100 items on the slow class (~1 s left), 5,000 on the fast one (~5 s).
         let stuck = s.claim(&req("slow", 100)).unwrap().unwrap();
