@@ -144,6 +144,10 @@ struct Slot {
     handle: JoinHandle<RunReport>,
     checkpoint_fallbacks: u32,
     notes: Vec<String>,
+    /// Whether its items have sizes (their bytes are reported to the model).
+    sized: bool,
+    /// Its duration as predicted here from the bytes of its items, if it was.
+    predicted_ms: Option<f64>,
 }
 
 /// A worker stopping: since when, by when everything must be gone, and whether
@@ -251,6 +255,28 @@ fn offer(cfg: &EngineConfig) -> WorkerOffer {
         resources: cfg.custom.iter().cloned().collect(),
         spot: cfg.spot,
     }
+}
+
+/// Where to cut a fragment whose items are heavier than the store could know, and
+/// its duration predicted from the bytes of its items: with a learned size fit, a
+/// fragment predicted past 1.5x the store's prediction keeps only what fits that
+/// prediction (the rest goes back to pending at once). `(None, None)` without sizes
+/// or a fit.
+fn sized_prediction(a: &Assignment, bytes: Option<u64>) -> (Option<u64>, Option<f64>) {
+    let (Some(bytes), Some((intercept, slope))) = (bytes, a.size_fit) else {
+        return (None, None);
+    };
+    let n = a.span.len().max(1);
+    let per_item = (intercept + slope * bytes as f64 / n as f64).max(0.0);
+    let full = a.overhead_ms + per_item * n as f64;
+    if full <= 1.5 * a.predicted_ms || n < 2 || per_item <= 0.0 {
+        return (None, Some(full));
+    }
+    let keep = (((a.predicted_ms - a.overhead_ms).max(per_item) / per_item) as u64).clamp(1, n - 1);
+    (
+        Some(a.span.start + keep),
+        Some(a.overhead_ms + per_item * keep as f64),
+    )
 }
 
 /// What this worker has: detected CPUs, memory and GPUs, plus declared resources.
@@ -660,6 +686,10 @@ impl Worker<'_> {
                 }) / 3
             }
         };
+        // Items with sizes: predict by the bytes of this very span, and hand back at
+        // once the part that would run far past the target.
+        let sized = source.sized();
+        let (keep_until, predicted_ms) = sized_prediction(&a, sized.then(|| source.bytes(a.span)));
         let job = FragmentJob {
             fragment: a.fragment,
             span: a.span,
@@ -684,6 +714,15 @@ impl Worker<'_> {
             checkpoint_level: self.cfg.checkpoint_level,
         };
         let control = Control::new(a.span);
+        if let Some(at) = keep_until.and_then(|at| control.split_at(at)) {
+            self.unflushed
+                .entry(a.fragment)
+                .or_insert_with(|| FragmentFlush {
+                    fragment: a.fragment,
+                    ..FragmentFlush::default()
+                })
+                .split = Some(SplitAnswer::At(at));
+        }
         let handle = {
             let (control, tx, id) = (control.clone(), self.finished_tx.clone(), a.fragment);
             std::thread::Builder::new()
@@ -701,6 +740,8 @@ impl Worker<'_> {
             handle,
             checkpoint_fallbacks,
             notes,
+            sized,
+            predicted_ms,
         };
         self.running.insert(slot.assignment.fragment, slot);
         Ok(None)
@@ -896,6 +937,8 @@ impl Worker<'_> {
             cpu_ms: report.cpu_ms,
             peak_rss_kb: report.peak_rss_kb,
             io_bytes: report.io_bytes,
+            bytes: slot.sized.then_some(report.fed_bytes),
+            predicted_ms: slot.predicted_ms,
             load: self.sampler.sample().load_per_cpu,
             fed: report.fed,
             acks: report.acks,

@@ -270,3 +270,51 @@ fn a_stage_is_profiled_from_its_history_and_guessed_before() {
     assert_eq!(s["profile"], "io", "{s}");
     assert_eq!(s["profile_source"], "history", "{s}");
 }
+
+/// Spins 1 µs per byte of each line, acks it.
+const BYTES_TASK: &str = r#"
+import os, sys, time
+ack = os.fdopen(3, "w", buffering=1)
+for line in sys.stdin:
+    end = time.perf_counter() + len(line) * 1e-6
+    while time.perf_counter() < end:
+        pass
+    ack.write(line)
+"#;
+
+#[test]
+fn a_fragment_reaching_into_heavier_items_is_cut_before_it_runs() {
+    // Blocks of 20,000 light lines (11 bytes) and 500 heavy ones (1,001 bytes).
+    let job = Job::new(
+        "name = \"sizes\"\n[[stage]]\nname = \"s\"\ncommand = [\"python3\", \"task.py\"]\nitems = { lines = \"items.txt\" }\ntarget = \"300ms\"\n",
+    );
+    std::fs::write(job.path("task.py"), BYTES_TASK).unwrap();
+    let mut lines = String::new();
+    let mut total = 0u64;
+    for block in 0..8 {
+        let (count, width) = if block % 2 == 0 {
+            (20_000, 10)
+        } else {
+            (500, 1_000)
+        };
+        for i in 0..count {
+            lines.push_str(&format!("{:0width$}\n", (total + i) % 10, width = width));
+        }
+        total += count;
+    }
+    std::fs::write(job.path("items.txt"), lines).unwrap();
+    // One slot: no idle slot ever asks for a split, so every split is a fragment
+    // cut by the size of its own items.
+    let out = job
+        .cmd(&["run", "job.toml", "--slots", "1", "-q"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = job.status();
+    let s = stage(&status, 0);
+    assert_eq!(s["done"], total, "{s}");
+    assert!(
+        s["splits"].as_u64().unwrap() >= 1,
+        "no fragment was cut: {s}"
+    );
+}

@@ -26,4 +26,6 @@ pub use plan::{
     StageWork,
 };
 pub use profile::{guess_class, profile};
-pub use sizer::{ClaimContext, CostModel, Observation, Pid, SizeCap, Sizer, SizerConfig, Sizing};
+pub use sizer::{
+    ClaimContext, CostModel, Observation, Pid, SizeCap, SizeFit, Sizer, SizerConfig, Sizing,
+};

@@ -95,6 +95,8 @@ pub struct Observation {
     /// Whether the fragment's size was set by the model and PID alone (only such
     /// fragments feed the PID, else a cap would wind it up).
     pub sized_by_model: bool,
+    /// Bytes of the items it ran, where items have a size (lines of a file).
+    pub bytes: Option<u64>,
 }
 
 /// Online estimate of `duration(n) ≈ a + b·n` with forgetting.
@@ -120,6 +122,45 @@ pub struct CostModel {
     sd: f64,
     snn: f64,
     snd: f64,
+    /// Per-item cost against item size (bytes), for items that have one.
+    #[serde(default)]
+    pub size: SizeFit,
+}
+
+/// Online weighted least squares of a fragment's per-item cost (ms) on its mean
+/// item size (bytes), with forgetting: `cost(s) = intercept + slope * s`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SizeFit {
+    sw: f64,
+    sx: f64,
+    sy: f64,
+    sxx: f64,
+    sxy: f64,
+    /// Fragments fitted.
+    pub fragments: u64,
+}
+
+impl SizeFit {
+    fn observe(&mut self, size: f64, cost: f64, lambda: f64) {
+        self.sw = lambda * self.sw + 1.0;
+        self.sx = lambda * self.sx + size;
+        self.sy = lambda * self.sy + cost;
+        self.sxx = lambda * self.sxx + size * size;
+        self.sxy = lambda * self.sxy + size * cost;
+        self.fragments += 1;
+    }
+
+    /// `(intercept, slope)` once fragments of different mean sizes were seen and
+    /// cost grows with size; `None` otherwise.
+    pub fn line(&self) -> Option<(f64, f64)> {
+        let var = self.sw * self.sxx - self.sx * self.sx;
+        if self.fragments < 3 || var <= 1e-6 * self.sw * self.sxx.max(1e-12) {
+            return None;
+        }
+        let slope = (self.sw * self.sxy - self.sx * self.sy) / var;
+        let intercept = (self.sy - slope * self.sx) / self.sw;
+        (slope > 0.0).then_some((intercept, slope))
+    }
 }
 
 impl CostModel {
@@ -133,6 +174,22 @@ impl CostModel {
     /// Predicted duration of `n` items, ms.
     pub fn predict_ms(&self, n: u64) -> f64 {
         self.a_ms + self.b_ms * n as f64
+    }
+
+    /// Per-item cost for items of mean size `bytes_per_item`, ms: from the size
+    /// fit once it has one, else the mean per-item cost.
+    pub fn per_item_for_size(&self, bytes_per_item: f64) -> f64 {
+        match self.size.line() {
+            Some((intercept, slope)) => (intercept + slope * bytes_per_item).max(0.0),
+            None => self.b_ms,
+        }
+    }
+
+    /// Predicted duration of `n` items of `bytes` in all, ms (the size fit where
+    /// there is one).
+    pub fn predict_sized_ms(&self, n: u64, bytes: u64) -> f64 {
+        let per_item = bytes as f64 / n.max(1) as f64;
+        self.a_ms + self.per_item_for_size(per_item) * n as f64
     }
 
     /// An upper quantile (about the 97th percentile) of the per-item cost, ms.
@@ -172,6 +229,10 @@ impl CostModel {
         self.a_weight = lambda * self.a_weight + 1.0;
         self.a_ms += (a_sample - self.a_ms) / self.a_weight;
 
+        if let (Some(bytes), true) = (obs.bytes, obs.n > 0) {
+            let per_item = (d - self.a_ms).max(0.0) / n;
+            self.size.observe(bytes as f64 / n, per_item, lambda);
+        }
         self.observations += 1;
         self.n_max = self.n_max.max(obs.n);
     }
@@ -404,6 +465,7 @@ mod tests {
                 first_ack_ms: Some(first),
                 last_ack_ms: Some(duration - self.a_ms * 0.1),
                 sized_by_model: true,
+                bytes: None,
             }
         }
     }
@@ -494,6 +556,42 @@ mod tests {
     }
 
     #[test]
+    fn per_item_cost_is_learned_against_item_size() {
+        // Items cost 0.01 ms per byte plus 0.5 ms; fragments of light and heavy items.
+        let mut model = CostModel::default();
+        for (i, per_item_bytes) in [100.0, 2_000.0, 500.0, 5_000.0, 50.0, 1_000.0]
+            .iter()
+            .cycle()
+            .take(30)
+            .enumerate()
+        {
+            let n = 100 + (i as u64 % 3) * 50;
+            let cost = 0.5 + 0.01 * per_item_bytes;
+            let duration = 20.0 + n as f64 * cost;
+            model.observe(
+                &Observation {
+                    n,
+                    duration_ms: duration,
+                    acks: n,
+                    first_ack_ms: Some(20.0 + cost),
+                    last_ack_ms: Some(duration),
+                    sized_by_model: true,
+                    bytes: Some((per_item_bytes * n as f64) as u64),
+                },
+                0.9,
+            );
+        }
+        let (intercept, slope) = model.size.line().expect("a size fit");
+        assert!((slope - 0.01).abs() < 0.002, "slope {slope}");
+        assert!(intercept < 3.0, "intercept {intercept}");
+        // A heavy fragment is predicted far longer than the mean cost would say.
+        let heavy = model.predict_sized_ms(100, 100 * 8_000);
+        let truth = 20.0 + 100.0 * 80.5;
+        assert!((heavy - truth).abs() / truth < 0.15, "{heavy} vs {truth}");
+        assert!(heavy > 2.0 * model.predict_ms(100));
+    }
+
+    #[test]
     fn slow_start_doubles_per_finished_fragment_not_per_claim() {
         let cfg = SizerConfig::default();
         let mut sizer = Sizer::default();
@@ -508,6 +606,7 @@ mod tests {
             first_ack_ms: None,
             last_ack_ms: None,
             sized_by_model: false,
+            bytes: None,
         };
         sizer.observe(&cfg, &quick(1));
         assert_eq!(sizer.size(&cfg, &roomy()).n, 2);

@@ -32,7 +32,7 @@ pub enum ItemSource {
         path: PathBuf,
         /// Number of lines.
         count: u64,
-        /// Byte offset of line `k * LINE_STRIDE`.
+        /// Byte offset of line `k * LINE_STRIDE`, and the file's length last.
         offsets: Arc<Vec<u64>>,
     },
 }
@@ -81,6 +81,43 @@ impl ItemSource {
         }
     }
 
+    /// Whether items have sizes that may matter (lines and list values); a range's
+    /// values are numbers of a few bytes each.
+    pub fn sized(&self) -> bool {
+        !matches!(self, ItemSource::Range { .. })
+    }
+
+    /// Bytes of the values in `span` with their newlines: exact for lists, for a
+    /// lines file exact every 4096th line and interpolated in between.
+    pub fn bytes(&self, span: Span) -> u64 {
+        match self {
+            // About: every value as long as the first.
+            ItemSource::Range { start, .. } => {
+                let first = (start + span.start as i64).to_string().len() as u64 + 1;
+                first * span.len()
+            }
+            ItemSource::List(values) => values
+                [span.start as usize..(span.end as usize).min(values.len())]
+                .iter()
+                .map(|v| v.len() as u64 + 1)
+                .sum(),
+            ItemSource::Lines { count, offsets, .. } => {
+                let at = |line: u64| -> f64 {
+                    let line = line.min(*count);
+                    let k = (line / LINE_STRIDE) as usize;
+                    let base = offsets[k.min(offsets.len() - 1)] as f64;
+                    let next = offsets
+                        .get(k + 1)
+                        .copied()
+                        .unwrap_or(*offsets.last().unwrap_or(&0));
+                    let stride = LINE_STRIDE.min(count - k as u64 * LINE_STRIDE).max(1) as f64;
+                    base + (next as f64 - base) * (line - k as u64 * LINE_STRIDE) as f64 / stride
+                };
+                (at(span.end) - at(span.start)).max(0.0).round() as u64
+            }
+        }
+    }
+
     /// The values of `span`, in order.
     pub fn iter(&self, span: Span) -> io::Result<ItemIter> {
         let span = Span::new(span.start.min(self.count()), span.end.min(self.count()));
@@ -121,6 +158,9 @@ fn index_lines(path: &PathBuf) -> io::Result<Vec<u64>> {
         buf.clear();
         let n = reader.read_until(b'\n', &mut buf)?;
         if n == 0 {
+            if lines % LINE_STRIDE != 0 {
+                offsets.push(offset);
+            }
             return Ok(offsets);
         }
         offset += n as u64;
@@ -212,6 +252,32 @@ mod tests {
         let got: Vec<String> = source.iter(Span::new(4095, 4099)).unwrap().collect();
         assert_eq!(got, ["line 4095", "line 4096", "line 4097", "line 4098"]);
         assert_eq!(source.iter(Span::new(9_998, 20_000)).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn the_bytes_of_a_span_come_from_the_sparse_index() {
+        // 8192 short lines, then 8192 lines ten times longer.
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        for i in 0..16_384 {
+            let width = if i < 8192 { 9 } else { 99 };
+            writeln!(file, "{:0width$}", i % 10, width = width).unwrap();
+        }
+        let spec = ItemsSpec::Lines {
+            path: file.path().to_path_buf(),
+            count: 16_384,
+        };
+        let source = ItemSource::open(&spec).unwrap();
+        assert!(source.sized());
+        assert_eq!(source.bytes(Span::new(0, 8192)), 8192 * 10);
+        assert_eq!(source.bytes(Span::new(8192, 16_384)), 8192 * 100);
+        // Inside a stride: interpolated, exact here since lines are even.
+        assert_eq!(source.bytes(Span::new(100, 200)), 100 * 10);
+        assert_eq!(source.bytes(Span::new(16_000, 16_384)), 384 * 100);
+        let list = ItemSource::open(&ItemsSpec::List {
+            values: vec!["a".into(), "bbb".into()],
+        })
+        .unwrap();
+        assert_eq!(list.bytes(Span::new(0, 2)), 6);
     }
 
     #[test]

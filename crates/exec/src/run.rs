@@ -166,11 +166,14 @@ pub struct RunReport {
     pub stderr_tail: Vec<u8>,
     /// What accounting should do with the unacked items.
     pub outcome: FinishOutcome,
+    /// Bytes of the item values fed (each with its newline).
+    pub fed_bytes: u64,
 }
 
 #[derive(Default)]
 struct Shared {
     fed: u64,
+    fed_bytes: u64,
     feed_end: u64,
     stop_feeding: bool,
     feeder_waiting: bool,
@@ -304,6 +307,7 @@ pub fn run_fragment(job: &FragmentJob, control: &Arc<Control>) -> RunReport {
     report.first_ack_ms = ms(st.first_ack);
     report.last_ack_ms = ms(st.last_ack);
     report.fed = st.fed;
+    report.fed_bytes = st.fed_bytes;
     report.end = st.feed_end;
     report.acks = st.acks;
     report.bad_acks = st.bad_acks;
@@ -351,6 +355,7 @@ fn empty_report() -> RunReport {
         stdout_tail: Vec::new(),
         stderr_tail: Vec::new(),
         outcome: FinishOutcome::Yielded,
+        fed_bytes: 0,
     }
 }
 
@@ -630,6 +635,7 @@ fn feed(job: &FragmentJob, control: &Control, stdin: ChildStdin) {
                 }
             }
             st.fed += 1;
+            st.fed_bytes += value.len() as u64 + 1;
         }
         if out
             .write_all(value.as_bytes())
@@ -757,6 +763,7 @@ fn run_per_item(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> Ru
                 break;
             }
             st.fed += 1;
+            st.fed_bytes += value.len() as u64 + 1;
         }
         let mut cmd = Command::new(&job.argv[0]);
         for arg in &job.argv[1..] {

@@ -485,6 +485,7 @@ impl Sim<'_> {
                         first_ack_ms: Some(r.overhead_ms + r.item_ms),
                         last_ack_ms: Some(elapsed),
                         sized_by_model: r.sized_by_model,
+                        bytes: None,
                     },
                 );
                 // As `status` judges: past the warm-up, and only fragments that had a

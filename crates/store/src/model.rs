@@ -189,6 +189,10 @@ pub struct Assignment {
     pub cap: SizeCap,
     /// The model's per-item cost, ms.
     pub item_cost_ms: f64,
+    /// The model's per-fragment overhead, ms.
+    pub overhead_ms: f64,
+    /// Per-item cost against item size, `(intercept ms, ms per byte)`, once learned.
+    pub size_fit: Option<(f64, f64)>,
     /// Whether the stage's tasks ack (`None`: not known yet).
     pub expect_acks: Option<bool>,
 }
@@ -266,6 +270,10 @@ pub struct FragmentEnd {
     pub peak_rss_kb: u64,
     /// Block I/O of the task, bytes.
     pub io_bytes: u64,
+    /// Bytes of the item values fed, where items have sizes (lines, lists).
+    pub bytes: Option<u64>,
+    /// The worker's own prediction of the duration (by item size), if it made one.
+    pub predicted_ms: Option<f64>,
     /// Load per CPU at the end.
     pub load: f64,
     /// Items fed.
@@ -302,6 +310,8 @@ impl FragmentEnd {
             cpu_ms: 0.0,
             peak_rss_kb: 0,
             io_bytes: 0,
+            bytes: None,
+            predicted_ms: None,
             load: 0.0,
             fed: 1,
             acks: 0,

@@ -852,7 +852,8 @@ impl Store for PgStore {
                 "UPDATE fragments SET state = $2, finished_ms = $3, observed_ms = $4, cpu_ms = $5, peak_rss_kb = $6,
                   load = $7, fed = $8, acks = $9, cause = $10, detail = $11, stdout = $12, stderr = $13,
                   end_idx = $14, acked = $15, done_count = $16, wasted_ms = $17, checkpoint_fallbacks = $18,
-                  split_request = NULL, checkpoint_id = $19, splits = splits + $20, io_bytes = $21
+                  split_request = NULL, checkpoint_id = $19, splits = splits + $20, io_bytes = $21,
+                  predicted_ms = coalesce($22, predicted_ms)
                  WHERE id = $1",
                 &[
                     &id.0,
@@ -876,6 +877,7 @@ impl Store for PgStore {
                     &f.checkpoint,
                     &splits,
                     &(end.io_bytes as i64),
+                    &end.predicted_ms,
                 ],
             )?;
             if end.acks > 0 && stage.acks != "yes" {
@@ -895,6 +897,7 @@ impl Store for PgStore {
                             first_ack_ms: end.first_ack_ms,
                             last_ack_ms: end.last_ack_ms,
                             sized_by_model: held.size_cap == "model",
+                            bytes: end.bytes,
                         },
                     );
                     save_sizer(tx, held.stage, &held.class, &sizer)?;
@@ -1388,6 +1391,8 @@ fn claim_range(
         predicted_ms,
         cap,
         item_cost_ms: sizer.model.b_ms,
+        overhead_ms: sizer.model.a_ms,
+        size_fit: sizer.model.size.line(),
         expect_acks,
     }))
 }

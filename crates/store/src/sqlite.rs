@@ -709,7 +709,7 @@ impl Store for SqliteStore {
             "UPDATE fragments SET state = ?2, finished_ms = ?3, observed_ms = ?4, cpu_ms = ?5, peak_rss_kb = ?6,
               load = ?7, fed = ?8, acks = ?9, cause = ?10, detail = ?11, stdout = ?12, stderr = ?13,
               end_idx = ?14, acked = ?15, wasted_ms = ?16, checkpoint_fallbacks = ?17, split_request = NULL,
-              checkpoint_id = ?18, io_bytes = ?19
+              checkpoint_id = ?18, io_bytes = ?19, predicted_ms = coalesce(?20, predicted_ms)
              WHERE id = ?1",
         )?
         .execute(params![
@@ -731,7 +731,8 @@ impl Store for SqliteStore {
             end.wasted_ms,
             end.checkpoint_fallbacks,
             checkpoint,
-            end.io_bytes as i64
+            end.io_bytes as i64,
+            end.predicted_ms
         ])?;
         if end.acks > 0 {
             tx.execute("UPDATE stages SET acks = 'yes' WHERE id = ?1", [stage])?;
@@ -753,6 +754,7 @@ impl Store for SqliteStore {
                     first_ack_ms: end.first_ack_ms,
                     last_ack_ms: end.last_ack_ms,
                     sized_by_model: size_cap == "model",
+                    bytes: end.bytes,
                 },
             );
             save_sizer(&tx, stage, &class, &sizer)?;
@@ -1164,6 +1166,8 @@ fn claim_in_job(
             predicted_ms,
             cap,
             item_cost_ms: sizer.model.b_ms,
+            overhead_ms: sizer.model.a_ms,
+            size_fit: sizer.model.size.line(),
             expect_acks,
         }));
     }
