@@ -655,6 +655,9 @@ fn explain(
             c.class, c.item_cost_us, c.items, c.fragments
         );
     }
+    if let Some(ms) = n.deadline_ms {
+        println!("  {}", deadline_verdict(job, stage, workers, ms));
+    }
     if workers.is_empty() {
         println!("  no workers seen in the last minute");
     }
@@ -691,6 +694,84 @@ fn explain(
         println!("  {} ({}, {}): {verdict}", w.id, w.class, w.state);
     }
     Ok(EXIT_DONE)
+}
+
+/// What the deadline plan makes of a stage now: the time left, the soonest the live
+/// workers could finish it, and which classes the cheapest plan that still makes the
+/// deadline lets take its work (the same `deadline_plan` the claims run).
+fn deadline_verdict(
+    job: &granule_store::JobStatus,
+    stage: &granule_store::StageStatus,
+    workers: &[granule_store::WorkerStatus],
+    deadline_ms: f64,
+) -> String {
+    let left_ms = (job.created_ms + deadline_ms as i64 - host::now_ms()) as f64;
+    let when = format!(
+        "deadline {} after submission, {:.0}s left",
+        humantime::format_duration(Duration::from_millis(deadline_ms as u64)),
+        left_ms / 1e3
+    );
+    let mut pool: Vec<(String, f64, f64)> = Vec::new(); // class, slots, cost per hour
+    for w in workers.iter().filter(|w| w.state == "running") {
+        match pool.iter_mut().find(|p| p.0 == w.class) {
+            Some(p) => {
+                p.1 += f64::from(w.slots);
+                p.2 += w.cost_per_hour;
+            }
+            None => pool.push((w.class.clone(), f64::from(w.slots), w.cost_per_hour)),
+        }
+    }
+    let learned = |class: &str| {
+        stage
+            .classes
+            .iter()
+            .find(|c| c.class == class && c.item_cost_us > 0.0)
+            .map(|c| c.item_cost_us / 1e3)
+    };
+    let best = stage
+        .classes
+        .iter()
+        .filter(|c| c.item_cost_us > 0.0)
+        .map(|c| c.item_cost_us / 1e3)
+        .min_by(f64::total_cmp);
+    if pool.is_empty() || best.is_none() {
+        return format!("{when}; no live workers or no cost learned yet: every class takes it");
+    }
+    let work = [granule_core::StageWork {
+        items: (stage.pending + stage.running) as f64,
+        per_item_ms: pool.iter().map(|p| learned(&p.0).or(best)).collect(),
+    }];
+    let slots: Vec<f64> = pool.iter().map(|p| p.1).collect();
+    let prices: Vec<f64> = pool.iter().map(|p| p.2 / p.1 / 3_600_000.0).collect();
+    let Some((soonest, plan)) = granule_core::deadline_plan(&work, &slots, &prices, left_ms) else {
+        return format!("{when}; the live workers cannot run it");
+    };
+    let (taking, waiting): (Vec<&String>, Vec<&String>) = pool
+        .iter()
+        .zip(&plan.planned[0])
+        .map(|(p, planned)| (&p.0, *planned || learned(&p.0).is_none()))
+        .fold(
+            (Vec::new(), Vec::new()),
+            |(mut t, mut w), (class, planned)| {
+                if planned {
+                    t.push(class)
+                } else {
+                    w.push(class)
+                }
+                (t, w)
+            },
+        );
+    format!(
+        "{when}; every live worker together would need {:.0}s; the cheapest plan that makes it{} lets class {} take the work{}",
+        soonest / 1e3,
+        if soonest > granule_core::DEADLINE_SHARE * left_ms { " (it cannot: as soon as possible)" } else { "" },
+        taking.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", "),
+        if waiting.is_empty() {
+            String::new()
+        } else {
+            format!("; {} wait (dearer, not needed)", waiting.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", "))
+        }
+    )
 }
 
 /// The named job, or the latest job that has a stage called `stage`.

@@ -318,3 +318,49 @@ fn a_fragment_reaching_into_heavier_items_is_cut_before_it_runs() {
         "no fragment was cut: {s}"
     );
 }
+
+#[test]
+fn explain_says_what_the_deadline_plan_makes_of_a_stage() {
+    let job = Job::new(
+        "name = \"d\"\n[[stage]]\nname = \"s\"\ncommand = [\"cat\"]\nitems = { range = [0, 1000] }\ndeadline = \"1h\"\n",
+    );
+    assert!(job
+        .cmd(&["submit", "job.toml"])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let text = |job: &Job| {
+        let out = job.cmd(&["status", "--explain", "s"]).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before = text(&job);
+    assert!(before.contains("deadline 1h after submission"), "{before}");
+    assert!(before.contains("no cost learned yet"), "{before}");
+    // A worker that learns the stage's cost and stays around (idle) for the plan.
+    let mut worker = job
+        .cmd(&[
+            "worker",
+            "-q",
+            "--class",
+            "cheap",
+            "--cost",
+            "0.1",
+            "--idle-exit",
+            "30s",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "the job to finish",
+        std::time::Duration::from_secs(60),
+        || job.status()["jobs"][0]["state"] == "done",
+    );
+    let after = text(&job);
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert!(after.contains("lets class cheap take the work"), "{after}");
+}

@@ -22,8 +22,8 @@ pub use ledger::{
 };
 pub use placement::{fits, Misfit, StageNeeds, WorkerOffer};
 pub use plan::{
-    assign, class_plan, critical_paths, fluid_finish, order, order_key, Candidate, ClassPlan, Holt,
-    StageWork,
+    assign, class_plan, critical_paths, deadline_plan, fluid_finish, order, order_key, Candidate,
+    ClassPlan, Holt, StageWork, DEADLINE_SHARE, PLAN_SLACK,
 };
 pub use profile::{guess_class, profile};
 pub use sizer::{

@@ -231,6 +231,28 @@ pub fn class_plan(
     }
 }
 
+/// Share of the time left before a deadline that a plan aims to finish within.
+pub const DEADLINE_SHARE: f64 = 0.9;
+/// How far past the soonest possible finish a plan may go when that is cheaper
+/// (or when the deadline cannot be made anyway).
+pub const PLAN_SLACK: f64 = 0.05;
+
+/// The plan for finishing `work` by a deadline `time_left_ms` away at least cost:
+/// the soonest possible finish (every class busy), and the cheapest assignment
+/// within `DEADLINE_SHARE` of the time left, or `PLAN_SLACK` past the soonest
+/// finish if that is later (the deadline cannot be made: as soon as possible).
+/// `None` if the pool cannot run the work at all.
+pub fn deadline_plan(
+    work: &[StageWork],
+    slots: &[f64],
+    cost_per_ms: &[f64],
+    time_left_ms: f64,
+) -> Option<(f64, ClassPlan)> {
+    let soonest = fluid_finish(work, slots, 1e12)?;
+    let horizon = (DEADLINE_SHARE * time_left_ms).max(soonest * (1.0 + PLAN_SLACK));
+    Some((soonest, class_plan(work, slots, cost_per_ms, horizon)))
+}
+
 /// Holt's linear exponential smoothing of a series sampled at a steady interval:
 /// forecasts a class's available slots or preemption rate a few steps ahead.
 #[derive(Clone, Debug, Default, PartialEq)]

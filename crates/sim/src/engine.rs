@@ -5,9 +5,9 @@
 use crate::pool::{Ending, Life, Lives};
 use crate::scenario::Scenario;
 use granule_core::{
-    class_plan, critical_paths, fits, fluid_finish, order, Candidate, ClaimContext, FinishOutcome,
-    FragmentId, Holt, IntervalSet, Observation, SizeCap, Sizer, SizerConfig, Span, StageLedger,
-    StageNeeds, StageWork, WorkerOffer,
+    critical_paths, deadline_plan, fits, order, Candidate, ClaimContext, FinishOutcome, FragmentId,
+    Holt, IntervalSet, Observation, SizeCap, Sizer, SizerConfig, Span, StageLedger, StageNeeds,
+    StageWork, WorkerOffer,
 };
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
@@ -126,11 +126,6 @@ pub struct Report {
 const WARM_UP: usize = 20;
 /// Planner period: forecasts and the class plan are updated, idle workers look again.
 const TICK_MS: f64 = 60_000.0;
-/// Without a deadline, the plan may finish this much later than the soonest
-/// possible finish if that is cheaper.
-const SLACK: f64 = 0.05;
-/// With a deadline, the plan aims to finish within this share of the time left.
-const DEADLINE_SHARE: f64 = 0.9;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
@@ -814,26 +809,23 @@ impl Sim<'_> {
                 ahead.min(here.max(1.0) * 2.0) + parked
             })
             .collect();
-        let Some(soonest) = fluid_finish(&work, &slots, 1e12) else {
-            self.plan = vec![vec![true; classes]; self.stages.len()];
-            self.wanted = vec![f64::INFINITY; classes];
-            return;
-        };
-        let deadline = self
+        // Without a deadline: the cheapest plan within a little of the soonest finish.
+        let time_left = self
             .sc
             .stages
             .iter()
             .zip(&self.stages)
             .filter(|(_, st)| st.done_ms.is_none())
             .filter_map(|(spec, _)| spec.deadline)
-            .map(|d| (d - self.now) * DEADLINE_SHARE)
-            .min_by(f64::total_cmp);
-        let horizon = match deadline {
-            Some(d) => d.max(soonest * (1.0 + SLACK)),
-            None => soonest * (1.0 + SLACK),
-        };
+            .map(|d| d - self.now)
+            .min_by(f64::total_cmp)
+            .unwrap_or(0.0);
         let prices: Vec<f64> = (0..classes).map(|c| self.price(c)).collect();
-        let plan = class_plan(&work, &slots, &prices, horizon);
+        let Some((_, plan)) = deadline_plan(&work, &slots, &prices, time_left) else {
+            self.plan = vec![vec![true; classes]; self.stages.len()];
+            self.wanted = vec![f64::INFINITY; classes];
+            return;
+        };
         self.plan = plan.planned;
         // Until every class has run every ready stage it may run, keep everyone:
         // the plan is only as good as what has been learned.

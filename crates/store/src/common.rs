@@ -3,9 +3,9 @@
 
 use crate::{ClaimRequest, ClassStatus, Result, StoreError};
 use granule_core::{
-    class_plan, critical_paths, fluid_finish, order, profile, Candidate, ClaimContext, CostModel,
-    IntervalSet, PendingRange, Sizer, SizerConfig, Span, StageNeeds, StageWork, WorkerOffer,
-    WorkerSpan,
+    critical_paths, deadline_plan as core_deadline_plan, order, profile, Candidate, ClaimContext,
+    CostModel, IntervalSet, PendingRange, Sizer, SizerConfig, Span, StageNeeds, StageWork,
+    WorkerOffer, WorkerSpan,
 };
 
 /// A value as a JSON column.
@@ -230,13 +230,11 @@ pub(crate) fn deadline_plan(
         return None;
     }
     let slots: Vec<f64> = pool.iter().map(|p| p.slots).collect();
-    let soonest = fluid_finish(&work, &slots, 1e12)?;
-    let horizon = (0.9 * (deadline - now_ms) as f64).max(soonest * 1.05);
     let prices: Vec<f64> = pool
         .iter()
         .map(|p| p.cost_per_slot_hour / 3_600_000.0)
         .collect();
-    let plan = class_plan(&work, &slots, &prices, horizon);
+    let (_, plan) = core_deadline_plan(&work, &slots, &prices, (deadline - now_ms) as f64)?;
     Some(
         views
             .iter()

@@ -341,6 +341,8 @@ pub struct JobStatus {
     pub name: String,
     /// `running`, `done`, `failed`.
     pub state: String,
+    /// When it was submitted, unix ms (deadlines count from here).
+    pub created_ms: i64,
     /// Stages in spec order.
     pub stages: Vec<StageStatus>,
 }

@@ -978,7 +978,7 @@ impl Store for PgStore {
     fn status(&mut self, job: Option<&str>) -> Result<Vec<JobStatus>> {
         self.with_tx(|tx| {
             let jobs = tx.query(
-                "SELECT id, name, state FROM jobs WHERE $1::TEXT IS NULL OR name = $1 ORDER BY id",
+                "SELECT id, name, state, created_ms FROM jobs WHERE $1::TEXT IS NULL OR name = $1 ORDER BY id",
                 &[&job],
             )?;
             if let (Some(name), true) = (job, jobs.is_empty()) {
@@ -993,6 +993,7 @@ impl Store for PgStore {
                 out.push(JobStatus {
                     name: j.get(1),
                     state: j.get(2),
+                    created_ms: j.get(3),
                     stages,
                 });
             }

@@ -843,18 +843,19 @@ impl Store for SqliteStore {
     }
 
     fn status(&mut self, job: Option<&str>) -> Result<Vec<JobStatus>> {
-        let jobs: Vec<(i64, String, String)> = {
+        let jobs: Vec<(i64, String, String, i64)> = {
             let mut stmt = self.conn.prepare(
-                "SELECT id, name, state FROM jobs WHERE ?1 IS NULL OR name = ?1 ORDER BY id",
+                "SELECT id, name, state, created_ms FROM jobs WHERE ?1 IS NULL OR name = ?1 ORDER BY id",
             )?;
-            let rows = stmt.query_map([job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let rows =
+                stmt.query_map([job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
             rows.collect::<rusqlite::Result<Vec<_>>>()?
         };
         if let (Some(name), true) = (job, jobs.is_empty()) {
             return Err(StoreError::NoSuchJob(name.to_string()));
         }
         let mut out = Vec::new();
-        for (id, name, state) in jobs {
+        for (id, name, state, created_ms) in jobs {
             let mut stages = Vec::new();
             for stage in stages_of(&self.conn, id)? {
                 stages.push(self.stage_status(&stage)?);
@@ -862,6 +863,7 @@ impl Store for SqliteStore {
             out.push(JobStatus {
                 name,
                 state,
+                created_ms,
                 stages,
             });
         }
