@@ -3,9 +3,9 @@
 
 use crate::{ClaimRequest, ClassStatus, Result, StoreError};
 use granule_core::{
-    critical_paths, deadline_plan as core_deadline_plan, order, profile, Candidate, ClaimContext,
-    CostModel, IntervalSet, PendingRange, Sizer, SizerConfig, Span, StageNeeds, StageWork,
-    WorkerOffer, WorkerSpan,
+    critical_paths, deadline_plan as core_deadline_plan, forecast_pool, order, profile, Candidate,
+    ClaimContext, CostModel, IntervalSet, PendingRange, Sizer, SizerConfig, Span, StageNeeds,
+    StageWork, WorkerOffer, WorkerSpan,
 };
 
 /// A value as a JSON column.
@@ -164,6 +164,21 @@ pub(crate) struct PoolClass {
     pub(crate) slots: f64,
     /// Its price per slot-hour.
     pub(crate) cost_per_slot_hour: f64,
+}
+
+/// The history a forecast of the pool looks at, ms.
+pub(crate) const FORECAST_WINDOW_MS: i64 = 3_600_000;
+
+/// Counts each class's slots as what its history forecasts 10 minutes ahead when
+/// that is less than what is alive now: the plan brings in other classes before
+/// capacity drops, not after (growth counts once it is here).
+pub(crate) fn expect_drops(pool: &mut [PoolClass], history: &[WorkerSpan], now_ms: i64) {
+    let forecast = forecast_pool(history, now_ms, FORECAST_WINDOW_MS, 60_000, 600_000);
+    for p in pool.iter_mut() {
+        if let Some(f) = forecast.iter().find(|f| f.class == p.class) {
+            p.slots = p.slots.min(f.slots_ahead.max(1.0));
+        }
+    }
 }
 
 /// Live worker classes from rows of (class, slots, cost per worker-hour).
@@ -525,6 +540,38 @@ pub(crate) fn prediction_error(pairs: &[(f64, f64)]) -> (Option<f64>, Option<f64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_class_whose_capacity_is_falling_counts_as_what_it_will_have() {
+        let minute = 60_000;
+        // 20 spot workers an hour ago; one gone every 3 minutes since, 10 left.
+        let history: Vec<WorkerSpan> = (0..20)
+            .map(|i| WorkerSpan {
+                class: "spot".into(),
+                spot: true,
+                slots: 1,
+                start_ms: 0,
+                end_ms: (i < 10).then_some(30 * minute + (i + 1) * 3 * minute),
+                lost: true,
+            })
+            .collect();
+        let now = 60 * minute;
+        let mut pool = vec![
+            PoolClass {
+                class: "spot".into(),
+                slots: 10.0,
+                cost_per_slot_hour: 0.1,
+            },
+            PoolClass {
+                class: "ondemand".into(),
+                slots: 4.0,
+                cost_per_slot_hour: 1.0,
+            },
+        ];
+        expect_drops(&mut pool, &history, now);
+        assert!(pool[0].slots < 9.0, "{}", pool[0].slots);
+        assert_eq!(pool[1].slots, 4.0, "no history: as it is");
+    }
 
     #[test]
     fn prediction_error_skips_the_warm_up_and_reads_quantiles() {

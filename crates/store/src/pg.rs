@@ -13,10 +13,10 @@
 //! the worker buffers acks meanwhile.
 
 use crate::common::{
-    busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config, json, memory_of,
-    parse, placement_order, pool_classes, prediction_error, retries_for, sizer_config_json,
-    split_gain, split_point, stage_profile, worker_span, Admission, DoneRow, HistoryRow,
-    StageReading, StageView,
+    busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config, expect_drops, json,
+    memory_of, parse, placement_order, pool_classes, prediction_error, retries_for,
+    sizer_config_json, split_gain, split_point, stage_profile, worker_span, Admission, DoneRow,
+    HistoryRow, StageReading, StageView, FORECAST_WINDOW_MS,
 };
 use crate::*;
 use granule_core::{
@@ -1002,27 +1002,7 @@ impl Store for PgStore {
     }
 
     fn worker_history(&mut self, now_ms: i64, since_ms: i64) -> Result<Vec<WorkerSpan>> {
-        let rows = self.client()?.query(
-            "SELECT w.class, w.spot, w.slots::BIGINT, w.started_ms, w.heartbeat_ms, w.state,
-                    w.id IN (SELECT worker FROM fragments WHERE state = 'lost' AND finished_ms >= $1)
-             FROM workers w WHERE w.state != 'exited' OR w.heartbeat_ms >= $1",
-            &[&since_ms],
-        )?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let row: HistoryRow = (
-                    r.get(0),
-                    r.get(1),
-                    r.get(2),
-                    r.get(3),
-                    r.get(4),
-                    r.get(5),
-                    r.get(6),
-                );
-                worker_span(now_ms, row)
-            })
-            .collect())
+        self.with_tx(|tx| history(tx, now_ms, since_ms))
     }
 
     fn workers(&mut self, now_ms: i64, window_ms: i64) -> Result<Vec<WorkerStatus>> {
@@ -1233,7 +1213,10 @@ fn claim_once(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(Option<Assignm
                     .iter()
                     .map(|r| (r.get(0), r.get(1), r.get(2)))
                     .collect();
-                deadline_plan(&views, &pool_classes(rows), &req.class, req.now_ms)
+                let mut pool = pool_classes(rows);
+                let ahead = history(tx, req.now_ms, req.now_ms - FORECAST_WINDOW_MS)?;
+                expect_drops(&mut pool, &ahead, req.now_ms);
+                deadline_plan(&views, &pool, &req.class, req.now_ms)
             } else {
                 None
             };
@@ -1302,6 +1285,31 @@ fn alive_capacity(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(u64, bool)
     )?;
     let memory = rows.iter().map(|r| memory_of(r.get(1))).max().unwrap_or(0);
     Ok((memory, rows.iter().any(|r| !r.get::<_, bool>(0))))
+}
+
+/// Lives of the workers alive since `since_ms` (see `Store::worker_history`).
+fn history(tx: &mut Tx<'_, '_>, now_ms: i64, since_ms: i64) -> Result<Vec<WorkerSpan>> {
+    let rows = tx.query(
+        "SELECT w.class, w.spot, w.slots::BIGINT, w.started_ms, w.heartbeat_ms, w.state,
+                w.id IN (SELECT worker FROM fragments WHERE state = 'lost' AND finished_ms >= $1)
+         FROM workers w WHERE w.state != 'exited' OR w.heartbeat_ms >= $1",
+        &[&since_ms],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let row: HistoryRow = (
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                r.get(6),
+            );
+            worker_span(now_ms, row)
+        })
+        .collect())
 }
 
 /// Carves a fragment from a locked pending range.

@@ -5,10 +5,10 @@
 //! holds it for a few row reads and writes only.
 
 use crate::common::{
-    busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config, json, memory_of,
-    parse, placement_order, pool_classes, prediction_error, retries_for, sizer_config_json,
-    split_gain, split_point, stage_profile, worker_span, Admission, DoneRow, HistoryRow,
-    StageReading, StageView,
+    busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config, expect_drops, json,
+    memory_of, parse, placement_order, pool_classes, prediction_error, retries_for,
+    sizer_config_json, split_gain, split_point, stage_profile, worker_span, Admission, DoneRow,
+    HistoryRow, StageReading, StageView, FORECAST_WINDOW_MS,
 };
 use crate::schema::MIGRATIONS;
 use crate::*;
@@ -160,6 +160,32 @@ fn worker_memory(tx: &Connection, worker: &str) -> Result<u64> {
         )
         .optional()?;
     Ok(resources.map_or(0, |r| memory_of(&r)))
+}
+
+/// Lives of the workers alive since `since_ms` (see `Store::worker_history`).
+fn history(tx: &Connection, now_ms: i64, since_ms: i64) -> Result<Vec<WorkerSpan>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT w.class, w.spot, w.slots, w.started_ms, w.heartbeat_ms, w.state,
+                w.id IN (SELECT worker FROM fragments WHERE state = 'lost' AND finished_ms >= ?1)
+         FROM workers w WHERE w.state != 'exited' OR w.heartbeat_ms >= ?1",
+    )?;
+    let rows = stmt
+        .query_map([since_ms], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<HistoryRow>>>()?;
+    Ok(rows
+        .into_iter()
+        .map(|row| worker_span(now_ms, row))
+        .collect())
 }
 
 /// The ledger of `stage`, loaded once per transaction.
@@ -871,28 +897,7 @@ impl Store for SqliteStore {
     }
 
     fn worker_history(&mut self, now_ms: i64, since_ms: i64) -> Result<Vec<WorkerSpan>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT w.class, w.spot, w.slots, w.started_ms, w.heartbeat_ms, w.state,
-                    w.id IN (SELECT worker FROM fragments WHERE state = 'lost' AND finished_ms >= ?1)
-             FROM workers w WHERE w.state != 'exited' OR w.heartbeat_ms >= ?1",
-        )?;
-        let rows = stmt
-            .query_map([since_ms], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<HistoryRow>>>()?;
-        Ok(rows
-            .into_iter()
-            .map(|row| worker_span(now_ms, row))
-            .collect())
+        history(&self.conn, now_ms, since_ms)
     }
 
     fn workers(&mut self, now_ms: i64, window_ms: i64) -> Result<Vec<WorkerStatus>> {
@@ -1078,7 +1083,10 @@ fn claim_in_job(
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            deadline_plan(&views, &pool_classes(rows), &req.class, req.now_ms)
+            let mut pool = pool_classes(rows);
+            let ahead = history(tx, req.now_ms, req.now_ms - FORECAST_WINDOW_MS)?;
+            expect_drops(&mut pool, &ahead, req.now_ms);
+            deadline_plan(&views, &pool, &req.class, req.now_ms)
         } else {
             None
         };
