@@ -554,9 +554,7 @@ impl Worker<'_> {
         }
         while self.free_slots() > 0 && self.deferred.is_empty() {
             let sample = self.sampler.sample();
-            // The load average counts our own busy slots; only others' load is pressure.
-            let others_load =
-                (sample.load_per_cpu * self.cpus - f64::from(self.cfg.slots)).max(0.0) / self.cpus;
+            let others_load = self.others_load(sample.load_per_cpu);
             let now_ms = host::now_ms();
             let req = ClaimRequest {
                 job: self.cfg.job.as_ref().map(|(id, _)| *id),
@@ -598,6 +596,12 @@ impl Worker<'_> {
             self.deferred.push(a);
         }
         Ok(())
+    }
+
+    /// Load per CPU beyond this worker's own slots: the load average counts our own
+    /// busy slots, and only others' load is pressure (and a feature of the model).
+    fn others_load(&self, load_per_cpu: f64) -> f64 {
+        (load_per_cpu * self.cpus - f64::from(self.cfg.slots)).max(0.0) / self.cpus
     }
 
     /// What this worker has free for one more fragment: its resources less what
@@ -924,6 +928,7 @@ impl Worker<'_> {
         } else {
             report.fed.saturating_sub(report.acks)
         };
+        let load_now = self.sampler.sample().load_per_cpu;
         let end = FragmentEnd {
             flush,
             end: report.end,
@@ -939,7 +944,7 @@ impl Worker<'_> {
             io_bytes: report.io_bytes,
             bytes: slot.sized.then_some(report.fed_bytes),
             predicted_ms: slot.predicted_ms,
-            load: self.sampler.sample().load_per_cpu,
+            load: self.others_load(load_now),
             fed: report.fed,
             acks: report.acks,
             first_ack_ms: report.first_ack_ms,

@@ -27,5 +27,5 @@ pub use plan::{
 };
 pub use profile::{guess_class, profile};
 pub use sizer::{
-    ClaimContext, CostModel, Observation, Pid, SizeCap, SizeFit, Sizer, SizerConfig, Sizing,
+    ClaimContext, CostModel, LinearFit, Observation, Pid, SizeCap, Sizer, SizerConfig, Sizing,
 };

@@ -97,6 +97,8 @@ pub struct Observation {
     pub sized_by_model: bool,
     /// Bytes of the items it ran, where items have a size (lines of a file).
     pub bytes: Option<u64>,
+    /// Load per CPU on its worker, where known.
+    pub load: Option<f64>,
 }
 
 /// Online estimate of `duration(n) ≈ a + b·n` with forgetting.
@@ -124,13 +126,17 @@ pub struct CostModel {
     snd: f64,
     /// Per-item cost against item size (bytes), for items that have one.
     #[serde(default)]
-    pub size: SizeFit,
+    pub size: LinearFit,
+    /// Per-item cost against the worker's load per CPU.
+    #[serde(default)]
+    pub load: LinearFit,
 }
 
-/// Online weighted least squares of a fragment's per-item cost (ms) on its mean
-/// item size (bytes), with forgetting: `cost(s) = intercept + slope * s`.
+/// Online weighted least squares of a fragment's per-item cost (ms) on one
+/// feature (mean item size in bytes, or load per CPU), with forgetting:
+/// `cost(x) = intercept + slope * x`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct SizeFit {
+pub struct LinearFit {
     sw: f64,
     sx: f64,
     sy: f64,
@@ -140,7 +146,7 @@ pub struct SizeFit {
     pub fragments: u64,
 }
 
-impl SizeFit {
+impl LinearFit {
     fn observe(&mut self, size: f64, cost: f64, lambda: f64) {
         self.sw = lambda * self.sw + 1.0;
         self.sx = lambda * self.sx + size;
@@ -150,8 +156,8 @@ impl SizeFit {
         self.fragments += 1;
     }
 
-    /// `(intercept, slope)` once fragments of different mean sizes were seen and
-    /// cost grows with size; `None` otherwise.
+    /// `(intercept, slope)` once fragments with different values of the feature
+    /// were seen and cost grows with it; `None` otherwise.
     pub fn line(&self) -> Option<(f64, f64)> {
         let var = self.sw * self.sxx - self.sx * self.sx;
         if self.fragments < 3 || var <= 1e-6 * self.sw * self.sxx.max(1e-12) {
@@ -183,6 +189,16 @@ impl CostModel {
             Some((intercept, slope)) => (intercept + slope * bytes_per_item).max(0.0),
             None => self.b_ms,
         }
+    }
+
+    /// Predicted duration of `n` items on a worker at `load` per CPU, ms (the load
+    /// fit where there is one).
+    pub fn predict_at_load_ms(&self, n: u64, load: f64) -> f64 {
+        let per_item = match self.load.line() {
+            Some((intercept, slope)) => (intercept + slope * load).max(0.0),
+            None => self.b_ms,
+        };
+        self.a_ms + per_item * n as f64
     }
 
     /// Predicted duration of `n` items of `bytes` in all, ms (the size fit where
@@ -229,9 +245,12 @@ impl CostModel {
         self.a_weight = lambda * self.a_weight + 1.0;
         self.a_ms += (a_sample - self.a_ms) / self.a_weight;
 
+        let per_item = (d - self.a_ms).max(0.0) / n;
         if let (Some(bytes), true) = (obs.bytes, obs.n > 0) {
-            let per_item = (d - self.a_ms).max(0.0) / n;
             self.size.observe(bytes as f64 / n, per_item, lambda);
+        }
+        if let (Some(load), true) = (obs.load, obs.n > 0) {
+            self.load.observe(load, per_item, lambda);
         }
         self.observations += 1;
         self.n_max = self.n_max.max(obs.n);
@@ -466,6 +485,7 @@ mod tests {
                 last_ack_ms: Some(duration - self.a_ms * 0.1),
                 sized_by_model: true,
                 bytes: None,
+                load: None,
             }
         }
     }
@@ -577,6 +597,7 @@ mod tests {
                     last_ack_ms: Some(duration),
                     sized_by_model: true,
                     bytes: Some((per_item_bytes * n as f64) as u64),
+                    load: Some(1.0),
                 },
                 0.9,
             );
@@ -589,6 +610,37 @@ mod tests {
         let truth = 20.0 + 100.0 * 80.5;
         assert!((heavy - truth).abs() / truth < 0.15, "{heavy} vs {truth}");
         assert!(heavy > 2.0 * model.predict_ms(100));
+        // Load was the same throughout: no load fit, the mean cost stands.
+        assert!(model.load.line().is_none());
+        assert_eq!(model.predict_at_load_ms(100, 3.0), model.predict_ms(100));
+    }
+
+    #[test]
+    fn per_item_cost_is_learned_against_load() {
+        // Items cost 1 ms on an idle worker, twice that at a load of 2 per CPU.
+        let mut model = CostModel::default();
+        for i in 0..30 {
+            let load = [0.2, 1.0, 2.0][i % 3];
+            let n = 100;
+            let cost = 1.0 + 0.5 * load;
+            let duration = 20.0 + n as f64 * cost;
+            model.observe(
+                &Observation {
+                    n,
+                    duration_ms: duration,
+                    acks: n,
+                    first_ack_ms: Some(20.0 + cost),
+                    last_ack_ms: Some(duration),
+                    sized_by_model: true,
+                    bytes: None,
+                    load: Some(load),
+                },
+                0.9,
+            );
+        }
+        let busy = model.predict_at_load_ms(100, 2.0);
+        let idle = model.predict_at_load_ms(100, 0.0);
+        assert!(busy > 1.6 * idle, "{busy} vs {idle}");
     }
 
     #[test]
@@ -607,6 +659,7 @@ mod tests {
             last_ack_ms: None,
             sized_by_model: false,
             bytes: None,
+            load: None,
         };
         sizer.observe(&cfg, &quick(1));
         assert_eq!(sizer.size(&cfg, &roomy()).n, 2);

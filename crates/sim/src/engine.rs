@@ -481,6 +481,7 @@ impl Sim<'_> {
                         last_ack_ms: Some(elapsed),
                         sized_by_model: r.sized_by_model,
                         bytes: None,
+                        load: None,
                     },
                 );
                 // As `status` judges: past the warm-up, and only fragments that had a

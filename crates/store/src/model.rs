@@ -274,7 +274,7 @@ pub struct FragmentEnd {
     pub bytes: Option<u64>,
     /// The worker's own prediction of the duration (by item size), if it made one.
     pub predicted_ms: Option<f64>,
-    /// Load per CPU at the end.
+    /// Load per CPU at the end from others than the worker's own slots.
     pub load: f64,
     /// Items fed.
     pub fed: u64,

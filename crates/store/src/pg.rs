@@ -898,6 +898,7 @@ impl Store for PgStore {
                             last_ack_ms: end.last_ack_ms,
                             sized_by_model: held.size_cap == "model",
                             bytes: end.bytes,
+                load: Some(end.load),
                         },
                     );
                     save_sizer(tx, held.stage, &held.class, &sizer)?;
@@ -1345,7 +1346,7 @@ fn claim_range(
     }
     let take = take_from(tx, stage.id, range_id, &range, n)?;
     let span = Span::new(range.span.start, range.span.start + take);
-    let predicted_ms = sizer.model.predict_ms(take);
+    let predicted_ms = sizer.model.predict_at_load_ms(take, ctx.load_per_cpu);
     let cap = if take < sizing.n {
         SizeCap::Bounds
     } else {

@@ -781,6 +781,7 @@ impl Store for SqliteStore {
                     last_ack_ms: end.last_ack_ms,
                     sized_by_model: size_cap == "model",
                     bytes: end.bytes,
+                    load: Some(end.load),
                 },
             );
             save_sizer(&tx, stage, &class, &sizer)?;
@@ -1122,7 +1123,9 @@ fn claim_in_job(
         let Some(claim) = claim else {
             continue;
         };
-        let predicted_ms = sizer.model.predict_ms(claim.span.len());
+        let predicted_ms = sizer
+            .model
+            .predict_at_load_ms(claim.span.len(), ctx.load_per_cpu);
         let cap = if claim.span.len() < sizing.n {
             SizeCap::Bounds
         } else {
