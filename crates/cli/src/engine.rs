@@ -30,8 +30,6 @@ const IDLE_HEARTBEAT: Duration = Duration::from_secs(1);
 const REAP_EVERY: Duration = Duration::from_secs(1);
 /// How often a spot worker reads the pool's history to forecast its own life.
 const FORECAST_EVERY: Duration = Duration::from_secs(60);
-/// The history a forecast looks at.
-const FORECAST_WINDOW_MS: i64 = 3_600_000;
 
 /// How a worker runs.
 #[derive(Clone, Debug)]
@@ -442,13 +440,13 @@ impl Worker<'_> {
     /// lives: one over its rate of lost workers (none while it has lost none).
     fn forecast(&mut self) -> Result<()> {
         let now = host::now_ms();
-        let history = self.store.worker_history(now, now - FORECAST_WINDOW_MS);
+        let history = self
+            .store
+            .worker_history(now, now - granule_core::FORECAST_WINDOW_MS);
         let Some(history) = self.available(history)? else {
             return Ok(());
         };
-        let forecast =
-            granule_core::forecast_pool(&history, now, FORECAST_WINDOW_MS, 60_000, 600_000);
-        self.expected_life_ms = forecast
+        self.expected_life_ms = granule_core::forecast_recent(&history, now)
             .iter()
             .find(|c| c.class == self.cfg.class)
             .filter(|c| c.losses_per_hour > 0.0)

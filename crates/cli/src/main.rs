@@ -529,8 +529,8 @@ fn status(args: StatusArgs) -> Result<u8> {
         return explain(&jobs, &workers, stage);
     }
     // Each class's slots 10 minutes ahead and its losses, from the last hour.
-    let history = store.worker_history(now, now - 3_600_000)?;
-    let pool = granule_core::forecast_pool(&history, now, 3_600_000, 60_000, 600_000);
+    let history = store.worker_history(now, now - granule_core::FORECAST_WINDOW_MS)?;
+    let pool = granule_core::forecast_recent(&history, now);
     if args.json {
         println!(
             "{}",

@@ -36,6 +36,26 @@ pub struct ClassForecast {
     pub losses_per_hour: f64,
 }
 
+/// The history the pool's forecasts look at, ms.
+pub const FORECAST_WINDOW_MS: i64 = 3_600_000;
+/// Their sampling step, ms.
+pub const FORECAST_STEP_MS: i64 = 60_000;
+/// How far ahead they look, ms.
+pub const FORECAST_AHEAD_MS: i64 = 600_000;
+
+/// The forecast every part of granule uses: the last `FORECAST_WINDOW_MS`,
+/// sampled every minute, `FORECAST_AHEAD_MS` ahead. `spans` should cover the window
+/// (`Store::worker_history(now, now - FORECAST_WINDOW_MS)`).
+pub fn forecast_recent(spans: &[WorkerSpan], now_ms: i64) -> Vec<ClassForecast> {
+    forecast_pool(
+        spans,
+        now_ms,
+        FORECAST_WINDOW_MS,
+        FORECAST_STEP_MS,
+        FORECAST_AHEAD_MS,
+    )
+}
+
 /// Forecasts every class seen in `spans` from the window `[now - window, now]`,
 /// sampled every `step_ms`, `ahead_ms` into the future.
 pub fn forecast_pool(

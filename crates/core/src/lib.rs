@@ -14,7 +14,10 @@ mod plan;
 mod profile;
 mod sizer;
 
-pub use forecast::{forecast_pool, ClassForecast, WorkerSpan};
+pub use forecast::{
+    forecast_pool, forecast_recent, ClassForecast, WorkerSpan, FORECAST_AHEAD_MS, FORECAST_STEP_MS,
+    FORECAST_WINDOW_MS,
+};
 pub use ids::{FragmentId, JobId, StageId};
 pub use intervals::{IntervalSet, Span};
 pub use ledger::{

@@ -3,9 +3,9 @@
 
 use crate::{ClaimRequest, ClassStatus, Result, StoreError};
 use granule_core::{
-    critical_paths, deadline_plan as core_deadline_plan, forecast_pool, order, profile, Candidate,
-    ClaimContext, CostModel, IntervalSet, PendingRange, Sizer, SizerConfig, Span, StageNeeds,
-    StageWork, WorkerOffer, WorkerSpan,
+    critical_paths, deadline_plan as core_deadline_plan, forecast_recent, order, profile,
+    Candidate, ClaimContext, CostModel, IntervalSet, PendingRange, Sizer, SizerConfig, Span,
+    StageNeeds, StageWork, WorkerOffer, WorkerSpan,
 };
 
 /// A value as a JSON column.
@@ -166,14 +166,11 @@ pub(crate) struct PoolClass {
     pub(crate) cost_per_slot_hour: f64,
 }
 
-/// The history a forecast of the pool looks at, ms.
-pub(crate) const FORECAST_WINDOW_MS: i64 = 3_600_000;
-
 /// Counts each class's slots as what its history forecasts 10 minutes ahead when
 /// that is less than what is alive now: the plan brings in other classes before
 /// capacity drops, not after (growth counts once it is here).
 pub(crate) fn expect_drops(pool: &mut [PoolClass], history: &[WorkerSpan], now_ms: i64) {
-    let forecast = forecast_pool(history, now_ms, FORECAST_WINDOW_MS, 60_000, 600_000);
+    let forecast = forecast_recent(history, now_ms);
     for p in pool.iter_mut() {
         if let Some(f) = forecast.iter().find(|f| f.class == p.class) {
             p.slots = p.slots.min(f.slots_ahead.max(1.0));

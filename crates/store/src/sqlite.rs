@@ -8,7 +8,7 @@ use crate::common::{
     busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config, expect_drops, json,
     memory_of, parse, placement_order, pool_classes, prediction_error, retries_for,
     sizer_config_json, split_gain, split_point, stage_profile, worker_span, Admission, DoneRow,
-    HistoryRow, StageReading, StageView, FORECAST_WINDOW_MS,
+    HistoryRow, StageReading, StageView,
 };
 use crate::schema::MIGRATIONS;
 use crate::*;
@@ -1085,7 +1085,11 @@ fn claim_in_job(
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut pool = pool_classes(rows);
-            let ahead = history(tx, req.now_ms, req.now_ms - FORECAST_WINDOW_MS)?;
+            let ahead = history(
+                tx,
+                req.now_ms,
+                req.now_ms - granule_core::FORECAST_WINDOW_MS,
+            )?;
             expect_drops(&mut pool, &ahead, req.now_ms);
             deadline_plan(&views, &pool, &req.class, req.now_ms)
         } else {
