@@ -525,12 +525,12 @@ fn status(args: StatusArgs) -> Result<u8> {
     let jobs = store.status(args.job.as_deref())?;
     let now = host::now_ms();
     let workers = store.workers(now, WORKERS_SEEN_MS)?;
-    if let Some(stage) = &args.explain {
-        return explain(&jobs, &workers, stage);
-    }
     // Each class's slots 10 minutes ahead and its losses, from the last hour.
     let history = store.worker_history(now, now - granule_core::FORECAST_WINDOW_MS)?;
     let pool = granule_core::forecast_recent(&history, now);
+    if let Some(stage) = &args.explain {
+        return explain(&jobs, &workers, &pool, stage);
+    }
     if args.json {
         println!(
             "{}",
@@ -615,6 +615,7 @@ fn status(args: StatusArgs) -> Result<u8> {
 fn explain(
     jobs: &[granule_store::JobStatus],
     workers: &[granule_store::WorkerStatus],
+    forecast: &[granule_core::ClassForecast],
     name: &str,
 ) -> Result<u8> {
     let Some((job, stage)) = jobs
@@ -656,7 +657,7 @@ fn explain(
         );
     }
     if let Some(ms) = n.deadline_ms {
-        println!("  {}", deadline_verdict(job, stage, workers, ms));
+        println!("  {}", deadline_verdict(job, stage, workers, forecast, ms));
     }
     if workers.is_empty() {
         println!("  no workers seen in the last minute");
@@ -698,11 +699,12 @@ fn explain(
 
 /// What the deadline plan makes of a stage now: the time left, the soonest the live
 /// workers could finish it, and which classes the cheapest plan that still makes the
-/// deadline lets take its work (the same `deadline_plan` the claims run).
+/// deadline lets take its work (the pool, costs and plan the claims use).
 fn deadline_verdict(
     job: &granule_store::JobStatus,
     stage: &granule_store::StageStatus,
     workers: &[granule_store::WorkerStatus],
+    forecast: &[granule_core::ClassForecast],
     deadline_ms: f64,
 ) -> String {
     let left_ms = (job.created_ms + deadline_ms as i64 - host::now_ms()) as f64;
@@ -711,65 +713,50 @@ fn deadline_verdict(
         humantime::format_duration(Duration::from_millis(deadline_ms as u64)),
         left_ms / 1e3
     );
-    let mut pool: Vec<(String, f64, f64)> = Vec::new(); // class, slots, cost per hour
-    for w in workers.iter().filter(|w| w.state == "running") {
-        match pool.iter_mut().find(|p| p.0 == w.class) {
-            Some(p) => {
-                p.1 += f64::from(w.slots);
-                p.2 += w.cost_per_hour;
-            }
-            None => pool.push((w.class.clone(), f64::from(w.slots), w.cost_per_hour)),
-        }
-    }
-    let learned = |class: &str| {
-        stage
-            .classes
+    let mut pool = granule_core::pool_classes(
+        workers
             .iter()
-            .find(|c| c.class == class && c.item_cost_us > 0.0)
-            .map(|c| c.item_cost_us / 1e3)
-    };
-    let best = stage
+            .filter(|w| w.state == "running")
+            .map(|w| (w.class.clone(), f64::from(w.slots), w.cost_per_hour)),
+    );
+    granule_core::expect_drops(&mut pool, forecast);
+    let learned: Vec<(String, f64)> = stage
         .classes
         .iter()
         .filter(|c| c.item_cost_us > 0.0)
-        .map(|c| c.item_cost_us / 1e3)
-        .min_by(f64::total_cmp);
-    if pool.is_empty() || best.is_none() {
+        .map(|c| (c.class.clone(), c.item_cost_us / 1e3))
+        .collect();
+    if pool.is_empty() || learned.is_empty() {
         return format!("{when}; no live workers or no cost learned yet: every class takes it");
     }
     let work = [granule_core::StageWork {
         items: (stage.pending + stage.running) as f64,
-        per_item_ms: pool.iter().map(|p| learned(&p.0).or(best)).collect(),
+        per_item_ms: granule_core::per_class_costs(&learned, &pool),
     }];
-    let slots: Vec<f64> = pool.iter().map(|p| p.1).collect();
-    let prices: Vec<f64> = pool.iter().map(|p| p.2 / p.1 / 3_600_000.0).collect();
-    let Some((soonest, plan)) = granule_core::deadline_plan(&work, &slots, &prices, left_ms) else {
+    let Some((soonest, plan)) = granule_core::pool_deadline_plan(&work, &pool, left_ms) else {
         return format!("{when}; the live workers cannot run it");
     };
-    let (taking, waiting): (Vec<&String>, Vec<&String>) = pool
+    // A class that has not learned its cost here is let in, as claims do.
+    let (taking, waiting): (Vec<_>, Vec<_>) = pool
         .iter()
         .zip(&plan.planned[0])
-        .map(|(p, planned)| (&p.0, *planned || learned(&p.0).is_none()))
-        .fold(
-            (Vec::new(), Vec::new()),
-            |(mut t, mut w), (class, planned)| {
-                if planned {
-                    t.push(class)
-                } else {
-                    w.push(class)
-                }
-                (t, w)
-            },
-        );
+        .partition(|(p, planned)| **planned || !learned.iter().any(|(c, _)| *c == p.class));
+    let names = |classes: &[(&granule_core::PoolClass, &bool)]| {
+        classes
+            .iter()
+            .map(|(p, _)| p.class.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     format!(
         "{when}; every live worker together would need {:.0}s; the cheapest plan that makes it{} lets class {} take the work{}",
         soonest / 1e3,
         if soonest > granule_core::DEADLINE_SHARE * left_ms { " (it cannot: as soon as possible)" } else { "" },
-        taking.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", "),
+        names(&taking),
         if waiting.is_empty() {
             String::new()
         } else {
-            format!("; {} wait (dearer, not needed)", waiting.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", "))
+            format!("; {} wait (dearer, not needed)", names(&waiting))
         }
     )
 }

@@ -25,8 +25,9 @@ pub use ledger::{
 };
 pub use placement::{fits, Misfit, StageNeeds, WorkerOffer};
 pub use plan::{
-    assign, class_plan, critical_paths, deadline_plan, fluid_finish, order, order_key, Candidate,
-    ClassPlan, Holt, StageWork, DEADLINE_SHARE, PLAN_SLACK,
+    assign, class_plan, critical_paths, deadline_plan, expect_drops, fluid_finish, order,
+    order_key, per_class_costs, pool_classes, pool_deadline_plan, Candidate, ClassPlan, Holt,
+    PoolClass, StageWork, DEADLINE_SHARE, PLAN_SLACK,
 };
 pub use profile::{guess_class, profile};
 pub use sizer::{

@@ -13,6 +13,7 @@
 //! the least-served stage. The worker, the store's claim path and the simulator all
 //! call these functions.
 
+use crate::forecast::ClassForecast;
 use crate::placement::{StageNeeds, WorkerOffer};
 
 /// One ready stage that fits a worker, as placement sees it from that worker.
@@ -251,6 +252,78 @@ pub fn deadline_plan(
     let soonest = fluid_finish(work, slots, 1e12)?;
     let horizon = (DEADLINE_SHARE * time_left_ms).max(soonest * (1.0 + PLAN_SLACK));
     Some((soonest, class_plan(work, slots, cost_per_ms, horizon)))
+}
+
+/// A class of live workers, as a deadline plan sees the pool.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolClass {
+    /// The class.
+    pub class: String,
+    /// Its live slots (or fewer, if its capacity is forecast to drop).
+    pub slots: f64,
+    /// Its price per slot-hour.
+    pub cost_per_slot_hour: f64,
+}
+
+/// Live worker classes from one `(class, slots, cost per worker-hour)` per worker.
+pub fn pool_classes(workers: impl IntoIterator<Item = (String, f64, f64)>) -> Vec<PoolClass> {
+    let mut pool: Vec<PoolClass> = Vec::new();
+    for (class, slots, cost) in workers {
+        let slots = slots.max(1.0);
+        match pool.iter_mut().find(|p| p.class == class) {
+            Some(p) => {
+                let total = p.slots + slots;
+                p.cost_per_slot_hour = (p.cost_per_slot_hour * p.slots + cost) / total;
+                p.slots = total;
+            }
+            None => pool.push(PoolClass {
+                class,
+                slots,
+                cost_per_slot_hour: cost / slots,
+            }),
+        }
+    }
+    pool
+}
+
+/// Counts each class's slots as what its history forecasts ahead when that is
+/// less than what is alive now: a plan brings in other classes before capacity
+/// drops, not after (growth counts once it is here).
+pub fn expect_drops(pool: &mut [PoolClass], forecast: &[ClassForecast]) {
+    for p in pool.iter_mut() {
+        if let Some(f) = forecast.iter().find(|f| f.class == p.class) {
+            p.slots = p.slots.min(f.slots_ahead.max(1.0));
+        }
+    }
+}
+
+/// A stage's per-item cost on each class of `pool`: what that class learned, else
+/// the best any class learned (`None` where nothing is learned at all).
+pub fn per_class_costs(learned: &[(String, f64)], pool: &[PoolClass]) -> Vec<Option<f64>> {
+    let best = learned.iter().map(|(_, b)| *b).min_by(f64::total_cmp);
+    pool.iter()
+        .map(|p| {
+            learned
+                .iter()
+                .find(|(c, _)| *c == p.class)
+                .map(|(_, b)| *b)
+                .or(best)
+        })
+        .collect()
+}
+
+/// `deadline_plan` over a pool of live classes.
+pub fn pool_deadline_plan(
+    work: &[StageWork],
+    pool: &[PoolClass],
+    time_left_ms: f64,
+) -> Option<(f64, ClassPlan)> {
+    let slots: Vec<f64> = pool.iter().map(|p| p.slots).collect();
+    let prices: Vec<f64> = pool
+        .iter()
+        .map(|p| p.cost_per_slot_hour / 3_600_000.0)
+        .collect();
+    deadline_plan(work, &slots, &prices, time_left_ms)
 }
 
 /// Holt's linear exponential smoothing of a series sampled at a steady interval:

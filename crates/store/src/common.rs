@@ -3,9 +3,9 @@
 
 use crate::{ClaimRequest, ClassStatus, Result, StoreError};
 use granule_core::{
-    critical_paths, deadline_plan as core_deadline_plan, forecast_recent, order, profile,
-    Candidate, ClaimContext, CostModel, IntervalSet, PendingRange, Sizer, SizerConfig, Span,
-    StageNeeds, StageWork, WorkerOffer, WorkerSpan,
+    critical_paths, expect_drops, forecast_recent, order, per_class_costs, pool_classes,
+    pool_deadline_plan, profile, Candidate, ClaimContext, CostModel, IntervalSet, PendingRange,
+    PoolClass, Sizer, SizerConfig, Span, StageNeeds, StageWork, WorkerOffer, WorkerSpan,
 };
 
 /// A value as a JSON column.
@@ -156,46 +156,16 @@ pub(crate) fn busiest(sizers: &[(String, Sizer)]) -> Sizer {
         .unwrap_or_default()
 }
 
-/// A class of live workers, for the deadline plan.
-pub(crate) struct PoolClass {
-    /// The class.
-    pub(crate) class: String,
-    /// Its live slots.
-    pub(crate) slots: f64,
-    /// Its price per slot-hour.
-    pub(crate) cost_per_slot_hour: f64,
-}
-
-/// Counts each class's slots as what its history forecasts 10 minutes ahead when
-/// that is less than what is alive now: the plan brings in other classes before
-/// capacity drops, not after (growth counts once it is here).
-pub(crate) fn expect_drops(pool: &mut [PoolClass], history: &[WorkerSpan], now_ms: i64) {
-    let forecast = forecast_recent(history, now_ms);
-    for p in pool.iter_mut() {
-        if let Some(f) = forecast.iter().find(|f| f.class == p.class) {
-            p.slots = p.slots.min(f.slots_ahead.max(1.0));
-        }
-    }
-}
-
-/// Live worker classes from rows of (class, slots, cost per worker-hour).
-pub(crate) fn pool_classes(rows: Vec<(String, i64, f64)>) -> Vec<PoolClass> {
-    let mut pool: Vec<PoolClass> = Vec::new();
-    for (class, slots, cost) in rows {
-        let slots = slots.max(1) as f64;
-        match pool.iter_mut().find(|p| p.class == class) {
-            Some(p) => {
-                let total = p.slots + slots;
-                p.cost_per_slot_hour = (p.cost_per_slot_hour * p.slots + cost) / total;
-                p.slots = total;
-            }
-            None => pool.push(PoolClass {
-                class,
-                slots,
-                cost_per_slot_hour: cost / slots,
-            }),
-        }
-    }
+/// The live pool a deadline plan sees: live workers' `(class, slots, cost per
+/// worker-hour)` rows, each class counted as its forecast capacity when that is
+/// lower (`history` covers the forecast window).
+pub(crate) fn live_pool(
+    rows: Vec<(String, i64, f64)>,
+    history: &[WorkerSpan],
+    now_ms: i64,
+) -> Vec<PoolClass> {
+    let mut pool = pool_classes(rows.into_iter().map(|(c, s, cost)| (c, s as f64, cost)));
+    expect_drops(&mut pool, &forecast_recent(history, now_ms));
     pool
 }
 
@@ -218,21 +188,9 @@ pub(crate) fn deadline_plan(
     let me = pool.iter().position(|p| p.class == class)?;
     let work: Vec<StageWork> = views
         .iter()
-        .map(|v| {
-            let best = v.learned.iter().map(|(_, b)| *b).min_by(f64::total_cmp);
-            StageWork {
-                items: if v.ready { v.left as f64 } else { 0.0 },
-                per_item_ms: pool
-                    .iter()
-                    .map(|p| {
-                        v.learned
-                            .iter()
-                            .find(|(c, _)| *c == p.class)
-                            .map(|(_, b)| *b)
-                            .or(best)
-                    })
-                    .collect(),
-            }
+        .map(|v| StageWork {
+            items: if v.ready { v.left as f64 } else { 0.0 },
+            per_item_ms: per_class_costs(&v.learned, pool),
         })
         .collect();
     if work
@@ -241,12 +199,7 @@ pub(crate) fn deadline_plan(
     {
         return None;
     }
-    let slots: Vec<f64> = pool.iter().map(|p| p.slots).collect();
-    let prices: Vec<f64> = pool
-        .iter()
-        .map(|p| p.cost_per_slot_hour / 3_600_000.0)
-        .collect();
-    let (_, plan) = core_deadline_plan(&work, &slots, &prices, (deadline - now_ms) as f64)?;
+    let (_, plan) = pool_deadline_plan(&work, pool, (deadline - now_ms) as f64)?;
     Some(
         views
             .iter()
@@ -565,7 +518,7 @@ mod tests {
                 cost_per_slot_hour: 1.0,
             },
         ];
-        expect_drops(&mut pool, &history, now);
+        expect_drops(&mut pool, &forecast_recent(&history, now));
         assert!(pool[0].slots < 9.0, "{}", pool[0].slots);
         assert_eq!(pool[1].slots, 4.0, "no history: as it is");
     }

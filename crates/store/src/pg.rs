@@ -13,10 +13,10 @@
 //! the worker buffers acks meanwhile.
 
 use crate::common::{
-    busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config, expect_drops, json,
-    memory_of, parse, placement_order, pool_classes, prediction_error, retries_for,
-    sizer_config_json, split_gain, split_point, stage_profile, worker_span, Admission, DoneRow,
-    HistoryRow, StageReading, StageView,
+    busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config, json, live_pool,
+    memory_of, parse, placement_order, prediction_error, retries_for, sizer_config_json,
+    split_gain, split_point, stage_profile, worker_span, Admission, DoneRow, HistoryRow,
+    StageReading, StageView,
 };
 use crate::*;
 use granule_core::{
@@ -1214,13 +1214,12 @@ fn claim_once(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(Option<Assignm
                     .iter()
                     .map(|r| (r.get(0), r.get(1), r.get(2)))
                     .collect();
-                let mut pool = pool_classes(rows);
                 let ahead = history(
                     tx,
                     req.now_ms,
                     req.now_ms - granule_core::FORECAST_WINDOW_MS,
                 )?;
-                expect_drops(&mut pool, &ahead, req.now_ms);
+                let pool = live_pool(rows, &ahead, req.now_ms);
                 deadline_plan(&views, &pool, &req.class, req.now_ms)
             } else {
                 None
