@@ -11,6 +11,7 @@ mod intervals;
 mod ledger;
 mod placement;
 mod plan;
+mod predictor;
 mod profile;
 mod sizer;
 
@@ -29,6 +30,7 @@ pub use plan::{
     order_key, per_class_costs, pool_classes, pool_deadline_plan, Candidate, ClassPlan, Holt,
     PoolClass, StageWork, DEADLINE_SHARE, PLAN_SLACK,
 };
+pub use predictor::{absolute_errors, median_p90, prediction_error, WARM_UP_FRAGMENTS};
 pub use profile::{guess_class, profile};
 pub use sizer::{
     ClaimContext, CostModel, LinearFit, Observation, Pid, SizeCap, Sizer, SizerConfig, Sizing,

@@ -5,9 +5,9 @@
 use crate::pool::{Ending, Life, Lives};
 use crate::scenario::Scenario;
 use granule_core::{
-    critical_paths, deadline_plan, fits, order, Candidate, ClaimContext, FinishOutcome, FragmentId,
-    Holt, IntervalSet, Observation, SizeCap, Sizer, SizerConfig, Span, StageLedger, StageNeeds,
-    StageWork, WorkerOffer,
+    absolute_errors, critical_paths, deadline_plan, fits, median_p90, order, Candidate,
+    ClaimContext, FinishOutcome, FragmentId, Holt, IntervalSet, Observation, SizeCap, Sizer,
+    SizerConfig, Span, StageLedger, StageNeeds, StageWork, WorkerOffer,
 };
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
@@ -122,8 +122,6 @@ pub struct Report {
     pub stages: Vec<StageReport>,
 }
 
-/// Fragments of each stage not judged by the predictor's error figures.
-const WARM_UP: usize = 20;
 /// Planner period: forecasts and the class plan are updated, idle workers look again.
 const TICK_MS: f64 = 60_000.0;
 
@@ -180,8 +178,8 @@ struct Stage {
     done_ms: Option<f64>,
     fragments: u64,
     items_by_class: Vec<u64>,
-    errors: Vec<f64>,
-    judged: usize,
+    /// Predicted and observed durations of its finished fragments, in order.
+    durations: Vec<(f64, f64)>,
 }
 
 struct Sim<'a> {
@@ -258,8 +256,7 @@ pub fn simulate<'a>(
             done_ms: None,
             fragments: 0,
             items_by_class: vec![0; sc.classes.len()],
-            errors: Vec::new(),
-            judged: 0,
+            durations: Vec::new(),
         })
         .collect();
     let mut sim = Sim {
@@ -484,13 +481,7 @@ impl Sim<'_> {
                         load: None,
                     },
                 );
-                // As `status` judges: past the warm-up, and only fragments that had a
-                // prediction (claimed once the model had seen something).
-                st.judged += 1;
-                if st.judged > WARM_UP && elapsed > 0.0 && r.predicted > 0.0 {
-                    st.errors
-                        .push(100.0 * (r.predicted - elapsed).abs() / elapsed);
-                }
+                st.durations.push((r.predicted, elapsed));
                 "done"
             }
             FinishOutcome::Lost => "lost",
@@ -953,10 +944,12 @@ impl Sim<'_> {
             .iter()
             .zip(&self.sc.stages)
             .map(|(st, spec)| {
-                all_errors.extend_from_slice(&st.errors);
+                // As `status` judges: past the warm-up, fragments that had a prediction.
+                let errors = absolute_errors(&st.durations);
+                all_errors.extend_from_slice(&errors);
                 // The same exactly-once accounting as the store's: checked, not assumed.
                 st.ledger.assert_consistent();
-                let (error_median, error_p90) = quantiles(&st.errors);
+                let (error_median, error_p90) = median_p90(&errors);
                 StageReport {
                     name: spec.name.clone(),
                     done_ms: st.done_ms,
@@ -968,7 +961,7 @@ impl Sim<'_> {
                 }
             })
             .collect();
-        let (error_median, error_p90) = quantiles(&all_errors);
+        let (error_median, error_p90) = median_p90(&all_errors);
         let mut classes = self.classes;
         let mut cost = 0.0;
         for (c, report) in classes.iter_mut().enumerate() {
@@ -999,15 +992,4 @@ impl Sim<'_> {
 /// How long before the end of a fixed lifespan a worker drains, as `--lifespan` does.
 fn drain_margin(life: &Life) -> f64 {
     (0.1 * (life.end - life.start)).min(30_000.0)
-}
-
-/// Median and 90th percentile.
-fn quantiles(values: &[f64]) -> (Option<f64>, Option<f64>) {
-    if values.is_empty() {
-        return (None, None);
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    (Some(at(0.5)), Some(at(0.9)))
 }

@@ -4,8 +4,9 @@
 use crate::{ClaimRequest, ClassStatus, Result, StoreError};
 use granule_core::{
     critical_paths, expect_drops, forecast_recent, order, per_class_costs, pool_classes,
-    pool_deadline_plan, profile, Candidate, ClaimContext, CostModel, IntervalSet, PendingRange,
-    PoolClass, Sizer, SizerConfig, Span, StageNeeds, StageWork, WorkerOffer, WorkerSpan,
+    pool_deadline_plan, prediction_error, profile, Candidate, ClaimContext, CostModel, IntervalSet,
+    PendingRange, PoolClass, Sizer, SizerConfig, Span, StageNeeds, StageWork, WorkerOffer,
+    WorkerSpan,
 };
 
 /// A value as a JSON column.
@@ -467,26 +468,6 @@ pub(crate) fn split_gain(owner: &CostModel, asker: &CostModel) -> f64 {
     }
 }
 
-/// Skipped when judging the predictor: the first fragments of a stage are its slow start.
-pub(crate) const WARM_UP_FRAGMENTS: usize = 20;
-
-/// Median and 90th percentile of the absolute percentage error of predicted against
-/// observed fragment durations, past the warm-up; `None` without such fragments.
-pub(crate) fn prediction_error(pairs: &[(f64, f64)]) -> (Option<f64>, Option<f64>) {
-    let mut errors: Vec<f64> = pairs
-        .iter()
-        .skip(WARM_UP_FRAGMENTS)
-        .filter(|(predicted, observed)| *predicted > 0.0 && *observed > 0.0)
-        .map(|(predicted, observed)| 100.0 * (predicted - observed).abs() / observed)
-        .collect();
-    if errors.is_empty() {
-        return (None, None);
-    }
-    errors.sort_by(f64::total_cmp);
-    let at = |q: f64| errors[((errors.len() - 1) as f64 * q).round() as usize];
-    (Some(at(0.5)), Some(at(0.9)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,15 +502,5 @@ mod tests {
         expect_drops(&mut pool, &forecast_recent(&history, now));
         assert!(pool[0].slots < 9.0, "{}", pool[0].slots);
         assert_eq!(pool[1].slots, 4.0, "no history: as it is");
-    }
-
-    #[test]
-    fn prediction_error_skips_the_warm_up_and_reads_quantiles() {
-        let mut pairs = vec![(1.0, 100.0); WARM_UP_FRAGMENTS];
-        pairs.extend((1..=10).map(|i| (100.0 + i as f64, 100.0)));
-        let (median, p90) = prediction_error(&pairs);
-        assert_eq!(median, Some(6.0));
-        assert_eq!(p90, Some(9.0));
-        assert_eq!(prediction_error(&pairs[..WARM_UP_FRAGMENTS]), (None, None));
     }
 }

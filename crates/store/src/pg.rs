@@ -14,11 +14,11 @@
 
 use crate::common::{
     busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config, json, live_pool,
-    memory_of, parse, placement_order, prediction_error, retries_for, sizer_config_json,
-    split_gain, split_point, stage_profile, worker_span, Admission, DoneRow, HistoryRow,
-    StageReading, StageView,
+    memory_of, parse, placement_order, retries_for, sizer_config_json, split_gain, split_point,
+    stage_profile, worker_span, Admission, DoneRow, HistoryRow, StageReading, StageView,
 };
 use crate::*;
+use granule_core::prediction_error;
 use granule_core::{
     fits, FinishOutcome, FragmentId, IntervalSet, JobId, Observation, PendingRange,
     RunningFragment, SizeCap, Sizer, SizerConfig, Span, StageId, StageLedger, StageNeeds,
