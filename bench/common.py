@@ -4,13 +4,16 @@ import json, os, subprocess, sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPIN = os.path.normpath(os.path.join(ROOT, "..", "shared", "bench", "spin.py"))
-GRANULE = os.path.join(ROOT, "target", "release", "granule")
+# GRANULE_BIN runs another build (e.g. the previous release, for a same-run baseline).
+GRANULE = os.environ.get("GRANULE_BIN") or os.path.join(ROOT, "target", "release", "granule")
 # The system interpreter starts in ~10 ms; a version manager's (pyenv here) costs ~60 ms of
 # CPU per start through its site hooks, which is the task's overhead, not granule's.
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else os.path.realpath(sys.executable)
 
 
 def build():
+    if os.environ.get("GRANULE_BIN"):
+        return
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "granule"], cwd=ROOT, check=True)
 
 

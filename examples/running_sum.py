@@ -4,7 +4,9 @@
 granule feeds item values on stdin and closes stdin when the fragment must yield
 (a preemption notice, the end of a worker's lifespan, a split). This task cannot
 tell a finished fragment from a yielding one, and need not: at the end of its input
-it always writes its state to a file and hands it over with `checkpoint PATH`.
+it always writes its state to a file and hands it over with the command
+`$GRANULE_CMD checkpoint PATH` on fd 3 (protocol 2: GRANULE_CMD is a tag granule
+makes for each fragment, so no item value can pass for a command).
 
 - If every item of the fragment was acked, that checkpoint is the fragment's
   result (`granule results STAGE` lists them; the answer is the sum of results).
@@ -22,6 +24,7 @@ every = int(os.environ.get("CHECKPOINT_EVERY", "0"))
 cost = float(os.environ.get("ITEM_SECONDS", "0"))
 state_dir = os.environ.get("STATE_DIR", ".")
 fragment = os.environ["GRANULE_FRAGMENT"]
+command = os.environ["GRANULE_CMD"]
 
 total, count = 0, 0
 restored = os.environ.get("GRANULE_CHECKPOINT")
@@ -35,7 +38,7 @@ def checkpoint(pending_acks):
     with open(path + ".tmp", "w") as f:
         json.dump([total, count], f)
     os.rename(path + ".tmp", path)  # never hand over a half-written file
-    ack.write("".join(pending_acks) + f"checkpoint {path}\n")
+    ack.write("".join(pending_acks) + f"{command} checkpoint {path}\n")
     ack.flush()
 
 

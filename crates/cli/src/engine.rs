@@ -10,14 +10,15 @@ use crate::host;
 use crate::progress::Progress;
 use anyhow::{Context, Result};
 use granule_core::{ClaimContext, FinishOutcome, FragmentId, JobId, WorkerOffer};
-use granule_exec::{run_fragment, Blob, Control, FragmentJob, ItemSource, RunReport, Sampler};
+use granule_exec::{
+    run_fragment, Blob, Control, FragmentJob, ItemSource, ItemsError, RunReport, Sampler,
+};
 use granule_spec::JobSpec;
 use granule_store::{
-    Assignment, BlobRow, ClaimRequest, Finished, FragmentEnd, FragmentFlush, Heartbeat,
-    SplitAnswer, Store, StoreError, WorkerInfo,
+    Assignment, BlobRow, ClaimRequest, Finished, FragmentEnd, FragmentFlush, Heartbeat, JobHalt,
+    NewCheckpoint, SplitAnswer, Store, StoreError, WorkerInfo,
 };
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -102,7 +103,7 @@ impl Default for EngineConfig {
 }
 
 /// How a run ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
     /// Every item done (`run`), or no work left (`worker`).
     Done,
@@ -112,6 +113,10 @@ pub(crate) enum Outcome {
     Stopped,
     /// The job was cancelled.
     Cancelled,
+    /// The job was refused: its input is not what was submitted (the message says why).
+    Refused(String),
+    /// The job's stored state cannot be read.
+    Broken(String),
 }
 
 /// What is needed to report a fragment's end once the store has taken it.
@@ -162,6 +167,9 @@ struct Worker<'a> {
     specs: HashMap<JobId, Arc<JobSpec>>,
     sources: HashMap<(JobId, usize), ItemSource>,
     running: HashMap<FragmentId, Slot>,
+    /// Fragments the store told us to stop (their job was cancelled or stopped):
+    /// their ends are not "lost leases".
+    stopped: HashSet<FragmentId>,
     /// Claimed but not started: the store went away while reading its spec or
     /// checkpoint. Started (or left to lease expiry, if draining) later.
     deferred: Vec<Assignment>,
@@ -222,6 +230,7 @@ pub(crate) fn run_worker(
         specs,
         sources: HashMap::new(),
         running: HashMap::new(),
+        stopped: HashSet::new(),
         deferred: Vec::new(),
         unflushed: HashMap::new(),
         finished_tx,
@@ -242,7 +251,7 @@ pub(crate) fn run_worker(
 }
 
 /// What this worker offers to stages: its class and resources (detected and declared).
-fn offer(cfg: &EngineConfig) -> WorkerOffer {
+pub(crate) fn offer(cfg: &EngineConfig) -> WorkerOffer {
     let detected = granule_exec::detect();
     WorkerOffer {
         class: cfg.class.clone(),
@@ -526,10 +535,13 @@ impl Worker<'_> {
             };
             let record = record.context("job vanished from the store")?;
             // Otherwise other workers still hold its fragments: wait for them.
+            let error = record.error.unwrap_or_default();
             return Ok(match record.state.as_str() {
                 "done" => Some(Outcome::Done),
                 "failed" => Some(Outcome::Quarantined),
                 "cancelled" => Some(Outcome::Cancelled),
+                "refused" => Some(Outcome::Refused(error)),
+                "broken" => Some(Outcome::Broken(error)),
                 _ => None,
             });
         }
@@ -613,35 +625,47 @@ impl Worker<'_> {
     }
 
     /// The job's spec, or `None` while the store is unreachable.
-    fn spec(&mut self, job: JobId) -> Result<Option<Arc<JobSpec>>> {
+    /// The job's spec (or why its stored spec cannot be read), or `None` while the
+    /// store is unreachable.
+    #[allow(clippy::type_complexity)]
+    fn spec(&mut self, job: JobId) -> Result<Option<Result<Arc<JobSpec>, String>>> {
         if let Some(spec) = self.specs.get(&job) {
-            return Ok(Some(spec.clone()));
+            return Ok(Some(Ok(spec.clone())));
         }
         let record = self.store.job_by_id(job);
         let Some(record) = self.available(record)? else {
             return Ok(None);
         };
         let record = record.context("claimed a fragment of a job that is gone")?;
-        let spec: JobSpec = serde_json::from_str(&record.spec_json).context("stored job spec")?;
+        let spec: JobSpec = match serde_json::from_str(&record.spec_json) {
+            Ok(spec) => spec,
+            Err(e) => return Ok(Some(Err(e.to_string()))),
+        };
         let spec = Arc::new(spec);
         self.specs.insert(job, spec.clone());
-        Ok(Some(spec))
+        Ok(Some(Ok(spec)))
     }
 
     /// Starts a claimed fragment; hands it back if the store is unreachable.
     fn start(&mut self, a: Assignment) -> Result<Option<Assignment>> {
-        let Some(spec) = self.spec(a.job)? else {
-            return Ok(Some(a));
+        let spec = match self.spec(a.job)? {
+            None => return Ok(Some(a)),
+            Some(Ok(spec)) => spec,
+            Some(Err(why)) => {
+                let halt = JobHalt::Broken(format!("its stored spec cannot be read: {why}"));
+                return self.halt(a, halt);
+            }
         };
         let stage = &spec.stages[a.stage_index];
-        let source = match self.sources.entry((a.job, a.stage_index)) {
-            Entry::Occupied(e) => e.get().clone(),
-            Entry::Vacant(e) => e
-                .insert(
-                    ItemSource::open(&stage.items)
-                        .with_context(|| format!("opening items of stage {}", stage.name))?,
-                )
-                .clone(),
+        let source = match self.source(a.job, a.stage_index, &stage.items) {
+            Ok(source) => source,
+            Err(e) => {
+                let halt = JobHalt::Refused(format!(
+                    "stage {}: {e} (on host {})",
+                    stage.name, self.info.host
+                ));
+                return self.halt(a, halt);
+            }
         };
         let mut env = vec![
             ("GRANULE_JOB".to_string(), spec.name.clone()),
@@ -666,7 +690,18 @@ impl Worker<'_> {
         let Some((restored, checkpoint_fallbacks, notes)) = self.restore_checkpoint(&a)? else {
             return Ok(Some(a));
         };
-        if let Some((state, meta)) = restored {
+        if checkpoint_fallbacks > 0 {
+            // It starts from an older state than it was handed: the store reruns what
+            // only the lost checkpoints held.
+            self.unflushed
+                .entry(a.fragment)
+                .or_insert_with(|| FragmentFlush {
+                    fragment: a.fragment,
+                    ..FragmentFlush::default()
+                })
+                .restored = Some(restored.as_ref().map(|r| r.0));
+        }
+        if let Some((_, state, meta)) = restored {
             env.push((
                 "GRANULE_CHECKPOINT".to_string(),
                 state.display().to_string(),
@@ -714,6 +749,7 @@ impl Worker<'_> {
             ),
             log_tail_bytes: self.cfg.log_tail_bytes,
             checkpoint_level: self.cfg.checkpoint_level,
+            max_checkpoint_bytes: stage.max_checkpoint_bytes,
         };
         let control = Control::new(a.span);
         if let Some(at) = keep_until.and_then(|at| control.split_at(at)) {
@@ -751,28 +787,40 @@ impl Worker<'_> {
 
     /// Writes the checkpoint a resumed fragment starts from, and its metadata. A
     /// checkpoint that is missing or fails verification is skipped for the one
-    /// before it, down to none (then the fragment starts at its first item).
-    /// `None` while the store is unreachable.
+    /// before it in its chain, down to none (then the fragment starts at its first
+    /// item without state). Returns the checkpoint restored (its id and files), the
+    /// checkpoints skipped, and notes; `None` while the store is unreachable.
     #[allow(clippy::type_complexity)]
     fn restore_checkpoint(
         &mut self,
         a: &Assignment,
-    ) -> Result<Option<(Option<(PathBuf, PathBuf)>, u32, Vec<String>)>> {
+    ) -> Result<Option<(Option<(i64, PathBuf, PathBuf)>, u32, Vec<String>)>> {
         let (mut next, mut fallbacks, mut notes) = (a.checkpoint, 0, Vec::new());
+        // A chain longer than this is not walked: the fragment starts without state.
+        let mut walk = 64;
         while let Some(id) = next {
+            walk -= 1;
+            if walk == 0 {
+                break;
+            }
             let found = self.store.blob(id);
             let Some(found) = self.available(found)? else {
                 return Ok(None);
             };
-            let Some((row, prev)) = found else {
+            let Some(stored) = found else {
                 notes.push(format!("checkpoint {id} is missing"));
                 fallbacks += 1;
-                break;
+                let before = self.store.checkpoint_before(id);
+                let Some(before) = self.available(before)? else {
+                    return Ok(None);
+                };
+                next = before;
+                continue;
             };
             let blob = Blob {
-                data: row.data,
-                raw_len: row.raw_len,
-                hash: row.hash,
+                data: stored.row.data,
+                raw_len: stored.row.raw_len,
+                hash: stored.row.hash,
             };
             match blob.open() {
                 Ok(raw) => {
@@ -784,25 +832,76 @@ impl Worker<'_> {
                         dir.join(format!("fragment-{}.meta.json", a.fragment)),
                     )?;
                     std::fs::write(&state, raw)?;
-                    std::fs::write(&meta, row.meta)?;
+                    std::fs::write(&meta, stored.row.meta)?;
                     if fallbacks > 0 {
-                        notes.push(format!("resumed from older checkpoint {id}"));
+                        notes.push(format!(
+                            "resumed from older checkpoint {id}; items only the skipped ones held run again"
+                        ));
                     }
                     self.show_notes(a.fragment, &notes);
-                    return Ok(Some((Some((state, meta)), fallbacks, notes)));
+                    return Ok(Some((Some((id, state, meta)), fallbacks, notes)));
                 }
                 Err(e) => {
                     notes.push(format!("checkpoint {id} is unusable ({e})"));
                     fallbacks += 1;
-                    next = prev;
+                    next = stored.prev;
                 }
             }
         }
         if fallbacks > 0 {
-            notes.push("no good checkpoint left: started without state".into());
+            notes.push(
+                "no good checkpoint left: started without state; items the lost ones held run again"
+                    .into(),
+            );
         }
         self.show_notes(a.fragment, &notes);
         Ok(Some((None, fallbacks, notes)))
+    }
+
+    /// Ends a claimed fragment without running it: its job cannot run here (its
+    /// items changed, its stored spec is unreadable). Nothing is charged; the job
+    /// stops with `halt`'s message.
+    fn halt(&mut self, a: Assignment, halt: JobHalt) -> Result<Option<Assignment>> {
+        self.progress
+            .note(&format!("job stopped: {}", halt.message()));
+        let end = FragmentEnd {
+            outcome: FinishOutcome::Yielded,
+            state: "yielded",
+            fed: 0,
+            halt: Some(halt),
+            ..FragmentEnd::success(a.fragment, a.span.end)
+        };
+        let context = FinishContext {
+            id: a.fragment,
+            stage: String::new(),
+            stage_index: a.stage_index,
+            span: a.span,
+            n: a.n,
+            failure: None,
+        };
+        let result = self.store.finish(&self.info.id, host::now_ms(), &end);
+        if self.available(result)?.is_none() {
+            self.unfinished.push((end, context));
+        }
+        Ok(None)
+    }
+
+    /// The items of a stage, opened (and verified) once per worker and again when the
+    /// file moved since.
+    fn source(
+        &mut self,
+        job: JobId,
+        stage: usize,
+        items: &granule_spec::ItemsSpec,
+    ) -> Result<ItemSource, ItemsError> {
+        if let Some(source) = self.sources.get(&(job, stage)) {
+            if source.unchanged() {
+                return Ok(source.clone());
+            }
+        }
+        let source = ItemSource::open(items)?;
+        self.sources.insert((job, stage), source.clone());
+        Ok(source)
     }
 
     fn show_notes(&self, fragment: FragmentId, notes: &[String]) {
@@ -826,11 +925,11 @@ impl Worker<'_> {
         entry.acked.union_with(&acked);
         let sample = (!checkpoints.is_empty()).then(|| self.sampler.sample());
         for cp in checkpoints {
-            match cp.blob {
-                Ok(blob) => entry.checkpoints.push(BlobRow {
-                    data: blob.data,
-                    raw_len: blob.raw_len,
-                    hash: blob.hash,
+            entry.checkpoints.push(NewCheckpoint {
+                blob: BlobRow {
+                    data: cp.blob.data,
+                    raw_len: cp.blob.raw_len,
+                    hash: cp.blob.hash,
                     meta: serde_json::json!({
                         "fragment_size": n,
                         "acks": cp.acks,
@@ -840,9 +939,9 @@ impl Worker<'_> {
                         "load_per_cpu": sample.map(|s| s.load_per_cpu),
                     })
                     .to_string(),
-                }),
-                Err(e) => self.progress.note(&format!("fragment {id}: {e}")),
-            }
+                },
+                acked: cp.acked,
+            });
         }
     }
 
@@ -873,6 +972,12 @@ impl Worker<'_> {
             return Ok(());
         };
         self.unflushed.clear();
+        for id in reply.stopped {
+            if let Some(slot) = self.running.get(&id) {
+                self.stopped.insert(id);
+                slot.control.kill();
+            }
+        }
         for id in reply.lost {
             if let Some(slot) = self.running.get(&id) {
                 self.progress.note(&format!(
@@ -915,13 +1020,16 @@ impl Worker<'_> {
             ..FragmentFlush::default()
         });
         let state = match report.outcome {
-            FinishOutcome::Success => "done",
+            FinishOutcome::Success | FinishOutcome::AllOrNothing { .. } => "done",
             FinishOutcome::Yielded | FinishOutcome::Lost => "yielded",
             FinishOutcome::Failed { .. } => "failed",
         };
         let mut detail: Vec<String> = report.failure.iter().map(|f| f.to_string()).collect();
         detail.extend(slot.notes.iter().cloned());
-        let wasted_items = if report.outcome == FinishOutcome::Success {
+        let wasted_items = if matches!(
+            report.outcome,
+            FinishOutcome::Success | FinishOutcome::AllOrNothing { .. }
+        ) {
             0
         } else {
             report.fed.saturating_sub(report.acks)
@@ -949,6 +1057,7 @@ impl Worker<'_> {
             last_ack_ms: report.last_ack_ms,
             stdout: report.stdout_tail,
             stderr: report.stderr_tail,
+            halt: None,
         };
         let context = FinishContext {
             id,
@@ -969,6 +1078,9 @@ impl Worker<'_> {
 
     fn report_finish(&mut self, c: &FinishContext, finished: &Finished) {
         let (id, stage) = (c.id, &c.stage);
+        if self.stopped.remove(&id) {
+            return; // its job was cancelled or stopped: said once already
+        }
         if !finished.accepted {
             self.progress.note(&format!("stage {stage}: fragment {id} was no longer ours; its late results were not counted"));
             return;

@@ -21,8 +21,10 @@ const EXIT_DONE: u8 = 0;
 const EXIT_QUARANTINED: u8 = 1;
 /// Exit code: bad input (spec, arguments).
 const EXIT_BAD_INPUT: u8 = 2;
-/// Exit code: granule itself failed (store, IO).
+/// Exit code: granule itself failed (store, IO), or the job's stored state cannot be read.
 const EXIT_BROKEN: u8 = 3;
+/// Exit code: the job was cancelled (`granule cancel`).
+const EXIT_CANCELLED: u8 = 4;
 /// Exit code: interrupted (Ctrl-C); the job resumes on the next run.
 const EXIT_INTERRUPTED: u8 = 130;
 
@@ -287,9 +289,11 @@ fn open_store(args: &StateArg) -> Result<Box<dyn Store>> {
                 PgStore::open(url).with_context(|| format!("opening store {}", redact(url)))?;
             Ok(Box::new(store))
         }
-        Some(other) => {
-            Err(BadInput(format!("--store {other:?}: expected a postgres:// URL")).into())
-        }
+        Some(other) => Err(BadInput(format!(
+            "--store {:?}: expected a postgres:// URL",
+            redact(other)
+        ))
+        .into()),
         None => {
             let path = state.join("granule.db");
             let store = SqliteStore::open(&path)
@@ -299,16 +303,28 @@ fn open_store(args: &StateArg) -> Result<Box<dyn Store>> {
     }
 }
 
-/// A store URL without its password, for messages.
+/// A store URL without its password, for messages: the user info loses what
+/// follows its first `:`, and `password=` parameters their value, however
+/// malformed the rest of the URL is.
 fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let mut out = match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
             let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{}@{}", &url[..scheme + 3], user, &url[at + 1..])
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{}{user}{hidden}@{}", &url[..scheme + 3], &url[at + 1..])
         }
+        (None, Some(at)) => format!("***@{}", &url[at + 1..]),
         _ => url.to_string(),
+    };
+    while let Some(at) = out.to_ascii_lowercase().find("password=") {
+        let start = at + "password=".len();
+        let end = out[start..]
+            .find(['&', ' '])
+            .map_or(out.len(), |i| start + i);
+        out.replace_range(at..end, "pass***");
     }
+    out
 }
 
 /// The store's view of a spec.
@@ -349,23 +365,35 @@ fn new_job(spec: &JobSpec) -> NewJob {
 
 fn run(args: RunArgs) -> Result<u8> {
     let spec = granule_spec::load(&args.spec)?;
+    let slots = slots(args.slots)?;
+    let local = engine::EngineConfig {
+        slots,
+        ..engine::EngineConfig::default()
+    };
+    runnable_here(&spec, &engine::offer(&local))?;
     let mut store = open_store(&args.state)?;
-    let submitted = store.submit(&new_job(&spec), host::now_ms(), args.fresh)?;
+    let submitted = submit_job(store.as_mut(), &spec, args.fresh)?;
     if let Submitted::AlreadyFinished(_) = submitted {
         let record = store.job(&spec.name)?.context("job vanished")?;
         eprintln!("granule: job \"{}\" already finished ({}); nothing to run. Use --fresh to run it again.", spec.name, record.state);
-        return Ok(if record.state == "done" {
-            EXIT_DONE
-        } else {
-            EXIT_QUARANTINED
+        if let Some(error) = &record.error {
+            eprintln!("granule: {error}");
+        }
+        return Ok(match record.state.as_str() {
+            "done" => EXIT_DONE,
+            "cancelled" => EXIT_CANCELLED,
+            "refused" => EXIT_BAD_INPUT,
+            "broken" => EXIT_BROKEN,
+            _ => EXIT_QUARANTINED,
         });
     }
     if let Submitted::Resumed(_) = submitted {
         eprintln!("granule: resuming job \"{}\"", spec.name);
     }
     let interrupts = count_signals()?;
+    let name = spec.name.clone();
     let config = engine::EngineConfig {
-        slots: slots(args.slots)?,
+        slots,
         flush: args.tuning.flush,
         lease: args.tuning.lease,
         grace: args.grace,
@@ -381,11 +409,90 @@ fn run(args: RunArgs) -> Result<u8> {
             engine::Outcome::Quarantined => EXIT_QUARANTINED,
             engine::Outcome::Stopped => EXIT_INTERRUPTED,
             engine::Outcome::Cancelled => {
-                eprintln!("granule: the job was cancelled");
-                EXIT_QUARANTINED
+                eprintln!(
+                    "granule: job \"{name}\" was cancelled; its done items are kept (granule status {name})"
+                );
+                EXIT_CANCELLED
+            }
+            engine::Outcome::Refused(why) => {
+                eprintln!("granule: error: job \"{name}\" refused: {why}");
+                EXIT_BAD_INPUT
+            }
+            engine::Outcome::Broken(why) => {
+                eprintln!("granule: error: job \"{name}\" stopped: {why}");
+                EXIT_BROKEN
             }
         },
     )
+}
+
+/// `run` runs a job here: a stage that no slot of this machine could ever take
+/// (a GPU, a class, more memory than it has) is refused before anything runs.
+fn runnable_here(spec: &JobSpec, offer: &granule_core::WorkerOffer) -> Result<()> {
+    for stage in &spec.stages {
+        if let Err(misfit) = granule_core::fits(&stage.needs, offer) {
+            let misfit = match misfit {
+                granule_core::Misfit::Class(class) => format!(
+                    "requires class {class}, and `granule run` runs it here as class {}",
+                    offer.class
+                ),
+                granule_core::Misfit::Short(what, need, have) => {
+                    format!("needs {need} {what} per fragment; this machine has {have}")
+                }
+            };
+            return Err(BadInput(format!(
+                "stage \"{}\" cannot run on this machine: {misfit} (submit it with `granule submit` and start a `granule worker` where it fits)",
+                stage.name
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Submits a job; a changed spec under an existing name is refused, naming an
+/// items file that changed since the job was submitted when that is the change.
+fn submit_job(store: &mut dyn Store, spec: &JobSpec, fresh: bool) -> Result<Submitted> {
+    match store.submit(&new_job(spec), host::now_ms(), fresh) {
+        Err(StoreError::SpecChanged(name)) => {
+            let stored = store
+                .job(&name)?
+                .and_then(|r| serde_json::from_str::<JobSpec>(&r.spec_json).ok());
+            let changed = stored.and_then(|old| changed_items_file(&old, spec));
+            match changed {
+                Some(path) => Err(BadInput(format!(
+                    "job \"{name}\": items file {} changed since the job was submitted; restore it, or rerun with --fresh to start over with the new file",
+                    path.display()
+                ))
+                .into()),
+                None => Err(StoreError::SpecChanged(name).into()),
+            }
+        }
+        other => Ok(other?),
+    }
+}
+
+/// The first `lines` file whose content differs between two versions of a spec,
+/// when nothing else differs.
+fn changed_items_file(old: &JobSpec, new: &JobSpec) -> Option<std::path::PathBuf> {
+    use granule_spec::ItemsSpec;
+    if old.stages.len() != new.stages.len() {
+        return None;
+    }
+    let mut changed = None;
+    let mut unpinned = old.clone();
+    for (o, n) in unpinned.stages.iter_mut().zip(&new.stages) {
+        if let (ItemsSpec::Lines { path: op, .. }, ItemsSpec::Lines { path: np, .. }) =
+            (&o.items, &n.items)
+        {
+            if op == np && o.items != n.items {
+                changed.get_or_insert(np.clone());
+                o.items = n.items.clone();
+            }
+        }
+    }
+    unpinned.name = new.name.clone();
+    (unpinned == *new).then_some(changed).flatten()
 }
 
 /// Counts SIGINT and SIGTERM: the first asks for a clean stop, the second for a kill.
@@ -503,7 +610,7 @@ fn deadline_in(text: &str, now_ms: i64) -> Result<Duration> {
 fn submit(args: SubmitArgs) -> Result<u8> {
     let spec = granule_spec::load(&args.spec)?;
     let mut store = open_store(&args.state)?;
-    let what = match store.submit(&new_job(&spec), host::now_ms(), args.fresh)? {
+    let what = match submit_job(store.as_mut(), &spec, args.fresh)? {
         Submitted::Created(_) => "submitted",
         Submitted::Resumed(_) => "already submitted, unfinished",
         Submitted::AlreadyFinished(_) => "already finished",
@@ -543,6 +650,9 @@ fn status(args: StatusArgs) -> Result<u8> {
     }
     for job in &jobs {
         println!("job {}: {}", job.name, job.state);
+        if let Some(error) = &job.error {
+            println!("  {error}");
+        }
         for s in &job.stages {
             println!(
                 "  {:<16} {:<8} {}/{} done, {} running, {} pending, {} quarantined; {} fragments (last {} items), {:.1} µs/item",
@@ -552,6 +662,18 @@ fn status(args: StatusArgs) -> Result<u8> {
                 "  {:<16} {} yields, {} splits, {} lost, {} checkpoints ({} fallbacks), {:.1}s of work wasted",
                 "", s.yields, s.splits, s.lost, s.checkpoints, s.checkpoint_fallbacks, s.wasted_s
             );
+            if s.state_reruns > 0 {
+                println!(
+                    "  {:<16} {} items ran again because the state they were acked into was lost",
+                    "", s.state_reruns
+                );
+            }
+            if s.results_missing > 0 {
+                println!(
+                    "  {:<16} results incomplete: {} done items are in no result (acked after the last checkpoint)",
+                    "", s.results_missing
+                );
+            }
             if let (Some(median), Some(p90)) = (s.prediction_error_median, s.prediction_error_p90) {
                 println!("  {:<16} predicted fragment durations off by {median:.1}% (median), {p90:.1}% (p90)", "");
             }
@@ -888,20 +1010,18 @@ fn results(args: ResultsArgs) -> Result<u8> {
     let mut store = open_store(&args.state)?;
     let job = job_with_stage(store.as_mut(), args.job, &args.stage)?;
     let mut stdout = std::io::stdout().lock();
-    for (fragment, row) in store.results(&job, &args.stage)? {
+    for result in store.results(&job, &args.stage)? {
+        let fragment = result.fragment;
         let blob = granule_exec::Blob {
-            data: row.data,
-            raw_len: row.raw_len,
-            hash: row.hash,
+            data: result.blob.data,
+            raw_len: result.blob.raw_len,
+            hash: result.blob.hash,
         };
         let raw = blob
             .open()
             .with_context(|| format!("result of fragment {fragment}"))?;
         match &args.out {
-            Some(dir) => {
-                std::fs::create_dir_all(dir)?;
-                std::fs::write(dir.join(format!("fragment-{fragment}")), raw)?;
-            }
+            Some(dir) => write_new(dir, &format!("fragment-{fragment}"), &raw)?,
             None => {
                 use std::io::Write;
                 stdout.write_all(&raw)?;
@@ -911,7 +1031,43 @@ fn results(args: ResultsArgs) -> Result<u8> {
             }
         }
     }
+    // Exact or it says so: items whose state is in no result make the set incomplete.
+    let missing = store
+        .status(Some(&job))?
+        .into_iter()
+        .flat_map(|j| j.stages)
+        .find(|s| s.name == args.stage)
+        .map_or(0, |s| s.results_missing);
+    if missing > 0 {
+        eprintln!(
+            "granule: the results of stage \"{}\" are incomplete: {missing} done items are in no result (their task acked them after its last checkpoint and exited 0; see granule logs {})",
+            args.stage, args.stage
+        );
+        return Ok(EXIT_QUARANTINED);
+    }
     Ok(EXIT_DONE)
+}
+
+/// Writes `bytes` to `dir/name` without following what is there: a temporary file
+/// created new, then renamed over the name (a symlink at the name is replaced, its
+/// target untouched).
+fn write_new(dir: &std::path::Path, name: &str, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let target = dir.join(name);
+    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&temp)
+        .with_context(|| format!("creating {}", temp.display()))?;
+    file.write_all(bytes)
+        .and_then(|_| file.sync_all())
+        .with_context(|| format!("writing {}", temp.display()))?;
+    std::fs::rename(&temp, &target).with_context(|| format!("writing {}", target.display()))?;
+    Ok(())
 }
 
 fn logs(args: LogsArgs) -> Result<u8> {

@@ -162,6 +162,29 @@ impl IntervalSet {
         other.spans().any(|span| !self.within(span).is_empty())
     }
 
+    /// The indices in both sets.
+    pub fn intersection(&self, other: &IntervalSet) -> IntervalSet {
+        let mut out = IntervalSet::new();
+        for span in other.spans() {
+            for part in self.within(span).spans() {
+                out.insert(part);
+            }
+        }
+        out
+    }
+
+    /// The indices of `self` that are not in `other`.
+    pub fn difference(&self, other: &IntervalSet) -> IntervalSet {
+        let mut out = self.clone();
+        out.subtract(other);
+        out
+    }
+
+    /// Whether every index of `self` is in `other`.
+    pub fn is_subset(&self, other: &IntervalSet) -> bool {
+        self.difference(other).is_empty()
+    }
+
     /// The indices of `span` that are not in `self`.
     pub fn complement_within(&self, span: Span) -> IntervalSet {
         let mut rest = IntervalSet::from_span(span);

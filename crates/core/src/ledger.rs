@@ -2,13 +2,41 @@
 //!
 //! Every item of a stage is in exactly one place: pending, running (inside a
 //! fragment, not yet acked), done or quarantined. The transitions below (claim,
-//! ack, split, finish) are the only ways items move, and each one is applied in a
-//! single store transaction. `assert_consistent` checks the partition; property
-//! tests drive random transitions through it.
+//! ack, checkpoint, fallback, split, finish) are the only ways items move, and each
+//! one is applied in a single store transaction. `assert_consistent` checks the
+//! partition; property tests drive random transitions through it.
+//!
+//! Two rules make the accounting exact at the task boundary:
+//!
+//! - **Acks decide, once a stage is known to ack.** A task that exits 0 without
+//!   acking anything is all-or-nothing only while no task of its stage has ever
+//!   acked; its items are then done but *unconfirmed*. The first ack of the stage
+//!   sends every unconfirmed item back to pending (no ack vouches for them), and from
+//!   then on a task that exits 0 without acking failed the items it was fed.
+//! - **State travels with its items.** A checkpoint *covers* the items whose state it
+//!   holds: those its chain of attempts did before, plus the ones this attempt acked
+//!   before writing it. A remainder resumes from its chain's latest checkpoint, and
+//!   acked items that checkpoint does not cover (their state died with the task) run
+//!   again. A chain ends in a *result*: the checkpoint of the attempt that finished
+//!   it (or of the item that was quarantined at its head), so results partition the
+//!   items done with state.
 
 use crate::ids::FragmentId;
 use crate::intervals::{IntervalSet, Span};
 use serde::{Deserialize, Serialize};
+
+/// The retry budget of a failure by its cause: an exit code, a refused start, a
+/// protocol error or unacked items are the task's own doing and likely to repeat,
+/// so they get one retry before bisection; signals, timeouts and running out of
+/// memory get the stage's `retries`. (Lost workers and yields never count.)
+pub fn retry_budget(cause: Option<&str>, retries: u32) -> u32 {
+    match cause {
+        Some("exit" | "spawn" | "unacked" | "early-exit" | "protocol" | "checkpoint") => {
+            retries.min(1)
+        }
+        _ => retries,
+    }
+}
 
 /// A pending span with what is known of its history.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,7 +44,8 @@ pub struct PendingRange {
     /// The items.
     pub span: Span,
     /// How many times these items failed. Above the stage's `retries` the span is
-    /// run whole once more as a probe, then halved on failure (bisection).
+    /// split (first its first item alone, then in halves) until a failing item is
+    /// alone (bisection).
     pub failures: u32,
     /// Checkpoint blob to resume from (only on the span that follows the state).
     pub checkpoint: Option<i64>,
@@ -29,6 +58,23 @@ pub struct PendingRange {
     /// a worker with more, while one is around.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub floor_memory_mb: u64,
+    /// Items whose state `checkpoint` holds (done earlier in its chain).
+    #[serde(default, skip_serializing_if = "IntervalSet::is_empty")]
+    pub covers: IntervalSet,
+}
+
+impl PendingRange {
+    /// A range with no history.
+    pub fn fresh(span: Span) -> PendingRange {
+        PendingRange {
+            span,
+            failures: 0,
+            checkpoint: None,
+            lost: 0,
+            floor_memory_mb: 0,
+            covers: IntervalSet::new(),
+        }
+    }
 }
 
 fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
@@ -98,6 +144,7 @@ impl Pending {
         let head = PendingRange {
             span: Span::new(first.span.start, first.span.start + n),
             checkpoint: first.checkpoint.take(),
+            covers: std::mem::take(&mut first.covers),
             ..first.clone()
         };
         first.span.start += n;
@@ -106,7 +153,8 @@ impl Pending {
 }
 
 /// Only never-failed ranges merge: a failed range keeps its bounds so that
-/// bisection's halves stay apart.
+/// bisection's halves stay apart. A range carrying state never merges into the one
+/// before it (the state belongs to its first item).
 fn mergeable(left: &PendingRange, right: &PendingRange) -> bool {
     let fresh = |r: &PendingRange| r.failures == 0 && r.lost == 0 && r.floor_memory_mb == 0;
     left.span.end == right.span.start && fresh(left) && fresh(right) && right.checkpoint.is_none()
@@ -131,6 +179,15 @@ pub struct RunningFragment {
     /// Memory floor its items carry (see `PendingRange::floor_memory_mb`).
     #[serde(default)]
     pub floor_memory_mb: u64,
+    /// Items whose state `checkpoint` holds.
+    #[serde(default, skip_serializing_if = "IntervalSet::is_empty")]
+    pub covers: IntervalSet,
+    /// The checkpoint it was handed when it started (or fell back to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<i64>,
+    /// Items whose state `resumed_from` holds.
+    #[serde(default, skip_serializing_if = "IntervalSet::is_empty")]
+    pub inherited: IntervalSet,
 }
 
 /// What a claim hands to a worker.
@@ -146,25 +203,48 @@ pub struct Claim {
     pub lost: u32,
     /// Memory floor the items carry (0: none).
     pub floor_memory_mb: u64,
+    /// Items whose state `checkpoint` holds.
+    pub covers: IntervalSet,
 }
 
 /// How a fragment ended, as far as accounting is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FinishOutcome {
-    /// Every item not yet acked is done too.
+    /// The task finished every item it was given: the unacked rest is done too.
     Success,
+    /// The task exited 0 without acking anything. While the stage has never acked
+    /// this is all-or-nothing success (the rest is done, unconfirmed); once the stage
+    /// is known to ack, the items fed before `fed_end` failed (`unacked`).
+    AllOrNothing {
+        /// Items at or past this index were never fed.
+        fed_end: u64,
+    },
     /// Stopped early at a safe point; the unacked rest is pending again, no failure counted.
     Yielded,
     /// Its worker vanished or its lease expired; like a yield.
     Lost,
     /// It failed. `culprits` are items known to have failed (per-item mode); the
-    /// rest of the unacked items count a failure too only if `rest_failed`.
+    /// other unacked items fed before `fed_end` count a failure too only if
+    /// `rest_failed`. Items never fed go back uncharged.
     Failed {
         /// Items that certainly failed.
         culprits: IntervalSet,
-        /// Whether the other unacked items share the failure.
+        /// Whether the other fed, unacked items share the failure.
         rest_failed: bool,
+        /// Items at or past this index were never fed to the task (`u64::MAX`: all were).
+        fed_end: u64,
     },
+}
+
+impl FinishOutcome {
+    /// A failure of every unacked item (all of them fed).
+    pub fn failed() -> FinishOutcome {
+        FinishOutcome::Failed {
+            culprits: IntervalSet::new(),
+            rest_failed: true,
+            fed_end: u64::MAX,
+        }
+    }
 }
 
 /// What a finish changed.
@@ -176,6 +256,27 @@ pub struct FinishReport {
     pub requeued: u64,
     /// Items newly quarantined.
     pub quarantined: IntervalSet,
+    /// A chain that ended here: its last checkpoint and the items whose state it holds.
+    pub result: Option<(i64, IntervalSet)>,
+    /// Acked items sent back to pending because the checkpoint the rest resumes from
+    /// does not hold their state.
+    pub undone: u64,
+    /// Items counted done whose state is in no result (the task acked them after its
+    /// last checkpoint, or never handed over the state it resumed with).
+    pub uncovered: u64,
+    /// Whether a task that exited 0 without an ack failed its items because the
+    /// stage is known to ack (cause `unacked`).
+    pub unacked: bool,
+}
+
+/// What an ack changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Acked {
+    /// Items newly counted done.
+    pub done: u64,
+    /// Items that all-or-nothing fragments had counted done, sent back to pending
+    /// because this was the stage's first ack.
+    pub reverted: IntervalSet,
 }
 
 /// The whole accounting of one stage.
@@ -191,25 +292,28 @@ pub struct StageLedger {
     pub quarantined: IntervalSet,
     /// Fragments holding items now.
     pub running: Vec<RunningFragment>,
+    /// Whether any task of the stage has acked.
+    #[serde(default)]
+    pub acking: bool,
+    /// Items counted done by tasks that exited 0 without acking, while the stage had
+    /// never acked (all or nothing); they go back to pending at its first ack.
+    #[serde(default, skip_serializing_if = "IntervalSet::is_empty")]
+    pub unconfirmed: IntervalSet,
 }
 
 impl StageLedger {
     /// A stage with every item pending.
     pub fn new(items: u64) -> StageLedger {
         let mut pending = Pending::default();
-        pending.push(PendingRange {
-            span: Span::new(0, items),
-            failures: 0,
-            checkpoint: None,
-            lost: 0,
-            floor_memory_mb: 0,
-        });
+        pending.push(PendingRange::fresh(Span::new(0, items)));
         StageLedger {
             items,
             pending,
             done: IntervalSet::new(),
             quarantined: IntervalSet::new(),
             running: Vec::new(),
+            acking: false,
+            unconfirmed: IntervalSet::new(),
         }
     }
 
@@ -248,6 +352,9 @@ impl StageLedger {
             checkpoint: range.checkpoint,
             lost: range.lost,
             floor_memory_mb: range.floor_memory_mb,
+            covers: range.covers.clone(),
+            resumed_from: range.checkpoint,
+            inherited: range.covers.clone(),
         });
         Some(Claim {
             span: range.span,
@@ -255,6 +362,7 @@ impl StageLedger {
             checkpoint: range.checkpoint,
             lost: range.lost,
             floor_memory_mb: range.floor_memory_mb,
+            covers: range.covers,
         })
     }
 
@@ -273,29 +381,99 @@ impl StageLedger {
         self.running.iter().find(|f| f.id == id)
     }
 
-    /// Records acks of a running fragment; returns how many items became done.
-    /// Indices outside the fragment, or acked before, are ignored, so a repeated
-    /// flush never counts an item twice. A fragment that is not running gets nothing.
-    pub fn ack(&mut self, id: FragmentId, acked: &IntervalSet) -> u64 {
+    /// Records acks of a running fragment. Indices outside the fragment, or acked
+    /// before, are ignored, so a repeated flush never counts an item twice. A
+    /// fragment that is not running gets nothing. The stage's first ack sends the
+    /// items all-or-nothing fragments counted done back to pending.
+    pub fn ack(&mut self, id: FragmentId, acked: &IntervalSet) -> Acked {
         let Some(f) = self.running.iter_mut().find(|f| f.id == id) else {
-            return 0;
+            return Acked::default();
         };
         let mut new = acked.within(f.span);
         new.subtract(&f.acked);
         f.acked.union_with(&new);
         self.done.union_with(&new);
-        new.len()
+        let mut report = Acked {
+            done: new.len(),
+            reverted: IntervalSet::new(),
+        };
+        if !new.is_empty() && !self.acking {
+            report.reverted = self.learn_acking();
+        }
+        report
     }
 
-    /// Records a checkpoint written by a running fragment.
-    pub fn checkpoint(&mut self, id: FragmentId, blob: i64) -> bool {
-        match self.running.iter_mut().find(|f| f.id == id) {
-            Some(f) => {
-                f.checkpoint = Some(blob);
-                true
-            }
-            None => false,
+    /// Records that the stage's tasks ack: items all-or-nothing fragments counted
+    /// done go back to pending; returns them.
+    pub fn learn_acking(&mut self) -> IntervalSet {
+        self.acking = true;
+        let reverted = std::mem::take(&mut self.unconfirmed);
+        self.done.subtract(&reverted);
+        for span in reverted.spans() {
+            self.pending.push(PendingRange::fresh(span));
         }
+        reverted
+    }
+
+    /// Records a checkpoint written by a running fragment after it had acked
+    /// `acked_before` (its own acks); returns the items whose state it holds, or
+    /// `None` if the fragment is not running.
+    pub fn checkpoint(
+        &mut self,
+        id: FragmentId,
+        blob: i64,
+        acked_before: &IntervalSet,
+    ) -> Option<IntervalSet> {
+        let covers = self.checkpoint_covers(id, acked_before)?;
+        let f = self.running.iter_mut().find(|f| f.id == id)?;
+        f.checkpoint = Some(blob);
+        f.covers = covers.clone();
+        Some(covers)
+    }
+
+    /// The items a checkpoint of a running fragment holds the state of, written
+    /// after it had acked `acked_before`: what it inherited and those acks.
+    pub fn checkpoint_covers(
+        &self,
+        id: FragmentId,
+        acked_before: &IntervalSet,
+    ) -> Option<IntervalSet> {
+        let f = self.fragment(id)?;
+        let mut covers = f.inherited.clone();
+        covers.union_with(&acked_before.intersection(&f.acked));
+        Some(covers)
+    }
+
+    /// The worker could not restore the checkpoint a fragment was handed and fell
+    /// back to an older one of its chain (`restored`, holding the state of
+    /// `restored_covers`) or to none. Items whose state only the lost checkpoints
+    /// held go back to pending (their state is gone: they run again, as a chain of
+    /// their own); returns how many.
+    pub fn fallback(
+        &mut self,
+        id: FragmentId,
+        restored: Option<i64>,
+        restored_covers: &IntervalSet,
+    ) -> u64 {
+        let Some(f) = self.running.iter_mut().find(|f| f.id == id) else {
+            return 0;
+        };
+        let kept = f.inherited.intersection(restored_covers);
+        let lost = f.inherited.difference(&kept);
+        let own = f.checkpoint != f.resumed_from;
+        f.resumed_from = restored;
+        f.inherited = kept.clone();
+        if own {
+            f.covers.subtract(&lost);
+        } else {
+            f.checkpoint = restored;
+            f.covers = kept;
+        }
+        self.done.subtract(&lost);
+        for span in lost.spans() {
+            self.pending.push(PendingRange::fresh(span));
+        }
+        lost.len()
     }
 
     /// Splits the tail `[at, end)` off a running fragment back into pending.
@@ -313,17 +491,17 @@ impl StageLedger {
         let tail = Span::new(at, f.span.end);
         f.span.end = at;
         self.pending.push(PendingRange {
-            span: tail,
             failures: f.failures,
-            checkpoint: None,
             lost: f.lost,
             floor_memory_mb: f.floor_memory_mb,
+            ..PendingRange::fresh(tail)
         });
         tail.len()
     }
 
-    /// Ends a running fragment: acked items stay done, the rest moves by `outcome`.
-    /// `retries` is the stage's retry budget.
+    /// Ends a running fragment: acked items stay done (unless the state they were
+    /// acked into is lost), the rest moves by `outcome`. `retries` is the retry
+    /// budget of the failure's cause (see [`retry_budget`]).
     pub fn finish(
         &mut self,
         id: FragmentId,
@@ -337,98 +515,191 @@ impl StageLedger {
         let f = self.running.swap_remove(pos);
         let rest = f.acked.complement_within(f.span);
         match outcome {
-            FinishOutcome::Success => {
+            FinishOutcome::AllOrNothing { fed_end } if self.acking => {
+                report.unacked = true;
+                let failed = FinishOutcome::Failed {
+                    culprits: IntervalSet::new(),
+                    rest_failed: true,
+                    fed_end: *fed_end,
+                };
+                self.end_unfinished(
+                    &f,
+                    &failed,
+                    retry_budget(Some("unacked"), retries),
+                    &mut report,
+                );
+            }
+            FinishOutcome::Success | FinishOutcome::AllOrNothing { .. } => {
                 report.done = rest.len();
                 self.done.union_with(&rest);
-            }
-            FinishOutcome::Yielded => {
-                report.requeued = rest.len();
-                self.requeue(&rest, &f, f.lost, f.checkpoint);
-            }
-            FinishOutcome::Lost => {
-                report.requeued = rest.len();
-                self.requeue(&rest, &f, f.lost + 1, f.checkpoint);
-            }
-            FinishOutcome::Failed {
-                culprits,
-                rest_failed,
-            } => {
-                let culprits = {
-                    let mut c = culprits.clone();
-                    c.subtract(&f.acked);
-                    c.within(f.span)
-                };
-                let mut others = rest.clone();
-                others.subtract(&culprits);
-                if *rest_failed {
-                    self.fail(&others, &f, retries, &mut report);
-                } else {
-                    report.requeued += others.len();
-                    // Untouched items resume without the failed attempt's state.
-                    self.requeue(&others, &f, f.lost, None);
+                if matches!(outcome, FinishOutcome::AllOrNothing { .. }) {
+                    self.unconfirmed.union_with(&rest);
                 }
-                self.fail(&culprits, &f, retries, &mut report);
+                self.end_chain(&f, &rest, &mut report);
             }
+            _ => self.end_unfinished(&f, outcome, retries, &mut report),
         }
         report
     }
 
-    fn requeue(
+    /// A fragment that finished its items: its chain ends in a result.
+    fn end_chain(&self, f: &RunningFragment, rest: &IntervalSet, report: &mut FinishReport) {
+        let Some(checkpoint) = f.checkpoint else {
+            return; // no state at all: a stateless task
+        };
+        let mut all = f.acked.clone();
+        all.union_with(rest);
+        let covers = if f.checkpoint != f.resumed_from {
+            // Its own last checkpoint, written at the end of input, holds the
+            // items it acked before it and those done by its exit.
+            let mut c = f.covers.clone();
+            c.union_with(rest);
+            c
+        } else {
+            // It never handed over the state it resumed with.
+            f.inherited.clone()
+        };
+        report.uncovered = all.difference(&covers).len();
+        report.result = Some((checkpoint, covers));
+    }
+
+    /// A fragment that stopped before finishing (yield, loss, failure): its acked
+    /// items outside the state it resumes from go back, the rest moves by `outcome`.
+    fn end_unfinished(
         &mut self,
-        rest: &IntervalSet,
         f: &RunningFragment,
-        lost: u32,
-        checkpoint: Option<i64>,
+        outcome: &FinishOutcome,
+        retries: u32,
+        report: &mut FinishReport,
     ) {
-        for (i, span) in rest.spans().enumerate() {
-            let checkpoint = if i == 0 { checkpoint } else { None };
+        // The state a remainder resumes from. A task that acks covers the acks before
+        // each checkpoint; one that never acks may have put any fed item in its
+        // state, so its remainder resumes from what it inherited.
+        let (checkpoint, covers) = if self.acking {
+            (f.checkpoint, f.covers.clone())
+        } else {
+            (f.resumed_from, f.inherited.clone())
+        };
+        let undone = if checkpoint.is_some() || f.checkpoint.is_some() {
+            f.acked.difference(&covers)
+        } else {
+            IntervalSet::new() // a stateless task: its acks stand
+        };
+        self.done.subtract(&undone);
+        report.undone = undone.len();
+        let mut rest = f.acked.complement_within(f.span);
+        let (mut charged, mut uncharged) = (IntervalSet::new(), undone);
+        let mut lost = f.lost;
+        match outcome {
+            FinishOutcome::Lost => {
+                lost += 1;
+                uncharged.union_with(&rest);
+            }
+            FinishOutcome::Failed {
+                culprits,
+                rest_failed,
+                fed_end,
+            } => {
+                let culprits = culprits.intersection(&rest);
+                rest.subtract(&culprits);
+                if *rest_failed {
+                    // Never charge nothing: a task that failed before anything could
+                    // be fed charges its first item.
+                    let fed_end = (*fed_end).max(f.span.start + 1).min(f.span.end);
+                    charged = rest.within(Span::new(f.span.start, fed_end));
+                    rest.subtract(&charged);
+                }
+                charged.union_with(&culprits);
+                uncharged.union_with(&rest);
+            }
+            _ => uncharged.union_with(&rest),
+        }
+        // The state goes to the first item left of the chain.
+        let first = [&uncharged, &charged]
+            .iter()
+            .filter_map(|s| s.first())
+            .min();
+        if first.is_none() {
+            // Every item is done and held by the state: the chain ends here.
+            if let Some(checkpoint) = checkpoint {
+                report.result = Some((checkpoint, covers));
+            }
+            return;
+        }
+        let state = |span: Span| -> (Option<i64>, IntervalSet) {
+            if Some(span.start) == first {
+                (checkpoint, covers.clone())
+            } else {
+                (None, IntervalSet::new())
+            }
+        };
+        for span in uncharged.spans() {
+            report.requeued += span.len();
+            let (checkpoint, covers) = state(span);
             self.pending.push(PendingRange {
                 span,
                 failures: f.failures,
                 checkpoint,
                 lost,
                 floor_memory_mb: f.floor_memory_mb,
+                covers,
             });
+        }
+        for span in charged.spans() {
+            let (checkpoint, covers) = state(span);
+            self.fail(span, f, checkpoint, covers, retries, report);
         }
     }
 
     /// Items of fragment `f` that failed (once more): retried while within
-    /// `retries`, then bisected: a single item is quarantined, a longer span is
-    /// halved and each half is probed once more.
+    /// `retries`, then split until a failing item is alone and quarantined. The
+    /// first split probes the first item alone (a task that dies on an item dies on
+    /// the first one it did not ack), later ones halve. A quarantined item that
+    /// carried its chain's state ends the chain: that state is a result.
     fn fail(
         &mut self,
-        items: &IntervalSet,
+        span: Span,
         f: &RunningFragment,
+        checkpoint: Option<i64>,
+        covers: IntervalSet,
         retries: u32,
         report: &mut FinishReport,
     ) {
         let failures = f.failures + 1;
-        let range = |span| PendingRange {
+        let range = |span, checkpoint, covers| PendingRange {
             span,
             failures,
-            checkpoint: None,
+            checkpoint,
             lost: f.lost,
             floor_memory_mb: f.floor_memory_mb,
+            covers,
         };
-        for span in items.spans() {
-            if failures <= retries {
-                report.requeued += span.len();
-                self.pending.push(range(span));
-            } else if span.len() == 1 {
-                self.quarantined.insert(span);
-                report.quarantined.insert(span);
-            } else {
-                report.requeued += span.len();
-                let mid = span.start + span.len() / 2;
-                for half in [Span::new(span.start, mid), Span::new(mid, span.end)] {
-                    self.pending.push(range(half));
-                }
+        if failures <= retries {
+            report.requeued += span.len();
+            self.pending.push(range(span, checkpoint, covers));
+        } else if span.len() == 1 {
+            self.quarantined.insert(span);
+            report.quarantined.insert(span);
+            if let Some(checkpoint) = checkpoint {
+                report.result = Some((checkpoint, covers));
             }
+        } else {
+            report.requeued += span.len();
+            let cut = if failures == retries.saturating_add(1) {
+                span.start + 1
+            } else {
+                span.start + span.len() / 2
+            };
+            self.pending
+                .push(range(Span::new(span.start, cut), checkpoint, covers));
+            self.pending
+                .push(range(Span::new(cut, span.end), None, IntervalSet::new()));
         }
     }
 
     /// Panics unless pending, running-unacked, done and quarantined partition
-    /// `0..items` and every fragment's acks are inside it and counted done.
+    /// `0..items`, every fragment's acks are inside it and counted done, and the
+    /// state every checkpoint carries is of items done.
     pub fn assert_consistent(&self) {
         let mut seen = IntervalSet::new();
         let mut total = 0u64;
@@ -450,11 +721,14 @@ impl StageLedger {
                 "fragment {} acked outside its span",
                 f.id
             );
-            let mut acked_done = f.acked.clone();
-            acked_done.subtract(&self.done);
             assert!(
-                acked_done.is_empty(),
+                f.acked.is_subset(&self.done),
                 "fragment {} acked items not counted done",
+                f.id
+            );
+            assert!(
+                f.covers.is_subset(&self.done) && f.inherited.is_subset(&self.done),
+                "fragment {} carries state of items not done",
                 f.id
             );
             add(&f.acked.complement_within(f.span), "running");
@@ -468,95 +742,28 @@ impl StageLedger {
         for w in self.pending.ranges.windows(2) {
             assert!(w[0].span.end <= w[1].span.start, "pending not sorted");
         }
+        for r in &self.pending.ranges {
+            assert!(
+                r.covers.is_subset(&self.done),
+                "pending {:?} carries state of items not done",
+                r.span
+            );
+            assert!(
+                r.checkpoint.is_some() || r.covers.is_empty(),
+                "pending {:?} covers items without a checkpoint",
+                r.span
+            );
+        }
+        assert!(
+            self.unconfirmed.is_subset(&self.done),
+            "unconfirmed items not done"
+        );
+        assert!(
+            !self.acking || self.unconfirmed.is_empty(),
+            "unconfirmed items in a stage known to ack"
+        );
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[derive(Clone, Debug)]
-    enum Op {
-        Claim(u64),
-        Ack(usize, u64, u64),
-        Split(usize, u64),
-        Finish(usize, u8),
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            (1u64..40).prop_map(Op::Claim),
-            (0usize..4, 0u64..40, 1u64..10).prop_map(|(f, o, l)| Op::Ack(f, o, l)),
-            (0usize..4, 1u64..40).prop_map(|(f, o)| Op::Split(f, o)),
-            (0usize..4, 0u8..5).prop_map(|(f, k)| Op::Finish(f, k)),
-        ]
-    }
-
-    proptest! {
-        /// No item lost, none counted done twice, under any interleaving.
-        #[test]
-        fn accounting_holds_under_random_transitions(items in 1u64..300, ops in prop::collection::vec(op(), 1..200)) {
-            let mut ledger = StageLedger::new(items);
-            let mut next_id = 0;
-            let mut counted_done = 0u64;
-            for op in ops {
-                match op {
-                    Op::Claim(n) => {
-                        next_id += 1;
-                        ledger.claim(FragmentId(next_id), n);
-                    }
-                    Op::Ack(i, offset, len) => if let Some(f) = ledger.running.get(i).cloned() {
-                        let start = f.span.start + offset;
-                        counted_done += ledger.ack(f.id, &IntervalSet::from_span(Span::new(start, start + len)));
-                        // A repeated flush of the same acks counts nothing.
-                        prop_assert_eq!(ledger.ack(f.id, &IntervalSet::from_span(Span::new(start, start + len))), 0);
-                    },
-                    Op::Split(i, offset) => if let Some(f) = ledger.running.get(i).cloned() {
-                        ledger.split(f.id, f.span.start + offset);
-                    },
-                    Op::Finish(i, kind) => if let Some(f) = ledger.running.get(i).cloned() {
-                        let outcome = match kind {
-                            0 => FinishOutcome::Success,
-                            1 => FinishOutcome::Yielded,
-                            2 => FinishOutcome::Lost,
-                            3 => FinishOutcome::Failed { culprits: IntervalSet::new(), rest_failed: true },
-                            _ => FinishOutcome::Failed {
-                                culprits: IntervalSet::from_span(Span::new(f.span.start, f.span.start + 1)),
-                                rest_failed: false,
-                            },
-                        };
-                        let report = ledger.finish(f.id, &outcome, 2);
-                        counted_done += report.done;
-                    },
-                }
-                ledger.assert_consistent();
-                prop_assert_eq!(counted_done, ledger.done.len());
-            }
-        }
-
-        /// Claim everything, fail what contains the poison item: it ends quarantined alone.
-        #[test]
-        fn bisection_isolates_a_poison_item(items in 1u64..500, poison_at in 0u64..500, n in 1u64..100) {
-            let poison = poison_at % items;
-            let mut ledger = StageLedger::new(items);
-            let mut id = 0;
-            for _ in 0..10_000 {
-                id += 1;
-                let Some(claim) = ledger.claim(FragmentId(id), n) else { break };
-                let outcome = if (claim.span.start..claim.span.end).contains(&poison) {
-                    // Batch semantics: items before the poison are acked, then the task dies.
-                    ledger.ack(FragmentId(id), &IntervalSet::from_span(Span::new(claim.span.start, poison)));
-                    FinishOutcome::Failed { culprits: IntervalSet::new(), rest_failed: true }
-                } else {
-                    FinishOutcome::Success
-                };
-                ledger.finish(FragmentId(id), &outcome, 3);
-                ledger.assert_consistent();
-            }
-            prop_assert!(ledger.is_finished());
-            prop_assert_eq!(ledger.quarantined, IntervalSet::from_span(Span::new(poison, poison + 1)));
-            prop_assert_eq!(ledger.done.len(), items - 1);
-        }
-    }
-}
+mod tests;

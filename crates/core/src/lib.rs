@@ -22,7 +22,8 @@ pub use forecast::{
 pub use ids::{FragmentId, JobId, StageId};
 pub use intervals::{IntervalSet, Span};
 pub use ledger::{
-    Claim, FinishOutcome, FinishReport, Pending, PendingRange, RunningFragment, StageLedger,
+    retry_budget, Acked, Claim, FinishOutcome, FinishReport, Pending, PendingRange,
+    RunningFragment, StageLedger,
 };
 pub use placement::{fits, Misfit, StageNeeds, WorkerOffer};
 pub use plan::{

@@ -2,18 +2,25 @@
 //!
 //! Batch mode starts the command once per fragment, feeds item values on stdin
 //! lazily (a bounded window beyond the last ack, so the unfed tail can be split
-//! off), reads acks and `checkpoint PATH` lines on fd 3, and yields by closing
-//! stdin, then SIGTERM, then SIGKILL. Per-item mode runs the command once per item
-//! with `{}` replaced by the value; an exit of 0 is the item's ack. Threads, not an
-//! async runtime: a fragment is a handful of blocking pipes.
+//! off), reads acks and tagged commands on fd 3 (protocol version 2, see
+//! `protocol`), and yields by closing stdin, then SIGTERM, then SIGKILL. Per-item
+//! mode runs the command once per item with `{}` replaced by the value; an exit of
+//! 0 is the item's ack. Items are byte strings throughout. When a task exits, its
+//! process group is killed and its pipes are drained of what it wrote: nothing it
+//! left behind can hold the fragment. Threads, not an async runtime: a fragment is
+//! a handful of blocking pipes.
 
+mod batch;
 mod blob;
+mod drain;
 mod items;
+mod per_item;
+pub mod protocol;
 mod run;
 mod sample;
 mod sys;
 
 pub use blob::{Blob, BlobError};
-pub use items::{ItemIter, ItemSource};
+pub use items::{ItemIter, ItemSource, ItemsError, LinesFile};
 pub use run::{run_fragment, Checkpoint, Control, Failure, FragmentJob, Progress, RunReport};
 pub use sample::{detect, Detected, Gpu, Sample, Sampler};

@@ -1,26 +1,23 @@
 //! The fragment runner: one child (batch) or one child per item, supervised.
+//!
+//! This module holds what both modes share: the job description, the control
+//! handle a supervisor drives, the failure taxonomy, the supervision loop and the
+//! verdict on how a fragment ended. `batch.rs` feeds stdin and reads fd 3;
+//! `per_item.rs` starts a process per item.
 
 use crate::blob::Blob;
 use crate::items::ItemSource;
 use crate::sys::{self, Exit, Waiter};
 use granule_core::{FinishOutcome, FragmentId, IntervalSet, Span};
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
-use std::io::{BufWriter, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::process::{ChildStdin, Command, Stdio};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
-use std::thread;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Unacked items a source without computable indices may have in flight before
-/// the first ack; past it the fragment is treated as all-or-nothing.
-const UNTRACKED_AFTER: usize = 65_536;
 /// How often the supervisor wakes to check yields, kills and deadlines.
-const TICK: Duration = Duration::from_millis(20);
-/// Pause after a short read of fd 3, so acks are read in batches.
-const ACK_BATCH: Duration = Duration::from_millis(1);
+pub(crate) const TICK: Duration = Duration::from_millis(20);
+
+/// Environment variables a task never inherits: granule's own credentials.
+pub(crate) const PRIVATE_ENV: &[&str] = &["GRANULE_STORE"];
 
 /// Everything needed to run one fragment.
 #[derive(Clone, Debug)]
@@ -60,15 +57,20 @@ pub struct FragmentJob {
     pub log_tail_bytes: usize,
     /// zstd level for checkpoint blobs.
     pub checkpoint_level: i32,
+    /// Largest checkpoint file taken, bytes; a larger one fails the fragment.
+    pub max_checkpoint_bytes: u64,
 }
 
 /// A checkpoint handed over on fd 3, already read and sealed.
 #[derive(Debug)]
 pub struct Checkpoint {
-    /// The sealed state, or why it could not be read.
-    pub blob: Result<Blob, String>,
+    /// The sealed state.
+    pub blob: Blob,
     /// Acks received before it.
     pub acks: u64,
+    /// The items acked before it (the ones whose state it holds, with what the
+    /// fragment resumed from).
+    pub acked: IntervalSet,
     /// When it arrived, ms after the start.
     pub at_ms: f64,
 }
@@ -89,8 +91,13 @@ pub enum Failure {
     Spawn(String),
     /// It exited 0 but left items it was fed unacked.
     Unacked(u64),
-    /// It exited 0, acking nothing, before it was given all its items.
-    Early(u64),
+    /// It broke the fd-3 protocol (unknown command, runaway line, version-1 line).
+    Protocol(String),
+    /// A checkpoint it handed over could not be taken (not a regular file, too
+    /// large, unreadable); the acks written with it were not counted.
+    Checkpoint(String),
+    /// Its items could not be read (a read error, a file that ended early).
+    Items(String),
 }
 
 impl Failure {
@@ -103,7 +110,9 @@ impl Failure {
             Failure::OutOfMemory => "oom",
             Failure::Spawn(_) => "spawn",
             Failure::Unacked(_) => "unacked",
-            Failure::Early(_) => "early-exit",
+            Failure::Protocol(_) => "protocol",
+            Failure::Checkpoint(_) => "checkpoint",
+            Failure::Items(_) => "items",
         }
     }
 }
@@ -123,10 +132,7 @@ impl std::fmt::Display for Failure {
             Failure::OutOfMemory => write!(f, "killed by the kernel's OOM killer (out of memory)"),
             Failure::Spawn(e) => write!(f, "could not start: {e}"),
             Failure::Unacked(n) => write!(f, "exited 0 but never acked {n} items it was fed"),
-            Failure::Early(n) => write!(
-                f,
-                "exited 0 without acking anything while {n} of its items were still unread"
-            ),
+            Failure::Protocol(e) | Failure::Checkpoint(e) | Failure::Items(e) => f.write_str(e),
         }
     }
 }
@@ -171,32 +177,36 @@ pub struct RunReport {
 }
 
 #[derive(Default)]
-struct Shared {
-    fed: u64,
-    fed_bytes: u64,
-    feed_end: u64,
-    stop_feeding: bool,
-    feeder_waiting: bool,
-    yield_requested: bool,
-    kill_requested: bool,
-    acks: u64,
-    acked: IntervalSet,
-    unflushed: IntervalSet,
-    bad_acks: u64,
-    first_ack: Option<Instant>,
-    last_ack: Option<Instant>,
-    inflight: HashMap<String, VecDeque<u64>>,
-    inflight_len: usize,
-    untracked: bool,
-    checkpoints: Vec<Checkpoint>,
+pub(crate) struct Shared {
+    pub(crate) fed: u64,
+    pub(crate) fed_bytes: u64,
+    /// Longest value fed, bytes (acks echo values: fd-3 lines may be that long).
+    pub(crate) longest_fed: usize,
+    pub(crate) feed_end: u64,
+    pub(crate) stop_feeding: bool,
+    pub(crate) feeder_waiting: bool,
+    pub(crate) yield_requested: bool,
+    pub(crate) kill_requested: bool,
+    pub(crate) acks: u64,
+    pub(crate) acked: IntervalSet,
+    pub(crate) unflushed: IntervalSet,
+    pub(crate) bad_acks: u64,
+    pub(crate) first_ack: Option<Instant>,
+    pub(crate) last_ack: Option<Instant>,
+    pub(crate) inflight: HashMap<Vec<u8>, VecDeque<u64>>,
+    pub(crate) inflight_len: usize,
+    pub(crate) untracked: bool,
+    pub(crate) checkpoints: Vec<Checkpoint>,
+    /// Why the fragment must fail, found by a helper thread (fd 3, the items).
+    pub(crate) fault: Option<Failure>,
 }
 
 /// The handle shared by the runner and whoever supervises it: progress out,
 /// yield/kill/split requests in.
 pub struct Control {
-    span: Span,
+    pub(crate) span: Span,
     state: Mutex<Shared>,
-    cond: Condvar,
+    pub(crate) cond: Condvar,
 }
 
 /// A snapshot of a running fragment's progress.
@@ -222,7 +232,7 @@ impl Control {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Shared> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Shared> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -237,6 +247,16 @@ impl Control {
     /// Kills the fragment now (acked items stay acked).
     pub fn kill(&self) {
         let mut st = self.lock();
+        st.kill_requested = true;
+        st.stop_feeding = true;
+        self.cond.notify_all();
+    }
+
+    /// Fails the fragment for `failure` found by a helper: feeding stops and the
+    /// task is killed.
+    pub(crate) fn fault(&self, failure: Failure) {
+        let mut st = self.lock();
+        st.fault.get_or_insert(failure);
         st.kill_requested = true;
         st.stop_feeding = true;
         self.cond.notify_all();
@@ -272,8 +292,14 @@ impl Control {
         )
     }
 
-    /// Records one ack of item `index`; false if it was not fed or already acked.
-    fn ack(st: &mut Shared, index: u64, now: Instant) -> bool {
+    pub(crate) fn request_stop_feeding(&self) {
+        let mut st = self.lock();
+        st.stop_feeding = true;
+        self.cond.notify_all();
+    }
+
+    /// Records one ack of item `index`; false if it was acked already.
+    pub(crate) fn ack(st: &mut Shared, index: u64, now: Instant) -> bool {
         if st.acked.contains(index) {
             return false;
         }
@@ -292,9 +318,9 @@ pub fn run_fragment(job: &FragmentJob, control: &Arc<Control>) -> RunReport {
     let start = Instant::now();
     let oom_before = sys::oom_kills();
     let mut report = if job.per_item {
-        run_per_item(job, control, start)
+        crate::per_item::run(job, control, start)
     } else {
-        run_batch(job, control, start)
+        crate::batch::run(job, control, start)
     };
     if matches!(report.failure, Some(Failure::Signal(libc::SIGKILL)))
         && sys::oom_kills() > oom_before
@@ -315,29 +341,40 @@ pub fn run_fragment(job: &FragmentJob, control: &Arc<Control>) -> RunReport {
     report
 }
 
+/// What accounting does with a fragment that ended as `report` says.
 fn outcome(job: &FragmentJob, report: &RunReport) -> FinishOutcome {
+    let fed_end = job.span.start + report.fed;
     if !report.culprits.is_empty() {
         return FinishOutcome::Failed {
             culprits: report.culprits.clone(),
             rest_failed: false,
+            fed_end,
+        };
+    }
+    if report.failure.is_some() {
+        return FinishOutcome::Failed {
+            culprits: IntervalSet::new(),
+            rest_failed: true,
+            fed_end,
         };
     }
     let complete = report.fed == report.end - job.span.start;
-    match &report.failure {
-        Some(_) => FinishOutcome::Failed {
-            culprits: IntervalSet::new(),
-            rest_failed: true,
-        },
-        None if complete && report.acks == report.fed => FinishOutcome::Success,
-        None if report.yielded => FinishOutcome::Yielded,
-        // A task that never acks is all-or-nothing: exit 0 means its whole range
-        // (it may have read it from GRANULE_FIRST/GRANULE_COUNT, not stdin).
-        None if report.acks == 0 && !job.per_item => FinishOutcome::Success,
-        None => FinishOutcome::Yielded,
+    if complete && report.acks == report.fed {
+        FinishOutcome::Success
+    } else if report.yielded {
+        FinishOutcome::Yielded
+    } else if report.acks == 0 && !job.per_item {
+        // A task that never acks is all-or-nothing (it may read its range from
+        // GRANULE_FIRST/GRANULE_COUNT, not stdin); the ledger decides, knowing
+        // whether the stage's tasks ack.
+        FinishOutcome::AllOrNothing { fed_end }
+    } else {
+        // It acked everything it read and left the rest unread: progress, not a failure.
+        FinishOutcome::Yielded
     }
 }
 
-fn empty_report() -> RunReport {
+pub(crate) fn empty_report() -> RunReport {
     RunReport {
         failure: None,
         yielded: false,
@@ -359,50 +396,29 @@ fn empty_report() -> RunReport {
     }
 }
 
-/// Keeps the last `cap` bytes read from a pipe, on its own thread.
-fn tail_reader(pipe: impl Read + Send + 'static, cap: usize) -> mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut pipe = pipe;
-        let mut kept: Vec<u8> = Vec::new();
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = pipe.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            kept.extend_from_slice(&buf[..n]);
-            if kept.len() > 2 * cap.max(1) {
-                kept.drain(..kept.len() - cap);
-            }
-        }
-        if kept.len() > cap {
-            kept.drain(..kept.len() - cap);
-        }
-        let _ = tx.send(kept);
-    });
-    rx
-}
-
-/// Waits for a helper thread's result, but not forever: a grandchild may hold a
-/// pipe open after the command itself exited.
-fn collect<T: Default>(rx: mpsc::Receiver<T>) -> T {
-    rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default()
-}
-
-struct Supervision {
-    exit: Exit,
-    killed_by_us: bool,
-    timed_out: bool,
+/// How a supervised child ended.
+pub(crate) struct Supervision {
+    pub(crate) exit: Exit,
+    pub(crate) killed_by_us: bool,
+    pub(crate) timed_out: bool,
 }
 
 /// Waits for one child while enforcing yield grace, kill requests and the limit.
-fn supervise(job: &FragmentJob, control: &Control, waiter: &Waiter, start: Instant) -> Supervision {
+/// When it exits, whatever is left of its process group is killed before it is
+/// reaped: a grandchild holding its pipes cannot hold the fragment, or outlive it.
+pub(crate) fn supervise(
+    job: &FragmentJob,
+    control: &Control,
+    waiter: &Waiter,
+    start: Instant,
+) -> Supervision {
     let mut yield_at: Option<Instant> = None;
     let (mut termed, mut killed, mut timed_out) = (false, false, false);
     loop {
-        if let Some(exit) = waiter.wait(TICK) {
+        if waiter.exited(TICK) {
+            waiter.signal_group(libc::SIGKILL);
             return Supervision {
-                exit,
+                exit: waiter.reap(),
                 killed_by_us: killed || termed,
                 timed_out,
             };
@@ -469,7 +485,8 @@ fn deadline_passes(job: &FragmentJob, st: &Shared, now: Instant, start: Instant)
     now + Duration::from_secs_f64(unacked as f64 * job.item_cost_ms / 1e3) > soft
 }
 
-fn classify(s: &Supervision, limit: Option<Duration>) -> Option<Failure> {
+/// The failure a supervised exit stands for, if any.
+pub(crate) fn classify(s: &Supervision, limit: Option<Duration>) -> Option<Failure> {
     if s.timed_out {
         return Some(Failure::Timeout(limit.map_or(0, |l| l.as_millis() as u64)));
     }
@@ -479,345 +496,4 @@ fn classify(s: &Supervision, limit: Option<Duration>) -> Option<Failure> {
         (_, Some(sig)) => Some(Failure::Signal(sig)),
         _ => Some(Failure::Exit(-1)),
     }
-}
-
-fn run_batch(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> RunReport {
-    let mut report = empty_report();
-    let (ack_read, ack_write) = match sys::pipe() {
-        Ok(p) => p,
-        Err(e) => {
-            report.failure = Some(Failure::Spawn(format!("pipe for fd 3: {e}")));
-            return report;
-        }
-    };
-    let mut cmd = Command::new(&job.argv[0]);
-    cmd.args(&job.argv[1..])
-        .envs(job.env.iter().map(|(k, v)| (k, v)))
-        .env("GRANULE_ACK_FD", "3")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    let fd3 = ack_write.as_raw_fd();
-    // SAFETY: child_setup only makes async-signal-safe calls.
-    unsafe { cmd.pre_exec(move || sys::child_setup(fd3)) };
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            report.failure = Some(Failure::Spawn(format!("{}: {e}", job.argv[0])));
-            return report;
-        }
-    };
-    drop(ack_write);
-    let waiter = Waiter::new(child.id());
-    let stdout = tail_reader(
-        child.stdout.take().expect("piped stdout"),
-        job.log_tail_bytes,
-    );
-    let stderr = tail_reader(
-        child.stderr.take().expect("piped stderr"),
-        job.log_tail_bytes,
-    );
-    let feeder = {
-        let (job, control, stdin) = (
-            job.clone(),
-            control.clone(),
-            child.stdin.take().expect("piped stdin"),
-        );
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            feed(&job, &control, stdin);
-            let _ = tx.send(());
-        });
-        rx
-    };
-    let acker = {
-        let (job, control) = (job.clone(), control.clone());
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            read_acks(&job, &control, File::from(ack_read), start);
-            let _ = tx.send(());
-        });
-        rx
-    };
-    let sup = supervise(job, control, &waiter, start);
-    control.request_stop_feeding();
-    // A grandchild that inherited stdin and reads nothing could block the feeder in
-    // a write forever: `collect` gives it a moment, then leaves it behind.
-    collect(feeder);
-    collect(acker);
-    report.stdout_tail = collect(stdout);
-    report.stderr_tail = collect(stderr);
-    report.cpu_ms = sup.exit.cpu_ms;
-    report.peak_rss_kb = sup.exit.max_rss_kb;
-    report.io_bytes = sup.exit.io_bytes;
-    let st = control.lock();
-    report.yielded = st.yield_requested;
-    report.failure = classify(&sup, job.limit);
-    if sup.killed_by_us && !sup.timed_out {
-        // Ended by our own SIGTERM/SIGKILL on request: a yield, not a failure.
-        report.failure = None;
-        report.yielded = true;
-    }
-    if report.failure.is_none() && !report.yielded && st.acks > 0 && st.acks < st.fed {
-        report.failure = Some(Failure::Unacked(st.fed - st.acks));
-    }
-    // In a stage known to ack, exit 0 with no ack and input left unfed is no
-    // progress at all: calling it a yield would hand the same items out forever.
-    // (Elsewhere it is all-or-nothing: a task may read its range from the
-    // environment and never touch stdin.)
-    let unfed = (st.feed_end - job.span.start).saturating_sub(st.fed);
-    let acking = job.expect_acks == Some(true);
-    if report.failure.is_none() && !report.yielded && acking && st.acks == 0 && unfed > 0 {
-        report.failure = Some(Failure::Early(unfed));
-    }
-    drop(st);
-    report
-}
-
-impl Control {
-    fn request_stop_feeding(&self) {
-        let mut st = self.lock();
-        st.stop_feeding = true;
-        self.cond.notify_all();
-    }
-}
-
-/// Writes item values to the child's stdin: freely until the first ack, then
-/// at most `window` beyond the last ack. Stops at `feed_end` or a yield.
-fn feed(job: &FragmentJob, control: &Control, stdin: ChildStdin) {
-    let Ok(values) = job.source.iter(job.span) else {
-        return;
-    };
-    let direct = job.source.direct_index("", job.span).is_some();
-    let mut out = BufWriter::with_capacity(1 << 16, stdin);
-    let fed_since = Instant::now();
-    for (offset, value) in values.enumerate() {
-        let index = job.span.start + offset as u64;
-        {
-            let mut st = control.lock();
-            loop {
-                if st.stop_feeding || index >= st.feed_end {
-                    drop(st);
-                    let _ = out.flush();
-                    return;
-                }
-                let windowed = st.acks > 0
-                    || (job.expect_acks != Some(false)
-                        && fed_since.elapsed() < job.first_ack_patience);
-                if !windowed || st.fed - st.acks.min(st.fed) < job.window {
-                    break;
-                }
-                // Window full: make sure the child has what we wrote, then wait.
-                drop(st);
-                if out.flush().is_err() {
-                    return;
-                }
-                st = control.lock();
-                if st.fed - st.acks.min(st.fed) >= job.window && !st.stop_feeding {
-                    st.feeder_waiting = true;
-                    st = control
-                        .cond
-                        .wait_timeout(st, Duration::from_millis(50))
-                        .map_or_else(|e| e.into_inner().0, |r| r.0);
-                    st.feeder_waiting = false;
-                }
-            }
-            if !direct && !st.untracked {
-                st.inflight
-                    .entry(value.clone())
-                    .or_default()
-                    .push_back(index);
-                st.inflight_len += 1;
-                if st.acks == 0 && st.inflight_len > UNTRACKED_AFTER {
-                    st.untracked = true;
-                    st.inflight = HashMap::new();
-                }
-            }
-            st.fed += 1;
-            st.fed_bytes += value.len() as u64 + 1;
-        }
-        if out
-            .write_all(value.as_bytes())
-            .and_then(|_| out.write_all(b"\n"))
-            .is_err()
-        {
-            return;
-        }
-        let st = control.lock();
-        let window_full = (st.acks > 0 || job.expect_acks != Some(false))
-            && st.fed - st.acks.min(st.fed) >= job.window;
-        drop(st);
-        if window_full && out.flush().is_err() {
-            return;
-        }
-    }
-    let _ = out.flush();
-}
-
-/// Reads fd 3: ack lines (an item's value) and `checkpoint PATH` lines.
-///
-/// Reads in batches: after a short read it waits `ACK_BATCH` so that the next
-/// read returns many acks at once. One wake-up per ack would cost the spinning
-/// tasks a context switch each on a busy machine.
-fn read_acks(job: &FragmentJob, control: &Control, mut pipe: File, start: Instant) {
-    let mut buf = vec![0u8; 1 << 16];
-    let mut filled = 0;
-    loop {
-        if filled == buf.len() {
-            buf.resize(buf.len() * 2, 0);
-        }
-        let n = match pipe.read(&mut buf[filled..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        filled += n;
-        let complete = buf[..filled]
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |i| i + 1);
-        handle_ack_lines(job, control, &buf[..complete], start);
-        buf.copy_within(complete..filled, 0);
-        filled -= complete;
-        if n < 4096 {
-            thread::sleep(ACK_BATCH);
-        }
-    }
-    if filled > 0 {
-        handle_ack_lines(job, control, &buf[..filled], start);
-    }
-}
-
-/// Applies one batch of fd-3 lines. Checkpoint files are read first, then the
-/// batch's acks and checkpoints are published under one lock: a task that writes
-/// acks and the checkpoint covering them in one write is flushed all-or-nothing.
-fn handle_ack_lines(job: &FragmentJob, control: &Control, lines: &[u8], start: Instant) {
-    let now = Instant::now();
-    let at_ms = now.duration_since(start).as_secs_f64() * 1e3;
-    let lines: Vec<String> = lines
-        .split(|&b| b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-        .filter(|l| !l.is_empty())
-        .map(|l| String::from_utf8_lossy(l).into_owned())
-        .collect();
-    let mut sealed: VecDeque<Result<Blob, String>> = lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("checkpoint "))
-        .map(|path| {
-            std::fs::read(path)
-                .map(|raw| Blob::seal(&raw, job.checkpoint_level))
-                .map_err(|e| format!("checkpoint {path}: {e}"))
-        })
-        .collect();
-    let mut st = control.lock();
-    for line in &lines {
-        if line.starts_with("checkpoint ") {
-            let blob = sealed
-                .pop_front()
-                .expect("one sealed blob per checkpoint line");
-            let acks = st.acks;
-            st.checkpoints.push(Checkpoint { blob, acks, at_ms });
-            continue;
-        }
-        let fed_end = job.span.start + st.fed;
-        let index = match job.source.direct_index(line, job.span) {
-            Some(found) => found.filter(|&i| i < fed_end),
-            None => st
-                .inflight
-                .get_mut(line.as_str())
-                .and_then(|q| q.pop_front()),
-        };
-        if !index.is_some_and(|i| Control::ack(&mut st, i, now)) {
-            st.bad_acks += 1;
-        }
-    }
-    if st.feeder_waiting && st.fed - st.acks.min(st.fed) <= job.window / 2 {
-        control.cond.notify_all();
-    }
-}
-
-/// Per-item mode: one process per item, `{}` replaced by the value.
-fn run_per_item(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> RunReport {
-    let mut report = empty_report();
-    let pipes = sys::pipe().and_then(|out| sys::pipe().map(|err| (out, err)));
-    let Ok(((out_read, out_write), (err_read, err_write))) = pipes else {
-        report.failure = Some(Failure::Spawn("pipes for output".into()));
-        return report;
-    };
-    let stdout = tail_reader(File::from(out_read), job.log_tail_bytes);
-    let stderr = tail_reader(File::from(err_read), job.log_tail_bytes);
-    let has_slot = job.argv[1..].iter().any(|a| a.contains("{}"));
-    let values = match job.source.iter(job.span) {
-        Ok(v) => v,
-        Err(e) => {
-            report.failure = Some(Failure::Spawn(format!("items: {e}")));
-            return report;
-        }
-    };
-    for (offset, value) in values.enumerate() {
-        let index = job.span.start + offset as u64;
-        {
-            let mut st = control.lock();
-            if st.stop_feeding || index >= st.feed_end {
-                report.yielded = true;
-                break;
-            }
-            st.fed += 1;
-            st.fed_bytes += value.len() as u64 + 1;
-        }
-        let mut cmd = Command::new(&job.argv[0]);
-        for arg in &job.argv[1..] {
-            cmd.arg(arg.replace("{}", &value));
-        }
-        if !has_slot {
-            cmd.arg(&value);
-        }
-        let (Ok(out), Ok(err)) = (out_write.try_clone(), err_write.try_clone()) else {
-            break;
-        };
-        cmd.envs(job.env.iter().map(|(k, v)| (k, v)))
-            .env("GRANULE_INDEX", index.to_string())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
-        let child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                report.failure = Some(Failure::Spawn(format!("{}: {e}", job.argv[0])));
-                report.culprits.insert_one(index);
-                break;
-            }
-        };
-        let waiter = Waiter::new(child.id());
-        let sup = supervise(job, control, &waiter, start);
-        report.cpu_ms += sup.exit.cpu_ms;
-        report.peak_rss_kb = report.peak_rss_kb.max(sup.exit.max_rss_kb);
-        report.io_bytes += sup.exit.io_bytes;
-        match classify(&sup, job.limit) {
-            None => {
-                Control::ack(&mut control.lock(), index, Instant::now());
-            }
-            Some(_) if sup.killed_by_us && !sup.timed_out => {
-                // Killed on request: a yield, not the item's fault.
-                report.yielded = true;
-                break;
-            }
-            Some(failure) => {
-                report.culprits.insert_one(index);
-                let stop = sup.timed_out;
-                report.failure = Some(failure);
-                if stop {
-                    break;
-                }
-            }
-        }
-    }
-    drop((out_write, err_write));
-    report.stdout_tail = collect(stdout);
-    report.stderr_tail = collect(stderr);
-    if control.lock().yield_requested {
-        report.yielded = true;
-    }
-    report
 }

@@ -27,6 +27,7 @@ fn job(argv: &[&str], span: Span, per_item: bool) -> FragmentJob {
         first_ack_patience: Duration::from_secs(10),
         log_tail_bytes: 1024,
         checkpoint_level: 3,
+        max_checkpoint_bytes: 1 << 20,
     }
 }
 
@@ -67,7 +68,10 @@ fn a_command_that_never_acks_is_all_or_nothing() {
     assert_eq!(report.failure, None);
     assert_eq!(report.acks, 0);
     assert_eq!(report.fed, 5000);
-    assert_eq!(report.outcome, FinishOutcome::Success);
+    assert_eq!(
+        report.outcome,
+        FinishOutcome::AllOrNothing { fed_end: 5000 }
+    );
     assert!(
         String::from_utf8_lossy(&report.stdout_tail).ends_with("5099\n"),
         "stdout tail is kept"
@@ -86,13 +90,16 @@ fn a_failing_batch_keeps_its_acks_and_fails_the_rest() {
         ctl.take_unflushed().0,
         IntervalSet::from_span(Span::new(0, 7))
     );
-    assert_eq!(
-        report.outcome,
-        FinishOutcome::Failed {
-            culprits: IntervalSet::new(),
-            rest_failed: true
-        }
-    );
+    // Charged: the items fed and not acked (7 and the window after it), not the rest.
+    let FinishOutcome::Failed {
+        rest_failed: true,
+        fed_end,
+        ..
+    } = report.outcome
+    else {
+        panic!("{:?}", report.outcome)
+    };
+    assert!((8..=20).contains(&fed_end), "fed_end {fed_end}");
 }
 
 #[test]
@@ -191,7 +198,7 @@ for line in sys.stdin:
     total += int(line)
     ack.write(line)
 open("{0}", "w").write(str(total))
-ack.write("checkpoint {0}\n")
+ack.write(os.environ["GRANULE_CMD"] + " checkpoint {0}\n")
 "#,
         state.display()
     );
@@ -202,7 +209,11 @@ ack.write("checkpoint {0}\n")
     let (_, checkpoints) = ctl.take_unflushed();
     assert_eq!(checkpoints.len(), 1);
     assert_eq!(checkpoints[0].acks, 10);
-    let raw = checkpoints[0].blob.as_ref().unwrap().open().unwrap();
+    assert_eq!(
+        checkpoints[0].acked,
+        IntervalSet::from_span(Span::new(0, 10))
+    );
+    let raw = checkpoints[0].blob.open().unwrap();
     assert_eq!(
         String::from_utf8(raw).unwrap(),
         (100..110).sum::<u64>().to_string()
@@ -238,13 +249,14 @@ fn a_task_that_ignores_stdin_and_never_acks_is_all_or_nothing() {
     let ctl = Control::new(j.span);
     let report = run_fragment(&j, &ctl);
     assert_eq!(report.failure, None);
-    assert_eq!(report.outcome, FinishOutcome::Success);
+    assert!(matches!(report.outcome, FinishOutcome::AllOrNothing { .. }));
 }
 
 #[test]
-fn exiting_zero_early_without_an_ack_is_a_failure_not_a_yield() {
+fn exiting_zero_early_without_an_ack_reports_what_it_was_fed() {
     // Reads one line and leaves: the window (8) holds the rest back, so most of its
-    // items were never given to it. Calling this a yield would loop forever.
+    // items were never given to it. The ledger judges: all-or-nothing while the
+    // stage never acked, else a failure of the fed items only.
     let j = job(
         &["python3", "-c", "import sys; sys.stdin.readline()"],
         Span::new(0, 100),
@@ -252,16 +264,10 @@ fn exiting_zero_early_without_an_ack_is_a_failure_not_a_yield() {
     );
     let ctl = Control::new(j.span);
     let report = run_fragment(&j, &ctl);
+    assert_eq!(report.failure, None);
     assert!(
-        matches!(report.failure, Some(Failure::Early(n)) if n >= 92),
+        matches!(report.outcome, FinishOutcome::AllOrNothing { fed_end } if fed_end <= 8),
         "{:?}",
-        report.failure
+        report.outcome
     );
-    assert!(matches!(
-        report.outcome,
-        FinishOutcome::Failed {
-            rest_failed: true,
-            ..
-        }
-    ));
 }

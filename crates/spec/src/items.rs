@@ -4,7 +4,7 @@ use crate::locate::Ctx;
 use crate::tree::Field;
 use crate::{ItemsSpec, SpecError};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use toml::de::DeValue;
 
 const SOURCES: [&str; 3] = ["range", "lines", "list"];
@@ -103,19 +103,35 @@ fn lines(cx: &Ctx<'_>, field: &Field<'_>, folder: &Path) -> Result<ItemsSpec, Sp
     if !path.is_file() {
         return Err(field.err(cx, format!("not a regular file: {}", path.display())));
     }
-    let count = count_lines(&path)
+    let scan = scan_lines(&path)
         .map_err(|e| field.err(cx, format!("cannot read {}: {e}", path.display())))?;
-    if count == 0 {
+    if scan.count == 0 {
         return Err(field.err(cx, format!("no items: {} is empty", path.display())));
     }
-    Ok(ItemsSpec::Lines { path, count })
+    Ok(ItemsSpec::Lines {
+        path,
+        count: scan.count,
+        bytes: scan.bytes,
+        hash: Some(scan.hash),
+    })
 }
 
-/// Lines in the file; a last line without a trailing newline counts too.
-fn count_lines(path: &PathBuf) -> std::io::Result<u64> {
+/// What reading a lines file once tells: its lines, length and content hash.
+pub struct LinesScan {
+    /// Lines; a last line without a trailing newline counts too.
+    pub count: u64,
+    /// Length, bytes.
+    pub bytes: u64,
+    /// blake3 of the content, hex.
+    pub hash: String,
+}
+
+/// Reads a lines file once: counts its lines and hashes its content.
+pub fn scan_lines(path: &Path) -> std::io::Result<LinesScan> {
     let mut file = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 1 << 16];
-    let (mut newlines, mut last) = (0u64, b'\n');
+    let mut hasher = blake3::Hasher::new();
+    let (mut newlines, mut bytes, mut last) = (0u64, 0u64, b'\n');
     loop {
         let n = match file.read(&mut buf) {
             Ok(0) => break,
@@ -123,8 +139,14 @@ fn count_lines(path: &PathBuf) -> std::io::Result<u64> {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
+        hasher.update(&buf[..n]);
         newlines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+        bytes += n as u64;
         last = buf[n - 1];
     }
-    Ok(newlines + u64::from(last != b'\n'))
+    Ok(LinesScan {
+        count: newlines + u64::from(last != b'\n'),
+        bytes,
+        hash: hasher.finalize().to_hex().to_string(),
+    })
 }

@@ -16,6 +16,8 @@ mod needs;
 mod stage;
 mod tree;
 
+pub use items::{scan_lines, LinesScan};
+
 /// A validated job: a name and a DAG of stages, in file order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
@@ -45,6 +47,43 @@ pub struct StageSpec {
     /// What one slot needs, its class, priority and owner (placement).
     #[serde(default)]
     pub needs: StageNeeds,
+    /// Largest checkpoint a task may hand over, bytes (`max_checkpoint`).
+    #[serde(default = "default_max_checkpoint_bytes")]
+    pub max_checkpoint_bytes: u64,
+}
+
+/// `max_checkpoint` when a stage does not set it: 256 MiB.
+pub const DEFAULT_MAX_CHECKPOINT_BYTES: u64 = 256 << 20;
+
+fn default_max_checkpoint_bytes() -> u64 {
+    DEFAULT_MAX_CHECKPOINT_BYTES
+}
+
+/// Longest name (job, stage, owner, class, resource), bytes.
+pub const NAME_MAX_BYTES: usize = 128;
+
+/// Checks a name given outside a spec (a worker's `--class`): 1 to 128 bytes, no
+/// control characters (line breaks, terminal escapes), no blanks at either end.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > NAME_MAX_BYTES {
+        return Err(format!(
+            "is {} bytes long; names are at most {NAME_MAX_BYTES}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "holds the control character {:?}; names are printable text",
+            c
+        ));
+    }
+    if name.trim() != name {
+        return Err("starts or ends with blanks".into());
+    }
+    Ok(())
 }
 
 /// An item source. Item `i` (0-based index) has a value the command sees.
@@ -59,11 +98,19 @@ pub enum ItemsSpec {
         end: i64,
     },
     /// One item per line of a file (absolute path after validation); `count` lines.
+    /// Its length and content hash at submit pin the items: a worker that finds the
+    /// file changed refuses to run them.
     Lines {
         /// The file, absolute.
         path: PathBuf,
         /// Number of lines (items).
         count: u64,
+        /// Length of the file at submit, bytes.
+        #[serde(default)]
+        bytes: u64,
+        /// blake3 of the file at submit, hex (absent in specs stored before it was kept).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hash: Option<String>,
     },
     /// Literal values.
     List {

@@ -24,6 +24,9 @@ pub(crate) fn parse(cx: &Ctx<'_>, t: &Table<'_>) -> Result<StageNeeds, SpecError
     if let Some(f) = t.get("resources") {
         for r in f.table(cx)?.fields() {
             let name = r.key.rsplit('.').next().unwrap_or_default().to_string();
+            crate::check_name(&name).map_err(|why| {
+                cx.err(r.key_span.clone(), &r.key, format!("resource name {why}"))
+            })?;
             needs.resources.insert(name, amount(cx, &r)?);
         }
     }
@@ -32,17 +35,17 @@ pub(crate) fn parse(cx: &Ctx<'_>, t: &Table<'_>) -> Result<StageNeeds, SpecError
             return Err(c.err(cx, "give class (required) or prefer (preferred), not both"))
         }
         (Some(c), None) => {
-            needs.class = Some(c.non_empty_str(cx)?.to_string());
+            needs.class = Some(c.name(cx)?.to_string());
             needs.class_required = true;
         }
-        (None, Some(p)) => needs.class = Some(p.non_empty_str(cx)?.to_string()),
+        (None, Some(p)) => needs.class = Some(p.name(cx)?.to_string()),
         (None, None) => {}
     }
     if let Some(f) = t.get("priority") {
         needs.priority = f.int(cx)?;
     }
     if let Some(f) = t.get("owner") {
-        needs.owner = Some(f.non_empty_str(cx)?.to_string());
+        needs.owner = Some(f.name(cx)?.to_string());
     }
     if let Some(f) = t.get("deadline") {
         needs.deadline_ms = Some(crate::duration::millis(cx, &f)?);
@@ -67,7 +70,7 @@ fn amount(cx: &Ctx<'_>, f: &Field<'_>) -> Result<f64, SpecError> {
 }
 
 /// Memory: MiB as a number, or a string with a unit (`"512MiB"`, `"4GiB"`, `"2G"`).
-fn memory_mb(cx: &Ctx<'_>, f: &Field<'_>) -> Result<u64, SpecError> {
+pub(crate) fn memory_mb(cx: &Ctx<'_>, f: &Field<'_>) -> Result<u64, SpecError> {
     let DeValue::String(text) = f.value.get_ref() else {
         return Ok(amount(cx, f)?.ceil() as u64);
     };

@@ -11,7 +11,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 const TOP_KEYS: [&str; 2] = ["name", "stage"];
-const STAGE_KEYS: [&str; 19] = [
+const STAGE_KEYS: [&str; 20] = [
     "name",
     "command",
     "per_item",
@@ -31,6 +31,7 @@ const STAGE_KEYS: [&str; 19] = [
     "priority",
     "owner",
     "deadline",
+    "max_checkpoint",
 ];
 
 /// Parses the whole document and runs every check.
@@ -38,7 +39,7 @@ pub(crate) fn parse_job(cx: &Ctx<'_>) -> Result<JobSpec, SpecError> {
     let doc = DeTable::parse(cx.text).map_err(|e| cx.syntax(&e))?;
     let root = Table::root(&doc);
     root.check_keys(cx, &TOP_KEYS)?;
-    let name = root.require(cx, "name")?.non_empty_str(cx)?.to_string();
+    let name = root.require(cx, "name")?.name(cx)?.to_string();
     let folder = match cx.path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -84,7 +85,7 @@ fn stage_tables<'a>(cx: &Ctx<'_>, root: &Table<'a>) -> Result<Vec<Table<'a>>, Sp
 fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, SpecError> {
     t.check_keys(cx, &STAGE_KEYS)?;
     let name_field = t.require(cx, "name")?;
-    let name = name_field.non_empty_str(cx)?.to_string();
+    let name = name_field.name(cx)?.to_string();
     let command = parse_command(cx, &t.require(cx, "command")?)?;
     let per_item = t
         .get("per_item")
@@ -104,6 +105,16 @@ fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, Sp
         .unwrap_or(3);
     let sizer = parse_sizer(cx, t)?;
     let needs = needs::parse(cx, t)?;
+    let max_checkpoint_bytes = match t.get("max_checkpoint") {
+        Some(f) => {
+            let mib = needs::memory_mb(cx, &f)?;
+            if mib == 0 {
+                return Err(f.err(cx, "max_checkpoint must be more than 0"));
+            }
+            mib.saturating_mul(1 << 20)
+        }
+        None => crate::DEFAULT_MAX_CHECKPOINT_BYTES,
+    };
     let (after, after_spans) = after.into_iter().unzip();
     let spec = StageSpec {
         name,
@@ -114,6 +125,7 @@ fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, Sp
         retries,
         sizer,
         needs,
+        max_checkpoint_bytes,
     };
     Ok(Located {
         spec,
@@ -155,7 +167,11 @@ fn initial(cx: &Ctx<'_>, field: &Field<'_>) -> Result<u64, SpecError> {
 /// `[stage.sizer]` plus the stage's `target`, `limit` and `initial`.
 fn parse_sizer(cx: &Ctx<'_>, t: &Table<'_>) -> Result<SizerConfig, SpecError> {
     let mut sizer = match t.get("sizer") {
-        Some(field) => sizer_table(cx, &field)?,
+        Some(field) => {
+            let sizer = sizer_table(cx, &field)?;
+            check_sizer(cx, &field.table(cx)?, &sizer)?;
+            sizer
+        }
         None => SizerConfig::default(),
     };
     let target = t.get("target");
@@ -203,4 +219,84 @@ fn sizer_message(message: &str) -> String {
         .trim_start_matches(", expected one of ")
         .replace('`', "");
     format!("unknown key \"{name}\" (expected one of: {expected})")
+}
+
+/// Every sizer number is finite and in its range (a NaN stored in the store once
+/// broke every job): the first one that is not is named, where it is.
+fn check_sizer(cx: &Ctx<'_>, table: &Table<'_>, c: &SizerConfig) -> Result<(), SpecError> {
+    let share = |x: f64| x > 0.0 && x < 1.0;
+    let checks: [(&str, f64, bool, &str); 12] = [
+        ("kp", c.kp, c.kp >= 0.0, "a number, 0 or more"),
+        ("ki", c.ki, c.ki >= 0.0, "a number, 0 or more"),
+        ("kd", c.kd, c.kd >= 0.0, "a number, 0 or more"),
+        (
+            "forget",
+            c.forget,
+            c.forget > 0.0 && c.forget <= 1.0,
+            "in (0, 1]",
+        ),
+        (
+            "overhead_share",
+            c.overhead_share,
+            share(c.overhead_share),
+            "in (0, 1)",
+        ),
+        (
+            "target_min_ms",
+            c.target_min_ms,
+            c.target_min_ms > 0.0,
+            "more than 0",
+        ),
+        (
+            "target_max_ms",
+            c.target_max_ms,
+            c.target_max_ms >= c.target_min_ms,
+            "at least target_min_ms",
+        ),
+        (
+            "tail_factor",
+            c.tail_factor,
+            c.tail_factor > 0.0,
+            "more than 0",
+        ),
+        (
+            "tail_overhead_share",
+            c.tail_overhead_share,
+            share(c.tail_overhead_share),
+            "in (0, 1)",
+        ),
+        (
+            "min_free_memory",
+            c.min_free_memory,
+            (0.0..1.0).contains(&c.min_free_memory),
+            "in [0, 1)",
+        ),
+        ("max_load", c.max_load, c.max_load > 0.0, "more than 0"),
+        (
+            "deadline_share",
+            c.deadline_share,
+            c.deadline_share > 0.0 && c.deadline_share <= 1.0,
+            "in (0, 1]",
+        ),
+    ];
+    let at = |key: &str, msg: String| match table.get(key) {
+        Some(f) => f.err(cx, msg),
+        None => cx.err(table.span.clone(), &format!("{}.{key}", table.key), msg),
+    };
+    for (key, value, ok, range) in checks {
+        if !value.is_finite() || !ok {
+            return Err(at(key, format!("{key} must be {range} (found {value})")));
+        }
+    }
+    if c.min_items == 0 {
+        return Err(at("min_items", "min_items must be at least 1".into()));
+    }
+    if c.max_items < c.min_items {
+        let msg = format!(
+            "max_items ({}) must be at least min_items ({})",
+            c.max_items, c.min_items
+        );
+        return Err(at("max_items", msg));
+    }
+    Ok(())
 }

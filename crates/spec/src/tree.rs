@@ -154,6 +154,13 @@ impl<'a> Field<'a> {
         Ok(s)
     }
 
+    /// The value as a name: 1 to 128 bytes of printable text (see `check_name`).
+    pub(crate) fn name(&self, cx: &Ctx<'_>) -> Result<&'a str, SpecError> {
+        let s = self.str(cx)?;
+        crate::check_name(s).map_err(|why| self.err(cx, format!("name {why}")))?;
+        Ok(s)
+    }
+
     /// The value as a boolean.
     pub(crate) fn bool(&self, cx: &Ctx<'_>) -> Result<bool, SpecError> {
         self.value

@@ -113,11 +113,14 @@ fn full_spec_parses_with_values_and_defaults() {
         .join("inputs.txt")
         .canonicalize()
         .expect("canonical");
+    let scan = granule_spec::scan_lines(&lines).expect("scan");
     assert_eq!(
         index.items,
         ItemsSpec::Lines {
             path: lines,
-            count: 3
+            count: 3,
+            bytes: scan.bytes,
+            hash: Some(scan.hash),
         }
     );
     assert_eq!(index.after, ["resize"]);

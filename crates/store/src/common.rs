@@ -1,12 +1,12 @@
 //! Pieces both backends share: JSON columns, the stored sizer config, the choice
 //! of where to split a running fragment, placement order and status figures.
 
-use crate::{ClaimRequest, ClassStatus, Result, StoreError};
+use crate::{ClaimRequest, ClassStatus, FragmentEnd, Result, StoreError};
 use granule_core::{
     critical_paths, expect_drops, forecast_recent, order, per_class_costs, pool_classes,
-    pool_deadline_plan, prediction_error, profile, Candidate, ClaimContext, CostModel, IntervalSet,
-    PendingRange, PoolClass, Sizer, SizerConfig, Span, StageNeeds, StageWork, WorkerOffer,
-    WorkerSpan,
+    pool_deadline_plan, prediction_error, profile, Candidate, ClaimContext, CostModel,
+    FinishOutcome, FinishReport, IntervalSet, PendingRange, PoolClass, Sizer, SizerConfig, Span,
+    StageNeeds, StageWork, WorkerOffer, WorkerSpan,
 };
 
 /// A value as a JSON column.
@@ -330,14 +330,63 @@ impl Admission {
     }
 }
 
-/// The retry budget of a failure by its cause: an exit code or a refused start
-/// is the task's own doing and is likely to repeat, so it gets one retry before
-/// bisection; signals, timeouts and running out of memory get the stage's
-/// `retries`. (Lost workers and yields never count as failures at all.)
-pub(crate) fn retries_for(cause: Option<&str>, retries: u32) -> u32 {
-    match cause {
-        Some("exit" | "spawn" | "unacked" | "early-exit") => retries.min(1),
-        _ => retries,
+/// What accounting does with a fragment's end: a job that halts charges nothing.
+pub(crate) fn accounted_outcome(end: &FragmentEnd) -> FinishOutcome {
+    match end.halt {
+        Some(_) => FinishOutcome::Yielded,
+        None => end.outcome.clone(),
+    }
+}
+
+/// What a finished fragment's row records, after the ledger's judgement.
+pub(crate) struct Verdict {
+    /// `done`, `yielded`, `failed` or `refused`/`broken`.
+    pub(crate) state: &'static str,
+    /// Failure cause.
+    pub(crate) cause: Option<String>,
+    /// Human-readable detail.
+    pub(crate) detail: Option<String>,
+    /// Whether its items finished (the model learns from it).
+    pub(crate) finished: bool,
+    /// Whether it finished without a single ack (an all-or-nothing task).
+    pub(crate) all_or_nothing: bool,
+}
+
+/// The row's state, cause and detail: a task that exited 0 without acking in a
+/// stage known to ack failed its items (`unacked`); a halt is no failure.
+pub(crate) fn verdict(end: &FragmentEnd, report: &FinishReport) -> Verdict {
+    if let Some(halt) = &end.halt {
+        return Verdict {
+            state: halt.state(),
+            cause: Some(halt.state().to_string()),
+            detail: Some(halt.message().to_string()),
+            finished: false,
+            all_or_nothing: false,
+        };
+    }
+    if report.unacked {
+        let fed = end.fed.saturating_sub(end.acks);
+        let mut detail = format!(
+            "exited 0 without acking any of the {fed} items it was fed, in a stage whose tasks ack"
+        );
+        if let Some(more) = &end.detail {
+            detail = format!("{detail}; {more}");
+        }
+        return Verdict {
+            state: "failed",
+            cause: Some("unacked".into()),
+            detail: Some(detail),
+            finished: false,
+            all_or_nothing: false,
+        };
+    }
+    let all_or_nothing = matches!(end.outcome, FinishOutcome::AllOrNothing { .. });
+    Verdict {
+        state: end.state,
+        cause: end.cause.clone(),
+        detail: end.detail.clone(),
+        finished: end.outcome == FinishOutcome::Success || all_or_nothing,
+        all_or_nothing,
     }
 }
 

@@ -126,10 +126,13 @@ pub trait Store {
     fn worker_history(&mut self, now_ms: i64, since_ms: i64) -> Result<Vec<WorkerSpan>>;
     /// Stored output tails of a stage's fragments (or one fragment).
     fn logs(&mut self, job: &str, stage: &str, fragment: Option<i64>) -> Result<Vec<FragmentLog>>;
-    /// Results of a stage: the last checkpoint of each fragment that finished.
-    fn results(&mut self, job: &str, stage: &str) -> Result<Vec<(i64, BlobRow)>>;
-    /// A checkpoint blob by id, with the id of the checkpoint before it.
-    fn blob(&mut self, id: i64) -> Result<Option<(BlobRow, Option<i64>)>>;
+    /// Results of a stage: the state each chain of attempts ended with, in item order.
+    fn results(&mut self, job: &str, stage: &str) -> Result<Vec<ResultRow>>;
+    /// A checkpoint blob by id, with the checkpoint before it and what it covers.
+    fn blob(&mut self, id: i64) -> Result<Option<StoredBlob>>;
+    /// The checkpoint before `id` in its chain, found even when `id`'s own record
+    /// is gone (from the fragment that wrote it).
+    fn checkpoint_before(&mut self, id: i64) -> Result<Option<i64>>;
     /// Waits up to `timeout` for a sign that work appeared (a notification where the
     /// backend has them); true if one came. Backends without them just sleep.
     fn wait_for_work(&mut self, timeout: std::time::Duration) -> Result<bool>;

@@ -64,10 +64,14 @@ pub struct JobRecord {
     pub id: JobId,
     /// Name.
     pub name: String,
-    /// `running`, `done` or `failed` (finished with quarantined items).
+    /// `running`, `done`, `failed` (finished with quarantined items), `cancelled`,
+    /// `refused` (its input is not what was submitted) or `broken` (its stored
+    /// state cannot be read).
     pub state: String,
     /// The spec, JSON.
     pub spec_json: String,
+    /// Why it was refused or broke.
+    pub error: Option<String>,
 }
 
 /// A worker as the store knows it.
@@ -197,6 +201,38 @@ pub struct Assignment {
     pub expect_acks: Option<bool>,
 }
 
+/// A checkpoint a running fragment handed over, with the acks it came after.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewCheckpoint {
+    /// The sealed state.
+    pub blob: BlobRow,
+    /// The fragment's own acks before it (their state is in it).
+    pub acked: IntervalSet,
+}
+
+/// A stored checkpoint: the blob, the checkpoint before it in its chain, and the
+/// items whose state it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredBlob {
+    /// The sealed state.
+    pub row: BlobRow,
+    /// The checkpoint before it in its chain.
+    pub prev: Option<i64>,
+    /// Items whose state it holds.
+    pub covers: IntervalSet,
+}
+
+/// A result of a stage: the state a chain of attempts ended with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResultRow {
+    /// The fragment that ended the chain.
+    pub fragment: i64,
+    /// The state.
+    pub blob: BlobRow,
+    /// Items whose state it holds.
+    pub covers: IntervalSet,
+}
+
 /// A sealed checkpoint as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlobRow {
@@ -218,9 +254,12 @@ pub struct FragmentFlush {
     /// Newly acked items.
     pub acked: IntervalSet,
     /// Checkpoints in arrival order.
-    pub checkpoints: Vec<BlobRow>,
+    pub checkpoints: Vec<NewCheckpoint>,
     /// The owner's answer to a split request.
     pub split: Option<SplitAnswer>,
+    /// The checkpoint it was handed could not be restored: it started from this
+    /// older one of its chain, or from none (`Some(None)`).
+    pub restored: Option<Option<i64>>,
 }
 
 /// How the owner of a fragment answered a split request.
@@ -241,6 +280,9 @@ pub struct FlushReply {
     pub split_requests: Vec<(FragmentId, u64)>,
     /// Its fragments it no longer holds (lease lost): stop them, count nothing.
     pub lost: Vec<FragmentId>,
+    /// Its fragments of jobs that were cancelled or stopped: stop them; their
+    /// acks are kept and the rest is pending again.
+    pub stopped: Vec<FragmentId>,
 }
 
 /// How a fragment ended, with its measurements.
@@ -288,6 +330,35 @@ pub struct FragmentEnd {
     pub stdout: Vec<u8>,
     /// See `stdout`.
     pub stderr: Vec<u8>,
+    /// The worker cannot run the fragment's job at all: nothing is charged and the
+    /// job stops, with this reason.
+    pub halt: Option<JobHalt>,
+}
+
+/// Why a job stops before its items are done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobHalt {
+    /// Its input is not what was submitted (an items file changed): `refused`.
+    Refused(String),
+    /// Its stored state cannot be read: `broken`.
+    Broken(String),
+}
+
+impl JobHalt {
+    /// The job state it leaves.
+    pub fn state(&self) -> &'static str {
+        match self {
+            JobHalt::Refused(_) => "refused",
+            JobHalt::Broken(_) => "broken",
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        match self {
+            JobHalt::Refused(m) | JobHalt::Broken(m) => m,
+        }
+    }
 }
 
 impl FragmentEnd {
@@ -319,6 +390,7 @@ impl FragmentEnd {
             last_ack_ms: None,
             stdout: Vec::new(),
             stderr: Vec::new(),
+            halt: None,
         }
     }
 }
@@ -343,7 +415,9 @@ pub struct JobStatus {
     pub state: String,
     /// When it was submitted, unix ms (deadlines count from here).
     pub created_ms: i64,
-    /// Stages in spec order.
+    /// Why it was refused or broke.
+    pub error: Option<String>,
+    /// Stages in spec order (none when its stored state cannot be read).
     pub stages: Vec<StageStatus>,
 }
 
@@ -390,6 +464,12 @@ pub struct StageStatus {
     pub checkpoints: u64,
     /// Checkpoints that failed verification and were skipped for an older one.
     pub checkpoint_fallbacks: u64,
+    /// Items run again because the state they were acked into was lost (acked
+    /// after a fragment's last checkpoint, or held only by a checkpoint that failed).
+    pub state_reruns: u64,
+    /// Items done whose state is in no result: their task acked them after its
+    /// last checkpoint and finished, so `granule results` is incomplete.
+    pub results_missing: u64,
     /// Median absolute percentage error of predicted vs observed fragment durations
     /// (finished fragments after the stage's first 20).
     pub prediction_error_median: Option<f64>,

@@ -13,14 +13,14 @@
 //! the worker buffers acks meanwhile.
 
 use crate::common::{
-    busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config, json, live_pool,
-    memory_of, parse, placement_order, retries_for, sizer_config_json, split_gain, split_point,
-    stage_profile, worker_span, Admission, DoneRow, HistoryRow, StageReading, StageView,
+    accounted_outcome, busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config,
+    json, live_pool, memory_of, parse, placement_order, sizer_config_json, split_gain, split_point,
+    stage_profile, verdict, worker_span, Admission, DoneRow, HistoryRow, StageReading, StageView,
 };
 use crate::*;
 use granule_core::prediction_error;
 use granule_core::{
-    fits, FinishOutcome, FragmentId, IntervalSet, JobId, Observation, PendingRange,
+    fits, retry_budget, FinishOutcome, FragmentId, IntervalSet, JobId, Observation, PendingRange,
     RunningFragment, SizeCap, Sizer, SizerConfig, Span, StageId, StageLedger, StageNeeds,
 };
 use postgres::fallible_iterator::FallibleIterator;
@@ -162,6 +162,21 @@ ALTER TABLE fragments ADD COLUMN floor_memory_mb BIGINT NOT NULL DEFAULT 0;
     r#"
 ALTER TABLE fragments ADD COLUMN io_bytes BIGINT NOT NULL DEFAULT 0;
 "#,
+    // 6: exact at the task boundary: the state each checkpoint, pending range and
+    // running fragment covers, chain results, jobs that stop with an error.
+    r#"
+ALTER TABLE pending ADD COLUMN covers TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE fragments ADD COLUMN covers TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE fragments ADD COLUMN inherited TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE fragments ADD COLUMN resumed_from BIGINT;
+ALTER TABLE fragments ADD COLUMN result BIGINT;
+ALTER TABLE fragments ADD COLUMN state_reruns BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE fragments ADD COLUMN results_missing BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE blobs ADD COLUMN covers TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE jobs ADD COLUMN error TEXT;
+UPDATE fragments SET result = checkpoint_id WHERE state = 'done' AND checkpoint_id IS NOT NULL;
+UPDATE fragments SET resumed_from = checkpoint_id WHERE state = 'running';
+"#,
 ];
 
 /// A store in a PostgreSQL database.
@@ -262,12 +277,19 @@ struct HeldFragment {
     fragment: RunningFragment,
     class: String,
     size_cap: String,
+    /// Whether its stage was known to ack when read (without a lock).
+    acking: bool,
+    /// Whether its job still runs (not cancelled, refused or broken).
+    job_running: bool,
 }
 
 fn hold(tx: &mut Tx<'_, '_>, id: FragmentId, worker: &str) -> Result<Option<HeldFragment>> {
     let row = tx.query_opt(
-        "SELECT stage_id, start_idx, end_idx, acked, failures, checkpoint_id, class, size_cap, lost, floor_memory_mb
-         FROM fragments WHERE id = $1 AND worker = $2 AND state = 'running' FOR UPDATE",
+        "SELECT stage_id, start_idx, end_idx, acked, failures, checkpoint_id, class, size_cap, lost, floor_memory_mb,
+                covers, inherited, resumed_from,
+                (SELECT s.acks = 'yes' FROM stages s WHERE s.id = f.stage_id),
+                (SELECT j.state = 'running' FROM stages s JOIN jobs j ON j.id = s.job_id WHERE s.id = f.stage_id)
+         FROM fragments f WHERE id = $1 AND worker = $2 AND state = 'running' FOR UPDATE OF f",
         &[&id.0, &worker],
     )?;
     let Some(r) = row else { return Ok(None) };
@@ -281,29 +303,115 @@ fn hold(tx: &mut Tx<'_, '_>, id: FragmentId, worker: &str) -> Result<Option<Held
             checkpoint: r.get(5),
             lost: r.get::<_, i32>(8) as u32,
             floor_memory_mb: r.get::<_, i64>(9) as u64,
+            covers: parse(r.get(10), "fragment covers")?,
+            inherited: parse(r.get(11), "fragment inherited state")?,
+            resumed_from: r.get(12),
         },
         class: r.get(6),
         size_cap: r.get(7),
+        acking: r.get(13),
+        job_running: r.get(14),
     }))
 }
 
 /// A ledger holding just one running fragment: the core's transitions applied to
-/// the rows one transaction touches. Its `done` and `pending` are what changed.
-fn mini_ledger(f: &RunningFragment) -> StageLedger {
+/// the rows one transaction touches. Its `done` (the items this fragment's row
+/// counts) and `pending` are what changed. Items other rows count are undone with
+/// [`undo_done`]; the stage's first ack is handled by [`learn_acking`].
+fn mini_ledger(f: &RunningFragment, acking: bool) -> StageLedger {
     StageLedger {
         items: f.span.end,
         pending: Default::default(),
         done: f.acked.clone(),
         quarantined: IntervalSet::new(),
         running: vec![f.clone()],
+        acking,
+        unconfirmed: IntervalSet::new(),
     }
+}
+
+/// Whether the stage's tasks are known to ack, read under a share lock: a finish
+/// that counts an all-or-nothing fragment and a flush that brings the stage's
+/// first ack ([`learn_acking`]) see each other.
+fn acking_shared(tx: &mut Tx<'_, '_>, stage: i64) -> Result<bool> {
+    let acks: String = tx
+        .query_one("SELECT acks FROM stages WHERE id = $1 FOR SHARE", &[&stage])?
+        .get(0);
+    Ok(acks == "yes")
+}
+
+/// The stage's first ack: every item an all-or-nothing fragment counted done goes
+/// back to pending (no ack vouches for it), and from now on no ack is a failure.
+fn learn_acking(tx: &mut Tx<'_, '_>, stage: i64) -> Result<bool> {
+    let acks: String = tx
+        .query_one(
+            "SELECT acks FROM stages WHERE id = $1 FOR UPDATE",
+            &[&stage],
+        )?
+        .get(0);
+    if acks == "yes" {
+        return Ok(false);
+    }
+    let reverted = tx.query(
+        "UPDATE fragments SET state = 'reverted', done_count = 0, acked = '[]', result = NULL
+         WHERE stage_id = $1 AND state = 'done' RETURNING start_idx, end_idx",
+        &[&stage],
+    )?;
+    let ranges: Vec<PendingRange> = reverted
+        .iter()
+        .map(|r| {
+            PendingRange::fresh(Span::new(
+                r.get::<_, i64>(0) as u64,
+                r.get::<_, i64>(1) as u64,
+            ))
+        })
+        .collect();
+    insert_pending(tx, stage, &ranges)?;
+    tx.execute("UPDATE stages SET acks = 'yes' WHERE id = $1", &[&stage])?;
+    Ok(!ranges.is_empty())
+}
+
+/// Items other fragments' rows count done go back to pending: their state was
+/// lost with a checkpoint that could not be restored.
+fn undo_done(tx: &mut Tx<'_, '_>, stage: i64, lost: &IntervalSet) -> Result<()> {
+    let (Some(first), Some(last)) = (lost.first(), lost.spans().last().map(|s| s.end)) else {
+        return Ok(());
+    };
+    let rows = tx.query(
+        "SELECT id, acked FROM fragments
+         WHERE stage_id = $1 AND state != 'running' AND done_count > 0 AND start_idx < $3 AND end_idx > $2
+         FOR UPDATE",
+        &[&stage, &(first as i64), &(last as i64)],
+    )?;
+    for r in &rows {
+        let mut acked: IntervalSet = parse(r.get(1), "fragment acks")?;
+        if !acked.intersects(lost) {
+            continue;
+        }
+        acked.subtract(lost);
+        tx.execute(
+            "UPDATE fragments SET acked = $2, done_count = $3 WHERE id = $1",
+            &[&r.get::<_, i64>(0), &json(&acked), &(acked.len() as i64)],
+        )?;
+    }
+    Ok(())
+}
+
+/// Stops a running job with an error (`refused`, `broken`); its running fragments
+/// are told at their next flush and their accounting is kept.
+fn halt_job(tx: &mut Tx<'_, '_>, job: i64, halt: &JobHalt, now_ms: i64) -> Result<()> {
+    tx.execute(
+        "UPDATE jobs SET state = $2, error = $3, finished_ms = $4 WHERE id = $1 AND state = 'running'",
+        &[&job, &halt.state(), &halt.message(), &now_ms],
+    )?;
+    Ok(())
 }
 
 fn insert_pending(tx: &mut Tx<'_, '_>, stage: i64, ranges: &[PendingRange]) -> Result<()> {
     for r in ranges {
         tx.execute(
-            "INSERT INTO pending (stage_id, start_idx, end_idx, failures, checkpoint_id, lost, floor_memory_mb)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO pending (stage_id, start_idx, end_idx, failures, checkpoint_id, lost, floor_memory_mb, covers)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             &[
                 &stage,
                 &(r.span.start as i64),
@@ -312,6 +420,7 @@ fn insert_pending(tx: &mut Tx<'_, '_>, stage: i64, ranges: &[PendingRange]) -> R
                 &r.checkpoint,
                 &(r.lost as i32),
                 &(r.floor_memory_mb as i64),
+                &json(&r.covers),
             ],
         )?;
     }
@@ -327,19 +436,53 @@ fn apply_flush(
     f: &FragmentFlush,
     now_ms: i64,
 ) -> Result<(u64, bool)> {
-    let done = ledger.ack(f.fragment, &f.acked);
+    let mut appeared = false;
+    if let Some(restored) = f.restored {
+        let covers = match restored {
+            Some(blob) => match tx.query_opt("SELECT covers FROM blobs WHERE id = $1", &[&blob])? {
+                Some(r) => parse(r.get(0), "checkpoint covers")?,
+                None => IntervalSet::new(),
+            },
+            None => IntervalSet::new(),
+        };
+        let before = ledger
+            .fragment(f.fragment)
+            .map(|r| r.inherited.clone())
+            .unwrap_or_default();
+        let rerun = ledger.fallback(f.fragment, restored, &covers);
+        if rerun > 0 {
+            let mut lost = before;
+            lost.subtract(&covers);
+            undo_done(tx, held.stage, &lost)?;
+            insert_pending(tx, held.stage, ledger.pending.ranges())?;
+            ledger.pending = Default::default();
+            tx.execute(
+                "UPDATE fragments SET state_reruns = state_reruns + $2 WHERE id = $1",
+                &[&f.fragment.0, &(rerun as i64)],
+            )?;
+            appeared = true;
+        }
+    }
+    if !f.acked.is_empty() && !ledger.acking {
+        appeared |= learn_acking(tx, held.stage)?;
+        ledger.acking = true;
+    }
+    let done = ledger.ack(f.fragment, &f.acked).done;
     for cp in &f.checkpoints {
+        let Some(covers) = ledger.checkpoint_covers(f.fragment, &cp.acked) else {
+            continue;
+        };
         let prev = ledger.fragment(f.fragment).and_then(|r| r.checkpoint);
+        let b = &cp.blob;
         let id: i64 = tx
             .query_one(
-                "INSERT INTO blobs (stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms, prev)
-                 VALUES ($1, $2, 'checkpoint', $3, $4, $5, $6, $7, $8) RETURNING id",
-                &[&held.stage, &f.fragment.0, &(cp.raw_len as i64), &cp.hash, &cp.data, &cp.meta, &now_ms, &prev],
+                "INSERT INTO blobs (stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms, prev, covers)
+                 VALUES ($1, $2, 'checkpoint', $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                &[&held.stage, &f.fragment.0, &(b.raw_len as i64), &b.hash, &b.data, &b.meta, &now_ms, &prev, &json(&covers)],
             )?
             .get(0);
-        ledger.checkpoint(f.fragment, id);
+        ledger.checkpoint(f.fragment, id, &cp.acked);
     }
-    let mut appeared = false;
     if let Some(answer) = f.split {
         if let SplitAnswer::At(at) = answer {
             if ledger.split(f.fragment, at) > 0 {
@@ -364,8 +507,18 @@ fn apply_flush(
 fn save_fragment(tx: &mut Tx<'_, '_>, ledger: &StageLedger, id: FragmentId) -> Result<()> {
     if let Some(f) = ledger.fragment(id) {
         tx.execute(
-            "UPDATE fragments SET end_idx = $2, acked = $3, done_count = $4, checkpoint_id = $5 WHERE id = $1",
-            &[&id.0, &(f.span.end as i64), &json(&f.acked), &(f.acked.len() as i64), &f.checkpoint],
+            "UPDATE fragments SET end_idx = $2, acked = $3, done_count = $4, checkpoint_id = $5, covers = $6,
+               inherited = $7, resumed_from = $8 WHERE id = $1",
+            &[
+                &id.0,
+                &(f.span.end as i64),
+                &json(&f.acked),
+                &(f.acked.len() as i64),
+                &f.checkpoint,
+                &json(&f.covers),
+                &json(&f.inherited),
+                &f.resumed_from,
+            ],
         )?;
     }
     Ok(())
@@ -564,8 +717,9 @@ impl PgStore {
     }
 }
 
-impl Store for PgStore {
-    fn submit(&mut self, job: &NewJob, now_ms: i64, fresh: bool) -> Result<Submitted> {
+impl PgStore {
+    /// One try at recording a job (see `Store::submit`).
+    fn submit_once(&mut self, job: &NewJob, now_ms: i64, fresh: bool) -> Result<Submitted> {
         self.with_tx(|tx| {
             let existing = tx.query_opt("SELECT id, spec_hash, state FROM jobs WHERE name = $1 FOR UPDATE", &[&job.name])?;
             if let Some(r) = existing {
@@ -607,13 +761,7 @@ impl Store for PgStore {
                 let shard = stage.items.div_ceil(shards);
                 let ranges: Vec<PendingRange> = (0..stage.items)
                     .step_by(shard.max(1) as usize)
-                    .map(|start| PendingRange {
-                        span: Span::new(start, (start + shard).min(stage.items)),
-                        failures: 0,
-                        checkpoint: None,
-                        lost: 0,
-                        floor_memory_mb: 0,
-                    })
+                    .map(|start| PendingRange::fresh(Span::new(start, (start + shard).min(stage.items))))
                     .collect();
                 insert_pending(tx, stage_id, &ranges)?;
             }
@@ -621,10 +769,30 @@ impl Store for PgStore {
             Ok(Submitted::Created(JobId(id)))
         })
     }
+}
+
+impl Store for PgStore {
+    fn submit(&mut self, job: &NewJob, now_ms: i64, fresh: bool) -> Result<Submitted> {
+        // Two submits of a new job at once both find no row and insert it: the loser's
+        // unique violation means the job now exists, so it looks again (and resumes it,
+        // or refuses a different spec under that name).
+        let mut attempt = 0;
+        loop {
+            match self.submit_once(job, now_ms, fresh) {
+                Err(StoreError::Postgres(e))
+                    if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION)
+                        && attempt < 3 =>
+                {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
 
     fn job(&mut self, name: &str) -> Result<Option<JobRecord>> {
         let row = self.client()?.query_opt(
-            "SELECT id, name, state, spec FROM jobs WHERE name = $1",
+            "SELECT id, name, state, spec, error FROM jobs WHERE name = $1",
             &[&name],
         )?;
         Ok(row.map(|r| JobRecord {
@@ -632,12 +800,13 @@ impl Store for PgStore {
             name: r.get(1),
             state: r.get(2),
             spec_json: r.get(3),
+            error: r.get(4),
         }))
     }
 
     fn job_by_id(&mut self, id: JobId) -> Result<Option<JobRecord>> {
         let row = self.client()?.query_opt(
-            "SELECT id, name, state, spec FROM jobs WHERE id = $1",
+            "SELECT id, name, state, spec, error FROM jobs WHERE id = $1",
             &[&id.0],
         )?;
         Ok(row.map(|r| JobRecord {
@@ -645,6 +814,7 @@ impl Store for PgStore {
             name: r.get(1),
             state: r.get(2),
             spec_json: r.get(3),
+            error: r.get(4),
         }))
     }
 
@@ -726,22 +896,21 @@ impl Store for PgStore {
                     reply.lost.push(f.fragment);
                     continue;
                 };
-                let job_state: String = tx
-                    .query_one("SELECT j.state FROM jobs j JOIN stages s ON s.job_id = j.id WHERE s.id = $1", &[&held.stage])?
-                    .get(0);
-                if job_state == "cancelled" {
-                    tx.execute(
-                        "UPDATE fragments SET state = 'cancelled', finished_ms = $2 WHERE id = $1",
-                        &[&f.fragment.0, &now_ms],
-                    )?;
-                    reply.lost.push(f.fragment);
-                    continue;
-                }
-                let mut ledger = mini_ledger(&held.fragment);
+                let mut ledger = mini_ledger(&held.fragment, held.acking);
                 let (done, new_work) = apply_flush(tx, &held, &mut ledger, f, now_ms)?;
                 reply.done += done;
                 appeared |= new_work;
                 save_fragment(tx, &ledger, f.fragment)?;
+                if !held.job_running {
+                    // Cancelled or stopped: its acks stand, the rest is pending again.
+                    ledger.finish(f.fragment, &FinishOutcome::Yielded, 0);
+                    insert_pending(tx, held.stage, ledger.pending.ranges())?;
+                    tx.execute(
+                        "UPDATE fragments SET state = 'cancelled', finished_ms = $2, split_request = NULL WHERE id = $1",
+                        &[&f.fragment.0, &now_ms],
+                    )?;
+                    reply.stopped.push(f.fragment);
+                }
             }
             // Renew only what the worker knows it holds: a claim whose commit reply was
             // lost must expire, not be kept alive by the worker's heartbeats.
@@ -823,14 +992,20 @@ impl Store for PgStore {
             let id = end.flush.fragment;
             let Some(held) = hold(tx, id, worker)? else { return Ok(Finished::default()) };
             let stage = stage_by_id(tx, held.stage)?;
-            let mut ledger = mini_ledger(&held.fragment);
+            let mut ledger = mini_ledger(&held.fragment, held.acking);
             let (_, mut appeared) = apply_flush(tx, &held, &mut ledger, &end.flush, now_ms)?;
             let mut splits = 0;
             if ledger.fragment(id).is_some_and(|f| end.end < f.span.end) && ledger.split(id, end.end) > 0 {
                 splits = 1;
             }
             let f = ledger.fragment(id).expect("held fragment").clone();
-            let report = ledger.finish(id, &end.outcome, retries_for(end.cause.as_deref(), stage.retries));
+            let outcome = accounted_outcome(end);
+            if matches!(outcome, FinishOutcome::AllOrNothing { .. }) && !ledger.acking {
+                // Judged against a first ack another worker may be committing now.
+                ledger.acking = acking_shared(tx, held.stage)?;
+            }
+            let report = ledger.finish(id, &outcome, retry_budget(end.cause.as_deref(), stage.retries));
+            let verdict = verdict(end, &report);
             if end.cause.as_deref() == Some("oom") {
                 // Retried on a worker with more memory than this one, while one is alive.
                 let resources: Option<String> = tx
@@ -853,11 +1028,12 @@ impl Store for PgStore {
                   load = $7, fed = $8, acks = $9, cause = $10, detail = $11, stdout = $12, stderr = $13,
                   end_idx = $14, acked = $15, done_count = $16, wasted_ms = $17, checkpoint_fallbacks = $18,
                   split_request = NULL, checkpoint_id = $19, splits = splits + $20, io_bytes = $21,
-                  predicted_ms = coalesce($22, predicted_ms)
+                  predicted_ms = coalesce($22, predicted_ms), result = $23, state_reruns = state_reruns + $24,
+                  results_missing = $25
                  WHERE id = $1",
                 &[
                     &id.0,
-                    &end.state,
+                    &verdict.state,
                     &now_ms,
                     &end.observed_ms,
                     &end.cpu_ms,
@@ -865,12 +1041,12 @@ impl Store for PgStore {
                     &end.load,
                     &(end.fed as i64),
                     &(end.acks as i64),
-                    &end.cause,
-                    &end.detail,
+                    &verdict.cause,
+                    &verdict.detail,
                     &end.stdout,
                     &end.stderr,
                     &(f.span.end as i64),
-                    &json(&f.acked),
+                    &json(&ledger.done),
                     &(ledger.done.len() as i64),
                     &end.wasted_ms,
                     &(end.checkpoint_fallbacks as i32),
@@ -878,14 +1054,19 @@ impl Store for PgStore {
                     &splits,
                     &(end.io_bytes as i64),
                     &end.predicted_ms,
+                    &report.result.as_ref().map(|(blob, _)| *blob),
+                    &(report.undone as i64),
+                    &(report.uncovered as i64),
                 ],
             )?;
-            if end.acks > 0 && stage.acks != "yes" {
-                tx.execute("UPDATE stages SET acks = 'yes' WHERE id = $1", &[&held.stage])?;
-            } else if end.acks == 0 && end.outcome == FinishOutcome::Success && end.fed > 0 && stage.acks == "unknown" {
+            if verdict.all_or_nothing && end.fed > 0 && stage.acks == "unknown" {
                 tx.execute("UPDATE stages SET acks = 'no' WHERE id = $1 AND acks = 'unknown'", &[&held.stage])?;
             }
-            if end.outcome == FinishOutcome::Success && end.fed > 0 {
+            if let Some(halt) = &end.halt {
+                let job: i64 = tx.query_one("SELECT job_id FROM stages WHERE id = $1", &[&held.stage])?.get(0);
+                halt_job(tx, job, halt, now_ms)?;
+            }
+            if verdict.finished && end.fed > 0 {
                 let (mut sizer, locked) = sizer_for(tx, held.stage, &held.class)?;
                 if locked {
                     sizer.observe(
@@ -947,17 +1128,26 @@ impl Store for PgStore {
             for r in &rows {
                 let (id, worker): (i64, String) = (r.get(0), r.get(1));
                 let Some(held) = hold(tx, FragmentId(id), &worker)? else { continue };
-                let mut ledger = mini_ledger(&held.fragment);
-                ledger.finish(FragmentId(id), &FinishOutcome::Lost, u32::MAX);
+                let mut ledger = mini_ledger(&held.fragment, held.acking);
+                let report = ledger.finish(FragmentId(id), &FinishOutcome::Lost, u32::MAX);
                 insert_pending(tx, held.stage, ledger.pending.ranges())?;
                 if ledger.pending.is_empty() {
                     drained.push(held.stage);
                 }
                 let why = if dead.contains(&worker) { "worker died" } else { "lease expired" };
                 tx.execute(
-                    "UPDATE fragments SET state = 'lost', finished_ms = $2, cause = 'lost', detail = $3, split_request = NULL
+                    "UPDATE fragments SET state = 'lost', finished_ms = $2, cause = 'lost', detail = $3, split_request = NULL,
+                       acked = $4, done_count = $5, result = $6, state_reruns = state_reruns + $7
                      WHERE id = $1",
-                    &[&id, &now_ms, &format!("{why}: {worker}")],
+                    &[
+                        &id,
+                        &now_ms,
+                        &format!("{why}: {worker}"),
+                        &json(&ledger.done),
+                        &(ledger.done.len() as i64),
+                        &report.result.as_ref().map(|(blob, _)| *blob),
+                        &(report.undone as i64),
+                    ],
                 )?;
             }
             if !dead.is_empty() {
@@ -979,7 +1169,7 @@ impl Store for PgStore {
     fn status(&mut self, job: Option<&str>) -> Result<Vec<JobStatus>> {
         self.with_tx(|tx| {
             let jobs = tx.query(
-                "SELECT id, name, state, created_ms FROM jobs WHERE $1::TEXT IS NULL OR name = $1 ORDER BY id",
+                "SELECT id, name, state, created_ms, error FROM jobs WHERE $1::TEXT IS NULL OR name = $1 ORDER BY id",
                 &[&job],
             )?;
             if let (Some(name), true) = (job, jobs.is_empty()) {
@@ -987,16 +1177,22 @@ impl Store for PgStore {
             }
             let mut out = Vec::new();
             for j in &jobs {
-                let mut stages = Vec::new();
-                for stage in stages_of(tx, j.get(0))? {
-                    stages.push(stage_status(tx, &stage)?);
-                }
-                out.push(JobStatus {
-                    name: j.get(1),
-                    state: j.get(2),
-                    created_ms: j.get(3),
-                    stages,
+                let stages = stages_of(tx, j.get(0)).and_then(|stages| {
+                    stages.iter().map(|stage| stage_status(tx, stage)).collect::<Result<Vec<_>>>()
                 });
+                let (mut state, mut error): (String, Option<String>) = (j.get(2), j.get(4));
+                let stages = match stages {
+                    Ok(stages) => stages,
+                    // A job whose stored state cannot be read is shown broken; the
+                    // others are shown as they are.
+                    Err(StoreError::Corrupt(why)) => {
+                        state = "broken".into();
+                        error = Some(format!("its stored state cannot be read: {why}"));
+                        Vec::new()
+                    }
+                    Err(e) => return Err(e),
+                };
+                out.push(JobStatus { name: j.get(1), state, created_ms: j.get(3), error, stages });
             }
             Ok(out)
         })
@@ -1057,46 +1253,70 @@ impl Store for PgStore {
             .collect())
     }
 
-    fn results(&mut self, job: &str, stage: &str) -> Result<Vec<(i64, BlobRow)>> {
+    fn results(&mut self, job: &str, stage: &str) -> Result<Vec<ResultRow>> {
         let rows = self.client()?.query(
-            "SELECT f.id, b.data, b.raw_len, b.hash, b.meta
+            "SELECT f.id, b.data, b.raw_len, b.hash, b.meta, b.covers
              FROM fragments f JOIN stages s ON s.id = f.stage_id JOIN jobs j ON j.id = s.job_id
-               JOIN blobs b ON b.id = f.checkpoint_id
-             WHERE j.name = $1 AND s.name = $2 AND f.state = 'done' ORDER BY f.start_idx",
+               JOIN blobs b ON b.id = f.result
+             WHERE j.name = $1 AND s.name = $2 ORDER BY f.start_idx, f.id",
             &[&job, &stage],
         )?;
-        Ok(rows
-            .iter()
+        rows.iter()
             .map(|r| {
-                (
-                    r.get(0),
-                    BlobRow {
+                Ok(ResultRow {
+                    fragment: r.get(0),
+                    blob: BlobRow {
                         data: r.get(1),
                         raw_len: r.get::<_, i64>(2) as u64,
                         hash: r.get(3),
                         meta: r.get(4),
                     },
-                )
+                    covers: parse(r.get(5), "result covers")?,
+                })
             })
-            .collect())
+            .collect()
     }
 
-    fn blob(&mut self, id: i64) -> Result<Option<(BlobRow, Option<i64>)>> {
-        let row = self.client()?.query_opt(
-            "SELECT data, raw_len, hash, meta, prev FROM blobs WHERE id = $1",
+    fn checkpoint_before(&mut self, id: i64) -> Result<Option<i64>> {
+        let client = self.client()?;
+        if let Some(r) = client.query_opt("SELECT prev FROM blobs WHERE id = $1", &[&id])? {
+            return Ok(r.get(0));
+        }
+        // Its record is gone: ask the fragment that wrote it what came before.
+        let writer = client.query_opt(
+            "SELECT id, resumed_from FROM fragments
+             WHERE checkpoint_id = $1 AND resumed_from IS DISTINCT FROM $1 ORDER BY id LIMIT 1",
             &[&id],
         )?;
-        Ok(row.map(|r| {
-            (
-                BlobRow {
+        let Some(w) = writer else { return Ok(None) };
+        let (fragment, resumed_from): (i64, Option<i64>) = (w.get(0), w.get(1));
+        let earlier: Option<i64> = client
+            .query_one(
+                "SELECT max(id) FROM blobs WHERE fragment_id = $1 AND id < $2",
+                &[&fragment, &id],
+            )?
+            .get(0);
+        Ok(earlier.or(resumed_from))
+    }
+
+    fn blob(&mut self, id: i64) -> Result<Option<StoredBlob>> {
+        let row = self.client()?.query_opt(
+            "SELECT data, raw_len, hash, meta, prev, covers FROM blobs WHERE id = $1",
+            &[&id],
+        )?;
+        row.map(|r| {
+            Ok(StoredBlob {
+                row: BlobRow {
                     data: r.get(0),
                     raw_len: r.get::<_, i64>(1) as u64,
                     hash: r.get(2),
                     meta: r.get(3),
                 },
-                r.get(4),
-            )
-        }))
+                prev: r.get(4),
+                covers: parse(r.get(5), "checkpoint covers")?,
+            })
+        })
+        .transpose()
     }
 
     fn wait_for_work(&mut self, timeout: Duration) -> Result<bool> {
@@ -1146,15 +1366,47 @@ fn claim_once(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(Option<Assignm
             .collect(),
     };
     let mut contended = false;
-    // Jobs by their highest stage priority, then oldest first.
+    // Jobs by their highest stage priority, then oldest first. A job whose stored
+    // state cannot be read breaks alone: the others go on.
     let mut keyed = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let stages = stages_of(tx, job)?;
+        let stages = match stages_of(tx, job) {
+            Ok(stages) => stages,
+            Err(StoreError::Corrupt(why)) => {
+                let halt = JobHalt::Broken(format!("its stored state cannot be read: {why}"));
+                halt_job(tx, job, &halt, req.now_ms)?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let top = stages.iter().map(|s| s.needs.priority).max().unwrap_or(0);
         keyed.push((-top, job, stages));
     }
     keyed.sort_by_key(|(top, job, _)| (*top, *job));
     for (_, job, stages) in keyed {
+        match claim_in_job(tx, req, job, &stages) {
+            Ok((Some(a), _)) => return Ok((Some(a), false)),
+            Ok((None, busy)) => contended |= busy,
+            Err(StoreError::Corrupt(why)) => {
+                let halt = JobHalt::Broken(format!("its stored state cannot be read: {why}"));
+                halt_job(tx, job, &halt, req.now_ms)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((None, contended))
+}
+
+/// Tries the ready stages of one job in placement order; claims from the first
+/// that has an admitted range; also says whether a range existed but was locked.
+fn claim_in_job(
+    tx: &mut Tx<'_, '_>,
+    req: &ClaimRequest,
+    job: i64,
+    stages: &[StageRow],
+) -> Result<(Option<Assignment>, bool)> {
+    let mut contended = false;
+    {
         let finished: Vec<bool> = stages.iter().map(|s| s.state == "done").collect();
         // Placement: never a stage whose slots need more than this worker has.
         let is_ready = |s: &StageRow| {
@@ -1171,7 +1423,7 @@ fn claim_once(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<(Option<Assignm
                 .query_one("SELECT created_ms FROM jobs WHERE id = $1", &[&job])?
                 .get(0);
             let mut views = Vec::with_capacity(stages.len());
-            for stage in &stages {
+            for stage in stages {
                 let r = tx.query_one(
                     "SELECT (SELECT count(*) FROM fragments WHERE stage_id = $1 AND state = 'running'),
                             (SELECT coalesce(sum(end_idx - start_idx), 0)::BIGINT FROM pending WHERE stage_id = $1)
@@ -1274,7 +1526,7 @@ fn pending_row(
     let below = i64::try_from(admission.below_floor_mb).unwrap_or(i64::MAX);
     let lost = i32::try_from(admission.lost_under).unwrap_or(i32::MAX);
     tx.query_opt(
-        "SELECT id, start_idx, end_idx, failures, checkpoint_id, lost, floor_memory_mb FROM pending
+        "SELECT id, start_idx, end_idx, failures, checkpoint_id, lost, floor_memory_mb, covers FROM pending
          WHERE stage_id = $1 AND (floor_memory_mb = 0 OR floor_memory_mb < $2) AND lost < $3
          ORDER BY start_idx LIMIT 1 FOR UPDATE SKIP LOCKED",
         &[&stage, &below, &lost],
@@ -1331,6 +1583,7 @@ fn claim_range(
         checkpoint: row.get(4),
         lost: row.get::<_, i32>(5) as u32,
         floor_memory_mb: row.get::<_, i64>(6) as u64,
+        covers: parse(row.get(7), "pending covers")?,
     };
     // Items left and live slots, for tail factoring.
     let counts = tx.query_one(
@@ -1358,8 +1611,10 @@ fn claim_range(
     let id: i64 = tx
         .query_one(
             "INSERT INTO fragments (stage_id, start_idx, end_idx, state, worker, class, lease_expires_ms, failures,
-              checkpoint_id, n, predicted_ms, size_cap, claimed_ms, lost, floor_memory_mb)
-             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING id",
+              checkpoint_id, n, predicted_ms, size_cap, claimed_ms, lost, floor_memory_mb, resumed_from, covers,
+              inherited)
+             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $8, $15, $15)
+             RETURNING id",
             &[
                 &stage.id,
                 &(span.start as i64),
@@ -1375,6 +1630,7 @@ fn claim_range(
                 &req.now_ms,
                 &(range.lost as i32),
                 &(range.floor_memory_mb as i64),
+                &json(&range.covers),
             ],
         )?
         .get(0);
@@ -1428,7 +1684,7 @@ fn take_from(
             tx.execute("DELETE FROM pending WHERE id = $1", &[&id])?;
         } else {
             tx.execute(
-                "UPDATE pending SET start_idx = $2, checkpoint_id = NULL WHERE id = $1",
+                "UPDATE pending SET start_idx = $2, checkpoint_id = NULL, covers = '[]' WHERE id = $1",
                 &[&id, &((span.start + here) as i64)],
             )?;
             return Ok(taken);
@@ -1465,7 +1721,9 @@ fn stage_status(tx: &mut Tx<'_, '_>, stage: &StageRow) -> Result<StageStatus> {
                 (SELECT n FROM fragments WHERE stage_id = $1 ORDER BY id DESC LIMIT 1),
                 (SELECT coalesce(sum(end_idx - start_idx), 0)::BIGINT FROM pending WHERE stage_id = $1),
                 (SELECT count(*) FROM blobs WHERE stage_id = $1 AND kind = 'checkpoint'),
-                (SELECT quarantined FROM stages WHERE id = $1)
+                (SELECT quarantined FROM stages WHERE id = $1),
+                coalesce(sum(state_reruns), 0)::BIGINT,
+                coalesce(sum(results_missing) FILTER (WHERE state = 'done'), 0)::BIGINT
          FROM fragments WHERE stage_id = $1",
         &[&stage.id],
     )?;
@@ -1533,6 +1791,8 @@ fn stage_status(tx: &mut Tx<'_, '_>, stage: &StageRow) -> Result<StageStatus> {
         lost: r.get::<_, i64>(6) as u64,
         splits: r.get::<_, i64>(7) as u64,
         checkpoint_fallbacks: r.get::<_, i64>(8) as u64,
+        state_reruns: r.get::<_, i64>(14) as u64,
+        results_missing: r.get::<_, i64>(15) as u64,
         checkpoints: r.get::<_, i64>(12) as u64,
         wasted_s: r.get::<_, f64>(9) / 1e3,
         prediction_error_median: error.0,

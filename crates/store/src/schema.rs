@@ -120,4 +120,20 @@ ALTER TABLE fragments ADD COLUMN floor_memory_mb INTEGER NOT NULL DEFAULT 0;
     r#"
 ALTER TABLE fragments ADD COLUMN io_bytes INTEGER NOT NULL DEFAULT 0;
 "#,
+    // 7: exact at the task boundary: all-or-nothing items a first ack reverts, the
+    // state each checkpoint and running fragment covers, chain results, jobs that
+    // stop with an error.
+    r#"
+ALTER TABLE stages ADD COLUMN unconfirmed TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE fragments ADD COLUMN covers TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE fragments ADD COLUMN inherited TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE fragments ADD COLUMN resumed_from INTEGER;
+ALTER TABLE fragments ADD COLUMN result INTEGER;
+ALTER TABLE fragments ADD COLUMN state_reruns INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE fragments ADD COLUMN results_missing INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE blobs ADD COLUMN covers TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE jobs ADD COLUMN error TEXT;
+UPDATE fragments SET result = checkpoint_id WHERE state = 'done' AND checkpoint_id IS NOT NULL;
+UPDATE fragments SET resumed_from = checkpoint_id WHERE state = 'running';
+"#,
 ];

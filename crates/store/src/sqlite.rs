@@ -5,17 +5,17 @@
 //! holds it for a few row reads and writes only.
 
 use crate::common::{
-    busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config, json, live_pool,
-    memory_of, parse, placement_order, retries_for, sizer_config_json, split_gain, split_point,
-    stage_profile, worker_span, Admission, DoneRow, HistoryRow, StageReading, StageView,
+    accounted_outcome, busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config,
+    json, live_pool, memory_of, parse, placement_order, sizer_config_json, split_gain, split_point,
+    stage_profile, verdict, worker_span, Admission, DoneRow, HistoryRow, StageReading, StageView,
 };
 use crate::schema::MIGRATIONS;
 use crate::*;
 use crate::{Heartbeat, SplitAnswer};
 use granule_core::prediction_error;
 use granule_core::{
-    fits, FinishOutcome, FragmentId, JobId, Observation, Pending, RunningFragment, SizeCap, Sizer,
-    SizerConfig, Span, StageId, StageLedger, StageNeeds,
+    fits, retry_budget, FinishOutcome, FragmentId, IntervalSet, JobId, Observation, Pending,
+    RunningFragment, SizeCap, Sizer, SizerConfig, Span, StageId, StageLedger, StageNeeds,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use std::collections::hash_map::Entry;
@@ -88,18 +88,11 @@ fn decode_stage((mut row, after, config, needs): RawStage) -> Result<StageRow> {
 }
 
 fn load_ledger(tx: &Connection, stage: i64) -> Result<StageLedger> {
-    let (items, pending, done, quarantined): (i64, String, String, String) = tx.query_row(
-        "SELECT items, pending, done, quarantined FROM stages WHERE id = ?1",
+    type StageCols = (i64, String, String, String, String, String);
+    let (items, pending, done, quarantined, acks, unconfirmed): StageCols = tx.query_row(
+        "SELECT items, pending, done, quarantined, acks, unconfirmed FROM stages WHERE id = ?1",
         [stage],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-    )?;
-    let mut stmt = tx.prepare_cached(
-        "SELECT id, start_idx, end_idx, acked, failures, checkpoint_id, lost, floor_memory_mb FROM fragments
-         WHERE stage_id = ?1 AND state = 'running'",
-    )?;
-    type Row = (i64, i64, i64, String, u32, Option<i64>, u32, i64);
-    let running = stmt
-        .query_map([stage], |r| {
+        |r| {
             Ok((
                 r.get(0)?,
                 r.get(1)?,
@@ -107,32 +100,52 @@ fn load_ledger(tx: &Connection, stage: i64) -> Result<StageLedger> {
                 r.get(3)?,
                 r.get(4)?,
                 r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
             ))
-        })?
-        .collect::<rusqlite::Result<Vec<Row>>>()?
-        .into_iter()
-        .map(
-            |(id, start, end, acked, failures, checkpoint, lost, floor)| {
-                Ok(RunningFragment {
-                    id: FragmentId(id),
-                    span: Span::new(start as u64, end as u64),
-                    acked: parse(&acked, "fragment acks")?,
-                    failures,
-                    checkpoint,
-                    lost,
-                    floor_memory_mb: floor as u64,
-                })
-            },
-        )
-        .collect::<Result<Vec<_>>>()?;
+        },
+    )?;
+    let mut stmt = tx.prepare_cached(
+        "SELECT id, start_idx, end_idx, acked, failures, checkpoint_id, lost, floor_memory_mb, covers,
+                inherited, resumed_from
+         FROM fragments WHERE stage_id = ?1 AND state = 'running'",
+    )?;
+    let rows = stmt.query_map([stage], |r| {
+        Ok((
+            FragmentId(r.get(0)?),
+            Span::new(r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64),
+            r.get::<_, String>(3)?,
+            r.get::<_, u32>(4)?,
+            r.get::<_, Option<i64>>(5)?,
+            r.get::<_, u32>(6)?,
+            r.get::<_, i64>(7)? as u64,
+            (r.get::<_, String>(8)?, r.get::<_, String>(9)?),
+            r.get::<_, Option<i64>>(10)?,
+        ))
+    })?;
+    let mut running = Vec::new();
+    for row in rows {
+        let (id, span, acked, failures, checkpoint, lost, floor, (covers, inherited), resumed) =
+            row?;
+        running.push(RunningFragment {
+            id,
+            span,
+            acked: parse(&acked, "fragment acks")?,
+            failures,
+            checkpoint,
+            lost,
+            floor_memory_mb: floor,
+            covers: parse(&covers, "fragment covers")?,
+            resumed_from: resumed,
+            inherited: parse(&inherited, "fragment inherited state")?,
+        });
+    }
     Ok(StageLedger {
         items: items as u64,
         pending: parse::<Pending>(&pending, "pending")?,
         done: parse(&done, "done")?,
         quarantined: parse(&quarantined, "quarantined")?,
         running,
+        acking: acks == "yes",
+        unconfirmed: parse(&unconfirmed, "unconfirmed")?,
     })
 }
 
@@ -207,7 +220,8 @@ fn save_ledger(tx: &Connection, stage: i64, ledger: &StageLedger) -> Result<()> 
         "running"
     };
     tx.prepare_cached(
-        "UPDATE stages SET pending = ?2, done = ?3, done_count = ?4, quarantined = ?5, state = ?6 WHERE id = ?1",
+        "UPDATE stages SET pending = ?2, done = ?3, done_count = ?4, quarantined = ?5, state = ?6,
+           unconfirmed = ?7, acks = CASE WHEN ?8 THEN 'yes' ELSE acks END WHERE id = ?1",
     )?
     .execute(params![
         stage,
@@ -215,17 +229,23 @@ fn save_ledger(tx: &Connection, stage: i64, ledger: &StageLedger) -> Result<()> 
         json(&ledger.done),
         ledger.done.len() as i64,
         json(&ledger.quarantined),
-        state
+        state,
+        json(&ledger.unconfirmed),
+        ledger.acking
     ])?;
     let mut stmt = tx.prepare_cached(
-        "UPDATE fragments SET end_idx = ?2, acked = ?3, checkpoint_id = ?4 WHERE id = ?1",
+        "UPDATE fragments SET end_idx = ?2, acked = ?3, checkpoint_id = ?4, covers = ?5, inherited = ?6,
+           resumed_from = ?7 WHERE id = ?1",
     )?;
     for f in &ledger.running {
         stmt.execute(params![
             f.id.0,
             f.span.end as i64,
             json(&f.acked),
-            f.checkpoint
+            f.checkpoint,
+            json(&f.covers),
+            json(&f.inherited),
+            f.resumed_from
         ])?;
     }
     Ok(())
@@ -258,24 +278,45 @@ fn apply_flush(
     f: &FragmentFlush,
     now_ms: i64,
 ) -> Result<u64> {
-    let done = ledger.ack(f.fragment, &f.acked);
-    for cp in &f.checkpoints {
-        let prev = ledger.fragment(f.fragment).and_then(|r| r.checkpoint);
+    if let Some(restored) = f.restored {
+        let covers = match restored {
+            Some(blob) => blob_covers(tx, blob)?,
+            None => IntervalSet::new(),
+        };
+        let lost = ledger.fallback(f.fragment, restored, &covers);
+        tx.prepare_cached("UPDATE fragments SET state_reruns = state_reruns + ?2 WHERE id = ?1")?
+            .execute(params![f.fragment.0, lost as i64])?;
+    }
+    let acked = ledger.ack(f.fragment, &f.acked);
+    if !acked.reverted.is_empty() {
+        // The stage's first ack: what all-or-nothing fragments counted is undone.
         tx.prepare_cached(
-            "INSERT INTO blobs (stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms, prev)
-             VALUES (?1, ?2, 'checkpoint', ?3, ?4, ?5, ?6, ?7, ?8)",
+            "UPDATE fragments SET state = 'reverted', result = NULL WHERE stage_id = ?1 AND state = 'done'",
+        )?
+        .execute([stage])?;
+    }
+    for cp in &f.checkpoints {
+        let Some(covers) = ledger.checkpoint_covers(f.fragment, &cp.acked) else {
+            continue;
+        };
+        let prev = ledger.fragment(f.fragment).and_then(|r| r.checkpoint);
+        let b = &cp.blob;
+        tx.prepare_cached(
+            "INSERT INTO blobs (stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms, prev, covers)
+             VALUES (?1, ?2, 'checkpoint', ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?
         .execute(params![
             stage,
             f.fragment.0,
-            cp.raw_len as i64,
-            cp.hash,
-            cp.data,
-            cp.meta,
+            b.raw_len as i64,
+            b.hash,
+            b.data,
+            b.meta,
             now_ms,
-            prev
+            prev,
+            json(&covers)
         ])?;
-        ledger.checkpoint(f.fragment, tx.last_insert_rowid());
+        ledger.checkpoint(f.fragment, tx.last_insert_rowid(), &cp.acked);
     }
     match f.split {
         Some(SplitAnswer::At(at)) => {
@@ -288,7 +329,16 @@ fn apply_flush(
         Some(SplitAnswer::Refused) => clear_split_request(tx, f.fragment)?,
         None => {}
     }
-    Ok(done)
+    Ok(acked.done)
+}
+
+/// The items a stored checkpoint holds the state of (none if it is gone).
+fn blob_covers(tx: &Connection, blob: i64) -> Result<IntervalSet> {
+    let covers: Option<String> = tx
+        .prepare_cached("SELECT covers FROM blobs WHERE id = ?1")?
+        .query_row([blob], |r| r.get(0))
+        .optional()?;
+    covers.map_or(Ok(IntervalSet::new()), |c| parse(&c, "checkpoint covers"))
 }
 
 fn clear_split_request(tx: &Connection, fragment: FragmentId) -> Result<()> {
@@ -313,6 +363,7 @@ fn job_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         name: r.get(1)?,
         state: r.get(2)?,
         spec_json: r.get(3)?,
+        error: r.get(4)?,
     })
 }
 
@@ -326,13 +377,24 @@ fn held_stage(tx: &Connection, fragment: FragmentId, worker: &str) -> Result<Opt
         .optional()?)
 }
 
-fn job_cancelled(tx: &Connection, stage: i64) -> Result<bool> {
+/// Whether the job of a stage still runs (not cancelled, refused or broken).
+fn job_running(tx: &Connection, stage: i64) -> Result<bool> {
     let state: String = tx
         .prepare_cached(
             "SELECT j.state FROM jobs j JOIN stages s ON s.job_id = j.id WHERE s.id = ?1",
         )?
         .query_row([stage], |r| r.get(0))?;
-    Ok(state == "cancelled")
+    Ok(state == "running")
+}
+
+/// Stops a running job with an error (`refused`, `broken`); its running fragments
+/// are told at their next flush and their accounting is kept.
+fn halt_job(tx: &Connection, job: i64, halt: &JobHalt, now_ms: i64) -> Result<()> {
+    tx.execute(
+        "UPDATE jobs SET state = ?2, error = ?3, finished_ms = ?4 WHERE id = ?1 AND state = 'running'",
+        params![job, halt.state(), halt.message(), now_ms],
+    )?;
+    Ok(())
 }
 
 /// Marks the job finished once every stage is.
@@ -474,7 +536,7 @@ impl Store for SqliteStore {
         Ok(self
             .conn
             .query_row(
-                "SELECT id, name, state, spec FROM jobs WHERE name = ?1",
+                "SELECT id, name, state, spec, error FROM jobs WHERE name = ?1",
                 [name],
                 job_record,
             )
@@ -485,7 +547,7 @@ impl Store for SqliteStore {
         Ok(self
             .conn
             .query_row(
-                "SELECT id, name, state, spec FROM jobs WHERE id = ?1",
+                "SELECT id, name, state, spec, error FROM jobs WHERE id = ?1",
                 [id.0],
                 job_record,
             )
@@ -566,11 +628,24 @@ impl Store for SqliteStore {
             }
         };
         let slots = active_slots(&tx, req.now_ms, req.lease_ms, req.slots)?;
-        let jobs = by_priority(&tx, jobs)?;
+        let jobs = by_priority(&tx, jobs, req.now_ms)?;
+        let mut tx = tx;
         for job in jobs {
-            if let Some(assignment) = claim_in_job(&tx, req, job, slots)? {
-                tx.commit()?;
-                return Ok(Some(assignment));
+            // A job whose stored state cannot be read breaks alone: the others go on.
+            let sp = tx.savepoint()?;
+            match claim_in_job(&sp, req, job, slots) {
+                Ok(Some(assignment)) => {
+                    sp.commit()?;
+                    tx.commit()?;
+                    return Ok(Some(assignment));
+                }
+                Ok(None) => sp.commit()?,
+                Err(StoreError::Corrupt(why)) => {
+                    drop(sp);
+                    let halt = JobHalt::Broken(format!("its stored state cannot be read: {why}"));
+                    halt_job(&tx, job, &halt, req.now_ms)?;
+                }
+                Err(e) => return Err(e),
             }
         }
         tx.commit()?;
@@ -593,16 +668,17 @@ impl Store for SqliteStore {
                 reply.lost.push(f.fragment);
                 continue;
             };
-            if job_cancelled(&tx, stage)? {
-                tx.execute(
-                    "UPDATE fragments SET state = 'cancelled', finished_ms = ?2 WHERE id = ?1",
-                    params![f.fragment.0, now_ms],
-                )?;
-                reply.lost.push(f.fragment);
-                continue;
-            }
             let ledger = ledger_of(&tx, &mut ledgers, stage)?;
             reply.done += apply_flush(&tx, ledger, stage, f, now_ms)?;
+            if !job_running(&tx, stage)? {
+                // Cancelled or stopped: its acks stand, the rest is pending again.
+                ledger.finish(f.fragment, &FinishOutcome::Yielded, 0);
+                tx.execute(
+                    "UPDATE fragments SET state = 'cancelled', finished_ms = ?2, split_request = NULL WHERE id = ?1",
+                    params![f.fragment.0, now_ms],
+                )?;
+                reply.stopped.push(f.fragment);
+            }
         }
         for (stage, ledger) in &ledgers {
             save_ledger(&tx, *stage, ledger)?;
@@ -719,13 +795,13 @@ impl Store for SqliteStore {
             .fragment(id)
             .map(|f| f.acked.clone())
             .unwrap_or_default();
-        // The last checkpoint: the fragment's result if it succeeded.
         let checkpoint = ledger.fragment(id).and_then(|f| f.checkpoint);
         let report = ledger.finish(
             id,
-            &end.outcome,
-            retries_for(end.cause.as_deref(), stage_row.retries),
+            &accounted_outcome(end),
+            retry_budget(end.cause.as_deref(), stage_row.retries),
         );
+        let verdict = verdict(end, &report);
         if end.cause.as_deref() == Some("oom") {
             // Retried on a worker with more memory than this one, while one is alive.
             ledger.raise_floor(span, worker_memory(&tx, worker)?);
@@ -735,12 +811,13 @@ impl Store for SqliteStore {
             "UPDATE fragments SET state = ?2, finished_ms = ?3, observed_ms = ?4, cpu_ms = ?5, peak_rss_kb = ?6,
               load = ?7, fed = ?8, acks = ?9, cause = ?10, detail = ?11, stdout = ?12, stderr = ?13,
               end_idx = ?14, acked = ?15, wasted_ms = ?16, checkpoint_fallbacks = ?17, split_request = NULL,
-              checkpoint_id = ?18, io_bytes = ?19, predicted_ms = coalesce(?20, predicted_ms)
+              checkpoint_id = ?18, io_bytes = ?19, predicted_ms = coalesce(?20, predicted_ms), result = ?21,
+              state_reruns = state_reruns + ?22, results_missing = ?23
              WHERE id = ?1",
         )?
         .execute(params![
             id.0,
-            end.state,
+            verdict.state,
             now_ms,
             end.observed_ms,
             end.cpu_ms,
@@ -748,8 +825,8 @@ impl Store for SqliteStore {
             end.load,
             end.fed as i64,
             end.acks as i64,
-            end.cause,
-            end.detail,
+            verdict.cause,
+            verdict.detail,
             end.stdout,
             end.stderr,
             span.end as i64,
@@ -758,18 +835,19 @@ impl Store for SqliteStore {
             end.checkpoint_fallbacks,
             checkpoint,
             end.io_bytes as i64,
-            end.predicted_ms
+            end.predicted_ms,
+            report.result.as_ref().map(|(blob, _)| *blob),
+            report.undone as i64,
+            report.uncovered as i64
         ])?;
-        if end.acks > 0 {
-            tx.execute("UPDATE stages SET acks = 'yes' WHERE id = ?1", [stage])?;
-        } else if end.outcome == FinishOutcome::Success && end.fed > 0 {
+        if verdict.all_or_nothing && end.fed > 0 {
             // Finished all its input without a single ack: an all-or-nothing task.
             tx.execute(
                 "UPDATE stages SET acks = 'no' WHERE id = ?1 AND acks = 'unknown'",
                 [stage],
             )?;
         }
-        if end.outcome == FinishOutcome::Success && end.fed > 0 {
+        if verdict.finished && end.fed > 0 {
             let mut sizer = load_sizer(&tx, stage, &class)?;
             sizer.observe(
                 &stage_row.sizer_config,
@@ -785,6 +863,13 @@ impl Store for SqliteStore {
                 },
             );
             save_sizer(&tx, stage, &class, &sizer)?;
+        }
+        if let Some(halt) = &end.halt {
+            let job: i64 =
+                tx.query_row("SELECT job_id FROM stages WHERE id = ?1", [stage], |r| {
+                    r.get(0)
+                })?;
+            halt_job(&tx, job, halt, now_ms)?;
         }
         let job_finished = ledger.is_finished() && settle_job(&tx, stage, now_ms)?;
         tx.commit()?;
@@ -840,7 +925,7 @@ impl Store for SqliteStore {
         let mut ledgers: HashMap<i64, StageLedger> = HashMap::new();
         for (id, stage, worker) in &lost {
             let ledger = ledger_of(&tx, &mut ledgers, *stage)?;
-            ledger.finish(FragmentId(*id), &FinishOutcome::Lost, u32::MAX);
+            let report = ledger.finish(FragmentId(*id), &FinishOutcome::Lost, u32::MAX);
             let why = if dead.contains(worker) {
                 "worker died"
             } else {
@@ -848,8 +933,14 @@ impl Store for SqliteStore {
             };
             tx.execute(
                 "UPDATE fragments SET state = 'lost', finished_ms = ?2, cause = 'lost', detail = ?3,
-                   split_request = NULL WHERE id = ?1",
-                params![id, now_ms, format!("{why}: {worker}")],
+                   split_request = NULL, result = ?4, state_reruns = state_reruns + ?5 WHERE id = ?1",
+                params![
+                    id,
+                    now_ms,
+                    format!("{why}: {worker}"),
+                    report.result.as_ref().map(|(blob, _)| *blob),
+                    report.undone as i64
+                ],
             )?;
         }
         for (stage, ledger) in &ledgers {
@@ -870,28 +961,45 @@ impl Store for SqliteStore {
     }
 
     fn status(&mut self, job: Option<&str>) -> Result<Vec<JobStatus>> {
-        let jobs: Vec<(i64, String, String, i64)> = {
+        type Row = (i64, String, String, i64, Option<String>);
+        let jobs: Vec<Row> = {
             let mut stmt = self.conn.prepare(
-                "SELECT id, name, state, created_ms FROM jobs WHERE ?1 IS NULL OR name = ?1 ORDER BY id",
+                "SELECT id, name, state, created_ms, error FROM jobs WHERE ?1 IS NULL OR name = ?1 ORDER BY id",
             )?;
-            let rows =
-                stmt.query_map([job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            let rows = stmt.query_map([job], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?;
             rows.collect::<rusqlite::Result<Vec<_>>>()?
         };
         if let (Some(name), true) = (job, jobs.is_empty()) {
             return Err(StoreError::NoSuchJob(name.to_string()));
         }
         let mut out = Vec::new();
-        for (id, name, state, created_ms) in jobs {
-            let mut stages = Vec::new();
-            for stage in stages_of(&self.conn, id)? {
-                stages.push(self.stage_status(&stage)?);
-            }
-            out.push(JobStatus {
-                name,
-                state,
-                created_ms,
-                stages,
+        for (id, name, state, created_ms, error) in jobs {
+            let stages = stages_of(&self.conn, id).and_then(|stages| {
+                stages
+                    .iter()
+                    .map(|stage| self.stage_status(stage))
+                    .collect::<Result<Vec<_>>>()
+            });
+            out.push(match stages {
+                Ok(stages) => JobStatus {
+                    name,
+                    state,
+                    created_ms,
+                    error,
+                    stages,
+                },
+                // A job whose stored state cannot be read is shown broken; the
+                // others are shown as they are.
+                Err(StoreError::Corrupt(why)) => JobStatus {
+                    name,
+                    state: "broken".into(),
+                    created_ms,
+                    error: Some(format!("its stored state cannot be read: {why}")),
+                    stages: Vec::new(),
+                },
+                Err(e) => return Err(e),
             });
         }
         Ok(out)
@@ -950,25 +1058,39 @@ impl Store for SqliteStore {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    fn results(&mut self, job: &str, stage: &str) -> Result<Vec<(i64, BlobRow)>> {
+    fn results(&mut self, job: &str, stage: &str) -> Result<Vec<ResultRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT f.id, b.data, b.raw_len, b.hash, b.meta
+            "SELECT f.id, b.data, b.raw_len, b.hash, b.meta, b.covers
              FROM fragments f JOIN stages s ON s.id = f.stage_id JOIN jobs j ON j.id = s.job_id
-               JOIN blobs b ON b.id = f.checkpoint_id
-             WHERE j.name = ?1 AND s.name = ?2 AND f.state = 'done' ORDER BY f.start_idx",
+               JOIN blobs b ON b.id = f.result
+             WHERE j.name = ?1 AND s.name = ?2 ORDER BY f.start_idx, f.id",
         )?;
         let rows = stmt.query_map(params![job, stage], |r| {
             Ok((
-                r.get(0)?,
+                r.get::<_, i64>(0)?,
                 BlobRow {
                     data: r.get(1)?,
                     raw_len: r.get::<_, i64>(2)? as u64,
                     hash: r.get(3)?,
                     meta: r.get(4)?,
                 },
+                r.get::<_, String>(5)?,
             ))
         })?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        let mut out = Vec::new();
+        for row in rows {
+            let (fragment, blob, covers) = row?;
+            out.push(ResultRow {
+                fragment,
+                blob,
+                covers: parse(&covers, "result covers")?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn checkpoint_before(&mut self, id: i64) -> Result<Option<i64>> {
+        checkpoint_before(&self.conn, id)
     }
 
     fn wait_for_work(&mut self, timeout: Duration) -> Result<bool> {
@@ -981,11 +1103,11 @@ impl Store for SqliteStore {
         Duration::from_millis(100)
     }
 
-    fn blob(&mut self, id: i64) -> Result<Option<(BlobRow, Option<i64>)>> {
-        Ok(self
+    fn blob(&mut self, id: i64) -> Result<Option<StoredBlob>> {
+        let found = self
             .conn
             .query_row(
-                "SELECT data, raw_len, hash, meta, prev FROM blobs WHERE id = ?1",
+                "SELECT data, raw_len, hash, meta, prev, covers FROM blobs WHERE id = ?1",
                 [id],
                 |r| {
                     Ok((
@@ -996,24 +1118,67 @@ impl Store for SqliteStore {
                             meta: r.get(3)?,
                         },
                         r.get(4)?,
+                        r.get::<_, String>(5)?,
                     ))
                 },
             )
-            .optional()?)
+            .optional()?;
+        found
+            .map(|(row, prev, covers)| {
+                Ok(StoredBlob {
+                    row,
+                    prev,
+                    covers: parse(&covers, "checkpoint covers")?,
+                })
+            })
+            .transpose()
     }
 }
 
-/// Tries the ready stages of one job, least-served first; claims from the first
-/// whose sizer gives this worker a fragment.
-/// Jobs ordered by their highest stage priority (then oldest first).
-fn by_priority(tx: &Connection, jobs: Vec<i64>) -> Result<Vec<i64>> {
+/// The checkpoint before `id` in its chain: its row's `prev`, or, when its row is
+/// gone, what the fragment that wrote it had before it (an earlier checkpoint of its
+/// own, else the one it resumed from).
+fn checkpoint_before(tx: &Connection, id: i64) -> Result<Option<i64>> {
+    let prev: Option<Option<i64>> = tx
+        .query_row("SELECT prev FROM blobs WHERE id = ?1", [id], |r| r.get(0))
+        .optional()?;
+    if let Some(prev) = prev {
+        return Ok(prev);
+    }
+    let writer: Option<(i64, Option<i64>)> = tx
+        .query_row(
+            "SELECT id, resumed_from FROM fragments
+             WHERE checkpoint_id = ?1 AND (resumed_from IS NULL OR resumed_from != ?1) ORDER BY id LIMIT 1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((fragment, resumed_from)) = writer else {
+        return Ok(None);
+    };
+    let earlier: Option<i64> = tx.query_row(
+        "SELECT max(id) FROM blobs WHERE fragment_id = ?1 AND id < ?2",
+        params![fragment, id],
+        |r| r.get(0),
+    )?;
+    Ok(earlier.or(resumed_from))
+}
+
+/// Jobs ordered by their highest stage priority (then oldest first). A job whose
+/// stages cannot be read is marked broken and left out.
+fn by_priority(tx: &Connection, jobs: Vec<i64>, now_ms: i64) -> Result<Vec<i64>> {
     let mut keyed = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let top = stages_of(tx, job)?
-            .iter()
-            .map(|s| s.needs.priority)
-            .max()
-            .unwrap_or(0);
+        let stages = match stages_of(tx, job) {
+            Ok(stages) => stages,
+            Err(StoreError::Corrupt(why)) => {
+                let halt = JobHalt::Broken(format!("its stored state cannot be read: {why}"));
+                halt_job(tx, job, &halt, now_ms)?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let top = stages.iter().map(|s| s.needs.priority).max().unwrap_or(0);
         keyed.push((-top, job));
     }
     keyed.sort_unstable();
@@ -1136,8 +1301,9 @@ fn claim_in_job(
         };
         tx.prepare_cached(
             "INSERT INTO fragments (stage_id, start_idx, end_idx, state, worker, class, lease_expires_ms, failures,
-              checkpoint_id, n, predicted_ms, size_cap, claimed_ms, lost, floor_memory_mb)
-             VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+              checkpoint_id, n, predicted_ms, size_cap, claimed_ms, lost, floor_memory_mb, resumed_from, covers,
+              inherited)
+             VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?8, ?15, ?15)",
         )?
         .execute(params![
             stage.id,
@@ -1153,7 +1319,8 @@ fn claim_in_job(
             json(&cap).trim_matches('"'),
             req.now_ms,
             claim.lost,
-            claim.floor_memory_mb as i64
+            claim.floor_memory_mb as i64,
+            json(&claim.covers)
         ])?;
         let id = FragmentId(tx.last_insert_rowid());
         tx.prepare_cached(
@@ -1193,7 +1360,7 @@ fn claim_in_job(
 impl SqliteStore {
     fn stage_status(&self, stage: &StageRow) -> Result<StageStatus> {
         let ledger = load_ledger(&self.conn, stage.id)?;
-        type Counts = (i64, i64, i64, i64, i64, i64, i64, f64, i64);
+        type Counts = (i64, i64, i64, i64, i64, i64, i64, f64, i64, (i64, i64));
         let c: Counts = self.conn.query_row(
             "SELECT count(*),
                     count(*) FILTER (WHERE state = 'failed'),
@@ -1203,7 +1370,9 @@ impl SqliteStore {
                     coalesce(sum(checkpoint_fallbacks), 0),
                     (SELECT count(*) FROM blobs WHERE stage_id = ?1 AND kind = 'checkpoint'),
                     coalesce(sum(wasted_ms), 0.0),
-                    (SELECT last_n FROM stages WHERE id = ?1)
+                    (SELECT last_n FROM stages WHERE id = ?1),
+                    coalesce(sum(state_reruns), 0),
+                    coalesce(sum(results_missing) FILTER (WHERE state = 'done'), 0)
              FROM fragments WHERE stage_id = ?1",
             [stage.id],
             |r| {
@@ -1217,6 +1386,7 @@ impl SqliteStore {
                     r.get(6)?,
                     r.get(7)?,
                     r.get(8)?,
+                    (r.get(9)?, r.get(10)?),
                 ))
             },
         )?;
@@ -1276,6 +1446,8 @@ impl SqliteStore {
             lost: c.3 as u64,
             splits: c.4 as u64,
             checkpoint_fallbacks: c.5 as u64,
+            state_reruns: c.9 .0 as u64,
+            results_missing: c.9 .1 as u64,
             checkpoints: c.6 as u64,
             wasted_s: c.7 / 1e3,
             prediction_error_median: error.0,

@@ -9,11 +9,14 @@ use granule_store::*;
 use std::collections::BTreeSet;
 
 type Opener = Box<dyn Fn() -> Box<dyn Store> + Send + Sync>;
+type Sql = Box<dyn Fn(&str) + Send + Sync>;
 
 /// Opens connections to one store under test.
 struct Backend {
     name: &'static str,
     open: Opener,
+    /// Runs raw SQL on it, as an operator (or a fault) would.
+    sql: Sql,
     _dir: tempfile::TempDir,
     _db: Option<TestDatabase>,
 }
@@ -21,17 +24,30 @@ struct Backend {
 fn backends(test: &str) -> Vec<Backend> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("granule.db");
+    let raw = path.clone();
     let mut all = vec![Backend {
         name: "sqlite",
         open: Box::new(move || Box::new(SqliteStore::open(&path).unwrap())),
+        sql: Box::new(move |sql| {
+            rusqlite::Connection::open(&raw)
+                .unwrap()
+                .execute_batch(sql)
+                .unwrap()
+        }),
         _dir: dir,
         _db: None,
     }];
     if let Some(db) = TestDatabase::create(test) {
-        let url = db.url.clone();
+        let (url, raw) = (db.url.clone(), db.url.clone());
         all.push(Backend {
             name: "postgres",
             open: Box::new(move || Box::new(PgStore::open(&url).unwrap())),
+            sql: Box::new(move |sql| {
+                postgres::Client::connect(&raw, postgres::NoTls)
+                    .unwrap()
+                    .batch_execute(sql)
+                    .unwrap()
+            }),
             _dir: tempfile::tempdir().unwrap(),
             _db: Some(db),
         });
@@ -239,10 +255,7 @@ fn a_failing_item_is_bisected_and_quarantined_alone() {
                 break;
             };
             let outcome = if (a.span.start..a.span.end).contains(&poison) {
-                FinishOutcome::Failed {
-                    culprits: IntervalSet::new(),
-                    rest_failed: true,
-                }
+                FinishOutcome::failed()
             } else {
                 FinishOutcome::Success
             };
@@ -376,13 +389,18 @@ fn a_cancelled_job_is_not_claimed_and_its_fragments_are_told() {
         let reply = s
             .flush(&w, 3, 10_000, &Heartbeat::default(), &[nothing])
             .unwrap();
-        assert_eq!(reply.lost, vec![a.fragment], "{}", b.name);
+        assert_eq!(reply.stopped, vec![a.fragment], "{}", b.name);
+        assert!(reply.lost.is_empty(), "{}: not a lost lease", b.name);
         assert_eq!(
             s.job("j").unwrap().unwrap().state,
             "cancelled",
             "{}",
             b.name
         );
+        // A cancelled job keeps its accounting: the stopped fragment's items are
+        // pending again, nothing vanished.
+        let st = stage(s.as_mut(), "j");
+        assert_eq!((st.done, st.pending, st.running), (0, 100, 0), "{}", b.name);
     }
 }
 
@@ -568,12 +586,15 @@ fn learn(s: &mut dyn Store, job: JobId, id: &str, class: &str, per_item: f64, ac
             .claim(&classed(job, id, class, spot, 1, Some(n)))
             .unwrap()
             .unwrap();
-        let end = FragmentEnd {
+        let mut end = FragmentEnd {
             observed_ms: 10.0 + n as f64 * per_item,
             fed: n,
             acks: if acks { n } else { 0 },
             ..end(a.fragment, FinishOutcome::Success, a.span.end)
         };
+        if acks {
+            end.flush = self::acks(a.fragment, a.span);
+        }
         s.finish(id, 2, &end).unwrap();
     }
 }
@@ -643,14 +664,7 @@ fn items_lost_twice_go_to_on_demand_workers_while_one_is_alive() {
 fn out_of_memory_retries_on_a_bigger_worker_and_code_errors_fail_fast() {
     let failed = |fragment, cause: &str, to| FragmentEnd {
         cause: Some(cause.into()),
-        ..end(
-            fragment,
-            FinishOutcome::Failed {
-                culprits: IntervalSet::new(),
-                rest_failed: true,
-            },
-            to,
-        )
+        ..end(fragment, FinishOutcome::failed(), to)
     };
     for b in backends("per_cause") {
         let mut s = (b.open)();
@@ -669,11 +683,16 @@ fn out_of_memory_retries_on_a_bigger_worker_and_code_errors_fail_fast() {
         s.finish("big", 4, &failed(again.fragment, "exit", 10))
             .unwrap();
         let half = s.claim(&big(5)).unwrap().unwrap();
-        assert_eq!(half.span, Span::new(0, 5), "{}: then bisected", b.name);
-        s.finish("big", 6, &end(half.fragment, FinishOutcome::Success, 5))
+        assert_eq!(
+            half.span,
+            Span::new(0, 1),
+            "{}: then the first item is probed alone",
+            b.name
+        );
+        s.finish("big", 6, &end(half.fragment, FinishOutcome::Success, 1))
             .unwrap();
         let other = s.claim(&big(7)).unwrap().unwrap();
-        assert_eq!(other.span, Span::new(5, 10), "{}", b.name);
+        assert_eq!(other.span, Span::new(1, 10), "{}", b.name);
         s.finish("big", 8, &end(other.fragment, FinishOutcome::Success, 10))
             .unwrap();
         // A signal keeps the stage's budget: the range is retried whole 3 times.
@@ -690,11 +709,11 @@ fn out_of_memory_retries_on_a_bigger_worker_and_code_errors_fail_fast() {
         let probe = s.claim(&big(13)).unwrap().unwrap();
         assert_eq!(
             probe.span,
-            Span::new(10, 15),
+            Span::new(10, 11),
             "{}: bisected at last",
             b.name
         );
-        s.finish("big", 14, &end(probe.fragment, FinishOutcome::Success, 15))
+        s.finish("big", 14, &end(probe.fragment, FinishOutcome::Success, 11))
             .unwrap();
 
         // Out of memory on a small worker: the items wait for a bigger one while
@@ -702,7 +721,7 @@ fn out_of_memory_retries_on_a_bigger_worker_and_code_errors_fail_fast() {
         described(s.as_mut(), "small", false, 1024, 20);
         let small = |now| offered(id, "small", false, 1024, now);
         let rest = s.claim(&small(21)).unwrap().unwrap();
-        assert_eq!(rest.span.start, 15, "{}", b.name);
+        assert_eq!(rest.span.start, 11, "{}", b.name);
         s.finish("small", 22, &failed(rest.fragment, "oom", rest.span.end))
             .unwrap();
         let next = s.claim(&small(23)).unwrap().unwrap();
@@ -860,5 +879,333 @@ fn an_idle_fast_worker_splits_work_stuck_on_a_slow_class_first() {
             "{}",
             b.name
         );
+    }
+}
+
+/// A task that exited 0 without an ack, fed up to `fed_end`.
+fn silent(fragment: FragmentId, fed_end: u64, to: u64) -> FragmentEnd {
+    FragmentEnd {
+        outcome: FinishOutcome::AllOrNothing { fed_end },
+        fed: fed_end,
+        ..end(fragment, FinishOutcome::Success, to)
+    }
+}
+
+/// A flush of acks of `span` with a checkpoint after them (its state: `state`).
+fn checkpointed(
+    fragment: FragmentId,
+    span: Span,
+    acked_before: Span,
+    state: &str,
+) -> FragmentFlush {
+    // The store keeps blobs as given (sealing them is the worker's part).
+    FragmentFlush {
+        checkpoints: vec![NewCheckpoint {
+            blob: BlobRow {
+                data: state.as_bytes().to_vec(),
+                raw_len: state.len() as u64,
+                hash: String::new(),
+                meta: "{}".into(),
+            },
+            acked: IntervalSet::from_span(acked_before),
+        }],
+        ..acks(fragment, span)
+    }
+}
+
+fn heartbeat(held: &[FragmentId]) -> Heartbeat {
+    Heartbeat {
+        held: held.to_vec(),
+        ..Heartbeat::default()
+    }
+}
+
+fn set(start: u64, end: u64) -> IntervalSet {
+    IntervalSet::from_span(Span::new(start, end))
+}
+
+#[test]
+fn a_first_ack_reverts_what_all_or_nothing_fragments_counted_and_no_ack_fails_after() {
+    for b in backends("first_ack") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 10, "h"), 0, false).unwrap().id();
+        let w = worker(s.as_mut(), "w");
+        let acker = claim(s.as_mut(), id, &w, 0, Some(1)).unwrap();
+        let quiet = claim(s.as_mut(), id, &w, 0, Some(1)).unwrap();
+        assert_eq!(quiet.span, Span::new(1, 2));
+        // The quiet one exits 0 without an ack first: all or nothing, for now.
+        s.finish(&w, 1, &silent(quiet.fragment, 2, 2)).unwrap();
+        assert_eq!(stage(s.as_mut(), "j").done, 1, "{}", b.name);
+        // Then the stage's first ack: what the quiet one counted goes back.
+        let flush = acks(acker.fragment, acker.span);
+        s.flush(&w, 2, 10_000, &heartbeat(&[acker.fragment]), &[flush])
+            .unwrap();
+        let st = stage(s.as_mut(), "j");
+        assert_eq!((st.done, st.pending), (1, 9), "{}: {st:?}", b.name);
+        s.finish(&w, 3, &end(acker.fragment, FinishOutcome::Success, 1))
+            .unwrap();
+        // From now on, exiting 0 without an ack fails the items the task was fed:
+        // one retry (the task's own doing), then quarantine.
+        for attempt in 0..2 {
+            let a = claim(s.as_mut(), id, &w, 4, Some(1)).unwrap();
+            assert_eq!(a.span, Span::new(1, 2), "{}: attempt {attempt}", b.name);
+            s.finish(&w, 5, &silent(a.fragment, 2, 2)).unwrap();
+        }
+        let st = stage(s.as_mut(), "j");
+        assert_eq!(st.quarantined_items, vec![[1, 2]], "{}: {st:?}", b.name);
+        let logs = s.logs("j", "s", None).unwrap();
+        assert!(
+            logs.iter().any(|l| l.cause.as_deref() == Some("unacked")),
+            "{}",
+            b.name
+        );
+    }
+}
+
+#[test]
+fn a_resumed_stateful_fragment_that_fails_hands_its_state_on_and_results_are_exact() {
+    for b in backends("stateful_chain") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 100, "h"), 0, false).unwrap().id();
+        let w = worker(s.as_mut(), "w");
+        let a = claim(s.as_mut(), id, &w, 0, None).unwrap();
+        assert_eq!(a.span, Span::new(0, 100));
+        let first = checkpointed(a.fragment, Span::new(0, 30), Span::new(0, 30), "0..30");
+        // Ten more acks after it, with no checkpoint: their state dies with the task.
+        let more = acks(a.fragment, Span::new(30, 40));
+        s.flush(&w, 1, 10_000, &heartbeat(&[a.fragment]), &[first, more])
+            .unwrap();
+        s.finish(&w, 2, &end(a.fragment, FinishOutcome::Yielded, 100))
+            .unwrap();
+        let st = stage(s.as_mut(), "j");
+        assert_eq!((st.done, st.state_reruns), (30, 10), "{}: {st:?}", b.name);
+        // The next attempt resumes from the checkpoint, then fails after acking more.
+        let b2 = claim(s.as_mut(), id, &w, 3, None).unwrap();
+        assert_eq!(b2.span.start, 30, "{}", b.name);
+        assert!(b2.checkpoint.is_some(), "{}", b.name);
+        let second = checkpointed(b2.fragment, Span::new(30, 60), Span::new(30, 60), "0..60");
+        let failed = FragmentEnd {
+            flush: second,
+            cause: Some("exit".into()),
+            ..end(
+                b2.fragment,
+                FinishOutcome::Failed {
+                    culprits: IntervalSet::new(),
+                    rest_failed: true,
+                    fed_end: 70,
+                },
+                100,
+            )
+        };
+        s.finish(&w, 4, &failed).unwrap();
+        // The failed rest keeps the state it inherited and its own.
+        let c = claim(s.as_mut(), id, &w, 5, None).unwrap();
+        assert_eq!(c.span, Span::new(60, 70), "{}: the charged part", b.name);
+        assert!(c.checkpoint.is_some(), "{}: the state goes on", b.name);
+        for a in [c] {
+            let mut done = end(a.fragment, FinishOutcome::Success, a.span.end);
+            done.flush = checkpointed(a.fragment, a.span, a.span, "0..70");
+            s.finish(&w, 6, &done).unwrap();
+        }
+        let d = claim(s.as_mut(), id, &w, 7, None).unwrap();
+        assert_eq!(
+            (d.span, d.checkpoint),
+            (Span::new(70, 100), None),
+            "{}",
+            b.name
+        );
+        let mut done = end(d.fragment, FinishOutcome::Success, 100);
+        done.flush = checkpointed(d.fragment, d.span, d.span, "70..100");
+        s.finish(&w, 8, &done).unwrap();
+        let results = s.results("j", "s").unwrap();
+        let states: Vec<String> = results
+            .iter()
+            .map(|r| String::from_utf8(r.blob.data.clone()).unwrap())
+            .collect();
+        assert_eq!(states, ["0..70", "70..100"], "{}", b.name);
+        assert_eq!(results[0].covers, set(0, 70), "{}", b.name);
+        assert_eq!(results[1].covers, set(70, 100), "{}", b.name);
+        let st = stage(s.as_mut(), "j");
+        assert_eq!(
+            (st.done, st.results_missing),
+            (100, 0),
+            "{}: {st:?}",
+            b.name
+        );
+    }
+}
+
+#[test]
+fn a_deleted_checkpoint_falls_back_to_the_one_before_and_reruns_what_only_it_held() {
+    for b in backends("deleted_checkpoint") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 100, "h"), 0, false).unwrap().id();
+        let w = worker(s.as_mut(), "w");
+        let a = claim(s.as_mut(), id, &w, 0, None).unwrap();
+        let one = checkpointed(a.fragment, Span::new(0, 20), Span::new(0, 20), "0..20");
+        s.flush(&w, 1, 10_000, &heartbeat(&[a.fragment]), &[one])
+            .unwrap();
+        let two = checkpointed(a.fragment, Span::new(20, 40), Span::new(0, 40), "0..40");
+        s.flush(&w, 2, 10_000, &heartbeat(&[a.fragment]), &[two])
+            .unwrap();
+        s.finish(&w, 3, &end(a.fragment, FinishOutcome::Yielded, 100))
+            .unwrap();
+        let resumed = claim(s.as_mut(), id, &w, 4, None).unwrap();
+        let newest = resumed.checkpoint.expect("handed the newest state");
+        (b.sql)(&format!("DELETE FROM blobs WHERE id = {newest}"));
+        assert!(s.blob(newest).unwrap().is_none(), "{}", b.name);
+        let older = s
+            .checkpoint_before(newest)
+            .unwrap()
+            .expect("the one before");
+        let stored = s.blob(older).unwrap().expect("it is there");
+        assert_eq!(stored.covers, set(0, 20), "{}", b.name);
+        // The worker restores the older one and says so: items 20..40 run again.
+        let fallback = FragmentFlush {
+            fragment: resumed.fragment,
+            restored: Some(Some(older)),
+            ..FragmentFlush::default()
+        };
+        s.flush(&w, 5, 10_000, &heartbeat(&[resumed.fragment]), &[fallback])
+            .unwrap();
+        let st = stage(s.as_mut(), "j");
+        assert_eq!((st.done, st.state_reruns), (20, 20), "{}: {st:?}", b.name);
+        let mut done = end(resumed.fragment, FinishOutcome::Success, 100);
+        done.flush = checkpointed(
+            resumed.fragment,
+            resumed.span,
+            resumed.span,
+            "0..20+40..100",
+        );
+        s.finish(&w, 6, &done).unwrap();
+        let rerun = claim(s.as_mut(), id, &w, 7, None).unwrap();
+        assert_eq!(
+            (rerun.span, rerun.checkpoint),
+            (Span::new(20, 40), None),
+            "{}",
+            b.name
+        );
+        let mut done = end(rerun.fragment, FinishOutcome::Success, 40);
+        done.flush = checkpointed(rerun.fragment, rerun.span, rerun.span, "20..40");
+        s.finish(&w, 8, &done).unwrap();
+        let mut covered = IntervalSet::new();
+        for r in s.results("j", "s").unwrap() {
+            assert!(
+                !covered.intersects(&r.covers),
+                "{}: results overlap",
+                b.name
+            );
+            covered.union_with(&r.covers);
+        }
+        assert_eq!(covered, set(0, 100), "{}", b.name);
+    }
+}
+
+#[test]
+fn a_job_whose_stored_state_cannot_be_read_breaks_alone() {
+    for b in backends("broken_job") {
+        let mut s = (b.open)();
+        s.submit(&job("bad", 10, "a"), 0, false).unwrap();
+        let good = s.submit(&job("good", 10, "b"), 0, false).unwrap().id();
+        // A number stored as null (a NaN that slipped in once) in the older job.
+        (b.sql)(
+            "UPDATE stages SET sizer_config = '{\"tunables\":{\"kp\":null}}'
+             WHERE job_id = (SELECT id FROM jobs WHERE name = 'bad')",
+        );
+        let w = worker(s.as_mut(), "w");
+        let mut req = offered(good, &w, false, 4096, 1);
+        req.job = None;
+        let a = s.claim(&req).unwrap().expect("the other job is claimed");
+        assert_eq!(a.job, good, "{}", b.name);
+        let jobs = s.status(None).unwrap();
+        let bad = jobs.iter().find(|j| j.name == "bad").unwrap();
+        assert_eq!(bad.state, "broken", "{}", b.name);
+        assert!(
+            bad.error.as_deref().unwrap_or("").contains("sizer config"),
+            "{}: {:?}",
+            b.name,
+            bad.error
+        );
+        assert_eq!(
+            jobs.iter().find(|j| j.name == "good").unwrap().stages.len(),
+            1
+        );
+    }
+}
+
+#[test]
+fn a_halted_fragment_charges_nothing_and_stops_its_job() {
+    for b in backends("halt") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 100, "h"), 0, false).unwrap().id();
+        let w = worker(s.as_mut(), "w");
+        let a = claim(s.as_mut(), id, &w, 0, Some(10)).unwrap();
+        let other = claim(s.as_mut(), id, &w, 0, Some(10)).unwrap();
+        let halted = FragmentEnd {
+            halt: Some(JobHalt::Refused("items file x changed".into())),
+            ..end(a.fragment, FinishOutcome::Yielded, 10)
+        };
+        s.finish(&w, 1, &halted).unwrap();
+        let record = s.job("j").unwrap().unwrap();
+        assert_eq!(record.state, "refused", "{}", b.name);
+        assert_eq!(record.error.as_deref(), Some("items file x changed"));
+        let reply = s
+            .flush(
+                &w,
+                2,
+                10_000,
+                &heartbeat(&[other.fragment]),
+                &[acks(other.fragment, Span::new(10, 12))],
+            )
+            .unwrap();
+        assert_eq!(reply.stopped, vec![other.fragment], "{}", b.name);
+        let st = stage(s.as_mut(), "j");
+        assert_eq!(
+            (st.done, st.pending, st.running),
+            (2, 98, 0),
+            "{}: {st:?}",
+            b.name
+        );
+        assert_eq!(st.failed_fragments, 0, "{}", b.name);
+    }
+}
+
+#[test]
+fn concurrent_submits_of_one_new_job_both_succeed_once() {
+    for b in backends("submit_race") {
+        let open = std::sync::Arc::new(b.open);
+        for round in 0..10 {
+            let name = format!("race{round}");
+            let results: Vec<_> = (0..2)
+                .map(|_| {
+                    let (open, name) = (open.clone(), name.clone());
+                    std::thread::spawn(move || open().submit(&job(&name, 10, "h"), 0, false))
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect();
+            let created = results
+                .iter()
+                .filter(|r| matches!(r, Submitted::Created(_)))
+                .count();
+            assert_eq!(created, 1, "{}: {results:?}", b.name);
+            assert_eq!(results[0].id(), results[1].id(), "{}", b.name);
+            // Different specs under one name: one wins, the other is told.
+            let name = format!("clash{round}");
+            let outcomes: Vec<_> = ["a", "b"]
+                .map(|hash| {
+                    let (open, name) = (open.clone(), name.clone());
+                    std::thread::spawn(move || open().submit(&job(&name, 10, hash), 0, false))
+                })
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect();
+            let refused = outcomes
+                .iter()
+                .filter(|r| matches!(r, Err(StoreError::SpecChanged(_))))
+                .count();
+            assert_eq!(refused, 1, "{}: {outcomes:?}", b.name);
+        }
     }
 }

@@ -1,0 +1,137 @@
+//! Per-item mode: one process per item, `{}` in the argv replaced by the value
+//! (as bytes, inside one argv element: never through a shell). Exit 0 acks the
+//! item; a failing item is a culprit and the fragment goes on with the next.
+
+use crate::drain::{tail_reader, Stop};
+use crate::run::PRIVATE_ENV;
+use crate::run::{classify, empty_report, supervise, Control, Failure, FragmentJob, RunReport};
+use crate::sys::{self, Waiter};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> RunReport {
+    let mut report = empty_report();
+    let pipes = (|| -> std::io::Result<_> {
+        let stop = Stop::new()?;
+        let (out_read, out_write) = sys::pipe()?;
+        let (err_read, err_write) = sys::pipe()?;
+        let stdout = tail_reader(out_read, stop.watch()?, job.log_tail_bytes);
+        let stderr = tail_reader(err_read, stop.watch()?, job.log_tail_bytes);
+        Ok((stop, out_write, err_write, stdout, stderr))
+    })();
+    let Ok((mut stop, out_write, err_write, stdout, stderr)) = pipes else {
+        report.failure = Some(Failure::Spawn("pipes for output".into()));
+        return report;
+    };
+    let has_slot = job.argv[1..].iter().any(|a| a.contains("{}"));
+    let mut values = match job.source.iter(job.span) {
+        Ok(v) => v,
+        Err(e) => {
+            report.failure = Some(Failure::Items(e.to_string()));
+            stop.stop();
+            return report;
+        }
+    };
+    let mut value = Vec::new();
+    for index in job.span.start..job.span.end {
+        {
+            let st = control.lock();
+            if st.stop_feeding || index >= st.feed_end {
+                report.yielded = true;
+                break;
+            }
+        }
+        match values.next_value(&mut value) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                report.failure = Some(Failure::Items(e.to_string()));
+                break;
+            }
+        }
+        {
+            let mut st = control.lock();
+            st.fed += 1;
+            st.fed_bytes += value.len() as u64 + 1;
+        }
+        let mut cmd = Command::new(&job.argv[0]);
+        for arg in &job.argv[1..] {
+            cmd.arg(replace_slot(arg, &value));
+        }
+        if !has_slot {
+            cmd.arg(OsStr::from_bytes(&value));
+        }
+        let (Ok(out), Ok(err)) = (out_write.try_clone(), err_write.try_clone()) else {
+            break;
+        };
+        cmd.envs(job.env.iter().map(|(k, v)| (k, v)))
+            .env("GRANULE_INDEX", index.to_string())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        for name in PRIVATE_ENV {
+            cmd.env_remove(name);
+        }
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                report.failure = Some(Failure::Spawn(format!("{}: {e}", job.argv[0])));
+                report.culprits.insert_one(index);
+                // A value that cannot be an argument (a NUL byte) fails alone.
+                if e.kind() == std::io::ErrorKind::InvalidInput {
+                    continue;
+                }
+                break;
+            }
+        };
+        let waiter = Waiter::new(child.id());
+        let sup = supervise(job, control, &waiter, start);
+        report.cpu_ms += sup.exit.cpu_ms;
+        report.peak_rss_kb = report.peak_rss_kb.max(sup.exit.max_rss_kb);
+        report.io_bytes += sup.exit.io_bytes;
+        match classify(&sup, job.limit) {
+            None => {
+                Control::ack(&mut control.lock(), index, Instant::now());
+            }
+            Some(_) if sup.killed_by_us && !sup.timed_out => {
+                // Killed on request: a yield, not the item's fault.
+                report.yielded = true;
+                break;
+            }
+            Some(failure) => {
+                report.culprits.insert_one(index);
+                let stop = sup.timed_out;
+                report.failure = Some(failure);
+                if stop {
+                    break;
+                }
+            }
+        }
+    }
+    drop((out_write, err_write));
+    stop.stop();
+    report.stdout_tail = stdout.recv().unwrap_or_default();
+    report.stderr_tail = stderr.recv().unwrap_or_default();
+    if control.lock().yield_requested {
+        report.yielded = true;
+    }
+    report
+}
+
+/// `arg` with every `{}` replaced by the value's bytes.
+fn replace_slot(arg: &str, value: &[u8]) -> OsString {
+    let mut out = Vec::with_capacity(arg.len() + value.len());
+    let mut rest = arg.as_bytes();
+    while let Some(at) = rest.windows(2).position(|w| w == b"{}") {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(value);
+        rest = &rest[at + 2..];
+    }
+    out.extend_from_slice(rest);
+    OsString::from_vec(out)
+}
