@@ -153,6 +153,21 @@ struct Slot {
     predicted_ms: Option<f64>,
 }
 
+/// The store failing for a while: writes are retried with backoff (never faster
+/// than `retry_at`), and the user is told again every `OUTAGE_NOTE_EVERY`.
+struct Outage {
+    since: Instant,
+    retry_at: Instant,
+    backoff: Duration,
+    /// When it was last said (`None`: not said, an outage just before was).
+    said_at: Option<Instant>,
+}
+
+/// Longest wait between two tries of a failing store.
+const OUTAGE_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often a lasting outage is said again.
+const OUTAGE_NOTE_EVERY: Duration = Duration::from_secs(5);
+
 /// A worker stopping: since when, by when everything must be gone, and whether
 /// the remaining fragments were killed already.
 struct Drain {
@@ -180,8 +195,11 @@ struct Worker<'a> {
     cpus: f64,
     /// Ends the store could not take yet, with what is needed to report them.
     unfinished: Vec<(FragmentEnd, FinishContext)>,
-    /// Since when the store has been unreachable.
-    outage: Option<Instant>,
+    /// The store failing (unreachable, out of space) since some time.
+    outage: Option<Outage>,
+    /// When an outage was last said: one that flickers is said every few seconds,
+    /// not at every failed write.
+    outage_said: Option<Instant>,
     /// What this worker offers to stages (class and resources).
     offer: WorkerOffer,
     /// On spot capacity: how long a worker of this class is expected to live, from
@@ -239,14 +257,17 @@ pub(crate) fn run_worker(
         cpus: std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
         unfinished: Vec::new(),
         outage: None,
+        outage_said: None,
         offer,
         expected_life_ms: None,
     };
     let outcome = worker.run(&finished_rx, interrupts);
     let id = worker.info.id.clone();
-    worker
-        .store
-        .set_worker_state(&id, "exited", host::now_ms())?;
+    match worker.store.set_worker_state(&id, "exited", host::now_ms()) {
+        // Best effort: a worker that cannot say it left is taken for gone later.
+        Err(e) if e.is_transient() => {}
+        other => other?,
+    }
     outcome
 }
 
@@ -346,9 +367,11 @@ impl Worker<'_> {
                     self.running.values().for_each(|s| s.control.kill());
                 }
             }
-            self.retry_finishes()?;
+            if !self.store_paused() {
+                self.retry_finishes()?;
+            }
             let mut free = self.free_slots();
-            if drain.is_none() && free > 0 {
+            if drain.is_none() && free > 0 && !self.store_paused() {
                 let poll_due =
                     claim_found_nothing.is_none_or(|t| t.elapsed() >= self.store.idle_poll());
                 let signalled = poll_due || self.wait_for_work(Duration::ZERO)?;
@@ -357,8 +380,23 @@ impl Worker<'_> {
                     claim_found_nothing = (free > 0).then(Instant::now);
                 }
             }
-            let idle =
-                self.running.is_empty() && self.unfinished.is_empty() && self.deferred.is_empty();
+            // Past the drain's deadline a store that still fails is given up on: the
+            // leases of what it could not take run out and the work returns.
+            let given_up = drain
+                .as_ref()
+                .is_some_and(|d| d.killed && now >= d.deadline);
+            let idle = self.running.is_empty()
+                && (self.unfinished.is_empty() || given_up)
+                && self.deferred.is_empty();
+            let unsaved = !self.unflushed.is_empty() || !self.unfinished.is_empty();
+            if idle && drain.is_some() && unsaved && !given_up {
+                // Stopping: the last acks wait for the store until the deadline.
+                if !self.store_paused() {
+                    self.flush()?;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
             if idle {
                 if drain.is_some() {
                     self.flush()?;
@@ -422,7 +460,7 @@ impl Worker<'_> {
                 self.finish(id)?;
                 claim_found_nothing = None;
             }
-            if last_flush.elapsed() >= flush_every {
+            if last_flush.elapsed() >= flush_every && !self.store_paused() {
                 self.flush()?;
                 last_flush = Instant::now();
                 self.refresh_progress()?;
@@ -463,30 +501,78 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// A store result, with an unreachable store turned into `None` (noted once per
-    /// outage): the worker keeps its fragments running and its acks buffered.
+    /// A store result, with a failing store (unreachable, out of space) turned into
+    /// `None`: the worker keeps its fragments running and its acks buffered, tries
+    /// again with backoff, and says so when it starts and every few seconds after.
     fn available<T>(&mut self, result: Result<T, StoreError>) -> Result<Option<T>> {
         match result {
-            Ok(value) => {
-                if let Some(since) = self.outage.take() {
-                    self.progress.note(&format!(
-                        "store reachable again after {:.1}s",
-                        since.elapsed().as_secs_f64()
-                    ));
-                }
-                Ok(Some(value))
-            }
+            Ok(value) => Ok(Some(value)),
             Err(e) if e.is_transient() => {
-                if self.outage.is_none() {
-                    self.outage = Some(Instant::now());
-                    self.progress.note(&format!(
-                        "{e}; keeping fragments running and acks buffered, retrying"
-                    ));
+                let now = Instant::now();
+                let quiet = self
+                    .outage_said
+                    .is_some_and(|t| now.duration_since(t) < OUTAGE_NOTE_EVERY);
+                let o = self.outage.get_or_insert(Outage {
+                    since: now,
+                    retry_at: now,
+                    backoff: Duration::from_millis(100),
+                    said_at: None,
+                });
+                o.retry_at = now + o.backoff;
+                o.backoff = (o.backoff * 2).min(OUTAGE_BACKOFF_MAX);
+                let first = o.said_at.is_none();
+                let secs = now.duration_since(o.since).as_secs_f64();
+                if !quiet {
+                    o.said_at = Some(now);
+                    self.outage_said = Some(now);
+                    let why = self.outage_reason(&e);
+                    self.progress.note(&if first {
+                        format!("{why}; keeping fragments running and acks buffered, retrying")
+                    } else {
+                        format!("{why}; still retrying ({secs:.0}s so far; nothing acked is lost)")
+                    });
                 }
                 Ok(None)
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// What a transient store error means, in words: a full disk names the state
+    /// directory and the space left there.
+    fn outage_reason(&self, e: &StoreError) -> String {
+        if !e.is_disk_full() {
+            return e.to_string();
+        }
+        let dir = &self.cfg.state_dir;
+        let free = host::free_bytes(dir).map_or("unknown".into(), |b| {
+            format!("{:.1} MiB free", b as f64 / f64::from(1 << 20))
+        });
+        format!(
+            "no space left for the store under {} ({free})",
+            std::path::absolute(dir)
+                .unwrap_or_else(|_| dir.clone())
+                .display()
+        )
+    }
+
+    /// A store write went through: an outage, if any, is over.
+    fn store_writable(&mut self) {
+        if let Some(o) = self.outage.take() {
+            if o.said_at.is_some() {
+                self.progress.note(&format!(
+                    "store writable again after {:.1}s",
+                    o.since.elapsed().as_secs_f64()
+                ));
+            }
+        }
+    }
+
+    /// Whether store writes wait (an outage's backoff has not run out).
+    fn store_paused(&self) -> bool {
+        self.outage
+            .as_ref()
+            .is_some_and(|o| Instant::now() < o.retry_at)
     }
 
     fn wait_for_work(&mut self, timeout: Duration) -> Result<bool> {
@@ -499,7 +585,10 @@ impl Worker<'_> {
         while let Some((end, context)) = self.unfinished.pop() {
             let result = self.store.finish(&self.info.id, host::now_ms(), &end);
             match self.available(result)? {
-                Some(finished) => self.report_finish(&context, &finished),
+                Some(finished) => {
+                    self.store_writable();
+                    self.report_finish(&context, &finished)
+                }
                 None => {
                     self.unfinished.push((end, context));
                     break;
@@ -971,6 +1060,7 @@ impl Worker<'_> {
         let Some(reply) = self.available(result)? else {
             return Ok(());
         };
+        self.store_writable();
         self.unflushed.clear();
         for id in reply.stopped {
             if let Some(slot) = self.running.get(&id) {
@@ -1069,7 +1159,10 @@ impl Worker<'_> {
         };
         let result = self.store.finish(&self.info.id, host::now_ms(), &end);
         match self.available(result)? {
-            Some(finished) => self.report_finish(&context, &finished),
+            Some(finished) => {
+                self.store_writable();
+                self.report_finish(&context, &finished)
+            }
             // Kept (with its acks) until the store is back.
             None => self.unfinished.push((end, context)),
         }

@@ -27,3 +27,16 @@ pub(crate) fn proc_start(pid: i64) -> Option<i64> {
 pub(crate) fn alive(pid: i64, start: i64) -> bool {
     proc_start(pid) == Some(start)
 }
+
+/// Bytes free for an unprivileged writer on the filesystem holding `path`.
+pub(crate) fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain data the call fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}

@@ -1010,6 +1010,7 @@ fn results(args: ResultsArgs) -> Result<u8> {
     let mut store = open_store(&args.state)?;
     let job = job_with_stage(store.as_mut(), args.job, &args.stage)?;
     let mut stdout = std::io::stdout().lock();
+    let mut unreadable = 0u64;
     for result in store.results(&job, &args.stage)? {
         let fragment = result.fragment;
         let blob = granule_exec::Blob {
@@ -1017,9 +1018,18 @@ fn results(args: ResultsArgs) -> Result<u8> {
             raw_len: result.blob.raw_len,
             hash: result.blob.hash,
         };
-        let raw = blob
-            .open()
-            .with_context(|| format!("result of fragment {fragment}"))?;
+        let raw = match blob.open() {
+            Ok(raw) => raw,
+            Err(e) => {
+                // Said, and counted: the set is incomplete, never silently short.
+                eprintln!(
+                    "granule: the result of fragment {fragment} (the state of {} items) cannot be read: {e}",
+                    result.covers.len()
+                );
+                unreadable += result.covers.len();
+                continue;
+            }
+        };
         match &args.out {
             Some(dir) => write_new(dir, &format!("fragment-{fragment}"), &raw)?,
             None => {
@@ -1037,10 +1047,11 @@ fn results(args: ResultsArgs) -> Result<u8> {
         .into_iter()
         .flat_map(|j| j.stages)
         .find(|s| s.name == args.stage)
-        .map_or(0, |s| s.results_missing);
+        .map_or(0, |s| s.results_missing)
+        + unreadable;
     if missing > 0 {
         eprintln!(
-            "granule: the results of stage \"{}\" are incomplete: {missing} done items are in no result (their task acked them after its last checkpoint and exited 0; see granule logs {})",
+            "granule: the results of stage \"{}\" are incomplete: the state of {missing} done items is in no readable result (see granule status and granule logs {})",
             args.stage, args.stage
         );
         return Ok(EXIT_QUARANTINED);

@@ -48,7 +48,7 @@ fn runs_a_dag_to_the_end_and_reports_status() {
             assert_eq!(s["pending"], 0);
             assert_eq!(s["running"], 0);
         }
-        let logs = job.cmd(&["logs", "second"]).output().unwrap();
+        let logs = job.output(&["logs", "second"]);
         let text = String::from_utf8_lossy(&logs.stdout);
         assert!(text.contains("second:b"), "per-item output is kept: {text}");
         // A finished job is not run again.
@@ -105,10 +105,9 @@ fn a_poison_item_is_quarantined_alone() {
         let recorded = job.recorded();
         assert_eq!(recorded.len(), 2999);
         assert!(!recorded.contains_key(&1234));
-        let text =
-            String::from_utf8_lossy(&job.cmd(&["status"]).output().unwrap().stdout).into_owned();
+        let text = String::from_utf8_lossy(&job.output(&["status"]).stdout).into_owned();
         assert!(text.contains("quarantined items: 1234"), "{text}");
-        let logs = job.cmd(&["logs", "work"]).output().unwrap();
+        let logs = job.output(&["logs", "work"]);
         assert!(String::from_utf8_lossy(&logs.stdout).contains("exit code 3"));
     }
 }
@@ -235,7 +234,7 @@ fn bad_specs_exit_2_naming_file_line_and_key_before_running_anything() {
 #[test]
 fn a_hundred_million_items_are_a_few_rows() {
     let job = Job::new("name = \"big\"\n[[stage]]\nname = \"s\"\ncommand = [\"true\"]\nitems = { range = [0, 100000000] }\n");
-    let out = job.cmd(&["submit", "job.toml"]).output().unwrap();
+    let out = job.output(&["submit", "job.toml"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let s = stage(&job.status(), 0).clone();
     assert_eq!(s["items"], 100_000_000u64);
@@ -253,12 +252,7 @@ fn a_stage_is_profiled_from_its_history_and_guessed_before() {
     let job = Job::new(
         "name = \"p\"\n[[stage]]\nname = \"step\"\ncommand = [\"sh\", \"-c\", \"head -c 30000000 /dev/zero > blob.$GRANULE_FRAGMENT; cat >/dev/null\"]\nitems = { range = [0, 4] }\n[[stage]]\nname = \"thumbnails\"\ncommand = [\"true\"]\nitems = { range = [0, 1] }\n",
     );
-    assert!(job
-        .cmd(&["submit", "job.toml"])
-        .output()
-        .unwrap()
-        .status
-        .success());
+    assert!(job.output(&["submit", "job.toml"]).status.success());
     let before = job.status();
     assert_eq!(stage(&before, 0)["profile"], serde_json::Value::Null);
     assert_eq!(stage(&before, 1)["profile"], "cpu", "{before}");
@@ -305,10 +299,7 @@ fn a_fragment_reaching_into_heavier_items_is_cut_before_it_runs() {
     std::fs::write(job.path("items.txt"), lines).unwrap();
     // One slot: no idle slot ever asks for a split, so every split is a fragment
     // cut by the size of its own items.
-    let out = job
-        .cmd(&["run", "job.toml", "--slots", "1", "-q"])
-        .output()
-        .unwrap();
+    let out = job.output(&["run", "job.toml", "--slots", "1", "-q"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let status = job.status();
     let s = stage(&status, 0);
@@ -324,14 +315,9 @@ fn explain_says_what_the_deadline_plan_makes_of_a_stage() {
     let job = Job::new(
         "name = \"d\"\n[[stage]]\nname = \"s\"\ncommand = [\"cat\"]\nitems = { range = [0, 1000] }\ndeadline = \"1h\"\n",
     );
-    assert!(job
-        .cmd(&["submit", "job.toml"])
-        .output()
-        .unwrap()
-        .status
-        .success());
+    assert!(job.output(&["submit", "job.toml"]).status.success());
     let text = |job: &Job| {
-        let out = job.cmd(&["status", "--explain", "s"]).output().unwrap();
+        let out = job.output(&["status", "--explain", "s"]);
         assert!(out.status.success(), "{}", stderr(&out));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
@@ -339,8 +325,8 @@ fn explain_says_what_the_deadline_plan_makes_of_a_stage() {
     assert!(before.contains("deadline 1h after submission"), "{before}");
     assert!(before.contains("no cost learned yet"), "{before}");
     // A worker that learns the stage's cost and stays around (idle) for the plan.
-    let mut worker = job
-        .cmd(&[
+    let mut worker = Spawned::start(
+        job.cmd(&[
             "worker",
             "-q",
             "--class",
@@ -351,9 +337,8 @@ fn explain_says_what_the_deadline_plan_makes_of_a_stage() {
             "30s",
         ])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(std::process::Stdio::null()),
+    );
     wait_until(
         "the job to finish",
         std::time::Duration::from_secs(60),

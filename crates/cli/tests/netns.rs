@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn run(cmd: &mut Command) -> bool {
@@ -166,8 +166,8 @@ fn worker_cmd(job: &Job, store: &str, out: &Path) -> Command {
 fn cut_and_check(
     job: &Job,
     items: u64,
-    mut victim: Child,
-    other: Child,
+    mut victim: Spawned,
+    other: Spawned,
     mut cut: impl FnMut(bool),
 ) {
     wait_until("the victim holds work", Duration::from_secs(60), || {
@@ -232,7 +232,7 @@ fn a_cut_off_worker_loses_its_lease_and_counts_nothing_twice() {
             let local = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
             let remote = format!("postgres://postgres@{}:{}/postgres", ns.host_ip, pg.port);
             job.set_store(Some(local.clone()));
-            let submitted = job.cmd(&["submit", "job.toml"]).output().unwrap();
+            let submitted = job.output(&["submit", "job.toml"]);
             assert!(submitted.status.success(), "{}", stderr(&submitted));
             // The victim runs in the namespace; `granule status` below reads through loopback.
             let mut in_ns = Command::new("ip");
@@ -249,12 +249,8 @@ fn a_cut_off_worker_loses_its_lease_and_counts_nothing_twice() {
                     None => in_ns.env_remove(k),
                 };
             }
-            let victim = in_ns
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let other = worker_cmd(&job, &local, &out).spawn().unwrap();
+            let victim = Spawned::start(in_ns.stdout(Stdio::null()).stderr(Stdio::null()));
+            let other = Spawned::start(&mut worker_cmd(&job, &local, &out));
             cut_and_check(&job, items, victim, other, |up| ns.link(up));
             drop(pg);
         }
@@ -264,12 +260,7 @@ fn a_cut_off_worker_loses_its_lease_and_counts_nothing_twice() {
             let job = Job::on(&spin_spec(items), &backend);
             std::fs::create_dir(job.path("out")).unwrap();
             let store = backend.url.clone().unwrap_or_default();
-            assert!(job
-                .cmd(&["submit", "job.toml"])
-                .output()
-                .unwrap()
-                .status
-                .success());
+            assert!(job.output(&["submit", "job.toml"]).status.success());
             let mut victim_cmd = worker_cmd(&job, &store, &job.path("out"));
             let mut other_cmd = worker_cmd(&job, &store, &job.path("out"));
             if backend.url.is_none() {
@@ -277,9 +268,9 @@ fn a_cut_off_worker_loses_its_lease_and_counts_nothing_twice() {
                 other_cmd.env_remove("GRANULE_STORE");
             }
 
-            let victim = victim_cmd.spawn().unwrap();
+            let victim = Spawned::start(&mut victim_cmd);
             let pid = victim.id() as i32;
-            let other = other_cmd.spawn().unwrap();
+            let other = Spawned::start(&mut other_cmd);
             // SAFETY: signalling our own child.
             cut_and_check(&job, items, victim, other, |up| unsafe {
                 libc::kill(pid, if up { libc::SIGCONT } else { libc::SIGSTOP });
@@ -329,15 +320,10 @@ fn postgres_restarted_twice_mid_job_loses_nothing() {
     )));
     let out = job.path("out");
     std::fs::create_dir(&out).unwrap();
-    assert!(job
-        .cmd(&["submit", "job.toml"])
-        .output()
-        .unwrap()
-        .status
-        .success());
+    assert!(job.output(&["submit", "job.toml"]).status.success());
     let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-    let mut workers: Vec<Child> = (0..2)
-        .map(|_| worker_cmd(&job, &url, &out).spawn().unwrap())
+    let mut workers: Vec<Spawned> = (0..2)
+        .map(|_| Spawned::start(&mut worker_cmd(&job, &url, &out)))
         .collect();
     for threshold in [2_000u64, 6_000] {
         wait_until("progress before a restart", Duration::from_secs(60), || {

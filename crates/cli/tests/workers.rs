@@ -8,14 +8,14 @@ use common::*;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-fn spawn_worker(job: &Job, args: &[&str], env: &[(&str, &str)]) -> Child {
-    job.cmd(&["worker", "-q"])
-        .args(args)
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+fn spawn_worker(job: &Job, args: &[&str], env: &[(&str, &str)]) -> Spawned {
+    Spawned::start(
+        job.cmd(&["worker", "-q"])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
 }
 
 fn job_state(job: &Job) -> String {
@@ -50,9 +50,9 @@ fn keep_workers(
     slots: usize,
     args: &[&str],
     env: &[(&str, &str)],
-    mut chaos: impl FnMut(&mut [Child]),
+    mut chaos: impl FnMut(&mut [Spawned]),
 ) {
-    let mut workers: Vec<Child> = (0..slots).map(|_| spawn_worker(job, args, env)).collect();
+    let mut workers: Vec<Spawned> = (0..slots).map(|_| spawn_worker(job, args, env)).collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     while job_state(job) == "running" {
         assert!(
@@ -93,7 +93,7 @@ fn spin_job(items: u64, backend: &Backend) -> (Job, String) {
     let job = Job::on(&spin_spec(items), backend);
     std::fs::create_dir(job.path("out")).unwrap();
     let out = job.path("out").to_str().unwrap().to_string();
-    let submitted = job.cmd(&["submit", "job.toml"]).output().unwrap();
+    let submitted = job.output(&["submit", "job.toml"]);
     assert!(submitted.status.success(), "{}", stderr(&submitted));
     (job, out)
 }
@@ -165,7 +165,7 @@ fn sum_spec(items: u64) -> String {
 }
 
 fn results_sum(job: &Job) -> (u64, u64) {
-    let out = job.cmd(&["results", "sum"]).output().unwrap();
+    let out = job.output(&["results", "sum"]);
     assert!(out.status.success(), "{}", stderr(&out));
     String::from_utf8(out.stdout)
         .unwrap()
@@ -179,12 +179,7 @@ fn a_stateful_task_gives_the_right_answer_across_preemptions() {
     for backend in backends("a_stateful_task_gives_the_right_answer_across_preemptions") {
         let items = 3_000u64;
         let job = Job::on(&sum_spec(items), &backend);
-        assert!(job
-            .cmd(&["submit", "job.toml"])
-            .output()
-            .unwrap()
-            .status
-            .success());
+        assert!(job.output(&["submit", "job.toml"]).status.success());
         let state_dir = job.path("states");
         std::fs::create_dir(&state_dir).unwrap();
         let env = [
@@ -233,11 +228,10 @@ fn a_corrupt_checkpoint_falls_back_and_is_reported() {
         ("CHECKPOINT_EVERY", "50"),
         ("STATE_DIR", state_dir.to_str().unwrap()),
     ];
-    let mut run = job
-        .cmd(&["run", "job.toml", "--slots", "1", "-q"])
-        .envs(env)
-        .spawn()
-        .unwrap();
+    let mut run = Spawned::start(
+        job.cmd(&["run", "job.toml", "--slots", "1", "-q"])
+            .envs(env),
+    );
     wait_until("three checkpoints", Duration::from_secs(60), || {
         stage(&job.status(), 0)["checkpoints"].as_u64() >= Some(3)
     });
@@ -280,12 +274,7 @@ fn an_idle_worker_splits_a_running_fragment_and_no_item_runs_twice() {
         let job = Job::on(&spec, &backend);
         std::fs::create_dir(job.path("out")).unwrap();
         let out = job.path("out").to_str().unwrap().to_string();
-        assert!(job
-            .cmd(&["submit", "job.toml"])
-            .output()
-            .unwrap()
-            .status
-            .success());
+        assert!(job.output(&["submit", "job.toml"]).status.success());
         let env = [
             ("MED_US", "2000"),
             ("SIGMA", "0"),
@@ -341,14 +330,9 @@ fn workers_describe_detected_and_declared_resources() {
         std::fs::set_permissions(&smi, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
         let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
-        assert!(job
-            .cmd(&["submit", "job.toml"])
-            .output()
-            .unwrap()
-            .status
-            .success());
-        let out = job
-            .cmd(&[
+        assert!(job.output(&["submit", "job.toml"]).status.success());
+        let out = output_of(
+            job.cmd(&[
                 "worker",
                 "-q",
                 "--class",
@@ -359,9 +343,8 @@ fn workers_describe_detected_and_declared_resources() {
                 "--resource",
                 "licenses=4",
             ])
-            .env("PATH", &path)
-            .output()
-            .unwrap();
+            .env("PATH", &path),
+        );
         assert!(out.status.success(), "{}: {}", backend.name, stderr(&out));
         let status = job.status();
         let w = &status["workers"][0];
@@ -375,10 +358,7 @@ fn workers_describe_detected_and_declared_resources() {
             w["resources"]["cpus"].as_u64().unwrap() >= 1
                 && w["resources"]["memory_mb"].as_u64().unwrap() > 0
         );
-        let bad = job
-            .cmd(&["worker", "--resource", "licenses"])
-            .output()
-            .unwrap();
+        let bad = job.output(&["worker", "--resource", "licenses"]);
         assert_eq!(
             bad.status.code(),
             Some(2),
@@ -392,26 +372,18 @@ fn stages_run_only_where_their_class_and_resources_fit() {
     for backend in backends("placement") {
         let spec = "name = \"place\"\n[[stage]]\nname = \"render\"\ncommand = [\"true\"]\nitems = { range = [0, 5] }\ngpus = 1\n[[stage]]\nname = \"index\"\ncommand = [\"true\"]\nitems = { range = [0, 5] }\nclass = \"cpu\"\nresources = { licenses = 1 }\n";
         let job = Job::on(spec, &backend);
-        assert!(job
-            .cmd(&["submit", "job.toml"])
-            .output()
-            .unwrap()
-            .status
-            .success());
+        assert!(job.output(&["submit", "job.toml"]).status.success());
         // A CPU worker without GPUs runs the index stage only.
-        let cpu = job
-            .cmd(&[
-                "worker",
-                "-q",
-                "--class",
-                "cpu",
-                "--resource",
-                "licenses=1",
-                "--idle-exit",
-                "1s",
-            ])
-            .output()
-            .unwrap();
+        let cpu = job.output(&[
+            "worker",
+            "-q",
+            "--class",
+            "cpu",
+            "--resource",
+            "licenses=1",
+            "--idle-exit",
+            "1s",
+        ]);
         assert!(cpu.status.success(), "{}: {}", backend.name, stderr(&cpu));
         let status = job.status();
         assert_eq!(stage(&status, 1)["done"], 5, "{}: {status}", backend.name);
@@ -421,10 +393,7 @@ fn stages_run_only_where_their_class_and_resources_fit() {
             "{}: the GPU stage waits for a GPU",
             backend.name
         );
-        let explain = job
-            .cmd(&["status", "--explain", "render"])
-            .output()
-            .unwrap();
+        let explain = job.output(&["status", "--explain", "render"]);
         let text = String::from_utf8_lossy(&explain.stdout).into_owned();
         assert!(
             text.contains("does not fit: needs 1 gpus"),
@@ -443,11 +412,10 @@ fn stages_run_only_where_their_class_and_resources_fit() {
         std::fs::set_permissions(&smi, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
         let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
-        let gpu = job
-            .cmd(&["worker", "-q", "--class", "gpu", "--slots", "2"])
-            .env("PATH", &path)
-            .output()
-            .unwrap();
+        let gpu = output_of(
+            job.cmd(&["worker", "-q", "--class", "gpu", "--slots", "2"])
+                .env("PATH", &path),
+        );
         assert!(gpu.status.success(), "{}", stderr(&gpu));
         let status = job.status();
         assert_eq!(
@@ -476,12 +444,7 @@ fn two_classes_share_a_stage_each_sized_by_what_it_learned() {
     let spec = "name = \"shard\"\n[[stage]]\nname = \"work\"\ncommand = [\"python3\", \"task.py\"]\nitems = { range = [0, 3000] }\ntarget = \"500ms\"\n";
     let job = Job::new(spec);
     std::fs::write(job.path("task.py"), CLASSED_TASK).unwrap();
-    assert!(job
-        .cmd(&["submit", "job.toml"])
-        .output()
-        .unwrap()
-        .status
-        .success());
+    assert!(job.output(&["submit", "job.toml"]).status.success());
     let fast = spawn_worker(&job, &["--class", "fast", "--slots", "1"], &[]);
     let slow = spawn_worker(&job, &["--class", "slow", "--slots", "1"], &[]);
     for mut w in [fast, slow] {

@@ -299,6 +299,15 @@ pub struct StageLedger {
     /// never acked (all or nothing); they go back to pending at its first ack.
     #[serde(default, skip_serializing_if = "IntervalSet::is_empty")]
     pub unconfirmed: IntervalSet,
+    /// Whether any task of the stage has handed over a checkpoint: from then on an
+    /// acked item counts only once a checkpoint holds its state.
+    #[serde(default)]
+    pub stateful: bool,
+    /// Items finished fragments counted done with no state while the stage had never
+    /// checkpointed; they go back to pending at its first checkpoint (their state, if
+    /// its tasks keep one, is nowhere).
+    #[serde(default, skip_serializing_if = "IntervalSet::is_empty")]
+    pub stateless_done: IntervalSet,
 }
 
 impl StageLedger {
@@ -314,6 +323,8 @@ impl StageLedger {
             running: Vec::new(),
             acking: false,
             unconfirmed: IntervalSet::new(),
+            stateful: false,
+            stateless_done: IntervalSet::new(),
         }
     }
 
@@ -408,10 +419,7 @@ impl StageLedger {
     pub fn learn_acking(&mut self) -> IntervalSet {
         self.acking = true;
         let reverted = std::mem::take(&mut self.unconfirmed);
-        self.done.subtract(&reverted);
-        for span in reverted.spans() {
-            self.pending.push(PendingRange::fresh(span));
-        }
+        self.forget(&reverted);
         reverted
     }
 
@@ -428,7 +436,23 @@ impl StageLedger {
         let f = self.running.iter_mut().find(|f| f.id == id)?;
         f.checkpoint = Some(blob);
         f.covers = covers.clone();
+        if !self.stateful {
+            self.learn_stateful();
+        }
         Some(covers)
+    }
+
+    /// Records that the stage's tasks keep state: items finished fragments counted
+    /// done without any go back to pending (returns them); running fragments' acks
+    /// are judged when they end.
+    pub fn learn_stateful(&mut self) -> IntervalSet {
+        self.stateful = true;
+        let mut reverted = std::mem::take(&mut self.stateless_done);
+        for f in &self.running {
+            reverted.subtract(&f.acked);
+        }
+        self.forget(&reverted);
+        reverted
     }
 
     /// The items a checkpoint of a running fragment holds the state of, written
@@ -469,11 +493,26 @@ impl StageLedger {
             f.checkpoint = restored;
             f.covers = kept;
         }
-        self.done.subtract(&lost);
+        self.forget(&lost)
+    }
+
+    /// Items whose state was lost (a chain's result that cannot be found, a
+    /// checkpoint that failed) go back to pending, as a chain of their own; returns
+    /// how many were done.
+    pub fn forget(&mut self, items: &IntervalSet) -> u64 {
+        let lost = items.intersection(&self.done);
+        self.undo(&lost);
         for span in lost.spans() {
             self.pending.push(PendingRange::fresh(span));
         }
         lost.len()
+    }
+
+    /// Items no longer counted done (the caller puts them back where they belong).
+    fn undo(&mut self, items: &IntervalSet) {
+        self.done.subtract(items);
+        self.unconfirmed.subtract(items);
+        self.stateless_done.subtract(items);
     }
 
     /// Splits the tail `[at, end)` off a running fragment back into pending.
@@ -536,6 +575,10 @@ impl StageLedger {
                     self.unconfirmed.union_with(&rest);
                 }
                 self.end_chain(&f, &rest, &mut report);
+                if !self.stateful {
+                    self.stateless_done.union_with(&f.acked);
+                    self.stateless_done.union_with(&rest);
+                }
             }
             _ => self.end_unfinished(&f, outcome, retries, &mut report),
         }
@@ -544,11 +587,15 @@ impl StageLedger {
 
     /// A fragment that finished its items: its chain ends in a result.
     fn end_chain(&self, f: &RunningFragment, rest: &IntervalSet, report: &mut FinishReport) {
-        let Some(checkpoint) = f.checkpoint else {
-            return; // no state at all: a stateless task
-        };
         let mut all = f.acked.clone();
         all.union_with(rest);
+        let Some(checkpoint) = f.checkpoint else {
+            if self.stateful {
+                // Its stage keeps state, but it never handed any over.
+                report.uncovered = all.len();
+            }
+            return; // else a stateless task
+        };
         let covers = if f.checkpoint != f.resumed_from {
             // Its own last checkpoint, written at the end of input, holds the
             // items it acked before it and those done by its exit.
@@ -580,12 +627,15 @@ impl StageLedger {
         } else {
             (f.resumed_from, f.inherited.clone())
         };
-        let undone = if checkpoint.is_some() || f.checkpoint.is_some() {
+        let undone = if self.stateful || checkpoint.is_some() || f.checkpoint.is_some() {
             f.acked.difference(&covers)
         } else {
             IntervalSet::new() // a stateless task: its acks stand
         };
-        self.done.subtract(&undone);
+        if !self.stateful {
+            self.stateless_done.union_with(&f.acked.difference(&undone));
+        }
+        self.undo(&undone);
         report.undone = undone.len();
         let mut rest = f.acked.complement_within(f.span);
         let (mut charged, mut uncharged) = (IntervalSet::new(), undone);
@@ -761,6 +811,14 @@ impl StageLedger {
         assert!(
             !self.acking || self.unconfirmed.is_empty(),
             "unconfirmed items in a stage known to ack"
+        );
+        assert!(
+            self.stateless_done.is_subset(&self.done),
+            "stateless items not done"
+        );
+        assert!(
+            !self.stateful || self.stateless_done.is_empty(),
+            "stateless items in a stage known to keep state"
         );
     }
 }

@@ -45,6 +45,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the database's disk is full (SQLite's `SQLITE_FULL`).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Sqlite(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull))
+            || matches!(self, StoreError::Postgres(e) if e.code().is_some_and(|c| c.code() == "53100"))
+    }
+
     /// Whether trying again later may succeed (a lost connection, a busy database).
     pub fn is_transient(&self) -> bool {
         match self {

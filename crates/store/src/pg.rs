@@ -166,6 +166,8 @@ ALTER TABLE fragments ADD COLUMN io_bytes BIGINT NOT NULL DEFAULT 0;
     // running fragment covers, chain results, jobs that stop with an error.
     r#"
 ALTER TABLE pending ADD COLUMN covers TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE stages ADD COLUMN stateful BOOLEAN NOT NULL DEFAULT false;
+UPDATE stages SET stateful = true WHERE id IN (SELECT stage_id FROM blobs);
 ALTER TABLE fragments ADD COLUMN covers TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE fragments ADD COLUMN inherited TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE fragments ADD COLUMN resumed_from BIGINT;
@@ -279,6 +281,8 @@ struct HeldFragment {
     size_cap: String,
     /// Whether its stage was known to ack when read (without a lock).
     acking: bool,
+    /// Whether its stage was known to keep state when read (without a lock).
+    stateful: bool,
     /// Whether its job still runs (not cancelled, refused or broken).
     job_running: bool,
 }
@@ -288,6 +292,7 @@ fn hold(tx: &mut Tx<'_, '_>, id: FragmentId, worker: &str) -> Result<Option<Held
         "SELECT stage_id, start_idx, end_idx, acked, failures, checkpoint_id, class, size_cap, lost, floor_memory_mb,
                 covers, inherited, resumed_from,
                 (SELECT s.acks = 'yes' FROM stages s WHERE s.id = f.stage_id),
+                (SELECT s.stateful FROM stages s WHERE s.id = f.stage_id),
                 (SELECT j.state = 'running' FROM stages s JOIN jobs j ON j.id = s.job_id WHERE s.id = f.stage_id)
          FROM fragments f WHERE id = $1 AND worker = $2 AND state = 'running' FOR UPDATE OF f",
         &[&id.0, &worker],
@@ -310,7 +315,8 @@ fn hold(tx: &mut Tx<'_, '_>, id: FragmentId, worker: &str) -> Result<Option<Held
         class: r.get(6),
         size_cap: r.get(7),
         acking: r.get(13),
-        job_running: r.get(14),
+        stateful: r.get(14),
+        job_running: r.get(15),
     }))
 }
 
@@ -318,26 +324,58 @@ fn hold(tx: &mut Tx<'_, '_>, id: FragmentId, worker: &str) -> Result<Option<Held
 /// the rows one transaction touches. Its `done` (the items this fragment's row
 /// counts) and `pending` are what changed. Items other rows count are undone with
 /// [`undo_done`]; the stage's first ack is handled by [`learn_acking`].
-fn mini_ledger(f: &RunningFragment, acking: bool) -> StageLedger {
+fn mini_ledger(held: &HeldFragment) -> StageLedger {
+    let f = &held.fragment;
     StageLedger {
         items: f.span.end,
         pending: Default::default(),
         done: f.acked.clone(),
         quarantined: IntervalSet::new(),
         running: vec![f.clone()],
-        acking,
+        acking: held.acking,
         unconfirmed: IntervalSet::new(),
+        stateful: held.stateful,
+        stateless_done: IntervalSet::new(),
     }
 }
 
-/// Whether the stage's tasks are known to ack, read under a share lock: a finish
-/// that counts an all-or-nothing fragment and a flush that brings the stage's
-/// first ack ([`learn_acking`]) see each other.
-fn acking_shared(tx: &mut Tx<'_, '_>, stage: i64) -> Result<bool> {
-    let acks: String = tx
-        .query_one("SELECT acks FROM stages WHERE id = $1 FOR SHARE", &[&stage])?
+/// Whether the stage's tasks are known to ack and to keep state, read under a
+/// share lock: a finish that counts items with no state (or an all-or-nothing
+/// fragment) and a flush that brings the stage's first checkpoint
+/// ([`learn_stateful`]) or first ack ([`learn_acking`]) see each other.
+fn flags_shared(tx: &mut Tx<'_, '_>, stage: i64) -> Result<(bool, bool)> {
+    let r = tx.query_one(
+        "SELECT acks = 'yes', stateful FROM stages WHERE id = $1 FOR SHARE",
+        &[&stage],
+    )?;
+    Ok((r.get(0), r.get(1)))
+}
+
+/// The stage's first checkpoint: items finished fragments counted done with no
+/// state go back to pending (their state, if any, is nowhere).
+fn learn_stateful(tx: &mut Tx<'_, '_>, stage: i64) -> Result<bool> {
+    let stateful: bool = tx
+        .query_one(
+            "SELECT stateful FROM stages WHERE id = $1 FOR UPDATE",
+            &[&stage],
+        )?
         .get(0);
-    Ok(acks == "yes")
+    if stateful {
+        return Ok(false);
+    }
+    let rows = tx.query(
+        "UPDATE fragments SET acked = '[]', done_count = 0
+         WHERE stage_id = $1 AND state != 'running' AND done_count > 0 RETURNING acked",
+        &[&stage],
+    )?;
+    let mut reverted = IntervalSet::new();
+    for r in &rows {
+        reverted.union_with(&parse::<IntervalSet>(r.get(0), "fragment acks")?);
+    }
+    let fresh: Vec<PendingRange> = reverted.spans().map(PendingRange::fresh).collect();
+    insert_pending(tx, stage, &fresh)?;
+    tx.execute("UPDATE stages SET stateful = true WHERE id = $1", &[&stage])?;
+    Ok(!fresh.is_empty())
 }
 
 /// The stage's first ack: every item an all-or-nothing fragment counted done goes
@@ -397,6 +435,32 @@ fn undo_done(tx: &mut Tx<'_, '_>, stage: i64, lost: &IntervalSet) -> Result<()> 
     Ok(())
 }
 
+/// The result a finish ended a chain with, if its checkpoint is still there; if it
+/// is gone, the items it held run again (this fragment's through `ledger`, other
+/// rows' here). Returns the result and how many items run again.
+fn kept_result(
+    tx: &mut Tx<'_, '_>,
+    stage: i64,
+    ledger: &mut StageLedger,
+    report: &granule_core::FinishReport,
+) -> Result<(Option<i64>, u64)> {
+    let Some((blob, covers)) = &report.result else {
+        return Ok((None, 0));
+    };
+    if tx
+        .query_opt("SELECT 1 FROM blobs WHERE id = $1", &[blob])?
+        .is_some()
+    {
+        return Ok((Some(*blob), 0));
+    }
+    let mine = covers.intersection(&ledger.done);
+    let others = covers.difference(&mine);
+    undo_done(tx, stage, &others)?;
+    let fresh: Vec<PendingRange> = others.spans().map(PendingRange::fresh).collect();
+    insert_pending(tx, stage, &fresh)?;
+    Ok((None, ledger.forget(&mine) + others.len()))
+}
+
 /// Stops a running job with an error (`refused`, `broken`); its running fragments
 /// are told at their next flush and their accounting is kept.
 fn halt_job(tx: &mut Tx<'_, '_>, job: i64, halt: &JobHalt, now_ms: i64) -> Result<()> {
@@ -445,20 +509,21 @@ fn apply_flush(
             },
             None => IntervalSet::new(),
         };
+        // The lost state's items are counted on the rows of earlier attempts: they
+        // are undone there (the mini ledger holds only this fragment's own).
         let before = ledger
             .fragment(f.fragment)
             .map(|r| r.inherited.clone())
             .unwrap_or_default();
-        let rerun = ledger.fallback(f.fragment, restored, &covers);
-        if rerun > 0 {
-            let mut lost = before;
-            lost.subtract(&covers);
+        ledger.fallback(f.fragment, restored, &covers);
+        let lost = before.difference(&covers);
+        if !lost.is_empty() {
             undo_done(tx, held.stage, &lost)?;
-            insert_pending(tx, held.stage, ledger.pending.ranges())?;
-            ledger.pending = Default::default();
+            let fresh: Vec<PendingRange> = lost.spans().map(PendingRange::fresh).collect();
+            insert_pending(tx, held.stage, &fresh)?;
             tx.execute(
                 "UPDATE fragments SET state_reruns = state_reruns + $2 WHERE id = $1",
-                &[&f.fragment.0, &(rerun as i64)],
+                &[&f.fragment.0, &(lost.len() as i64)],
             )?;
             appeared = true;
         }
@@ -468,6 +533,10 @@ fn apply_flush(
         ledger.acking = true;
     }
     let done = ledger.ack(f.fragment, &f.acked).done;
+    if !f.checkpoints.is_empty() && !ledger.stateful {
+        appeared |= learn_stateful(tx, held.stage)?;
+        ledger.stateful = true;
+    }
     for cp in &f.checkpoints {
         let Some(covers) = ledger.checkpoint_covers(f.fragment, &cp.acked) else {
             continue;
@@ -896,7 +965,7 @@ impl Store for PgStore {
                     reply.lost.push(f.fragment);
                     continue;
                 };
-                let mut ledger = mini_ledger(&held.fragment, held.acking);
+                let mut ledger = mini_ledger(&held);
                 let (done, new_work) = apply_flush(tx, &held, &mut ledger, f, now_ms)?;
                 reply.done += done;
                 appeared |= new_work;
@@ -992,7 +1061,7 @@ impl Store for PgStore {
             let id = end.flush.fragment;
             let Some(held) = hold(tx, id, worker)? else { return Ok(Finished::default()) };
             let stage = stage_by_id(tx, held.stage)?;
-            let mut ledger = mini_ledger(&held.fragment, held.acking);
+            let mut ledger = mini_ledger(&held);
             let (_, mut appeared) = apply_flush(tx, &held, &mut ledger, &end.flush, now_ms)?;
             let mut splits = 0;
             if ledger.fragment(id).is_some_and(|f| end.end < f.span.end) && ledger.split(id, end.end) > 0 {
@@ -1000,12 +1069,16 @@ impl Store for PgStore {
             }
             let f = ledger.fragment(id).expect("held fragment").clone();
             let outcome = accounted_outcome(end);
-            if matches!(outcome, FinishOutcome::AllOrNothing { .. }) && !ledger.acking {
-                // Judged against a first ack another worker may be committing now.
-                ledger.acking = acking_shared(tx, held.stage)?;
+            let all_or_nothing = matches!(outcome, FinishOutcome::AllOrNothing { .. });
+            if (all_or_nothing && !ledger.acking) || (!ledger.stateful && !f.acked.is_empty()) {
+                // Judged against a first ack or first checkpoint another worker may be
+                // committing now.
+                (ledger.acking, ledger.stateful) = flags_shared(tx, held.stage)?;
             }
             let report = ledger.finish(id, &outcome, retry_budget(end.cause.as_deref(), stage.retries));
             let verdict = verdict(end, &report);
+            let (result, forgotten) = kept_result(tx, held.stage, &mut ledger, &report)?;
+            appeared |= forgotten > 0;
             if end.cause.as_deref() == Some("oom") {
                 // Retried on a worker with more memory than this one, while one is alive.
                 let resources: Option<String> = tx
@@ -1054,8 +1127,8 @@ impl Store for PgStore {
                     &splits,
                     &(end.io_bytes as i64),
                     &end.predicted_ms,
-                    &report.result.as_ref().map(|(blob, _)| *blob),
-                    &(report.undone as i64),
+                    &result,
+                    &((report.undone + forgotten) as i64),
                     &(report.uncovered as i64),
                 ],
             )?;
@@ -1128,8 +1201,12 @@ impl Store for PgStore {
             for r in &rows {
                 let (id, worker): (i64, String) = (r.get(0), r.get(1));
                 let Some(held) = hold(tx, FragmentId(id), &worker)? else { continue };
-                let mut ledger = mini_ledger(&held.fragment, held.acking);
+                let mut ledger = mini_ledger(&held);
+                if !ledger.stateful && !held.fragment.acked.is_empty() {
+                    (ledger.acking, ledger.stateful) = flags_shared(tx, held.stage)?;
+                }
                 let report = ledger.finish(FragmentId(id), &FinishOutcome::Lost, u32::MAX);
+                let (result, forgotten) = kept_result(tx, held.stage, &mut ledger, &report)?;
                 insert_pending(tx, held.stage, ledger.pending.ranges())?;
                 if ledger.pending.is_empty() {
                     drained.push(held.stage);
@@ -1145,8 +1222,8 @@ impl Store for PgStore {
                         &format!("{why}: {worker}"),
                         &json(&ledger.done),
                         &(ledger.done.len() as i64),
-                        &report.result.as_ref().map(|(blob, _)| *blob),
-                        &(report.undone as i64),
+                        &result,
+                        &((report.undone + forgotten) as i64),
                     ],
                 )?;
             }

@@ -122,17 +122,37 @@ ALTER TABLE fragments ADD COLUMN io_bytes INTEGER NOT NULL DEFAULT 0;
 "#,
     // 7: exact at the task boundary: all-or-nothing items a first ack reverts, the
     // state each checkpoint and running fragment covers, chain results, jobs that
-    // stop with an error.
+    // stop with an error. Blob ids are never reused (AUTOINCREMENT): a range that
+    // names a deleted checkpoint must never resume from another one's state.
     r#"
 ALTER TABLE stages ADD COLUMN unconfirmed TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE stages ADD COLUMN stateful INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE stages ADD COLUMN stateless_done TEXT NOT NULL DEFAULT '[]';
+UPDATE stages SET stateful = 1 WHERE id IN (SELECT stage_id FROM blobs);
 ALTER TABLE fragments ADD COLUMN covers TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE fragments ADD COLUMN inherited TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE fragments ADD COLUMN resumed_from INTEGER;
 ALTER TABLE fragments ADD COLUMN result INTEGER;
 ALTER TABLE fragments ADD COLUMN state_reruns INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE fragments ADD COLUMN results_missing INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE blobs ADD COLUMN covers TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE jobs ADD COLUMN error TEXT;
+CREATE TABLE blobs_v7 (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    stage_id INTEGER NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    fragment_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    raw_len INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    data BLOB NOT NULL,
+    meta TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    prev INTEGER,
+    covers TEXT NOT NULL DEFAULT '[]'
+);
+INSERT INTO blobs_v7 (id, stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms, prev)
+    SELECT id, stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms, prev FROM blobs;
+DROP TABLE blobs;
+ALTER TABLE blobs_v7 RENAME TO blobs;
 UPDATE fragments SET result = checkpoint_id WHERE state = 'done' AND checkpoint_id IS NOT NULL;
 UPDATE fragments SET resumed_from = checkpoint_id WHERE state = 'running';
 "#,

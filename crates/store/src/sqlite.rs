@@ -88,21 +88,24 @@ fn decode_stage((mut row, after, config, needs): RawStage) -> Result<StageRow> {
 }
 
 fn load_ledger(tx: &Connection, stage: i64) -> Result<StageLedger> {
-    type StageCols = (i64, String, String, String, String, String);
-    let (items, pending, done, quarantined, acks, unconfirmed): StageCols = tx.query_row(
-        "SELECT items, pending, done, quarantined, acks, unconfirmed FROM stages WHERE id = ?1",
-        [stage],
-        |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
-        },
-    )?;
+    type StageCols = (i64, String, String, String, String, String, (bool, String));
+    let (items, pending, done, quarantined, acks, unconfirmed, (stateful, stateless)): StageCols =
+        tx.query_row(
+            "SELECT items, pending, done, quarantined, acks, unconfirmed, stateful, stateless_done
+             FROM stages WHERE id = ?1",
+            [stage],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    (r.get(6)?, r.get(7)?),
+                ))
+            },
+        )?;
     let mut stmt = tx.prepare_cached(
         "SELECT id, start_idx, end_idx, acked, failures, checkpoint_id, lost, floor_memory_mb, covers,
                 inherited, resumed_from
@@ -146,6 +149,8 @@ fn load_ledger(tx: &Connection, stage: i64) -> Result<StageLedger> {
         running,
         acking: acks == "yes",
         unconfirmed: parse(&unconfirmed, "unconfirmed")?,
+        stateful,
+        stateless_done: parse(&stateless, "stateless done")?,
     })
 }
 
@@ -221,7 +226,8 @@ fn save_ledger(tx: &Connection, stage: i64, ledger: &StageLedger) -> Result<()> 
     };
     tx.prepare_cached(
         "UPDATE stages SET pending = ?2, done = ?3, done_count = ?4, quarantined = ?5, state = ?6,
-           unconfirmed = ?7, acks = CASE WHEN ?8 THEN 'yes' ELSE acks END WHERE id = ?1",
+           unconfirmed = ?7, acks = CASE WHEN ?8 THEN 'yes' ELSE acks END, stateful = ?9,
+           stateless_done = ?10 WHERE id = ?1",
     )?
     .execute(params![
         stage,
@@ -231,7 +237,9 @@ fn save_ledger(tx: &Connection, stage: i64, ledger: &StageLedger) -> Result<()> 
         json(&ledger.quarantined),
         state,
         json(&ledger.unconfirmed),
-        ledger.acking
+        ledger.acking,
+        ledger.stateful,
+        json(&ledger.stateless_done)
     ])?;
     let mut stmt = tx.prepare_cached(
         "UPDATE fragments SET end_idx = ?2, acked = ?3, checkpoint_id = ?4, covers = ?5, inherited = ?6,
@@ -330,6 +338,26 @@ fn apply_flush(
         None => {}
     }
     Ok(acked.done)
+}
+
+/// The result a finish ended a chain with, if its checkpoint is still there; if it
+/// is gone, the items it held run again (returns how many).
+fn kept_result(
+    tx: &Connection,
+    ledger: &mut StageLedger,
+    report: &granule_core::FinishReport,
+) -> Result<(Option<i64>, u64)> {
+    let Some((blob, covers)) = &report.result else {
+        return Ok((None, 0));
+    };
+    let found = tx
+        .prepare_cached("SELECT 1 FROM blobs WHERE id = ?1")?
+        .query_row([blob], |_| Ok(()))
+        .optional()?;
+    Ok(match found {
+        Some(()) => (Some(*blob), 0),
+        None => (None, ledger.forget(covers)),
+    })
 }
 
 /// The items a stored checkpoint holds the state of (none if it is gone).
@@ -802,6 +830,7 @@ impl Store for SqliteStore {
             retry_budget(end.cause.as_deref(), stage_row.retries),
         );
         let verdict = verdict(end, &report);
+        let (result, forgotten) = kept_result(&tx, &mut ledger, &report)?;
         if end.cause.as_deref() == Some("oom") {
             // Retried on a worker with more memory than this one, while one is alive.
             ledger.raise_floor(span, worker_memory(&tx, worker)?);
@@ -836,8 +865,8 @@ impl Store for SqliteStore {
             checkpoint,
             end.io_bytes as i64,
             end.predicted_ms,
-            report.result.as_ref().map(|(blob, _)| *blob),
-            report.undone as i64,
+            result,
+            (report.undone + forgotten) as i64,
             report.uncovered as i64
         ])?;
         if verdict.all_or_nothing && end.fed > 0 {
@@ -926,6 +955,7 @@ impl Store for SqliteStore {
         for (id, stage, worker) in &lost {
             let ledger = ledger_of(&tx, &mut ledgers, *stage)?;
             let report = ledger.finish(FragmentId(*id), &FinishOutcome::Lost, u32::MAX);
+            let (result, forgotten) = kept_result(&tx, ledger, &report)?;
             let why = if dead.contains(worker) {
                 "worker died"
             } else {
@@ -938,8 +968,8 @@ impl Store for SqliteStore {
                     id,
                     now_ms,
                     format!("{why}: {worker}"),
-                    report.result.as_ref().map(|(blob, _)| *blob),
-                    report.undone as i64
+                    result,
+                    (report.undone + forgotten) as i64
                 ],
             )?;
         }

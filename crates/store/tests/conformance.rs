@@ -1002,11 +1002,9 @@ fn a_resumed_stateful_fragment_that_fails_hands_its_state_on_and_results_are_exa
         let c = claim(s.as_mut(), id, &w, 5, None).unwrap();
         assert_eq!(c.span, Span::new(60, 70), "{}: the charged part", b.name);
         assert!(c.checkpoint.is_some(), "{}: the state goes on", b.name);
-        for a in [c] {
-            let mut done = end(a.fragment, FinishOutcome::Success, a.span.end);
-            done.flush = checkpointed(a.fragment, a.span, a.span, "0..70");
-            s.finish(&w, 6, &done).unwrap();
-        }
+        let mut done = end(c.fragment, FinishOutcome::Success, c.span.end);
+        done.flush = checkpointed(c.fragment, c.span, c.span, "0..70");
+        s.finish(&w, 6, &done).unwrap();
         let d = claim(s.as_mut(), id, &w, 7, None).unwrap();
         assert_eq!(
             (d.span, d.checkpoint),

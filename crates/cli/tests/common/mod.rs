@@ -2,9 +2,96 @@
 //! `granule` binary, and waiting on conditions with deadlines.
 #![allow(dead_code, unreachable_pub)]
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+/// How long one `granule` command of a test may take before it is killed and the
+/// test fails (generous: tests must pass on a loaded machine).
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(300);
+
+/// A process a test started, in its own process group: killed with everything it
+/// started when the test ends, even by a panic, so a failing test leaves nothing
+/// running.
+pub struct Spawned(pub Child);
+
+impl Spawned {
+    /// Starts `cmd` in a process group of its own.
+    pub fn start(cmd: &mut Command) -> Spawned {
+        Spawned(cmd.process_group(0).spawn().unwrap())
+    }
+}
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // SAFETY: signalling the process group our own child leads.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `cmd` to its end and collects its output, killing it (and what it started)
+/// and failing the test if it runs past `COMMAND_DEADLINE`.
+pub fn output_of(cmd: &mut Command) -> Output {
+    use std::io::Read;
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = Spawned::start(cmd);
+    let mut pipes = [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    ];
+    let readers: Vec<_> = pipes
+        .iter_mut()
+        .map(|p| {
+            let mut pipe = p.take().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = pipe.read_to_end(&mut buf);
+                buf
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + COMMAND_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{cmd:?} ran past {COMMAND_DEADLINE:?}: killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: killing what it left behind in its own process group.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let mut outs = readers.into_iter().map(|r| r.join().unwrap());
+    Output {
+        status,
+        stdout: outs.next().unwrap(),
+        stderr: outs.next().unwrap(),
+    }
+}
 
 pub fn granule() -> Command {
     Command::new(env!("CARGO_BIN_EXE_granule"))
@@ -103,11 +190,16 @@ impl Job {
     pub fn run(&self, extra: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = self.cmd(&["run", "job.toml", "--slots", "2"]);
         cmd.args(extra).envs(env.iter().copied());
-        cmd.output().unwrap()
+        output_of(&mut cmd)
+    }
+
+    /// Runs `granule ARGS` here to its end (see `output_of`).
+    pub fn output(&self, args: &[&str]) -> Output {
+        output_of(&mut self.cmd(args))
     }
 
     pub fn status(&self) -> serde_json::Value {
-        let out = self.cmd(&["status", "--json"]).output().unwrap();
+        let out = self.output(&["status", "--json"]);
         assert!(
             out.status.success(),
             "{}",
@@ -154,13 +246,13 @@ pub fn stage(status: &serde_json::Value, i: usize) -> &serde_json::Value {
     &status["jobs"][0]["stages"][i]
 }
 
-pub fn start_run(job: &Job, env: &[(&str, &str)]) -> Child {
-    job.cmd(&["run", "job.toml", "--slots", "2"])
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+pub fn start_run(job: &Job, env: &[(&str, &str)]) -> Spawned {
+    Spawned::start(
+        job.cmd(&["run", "job.toml", "--slots", "2"])
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
 }
 
 pub fn done(job: &Job) -> u64 {

@@ -255,6 +255,8 @@ fn a_quarantined_item_at_the_head_of_a_chain_makes_its_state_a_result() {
 enum StateOp {
     Claim(u64, bool),
     Step(usize, u64),
+    /// The task acks its next item alone: its state is in memory only.
+    AckAlone(usize),
     Split(usize, u64),
     End(usize, u8),
 }
@@ -263,6 +265,7 @@ fn state_op() -> impl Strategy<Value = StateOp> {
     prop_oneof![
         (1u64..30, any::<bool>()).prop_map(|(n, corrupt)| StateOp::Claim(n, corrupt)),
         (0usize..3, 1u64..8).prop_map(|(f, n)| StateOp::Step(f, n)),
+        (0usize..3).prop_map(StateOp::AckAlone),
         (0usize..3, 1u64..20).prop_map(|(f, o)| StateOp::Split(f, o)),
         (0usize..3, 0u8..4).prop_map(|(f, k)| StateOp::End(f, k)),
     ]
@@ -299,7 +302,8 @@ impl StatefulRun {
     fn step(&mut self, id: FragmentId, n: u64) {
         let f = self.ledger.fragment(id).unwrap().clone();
         let next = f.acked.complement_within(f.span);
-        let Some(first) = next.first() else { return };
+        // (With nothing left to ack it still hands over its state.)
+        let first = next.first().unwrap_or(f.span.end);
         let acks = set(first, (first + n).min(f.span.end)).intersection(&next);
         self.ledger.ack(id, &acks);
         let task = self.tasks.get_mut(&id).unwrap();
@@ -315,6 +319,15 @@ impl StatefulRun {
             covers,
             "a checkpoint holds what it covers"
         );
+    }
+
+    fn ack_alone(&mut self, id: FragmentId) {
+        let f = self.ledger.fragment(id).unwrap().clone();
+        let Some(next) = f.acked.complement_within(f.span).first() else {
+            return;
+        };
+        self.ledger.ack(id, &set(next, next + 1));
+        self.tasks.get_mut(&id).unwrap().0.insert(next);
     }
 
     fn end(&mut self, id: FragmentId, outcome: FinishOutcome) {
@@ -360,6 +373,7 @@ proptest! {
             match op {
                 StateOp::Claim(n, corrupt) => run.claim(n, corrupt),
                 StateOp::Step(i, n) => if let Some(id) = pick(&run, i) { run.step(id, n) },
+                StateOp::AckAlone(i) => if let Some(id) = pick(&run, i) { run.ack_alone(id) },
                 StateOp::Split(i, o) => if let Some(id) = pick(&run, i) {
                     let f = run.ledger.fragment(id).unwrap().clone();
                     run.ledger.split(id, f.span.start + o);
@@ -392,7 +406,12 @@ proptest! {
             prop_assert!(all.is_disjoint(r), "results overlap");
             all.extend(r.iter().copied());
         }
-        prop_assert_eq!(to_set(&all), run.ledger.done.clone());
+        if run.ledger.stateful {
+            prop_assert_eq!(to_set(&all), run.ledger.done.clone());
+        } else {
+            // No task of the stage ever handed over state: it has no results.
+            prop_assert!(run.results.is_empty());
+        }
         prop_assert_eq!(run.ledger.done.len() + run.ledger.quarantined.len(), items);
     }
 }
