@@ -30,4 +30,5 @@ if ! pg_up; then
     unset GRANULE_TEST_POSTGRES
 fi
 
-cargo test --workspace "$@"
+# Every test binary runs even when one fails, so CI shows every failure.
+cargo test --workspace --no-fail-fast "$@"

@@ -776,7 +776,9 @@ impl Worker<'_> {
         if let Some(deadline) = by_limit.into_iter().chain(by_life).min() {
             env.push(("GRANULE_DEADLINE".to_string(), deadline.to_string()));
         }
-        let Some((restored, checkpoint_fallbacks, notes)) = self.restore_checkpoint(&a)? else {
+        let Some((restored, checkpoint_fallbacks, notes)) =
+            self.restore_checkpoint(&a, stage.max_checkpoint_bytes)?
+        else {
             return Ok(Some(a));
         };
         if checkpoint_fallbacks > 0 {
@@ -883,6 +885,7 @@ impl Worker<'_> {
     fn restore_checkpoint(
         &mut self,
         a: &Assignment,
+        stage_max_checkpoint: u64,
     ) -> Result<Option<(Option<(i64, PathBuf, PathBuf)>, u32, Vec<String>)>> {
         let (mut next, mut fallbacks, mut notes) = (a.checkpoint, 0, Vec::new());
         // A chain longer than this is not walked: the fragment starts without state.
@@ -911,7 +914,7 @@ impl Worker<'_> {
                 raw_len: stored.row.raw_len,
                 hash: stored.row.hash,
             };
-            match blob.open() {
+            match blob.open(stage_max_checkpoint) {
                 Ok(raw) => {
                     let dir = self.cfg.state_dir.join("checkpoints");
                     std::fs::create_dir_all(&dir)?;

@@ -1009,6 +1009,14 @@ fn cancel(args: CancelArgs) -> Result<u8> {
 fn results(args: ResultsArgs) -> Result<u8> {
     let mut store = open_store(&args.state)?;
     let job = job_with_stage(store.as_mut(), args.job, &args.stage)?;
+    // A result is at most the stage's max_checkpoint: a record claiming more is corrupt.
+    let limit = store
+        .job(&job)?
+        .and_then(|r| serde_json::from_str::<JobSpec>(&r.spec_json).ok())
+        .and_then(|spec| spec.stages.into_iter().find(|s| s.name == args.stage))
+        .map_or(granule_spec::DEFAULT_MAX_CHECKPOINT_BYTES, |s| {
+            s.max_checkpoint_bytes
+        });
     let mut stdout = std::io::stdout().lock();
     let mut unreadable = 0u64;
     for result in store.results(&job, &args.stage)? {
@@ -1018,7 +1026,7 @@ fn results(args: ResultsArgs) -> Result<u8> {
             raw_len: result.blob.raw_len,
             hash: result.blob.hash,
         };
-        let raw = match blob.open() {
+        let raw = match blob.open(limit) {
             Ok(raw) => raw,
             Err(e) => {
                 // Said, and counted: the set is incomplete, never silently short.

@@ -853,3 +853,32 @@ fn case17_cancel_keeps_the_accounting_and_run_says_cancelled() {
         assert!(s["done"].as_u64() > Some(50), "{}", backend.name);
     }
 }
+
+#[test]
+fn a_worker_reads_limit_target_and_initial_from_the_stored_spec() {
+    // Found by the spec fuzzer: `limit`, `target` and `initial` were dropped on the
+    // way through the store, so `granule worker` never enforced a limit.
+    for backend in backends("stored_limit") {
+        let job = Job::on(
+            &one_stage(
+                "limited",
+                "[\"sleep\", \"60\"]",
+                "{ range = [0, 1] }",
+                "limit = \"1s\"\nretries = 0",
+            ),
+            &backend,
+        );
+        assert!(job.output(&["submit", "job.toml"]).status.success());
+        let worker = job.output(&["worker", "--slots", "1", "-q"]);
+        assert!(worker.status.success(), "{}", stderr(&worker));
+        let s = stage(&job.status(), 0).clone();
+        assert_eq!(
+            s["quarantined_items"],
+            serde_json::json!([[0, 1]]),
+            "{}: {s}",
+            backend.name
+        );
+        let logs = String::from_utf8_lossy(&job.output(&["logs", "s"]).stdout).into_owned();
+        assert!(logs.contains("timed out"), "{}: {logs}", backend.name);
+    }
+}

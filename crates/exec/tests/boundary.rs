@@ -236,7 +236,10 @@ fn a_checkpoint_that_takes_long_to_seal_is_waited_for_not_dropped() {
     let (acked, checkpoints) = ctl.take_unflushed();
     assert_eq!(acked.len(), 1);
     assert_eq!(checkpoints.len(), 1);
-    assert_eq!(checkpoints[0].blob.open().unwrap().len(), text.len());
+    assert_eq!(
+        checkpoints[0].blob.open(64 << 20).unwrap().len(),
+        text.len()
+    );
 }
 
 #[test]
@@ -345,4 +348,26 @@ fn tasks_never_see_the_store_credentials() {
     assert!(!env.contains("secret"), "{env}");
     assert!(env.contains("GRANULE_PROTOCOL=2"));
     assert!(env.contains("GRANULE_CMD=granule2:"));
+}
+
+#[test]
+fn the_fd3_corpus_parses_or_fails_cleanly_in_any_chunks() {
+    use granule_exec::protocol::Parser;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        for chunk in [1, 7, 4096, usize::MAX] {
+            let mut parser = Parser::new("granule2:00112233aabbccdd", 65_536);
+            let mut lines = 0;
+            let fed = bytes
+                .chunks(chunk.min(bytes.len().max(1)))
+                .try_for_each(|c| parser.feed(c, |_| lines += 1));
+            if fed.is_ok() {
+                let _ = parser.finish(|_| lines += 1);
+            }
+        }
+        seen += 1;
+    }
+    assert!(seen >= 5);
 }

@@ -213,7 +213,7 @@ ack.write(os.environ["GRANULE_CMD"] + " checkpoint {0}\n")
         checkpoints[0].acked,
         IntervalSet::from_span(Span::new(0, 10))
     );
-    let raw = checkpoints[0].blob.open().unwrap();
+    let raw = checkpoints[0].blob.open(1 << 20).unwrap();
     assert_eq!(
         String::from_utf8(raw).unwrap(),
         (100..110).sum::<u64>().to_string()

@@ -43,6 +43,7 @@ pub struct StageSpec {
     /// Retries before bisection (default 3).
     pub retries: u32,
     /// Sizer tunables plus `target`, `limit` and `initial` (ms / items).
+    #[serde(with = "sizer_json")]
     pub sizer: SizerConfig,
     /// What one slot needs, its class, priority and owner (placement).
     #[serde(default)]
@@ -176,4 +177,44 @@ pub fn job_hash(spec: &JobSpec) -> String {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     });
     format!("{hash:016x}")
+}
+
+/// A stage's sizer in the stored spec: the tunables and the stage keys (`target`,
+/// `limit`, `initial`) that `SizerConfig` leaves out of its own serde form (they
+/// are not `[stage.sizer]` keys), so a worker reading the stored spec gets them.
+mod sizer_json {
+    use granule_core::SizerConfig;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Stored {
+        #[serde(flatten)]
+        tunables: SizerConfig,
+        #[serde(default)]
+        target_ms: Option<f64>,
+        #[serde(default)]
+        limit_ms: Option<f64>,
+        #[serde(default)]
+        initial: Option<u64>,
+    }
+
+    pub(crate) fn serialize<S: Serializer>(c: &SizerConfig, s: S) -> Result<S::Ok, S::Error> {
+        Stored {
+            tunables: c.clone(),
+            target_ms: c.target_ms,
+            limit_ms: c.limit_ms,
+            initial: c.initial,
+        }
+        .serialize(s)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SizerConfig, D::Error> {
+        let stored = Stored::deserialize(d)?;
+        Ok(SizerConfig {
+            target_ms: stored.target_ms,
+            limit_ms: stored.limit_ms,
+            initial: stored.initial,
+            ..stored.tunables
+        })
+    }
 }

@@ -139,6 +139,8 @@ pub trait Store {
     /// The checkpoint before `id` in its chain, found even when `id`'s own record
     /// is gone (from the fragment that wrote it).
     fn checkpoint_before(&mut self, id: i64) -> Result<Option<i64>>;
+    /// Where every item of a stage is now, as sets (for checks and model tests).
+    fn accounting(&mut self, job: &str, stage: &str) -> Result<Accounting>;
     /// Waits up to `timeout` for a sign that work appeared (a notification where the
     /// backend has them); true if one came. Backends without them just sleep.
     fn wait_for_work(&mut self, timeout: std::time::Duration) -> Result<bool>;

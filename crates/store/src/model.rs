@@ -532,3 +532,16 @@ pub struct FragmentLog {
     /// stderr tail.
     pub stderr: Vec<u8>,
 }
+
+/// Where every item of a stage is: the four sets partition its items.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Accounting {
+    /// Waiting for a claim.
+    pub pending: IntervalSet,
+    /// Inside running fragments, not acked.
+    pub running: IntervalSet,
+    /// Counted done.
+    pub done: IntervalSet,
+    /// Failed alone after every retry.
+    pub quarantined: IntervalSet,
+}

@@ -174,6 +174,7 @@ ALTER TABLE fragments ADD COLUMN resumed_from BIGINT;
 ALTER TABLE fragments ADD COLUMN result BIGINT;
 ALTER TABLE fragments ADD COLUMN state_reruns BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE fragments ADD COLUMN results_missing BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE fragments ADD COLUMN unconfirmed BOOLEAN NOT NULL DEFAULT false;
 ALTER TABLE blobs ADD COLUMN covers TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE jobs ADD COLUMN error TEXT;
 UPDATE fragments SET result = checkpoint_id WHERE state = 'done' AND checkpoint_id IS NOT NULL;
@@ -364,8 +365,10 @@ fn learn_stateful(tx: &mut Tx<'_, '_>, stage: i64) -> Result<bool> {
         return Ok(false);
     }
     let rows = tx.query(
-        "UPDATE fragments SET acked = '[]', done_count = 0
-         WHERE stage_id = $1 AND state != 'running' AND done_count > 0 RETURNING acked",
+        "UPDATE fragments f SET acked = '[]', done_count = 0, unconfirmed = false
+         FROM fragments old
+         WHERE old.id = f.id AND f.stage_id = $1 AND f.state != 'running' AND f.done_count > 0
+         RETURNING old.acked",
         &[&stage],
     )?;
     let mut reverted = IntervalSet::new();
@@ -391,19 +394,15 @@ fn learn_acking(tx: &mut Tx<'_, '_>, stage: i64) -> Result<bool> {
         return Ok(false);
     }
     let reverted = tx.query(
-        "UPDATE fragments SET state = 'reverted', done_count = 0, acked = '[]', result = NULL
-         WHERE stage_id = $1 AND state = 'done' RETURNING start_idx, end_idx",
+        "UPDATE fragments f SET state = 'reverted', done_count = 0, acked = '[]', result = NULL, unconfirmed = false
+         FROM fragments old WHERE old.id = f.id AND f.stage_id = $1 AND f.unconfirmed RETURNING old.acked",
         &[&stage],
     )?;
-    let ranges: Vec<PendingRange> = reverted
-        .iter()
-        .map(|r| {
-            PendingRange::fresh(Span::new(
-                r.get::<_, i64>(0) as u64,
-                r.get::<_, i64>(1) as u64,
-            ))
-        })
-        .collect();
+    let mut items = IntervalSet::new();
+    for r in &reverted {
+        items.union_with(&parse::<IntervalSet>(r.get(0), "fragment acks")?);
+    }
+    let ranges: Vec<PendingRange> = items.spans().map(PendingRange::fresh).collect();
     insert_pending(tx, stage, &ranges)?;
     tx.execute("UPDATE stages SET acks = 'yes' WHERE id = $1", &[&stage])?;
     Ok(!ranges.is_empty())
@@ -972,11 +971,18 @@ impl Store for PgStore {
                 save_fragment(tx, &ledger, f.fragment)?;
                 if !held.job_running {
                     // Cancelled or stopped: its acks stand, the rest is pending again.
-                    ledger.finish(f.fragment, &FinishOutcome::Yielded, 0);
+                    let report = ledger.finish(f.fragment, &FinishOutcome::Yielded, 0);
                     insert_pending(tx, held.stage, ledger.pending.ranges())?;
                     tx.execute(
-                        "UPDATE fragments SET state = 'cancelled', finished_ms = $2, split_request = NULL WHERE id = $1",
-                        &[&f.fragment.0, &now_ms],
+                        "UPDATE fragments SET state = 'cancelled', finished_ms = $2, split_request = NULL,
+                           acked = $3, done_count = $4, state_reruns = state_reruns + $5 WHERE id = $1",
+                        &[
+                            &f.fragment.0,
+                            &now_ms,
+                            &json(&ledger.done),
+                            &(ledger.done.len() as i64),
+                            &(report.undone as i64),
+                        ],
                     )?;
                     reply.stopped.push(f.fragment);
                 }
@@ -1102,7 +1108,7 @@ impl Store for PgStore {
                   end_idx = $14, acked = $15, done_count = $16, wasted_ms = $17, checkpoint_fallbacks = $18,
                   split_request = NULL, checkpoint_id = $19, splits = splits + $20, io_bytes = $21,
                   predicted_ms = coalesce($22, predicted_ms), result = $23, state_reruns = state_reruns + $24,
-                  results_missing = $25
+                  results_missing = $25, unconfirmed = $26
                  WHERE id = $1",
                 &[
                     &id.0,
@@ -1130,6 +1136,7 @@ impl Store for PgStore {
                     &result,
                     &((report.undone + forgotten) as i64),
                     &(report.uncovered as i64),
+                    &(verdict.all_or_nothing && !ledger.acking),
                 ],
             )?;
             if verdict.all_or_nothing && end.fed > 0 && stage.acks == "unknown" {
@@ -1352,6 +1359,38 @@ impl Store for PgStore {
                 })
             })
             .collect()
+    }
+
+    fn accounting(&mut self, job: &str, stage: &str) -> Result<Accounting> {
+        self.with_tx(|tx| {
+            let row = tx
+                .query_opt(
+                    "SELECT s.id, s.quarantined FROM stages s JOIN jobs j ON j.id = s.job_id
+                     WHERE j.name = $1 AND s.name = $2",
+                    &[&job, &stage],
+                )?
+                .ok_or_else(|| StoreError::NoSuchJob(format!("{job}/{stage}")))?;
+            let (id, quarantined): (i64, String) = (row.get(0), row.get(1));
+            let mut acc = Accounting {
+                quarantined: parse(&quarantined, "quarantined")?,
+                ..Accounting::default()
+            };
+            for r in tx.query("SELECT start_idx, end_idx FROM pending WHERE stage_id = $1", &[&id])? {
+                acc.pending.insert(Span::new(r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64));
+            }
+            for r in tx.query(
+                "SELECT start_idx, end_idx, acked, state = 'running' FROM fragments WHERE stage_id = $1",
+                &[&id],
+            )? {
+                let acked: IntervalSet = parse(r.get(2), "fragment acks")?;
+                if r.get::<_, bool>(3) {
+                    let span = Span::new(r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64);
+                    acc.running.union_with(&acked.complement_within(span));
+                }
+                acc.done.union_with(&acked);
+            }
+            Ok(acc)
+        })
     }
 
     fn checkpoint_before(&mut self, id: i64) -> Result<Option<i64>> {

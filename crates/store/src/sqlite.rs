@@ -1123,6 +1123,29 @@ impl Store for SqliteStore {
         checkpoint_before(&self.conn, id)
     }
 
+    fn accounting(&mut self, job: &str, stage: &str) -> Result<Accounting> {
+        let id: i64 = self
+            .conn
+            .query_row(
+                "SELECT s.id FROM stages s JOIN jobs j ON j.id = s.job_id WHERE j.name = ?1 AND s.name = ?2",
+                params![job, stage],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NoSuchJob(format!("{job}/{stage}")))?;
+        let ledger = load_ledger(&self.conn, id)?;
+        let mut running = IntervalSet::new();
+        for f in &ledger.running {
+            running.union_with(&f.acked.complement_within(f.span));
+        }
+        Ok(Accounting {
+            pending: ledger.pending.to_set(),
+            running,
+            done: ledger.done,
+            quarantined: ledger.quarantined,
+        })
+    }
+
     fn wait_for_work(&mut self, timeout: Duration) -> Result<bool> {
         std::thread::sleep(timeout.min(self.idle_poll()));
         Ok(true)
