@@ -150,8 +150,8 @@ struct WorkerArgs {
     #[arg(long)]
     spot: bool,
     /// A custom resource this worker has, `NAME=AMOUNT` (repeatable), e.g. `licenses=4`.
-    #[arg(long = "resource", value_parser = parse_resource)]
-    resources: Vec<(String, f64)>,
+    #[arg(long = "resource")]
+    resources: Vec<String>,
     /// Print what this worker would declare (detected and declared resources) and exit.
     #[arg(long)]
     describe: bool,
@@ -520,7 +520,8 @@ fn slots(arg: Option<u32>) -> Result<u32> {
     Ok(slots)
 }
 
-/// `NAME=AMOUNT` of a custom resource.
+/// `NAME=AMOUNT` of a custom resource. (Checked here rather than by clap, whose
+/// errors echo the raw value: a name may hold terminal escapes.)
 fn parse_resource(text: &str) -> Result<(String, f64), String> {
     let (name, amount) = text
         .split_once('=')
@@ -529,17 +530,29 @@ fn parse_resource(text: &str) -> Result<(String, f64), String> {
         .trim()
         .parse()
         .map_err(|_| format!("{text:?}: AMOUNT must be a number"))?;
-    if name.trim().is_empty() || !amount.is_finite() || amount < 0.0 {
-        return Err(format!(
-            "{text:?}: expected a name and a non-negative amount"
-        ));
+    if !amount.is_finite() || amount < 0.0 {
+        return Err(format!("{text:?}: AMOUNT must be a number, 0 or more"));
     }
-    Ok((name.trim().to_string(), amount))
+    let name = name.trim();
+    granule_spec::check_name(name).map_err(|why| format!("{text:?}: the name {why}"))?;
+    Ok((name.to_string(), amount))
+}
+
+/// The worker's declared class and resources, checked: names bounded and printable,
+/// amounts numbers (values are shown escaped in errors, never raw).
+fn declared(args: &WorkerArgs) -> Result<Vec<(String, f64)>> {
+    granule_spec::check_name(&args.class)
+        .map_err(|why| BadInput(format!("--class {:?}: the name {why}", args.class)))?;
+    args.resources
+        .iter()
+        .map(|r| parse_resource(r).map_err(|why| BadInput(format!("--resource {why}")).into()))
+        .collect()
 }
 
 fn worker(args: WorkerArgs) -> Result<u8> {
+    let resources = declared(&args)?;
     if args.describe {
-        let mut description = engine::describe(&args.resources);
+        let mut description = engine::describe(&resources);
         description["class"] = args.class.clone().into();
         description["cost_per_hour"] = args.cost.into();
         description["spot"] = args.spot.into();
@@ -580,7 +593,7 @@ fn worker(args: WorkerArgs) -> Result<u8> {
         idle_exit: args.idle_exit,
         cost_per_hour: args.cost,
         spot: args.spot,
-        custom: args.resources.clone(),
+        custom: resources,
         steal: !args.no_steal,
         ..engine::EngineConfig::default()
     };

@@ -297,7 +297,7 @@ fn case5_stateful_results_are_exact_after_failures_preemptions_and_lost_checkpoi
         std::fs::create_dir(&states).unwrap();
         let env = [("STATE_DIR", states.to_str().unwrap())];
         assert!(job.output(&["submit", "job.toml"]).status.success());
-        let deadline = Instant::now() + Duration::from_secs(240);
+        let deadline = Instant::now() + 2 * PATIENCE;
         let mut round = 0;
         while state_of(&job) == "running" {
             assert!(
@@ -317,7 +317,7 @@ fn case5_stateful_results_are_exact_after_failures_preemptions_and_lost_checkpoi
             let checkpoints =
                 |job: &Job| stage(&job.status(), 0)["checkpoints"].as_u64().unwrap_or(0);
             let before = checkpoints(&job);
-            let progressed = Instant::now() + Duration::from_secs(60);
+            let progressed = Instant::now() + PATIENCE;
             while worker.try_wait().unwrap().is_none()
                 && checkpoints(&job) <= before
                 && Instant::now() < progressed
@@ -603,7 +603,7 @@ fn case11_a_full_disk_is_waited_out_and_nothing_acked_is_lost() {
             .and_then(|s| stage(&s, 0)["done"].as_u64())
             .unwrap_or(0)
     };
-    wait_until("progress", Duration::from_secs(120), || done_here() > 1000);
+    wait_until("progress", PATIENCE, || done_here() > 1000);
     let filler = mount.join("filler");
     let _ = std::process::Command::new("dd")
         .args(["if=/dev/zero", "bs=4k"])
@@ -618,7 +618,7 @@ fn case11_a_full_disk_is_waited_out_and_nothing_acked_is_lost() {
             .filter(|l| l.contains(what))
             .count()
     };
-    wait_until("the full disk to be said", Duration::from_secs(60), || {
+    wait_until("the full disk to be said", PATIENCE, || {
         said("no space left") > 0
     });
     let full_since = Instant::now();
@@ -722,11 +722,9 @@ fn case13_a_grandchild_holding_the_pipes_ends_with_its_fragment() {
         .map(|l| l.trim().parse().unwrap())
         .collect();
     assert!(!pids.is_empty());
-    wait_until(
-        "every grandchild to be gone",
-        Duration::from_secs(30),
-        || pids.iter().all(|&p| !alive(p)),
-    );
+    wait_until("every grandchild to be gone", PATIENCE, || {
+        pids.iter().all(|&p| !alive(p))
+    });
 }
 
 #[test]
@@ -745,6 +743,21 @@ fn case14_names_are_bounded_and_printable() {
             !stderr(&out).contains('\u{1b}'),
             "the name is not echoed raw"
         );
+    }
+    // The same holds for names given to a worker.
+    let job = Job::new(&one_stage("x", "[\"true\"]", "{ range = [0, 1] }", ""));
+    for args in [
+        ["worker", "--class", "red\u{1b}[31m"],
+        ["worker", "--resource", "gp\nu=1"],
+    ] {
+        let out = job.output(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("control character"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(!stderr(&out).contains('\u{1b}') && !stderr(&out).contains("gp\nu"));
     }
 }
 
@@ -828,9 +841,7 @@ fn case17_cancel_keeps_the_accounting_and_run_says_cancelled() {
                 .env("MED_US", "2000")
                 .stderr(Stdio::piped()),
         );
-        wait_until("some progress", Duration::from_secs(120), || {
-            done(&job) > 50
-        });
+        wait_until("some progress", PATIENCE, || done(&job) > 50);
         let cancel = job.output(&["cancel", "spin"]);
         assert!(cancel.status.success(), "{}", stderr(&cancel));
         let status = run.wait().unwrap();

@@ -3,7 +3,6 @@
 mod common;
 
 use common::*;
-use std::time::Duration;
 
 #[test]
 fn runs_a_dag_to_the_end_and_reports_status() {
@@ -144,9 +143,7 @@ fn kill_9_then_rerun_loses_nothing_and_counts_once() {
             ("OUT_DIR", out_dir.as_str()),
         ];
         let mut child = start_run(&job, &env);
-        wait_until("some items done", Duration::from_secs(60), || {
-            done(&job) > 3000
-        });
+        wait_until("some items done", PATIENCE, || done(&job) > 3000);
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let before = done(&job);
@@ -174,9 +171,7 @@ fn ctrl_c_yields_and_the_rerun_finishes() {
         ("OUT_DIR", out_dir.as_str()),
     ];
     let mut child = start_run(&job, &env);
-    wait_until("some items done", Duration::from_secs(60), || {
-        done(&job) > 2000
-    });
+    wait_until("some items done", PATIENCE, || done(&job) > 2000);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
@@ -339,11 +334,9 @@ fn explain_says_what_the_deadline_plan_makes_of_a_stage() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null()),
     );
-    wait_until(
-        "the job to finish",
-        std::time::Duration::from_secs(60),
-        || job.status()["jobs"][0]["state"] == "done",
-    );
+    wait_until("the job to finish", PATIENCE, || {
+        job.status()["jobs"][0]["state"] == "done"
+    });
     let after = text(&job);
     let _ = worker.kill();
     let _ = worker.wait();

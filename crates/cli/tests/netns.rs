@@ -170,7 +170,7 @@ fn cut_and_check(
     other: Spawned,
     mut cut: impl FnMut(bool),
 ) {
-    wait_until("the victim holds work", Duration::from_secs(60), || {
+    wait_until("the victim holds work", PATIENCE, || {
         let s = job.status();
         let busy = s["workers"]
             .as_array()
@@ -183,17 +183,15 @@ fn cut_and_check(
     cut(false);
     // Longer than the lease: the other worker takes the victim's fragment over.
     let cut_at = Instant::now();
-    wait_until(
-        "the lost lease to be released",
-        Duration::from_secs(30),
-        || stage(&job.status(), 0)["lost"].as_u64() > Some(0),
-    );
+    wait_until("the lost lease to be released", PATIENCE, || {
+        stage(&job.status(), 0)["lost"].as_u64() > Some(0)
+    });
     while cut_at.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(50));
     }
     cut(true);
     let mut other = other;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + PATIENCE;
     while victim.try_wait().unwrap().is_none() || other.try_wait().unwrap().is_none() {
         assert!(
             Instant::now() < deadline,
@@ -326,12 +324,12 @@ fn postgres_restarted_twice_mid_job_loses_nothing() {
         .map(|_| Spawned::start(&mut worker_cmd(&job, &url, &out)))
         .collect();
     for threshold in [2_000u64, 6_000] {
-        wait_until("progress before a restart", Duration::from_secs(60), || {
+        wait_until("progress before a restart", PATIENCE, || {
             stage(&job.status(), 0)["done"].as_u64() > Some(threshold)
         });
         pg.restart();
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + PATIENCE;
     while workers.iter_mut().any(|w| w.try_wait().unwrap().is_none()) {
         assert!(
             Instant::now() < deadline,

@@ -53,7 +53,7 @@ fn keep_workers(
     mut chaos: impl FnMut(&mut [Spawned]),
 ) {
     let mut workers: Vec<Spawned> = (0..slots).map(|_| spawn_worker(job, args, env)).collect();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + PATIENCE;
     while job_state(job) == "running" {
         assert!(
             Instant::now() < deadline,
@@ -232,7 +232,7 @@ fn a_corrupt_checkpoint_falls_back_and_is_reported() {
         job.cmd(&["run", "job.toml", "--slots", "1", "-q"])
             .envs(env),
     );
-    wait_until("three checkpoints", Duration::from_secs(60), || {
+    wait_until("three checkpoints", PATIENCE, || {
         stage(&job.status(), 0)["checkpoints"].as_u64() >= Some(3)
     });
     run.kill().unwrap();
@@ -282,14 +282,10 @@ fn an_idle_worker_splits_a_running_fragment_and_no_item_runs_twice() {
         ];
         let mut first = spawn_worker(&job, &["--slots", "1"], &env);
         // The first worker, alone, takes every item in one fragment.
-        wait_until(
-            "one fragment holding everything",
-            Duration::from_secs(30),
-            || {
-                let s = stage(&job.status(), 0).clone();
-                s["running_fragments"] == 1 && s["pending"] == 0 && s["done"].as_u64() > Some(10)
-            },
-        );
+        wait_until("one fragment holding everything", PATIENCE, || {
+            let s = stage(&job.status(), 0).clone();
+            s["running_fragments"] == 1 && s["pending"] == 0 && s["done"].as_u64() > Some(10)
+        });
         let mut second = spawn_worker(&job, &["--slots", "1"], &env);
         first.wait().unwrap();
         second.wait().unwrap();
@@ -448,7 +444,7 @@ fn two_classes_share_a_stage_each_sized_by_what_it_learned() {
     let fast = spawn_worker(&job, &["--class", "fast", "--slots", "1"], &[]);
     let slow = spawn_worker(&job, &["--class", "slow", "--slots", "1"], &[]);
     for mut w in [fast, slow] {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + PATIENCE;
         while w.try_wait().unwrap().is_none() {
             assert!(
                 Instant::now() < deadline,

@@ -411,10 +411,15 @@ impl Sizer {
         };
         lower(&mut n, &mut cap, tail.max(tail_floor).ceil(), SizeCap::Tail);
         let mut pressure = 1.0;
-        if ctx.free_memory < cfg.min_free_memory {
+        // Slow start's fragments are small already and must grow for the model to
+        // learn anything: shrinking them under load kept a loaded machine at 1-item
+        // fragments for good (each one teaching nothing). Pressure applies once the
+        // model sizes fragments.
+        let learning = !model.ready();
+        if !learning && ctx.free_memory < cfg.min_free_memory {
             pressure *= (ctx.free_memory / cfg.min_free_memory).max(0.0);
         }
-        if ctx.load_per_cpu > cfg.max_load {
+        if !learning && ctx.load_per_cpu > cfg.max_load {
             pressure *= cfg.max_load / ctx.load_per_cpu;
         }
         if pressure < 1.0 {
@@ -778,5 +783,36 @@ mod tests {
         );
         assert_eq!(tight.cap, SizeCap::Pressure);
         assert!(tight.n * 4 < free, "{} vs {free}", tight.n);
+    }
+
+    #[test]
+    fn slow_start_grows_on_a_loaded_machine() {
+        // Other programs keep the load at 5 per CPU (over max_load = 2): fragments still
+        // double until the model can size them (they once stayed at 1 item for good).
+        let cfg = SizerConfig::default();
+        let loaded = ClaimContext {
+            load_per_cpu: 5.0,
+            ..roomy()
+        };
+        let mut sizer = Sizer::default();
+        let mut sizes = Vec::new();
+        for _ in 0..6 {
+            let n = sizer.size(&cfg, &loaded).n;
+            sizes.push(n);
+            sizer.observe(
+                &cfg,
+                &Observation {
+                    n,
+                    duration_ms: 300.0 + n as f64,
+                    acks: 0,
+                    first_ack_ms: None,
+                    last_ack_ms: None,
+                    sized_by_model: false,
+                    bytes: None,
+                    load: Some(5.0),
+                },
+            );
+        }
+        assert_eq!(&sizes[..4], [1, 2, 4, 8], "{sizes:?}");
     }
 }

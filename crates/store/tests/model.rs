@@ -444,7 +444,12 @@ impl Run<'_> {
     fn expire(&mut self, id: FragmentId) {
         let f = self.model.frags[&id].clone();
         let now = self.tick();
-        assert_eq!(self.store.release(now, std::slice::from_ref(&f.worker)).unwrap(), 1);
+        assert_eq!(
+            self.store
+                .release(now, std::slice::from_ref(&f.worker))
+                .unwrap(),
+            1
+        );
         self.model.release(id);
         self.model.ghosts.push((f.worker, id, f.span));
     }

@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 /// test fails (generous: tests must pass on a loaded machine).
 pub const COMMAND_DEADLINE: Duration = Duration::from_secs(300);
 
+/// How long a test waits for a condition before it fails: generous, because a test
+/// must pass on a loaded machine (nothing here assumes a speed).
+pub const PATIENCE: Duration = Duration::from_secs(300);
+
 /// A process a test started, in its own process group: killed with everything it
 /// started when the test ends, even by a panic, so a failing test leaves nothing
 /// running.
