@@ -123,7 +123,9 @@ ALTER TABLE fragments ADD COLUMN io_bytes INTEGER NOT NULL DEFAULT 0;
     // 7: exact at the task boundary: all-or-nothing items a first ack reverts, the
     // state each checkpoint and running fragment covers, chain results, jobs that
     // stop with an error. Blob ids are never reused (AUTOINCREMENT): a range that
-    // names a deleted checkpoint must never resume from another one's state.
+    // names a deleted checkpoint must never resume from another one's state. The
+    // table is copied aside rather than renamed: a rename reparses the whole schema
+    // and more than doubles SQLite's peak memory on every fresh database.
     r#"
 ALTER TABLE stages ADD COLUMN unconfirmed TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE stages ADD COLUMN stateful INTEGER NOT NULL DEFAULT 0;
@@ -136,7 +138,9 @@ ALTER TABLE fragments ADD COLUMN result INTEGER;
 ALTER TABLE fragments ADD COLUMN state_reruns INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE fragments ADD COLUMN results_missing INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN error TEXT;
-CREATE TABLE blobs_v7 (
+CREATE TABLE blobs_v6 AS SELECT * FROM blobs;
+DROP TABLE blobs;
+CREATE TABLE blobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     stage_id INTEGER NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
     fragment_id INTEGER NOT NULL,
@@ -149,10 +153,9 @@ CREATE TABLE blobs_v7 (
     prev INTEGER,
     covers TEXT NOT NULL DEFAULT '[]'
 );
-INSERT INTO blobs_v7 (id, stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms, prev)
-    SELECT id, stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms, prev FROM blobs;
-DROP TABLE blobs;
-ALTER TABLE blobs_v7 RENAME TO blobs;
+INSERT INTO blobs (id, stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms, prev)
+    SELECT id, stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms, prev FROM blobs_v6;
+DROP TABLE blobs_v6;
 UPDATE fragments SET result = checkpoint_id WHERE state = 'done' AND checkpoint_id IS NOT NULL;
 UPDATE fragments SET resumed_from = checkpoint_id WHERE state = 'running';
 "#,

@@ -1528,3 +1528,60 @@ impl SqliteStore {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store written before migration 7 keeps its checkpoints through it, and the
+    /// recreated blobs table never hands out an id it already used.
+    #[test]
+    fn checkpoints_survive_the_upgrade_to_protocol_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("granule.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..6] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.execute_batch(
+                "PRAGMA user_version = 6;
+                 INSERT INTO jobs (id, name, spec_hash, spec, state, created_ms)
+                     VALUES (1, 'j', 'h', '{}', 'running', 0);
+                 INSERT INTO stages (id, job_id, idx, name, items, after, retries,
+                     sizer_config, state, pending, done, quarantined)
+                     VALUES (1, 1, 0, 's', 10, '[]', 2, '{}', 'running', '[]', '[]', '[]');
+                 INSERT INTO blobs (id, stage_id, fragment_id, kind, raw_len, hash, data,
+                     meta, created_ms, prev)
+                     VALUES (7, 1, 3, 'checkpoint', 5, 'x', X'68656C6C6F', '{}', 0, 6);",
+            )
+            .unwrap();
+        }
+        let mut store = SqliteStore::open(&path).unwrap();
+        let kept = store.blob(7).unwrap().expect("blob 7 kept");
+        assert_eq!(kept.row.data, b"hello");
+        assert_eq!(kept.prev, Some(6));
+        let stateful: i64 = store
+            .conn
+            .query_row("SELECT stateful FROM stages WHERE id = 1", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stateful, 1, "a stage with checkpoints is known stateful");
+        store
+            .conn
+            .execute("DELETE FROM blobs WHERE id = 7", [])
+            .unwrap();
+        store
+            .conn
+            .execute(
+                "INSERT INTO blobs (stage_id, fragment_id, kind, raw_len, hash, data, meta,
+                     created_ms) VALUES (1, 4, 'checkpoint', 0, 'y', X'', '{}', 0)",
+                [],
+            )
+            .unwrap();
+        assert_eq!(
+            store.conn.last_insert_rowid(),
+            8,
+            "blob id 7 is never reused"
+        );
+    }
+}
