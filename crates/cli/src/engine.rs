@@ -538,10 +538,11 @@ impl Worker<'_> {
         }
     }
 
-    /// What a transient store error means, in words: a full disk names the state
-    /// directory and the space left there.
+    /// What a transient store error means, in words: a full disk under the embedded
+    /// store names the state directory and the space left there (PostgreSQL's own
+    /// message says which of the server's files could not grow).
     fn outage_reason(&self, e: &StoreError) -> String {
-        if !e.is_disk_full() {
+        if !e.is_disk_full() || matches!(e, StoreError::Postgres(_)) {
             return e.to_string();
         }
         let dir = &self.cfg.state_dir;

@@ -198,26 +198,40 @@ fn case4_an_items_file_changed_after_submit_is_refused_naming_it() {
                 backend.name,
                 stderr(&worker)
             );
-            let status = job.status();
+            let all = job.status();
+            let status = all["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|j| j["name"] == format!("lines-{change}"))
+                .unwrap_or_else(|| panic!("{all}"));
             assert_eq!(
-                status["jobs"][0]["state"], "refused",
+                status["state"], "refused",
                 "{}/{change}: {status}",
                 backend.name
             );
-            let error = status["jobs"][0]["error"]
-                .as_str()
-                .unwrap_or("")
-                .to_string();
+            let error = status["error"].as_str().unwrap_or("").to_string();
             assert!(
                 error.contains("items.txt") && error.contains("changed"),
                 "{error}"
             );
-            assert_eq!(stage(&status, 0)["done"], 0, "{}/{change}", backend.name);
+            assert_eq!(status["stages"][0]["done"], 0, "{}/{change}", backend.name);
             assert!(!job.path("out").exists(), "nothing ran the wrong lines");
             // Running it again names the file too, and runs nothing.
             let out = job.run(&[], &[]);
             assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
             assert!(stderr(&out).contains("items.txt"), "{}", stderr(&out));
+            // Restored as submitted, the job runs again where it stopped.
+            std::fs::write(job.path("items.txt"), &lines).unwrap();
+            let out = job.run(&[], &[]);
+            assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+            let mut ran: Vec<String> = std::fs::read_to_string(job.path("out"))
+                .unwrap()
+                .lines()
+                .map(String::from)
+                .collect();
+            ran.sort_by_key(|l| l[5..].parse::<u32>().unwrap());
+            assert_eq!(ran.join("\n") + "\n", lines, "{}/{change}", backend.name);
         }
     }
 }

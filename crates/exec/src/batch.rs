@@ -30,7 +30,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// Unacked items a source without computable indices may have in flight before
-/// the first ack; past it the fragment is treated as all-or-nothing.
+/// the first ack; past it the fragment is treated as all-or-nothing. Never in a
+/// stage known to ack: there every ack must find its item, however late it comes.
 const UNTRACKED_AFTER: usize = 65_536;
 /// Pause after a short read of fd 3, so acks are read in batches.
 const ACK_BATCH: Duration = Duration::from_millis(1);
@@ -120,11 +121,19 @@ pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> 
     let _ = feeder.recv();
     report.stdout_tail = stdout.recv().unwrap_or_default();
     report.stderr_tail = stderr.recv().unwrap_or_default();
-    if acker.recv_timeout(FD3_GRACE).is_err() {
-        control.fault(Failure::Checkpoint(format!(
+    match acker.recv_timeout(FD3_GRACE) {
+        // A last line without a newline counts only from a task that exited 0: from
+        // one that was killed it may be cut short (`12` of `123`).
+        Ok(Some(mut parser)) if sup.exit.code == Some(0) => {
+            let mut lines = Vec::new();
+            let parsed = parser.finish(|line| lines.push(resolve(job, line)));
+            apply(job, control, parsed, lines, start);
+        }
+        Ok(_) => {}
+        Err(_) => control.fault(Failure::Checkpoint(format!(
             "fd 3 was still being read {}s after the task exited (a checkpoint that cannot be read?)",
             FD3_GRACE.as_secs()
-        )));
+        ))),
     }
     report.cpu_ms = sup.exit.cpu_ms;
     report.peak_rss_kb = sup.exit.max_rss_kb;
@@ -148,11 +157,10 @@ pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> 
     report
 }
 
-fn spawn_helper(f: impl FnOnce() + Send + 'static) -> mpsc::Receiver<()> {
+fn spawn_helper<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> mpsc::Receiver<T> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
-        f();
-        let _ = tx.send(());
+        let _ = tx.send(f());
     });
     rx
 }
@@ -256,7 +264,10 @@ fn feed(job: &FragmentJob, control: &Control, stdin: OwnedFd, stop: RawFd) {
                     .or_default()
                     .push_back(index);
                 st.inflight_len += 1;
-                if st.acks == 0 && st.inflight_len > UNTRACKED_AFTER {
+                if st.acks == 0
+                    && st.inflight_len > UNTRACKED_AFTER
+                    && job.expect_acks != Some(true)
+                {
                     st.untracked = true;
                     st.inflight = Default::default();
                 }
@@ -297,6 +308,8 @@ enum Action {
 }
 
 /// Reads fd 3 until the task is done with it: acks and `checkpoint` commands.
+/// Returns the parser, holding any last line without a newline, unless the stream
+/// broke the protocol.
 ///
 /// Reads in batches: after a short read it waits `ACK_BATCH` so that the next
 /// read returns many acks at once. One wake-up per ack would cost the spinning
@@ -308,7 +321,7 @@ fn read_fd3(
     mut pipe: File,
     stop: &OwnedFd,
     start: Instant,
-) {
+) -> Option<Parser> {
     let mut parser = Parser::new(tag, MAX_LINE);
     let mut buf = vec![0u8; 1 << 16];
     let mut healthy = true;
@@ -323,11 +336,7 @@ fn read_fd3(
         }
         healthy
     });
-    if healthy {
-        let mut lines = Vec::new();
-        let parsed = parser.finish(|line| lines.push(resolve(job, line)));
-        apply(job, control, parsed, lines, start);
-    }
+    healthy.then_some(parser)
 }
 
 /// One line as an [`Action`]: checkpoint files are read here, outside the lock.

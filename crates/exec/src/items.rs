@@ -24,7 +24,7 @@ const LINE_STRIDE: u64 = 4096;
 #[non_exhaustive]
 pub enum ItemsError {
     /// The lines file is not what was submitted.
-    #[error("items file {} changed since the job was submitted ({what}); restore it, or resubmit the job with --fresh", path.display())]
+    #[error("items file {} changed since the job was submitted ({what}); restore it and run or submit the job again, or start over with --fresh", path.display())]
     Changed {
         /// The file.
         path: PathBuf,

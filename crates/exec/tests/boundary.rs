@@ -371,3 +371,46 @@ fn the_fd3_corpus_parses_or_fails_cleanly_in_any_chunks() {
     }
     assert!(seen >= 5);
 }
+
+#[test]
+fn a_task_that_reads_everything_before_its_first_ack_has_every_ack_counted() {
+    // More values in flight than granule tracks for a task that may never ack: in a
+    // stage known to ack, each late ack must still find its item.
+    let dir = tempfile::tempdir().unwrap();
+    let items = dir.path().join("items");
+    let n = 70_000;
+    let text: String = (0..n).map(|i| format!("v{i}\n")).collect();
+    std::fs::write(&items, text).unwrap();
+    let held = dir.path().join("held");
+    let script = format!("cat > '{0}'; cat '{0}' >&3", held.display());
+    let mut j = job(&sh(&script), lines(&items), Span::new(0, n));
+    j.first_ack_patience = Duration::ZERO;
+    let ctl = Control::new(j.span);
+    let report = run_fragment(&j, &ctl);
+    assert_eq!(report.failure, None);
+    assert_eq!(report.acks, n);
+    assert!(
+        matches!(report.outcome, FinishOutcome::Success),
+        "{:?}",
+        report.outcome
+    );
+}
+
+#[test]
+fn a_last_ack_without_a_newline_counts_only_from_a_task_that_exited_0() {
+    // Killed mid-write, `12` may be the start of `123`: it is not an ack. Written by
+    // a task that exited on its own, it is.
+    let killed = "read -r a; read -r b; read -r c; printf '%s\\n%s\\n%s' $a $b $c >&3; kill -9 $$";
+    let j = job(&sh(killed), range(0, 3), Span::new(0, 3));
+    let ctl = Control::new(j.span);
+    let report = run_fragment(&j, &ctl);
+    assert_eq!(report.acks, 2);
+    assert_eq!(report.failure, Some(Failure::Signal(9)));
+
+    let clean = "read -r a; read -r b; read -r c; printf '%s\\n%s\\n%s' $a $b $c >&3";
+    let j = job(&sh(clean), range(0, 3), Span::new(0, 3));
+    let ctl = Control::new(j.span);
+    let report = run_fragment(&j, &ctl);
+    assert_eq!(report.acks, 3);
+    assert_eq!(report.failure, None);
+}

@@ -5,6 +5,10 @@ use crate::tree::Field;
 use crate::SpecError;
 use toml::de::DeValue;
 
+/// The longest duration a spec may give (10 years): anything longer is a typo, and
+/// would overflow the clocks a worker adds it to.
+const MAX_MS: f64 = 10.0 * 365.25 * 86_400_000.0;
+
 /// The duration in `field` as milliseconds: seconds as an integer or float
 /// (`2`, `0.5`) or a humantime string (`"500ms"`, `"1m 30s"`); must be > 0.
 pub(crate) fn millis(cx: &Ctx<'_>, field: &Field<'_>) -> Result<f64, SpecError> {
@@ -16,6 +20,9 @@ pub(crate) fn millis(cx: &Ctx<'_>, field: &Field<'_>) -> Result<f64, SpecError> 
     };
     if !ms.is_finite() || ms <= 0.0 {
         return Err(field.err(cx, "duration must be greater than zero"));
+    }
+    if ms > MAX_MS {
+        return Err(field.err(cx, "duration must be at most 10 years"));
     }
     Ok(ms)
 }

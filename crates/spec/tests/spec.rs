@@ -352,6 +352,22 @@ fn zero_duration() {
 }
 
 #[test]
+fn absurd_duration() {
+    assert_err(
+        &one_stage("limit = 1e300"),
+        6,
+        "stage[0].limit",
+        "at most 10 years",
+    );
+    assert_err(
+        &one_stage("limit = \"400000000years\""),
+        6,
+        "stage[0].limit",
+        "at most 10 years",
+    );
+}
+
+#[test]
 fn target_not_below_limit() {
     assert_err(
         &one_stage("limit = \"1s\"\ntarget = \"2s\""),

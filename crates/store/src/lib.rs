@@ -57,8 +57,17 @@ impl StoreError {
             StoreError::Unavailable(_) => true,
             StoreError::Postgres(e) => {
                 e.is_closed()
-                    || e.code()
-                        .is_none_or(|c| c.code().starts_with("08") || c.code().starts_with("57"))
+                    || e.code().is_none_or(|c| {
+                        // 08: connection, 57: shutdown, 53100: disk full, 40001 and
+                        // 40P01: a serialization failure or deadlock victim, whose
+                        // transaction rolled back whole and may simply run again.
+                        let c = c.code();
+                        c.starts_with("08")
+                            || c.starts_with("57")
+                            || c == "53100"
+                            || c == "40001"
+                            || c == "40P01"
+                    })
             }
             StoreError::Sqlite(e) => matches!(
                 e.sqlite_error_code(),

@@ -178,7 +178,13 @@ ALTER TABLE fragments ADD COLUMN unconfirmed BOOLEAN NOT NULL DEFAULT false;
 ALTER TABLE blobs ADD COLUMN covers TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE jobs ADD COLUMN error TEXT;
 UPDATE fragments SET result = checkpoint_id WHERE state = 'done' AND checkpoint_id IS NOT NULL;
-UPDATE fragments SET resumed_from = checkpoint_id WHERE state = 'running';
+-- What schema 5 knew, said the new way (as in the SQLite store's migration 7).
+UPDATE fragments SET unconfirmed = true WHERE state = 'done' AND done_count > 0
+    AND stage_id IN (SELECT id FROM stages WHERE acks != 'yes');
+UPDATE fragments SET resumed_from = checkpoint_id WHERE state = 'running'
+    AND checkpoint_id IN (SELECT b.id FROM blobs b WHERE b.fragment_id != fragments.id);
+UPDATE fragments SET covers = acked WHERE state = 'running'
+    AND checkpoint_id IN (SELECT b.id FROM blobs b WHERE b.fragment_id = fragments.id);
 "#,
 ];
 
@@ -340,13 +346,15 @@ fn mini_ledger(held: &HeldFragment) -> StageLedger {
     }
 }
 
-/// Whether the stage's tasks are known to ack and to keep state, read under a
-/// share lock: a finish that counts items with no state (or an all-or-nothing
+/// Whether the stage's tasks are known to ack and to keep state, read under the
+/// stage row's lock: a finish that counts items with no state (or an all-or-nothing
 /// fragment) and a flush that brings the stage's first checkpoint
-/// ([`learn_stateful`]) or first ack ([`learn_acking`]) see each other.
-fn flags_shared(tx: &mut Tx<'_, '_>, stage: i64) -> Result<(bool, bool)> {
+/// ([`learn_stateful`]) or first ack ([`learn_acking`]) see each other. The lock
+/// is exclusive, not shared: a finish may go on to lock the row for update (a
+/// quarantine, the stage's end), and two share holders that both upgrade deadlock.
+fn flags_locked(tx: &mut Tx<'_, '_>, stage: i64) -> Result<(bool, bool)> {
     let r = tx.query_one(
-        "SELECT acks = 'yes', stateful FROM stages WHERE id = $1 FOR SHARE",
+        "SELECT acks = 'yes', stateful FROM stages WHERE id = $1 FOR UPDATE",
         &[&stage],
     )?;
     Ok((r.get(0), r.get(1)))
@@ -796,6 +804,15 @@ impl PgStore {
                     if hash != job.spec_hash {
                         return Err(StoreError::SpecChanged(job.name.clone()));
                     }
+                    if state == "refused" {
+                        // Submitted again as it was: its items are as submitted again.
+                        tx.execute(
+                            "UPDATE jobs SET state = 'running', error = NULL, finished_ms = NULL WHERE id = $1",
+                            &[&id],
+                        )?;
+                        notify(tx)?;
+                        return Ok(Submitted::Resumed(JobId(id)));
+                    }
                     return Ok(if state == "running" { Submitted::Resumed(JobId(id)) } else { Submitted::AlreadyFinished(JobId(id)) });
                 }
                 tx.execute("DELETE FROM jobs WHERE id = $1", &[&id])?;
@@ -1079,7 +1096,7 @@ impl Store for PgStore {
             if (all_or_nothing && !ledger.acking) || (!ledger.stateful && !f.acked.is_empty()) {
                 // Judged against a first ack or first checkpoint another worker may be
                 // committing now.
-                (ledger.acking, ledger.stateful) = flags_shared(tx, held.stage)?;
+                (ledger.acking, ledger.stateful) = flags_locked(tx, held.stage)?;
             }
             let report = ledger.finish(id, &outcome, retry_budget(end.cause.as_deref(), stage.retries));
             let verdict = verdict(end, &report);
@@ -1201,6 +1218,7 @@ impl Store for PgStore {
             let rows = tx.query(
                 "SELECT id, worker FROM fragments
                  WHERE state = 'running' AND (lease_expires_ms < $1 OR worker = ANY($2))
+                 ORDER BY stage_id, id
                  FOR UPDATE SKIP LOCKED",
                 &[&now_ms, &dead],
             )?;
@@ -1210,7 +1228,7 @@ impl Store for PgStore {
                 let Some(held) = hold(tx, FragmentId(id), &worker)? else { continue };
                 let mut ledger = mini_ledger(&held);
                 if !ledger.stateful && !held.fragment.acked.is_empty() {
-                    (ledger.acking, ledger.stateful) = flags_shared(tx, held.stage)?;
+                    (ledger.acking, ledger.stateful) = flags_locked(tx, held.stage)?;
                 }
                 let report = ledger.finish(FragmentId(id), &FinishOutcome::Lost, u32::MAX);
                 let (result, forgotten) = kept_result(tx, held.stage, &mut ledger, &report)?;

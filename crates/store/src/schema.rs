@@ -157,6 +157,16 @@ INSERT INTO blobs (id, stage_id, fragment_id, kind, raw_len, hash, data, meta, c
     SELECT id, stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms, prev FROM blobs_v6;
 DROP TABLE blobs_v6;
 UPDATE fragments SET result = checkpoint_id WHERE state = 'done' AND checkpoint_id IS NOT NULL;
-UPDATE fragments SET resumed_from = checkpoint_id WHERE state = 'running';
+-- What schema 6 knew, said the new way. All-or-nothing items of a stage not yet
+-- known to ack are unconfirmed, and items of a stage without checkpoints have no
+-- state. A running fragment's checkpoint_id was the last one it restored or wrote:
+-- one another fragment wrote is what it resumed from (its own acks not in it); one
+-- it wrote itself holds its acks so far (schema 6 took it so).
+UPDATE stages SET unconfirmed = done WHERE acks != 'yes';
+UPDATE stages SET stateless_done = done WHERE stateful = 0;
+UPDATE fragments SET resumed_from = checkpoint_id WHERE state = 'running'
+    AND checkpoint_id IN (SELECT b.id FROM blobs b WHERE b.fragment_id != fragments.id);
+UPDATE fragments SET covers = acked WHERE state = 'running'
+    AND checkpoint_id IN (SELECT b.id FROM blobs b WHERE b.fragment_id = fragments.id);
 "#,
 ];

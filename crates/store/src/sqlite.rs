@@ -519,6 +519,15 @@ impl Store for SqliteStore {
                 if hash != job.spec_hash {
                     return Err(StoreError::SpecChanged(job.name.clone()));
                 }
+                if state == "refused" {
+                    // Submitted again as it was: its items are as submitted again.
+                    tx.execute(
+                        "UPDATE jobs SET state = 'running', error = NULL, finished_ms = NULL WHERE id = ?1",
+                        [id],
+                    )?;
+                    tx.commit()?;
+                    return Ok(Submitted::Resumed(JobId(id)));
+                }
                 return Ok(if state == "running" {
                     Submitted::Resumed(JobId(id))
                 } else {
@@ -1551,9 +1560,18 @@ mod tests {
                  INSERT INTO stages (id, job_id, idx, name, items, after, retries,
                      sizer_config, state, pending, done, quarantined)
                      VALUES (1, 1, 0, 's', 10, '[]', 2, '{}', 'running', '[]', '[]', '[]');
+                 INSERT INTO stages (id, job_id, idx, name, items, after, retries,
+                     sizer_config, state, pending, done, quarantined, acks)
+                     VALUES (2, 1, 1, 't', 10, '[]', 2, '{}', 'running', '[]', '[[0,4]]', '[]', 'no');
                  INSERT INTO blobs (id, stage_id, fragment_id, kind, raw_len, hash, data,
                      meta, created_ms, prev)
-                     VALUES (7, 1, 3, 'checkpoint', 5, 'x', X'68656C6C6F', '{}', 0, 6);",
+                     VALUES (5, 1, 2, 'checkpoint', 0, 'w', X'', '{}', 0, NULL),
+                            (7, 1, 3, 'checkpoint', 5, 'x', X'68656C6C6F', '{}', 0, 6);
+                 INSERT INTO fragments (id, stage_id, start_idx, end_idx, state, worker, class,
+                     lease_expires_ms, failures, acked, checkpoint_id, n, predicted_ms,
+                     size_cap, claimed_ms)
+                     VALUES (3, 1, 0, 10, 'running', 'w', 'default', 0, 0, '[[0,2]]', 7, 10, 1, '', 0),
+                            (4, 1, 10, 20, 'running', 'w', 'default', 0, 0, '[[10,12]]', 5, 10, 1, '', 0);",
             )
             .unwrap();
         }
@@ -1566,6 +1584,39 @@ mod tests {
             .query_row("SELECT stateful FROM stages WHERE id = 1", [], |r| r.get(0))
             .unwrap();
         assert_eq!(stateful, 1, "a stage with checkpoints is known stateful");
+        let text = |store: &SqliteStore, sql: &str| -> String {
+            store.conn.query_row(sql, [], |r| r.get(0)).unwrap()
+        };
+        // Its own last checkpoint holds a running fragment's acks (as schema 6 took
+        // it); one another fragment wrote is where it resumed, holding none of them.
+        assert_eq!(
+            text(&store, "SELECT covers FROM fragments WHERE id = 3"),
+            "[[0,2]]"
+        );
+        let resumed = |id: i64| -> Option<i64> {
+            store
+                .conn
+                .query_row(
+                    "SELECT resumed_from FROM fragments WHERE id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert_eq!((resumed(3), resumed(4)), (None, Some(5)));
+        assert_eq!(
+            text(&store, "SELECT covers FROM fragments WHERE id = 4"),
+            "[]"
+        );
+        // All-or-nothing items of a stage not known to ack await its first ack.
+        assert_eq!(
+            text(&store, "SELECT unconfirmed FROM stages WHERE id = 2"),
+            "[[0,4]]"
+        );
+        assert_eq!(
+            text(&store, "SELECT stateless_done FROM stages WHERE id = 2"),
+            "[[0,4]]"
+        );
         store
             .conn
             .execute("DELETE FROM blobs WHERE id = 7", [])

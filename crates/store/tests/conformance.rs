@@ -1207,3 +1207,52 @@ fn concurrent_submits_of_one_new_job_both_succeed_once() {
         }
     }
 }
+
+#[test]
+fn the_last_fragments_of_a_stage_finish_together_without_deadlock() {
+    // Each finish with acks reads the stage's flags under its row lock and the last
+    // ones go on to settle the stage: two holding a shared lock that both upgrade
+    // would deadlock, and PostgreSQL would abort one of them.
+    for b in backends("finish_race") {
+        let open = &b.open;
+        for round in 0..20 {
+            let name = format!("race{round}");
+            let id = open().submit(&job(&name, 3, "h"), 0, false).unwrap().id();
+            // A first fragment teaches the stage that its tasks ack.
+            let mut s = open();
+            let w = worker(s.as_mut(), &format!("w{round}"));
+            let a = claim(s.as_mut(), id, &w, 0, Some(1)).unwrap();
+            let first = FragmentEnd {
+                flush: acks(a.fragment, a.span),
+                ..FragmentEnd::success(a.fragment, a.span.end)
+            };
+            s.finish(&w, 1, &first).unwrap();
+            let gate = std::sync::Barrier::new(2);
+            let results: Vec<Result<Finished>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..2)
+                    .map(|t| {
+                        let gate = &gate;
+                        scope.spawn(move || {
+                            let mut s = open();
+                            let w = worker(s.as_mut(), &format!("w{round}-{t}"));
+                            let a = claim(s.as_mut(), id, &w, 0, Some(1)).expect("an item each");
+                            gate.wait();
+                            let done = FragmentEnd {
+                                flush: acks(a.fragment, a.span),
+                                ..FragmentEnd::success(a.fragment, a.span.end)
+                            };
+                            s.finish(&w, 1, &done)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for r in &results {
+                assert!(r.is_ok(), "{} round {round}: {r:?}", b.name);
+            }
+            let status = open().status(Some(&name)).unwrap().remove(0);
+            assert_eq!(status.state, "done", "{} round {round}", b.name);
+            assert_eq!(status.stages[0].done, 3, "{} round {round}", b.name);
+        }
+    }
+}
