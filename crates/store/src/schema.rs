@@ -1,6 +1,7 @@
 //! Versioned schema migrations: `PRAGMA user_version` counts the ones applied.
 
-/// Migrations in order; never edit one that has shipped, append a new one.
+/// Migrations in order; never edit one that has shipped, append a new one (and make
+/// the same change to [`CURRENT`]).
 pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE jobs (
@@ -170,3 +171,121 @@ UPDATE fragments SET covers = acked WHERE state = 'running'
     AND checkpoint_id IN (SELECT b.id FROM blobs b WHERE b.fragment_id = fragments.id);
 "#,
 ];
+
+/// The schema all of [`MIGRATIONS`] build, created at once in a new store: replaying
+/// them (a dozen `ALTER TABLE`s, a table copied) costs a fresh store memory and time
+/// for nothing. A test holds the two to the same tables, columns and indexes.
+pub(crate) const CURRENT: &str = r#"
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    spec_hash TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    finished_ms INTEGER,
+    error TEXT
+);
+CREATE TABLE stages (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    items INTEGER NOT NULL,
+    after TEXT NOT NULL,
+    retries INTEGER NOT NULL,
+    sizer_config TEXT NOT NULL,
+    state TEXT NOT NULL,
+    pending TEXT NOT NULL,
+    done TEXT NOT NULL,
+    done_count INTEGER NOT NULL DEFAULT 0,
+    quarantined TEXT NOT NULL,
+    acks TEXT NOT NULL DEFAULT 'unknown',
+    last_n INTEGER NOT NULL DEFAULT 0,
+    needs TEXT NOT NULL DEFAULT '{}',
+    unconfirmed TEXT NOT NULL DEFAULT '[]',
+    stateful INTEGER NOT NULL DEFAULT 0,
+    stateless_done TEXT NOT NULL DEFAULT '[]',
+    UNIQUE (job_id, idx)
+);
+CREATE TABLE sizers (
+    stage_id INTEGER NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    class TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (stage_id, class)
+);
+CREATE TABLE workers (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    proc_start INTEGER NOT NULL,
+    slots INTEGER NOT NULL,
+    class TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    heartbeat_ms INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'running',
+    lifespan_end_ms INTEGER,
+    busy INTEGER NOT NULL DEFAULT 0,
+    free_memory REAL,
+    load REAL,
+    cost REAL NOT NULL DEFAULT 0,
+    spot INTEGER NOT NULL DEFAULT 0,
+    resources TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE fragments (
+    id INTEGER PRIMARY KEY,
+    stage_id INTEGER NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    start_idx INTEGER NOT NULL,
+    end_idx INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    class TEXT NOT NULL,
+    lease_expires_ms INTEGER NOT NULL,
+    failures INTEGER NOT NULL,
+    acked TEXT NOT NULL DEFAULT '[]',
+    checkpoint_id INTEGER,
+    n INTEGER NOT NULL,
+    predicted_ms REAL NOT NULL,
+    size_cap TEXT NOT NULL,
+    claimed_ms INTEGER NOT NULL,
+    finished_ms INTEGER,
+    observed_ms REAL,
+    cpu_ms REAL,
+    peak_rss_kb INTEGER,
+    load REAL,
+    fed INTEGER,
+    acks INTEGER,
+    cause TEXT,
+    detail TEXT,
+    stdout BLOB,
+    stderr BLOB,
+    split_request INTEGER,
+    splits INTEGER NOT NULL DEFAULT 0,
+    wasted_ms REAL NOT NULL DEFAULT 0,
+    checkpoint_fallbacks INTEGER NOT NULL DEFAULT 0,
+    lost INTEGER NOT NULL DEFAULT 0,
+    floor_memory_mb INTEGER NOT NULL DEFAULT 0,
+    io_bytes INTEGER NOT NULL DEFAULT 0,
+    covers TEXT NOT NULL DEFAULT '[]',
+    inherited TEXT NOT NULL DEFAULT '[]',
+    resumed_from INTEGER,
+    result INTEGER,
+    state_reruns INTEGER NOT NULL DEFAULT 0,
+    results_missing INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX fragments_by_state ON fragments (stage_id, state);
+CREATE INDEX fragments_by_worker ON fragments (worker, state);
+CREATE TABLE blobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    stage_id INTEGER NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    fragment_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    raw_len INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    data BLOB NOT NULL,
+    meta TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    prev INTEGER,
+    covers TEXT NOT NULL DEFAULT '[]'
+);
+"#;

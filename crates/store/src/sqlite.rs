@@ -9,7 +9,7 @@ use crate::common::{
     json, live_pool, memory_of, parse, placement_order, sizer_config_json, split_gain, split_point,
     stage_profile, verdict, worker_span, Admission, DoneRow, HistoryRow, StageReading, StageView,
 };
-use crate::schema::MIGRATIONS;
+use crate::schema::{CURRENT, MIGRATIONS};
 use crate::*;
 use crate::{Heartbeat, SplitAnswer};
 use granule_core::prediction_error;
@@ -487,8 +487,13 @@ impl SqliteStore {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let version: usize =
+        let mut version: usize =
             tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+        if version == 0 {
+            tx.execute_batch(CURRENT)?;
+            version = MIGRATIONS.len();
+            tx.pragma_update(None, "user_version", version as i64)?;
+        }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
             tx.execute_batch(sql)?;
             tx.pragma_update(None, "user_version", (i + 1) as i64)?;
@@ -1541,6 +1546,58 @@ impl SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every table's columns (name, type, not null, default, key), foreign keys and
+    /// AUTOINCREMENT, and every index, as text to compare.
+    fn shape(conn: &Connection) -> Vec<String> {
+        let mut out = Vec::new();
+        let objects: Vec<(String, String, String)> = conn
+            .prepare("SELECT type, name, coalesce(sql, '') FROM sqlite_master ORDER BY type, name")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        for (kind, name, sql) in objects {
+            if kind == "index" {
+                out.push(format!("index {name}: {sql}"));
+                continue;
+            }
+            out.push(format!(
+                "{kind} {name} autoincrement={}",
+                sql.contains("AUTOINCREMENT")
+            ));
+            for pragma in ["table_info", "foreign_key_list"] {
+                let mut stmt = conn.prepare(&format!("PRAGMA {pragma}({name})")).unwrap();
+                let width = stmt.column_count();
+                let rows: Vec<String> = stmt
+                    .query_map([], |r| {
+                        Ok((0..width)
+                            .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                            .collect::<Vec<_>>()
+                            .join(" "))
+                    })
+                    .unwrap()
+                    .map(|r| r.unwrap())
+                    .collect();
+                out.extend(rows.into_iter().map(|row| format!("  {pragma}: {row}")));
+            }
+        }
+        out
+    }
+
+    /// A new store, made from the current schema at once, is the store the
+    /// migrations make one step at a time.
+    #[test]
+    fn the_current_schema_is_what_the_migrations_build() {
+        let migrated = Connection::open_in_memory().unwrap();
+        for sql in MIGRATIONS {
+            migrated.execute_batch(sql).unwrap();
+        }
+        let fresh = Connection::open_in_memory().unwrap();
+        fresh.execute_batch(CURRENT).unwrap();
+        assert_eq!(shape(&fresh), shape(&migrated));
+    }
 
     /// A store written before migration 7 keeps its checkpoints through it, and the
     /// recreated blobs table never hands out an id it already used.
