@@ -74,6 +74,8 @@ pub(crate) struct EngineConfig {
     pub(crate) spot: bool,
     /// Declared custom resources (`--resource name=amount`).
     pub(crate) custom: Vec<(String, f64)>,
+    /// Print the rows the store wrote per claim, flush and finish at exit (benchmarks).
+    pub(crate) write_counts: bool,
 }
 
 impl Default for EngineConfig {
@@ -98,6 +100,7 @@ impl Default for EngineConfig {
             cost_per_hour: 0.0,
             spot: false,
             custom: Vec::new(),
+            write_counts: false,
         }
     }
 }
@@ -218,7 +221,8 @@ pub(crate) fn run_worker(
     let proc_start = host::proc_start(pid).unwrap_or(0);
     let host_name = host::hostname();
     let info = WorkerInfo {
-        id: format!("{host_name}:{pid}:{proc_start}"),
+        // Random per start: hosts sharing a name (or a reused pid) never share an id.
+        id: format!("{host_name}:{pid}:{}", granule_exec::random_hex()),
         host: host_name,
         pid,
         proc_start,
@@ -228,10 +232,11 @@ pub(crate) fn run_worker(
         cost_per_hour: cfg.cost_per_hour,
         spot: cfg.spot,
         resources: describe(&cfg.custom).to_string(),
+        locality: host::locality(),
     };
     let offer = offer(cfg);
     store.register_worker(&info, host::now_ms())?;
-    release_dead_workers(store, &info.host)?;
+    release_dead_workers(store, &info)?;
     let (finished_tx, finished_rx) = mpsc::channel();
     let progress = match &cfg.job {
         Some((_, spec)) => Progress::new(spec, cfg.quiet),
@@ -262,6 +267,11 @@ pub(crate) fn run_worker(
         expected_life_ms: None,
     };
     let outcome = worker.run(&finished_rx, interrupts);
+    if cfg.write_counts {
+        if let Some(w) = worker.store.write_counts() {
+            eprintln!("granule: store writes {}", serde_json::json!(w));
+        }
+    }
     let id = worker.info.id.clone();
     match worker.store.set_worker_state(&id, "exited", host::now_ms()) {
         // Best effort: a worker that cannot say it left is taken for gone later.
@@ -319,12 +329,21 @@ pub(crate) fn describe(custom: &[(String, f64)]) -> serde_json::Value {
 }
 
 /// Fragments held by workers of this host that are gone, and fragments whose lease
-/// expired, go back to pending (other hosts' workers are left to their leases).
-fn release_dead_workers(store: &mut dyn Store, host_name: &str) -> Result<u64, StoreError> {
+/// expired, go back to pending (other hosts' workers are left to their leases). A
+/// worker is judged by its pid only where that pid means something: same kernel boot
+/// and pid namespace (workers recorded before localities were kept: same hostname).
+fn release_dead_workers(store: &mut dyn Store, me: &WorkerInfo) -> Result<u64, StoreError> {
     let dead: Vec<String> = store
         .workers_holding_work()?
         .into_iter()
-        .filter(|w| w.host == host_name && !host::alive(w.pid, w.proc_start))
+        .filter(|w| {
+            let here = if w.locality.is_empty() {
+                w.host == me.host
+            } else {
+                w.locality == me.locality
+            };
+            here && !host::alive(w.pid, w.proc_start)
+        })
         .map(|w| w.id)
         .collect();
     store.release(host::now_ms(), &dead)
@@ -466,7 +485,7 @@ impl Worker<'_> {
                 self.refresh_progress()?;
             }
             if last_reap.elapsed() >= REAP_EVERY {
-                let released = release_dead_workers(self.store, &self.info.host);
+                let released = release_dead_workers(self.store, &self.info);
                 if let Some(released) = self.available(released)? {
                     if released > 0 {
                         self.progress
@@ -1200,16 +1219,12 @@ impl Worker<'_> {
     }
 
     fn refresh_progress(&mut self) -> Result<()> {
-        let Some((_, spec)) = &self.cfg.job else {
+        let Some((job, _)) = &self.cfg.job else {
             return Ok(());
         };
-        let name = spec.name.clone();
-        let status = self.store.status(Some(&name));
-        if let Some(job) = self
-            .available(status)?
-            .and_then(|jobs| jobs.into_iter().next())
-        {
-            self.progress.update(&job);
+        let progress = self.store.progress(*job);
+        if let Some(stages) = self.available(progress)? {
+            self.progress.update(&stages);
         }
         Ok(())
     }

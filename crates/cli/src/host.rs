@@ -15,6 +15,15 @@ pub(crate) fn hostname() -> String {
         .map_or_else(|_| "localhost".into(), |h| h.trim().to_string())
 }
 
+/// Where this process's pid means something: the kernel's boot id and the pid
+/// namespace. Two hosts (or containers) sharing a hostname differ here, so neither
+/// takes the other's workers for dead by looking up their pids.
+pub(crate) fn locality() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let ns = std::fs::read_link("/proc/self/ns/pid").unwrap_or_default();
+    format!("{}/{}", boot.trim(), ns.display())
+}
+
 /// Start time of a process (clock ticks since boot), to tell a reused pid apart.
 pub(crate) fn proc_start(pid: i64) -> Option<i64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

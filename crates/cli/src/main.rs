@@ -106,6 +106,9 @@ struct TuningArgs {
     /// zstd level of stored checkpoints (1 fast .. 19 small).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
     zstd_level: i32,
+    /// Print the rows the store wrote per claim, flush and finish at exit (benchmarks).
+    #[arg(long, hide = true)]
+    write_counts: bool,
 }
 
 #[derive(clap::Args)]
@@ -401,6 +404,7 @@ fn run(args: RunArgs) -> Result<u8> {
         state_dir: args.state.state.clone(),
         quiet: args.quiet,
         job: Some((submitted.id(), Arc::new(spec))),
+        write_counts: args.tuning.write_counts,
         ..engine::EngineConfig::default()
     };
     Ok(
@@ -584,6 +588,7 @@ fn worker(args: WorkerArgs) -> Result<u8> {
         lease: args.tuning.lease,
         grace: args.grace,
         checkpoint_level: args.tuning.zstd_level,
+        write_counts: args.tuning.write_counts,
         class: args.class,
         state_dir: args.state.state.clone(),
         quiet: args.quiet,
@@ -952,6 +957,7 @@ fn bench_store(args: BenchStoreArgs) -> Result<u8> {
                         cost_per_hour: 0.0,
                         spot: false,
                         resources: "{}".into(),
+                        locality: String::new(),
                     };
                     store.register_worker(&info, host::now_ms())?;
                     let mut mine = Vec::new();

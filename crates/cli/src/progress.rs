@@ -1,7 +1,7 @@
 //! Progress for people: bars on a terminal, periodic plain lines otherwise.
 
 use granule_spec::JobSpec;
-use granule_store::{JobStatus, StageStatus};
+use granule_store::StageProgress;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -17,8 +17,9 @@ pub(crate) struct Progress {
     /// Items finished per stage when this run started (a resumed job starts above 0).
     done_at_start: Option<Vec<u64>>,
     last_plain: Option<Instant>,
-    last: Option<JobStatus>,
+    last: Option<Vec<StageProgress>>,
     sizes: Vec<u64>,
+    names: Vec<String>,
 }
 
 impl Progress {
@@ -50,6 +51,7 @@ impl Progress {
             last_plain: None,
             last: None,
             sizes: vec![0; spec.stages.len()],
+            names: spec.stages.iter().map(|s| s.name.clone()).collect(),
         }
     }
 
@@ -63,6 +65,7 @@ impl Progress {
             last_plain: None,
             last: None,
             sizes: Vec::new(),
+            names: Vec::new(),
         }
     }
 
@@ -72,7 +75,7 @@ impl Progress {
     }
 
     /// Rate (items/s this run), ETA and fragment size of a stage.
-    fn describe(&self, i: usize, s: &StageStatus) -> String {
+    fn describe(&self, i: usize, s: &StageProgress) -> String {
         let finished = s.done + s.quarantined;
         let before = self.done_at_start.as_ref().map_or(0, |d| d[i]);
         let rate =
@@ -99,35 +102,35 @@ impl Progress {
         format!("{rate:.0} items/s, {eta}, fragment {size}{quarantined}")
     }
 
-    /// Shows the latest status.
-    pub(crate) fn update(&mut self, job: &JobStatus) {
+    /// Shows the latest progress of the job's stages (in spec order).
+    pub(crate) fn update(&mut self, stages: &[StageProgress]) {
         if self.quiet {
             return;
         }
         if self.done_at_start.is_none() {
-            self.done_at_start = Some(job.stages.iter().map(|s| s.done + s.quarantined).collect());
+            self.done_at_start = Some(stages.iter().map(|s| s.done + s.quarantined).collect());
         }
-        self.last = Some(job.clone());
+        self.last = Some(stages.to_vec());
         match &self.bars {
             Some((_, bars)) => {
-                for (i, (bar, s)) in bars.iter().zip(&job.stages).enumerate() {
+                for (i, (bar, s)) in bars.iter().zip(stages).enumerate() {
                     bar.set_position(s.done + s.quarantined);
                     bar.set_message(self.describe(i, s));
                 }
             }
             None if self.last_plain.is_none_or(|t| t.elapsed() >= PLAIN_EVERY) => {
                 self.last_plain = Some(Instant::now());
-                self.print_plain(job);
+                self.print_plain(stages);
             }
             None => {}
         }
     }
 
-    fn print_plain(&self, job: &JobStatus) {
-        for (i, s) in job.stages.iter().enumerate() {
+    fn print_plain(&self, stages: &[StageProgress]) {
+        for (i, (s, name)) in stages.iter().zip(&self.names).enumerate() {
             eprintln!(
                 "granule: {} {}/{} done: {}",
-                s.name,
+                name,
                 s.done,
                 s.items,
                 self.describe(i, s)
@@ -152,7 +155,7 @@ impl Progress {
     pub(crate) fn finish(&mut self) {
         match (&self.bars, &self.last) {
             (Some((_, bars)), _) => bars.iter().for_each(|b| b.abandon()),
-            (None, Some(job)) if !self.quiet => self.print_plain(job),
+            (None, Some(stages)) if !self.quiet => self.print_plain(stages),
             _ => {}
         }
     }

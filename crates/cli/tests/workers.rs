@@ -477,3 +477,89 @@ fn two_classes_share_a_stage_each_sized_by_what_it_learned() {
         "{status}"
     );
 }
+
+/// A worker row as another process would leave it: `host` and `locality` say where
+/// its pid means something; the pid is one no process has.
+fn ghost(store: &mut dyn granule_store::Store, id: &str, host: &str, locality: &str) -> u64 {
+    use granule_store::{ClaimRequest, WorkerInfo};
+    let info = WorkerInfo {
+        id: id.into(),
+        host: host.into(),
+        pid: 1 << 30,
+        proc_start: 1,
+        slots: 1,
+        class: "default".into(),
+        lifespan_end_ms: None,
+        cost_per_hour: 0.0,
+        spot: false,
+        resources: "{}".into(),
+        locality: locality.into(),
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    store.register_worker(&info, now_ms).unwrap();
+    let job = store.job("ghosts").unwrap().expect("submitted").id;
+    let req = ClaimRequest {
+        job: Some(job),
+        worker: id.into(),
+        class: "default".into(),
+        now_ms,
+        lease_ms: 3_600_000,
+        slots: 1,
+        max_items: Some(5),
+        offer: Default::default(),
+        context: granule_core::ClaimContext {
+            remaining: 0,
+            slots: 1,
+            free_memory: 1.0,
+            load_per_cpu: 0.0,
+            lifespan_ms: None,
+        },
+        expected_life_ms: None,
+    };
+    store.claim(&req).unwrap().expect("the ghost claims").n
+}
+
+#[test]
+fn a_worker_takes_back_work_of_dead_workers_only_where_their_pids_mean_something() {
+    let job = Job::new(
+        "name = \"ghosts\"\n[[stage]]\nname = \"s\"\ncommand = [\"true\"]\n\
+         items = { range = [0, 20] }\n",
+    );
+    let out = job.output(&["submit", "job.toml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string();
+    let here = format!(
+        "{}/{}",
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .unwrap()
+            .trim(),
+        std::fs::read_link("/proc/self/ns/pid").unwrap().display()
+    );
+    let twin;
+    {
+        let path = job.path(".granule/granule.db");
+        let mut store = granule_store::SqliteStore::open(&path).unwrap();
+        // Same hostname, another machine (or container): its pid says nothing here.
+        twin = ghost(&mut store, "twin", &host, "another-boot/pid:[1]");
+        // This machine, a pid that is gone: its work comes back at once.
+        ghost(&mut store, "gone", &host, &here);
+    }
+    let out = job.output(&["worker", "-q", "--idle-exit", "1s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = stage(&job.status(), 0).clone();
+    assert_eq!(
+        s["done"],
+        20 - twin,
+        "the dead local worker's items ran: {s}"
+    );
+    assert_eq!(
+        s["running_fragments"], 1,
+        "the twin's fragment waits for its lease: {s}"
+    );
+}

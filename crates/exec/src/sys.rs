@@ -202,8 +202,8 @@ pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Eight random bytes from the kernel, as hex (a fragment's command tag).
-pub(crate) fn random_hex() -> String {
+/// Eight random bytes from the kernel, as hex (a fragment's command tag, a worker's id).
+pub fn random_hex() -> String {
     let mut bytes = [0u8; 8];
     // SAFETY: getrandom fills the buffer it is given.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };

@@ -9,6 +9,13 @@ use granule_core::{
     StageNeeds, StageWork, WorkerOffer, WorkerSpan,
 };
 
+/// `lease_expires_ms` of a fragment its worker has confirmed holding (listed in a
+/// heartbeat once half its claim lease is spent): from then on it expires with its
+/// worker's lease (`lease_until_ms`), so a heartbeat writes one worker row however many
+/// fragments the worker runs. A claim whose reply never reached its worker is never
+/// confirmed and expires on its own.
+pub(crate) const FOLLOWS_WORKER: i64 = i64::MAX;
+
 /// A value as a JSON column.
 pub(crate) fn json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("serializing plain data")
@@ -420,21 +427,30 @@ pub(crate) fn claim_context(
 /// A worker silent this long is taken for ended in the pool's history.
 const SILENT_MS: i64 = 60_000;
 
-/// A worker row of the pool's history: class, spot, slots, started, last heard,
-/// state, and whether it lost a fragment.
-pub(crate) type HistoryRow = (String, bool, i64, i64, i64, String, bool);
+/// A worker's life as the store keeps it, for the pool forecast.
+pub(crate) struct HistoryRow {
+    pub(crate) class: String,
+    pub(crate) spot: bool,
+    pub(crate) slots: i64,
+    pub(crate) started_ms: i64,
+    /// Its last heartbeat.
+    pub(crate) heard_ms: i64,
+    /// `running`, `draining` or `exited`.
+    pub(crate) state: String,
+    /// Whether it lost a fragment in the window.
+    pub(crate) lost: bool,
+}
 
 /// The pool history as the core's forecast takes it.
 pub(crate) fn worker_span(now_ms: i64, row: HistoryRow) -> WorkerSpan {
-    let (class, spot, slots, started, heard, state, lost) = row;
-    let ended = state == "exited" || heard < now_ms - SILENT_MS;
+    let ended = row.state == "exited" || row.heard_ms < now_ms - SILENT_MS;
     WorkerSpan {
-        class,
-        spot,
-        slots: slots.max(0) as u32,
-        start_ms: started,
-        end_ms: ended.then_some(heard),
-        lost,
+        class: row.class,
+        spot: row.spot,
+        slots: row.slots.max(0) as u32,
+        start_ms: row.started_ms,
+        end_ms: ended.then_some(row.heard_ms),
+        lost: row.lost,
     }
 }
 

@@ -134,6 +134,13 @@ pub trait Store {
     fn release(&mut self, now_ms: i64, dead: &[String]) -> Result<u64>;
     /// Status of one job or all.
     fn status(&mut self, job: Option<&str>) -> Result<Vec<JobStatus>>;
+    /// Progress of a job's stages in spec order, from kept counters (cheap: no history).
+    fn progress(&mut self, job: JobId) -> Result<Vec<StageProgress>>;
+    /// Rows written so far by this connection's claims, flushes and finishes, where
+    /// the backend counts them (SQLite); for benchmarks of write amplification.
+    fn write_counts(&self) -> Option<WriteCounts> {
+        None
+    }
     /// Workers seen within `window_ms`, or still holding work.
     fn workers(&mut self, now_ms: i64, window_ms: i64) -> Result<Vec<WorkerStatus>>;
     /// Lives of the workers alive since `since_ms`, for forecasts of the pool: a

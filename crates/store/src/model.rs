@@ -77,7 +77,8 @@ pub struct JobRecord {
 /// A worker as the store knows it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WorkerInfo {
-    /// Unique id, `host:pid:start`.
+    /// Unique id, `host:pid:random` (random per start, so hosts sharing a name never
+    /// share an id).
     pub id: String,
     /// Host name.
     pub host: String,
@@ -97,6 +98,9 @@ pub struct WorkerInfo {
     pub spot: bool,
     /// Detected and declared resources, JSON (`{"cpus":..,"memory_mb":..,"gpus":[..],"custom":{..}}`).
     pub resources: String,
+    /// Where its pid means something (kernel boot and pid namespace): only a worker of
+    /// the same locality can tell from the pid that it died.
+    pub locality: String,
 }
 
 /// What a worker reports of itself with every flush.
@@ -419,6 +423,38 @@ pub struct JobStatus {
     pub error: Option<String>,
     /// Stages in spec order (none when its stored state cannot be read).
     pub stages: Vec<StageStatus>,
+}
+
+/// Rows a store's connection wrote, by kind of call: a benchmark checks with it that
+/// a heartbeat or a finish costs the same however many fragments a worker runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WriteCounts {
+    /// Claims made.
+    pub claims: u64,
+    /// Rows their transactions inserted, updated or deleted.
+    pub claim_rows: u64,
+    /// Flushes (heartbeats with their acks).
+    pub flushes: u64,
+    /// Rows their transactions wrote.
+    pub flush_rows: u64,
+    /// Finishes.
+    pub finishes: u64,
+    /// Rows their transactions wrote.
+    pub finish_rows: u64,
+}
+
+/// How far a stage is, from counters the store keeps: what a progress bar shows
+/// ten times a second, without the history `StageStatus` reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StageProgress {
+    /// Items in all.
+    pub items: u64,
+    /// Items done.
+    pub done: u64,
+    /// Items quarantined.
+    pub quarantined: u64,
+    /// Size of the latest fragment claimed.
+    pub fragment_size: u64,
 }
 
 /// Status of a stage.

@@ -16,6 +16,7 @@ use crate::common::{
     accounted_outcome, busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config,
     json, live_pool, memory_of, parse, placement_order, sizer_config_json, split_gain, split_point,
     stage_profile, verdict, worker_span, Admission, DoneRow, HistoryRow, StageReading, StageView,
+    FOLLOWS_WORKER,
 };
 use crate::*;
 use granule_core::prediction_error;
@@ -186,6 +187,12 @@ UPDATE fragments SET resumed_from = checkpoint_id WHERE state = 'running'
 UPDATE fragments SET covers = acked WHERE state = 'running'
     AND checkpoint_id IN (SELECT b.id FROM blobs b WHERE b.fragment_id = fragments.id);
 "#,
+    // 7: a fragment its worker has confirmed holding follows the worker's lease (one
+    // row per heartbeat, not one per fragment); where a worker's pids mean something.
+    r#"
+ALTER TABLE workers ADD COLUMN lease_until_ms BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN locality TEXT NOT NULL DEFAULT '';
+"#,
 ];
 
 /// A store in a PostgreSQL database.
@@ -196,6 +203,8 @@ pub struct PgStore {
     statements: HashMap<String, Statement>,
     next_attempt: Instant,
     backoff: Duration,
+    /// The server's clock minus this host's, measured at connect (see `clock_offset`).
+    clock_offset_ms: i64,
 }
 
 /// A transaction whose statements are prepared once per connection: each query is
@@ -203,11 +212,18 @@ pub struct PgStore {
 struct Tx<'a, 'b> {
     tx: &'a mut Transaction<'b>,
     statements: &'a mut HashMap<String, Statement>,
+    clock_offset_ms: i64,
 }
 
 type Params<'p> = [&'p (dyn ToSql + Sync)];
 
 impl Tx<'_, '_> {
+    /// A time of this host's clock on the server's: leases are written and judged
+    /// there, so hosts whose clocks disagree do not expire each other's leases.
+    fn lease_clock(&self, local_ms: i64) -> i64 {
+        local_ms + self.clock_offset_ms
+    }
+
     fn statement(&mut self, sql: &str) -> Result<Statement> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
@@ -694,6 +710,26 @@ fn settle(tx: &mut Tx<'_, '_>, stage: i64, now_ms: i64) -> Result<bool> {
     Ok(true)
 }
 
+/// The server's clock minus this host's (ms), from one round trip's midpoint. Under
+/// a second is taken as none: that is the measurement's own noise on a loaded host,
+/// and synchronized clocks agree closer than a lease needs.
+fn clock_offset(client: &mut Client) -> Result<i64> {
+    let local = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    };
+    let before = local();
+    let server: i64 = client
+        .query_one(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT",
+            &[],
+        )?
+        .get(0);
+    let offset = server - (before + local()) / 2;
+    Ok(if offset.abs() < 1000 { 0 } else { offset })
+}
+
 impl PgStore {
     /// Connects to the database at `url` (`postgres://…`) and applies pending migrations.
     pub fn open(url: &str) -> Result<PgStore> {
@@ -715,6 +751,7 @@ impl PgStore {
             statements: HashMap::new(),
             next_attempt: Instant::now(),
             backoff: Duration::ZERO,
+            clock_offset_ms: 0,
         };
         store.connect()?;
         Ok(store)
@@ -741,6 +778,7 @@ impl PgStore {
         }
         tx.commit()?;
         client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+        self.clock_offset_ms = clock_offset(&mut client)?;
         self.client = Some(client);
         self.statements.clear();
         self.backoff = Duration::ZERO;
@@ -770,15 +808,17 @@ impl PgStore {
     /// Runs `f` in a transaction; a broken connection is dropped for a reconnect.
     fn with_tx<T>(&mut self, f: impl FnOnce(&mut Tx<'_, '_>) -> Result<T>) -> Result<T> {
         self.client()?;
-        let (client, statements) = (
+        let (client, statements, clock_offset_ms) = (
             self.client.as_mut().expect("connected"),
             &mut self.statements,
+            self.clock_offset_ms,
         );
         let result: Result<T> = (|| {
             let mut tx = client.transaction()?;
             let value = f(&mut Tx {
                 tx: &mut tx,
                 statements,
+                clock_offset_ms,
             })?;
             tx.commit()?;
             Ok(value)
@@ -922,10 +962,10 @@ impl Store for PgStore {
     fn register_worker(&mut self, w: &WorkerInfo, now_ms: i64) -> Result<()> {
         self.client()?.execute(
             "INSERT INTO workers (id, host, pid, proc_start, slots, class, started_ms, heartbeat_ms, lifespan_end_ms,
-               state, cost, spot, resources)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, 'running', $9, $10, $11)
+               state, cost, spot, resources, locality)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, 'running', $9, $10, $11, $12)
              ON CONFLICT (id) DO UPDATE SET slots = $5, class = $6, heartbeat_ms = $7, lifespan_end_ms = $8,
-               state = 'running', cost = $9, spot = $10, resources = $11",
+               state = 'running', cost = $9, spot = $10, resources = $11, locality = $12",
             &[
                 &w.id,
                 &w.host,
@@ -938,6 +978,7 @@ impl Store for PgStore {
                 &w.cost_per_hour,
                 &w.spot,
                 &w.resources,
+                &w.locality,
             ],
         )?;
         Ok(())
@@ -945,7 +986,8 @@ impl Store for PgStore {
 
     fn set_worker_state(&mut self, worker: &str, state: &str, now_ms: i64) -> Result<()> {
         self.client()?.execute(
-            "UPDATE workers SET state = $2, heartbeat_ms = $3, busy = CASE WHEN $2 = 'exited' THEN 0 ELSE busy END
+            "UPDATE workers SET state = $2, heartbeat_ms = $3, busy = CASE WHEN $2 = 'exited' THEN 0 ELSE busy END,
+               lease_until_ms = CASE WHEN $2 = 'exited' THEN 0 ELSE lease_until_ms END
              WHERE id = $1",
             &[&worker, &state, &now_ms],
         )?;
@@ -1004,16 +1046,28 @@ impl Store for PgStore {
                     reply.stopped.push(f.fragment);
                 }
             }
-            // Renew only what the worker knows it holds: a claim whose commit reply was
-            // lost must expire, not be kept alive by the worker's heartbeats.
+            // What the worker says it holds follows its lease from now on, once half of
+            // its own claim lease is spent (one write per fragment, none for short ones);
+            // a claim whose reply never reached the worker is never confirmed and expires.
             let held: Vec<i64> = heartbeat.held.iter().map(|f| f.0).collect();
+            let half_spent = tx.lease_clock(now_ms + lease_ms / 2);
             tx.execute(
-                "UPDATE fragments SET lease_expires_ms = $2 WHERE worker = $1 AND state = 'running' AND id = ANY($3)",
-                &[&worker, &(now_ms + lease_ms), &held],
+                "UPDATE fragments SET lease_expires_ms = $2
+                 WHERE worker = $1 AND state = 'running' AND id = ANY($3) AND lease_expires_ms < $4",
+                &[&worker, &FOLLOWS_WORKER, &held, &half_spent],
             )?;
+            let lease_until = tx.lease_clock(now_ms + lease_ms);
             tx.execute(
-                "UPDATE workers SET heartbeat_ms = $2, busy = $3, free_memory = $4, load = $5 WHERE id = $1",
-                &[&worker, &now_ms, &(heartbeat.busy as i32), &heartbeat.free_memory, &heartbeat.load],
+                "UPDATE workers SET heartbeat_ms = $2, busy = $3, free_memory = $4, load = $5, lease_until_ms = $6
+                 WHERE id = $1",
+                &[
+                    &worker,
+                    &now_ms,
+                    &(heartbeat.busy as i32),
+                    &heartbeat.free_memory,
+                    &heartbeat.load,
+                    &lease_until,
+                ],
             )?;
             reply.split_requests = tx
                 .query(
@@ -1192,7 +1246,7 @@ impl Store for PgStore {
 
     fn workers_holding_work(&mut self) -> Result<Vec<WorkerInfo>> {
         let rows = self.client()?.query(
-            "SELECT id, host, pid, proc_start, slots, class, lifespan_end_ms, cost, spot, resources FROM workers
+            "SELECT id, host, pid, proc_start, slots, class, lifespan_end_ms, cost, spot, resources, locality FROM workers
              WHERE id IN (SELECT DISTINCT worker FROM fragments WHERE state = 'running')",
             &[],
         )?;
@@ -1209,18 +1263,22 @@ impl Store for PgStore {
                 cost_per_hour: r.get(7),
                 spot: r.get(8),
                 resources: r.get(9),
+                locality: r.get(10),
             })
             .collect())
     }
 
     fn release(&mut self, now_ms: i64, dead: &[String]) -> Result<u64> {
         self.with_tx(|tx| {
+            let now_lease = tx.lease_clock(now_ms);
             let rows = tx.query(
-                "SELECT id, worker FROM fragments
-                 WHERE state = 'running' AND (lease_expires_ms < $1 OR worker = ANY($2))
-                 ORDER BY stage_id, id
-                 FOR UPDATE SKIP LOCKED",
-                &[&now_ms, &dead],
+                "SELECT f.id, f.worker FROM fragments f LEFT JOIN workers w ON w.id = f.worker
+                 WHERE f.state = 'running' AND f.worker = ANY($2)
+                    OR f.state = 'running' AND f.lease_expires_ms < $1
+                    OR f.state = 'running' AND f.lease_expires_ms = $3 AND coalesce(w.lease_until_ms, 0) < $1
+                 ORDER BY f.stage_id, f.id
+                 FOR UPDATE OF f SKIP LOCKED",
+                &[&now_lease, &dead, &FOLLOWS_WORKER],
             )?;
             let mut drained = Vec::new();
             for r in &rows {
@@ -1253,7 +1311,10 @@ impl Store for PgStore {
                 )?;
             }
             if !dead.is_empty() {
-                tx.execute("UPDATE workers SET state = 'exited', busy = 0 WHERE id = ANY($1)", &[&dead])?;
+                tx.execute(
+                    "UPDATE workers SET state = 'exited', busy = 0, lease_until_ms = 0 WHERE id = ANY($1)",
+                    &[&dead],
+                )?;
             }
             // A fragment released with every item acked may have been its stage's last.
             drained.sort_unstable();
@@ -1297,6 +1358,29 @@ impl Store for PgStore {
                 out.push(JobStatus { name: j.get(1), state, created_ms: j.get(3), error, stages });
             }
             Ok(out)
+        })
+    }
+
+    fn progress(&mut self, job: JobId) -> Result<Vec<StageProgress>> {
+        self.with_tx(|tx| {
+            tx.query(
+                "SELECT s.items,
+                        (SELECT coalesce(sum(done_count), 0)::BIGINT FROM fragments WHERE stage_id = s.id),
+                        s.quarantined,
+                        (SELECT n FROM fragments WHERE stage_id = s.id ORDER BY id DESC LIMIT 1)
+                 FROM stages s WHERE s.job_id = $1 ORDER BY s.idx",
+                &[&job.0],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(StageProgress {
+                    items: r.get::<_, i64>(0) as u64,
+                    done: r.get::<_, i64>(1) as u64,
+                    quarantined: parse::<IntervalSet>(r.get(2), "quarantined")?.len(),
+                    fragment_size: r.get::<_, Option<i64>>(3).unwrap_or(0) as u64,
+                })
+            })
+            .collect()
         })
     }
 
@@ -1688,15 +1772,15 @@ fn history(tx: &mut Tx<'_, '_>, now_ms: i64, since_ms: i64) -> Result<Vec<Worker
     Ok(rows
         .iter()
         .map(|r| {
-            let row: HistoryRow = (
-                r.get(0),
-                r.get(1),
-                r.get(2),
-                r.get(3),
-                r.get(4),
-                r.get(5),
-                r.get(6),
-            );
+            let row = HistoryRow {
+                class: r.get(0),
+                spot: r.get(1),
+                slots: r.get(2),
+                started_ms: r.get(3),
+                heard_ms: r.get(4),
+                state: r.get(5),
+                lost: r.get(6),
+            };
             worker_span(now_ms, row)
         })
         .collect())
@@ -1742,6 +1826,7 @@ fn claim_range(
     } else {
         sizing.cap
     };
+    let lease_expires = tx.lease_clock(req.now_ms + req.lease_ms);
     let id: i64 = tx
         .query_one(
             "INSERT INTO fragments (stage_id, start_idx, end_idx, state, worker, class, lease_expires_ms, failures,
@@ -1755,7 +1840,7 @@ fn claim_range(
                 &(span.end as i64),
                 &req.worker,
                 &req.class,
-                &(req.now_ms + req.lease_ms),
+                &lease_expires,
                 &(range.failures as i32),
                 &range.checkpoint,
                 &(take as i64),

@@ -170,6 +170,12 @@ UPDATE fragments SET resumed_from = checkpoint_id WHERE state = 'running'
 UPDATE fragments SET covers = acked WHERE state = 'running'
     AND checkpoint_id IN (SELECT b.id FROM blobs b WHERE b.fragment_id = fragments.id);
 "#,
+    // 8: a fragment its worker has confirmed holding follows the worker's lease (one
+    // row per heartbeat, not one per fragment); where a worker's pids mean something.
+    r#"
+ALTER TABLE workers ADD COLUMN lease_until_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN locality TEXT NOT NULL DEFAULT '';
+"#,
 ];
 
 /// The schema all of [`MIGRATIONS`] build, created at once in a new store: replaying
@@ -230,7 +236,9 @@ CREATE TABLE workers (
     load REAL,
     cost REAL NOT NULL DEFAULT 0,
     spot INTEGER NOT NULL DEFAULT 0,
-    resources TEXT NOT NULL DEFAULT '{}'
+    resources TEXT NOT NULL DEFAULT '{}',
+    lease_until_ms INTEGER NOT NULL DEFAULT 0,
+    locality TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE fragments (
     id INTEGER PRIMARY KEY,

@@ -8,6 +8,7 @@ use crate::common::{
     accounted_outcome, busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config,
     json, live_pool, memory_of, parse, placement_order, sizer_config_json, split_gain, split_point,
     stage_profile, verdict, worker_span, Admission, DoneRow, HistoryRow, StageReading, StageView,
+    FOLLOWS_WORKER,
 };
 use crate::schema::{CURRENT, MIGRATIONS};
 use crate::*;
@@ -23,9 +24,33 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+/// What a stage's fragments add up to, for its status.
+struct FragmentCounts {
+    fragments: i64,
+    failed: i64,
+    yields: i64,
+    lost: i64,
+    splits: i64,
+    fallbacks: i64,
+    checkpoints: i64,
+    wasted_ms: f64,
+    last_n: i64,
+    state_reruns: i64,
+    results_missing: i64,
+}
+
 /// A store in one SQLite file.
 pub struct SqliteStore {
     conn: Connection,
+    writes: WriteCounts,
+}
+
+/// The calls whose writes are counted (see [`WriteCounts`]).
+#[derive(Clone, Copy)]
+enum Call {
+    Claim,
+    Flush,
+    Finish,
 }
 
 /// The columns of a stage row the transitions need.
@@ -189,15 +214,15 @@ fn history(tx: &Connection, now_ms: i64, since_ms: i64) -> Result<Vec<WorkerSpan
     )?;
     let rows = stmt
         .query_map([since_ms], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-            ))
+            Ok(HistoryRow {
+                class: r.get(0)?,
+                spot: r.get(1)?,
+                slots: r.get(2)?,
+                started_ms: r.get(3)?,
+                heard_ms: r.get(4)?,
+                state: r.get(5)?,
+                lost: r.get(6)?,
+            })
         })?
         .collect::<rusqlite::Result<Vec<HistoryRow>>>()?;
     Ok(rows
@@ -206,46 +231,79 @@ fn history(tx: &Connection, now_ms: i64, since_ms: i64) -> Result<Vec<WorkerSpan
         .collect())
 }
 
+/// A stage's ledger as this transaction read it and as it stands now: only what
+/// differs is written back, so a flush or finish costs the rows it changed, not a
+/// row per running fragment of the stage.
+struct Loaded {
+    before: StageLedger,
+    now: StageLedger,
+}
+
+impl Loaded {
+    fn read(tx: &Connection, stage: i64) -> Result<Loaded> {
+        let before = load_ledger(tx, stage)?;
+        Ok(Loaded {
+            now: before.clone(),
+            before,
+        })
+    }
+}
+
 /// The ledger of `stage`, loaded once per transaction.
 fn ledger_of<'a>(
     tx: &Connection,
-    ledgers: &'a mut HashMap<i64, StageLedger>,
+    ledgers: &'a mut HashMap<i64, Loaded>,
     stage: i64,
 ) -> Result<&'a mut StageLedger> {
     Ok(match ledgers.entry(stage) {
-        Entry::Occupied(e) => e.into_mut(),
-        Entry::Vacant(e) => e.insert(load_ledger(tx, stage)?),
+        Entry::Occupied(e) => &mut e.into_mut().now,
+        Entry::Vacant(e) => &mut e.insert(Loaded::read(tx, stage)?).now,
     })
 }
 
-fn save_ledger(tx: &Connection, stage: i64, ledger: &StageLedger) -> Result<()> {
-    let state = if ledger.is_finished() {
-        "done"
-    } else {
-        "running"
-    };
-    tx.prepare_cached(
-        "UPDATE stages SET pending = ?2, done = ?3, done_count = ?4, quarantined = ?5, state = ?6,
-           unconfirmed = ?7, acks = CASE WHEN ?8 THEN 'yes' ELSE acks END, stateful = ?9,
-           stateless_done = ?10 WHERE id = ?1",
-    )?
-    .execute(params![
-        stage,
-        json(&ledger.pending),
-        json(&ledger.done),
-        ledger.done.len() as i64,
-        json(&ledger.quarantined),
-        state,
-        json(&ledger.unconfirmed),
-        ledger.acking,
-        ledger.stateful,
-        json(&ledger.stateless_done)
-    ])?;
+/// Writes back what changed in a stage's ledger since it was loaded: the stage row
+/// if its sets moved, and each running fragment that is new or differs.
+fn save_ledger(tx: &Connection, stage: i64, loaded: &Loaded) -> Result<()> {
+    let (before, ledger) = (&loaded.before, &loaded.now);
+    let stage_moved = before.pending != ledger.pending
+        || before.done != ledger.done
+        || before.quarantined != ledger.quarantined
+        || before.acking != ledger.acking
+        || before.unconfirmed != ledger.unconfirmed
+        || before.stateful != ledger.stateful
+        || before.stateless_done != ledger.stateless_done
+        || before.is_finished() != ledger.is_finished();
+    if stage_moved {
+        let state = if ledger.is_finished() {
+            "done"
+        } else {
+            "running"
+        };
+        tx.prepare_cached(
+            "UPDATE stages SET pending = ?2, done = ?3, done_count = ?4, quarantined = ?5, state = ?6,
+               unconfirmed = ?7, acks = CASE WHEN ?8 THEN 'yes' ELSE acks END, stateful = ?9,
+               stateless_done = ?10 WHERE id = ?1",
+        )?
+        .execute(params![
+            stage,
+            json(&ledger.pending),
+            json(&ledger.done),
+            ledger.done.len() as i64,
+            json(&ledger.quarantined),
+            state,
+            json(&ledger.unconfirmed),
+            ledger.acking,
+            ledger.stateful,
+            json(&ledger.stateless_done)
+        ])?;
+    }
+    let old: HashMap<FragmentId, &RunningFragment> =
+        before.running.iter().map(|f| (f.id, f)).collect();
     let mut stmt = tx.prepare_cached(
         "UPDATE fragments SET end_idx = ?2, acked = ?3, checkpoint_id = ?4, covers = ?5, inherited = ?6,
            resumed_from = ?7 WHERE id = ?1",
     )?;
-    for f in &ledger.running {
+    for f in ledger.running.iter().filter(|f| old.get(&f.id) != Some(f)) {
         stmt.execute(params![
             f.id.0,
             f.span.end as i64,
@@ -478,7 +536,10 @@ impl SqliteStore {
         }
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let mut store = SqliteStore { conn };
+        let mut store = SqliteStore {
+            conn,
+            writes: WriteCounts::default(),
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -500,6 +561,22 @@ impl SqliteStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Runs one counted call, adding the rows it wrote to `writes`.
+    fn counted<T>(&mut self, call: Call, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let before = self.conn.total_changes();
+        let result = f(self);
+        let rows = self.conn.total_changes() - before;
+        let w = &mut self.writes;
+        let (calls, written) = match call {
+            Call::Claim => (&mut w.claims, &mut w.claim_rows),
+            Call::Flush => (&mut w.flushes, &mut w.flush_rows),
+            Call::Finish => (&mut w.finishes, &mut w.finish_rows),
+        };
+        *calls += 1;
+        *written += rows;
+        result
     }
 
     fn write(&mut self) -> Result<Transaction<'_>> {
@@ -615,10 +692,10 @@ impl Store for SqliteStore {
     fn register_worker(&mut self, w: &WorkerInfo, now_ms: i64) -> Result<()> {
         self.conn.execute(
             "INSERT INTO workers (id, host, pid, proc_start, slots, class, started_ms, heartbeat_ms, lifespan_end_ms,
-               state, cost, spot, resources)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, 'running', ?9, ?10, ?11)
+               state, cost, spot, resources, locality)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, 'running', ?9, ?10, ?11, ?12)
              ON CONFLICT (id) DO UPDATE SET slots = ?5, class = ?6, heartbeat_ms = ?7, lifespan_end_ms = ?8,
-               state = 'running', cost = ?9, spot = ?10, resources = ?11",
+               state = 'running', cost = ?9, spot = ?10, resources = ?11, locality = ?12",
             params![
                 w.id,
                 w.host,
@@ -630,7 +707,8 @@ impl Store for SqliteStore {
                 w.lifespan_end_ms,
                 w.cost_per_hour,
                 w.spot,
-                w.resources
+                w.resources,
+                w.locality
             ],
         )?;
         Ok(())
@@ -638,7 +716,8 @@ impl Store for SqliteStore {
 
     fn set_worker_state(&mut self, worker: &str, state: &str, now_ms: i64) -> Result<()> {
         self.conn.execute(
-            "UPDATE workers SET state = ?2, heartbeat_ms = ?3, busy = CASE WHEN ?2 = 'exited' THEN 0 ELSE busy END
+            "UPDATE workers SET state = ?2, heartbeat_ms = ?3, busy = CASE WHEN ?2 = 'exited' THEN 0 ELSE busy END,
+               lease_until_ms = CASE WHEN ?2 = 'exited' THEN 0 ELSE lease_until_ms END
              WHERE id = ?1",
             params![worker, state, now_ms],
         )?;
@@ -646,52 +725,7 @@ impl Store for SqliteStore {
     }
 
     fn claim(&mut self, req: &ClaimRequest) -> Result<Option<Assignment>> {
-        let tx = self.write()?;
-        let jobs: Vec<i64> = match req.job {
-            Some(job) => {
-                let state: Option<String> = tx
-                    .query_row("SELECT state FROM jobs WHERE id = ?1", [job.0], |r| {
-                        r.get(0)
-                    })
-                    .optional()?;
-                if state.as_deref() == Some("running") {
-                    vec![job.0]
-                } else {
-                    vec![]
-                }
-            }
-            None => {
-                let mut stmt =
-                    tx.prepare_cached("SELECT id FROM jobs WHERE state = 'running' ORDER BY id")?;
-                let ids = stmt
-                    .query_map([], |r| r.get(0))?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                ids
-            }
-        };
-        let slots = active_slots(&tx, req.now_ms, req.lease_ms, req.slots)?;
-        let jobs = by_priority(&tx, jobs, req.now_ms)?;
-        let mut tx = tx;
-        for job in jobs {
-            // A job whose stored state cannot be read breaks alone: the others go on.
-            let sp = tx.savepoint()?;
-            match claim_in_job(&sp, req, job, slots) {
-                Ok(Some(assignment)) => {
-                    sp.commit()?;
-                    tx.commit()?;
-                    return Ok(Some(assignment));
-                }
-                Ok(None) => sp.commit()?,
-                Err(StoreError::Corrupt(why)) => {
-                    drop(sp);
-                    let halt = JobHalt::Broken(format!("its stored state cannot be read: {why}"));
-                    halt_job(&tx, job, &halt, req.now_ms)?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        tx.commit()?;
-        Ok(None)
+        self.counted(Call::Claim, |s| s.claim_tx(req))
     }
 
     fn flush(
@@ -702,52 +736,9 @@ impl Store for SqliteStore {
         heartbeat: &Heartbeat,
         batch: &[FragmentFlush],
     ) -> Result<FlushReply> {
-        let tx = self.write()?;
-        let mut ledgers: HashMap<i64, StageLedger> = HashMap::new();
-        let mut reply = FlushReply::default();
-        for f in batch {
-            let Some(stage) = held_stage(&tx, f.fragment, worker)? else {
-                reply.lost.push(f.fragment);
-                continue;
-            };
-            let ledger = ledger_of(&tx, &mut ledgers, stage)?;
-            reply.done += apply_flush(&tx, ledger, stage, f, now_ms)?;
-            if !job_running(&tx, stage)? {
-                // Cancelled or stopped: its acks stand, the rest is pending again.
-                ledger.finish(f.fragment, &FinishOutcome::Yielded, 0);
-                tx.execute(
-                    "UPDATE fragments SET state = 'cancelled', finished_ms = ?2, split_request = NULL WHERE id = ?1",
-                    params![f.fragment.0, now_ms],
-                )?;
-                reply.stopped.push(f.fragment);
-            }
-        }
-        for (stage, ledger) in &ledgers {
-            save_ledger(&tx, *stage, ledger)?;
-        }
-        // Renew only what the worker knows it holds: a claim whose reply never reached
-        // it must expire, not be kept alive by its heartbeats.
-        let mut renew = tx.prepare_cached(
-            "UPDATE fragments SET lease_expires_ms = ?3 WHERE id = ?1 AND worker = ?2 AND state = 'running'",
-        )?;
-        for id in &heartbeat.held {
-            renew.execute(params![id.0, worker, now_ms + lease_ms])?;
-        }
-        drop(renew);
-        tx.prepare_cached("UPDATE workers SET heartbeat_ms = ?2, busy = ?3, free_memory = ?4, load = ?5 WHERE id = ?1")?
-            .execute(params![worker, now_ms, heartbeat.busy, heartbeat.free_memory, heartbeat.load])?;
-        let mut stmt = tx.prepare_cached(
-            "SELECT id, split_request FROM fragments
-             WHERE worker = ?1 AND state = 'running' AND split_request IS NOT NULL",
-        )?;
-        reply.split_requests = stmt
-            .query_map([worker], |r| {
-                Ok((FragmentId(r.get(0)?), r.get::<_, i64>(1)? as u64))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        drop(stmt);
-        tx.commit()?;
-        Ok(reply)
+        self.counted(Call::Flush, |s| {
+            s.flush_tx(worker, now_ms, lease_ms, heartbeat, batch)
+        })
     }
 
     fn request_split(
@@ -811,121 +802,12 @@ impl Store for SqliteStore {
     }
 
     fn finish(&mut self, worker: &str, now_ms: i64, end: &FragmentEnd) -> Result<Finished> {
-        let tx = self.write()?;
-        let id = end.flush.fragment;
-        let Some(stage) = held_stage(&tx, id, worker)? else {
-            return Ok(Finished::default());
-        };
-        let stage_row = stage_by_id(&tx, stage)?;
-        let (size_cap, class): (String, String) = tx.query_row(
-            "SELECT size_cap, class FROM fragments WHERE id = ?1",
-            [id.0],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        let mut ledger = load_ledger(&tx, stage)?;
-        apply_flush(&tx, &mut ledger, stage, &end.flush, now_ms)?;
-        if ledger.fragment(id).is_some_and(|f| end.end < f.span.end)
-            && ledger.split(id, end.end) > 0
-        {
-            tx.execute(
-                "UPDATE fragments SET splits = splits + 1 WHERE id = ?1",
-                [id.0],
-            )?;
-        }
-        let span = ledger.fragment(id).map_or(Span::new(0, 0), |f| f.span);
-        let acked = ledger
-            .fragment(id)
-            .map(|f| f.acked.clone())
-            .unwrap_or_default();
-        let checkpoint = ledger.fragment(id).and_then(|f| f.checkpoint);
-        let report = ledger.finish(
-            id,
-            &accounted_outcome(end),
-            retry_budget(end.cause.as_deref(), stage_row.retries),
-        );
-        let verdict = verdict(end, &report);
-        let (result, forgotten) = kept_result(&tx, &mut ledger, &report)?;
-        if end.cause.as_deref() == Some("oom") {
-            // Retried on a worker with more memory than this one, while one is alive.
-            ledger.raise_floor(span, worker_memory(&tx, worker)?);
-        }
-        save_ledger(&tx, stage, &ledger)?;
-        tx.prepare_cached(
-            "UPDATE fragments SET state = ?2, finished_ms = ?3, observed_ms = ?4, cpu_ms = ?5, peak_rss_kb = ?6,
-              load = ?7, fed = ?8, acks = ?9, cause = ?10, detail = ?11, stdout = ?12, stderr = ?13,
-              end_idx = ?14, acked = ?15, wasted_ms = ?16, checkpoint_fallbacks = ?17, split_request = NULL,
-              checkpoint_id = ?18, io_bytes = ?19, predicted_ms = coalesce(?20, predicted_ms), result = ?21,
-              state_reruns = state_reruns + ?22, results_missing = ?23
-             WHERE id = ?1",
-        )?
-        .execute(params![
-            id.0,
-            verdict.state,
-            now_ms,
-            end.observed_ms,
-            end.cpu_ms,
-            end.peak_rss_kb as i64,
-            end.load,
-            end.fed as i64,
-            end.acks as i64,
-            verdict.cause,
-            verdict.detail,
-            end.stdout,
-            end.stderr,
-            span.end as i64,
-            json(&acked),
-            end.wasted_ms,
-            end.checkpoint_fallbacks,
-            checkpoint,
-            end.io_bytes as i64,
-            end.predicted_ms,
-            result,
-            (report.undone + forgotten) as i64,
-            report.uncovered as i64
-        ])?;
-        if verdict.all_or_nothing && end.fed > 0 {
-            // Finished all its input without a single ack: an all-or-nothing task.
-            tx.execute(
-                "UPDATE stages SET acks = 'no' WHERE id = ?1 AND acks = 'unknown'",
-                [stage],
-            )?;
-        }
-        if verdict.finished && end.fed > 0 {
-            let mut sizer = load_sizer(&tx, stage, &class)?;
-            sizer.observe(
-                &stage_row.sizer_config,
-                &Observation {
-                    n: end.fed,
-                    duration_ms: end.observed_ms,
-                    acks: end.acks,
-                    first_ack_ms: end.first_ack_ms,
-                    last_ack_ms: end.last_ack_ms,
-                    sized_by_model: size_cap == "model",
-                    bytes: end.bytes,
-                    load: Some(end.load),
-                },
-            );
-            save_sizer(&tx, stage, &class, &sizer)?;
-        }
-        if let Some(halt) = &end.halt {
-            let job: i64 =
-                tx.query_row("SELECT job_id FROM stages WHERE id = ?1", [stage], |r| {
-                    r.get(0)
-                })?;
-            halt_job(&tx, job, halt, now_ms)?;
-        }
-        let job_finished = ledger.is_finished() && settle_job(&tx, stage, now_ms)?;
-        tx.commit()?;
-        Ok(Finished {
-            accepted: true,
-            quarantined: report.quarantined,
-            job_finished,
-        })
+        self.counted(Call::Finish, |s| s.finish_tx(worker, now_ms, end))
     }
 
     fn workers_holding_work(&mut self) -> Result<Vec<WorkerInfo>> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, host, pid, proc_start, slots, class, lifespan_end_ms, cost, spot, resources FROM workers
+            "SELECT id, host, pid, proc_start, slots, class, lifespan_end_ms, cost, spot, resources, locality FROM workers
              WHERE id IN (SELECT DISTINCT worker FROM fragments WHERE state = 'running')",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -940,6 +822,7 @@ impl Store for SqliteStore {
                 cost_per_hour: r.get(7)?,
                 spot: r.get(8)?,
                 resources: r.get(9)?,
+                locality: r.get(10)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -948,10 +831,13 @@ impl Store for SqliteStore {
     fn release(&mut self, now_ms: i64, dead: &[String]) -> Result<u64> {
         let tx = self.write()?;
         let mut stmt = tx.prepare(
-            "SELECT id, stage_id, worker, lease_expires_ms FROM fragments WHERE state = 'running'",
+            "SELECT f.id, f.stage_id, f.worker,
+                    CASE WHEN f.lease_expires_ms = ?1 THEN coalesce(w.lease_until_ms, 0)
+                         ELSE f.lease_expires_ms END
+             FROM fragments f LEFT JOIN workers w ON w.id = f.worker WHERE f.state = 'running'",
         )?;
         let lost: Vec<(i64, i64, String)> = stmt
-            .query_map([], |r| {
+            .query_map([FOLLOWS_WORKER], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, i64>(1)?,
@@ -965,7 +851,7 @@ impl Store for SqliteStore {
             .map(|(id, stage, worker, _)| (id, stage, worker))
             .collect();
         drop(stmt);
-        let mut ledgers: HashMap<i64, StageLedger> = HashMap::new();
+        let mut ledgers: HashMap<i64, Loaded> = HashMap::new();
         for (id, stage, worker) in &lost {
             let ledger = ledger_of(&tx, &mut ledgers, *stage)?;
             let report = ledger.finish(FragmentId(*id), &FinishOutcome::Lost, u32::MAX);
@@ -987,16 +873,16 @@ impl Store for SqliteStore {
                 ],
             )?;
         }
-        for (stage, ledger) in &ledgers {
-            save_ledger(&tx, *stage, ledger)?;
+        for (stage, loaded) in &ledgers {
+            save_ledger(&tx, *stage, loaded)?;
             // A fragment released with every item acked may have been its stage's last.
-            if ledger.is_finished() {
+            if loaded.now.is_finished() {
                 settle_job(&tx, *stage, now_ms)?;
             }
         }
         for worker in dead {
             tx.execute(
-                "UPDATE workers SET state = 'exited', busy = 0 WHERE id = ?1",
+                "UPDATE workers SET state = 'exited', busy = 0, lease_until_ms = 0 WHERE id = ?1",
                 [worker],
             )?;
         }
@@ -1047,6 +933,36 @@ impl Store for SqliteStore {
             });
         }
         Ok(out)
+    }
+
+    fn write_counts(&self) -> Option<WriteCounts> {
+        Some(self.writes.clone())
+    }
+
+    fn progress(&mut self, job: JobId) -> Result<Vec<StageProgress>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT items, done_count, quarantined, last_n FROM stages WHERE job_id = ?1 ORDER BY idx",
+        )?;
+        let rows = stmt
+            .query_map([job.0], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(items, done, quarantined, last_n)| {
+                Ok(StageProgress {
+                    items: items as u64,
+                    done: done as u64,
+                    quarantined: parse::<IntervalSet>(&quarantined, "quarantined")?.len(),
+                    fragment_size: last_n as u64,
+                })
+            })
+            .collect()
     }
 
     fn worker_history(&mut self, now_ms: i64, since_ms: i64) -> Result<Vec<WorkerSpan>> {
@@ -1205,6 +1121,241 @@ impl Store for SqliteStore {
 /// The checkpoint before `id` in its chain: its row's `prev`, or, when its row is
 /// gone, what the fragment that wrote it had before it (an earlier checkpoint of its
 /// own, else the one it resumed from).
+/// The transactions behind the counted `Store` calls.
+impl SqliteStore {
+    fn claim_tx(&mut self, req: &ClaimRequest) -> Result<Option<Assignment>> {
+        let tx = self.write()?;
+        let jobs: Vec<i64> = match req.job {
+            Some(job) => {
+                let state: Option<String> = tx
+                    .query_row("SELECT state FROM jobs WHERE id = ?1", [job.0], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                if state.as_deref() == Some("running") {
+                    vec![job.0]
+                } else {
+                    vec![]
+                }
+            }
+            None => {
+                let mut stmt =
+                    tx.prepare_cached("SELECT id FROM jobs WHERE state = 'running' ORDER BY id")?;
+                let ids = stmt
+                    .query_map([], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                ids
+            }
+        };
+        let slots = active_slots(&tx, req.now_ms, req.lease_ms, req.slots)?;
+        let jobs = by_priority(&tx, jobs, req.now_ms)?;
+        let mut tx = tx;
+        for job in jobs {
+            // A job whose stored state cannot be read breaks alone: the others go on.
+            let sp = tx.savepoint()?;
+            match claim_in_job(&sp, req, job, slots) {
+                Ok(Some(assignment)) => {
+                    sp.commit()?;
+                    tx.commit()?;
+                    return Ok(Some(assignment));
+                }
+                Ok(None) => sp.commit()?,
+                Err(StoreError::Corrupt(why)) => {
+                    drop(sp);
+                    let halt = JobHalt::Broken(format!("its stored state cannot be read: {why}"));
+                    halt_job(&tx, job, &halt, req.now_ms)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tx.commit()?;
+        Ok(None)
+    }
+
+    fn flush_tx(
+        &mut self,
+        worker: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        heartbeat: &Heartbeat,
+        batch: &[FragmentFlush],
+    ) -> Result<FlushReply> {
+        let tx = self.write()?;
+        let mut ledgers: HashMap<i64, Loaded> = HashMap::new();
+        let mut reply = FlushReply::default();
+        for f in batch {
+            let Some(stage) = held_stage(&tx, f.fragment, worker)? else {
+                reply.lost.push(f.fragment);
+                continue;
+            };
+            let ledger = ledger_of(&tx, &mut ledgers, stage)?;
+            reply.done += apply_flush(&tx, ledger, stage, f, now_ms)?;
+            if !job_running(&tx, stage)? {
+                // Cancelled or stopped: its acks stand, the rest is pending again.
+                ledger.finish(f.fragment, &FinishOutcome::Yielded, 0);
+                tx.execute(
+                    "UPDATE fragments SET state = 'cancelled', finished_ms = ?2, split_request = NULL WHERE id = ?1",
+                    params![f.fragment.0, now_ms],
+                )?;
+                reply.stopped.push(f.fragment);
+            }
+        }
+        for (stage, loaded) in &ledgers {
+            save_ledger(&tx, *stage, loaded)?;
+        }
+        // What the worker says it holds follows its lease from now on, once half of its
+        // own claim lease is spent (one write per fragment, none for short ones); a claim
+        // whose reply never reached the worker is never confirmed and expires.
+        let mut confirm = tx.prepare_cached(
+            "UPDATE fragments SET lease_expires_ms = ?3
+             WHERE id = ?1 AND worker = ?2 AND state = 'running' AND lease_expires_ms < ?4",
+        )?;
+        for id in &heartbeat.held {
+            confirm.execute(params![id.0, worker, FOLLOWS_WORKER, now_ms + lease_ms / 2])?;
+        }
+        drop(confirm);
+        tx.prepare_cached(
+            "UPDATE workers SET heartbeat_ms = ?2, busy = ?3, free_memory = ?4, load = ?5, lease_until_ms = ?6
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            worker,
+            now_ms,
+            heartbeat.busy,
+            heartbeat.free_memory,
+            heartbeat.load,
+            now_ms + lease_ms
+        ])?;
+        let mut stmt = tx.prepare_cached(
+            "SELECT id, split_request FROM fragments
+             WHERE worker = ?1 AND state = 'running' AND split_request IS NOT NULL",
+        )?;
+        reply.split_requests = stmt
+            .query_map([worker], |r| {
+                Ok((FragmentId(r.get(0)?), r.get::<_, i64>(1)? as u64))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        drop(stmt);
+        tx.commit()?;
+        Ok(reply)
+    }
+
+    fn finish_tx(&mut self, worker: &str, now_ms: i64, end: &FragmentEnd) -> Result<Finished> {
+        let tx = self.write()?;
+        let id = end.flush.fragment;
+        let Some(stage) = held_stage(&tx, id, worker)? else {
+            return Ok(Finished::default());
+        };
+        let stage_row = stage_by_id(&tx, stage)?;
+        let (size_cap, class): (String, String) = tx.query_row(
+            "SELECT size_cap, class FROM fragments WHERE id = ?1",
+            [id.0],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let mut loaded = Loaded::read(&tx, stage)?;
+        let ledger = &mut loaded.now;
+        apply_flush(&tx, ledger, stage, &end.flush, now_ms)?;
+        if ledger.fragment(id).is_some_and(|f| end.end < f.span.end)
+            && ledger.split(id, end.end) > 0
+        {
+            tx.execute(
+                "UPDATE fragments SET splits = splits + 1 WHERE id = ?1",
+                [id.0],
+            )?;
+        }
+        let span = ledger.fragment(id).map_or(Span::new(0, 0), |f| f.span);
+        let acked = ledger
+            .fragment(id)
+            .map(|f| f.acked.clone())
+            .unwrap_or_default();
+        let checkpoint = ledger.fragment(id).and_then(|f| f.checkpoint);
+        let report = ledger.finish(
+            id,
+            &accounted_outcome(end),
+            retry_budget(end.cause.as_deref(), stage_row.retries),
+        );
+        let verdict = verdict(end, &report);
+        let (result, forgotten) = kept_result(&tx, ledger, &report)?;
+        if end.cause.as_deref() == Some("oom") {
+            // Retried on a worker with more memory than this one, while one is alive.
+            ledger.raise_floor(span, worker_memory(&tx, worker)?);
+        }
+        let finished = ledger.is_finished();
+        save_ledger(&tx, stage, &loaded)?;
+        tx.prepare_cached(
+            "UPDATE fragments SET state = ?2, finished_ms = ?3, observed_ms = ?4, cpu_ms = ?5, peak_rss_kb = ?6,
+              load = ?7, fed = ?8, acks = ?9, cause = ?10, detail = ?11, stdout = ?12, stderr = ?13,
+              end_idx = ?14, acked = ?15, wasted_ms = ?16, checkpoint_fallbacks = ?17, split_request = NULL,
+              checkpoint_id = ?18, io_bytes = ?19, predicted_ms = coalesce(?20, predicted_ms), result = ?21,
+              state_reruns = state_reruns + ?22, results_missing = ?23
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            id.0,
+            verdict.state,
+            now_ms,
+            end.observed_ms,
+            end.cpu_ms,
+            end.peak_rss_kb as i64,
+            end.load,
+            end.fed as i64,
+            end.acks as i64,
+            verdict.cause,
+            verdict.detail,
+            end.stdout,
+            end.stderr,
+            span.end as i64,
+            json(&acked),
+            end.wasted_ms,
+            end.checkpoint_fallbacks,
+            checkpoint,
+            end.io_bytes as i64,
+            end.predicted_ms,
+            result,
+            (report.undone + forgotten) as i64,
+            report.uncovered as i64
+        ])?;
+        if verdict.all_or_nothing && end.fed > 0 {
+            // Finished all its input without a single ack: an all-or-nothing task.
+            tx.execute(
+                "UPDATE stages SET acks = 'no' WHERE id = ?1 AND acks = 'unknown'",
+                [stage],
+            )?;
+        }
+        if verdict.finished && end.fed > 0 {
+            let mut sizer = load_sizer(&tx, stage, &class)?;
+            sizer.observe(
+                &stage_row.sizer_config,
+                &Observation {
+                    n: end.fed,
+                    duration_ms: end.observed_ms,
+                    acks: end.acks,
+                    first_ack_ms: end.first_ack_ms,
+                    last_ack_ms: end.last_ack_ms,
+                    sized_by_model: size_cap == "model",
+                    bytes: end.bytes,
+                    load: Some(end.load),
+                },
+            );
+            save_sizer(&tx, stage, &class, &sizer)?;
+        }
+        if let Some(halt) = &end.halt {
+            let job: i64 =
+                tx.query_row("SELECT job_id FROM stages WHERE id = ?1", [stage], |r| {
+                    r.get(0)
+                })?;
+            halt_job(&tx, job, halt, now_ms)?;
+        }
+        let job_finished = finished && settle_job(&tx, stage, now_ms)?;
+        tx.commit()?;
+        Ok(Finished {
+            accepted: true,
+            quarantined: report.quarantined,
+            job_finished,
+        })
+    }
+}
+
 fn checkpoint_before(tx: &Connection, id: i64) -> Result<Option<i64>> {
     let prev: Option<Option<i64>> = tx
         .query_row("SELECT prev FROM blobs WHERE id = ?1", [id], |r| r.get(0))
@@ -1427,8 +1578,7 @@ fn claim_in_job(
 impl SqliteStore {
     fn stage_status(&self, stage: &StageRow) -> Result<StageStatus> {
         let ledger = load_ledger(&self.conn, stage.id)?;
-        type Counts = (i64, i64, i64, i64, i64, i64, i64, f64, i64, (i64, i64));
-        let c: Counts = self.conn.query_row(
+        let c: FragmentCounts = self.conn.query_row(
             "SELECT count(*),
                     count(*) FILTER (WHERE state = 'failed'),
                     count(*) FILTER (WHERE state = 'yielded'),
@@ -1443,18 +1593,19 @@ impl SqliteStore {
              FROM fragments WHERE stage_id = ?1",
             [stage.id],
             |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                    r.get(7)?,
-                    r.get(8)?,
-                    (r.get(9)?, r.get(10)?),
-                ))
+                Ok(FragmentCounts {
+                    fragments: r.get(0)?,
+                    failed: r.get(1)?,
+                    yields: r.get(2)?,
+                    lost: r.get(3)?,
+                    splits: r.get(4)?,
+                    fallbacks: r.get(5)?,
+                    checkpoints: r.get(6)?,
+                    wasted_ms: r.get(7)?,
+                    last_n: r.get(8)?,
+                    state_reruns: r.get(9)?,
+                    results_missing: r.get(10)?,
+                })
             },
         )?;
         let rows: Vec<DoneRow> = self
@@ -1502,21 +1653,21 @@ impl SqliteStore {
                 .spans()
                 .map(|s| [s.start, s.end])
                 .collect(),
-            fragments: c.0 as u64,
+            fragments: c.fragments as u64,
             running_fragments: ledger.running.len() as u64,
-            failed_fragments: c.1 as u64,
-            fragment_size: c.8 as u64,
+            failed_fragments: c.failed as u64,
+            fragment_size: c.last_n as u64,
             item_cost_us: sizer.model.b_ms * 1e3,
             overhead_ms: sizer.model.a_ms,
             target_ms: sizer.target_ms(&stage.sizer_config),
-            yields: c.2 as u64,
-            lost: c.3 as u64,
-            splits: c.4 as u64,
-            checkpoint_fallbacks: c.5 as u64,
-            state_reruns: c.9 .0 as u64,
-            results_missing: c.9 .1 as u64,
-            checkpoints: c.6 as u64,
-            wasted_s: c.7 / 1e3,
+            yields: c.yields as u64,
+            lost: c.lost as u64,
+            splits: c.splits as u64,
+            checkpoint_fallbacks: c.fallbacks as u64,
+            state_reruns: c.state_reruns as u64,
+            results_missing: c.results_missing as u64,
+            checkpoints: c.checkpoints as u64,
+            wasted_s: c.wasted_ms / 1e3,
             prediction_error_median: error.0,
             prediction_error_p90: error.1,
             needs: stage.needs.clone(),

@@ -88,6 +88,7 @@ fn worker(store: &mut dyn Store, id: &str) -> String {
         cost_per_hour: 1.5,
         spot: true,
         resources: r#"{"cpus":2,"custom":{"licenses":4.0}}"#.into(),
+        locality: String::new(),
     };
     store.register_worker(&info, 0).unwrap();
     id.into()
@@ -531,6 +532,7 @@ fn described(store: &mut dyn Store, id: &str, spot: bool, memory_mb: u64, now_ms
         cost_per_hour: 1.0,
         spot,
         resources: format!(r#"{{"cpus":2,"memory_mb":{memory_mb}}}"#),
+        locality: String::new(),
     };
     store.register_worker(&info, now_ms).unwrap();
 }
@@ -815,6 +817,7 @@ fn with_a_deadline_the_dear_class_waits_until_the_cheap_one_cannot_make_it() {
                 cost_per_hour: cost,
                 spot: false,
                 resources: "{}".into(),
+                locality: String::new(),
             };
             s.register_worker(&info, now).unwrap();
         };
@@ -1255,4 +1258,92 @@ fn the_last_fragments_of_a_stage_finish_together_without_deadlock() {
             assert_eq!(status.stages[0].done, 3, "{} round {round}", b.name);
         }
     }
+}
+
+#[test]
+fn a_confirmed_fragment_follows_its_workers_lease_and_an_exited_worker_loses_it_at_once() {
+    for b in backends("worker_lease") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 20, "h"), 0, false).unwrap().id();
+        let w = worker(s.as_mut(), "w");
+        let a = claim(s.as_mut(), id, &w, 0, Some(10)).unwrap();
+        let held = Heartbeat {
+            held: vec![a.fragment],
+            ..Heartbeat::default()
+        };
+        // Listed once half its claim lease is spent, it is confirmed: it lives as long as
+        // its worker heartbeats (now until 24 s), listed or not.
+        s.flush(&w, 6_000, 10_000, &held, &[]).unwrap();
+        s.flush(&w, 14_000, 10_000, &Heartbeat::default(), &[])
+            .unwrap();
+        assert_eq!(s.release(20_000, &[]).unwrap(), 0, "{}", b.name);
+        assert_eq!(
+            s.release(24_001, &[]).unwrap(),
+            1,
+            "{}: the worker went silent",
+            b.name
+        );
+        // A worker that says it has exited loses what it still held at once.
+        let c = claim(s.as_mut(), id, &w, 24_002, Some(10)).unwrap();
+        let held = Heartbeat {
+            held: vec![c.fragment],
+            ..Heartbeat::default()
+        };
+        s.flush(&w, 29_100, 10_000, &held, &[]).unwrap();
+        s.set_worker_state(&w, "exited", 29_101).unwrap();
+        assert_eq!(s.release(29_102, &[]).unwrap(), 1, "{}", b.name);
+    }
+}
+
+#[test]
+fn a_heartbeat_and_a_finish_write_as_many_rows_with_2_or_32_fragments_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SqliteStore::open(&dir.path().join("granule.db")).unwrap();
+    let id = s.submit(&job("j", 1000, "h"), 0, false).unwrap().id();
+    let w = worker(&mut s, "w");
+    let mut rows = Vec::new();
+    for running in [2, 32] {
+        let held: Vec<Assignment> = (0..running)
+            .map(|_| claim(&mut s, id, &w, 0, Some(1)).unwrap())
+            .collect();
+        let hb = Heartbeat {
+            held: held.iter().map(|a| a.fragment).collect(),
+            ..Heartbeat::default()
+        };
+        // Half their claim lease spent, each is confirmed (once); from then on a
+        // heartbeat writes its worker's row only.
+        s.flush(&w, 6_000, 10_000, &hb, &[]).unwrap();
+        let before = s.write_counts().unwrap();
+        for now in 6_001..6_011 {
+            s.flush(&w, now, 10_000, &hb, &[]).unwrap();
+        }
+        let first = &held[0];
+        s.finish(
+            &w,
+            6_011,
+            &end(first.fragment, FinishOutcome::Success, first.span.end),
+        )
+        .unwrap();
+        let after = s.write_counts().unwrap();
+        rows.push((
+            (after.flush_rows - before.flush_rows) as f64 / 10.0,
+            after.finish_rows - before.finish_rows,
+        ));
+        for a in &held[1..] {
+            s.finish(
+                &w,
+                6_012,
+                &end(a.fragment, FinishOutcome::Success, a.span.end),
+            )
+            .unwrap();
+        }
+    }
+    assert_eq!(
+        rows[0].0, 1.0,
+        "a heartbeat writes its worker's row: {rows:?}"
+    );
+    assert_eq!(
+        rows[0], rows[1],
+        "rows per flush and per finish at 2 and 32 running"
+    );
 }

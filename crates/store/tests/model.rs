@@ -203,6 +203,7 @@ impl Run<'_> {
             cost_per_hour: 0.0,
             spot: false,
             resources: "{}".into(),
+            locality: String::new(),
         };
         self.store.register_worker(&info, now).unwrap();
         let req = ClaimRequest {
