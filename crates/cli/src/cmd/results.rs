@@ -1,0 +1,106 @@
+//! `granule results`: a stage's results (the final checkpoint of each chain).
+
+use super::{job_with_stage, open_store, StateArg};
+use crate::{EXIT_DONE, EXIT_QUARANTINED};
+use anyhow::{Context, Result};
+use granule_spec::JobSpec;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub(crate) struct ResultsArgs {
+    /// The stage.
+    stage: String,
+    #[command(flatten)]
+    state: StateArg,
+    /// The job (default: the latest job that has this stage).
+    #[arg(long)]
+    job: Option<String>,
+    /// Write each result to DIR/fragment-ID instead of concatenating them on stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Writes a stage's results to stdout (or one file per chain under `--out`); exit 1
+/// when the set is incomplete, saying why.
+pub(crate) fn results(args: ResultsArgs) -> Result<u8> {
+    let mut store = open_store(&args.state)?;
+    let job = job_with_stage(store.as_mut(), args.job, &args.stage)?;
+    // A result is at most the stage's max_checkpoint: a record claiming more is corrupt.
+    let limit = store
+        .job(&job)?
+        .and_then(|r| serde_json::from_str::<JobSpec>(&r.spec_json).ok())
+        .and_then(|spec| spec.stages.into_iter().find(|s| s.name == args.stage))
+        .map_or(granule_spec::DEFAULT_MAX_CHECKPOINT_BYTES, |s| {
+            s.max_checkpoint_bytes
+        });
+    let mut stdout = std::io::stdout().lock();
+    let mut unreadable = 0u64;
+    for result in store.results(&job, &args.stage)? {
+        let fragment = result.fragment;
+        let blob = granule_exec::Blob {
+            data: result.blob.data,
+            raw_len: result.blob.raw_len,
+            hash: result.blob.hash,
+        };
+        let raw = match blob.open(limit) {
+            Ok(raw) => raw,
+            Err(e) => {
+                // Said, and counted: the set is incomplete, never silently short.
+                eprintln!(
+                    "granule: the result of fragment {fragment} (the state of {} items) cannot be read: {e}",
+                    result.covers.len()
+                );
+                unreadable += result.covers.len();
+                continue;
+            }
+        };
+        match &args.out {
+            Some(dir) => write_new(dir, &format!("fragment-{fragment}"), &raw)?,
+            None => {
+                use std::io::Write;
+                stdout.write_all(&raw)?;
+                if !raw.ends_with(b"\n") {
+                    stdout.write_all(b"\n")?;
+                }
+            }
+        }
+    }
+    // Exact or it says so: items whose state is in no result make the set incomplete.
+    let missing = store
+        .status(Some(&job))?
+        .into_iter()
+        .flat_map(|j| j.stages)
+        .find(|s| s.name == args.stage)
+        .map_or(0, |s| s.results_missing)
+        + unreadable;
+    if missing > 0 {
+        eprintln!(
+            "granule: the results of stage \"{}\" are incomplete: the state of {missing} done items is in no readable result (see granule status and granule logs {})",
+            args.stage, args.stage
+        );
+        return Ok(EXIT_QUARANTINED);
+    }
+    Ok(EXIT_DONE)
+}
+
+/// Writes `bytes` to `dir/name` without following what is there: a temporary file
+/// created new, then renamed over the name (a symlink at the name is replaced, its
+/// target untouched).
+fn write_new(dir: &std::path::Path, name: &str, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let target = dir.join(name);
+    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&temp)
+        .with_context(|| format!("creating {}", temp.display()))?;
+    file.write_all(bytes)
+        .and_then(|_| file.sync_all())
+        .with_context(|| format!("writing {}", temp.display()))?;
+    std::fs::rename(&temp, &target).with_context(|| format!("writing {}", target.display()))?;
+    Ok(())
+}

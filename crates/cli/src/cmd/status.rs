@@ -1,0 +1,304 @@
+//! `granule status`: jobs, stages, workers and the pool; `--explain STAGE` says
+//! where a stage's work can go and why.
+
+use super::{open_store, StateArg};
+use crate::{host, BadInput, EXIT_DONE};
+use anyhow::Result;
+use granule_core::ClassForecast;
+use granule_store::{StageStatus, WorkerStatus};
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub(crate) struct StatusArgs {
+    /// Only this job.
+    job: Option<String>,
+    /// Explain where this stage's work can go and why (per live worker).
+    #[arg(long, value_name = "STAGE")]
+    explain: Option<String>,
+    #[command(flatten)]
+    state: StateArg,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Workers shown by `status`: those seen in the last minute, or holding work.
+const WORKERS_SEEN_MS: i64 = 60_000;
+
+/// Prints jobs, workers and the pool (or JSON, or `--explain STAGE`).
+pub(crate) fn status(args: StatusArgs) -> Result<u8> {
+    let mut store = open_store(&args.state)?;
+    let jobs = store.status(args.job.as_deref())?;
+    let now = host::now_ms();
+    let workers = store.workers(now, WORKERS_SEEN_MS)?;
+    // Each class's slots 10 minutes ahead and its losses, from the last hour.
+    let history = store.worker_history(now, now - granule_core::FORECAST_WINDOW_MS)?;
+    let pool = granule_core::forecast_recent(&history, now);
+    if let Some(stage) = &args.explain {
+        return explain(&jobs, &workers, &pool, stage);
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "jobs": jobs, "workers": workers, "pool": pool })
+        );
+        return Ok(EXIT_DONE);
+    }
+    if jobs.is_empty() {
+        println!("no jobs in {}", args.state.state.display());
+    }
+    for job in &jobs {
+        println!("job {}: {}", job.name, job.state);
+        if let Some(error) = &job.error {
+            println!("  {error}");
+        }
+        job.stages.iter().for_each(print_stage);
+    }
+    print_workers(&workers);
+    print_pool(&pool);
+    Ok(EXIT_DONE)
+}
+
+/// A stage's lines of `granule status`.
+fn print_stage(s: &StageStatus) {
+    println!(
+        "  {:<16} {:<8} {}/{} done, {} running, {} pending, {} quarantined; {} fragments (last {} items), {:.1} µs/item",
+        s.name, s.state, s.done, s.items, s.running, s.pending, s.quarantined, s.fragments, s.fragment_size, s.item_cost_us
+    );
+    println!(
+        "  {:<16} {} yields, {} splits, {} lost, {} checkpoints ({} fallbacks), {:.1}s of work wasted",
+        "", s.yields, s.splits, s.lost, s.checkpoints, s.checkpoint_fallbacks, s.wasted_s
+    );
+    if s.state_reruns > 0 {
+        println!(
+            "  {:<16} {} items ran again because the state they were acked into was lost",
+            "", s.state_reruns
+        );
+    }
+    if s.results_missing > 0 {
+        println!(
+            "  {:<16} results incomplete: {} done items are in no result (acked after the last checkpoint)",
+            "", s.results_missing
+        );
+    }
+    if let (Some(median), Some(p90)) = (s.prediction_error_median, s.prediction_error_p90) {
+        println!(
+            "  {:<16} predicted fragment durations off by {median:.1}% (median), {p90:.1}% (p90)",
+            ""
+        );
+    }
+    if let (Some(profile), Some(source)) = (&s.profile, &s.profile_source) {
+        println!("  {:<16} profile: {profile} ({source})", "");
+    }
+    if s.classes.len() > 1 {
+        for c in &s.classes {
+            println!(
+                "  {:<16} on {}: {} items in {} fragments (~{:.0} items each), {:.1} ± {:.1} µs/item",
+                "", c.class, c.items, c.fragments, c.fragment_size, c.item_cost_us, c.item_cost_spread_us
+            );
+        }
+    }
+    if !s.quarantined_items.is_empty() {
+        let items: Vec<String> = s
+            .quarantined_items
+            .iter()
+            .map(|[a, b]| {
+                if b - a == 1 {
+                    a.to_string()
+                } else {
+                    format!("{a}-{}", b - 1)
+                }
+            })
+            .collect();
+        println!("    quarantined items: {}", items.join(", "));
+    }
+}
+
+/// The workers seen lately, a line each.
+fn print_workers(workers: &[WorkerStatus]) {
+    if !workers.is_empty() {
+        println!("workers:");
+    }
+    for w in workers {
+        let life = w.lifespan_left_ms.map_or("no lifespan".to_string(), |ms| {
+            format!("{:.1}s of lifespan left", ms as f64 / 1e3)
+        });
+        let gpus = w.resources["gpus"].as_array().map_or(0, |g| g.len());
+        let spot = if w.spot { ", spot" } else { "" };
+        println!(
+            "  {} ({}, {}{spot}, {}/h, {} cpus, {} gpus): {}/{} slots busy, {} fragments done, {life}, last heard {:.1}s ago",
+            w.id, w.class, w.state, w.cost_per_hour, w.resources["cpus"], gpus, w.busy, w.slots, w.fragments_done,
+            w.heartbeat_age_ms as f64 / 1e3
+        );
+    }
+}
+
+/// Each class of the pool: slots now, expected ahead, losses.
+fn print_pool(pool: &[ClassForecast]) {
+    if !pool.is_empty() {
+        println!("pool (last hour, forecast 10 min ahead):");
+    }
+    for c in pool {
+        let spot = if c.spot { " (spot)" } else { "" };
+        println!(
+            "  class {}{spot}: {} slots now, ~{:.1} expected, {:.2} workers lost per worker-hour",
+            c.class, c.slots_now, c.slots_ahead, c.losses_per_hour
+        );
+    }
+}
+
+/// Why a stage's work goes where it goes: its needs, then per worker seen lately whether one
+/// fragment fits (or what is short) and the rank it would have there.
+fn explain(
+    jobs: &[granule_store::JobStatus],
+    workers: &[granule_store::WorkerStatus],
+    forecast: &[granule_core::ClassForecast],
+    name: &str,
+) -> Result<u8> {
+    let Some((job, stage)) = jobs
+        .iter()
+        .rev()
+        .find_map(|j| j.stages.iter().find(|s| s.name == name).map(|s| (j, s)))
+    else {
+        return Err(BadInput(format!("no stage named \"{name}\"")).into());
+    };
+    let n = &stage.needs;
+    let class = match (&n.class, n.class_required) {
+        (Some(c), true) => format!("requires class {c}"),
+        (Some(c), false) => format!("prefers class {c}"),
+        (None, _) => "any class".into(),
+    };
+    println!(
+        "stage {} of job {} ({}): per fragment {} cpus, {} MiB, {} gpus, resources {:?}; {class}; priority {}",
+        stage.name, job.name, stage.state, n.cpus, n.memory_mb, n.gpus, n.resources, n.priority
+    );
+    println!("  {} pending, {} running; stages that fit go by priority, then the owner with fewer fragments running, then the class's relative speed on each stage (learned), then the preferred class, then the longest path of work left in the DAG, then fewest running", stage.pending, stage.running_fragments);
+    if let (Some(profile), Some(source)) = (&stage.profile, &stage.profile_source) {
+        println!("  profile: {profile} ({source}: history is CPU time / wall time, peak memory and block I/O; before any, the declared class or a guess from the name and command)");
+    }
+    let best = stage
+        .classes
+        .iter()
+        .filter(|c| c.item_cost_us > 0.0)
+        .map(|c| c.item_cost_us)
+        .fold(f64::INFINITY, f64::min);
+    for c in &stage.classes {
+        let relative = if c.item_cost_us > 0.0 && best.is_finite() {
+            format!(", {:.2}x the best class", c.item_cost_us / best)
+        } else {
+            ", not learned yet".into()
+        };
+        println!(
+            "  on class {}: {:.1} µs/item{relative}; {} items done in {} fragments",
+            c.class, c.item_cost_us, c.items, c.fragments
+        );
+    }
+    if let Some(ms) = n.deadline_ms {
+        println!("  {}", deadline_verdict(job, stage, workers, forecast, ms));
+    }
+    if workers.is_empty() {
+        println!("  no workers seen in the last minute");
+    }
+    for w in workers {
+        let verdict = worker_verdict(n, w);
+        println!("  {} ({}, {}): {verdict}", w.id, w.class, w.state);
+    }
+    Ok(EXIT_DONE)
+}
+
+/// Whether one fragment of a stage with needs `n` fits worker `w`, or what is short.
+fn worker_verdict(n: &granule_core::StageNeeds, w: &WorkerStatus) -> String {
+    let r = &w.resources;
+    let offer = granule_core::WorkerOffer {
+        class: w.class.clone(),
+        slots: w.slots,
+        cpus: r["cpus"].as_f64().unwrap_or(0.0),
+        memory_mb: r["memory_mb"].as_u64().unwrap_or(0),
+        gpus: r["gpus"].as_array().map_or(0, |g| g.len() as u32),
+        resources: r["custom"].as_object().map_or_else(Default::default, |m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
+                .collect()
+        }),
+        spot: w.spot,
+    };
+    match granule_core::fits(n, &offer) {
+        Ok(()) => {
+            let elsewhere = n.class.as_ref().is_some_and(|c| *c != offer.class);
+            let preference = if elsewhere {
+                ", not its preferred class"
+            } else {
+                ""
+            };
+            format!(
+                "fits (priority {}{preference}); {}/{} slots busy",
+                n.priority, w.busy, w.slots
+            )
+        }
+        Err(misfit) => format!("does not fit: {misfit}"),
+    }
+}
+
+/// What the deadline plan makes of a stage now: the time left, the soonest the live
+/// workers could finish it, and which classes the cheapest plan that still makes the
+/// deadline lets take its work (the pool, costs and plan the claims use).
+fn deadline_verdict(
+    job: &granule_store::JobStatus,
+    stage: &granule_store::StageStatus,
+    workers: &[granule_store::WorkerStatus],
+    forecast: &[granule_core::ClassForecast],
+    deadline_ms: f64,
+) -> String {
+    let left_ms = (job.created_ms + deadline_ms as i64 - host::now_ms()) as f64;
+    let when = format!(
+        "deadline {} after submission, {:.0}s left",
+        humantime::format_duration(Duration::from_millis(deadline_ms as u64)),
+        left_ms / 1e3
+    );
+    let mut pool = granule_core::pool_classes(
+        workers
+            .iter()
+            .filter(|w| w.state == "running")
+            .map(|w| (w.class.clone(), f64::from(w.slots), w.cost_per_hour)),
+    );
+    granule_core::expect_drops(&mut pool, forecast);
+    let learned: Vec<(String, f64)> = stage
+        .classes
+        .iter()
+        .filter(|c| c.item_cost_us > 0.0)
+        .map(|c| (c.class.clone(), c.item_cost_us / 1e3))
+        .collect();
+    if pool.is_empty() || learned.is_empty() {
+        return format!("{when}; no live workers or no cost learned yet: every class takes it");
+    }
+    let work = [granule_core::StageWork {
+        items: (stage.pending + stage.running) as f64,
+        per_item_ms: granule_core::per_class_costs(&learned, &pool),
+    }];
+    let Some((soonest, plan)) = granule_core::pool_deadline_plan(&work, &pool, left_ms) else {
+        return format!("{when}; the live workers cannot run it");
+    };
+    // A class that has not learned its cost here is let in, as claims do.
+    let (taking, waiting): (Vec<_>, Vec<_>) = pool
+        .iter()
+        .zip(&plan.planned[0])
+        .partition(|(p, planned)| **planned || !learned.iter().any(|(c, _)| *c == p.class));
+    let names = |classes: &[(&granule_core::PoolClass, &bool)]| {
+        classes
+            .iter()
+            .map(|(p, _)| p.class.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "{when}; every live worker together would need {:.0}s; the cheapest plan that makes it{} lets class {} take the work{}",
+        soonest / 1e3,
+        if soonest > granule_core::DEADLINE_SHARE * left_ms { " (it cannot: as soon as possible)" } else { "" },
+        names(&taking),
+        if waiting.is_empty() {
+            String::new()
+        } else {
+            format!("; {} wait (dearer, not needed)", names(&waiting))
+        }
+    )
+}
