@@ -15,8 +15,8 @@ use granule_exec::{
 };
 use granule_spec::JobSpec;
 use granule_store::{
-    Assignment, BlobRow, ClaimRequest, Finished, FragmentEnd, FragmentFlush, Heartbeat, JobHalt,
-    NewCheckpoint, SplitAnswer, Store, StoreError, WorkerInfo,
+    Assignment, BlobRow, ClaimRequest, Finished, FragmentEnd, FragmentFlush, FragmentState,
+    Heartbeat, JobHalt, JobState, NewCheckpoint, SplitAnswer, Store, StoreError, WorkerInfo,
 };
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -645,13 +645,13 @@ impl Worker<'_> {
             let record = record.context("job vanished from the store")?;
             // Otherwise other workers still hold its fragments: wait for them.
             let error = record.error.unwrap_or_default();
-            return Ok(match record.state.as_str() {
-                "done" => Some(Outcome::Done),
-                "failed" => Some(Outcome::Quarantined),
-                "cancelled" => Some(Outcome::Cancelled),
-                "refused" => Some(Outcome::Refused(error)),
-                "broken" => Some(Outcome::Broken(error)),
-                _ => None,
+            return Ok(match record.state {
+                JobState::Done => Some(Outcome::Done),
+                JobState::Failed => Some(Outcome::Quarantined),
+                JobState::Cancelled => Some(Outcome::Cancelled),
+                JobState::Refused => Some(Outcome::Refused(error)),
+                JobState::Broken => Some(Outcome::Broken(error)),
+                JobState::Running => None,
             });
         }
         let since = *idle_since.get_or_insert_with(Instant::now);
@@ -978,7 +978,7 @@ impl Worker<'_> {
             .note(&format!("job stopped: {}", halt.message()));
         let end = FragmentEnd {
             outcome: FinishOutcome::Yielded,
-            state: "yielded",
+            state: FragmentState::Yielded,
             fed: 0,
             halt: Some(halt),
             ..FragmentEnd::success(a.fragment, a.span.end)
@@ -1133,9 +1133,9 @@ impl Worker<'_> {
             ..FragmentFlush::default()
         });
         let state = match report.outcome {
-            FinishOutcome::Success | FinishOutcome::AllOrNothing { .. } => "done",
-            FinishOutcome::Yielded | FinishOutcome::Lost => "yielded",
-            FinishOutcome::Failed { .. } => "failed",
+            FinishOutcome::Success | FinishOutcome::AllOrNothing { .. } => FragmentState::Done,
+            FinishOutcome::Yielded | FinishOutcome::Lost => FragmentState::Yielded,
+            FinishOutcome::Failed { .. } => FragmentState::Failed,
         };
         let mut detail: Vec<String> = report.failure.iter().map(|f| f.to_string()).collect();
         detail.extend(slot.notes.iter().cloned());

@@ -1,7 +1,10 @@
 //! Pieces both backends share: JSON columns, the stored sizer config, the choice
 //! of where to split a running fragment, placement order and status figures.
 
-use crate::{ClaimRequest, ClassStatus, FragmentEnd, Result, StoreError};
+use crate::{
+    Acks, ClaimRequest, ClassStatus, FragmentEnd, FragmentState, JobHalt, JobState, Result,
+    StageState, StoreError,
+};
 use granule_core::{
     critical_paths, expect_drops, forecast_recent, order, per_class_costs, pool_classes,
     pool_deadline_plan, prediction_error, profile, Candidate, ClaimContext, CostModel,
@@ -15,6 +18,21 @@ use granule_core::{
 /// fragments the worker runs. A claim whose reply never reached its worker is never
 /// confirmed and expires on its own.
 pub(crate) const FOLLOWS_WORKER: i64 = i64::MAX;
+
+/// The state a status shows for a stage stored as `stored` (a stage with work
+/// claimed is `running`, whatever word an older store kept).
+pub(crate) fn stage_state(stored: &str) -> StageState {
+    match stored {
+        "done" => StageState::Done,
+        "waiting" => StageState::Waiting,
+        _ => StageState::Running,
+    }
+}
+
+/// A job's stored state word; one that cannot be read shows the job broken.
+pub(crate) fn job_state(stored: &str) -> JobState {
+    stored.parse().unwrap_or(JobState::Broken)
+}
 
 /// A value as a JSON column.
 pub(crate) fn json<T: serde::Serialize>(value: &T) -> String {
@@ -347,8 +365,8 @@ pub(crate) fn accounted_outcome(end: &FragmentEnd) -> FinishOutcome {
 
 /// What a finished fragment's row records, after the ledger's judgement.
 pub(crate) struct Verdict {
-    /// `done`, `yielded`, `failed` or `refused`/`broken`.
-    pub(crate) state: &'static str,
+    /// `Done`, `Yielded`, `Failed` or `Refused`/`Broken`.
+    pub(crate) state: FragmentState,
     /// Failure cause.
     pub(crate) cause: Option<String>,
     /// Human-readable detail.
@@ -364,7 +382,10 @@ pub(crate) struct Verdict {
 pub(crate) fn verdict(end: &FragmentEnd, report: &FinishReport) -> Verdict {
     if let Some(halt) = &end.halt {
         return Verdict {
-            state: halt.state(),
+            state: match halt {
+                JobHalt::Refused(_) => FragmentState::Refused,
+                JobHalt::Broken(_) => FragmentState::Broken,
+            },
             cause: Some(halt.state().to_string()),
             detail: Some(halt.message().to_string()),
             finished: false,
@@ -380,7 +401,7 @@ pub(crate) fn verdict(end: &FragmentEnd, report: &FinishReport) -> Verdict {
             detail = format!("{detail}; {more}");
         }
         return Verdict {
-            state: "failed",
+            state: FragmentState::Failed,
             cause: Some("unacked".into()),
             detail: Some(detail),
             finished: false,
@@ -410,14 +431,14 @@ pub(crate) fn memory_of(resources: &str) -> u64 {
 /// its fragments must fit a tenth of the worker's expected life.
 pub(crate) fn claim_context(
     req: &ClaimRequest,
-    acks: &str,
+    acks: Acks,
     remaining: u64,
     slots: u32,
 ) -> ClaimContext {
     let mut ctx = req.context.clone();
     ctx.remaining = remaining;
     ctx.slots = slots;
-    if let (Some(expected), false) = (req.expected_life_ms, acks == "yes") {
+    if let (Some(expected), false) = (req.expected_life_ms, acks == Acks::Yes) {
         let cap = expected / 10.0;
         ctx.lifespan_ms = Some(ctx.lifespan_ms.map_or(cap, |l| l.min(cap)));
     }

@@ -57,6 +57,177 @@ impl Submitted {
     }
 }
 
+/// A state the store keeps as a word: `Display` and `as_str` give the word, `FromStr`
+/// reads it back (an unknown word is a corrupt store), serde writes the word, and it
+/// compares equal to its word.
+macro_rules! stored_state {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+        pub enum $name {
+            $($(#[$vdoc])* #[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            /// The word the store keeps.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = crate::StoreError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(crate::StoreError::Corrupt(format!(
+                        concat!("unknown ", stringify!($name), " {:?}"),
+                        other
+                    ))),
+                }
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+
+        impl rusqlite::ToSql for $name {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+
+        impl rusqlite::types::FromSql for $name {
+            fn column_result(
+                value: rusqlite::types::ValueRef<'_>,
+            ) -> rusqlite::types::FromSqlResult<Self> {
+                value
+                    .as_str()?
+                    .parse()
+                    .map_err(|e| rusqlite::types::FromSqlError::Other(Box::new(e)))
+            }
+        }
+
+        impl postgres::types::ToSql for $name {
+            fn to_sql(
+                &self,
+                ty: &postgres::types::Type,
+                out: &mut postgres::types::private::BytesMut,
+            ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+                self.as_str().to_sql(ty, out)
+            }
+
+            fn accepts(ty: &postgres::types::Type) -> bool {
+                <&str as postgres::types::ToSql>::accepts(ty)
+            }
+
+            postgres::types::to_sql_checked!();
+        }
+
+        impl<'a> postgres::types::FromSql<'a> for $name {
+            fn from_sql(
+                ty: &postgres::types::Type,
+                raw: &'a [u8],
+            ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+                Ok(<&str as postgres::types::FromSql>::from_sql(ty, raw)?.parse()?)
+            }
+
+            fn accepts(ty: &postgres::types::Type) -> bool {
+                <&str as postgres::types::FromSql>::accepts(ty)
+            }
+        }
+    };
+}
+
+stored_state! {
+    /// Where a job is.
+    JobState {
+        /// Claimable work remains or runs.
+        Running = "running",
+        /// Every item done.
+        Done = "done",
+        /// Finished with quarantined items.
+        Failed = "failed",
+        /// Cancelled; its done items are kept.
+        Cancelled = "cancelled",
+        /// Its input is not what was submitted.
+        Refused = "refused",
+        /// Its stored state cannot be read.
+        Broken = "broken",
+    }
+}
+
+stored_state! {
+    /// Where a stage is.
+    StageState {
+        /// Waits for the stages before it.
+        Waiting = "waiting",
+        /// Its items are being claimed and run.
+        Running = "running",
+        /// Every item done or quarantined.
+        Done = "done",
+    }
+}
+
+stored_state! {
+    /// How a fragment stands or ended.
+    FragmentState {
+        /// Held by a worker.
+        Running = "running",
+        /// Ran to its end.
+        Done = "done",
+        /// Failed (exit, signal, timeout, oom, protocol).
+        Failed = "failed",
+        /// Stopped early at a safe point; its rest went back to pending.
+        Yielded = "yielded",
+        /// Its worker vanished or its lease expired.
+        Lost = "lost",
+        /// Its job was cancelled while it ran.
+        Cancelled = "cancelled",
+        /// Counted all-or-nothing, then undone by its stage's first ack.
+        Reverted = "reverted",
+        /// Its job was refused while it ran.
+        Refused = "refused",
+        /// Its job broke while it ran.
+        Broken = "broken",
+    }
+}
+
+stored_state! {
+    /// Whether a stage's tasks ack items, as learned from its fragments.
+    Acks {
+        /// No fragment has finished yet.
+        Unknown = "unknown",
+        /// A task acked: from now on unacked fed items fail.
+        Yes = "yes",
+        /// A task finished its input without a single ack: all-or-nothing.
+        No = "no",
+    }
+}
+
+impl Acks {
+    /// What a worker expects of a fragment's task: acks (`Some(true)`), none
+    /// (`Some(false)`), or not known yet.
+    pub fn expected(self) -> Option<bool> {
+        match self {
+            Acks::Yes => Some(true),
+            Acks::No => Some(false),
+            Acks::Unknown => None,
+        }
+    }
+}
+
 /// A stored job.
 #[derive(Clone, Debug)]
 pub struct JobRecord {
@@ -64,10 +235,8 @@ pub struct JobRecord {
     pub id: JobId,
     /// Name.
     pub name: String,
-    /// `running`, `done`, `failed` (finished with quarantined items), `cancelled`,
-    /// `refused` (its input is not what was submitted) or `broken` (its stored
-    /// state cannot be read).
-    pub state: String,
+    /// Where it is.
+    pub state: JobState,
     /// The spec, JSON.
     pub spec_json: String,
     /// Why it was refused or broke.
@@ -298,8 +467,8 @@ pub struct FragmentEnd {
     pub end: u64,
     /// What accounting does with the unacked rest.
     pub outcome: FinishOutcome,
-    /// `done`, `yielded`, `failed`.
-    pub state: &'static str,
+    /// `Done`, `Yielded`, `Failed`.
+    pub state: FragmentState,
     /// Failure cause (`exit`, `signal`, `timeout`, `oom`, ...), if any.
     pub cause: Option<String>,
     /// Human-readable detail.
@@ -350,10 +519,10 @@ pub enum JobHalt {
 
 impl JobHalt {
     /// The job state it leaves.
-    pub fn state(&self) -> &'static str {
+    pub fn state(&self) -> JobState {
         match self {
-            JobHalt::Refused(_) => "refused",
-            JobHalt::Broken(_) => "broken",
+            JobHalt::Refused(_) => JobState::Refused,
+            JobHalt::Broken(_) => JobState::Broken,
         }
     }
 
@@ -376,7 +545,7 @@ impl FragmentEnd {
             },
             end,
             outcome: FinishOutcome::Success,
-            state: "done",
+            state: FragmentState::Done,
             cause: None,
             detail: None,
             wasted_ms: 0.0,
@@ -415,8 +584,8 @@ pub struct Finished {
 pub struct JobStatus {
     /// Name.
     pub name: String,
-    /// `running`, `done`, `failed`.
-    pub state: String,
+    /// Where it is.
+    pub state: JobState,
     /// When it was submitted, unix ms (deadlines count from here).
     pub created_ms: i64,
     /// Why it was refused or broke.
@@ -462,8 +631,8 @@ pub struct StageProgress {
 pub struct StageStatus {
     /// Name.
     pub name: String,
-    /// `waiting`, `running`, `done`.
-    pub state: String,
+    /// Where it is.
+    pub state: StageState,
     /// Items in all.
     pub items: u64,
     /// Items done.
@@ -558,7 +727,7 @@ pub struct FragmentLog {
     /// See `start`.
     pub end: u64,
     /// Its state.
-    pub state: String,
+    pub state: FragmentState,
     /// Failure cause and detail.
     pub cause: Option<String>,
     /// See `cause`.
@@ -580,4 +749,29 @@ pub struct Accounting {
     pub done: IntervalSet,
     /// Failed alone after every retry.
     pub quarantined: IntervalSet,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_states_read_back_the_word_they_write_and_refuse_others() {
+        for s in [
+            JobState::Running,
+            JobState::Done,
+            JobState::Failed,
+            JobState::Cancelled,
+            JobState::Refused,
+            JobState::Broken,
+        ] {
+            assert_eq!(s.to_string().parse::<JobState>().unwrap(), s);
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        assert_eq!("yes".parse::<Acks>().unwrap(), Acks::Yes);
+        assert!(matches!(
+            "finished".parse::<JobState>(),
+            Err(crate::StoreError::Corrupt(_))
+        ));
+    }
 }

@@ -14,9 +14,9 @@
 
 use crate::common::{
     accounted_outcome, busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config,
-    json, live_pool, memory_of, parse, placement_order, sizer_config_json, split_gain, split_point,
-    stage_profile, verdict, worker_span, Admission, DoneRow, HistoryRow, StageReading, StageView,
-    FOLLOWS_WORKER,
+    job_state, json, live_pool, memory_of, parse, placement_order, sizer_config_json, split_gain,
+    split_point, stage_profile, stage_state, verdict, worker_span, Admission, DoneRow, HistoryRow,
+    StageReading, StageView, FOLLOWS_WORKER,
 };
 use crate::*;
 use granule_core::prediction_error;
@@ -264,7 +264,7 @@ struct StageRow {
     retries: u32,
     sizer_config: SizerConfig,
     state: String,
-    acks: String,
+    acks: Acks,
     needs: StageNeeds,
 }
 
@@ -408,13 +408,13 @@ fn learn_stateful(tx: &mut Tx<'_, '_>, stage: i64) -> Result<bool> {
 /// The stage's first ack: every item an all-or-nothing fragment counted done goes
 /// back to pending (no ack vouches for it), and from now on no ack is a failure.
 fn learn_acking(tx: &mut Tx<'_, '_>, stage: i64) -> Result<bool> {
-    let acks: String = tx
+    let acks: Acks = tx
         .query_one(
             "SELECT acks FROM stages WHERE id = $1 FOR UPDATE",
             &[&stage],
         )?
         .get(0);
-    if acks == "yes" {
+    if acks == Acks::Yes {
         return Ok(false);
     }
     let reverted = tx.query(
@@ -1210,7 +1210,7 @@ impl Store for PgStore {
                     &(verdict.all_or_nothing && !ledger.acking),
                 ],
             )?;
-            if verdict.all_or_nothing && end.fed > 0 && stage.acks == "unknown" {
+            if verdict.all_or_nothing && end.fed > 0 && stage.acks == Acks::Unknown {
                 tx.execute("UPDATE stages SET acks = 'no' WHERE id = $1 AND acks = 'unknown'", &[&held.stage])?;
             }
             if let Some(halt) = &end.halt {
@@ -1343,13 +1343,13 @@ impl Store for PgStore {
                 let stages = stages_of(tx, j.get(0)).and_then(|stages| {
                     stages.iter().map(|stage| stage_status(tx, stage)).collect::<Result<Vec<_>>>()
                 });
-                let (mut state, mut error): (String, Option<String>) = (j.get(2), j.get(4));
+                let (mut state, mut error) = (job_state(j.get(2)), j.get::<_, Option<String>>(4));
                 let stages = match stages {
                     Ok(stages) => stages,
                     // A job whose stored state cannot be read is shown broken; the
                     // others are shown as they are.
                     Err(StoreError::Corrupt(why)) => {
-                        state = "broken".into();
+                        state = JobState::Broken;
                         error = Some(format!("its stored state cannot be read: {why}"));
                         Vec::new()
                     }
@@ -1812,7 +1812,7 @@ fn claim_range(
     let (remaining, slots): (i64, i64) = (counts.get(0), counts.get(1));
     let slots = (slots as u32).max(req.slots);
     let (mut sizer, locked) = sizer_for(tx, stage.id, &req.class)?;
-    let ctx = claim_context(req, &stage.acks, remaining as u64, slots);
+    let ctx = claim_context(req, stage.acks, remaining as u64, slots);
     let sizing = sizer.size(&stage.sizer_config, &ctx);
     let n = req.max_items.map_or(sizing.n, |max| sizing.n.min(max));
     if n == 0 {
@@ -1862,11 +1862,7 @@ fn claim_range(
             &[&stage.id],
         )?;
     }
-    let expect_acks = match stage.acks.as_str() {
-        "yes" => Some(true),
-        "no" => Some(false),
-        _ => None,
-    };
+    let expect_acks = stage.acks.expected();
     Ok(Some(Assignment {
         fragment: FragmentId(id),
         job: JobId(job),
@@ -1985,14 +1981,9 @@ fn stage_status(tx: &mut Tx<'_, '_>, stage: &StageRow) -> Result<StageStatus> {
         .collect::<Result<Vec<_>>>()?;
     let sizer = busiest(&sizers);
     let (profile, profile_source) = stage_profile(&rows, &stage.needs);
-    let state = match stage.state.as_str() {
-        "done" => "done",
-        "waiting" => "waiting",
-        _ => "running",
-    };
     Ok(StageStatus {
         name: stage.name.clone(),
-        state: state.to_string(),
+        state: stage_state(&stage.state),
         items: stage.items,
         done: r.get::<_, i64>(0) as u64,
         running: r.get::<_, i64>(1) as u64,

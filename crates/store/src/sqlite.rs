@@ -6,9 +6,9 @@
 
 use crate::common::{
     accounted_outcome, busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config,
-    json, live_pool, memory_of, parse, placement_order, sizer_config_json, split_gain, split_point,
-    stage_profile, verdict, worker_span, Admission, DoneRow, HistoryRow, StageReading, StageView,
-    FOLLOWS_WORKER,
+    job_state, json, live_pool, memory_of, parse, placement_order, sizer_config_json, split_gain,
+    split_point, stage_profile, stage_state, verdict, worker_span, Admission, DoneRow, HistoryRow,
+    StageReading, StageView, FOLLOWS_WORKER,
 };
 use crate::schema::{CURRENT, MIGRATIONS};
 use crate::*;
@@ -915,7 +915,7 @@ impl Store for SqliteStore {
             out.push(match stages {
                 Ok(stages) => JobStatus {
                     name,
-                    state,
+                    state: job_state(&state),
                     created_ms,
                     error,
                     stages,
@@ -924,7 +924,7 @@ impl Store for SqliteStore {
                 // others are shown as they are.
                 Err(StoreError::Corrupt(why)) => JobStatus {
                     name,
-                    state: "broken".into(),
+                    state: JobState::Broken,
                     created_ms,
                     error: Some(format!("its stored state cannot be read: {why}")),
                     stages: Vec::new(),
@@ -1429,14 +1429,19 @@ fn claim_in_job(
             })?;
         let mut views = Vec::with_capacity(stages.len());
         for stage in &stages {
-            let (running, left, checkpoints): (i64, i64, bool) = tx
+            let (running, undone, quarantined, checkpoints): (i64, i64, String, bool) = tx
                 .prepare_cached(
                     "SELECT (SELECT count(*) FROM fragments WHERE stage_id = ?1 AND state = 'running'),
-                            items - done_count,
+                            items - done_count, quarantined,
                             EXISTS (SELECT 1 FROM blobs WHERE stage_id = ?1 AND kind = 'checkpoint')
                      FROM stages WHERE id = ?1",
                 )?
-                .query_row([stage.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                .query_row([stage.id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?;
+            // Work left: neither done nor quarantined (as PostgreSQL counts it).
+            let quarantined = parse::<IntervalSet>(&quarantined, "quarantined")?.len();
+            let left = undone - quarantined as i64;
             let mut stmt =
                 tx.prepare_cached("SELECT class, state FROM sizers WHERE stage_id = ?1")?;
             let sizers = stmt
@@ -1488,11 +1493,11 @@ fn claim_in_job(
             continue;
         }
         let mut sizer = load_sizer(tx, stage.id, &req.class)?;
-        let acks: String =
+        let acks: Acks =
             tx.query_row("SELECT acks FROM stages WHERE id = ?1", [stage.id], |r| {
                 r.get(0)
             })?;
-        let ctx = claim_context(req, &acks, ledger.pending.len(), slots);
+        let ctx = claim_context(req, acks, ledger.pending.len(), slots);
         let sizing = sizer.size(&stage.sizer_config, &ctx);
         let n = req.max_items.map_or(sizing.n, |max| sizing.n.min(max));
         if n == 0 {
@@ -1550,11 +1555,7 @@ fn claim_in_job(
             claim.span.len() as i64
         ])?;
         save_sizer(tx, stage.id, &req.class, &sizer)?;
-        let expect_acks = match acks.as_str() {
-            "yes" => Some(true),
-            "no" => Some(false),
-            _ => None,
-        };
+        let expect_acks = acks.expected();
         return Ok(Some(Assignment {
             fragment: id,
             job: JobId(job),
@@ -1635,14 +1636,9 @@ impl SqliteStore {
         let sizers = self.sizers(stage.id)?;
         let sizer = busiest(&sizers);
         let (profile, profile_source) = stage_profile(&rows, &stage.needs);
-        let state = match stage.state.as_str() {
-            "done" => "done",
-            "waiting" => "waiting",
-            _ => "running",
-        };
         Ok(StageStatus {
             name: stage.name.clone(),
-            state: state.to_string(),
+            state: stage_state(&stage.state),
             items: stage.items,
             done: ledger.done.len(),
             running: ledger.running_unacked(),

@@ -124,9 +124,9 @@ fn claim(
 
 fn end(fragment: FragmentId, outcome: FinishOutcome, to: u64) -> FragmentEnd {
     let state = match outcome {
-        FinishOutcome::Success => "done",
-        FinishOutcome::Failed { .. } => "failed",
-        _ => "yielded",
+        FinishOutcome::Success => FragmentState::Done,
+        FinishOutcome::Failed { .. } => FragmentState::Failed,
+        _ => FragmentState::Yielded,
     };
     FragmentEnd {
         outcome,

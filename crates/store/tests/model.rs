@@ -406,7 +406,7 @@ impl Run<'_> {
         };
         let end = FragmentEnd {
             outcome: outcome.clone(),
-            state: "done",
+            state: FragmentState::Done,
             cause: cause.map(String::from),
             fed: fed.max(1),
             ..FragmentEnd::success(id, f.span.end)
