@@ -696,11 +696,15 @@ impl Worker<'_> {
                     }),
                 },
             };
-            let claimed = self.store.claim(&req);
-            let Some(assignment) = self.available(claimed)?.flatten() else {
+            // Every free slot in one transaction, each offered what the others left.
+            let claimed = self.store.claim_many(&req, self.free_slots());
+            let batch = self.available(claimed)?.unwrap_or_default();
+            if batch.is_empty() {
                 break;
-            };
-            self.start_or_defer(assignment)?;
+            }
+            for assignment in batch {
+                self.start_or_defer(assignment)?;
+            }
         }
         Ok(self.free_slots())
     }

@@ -104,6 +104,10 @@ pub trait Store {
     fn set_worker_state(&mut self, worker: &str, state: &str, now_ms: i64) -> Result<()>;
     /// Carves a fragment for a slot of `req.worker`, sized by the stage's sizer.
     fn claim(&mut self, req: &ClaimRequest) -> Result<Option<Assignment>>;
+    /// Claims for up to `slots` free slots of `req.worker` in one transaction, each
+    /// claim offered what the ones before it left (`WorkerOffer::less`); stops at the
+    /// first slot nothing is left for.
+    fn claim_many(&mut self, req: &ClaimRequest, slots: usize) -> Result<Vec<Assignment>>;
     /// Records acks, checkpoints and split answers of running fragments, renews the
     /// worker's leases and heartbeat; answers with split requests and lost fragments.
     fn flush(

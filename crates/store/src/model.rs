@@ -372,6 +372,8 @@ pub struct Assignment {
     pub size_fit: Option<(f64, f64)>,
     /// Whether the stage's tasks ack (`None`: not known yet).
     pub expect_acks: Option<bool>,
+    /// What one slot of its stage needs (taken from the worker's offer while it runs).
+    pub needs: StageNeeds,
 }
 
 /// A checkpoint a running fragment handed over, with the acks it came after.

@@ -995,16 +995,31 @@ impl Store for PgStore {
     }
 
     fn claim(&mut self, req: &ClaimRequest) -> Result<Option<Assignment>> {
+        Ok(self.claim_many(req, 1)?.into_iter().next())
+    }
+
+    fn claim_many(&mut self, req: &ClaimRequest, slots: usize) -> Result<Vec<Assignment>> {
         // A range locked by another claimer is skipped; if that was the only one
         // left, try again shortly rather than report "no work".
         for attempt in 0..4 {
-            let (assignment, contended) = self.with_tx(|tx| claim_once(tx, req))?;
-            if assignment.is_some() || !contended {
-                return Ok(assignment);
+            let (claimed, contended) = self.with_tx(|tx| {
+                let mut req = req.clone();
+                let (mut claimed, mut contended) = (Vec::new(), false);
+                while claimed.len() < slots {
+                    let (assignment, locked_out) = claim_once(tx, &req)?;
+                    contended |= locked_out;
+                    let Some(a) = assignment else { break };
+                    req.offer = req.offer.less(&a.needs);
+                    claimed.push(a);
+                }
+                Ok((claimed, contended))
+            })?;
+            if !claimed.is_empty() || !contended {
+                return Ok(claimed);
             }
             std::thread::sleep(Duration::from_millis(2 << attempt));
         }
-        Ok(None)
+        Ok(Vec::new())
     }
 
     fn flush(
@@ -1878,6 +1893,7 @@ fn claim_range(
         overhead_ms: sizer.model.a_ms,
         size_fit: sizer.model.size.line(),
         expect_acks,
+        needs: stage.needs.clone(),
     }))
 }
 

@@ -725,7 +725,14 @@ impl Store for SqliteStore {
     }
 
     fn claim(&mut self, req: &ClaimRequest) -> Result<Option<Assignment>> {
-        self.counted(Call::Claim, |s| s.claim_tx(req))
+        Ok(self
+            .counted(Call::Claim, |s| s.claim_tx(req, 1))?
+            .into_iter()
+            .next())
+    }
+
+    fn claim_many(&mut self, req: &ClaimRequest, slots: usize) -> Result<Vec<Assignment>> {
+        self.counted(Call::Claim, |s| s.claim_tx(req, slots))
     }
 
     fn flush(
@@ -1123,53 +1130,19 @@ impl Store for SqliteStore {
 /// own, else the one it resumed from).
 /// The transactions behind the counted `Store` calls.
 impl SqliteStore {
-    fn claim_tx(&mut self, req: &ClaimRequest) -> Result<Option<Assignment>> {
-        let tx = self.write()?;
-        let jobs: Vec<i64> = match req.job {
-            Some(job) => {
-                let state: Option<String> = tx
-                    .query_row("SELECT state FROM jobs WHERE id = ?1", [job.0], |r| {
-                        r.get(0)
-                    })
-                    .optional()?;
-                if state.as_deref() == Some("running") {
-                    vec![job.0]
-                } else {
-                    vec![]
-                }
-            }
-            None => {
-                let mut stmt =
-                    tx.prepare_cached("SELECT id FROM jobs WHERE state = 'running' ORDER BY id")?;
-                let ids = stmt
-                    .query_map([], |r| r.get(0))?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                ids
-            }
-        };
-        let slots = active_slots(&tx, req.now_ms, req.lease_ms, req.slots)?;
-        let jobs = by_priority(&tx, jobs, req.now_ms)?;
-        let mut tx = tx;
-        for job in jobs {
-            // A job whose stored state cannot be read breaks alone: the others go on.
-            let sp = tx.savepoint()?;
-            match claim_in_job(&sp, req, job, slots) {
-                Ok(Some(assignment)) => {
-                    sp.commit()?;
-                    tx.commit()?;
-                    return Ok(Some(assignment));
-                }
-                Ok(None) => sp.commit()?,
-                Err(StoreError::Corrupt(why)) => {
-                    drop(sp);
-                    let halt = JobHalt::Broken(format!("its stored state cannot be read: {why}"));
-                    halt_job(&tx, job, &halt, req.now_ms)?;
-                }
-                Err(e) => return Err(e),
-            }
+    fn claim_tx(&mut self, req: &ClaimRequest, wanted: usize) -> Result<Vec<Assignment>> {
+        let mut tx = self.write()?;
+        let mut req = req.clone();
+        let mut out = Vec::new();
+        while out.len() < wanted {
+            let Some(a) = claim_one(&mut tx, &req)? else {
+                break;
+            };
+            req.offer = req.offer.less(&a.needs);
+            out.push(a);
         }
         tx.commit()?;
-        Ok(None)
+        Ok(out)
     }
 
     fn flush_tx(
@@ -1354,6 +1327,52 @@ impl SqliteStore {
             job_finished,
         })
     }
+}
+
+/// One claim inside an open transaction: the running jobs in priority order, each
+/// in a savepoint (a job whose stored state cannot be read breaks alone).
+fn claim_one(tx: &mut Transaction<'_>, req: &ClaimRequest) -> Result<Option<Assignment>> {
+    let jobs: Vec<i64> = match req.job {
+        Some(job) => {
+            let state: Option<String> = tx
+                .query_row("SELECT state FROM jobs WHERE id = ?1", [job.0], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if state.as_deref() == Some("running") {
+                vec![job.0]
+            } else {
+                vec![]
+            }
+        }
+        None => {
+            let mut stmt =
+                tx.prepare_cached("SELECT id FROM jobs WHERE state = 'running' ORDER BY id")?;
+            let ids = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            ids
+        }
+    };
+    let slots = active_slots(tx, req.now_ms, req.lease_ms, req.slots)?;
+    let jobs = by_priority(tx, jobs, req.now_ms)?;
+    for job in jobs {
+        let sp = tx.savepoint()?;
+        match claim_in_job(&sp, req, job, slots) {
+            Ok(Some(assignment)) => {
+                sp.commit()?;
+                return Ok(Some(assignment));
+            }
+            Ok(None) => sp.commit()?,
+            Err(StoreError::Corrupt(why)) => {
+                drop(sp);
+                let halt = JobHalt::Broken(format!("its stored state cannot be read: {why}"));
+                halt_job(tx, job, &halt, req.now_ms)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 fn checkpoint_before(tx: &Connection, id: i64) -> Result<Option<i64>> {
@@ -1571,6 +1590,7 @@ fn claim_in_job(
             overhead_ms: sizer.model.a_ms,
             size_fit: sizer.model.size.line(),
             expect_acks,
+            needs: stage.needs.clone(),
         }));
     }
     Ok(None)

@@ -1347,3 +1347,39 @@ fn a_heartbeat_and_a_finish_write_as_many_rows_with_2_or_32_fragments_running() 
         "rows per flush and per finish at 2 and 32 running"
     );
 }
+
+#[test]
+fn free_slots_are_claimed_in_one_transaction_each_offered_what_the_others_left() {
+    for b in backends("claim_many") {
+        let mut s = (b.open)();
+        let mut spec = job("j", 100, "h");
+        spec.stages[0].needs.cpus = 1.0;
+        let id = s.submit(&spec, 0, false).unwrap().id();
+        described(s.as_mut(), "w", false, 4096, 0);
+        let mut req = offered(id, "w", false, 4096, 0);
+        req.offer.cpus = 3.0;
+        // Four slots free, but CPUs for three fragments: three claims, disjoint.
+        let batch = s.claim_many(&req, 4).unwrap();
+        assert_eq!(batch.len(), 3, "{}: {batch:?}", b.name);
+        let mut spans: Vec<Span> = batch.iter().map(|a| a.span).collect();
+        spans.sort_by_key(|sp| sp.start);
+        assert!(
+            spans.windows(2).all(|w| w[0].end <= w[1].start),
+            "{}: {spans:?}",
+            b.name
+        );
+        assert_eq!(stage(s.as_mut(), "j").running_fragments, 3, "{}", b.name);
+    }
+    // On SQLite the batch was one claim transaction.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SqliteStore::open(&dir.path().join("granule.db")).unwrap();
+    let id = s.submit(&job("j", 100, "h"), 0, false).unwrap().id();
+    described(&mut s, "w", false, 4096, 0);
+    assert_eq!(
+        s.claim_many(&offered(id, "w", false, 4096, 0), 8)
+            .unwrap()
+            .len(),
+        8
+    );
+    assert_eq!(s.write_counts().unwrap().claims, 1);
+}
