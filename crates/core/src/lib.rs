@@ -5,6 +5,7 @@
 //! worker, in the store's claim path and in the simulator, so a policy
 //! tested here is the policy that runs.
 
+mod claim;
 mod forecast;
 mod ids;
 mod intervals;
@@ -15,6 +16,10 @@ mod predictor;
 mod profile;
 mod sizer;
 
+pub use claim::{
+    busiest, claim_context, class_deadline_plan, live_pool, placement_order, split_gain,
+    split_point, Admission, StageView, ESCALATE_AFTER_LOST,
+};
 pub use forecast::{
     forecast_pool, forecast_recent, ClassForecast, WorkerSpan, FORECAST_AHEAD_MS, FORECAST_STEP_MS,
     FORECAST_WINDOW_MS,

@@ -13,13 +13,15 @@
 //! the worker buffers acks meanwhile.
 
 use crate::common::{
-    accounted_outcome, busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config,
-    job_state, json, live_pool, memory_of, parse, placement_order, sizer_config_json, split_gain,
-    split_point, stage_profile, stage_state, verdict, worker_span, Admission, DoneRow, HistoryRow,
-    StageReading, StageView, FOLLOWS_WORKER,
+    accounted_outcome, class_statuses, decode_sizer_config, job_state, json, memory_of, parse,
+    sizer_config_json, stage_profile, stage_state, stage_view, verdict, worker_span, DoneRow,
+    HistoryRow, StageReading, FOLLOWS_WORKER,
 };
 use crate::*;
-use granule_core::prediction_error;
+use granule_core::{
+    busiest, claim_context, class_deadline_plan, live_pool, placement_order, prediction_error,
+    split_gain, split_point, Admission,
+};
 use granule_core::{
     fits, retry_budget, FinishOutcome, FragmentId, IntervalSet, JobId, Observation, PendingRange,
     RunningFragment, SizeCap, Sizer, SizerConfig, Span, StageId, StageLedger, StageNeeds,
@@ -1680,7 +1682,7 @@ fn claim_in_job(
                     sizers,
                 };
                 let ready = is_ready(stage);
-                views.push(StageView::read(
+                views.push(stage_view(
                     stage.idx,
                     &stage.needs,
                     &stage.after,
@@ -1705,7 +1707,7 @@ fn claim_in_job(
                     req.now_ms - granule_core::FORECAST_WINDOW_MS,
                 )?;
                 let pool = live_pool(rows, &ahead, req.now_ms);
-                deadline_plan(&views, &pool, &req.class, req.now_ms)
+                class_deadline_plan(&views, &pool, &req.class, req.now_ms)
             } else {
                 None
             };
@@ -1827,7 +1829,13 @@ fn claim_range(
     let (remaining, slots): (i64, i64) = (counts.get(0), counts.get(1));
     let slots = (slots as u32).max(req.slots);
     let (mut sizer, locked) = sizer_for(tx, stage.id, &req.class)?;
-    let ctx = claim_context(req, stage.acks, remaining as u64, slots);
+    let ctx = claim_context(
+        &req.context,
+        req.expected_life_ms,
+        stage.acks == Acks::Yes,
+        remaining as u64,
+        slots,
+    );
     let sizing = sizer.size(&stage.sizer_config, &ctx);
     let n = req.max_items.map_or(sizing.n, |max| sizing.n.min(max));
     if n == 0 {

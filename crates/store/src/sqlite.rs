@@ -5,15 +5,17 @@
 //! holds it for a few row reads and writes only.
 
 use crate::common::{
-    accounted_outcome, busiest, claim_context, class_statuses, deadline_plan, decode_sizer_config,
-    job_state, json, live_pool, memory_of, parse, placement_order, sizer_config_json, split_gain,
-    split_point, stage_profile, stage_state, verdict, worker_span, Admission, DoneRow, HistoryRow,
-    StageReading, StageView, FOLLOWS_WORKER,
+    accounted_outcome, class_statuses, decode_sizer_config, job_state, json, memory_of, parse,
+    sizer_config_json, stage_profile, stage_state, stage_view, verdict, worker_span, DoneRow,
+    HistoryRow, StageReading, FOLLOWS_WORKER,
 };
 use crate::schema::{CURRENT, MIGRATIONS};
 use crate::*;
 use crate::{Heartbeat, SplitAnswer};
-use granule_core::prediction_error;
+use granule_core::{
+    busiest, claim_context, class_deadline_plan, live_pool, placement_order, prediction_error,
+    split_gain, split_point, Admission,
+};
 use granule_core::{
     fits, retry_budget, FinishOutcome, FragmentId, IntervalSet, JobId, Observation, Pending,
     RunningFragment, SizeCap, Sizer, SizerConfig, Span, StageId, StageLedger, StageNeeds,
@@ -1473,7 +1475,7 @@ fn claim_in_job(
                 sizers,
             };
             let ready = is_ready(stage);
-            views.push(StageView::read(
+            views.push(stage_view(
                 stage.idx,
                 &stage.needs,
                 &stage.after,
@@ -1497,7 +1499,7 @@ fn claim_in_job(
                 req.now_ms - granule_core::FORECAST_WINDOW_MS,
             )?;
             let pool = live_pool(rows, &ahead, req.now_ms);
-            deadline_plan(&views, &pool, &req.class, req.now_ms)
+            class_deadline_plan(&views, &pool, &req.class, req.now_ms)
         } else {
             None
         };
@@ -1516,7 +1518,13 @@ fn claim_in_job(
             tx.query_row("SELECT acks FROM stages WHERE id = ?1", [stage.id], |r| {
                 r.get(0)
             })?;
-        let ctx = claim_context(req, acks, ledger.pending.len(), slots);
+        let ctx = claim_context(
+            &req.context,
+            req.expected_life_ms,
+            acks == Acks::Yes,
+            ledger.pending.len(),
+            slots,
+        );
         let sizing = sizer.size(&stage.sizer_config, &ctx);
         let n = req.max_items.map_or(sizing.n, |max| sizing.n.min(max));
         if n == 0 {

@@ -1,0 +1,313 @@
+//! What a claim decides, as pure functions over what the store read: which ready
+//! stages a worker tries and in what order (placement, the deadline plan), which
+//! pending ranges it may take (admission), the sizing context, and where a running
+//! fragment is split for an idle worker. Both backends call these; nothing here
+//! reads a store.
+
+use crate::{
+    critical_paths, expect_drops, forecast_recent, order, per_class_costs, pool_classes,
+    pool_deadline_plan, Candidate, ClaimContext, CostModel, IntervalSet, PendingRange, PoolClass,
+    Sizer, Span, StageNeeds, StageWork, WorkerOffer, WorkerSpan,
+};
+
+/// One stage of a job as the claim path sees it, for placement.
+pub struct StageView {
+    /// Position in the job.
+    pub idx: usize,
+    /// Its needs, class, priority and owner.
+    pub needs: StageNeeds,
+    /// The stages it waits for.
+    pub after: Vec<usize>,
+    /// Whether a worker of the asking offer could take from it now.
+    pub ready: bool,
+    /// Fragments running.
+    pub running: u64,
+    /// Items not yet done.
+    pub left: u64,
+    /// Per-item cost learned on each class (classes with a ready model only).
+    pub learned: Vec<(String, f64)>,
+    /// Whether its tasks have written checkpoints.
+    pub checkpoints: bool,
+    /// When it should be done (its job's submission + its `deadline`), unix ms.
+    pub deadline_at_ms: Option<i64>,
+}
+
+/// The sizer state with the most history among a stage's classes.
+pub fn busiest(sizers: &[(String, Sizer)]) -> Sizer {
+    sizers
+        .iter()
+        .map(|(_, s)| s)
+        .max_by_key(|s| s.model.observations)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The live pool a deadline plan sees: live workers' `(class, slots, cost per
+/// worker-hour)` rows, each class counted as its forecast capacity when that is
+/// lower (`history` covers the forecast window).
+pub fn live_pool(
+    rows: Vec<(String, i64, f64)>,
+    history: &[WorkerSpan],
+    now_ms: i64,
+) -> Vec<PoolClass> {
+    let mut pool = pool_classes(rows.into_iter().map(|(c, s, cost)| (c, s as f64, cost)));
+    expect_drops(&mut pool, &forecast_recent(history, now_ms));
+    pool
+}
+
+/// With a deadline on a ready stage: for each view, whether the asking class is
+/// in the cheapest plan that still finishes the ready work by the earliest
+/// deadline (90% of the time left, or as soon as possible if that is too late).
+/// A class whose cost on a stage is not learned yet is planned there (to learn
+/// it). `None` when no ready stage has a deadline or no cost is learned at all.
+pub fn class_deadline_plan(
+    views: &[StageView],
+    pool: &[PoolClass],
+    class: &str,
+    now_ms: i64,
+) -> Option<Vec<bool>> {
+    let deadline = views
+        .iter()
+        .filter(|v| v.ready)
+        .filter_map(|v| v.deadline_at_ms)
+        .min()?;
+    let me = pool.iter().position(|p| p.class == class)?;
+    let work: Vec<StageWork> = views
+        .iter()
+        .map(|v| StageWork {
+            items: if v.ready { v.left as f64 } else { 0.0 },
+            per_item_ms: per_class_costs(&v.learned, pool),
+        })
+        .collect();
+    if work
+        .iter()
+        .all(|w| w.items <= 0.0 || w.per_item_ms.iter().all(Option::is_none))
+    {
+        return None;
+    }
+    let (_, plan) = pool_deadline_plan(&work, pool, (deadline - now_ms) as f64)?;
+    Some(
+        views
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let unknown = !v.learned.iter().any(|(c, _)| c == class);
+                plan.planned[i][me] || unknown
+            })
+            .collect(),
+    )
+}
+
+/// The ready stages (by `idx`) in the order a worker offering `offer` should try
+/// them: the core's `order` over what the store knows (the deadline plan, priority,
+/// owner fairness within the job, comparative advantage from the per-class cost
+/// models, the preferred class, the critical path, the least-served stage). With
+/// a deadline plan (`planned`, per view), stages it keeps from this class are left
+/// out: their work waits for cheaper classes, or for the plan to change.
+pub fn placement_order(
+    views: &[StageView],
+    offer: &WorkerOffer,
+    planned: Option<&[bool]>,
+) -> Vec<usize> {
+    let best: Vec<Option<f64>> = views
+        .iter()
+        .map(|v| v.learned.iter().map(|(_, b)| *b).min_by(f64::total_cmp))
+        .collect();
+    let work: Vec<f64> = views
+        .iter()
+        .zip(&best)
+        .map(|(v, b)| v.left as f64 * b.unwrap_or(1.0))
+        .collect();
+    let after: Vec<Vec<usize>> = views.iter().map(|v| v.after.clone()).collect();
+    let critical = critical_paths(&after, &work);
+    let mut candidates: Vec<Candidate<'_>> = views
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.ready)
+        .map(|(i, v)| {
+            let here = v
+                .learned
+                .iter()
+                .find(|(c, _)| *c == offer.class)
+                .map(|(_, b)| *b);
+            Candidate {
+                needs: &v.needs,
+                index: v.idx,
+                running: v.running,
+                owner_running: views
+                    .iter()
+                    .filter(|o| o.needs.owner == v.needs.owner)
+                    .map(|o| o.running)
+                    .sum(),
+                critical_ms: critical[i],
+                slowdown: match (here, best[i]) {
+                    (Some(h), Some(b)) if b > 0.0 => h / b,
+                    _ => 1.0,
+                },
+                planned: planned.is_none_or(|p| p[i]),
+                checkpoints: v.checkpoints,
+            }
+        })
+        .collect();
+    order(&mut candidates, offer);
+    candidates
+        .iter()
+        .filter(|c| c.planned)
+        .map(|c| c.index)
+        .collect()
+}
+
+/// Ranges lost with their worker this many times go to on-demand workers.
+pub const ESCALATE_AFTER_LOST: u32 = 2;
+
+/// Which pending ranges a worker may take. Items that ran out of memory go to a
+/// worker with more memory, and items lost with spot workers twice go to an
+/// on-demand worker, while such a worker is alive; otherwise anyone takes them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Admission {
+    /// Ranges with a memory floor at or above this are left for others.
+    pub below_floor_mb: u64,
+    /// Ranges lost this often or more are left for others.
+    pub lost_under: u32,
+}
+
+impl Admission {
+    /// What the asking worker itself can take.
+    pub fn strict(offer: &WorkerOffer) -> Admission {
+        Admission {
+            below_floor_mb: offer.memory_mb,
+            lost_under: if offer.spot {
+                ESCALATE_AFTER_LOST
+            } else {
+                u32::MAX
+            },
+        }
+    }
+
+    /// With no alive worker better placed for the held-back ranges (the largest
+    /// memory among alive workers; whether an on-demand one is alive), the asking
+    /// worker takes them too.
+    pub fn relaxed(self, max_alive_memory_mb: u64, on_demand_alive: bool) -> Admission {
+        Admission {
+            below_floor_mb: if max_alive_memory_mb > self.below_floor_mb {
+                self.below_floor_mb
+            } else {
+                u64::MAX
+            },
+            lost_under: if on_demand_alive {
+                self.lost_under
+            } else {
+                u32::MAX
+            },
+        }
+    }
+
+    /// Whether a pending range is for this worker.
+    pub fn admits(&self, r: &PendingRange) -> bool {
+        (r.floor_memory_mb == 0 || r.floor_memory_mb < self.below_floor_mb)
+            && r.lost < self.lost_under
+    }
+}
+
+/// The sizing context of a claim on a stage: one not known to ack (`acking` false)
+/// loses a whole fragment to a preemption, so on spot capacity (an expected life)
+/// its fragments must fit a tenth of the worker's expected life.
+pub fn claim_context(
+    base: &ClaimContext,
+    expected_life_ms: Option<f64>,
+    acking: bool,
+    remaining: u64,
+    slots: u32,
+) -> ClaimContext {
+    let mut ctx = base.clone();
+    ctx.remaining = remaining;
+    ctx.slots = slots;
+    if let (Some(expected), false) = (expected_life_ms, acking) {
+        let cap = expected / 10.0;
+        ctx.lifespan_ms = Some(ctx.lifespan_ms.map_or(cap, |l| l.min(cap)));
+    }
+    ctx
+}
+
+/// Where to split a running fragment, and how much work its tail holds: the owner
+/// keeps the first half of what it has not acked. Its remaining work is judged by
+/// the model's per-item cost, or by its own pace once it runs past its prediction
+/// (a straggler). `None` if the remaining work is under `min_ms` or 4 overheads.
+pub fn split_point(
+    span: Span,
+    acked: &IntervalSet,
+    model: &CostModel,
+    elapsed_ms: i64,
+    predicted_ms: f64,
+    min_ms: f64,
+) -> Option<(f64, u64)> {
+    let left = span.len() - acked.len();
+    let elapsed = elapsed_ms as f64;
+    let pace = if acked.is_empty() {
+        0.0
+    } else {
+        elapsed / acked.len() as f64
+    };
+    let per_item = if elapsed > predicted_ms {
+        model.b_ms.max(pace)
+    } else {
+        model.b_ms
+    };
+    let remaining_ms = left as f64 * per_item;
+    let tail_start = acked
+        .spans()
+        .last()
+        .map_or(span.start, |s| s.end.max(span.start));
+    let at = tail_start + (span.end - tail_start) / 2;
+    (remaining_ms >= min_ms.max(4.0 * model.a_ms) && at > tail_start).then_some((remaining_ms, at))
+}
+
+/// How much more a running fragment's remaining work is worth splitting off for
+/// an idle worker of a class that is faster on its stage: the owner's learned
+/// per-item cost over the asker's (at least 1; 1 when either is unknown). A
+/// fragment stuck on a slow class moves first when a better placement appears.
+pub fn split_gain(owner: &CostModel, asker: &CostModel) -> f64 {
+    if owner.ready() && asker.ready() && asker.b_ms > 0.0 {
+        (owner.b_ms / asker.b_ms).max(1.0)
+    } else {
+        1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PoolClass;
+
+    #[test]
+    fn a_class_whose_capacity_is_falling_counts_as_what_it_will_have() {
+        let minute = 60_000;
+        // 20 spot workers an hour ago; one gone every 3 minutes since, 10 left.
+        let history: Vec<WorkerSpan> = (0..20)
+            .map(|i| WorkerSpan {
+                class: "spot".into(),
+                spot: true,
+                slots: 1,
+                start_ms: 0,
+                end_ms: (i < 10).then_some(30 * minute + (i + 1) * 3 * minute),
+                lost: true,
+            })
+            .collect();
+        let now = 60 * minute;
+        let mut pool = vec![
+            PoolClass {
+                class: "spot".into(),
+                slots: 10.0,
+                cost_per_slot_hour: 0.1,
+            },
+            PoolClass {
+                class: "ondemand".into(),
+                slots: 4.0,
+                cost_per_slot_hour: 1.0,
+            },
+        ];
+        expect_drops(&mut pool, &forecast_recent(&history, now));
+        assert!(pool[0].slots < 9.0, "{}", pool[0].slots);
+        assert_eq!(pool[1].slots, 4.0, "no history: as it is");
+    }
+}
