@@ -5,9 +5,9 @@
 use crate::pool::{Ending, Life, Lives};
 use crate::scenario::Scenario;
 use granule_core::{
-    absolute_errors, critical_paths, deadline_plan, fits, median_p90, order, Candidate,
-    ClaimContext, FinishOutcome, FragmentId, Holt, IntervalSet, Observation, SizeCap, Sizer,
-    SizerConfig, Span, StageLedger, StageNeeds, StageWork, WorkerOffer,
+    absolute_errors, claim_context, critical_paths, deadline_plan, fits, median_p90, order,
+    Candidate, ClaimContext, FinishOutcome, FragmentId, Holt, IntervalSet, Observation, SizeCap,
+    Sizer, SizerConfig, Span, StageLedger, StageNeeds, StageWork, WorkerOffer,
 };
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
@@ -868,31 +868,34 @@ impl Sim<'_> {
             Ending::Lifespan => Some((life.end - drain_margin(&life) - self.now).max(0.0)),
             _ => None,
         };
-        // A fragment that cannot keep partial work should be short next to the time
-        // a spot worker of this class is expected to live: a tenth of it (what the
-        // sizer then fits into 80% of), so a preemption costs ~4% of the work.
+        // How long a spot worker of this class is expected to live: a fragment that
+        // cannot keep partial work is sized to a tenth of it (`claim_context`, as
+        // the stores do), so a preemption costs ~4% of the work.
         let expected_life =
             self.sc.classes[class].spot && self.sc.forecast && self.policy == Policy::Granule;
         let expected_life = expected_life
             .then(|| self.preempt_rate[class].forecast(1.0))
             .flatten()
             .filter(|rate| *rate > 0.0)
-            .map(|rate| 0.1 / rate);
+            .map(|rate| 1.0 / rate);
         let active: u32 = self.alive_slots.iter().sum::<f64>().max(1.0) as u32;
         for s in self.candidates(w) {
             let spec = &self.sc.stages[s];
             let st = &mut self.stages[s];
-            let lifespan_ms = match (spec.acks, expected_life) {
-                (false, Some(expected)) => Some(life_left.map_or(expected, |l| l.min(expected))),
-                _ => life_left,
-            };
-            let ctx = ClaimContext {
-                remaining: st.ledger.pending.len(),
-                slots: active,
+            let base = ClaimContext {
+                remaining: 0,
+                slots: 0,
                 free_memory: 1.0,
                 load_per_cpu: 0.0,
-                lifespan_ms,
+                lifespan_ms: life_left,
             };
+            let ctx = claim_context(
+                &base,
+                expected_life,
+                spec.acks,
+                st.ledger.pending.len(),
+                active,
+            );
             let sizing = st.sizers[class].size(&st.config, &ctx);
             if sizing.n == 0 {
                 continue; // does not fit the worker's remaining life
