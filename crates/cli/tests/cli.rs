@@ -307,8 +307,9 @@ fn a_fragment_reaching_into_heavier_items_is_cut_before_it_runs() {
 
 #[test]
 fn explain_says_what_the_deadline_plan_makes_of_a_stage() {
+    // Slow enough to be still running when the plan is read (~10 ms an item).
     let job = Job::new(
-        "name = \"d\"\n[[stage]]\nname = \"s\"\ncommand = [\"cat\"]\nitems = { range = [0, 1000] }\ndeadline = \"1h\"\n",
+        "name = \"d\"\n[[stage]]\nname = \"s\"\ncommand = [\"sh\", \"-c\", \"while read -r x; do sleep 0.01; echo $x >&3; done\"]\nitems = { range = [0, 100000] }\ndeadline = \"1h\"\n",
     );
     assert!(job.output(&["submit", "job.toml"]).status.success());
     let text = |job: &Job| {
@@ -334,11 +335,20 @@ fn explain_says_what_the_deadline_plan_makes_of_a_stage() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null()),
     );
-    wait_until("the job to finish", PATIENCE, || {
-        job.status()["jobs"][0]["state"] == "done"
-    });
+    wait_until(
+        "the stage's cost to be learned on class cheap",
+        PATIENCE,
+        || {
+            stage(&job.status(), 0)["classes"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["item_cost_us"].as_f64() > Some(0.0)))
+        },
+    );
     let after = text(&job);
     let _ = worker.kill();
     let _ = worker.wait();
-    assert!(after.contains("lets class cheap take the work"), "{after}");
+    assert!(
+        after.contains("lets class cheap take this stage's work"),
+        "{after}"
+    );
 }

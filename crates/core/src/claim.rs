@@ -55,23 +55,34 @@ pub fn live_pool(
     pool
 }
 
-/// With a deadline on a ready stage: for each view, whether the asking class is
-/// in the cheapest plan that still finishes the ready work by the earliest
-/// deadline (90% of the time left, or as soon as possible if that is too late).
-/// A class whose cost on a stage is not learned yet is planned there (to learn
-/// it). `None` when no ready stage has a deadline or no cost is learned at all.
-pub fn class_deadline_plan(
+/// A job's deadline plan over the live pool: the time left to the earliest
+/// deadline of a ready stage, the soonest the pool could finish the ready work, and
+/// per view per pool class whether that class may take the stage's work (the
+/// cheapest plan that still finishes it by the deadline, 90% of the time left, or as
+/// soon as possible if that is too late; a class whose cost on the stage is not
+/// learned yet is let in, to learn it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobDeadlinePlan {
+    /// Until the earliest deadline, ms.
+    pub time_left_ms: f64,
+    /// The soonest every live slot together could finish the ready work, ms.
+    pub soonest_ms: f64,
+    /// `takes[view][pool class]`.
+    pub takes: Vec<Vec<bool>>,
+}
+
+/// The plan of [`JobDeadlinePlan`]; `None` when no ready stage has a deadline, no
+/// cost is learned at all, or the pool cannot run the work.
+pub fn job_deadline_plan(
     views: &[StageView],
     pool: &[PoolClass],
-    class: &str,
     now_ms: i64,
-) -> Option<Vec<bool>> {
+) -> Option<JobDeadlinePlan> {
     let deadline = views
         .iter()
         .filter(|v| v.ready)
         .filter_map(|v| v.deadline_at_ms)
         .min()?;
-    let me = pool.iter().position(|p| p.class == class)?;
     let work: Vec<StageWork> = views
         .iter()
         .map(|v| StageWork {
@@ -85,17 +96,40 @@ pub fn class_deadline_plan(
     {
         return None;
     }
-    let (_, plan) = pool_deadline_plan(&work, pool, (deadline - now_ms) as f64)?;
-    Some(
-        views
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let unknown = !v.learned.iter().any(|(c, _)| c == class);
-                plan.planned[i][me] || unknown
-            })
-            .collect(),
-    )
+    let time_left_ms = (deadline - now_ms) as f64;
+    let (soonest_ms, plan) = pool_deadline_plan(&work, pool, time_left_ms)?;
+    let takes = views
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            pool.iter()
+                .enumerate()
+                .map(|(c, p)| {
+                    let unknown = !v.learned.iter().any(|(k, _)| *k == p.class);
+                    plan.planned[i][c] || unknown
+                })
+                .collect()
+        })
+        .collect();
+    Some(JobDeadlinePlan {
+        time_left_ms,
+        soonest_ms,
+        takes,
+    })
+}
+
+/// With a deadline on a ready stage: for each view, whether the asking class may
+/// take its work in the job's deadline plan ([`job_deadline_plan`]). `None` when
+/// there is no plan or the class is not in the live pool.
+pub fn class_deadline_plan(
+    views: &[StageView],
+    pool: &[PoolClass],
+    class: &str,
+    now_ms: i64,
+) -> Option<Vec<bool>> {
+    let me = pool.iter().position(|p| p.class == class)?;
+    let plan = job_deadline_plan(views, pool, now_ms)?;
+    Some(plan.takes.iter().map(|row| row[me]).collect())
 }
 
 /// The ready stages (by `idx`) in the order a worker offering `offer` should try
@@ -309,5 +343,59 @@ mod tests {
         expect_drops(&mut pool, &forecast_recent(&history, now));
         assert!(pool[0].slots < 9.0, "{}", pool[0].slots);
         assert_eq!(pool[1].slots, 4.0, "no history: as it is");
+    }
+
+    fn view(idx: usize, left: u64, deadline_at_ms: Option<i64>) -> StageView {
+        StageView {
+            idx,
+            needs: StageNeeds::default(),
+            after: Vec::new(),
+            ready: true,
+            running: 0,
+            left,
+            learned: vec![("cheap".into(), 1.0), ("dear".into(), 0.5)],
+            checkpoints: false,
+            deadline_at_ms,
+        }
+    }
+
+    #[test]
+    fn the_deadline_plan_keeps_dear_classes_waiting_while_cheap_ones_make_it() {
+        let pool = vec![
+            PoolClass {
+                class: "cheap".into(),
+                slots: 10.0,
+                cost_per_slot_hour: 1.0,
+            },
+            PoolClass {
+                class: "dear".into(),
+                slots: 10.0,
+                cost_per_slot_hour: 10.0,
+            },
+        ];
+        let hour = 3_600_000;
+        // 1,000 items of 1 ms on 10 cheap slots: far inside the hour.
+        let views = vec![view(0, 1_000, Some(hour))];
+        let plan = job_deadline_plan(&views, &pool, 0).expect("a plan");
+        assert_eq!(plan.takes, vec![vec![true, false]]);
+        assert_eq!(plan.time_left_ms, hour as f64);
+        assert!(plan.soonest_ms < 1_000.0, "{}", plan.soonest_ms);
+        // What a claim asks is the same plan, one class's column.
+        assert_eq!(
+            class_deadline_plan(&views, &pool, "dear", 0),
+            Some(vec![false])
+        );
+        assert_eq!(
+            class_deadline_plan(&views, &pool, "cheap", 0),
+            Some(vec![true])
+        );
+        // Far more work than the cheap class can do by the deadline: the dear one helps.
+        let views = vec![view(0, 100_000_000, Some(hour))];
+        assert_eq!(
+            class_deadline_plan(&views, &pool, "dear", 0),
+            Some(vec![true])
+        );
+        // No deadline on a ready stage: no plan.
+        assert_eq!(job_deadline_plan(&[view(0, 1_000, None)], &pool, 0), None);
     }
 }

@@ -5,7 +5,7 @@ use super::{open_store, StateArg};
 use crate::{host, BadInput, EXIT_DONE};
 use anyhow::Result;
 use granule_core::ClassForecast;
-use granule_store::{StageStatus, WorkerStatus};
+use granule_store::{StageState, StageStatus, WorkerStatus};
 use std::time::Duration;
 
 #[derive(clap::Args)]
@@ -35,7 +35,7 @@ pub(crate) fn status(args: StatusArgs) -> Result<u8> {
     let history = store.worker_history(now, now - granule_core::FORECAST_WINDOW_MS)?;
     let pool = granule_core::forecast_recent(&history, now);
     if let Some(stage) = &args.explain {
-        return explain(&jobs, &workers, &pool, stage);
+        return explain(&jobs, &workers, &history, stage);
     }
     if args.json {
         println!(
@@ -152,7 +152,7 @@ fn print_pool(pool: &[ClassForecast]) {
 fn explain(
     jobs: &[granule_store::JobStatus],
     workers: &[granule_store::WorkerStatus],
-    forecast: &[granule_core::ClassForecast],
+    history: &[granule_core::WorkerSpan],
     name: &str,
 ) -> Result<u8> {
     let Some((job, stage)) = jobs
@@ -194,7 +194,7 @@ fn explain(
         );
     }
     if let Some(ms) = n.deadline_ms {
-        println!("  {}", deadline_verdict(job, stage, workers, forecast, ms));
+        println!("  {}", deadline_verdict(job, stage, workers, history, ms));
     }
     if workers.is_empty() {
         println!("  no workers seen in the last minute");
@@ -240,49 +240,65 @@ fn worker_verdict(n: &granule_core::StageNeeds, w: &WorkerStatus) -> String {
 }
 
 /// What the deadline plan makes of a stage now: the time left, the soonest the live
-/// workers could finish it, and which classes the cheapest plan that still makes the
-/// deadline lets take its work (the pool, costs and plan the claims use).
+/// workers could finish the job's ready work, and which classes the plan lets take
+/// this stage's work. It is the plan claims use (`job_deadline_plan` over the job's
+/// stages and the live pool, discounted by the forecast), as a worker that every
+/// ready stage fits sees it.
 fn deadline_verdict(
     job: &granule_store::JobStatus,
     stage: &granule_store::StageStatus,
-    workers: &[granule_store::WorkerStatus],
-    forecast: &[granule_core::ClassForecast],
+    workers: &[WorkerStatus],
+    history: &[granule_core::WorkerSpan],
     deadline_ms: f64,
 ) -> String {
-    let left_ms = (job.created_ms + deadline_ms as i64 - host::now_ms()) as f64;
+    let now = host::now_ms();
+    let left_ms = (job.created_ms + deadline_ms as i64 - now) as f64;
     let when = format!(
         "deadline {} after submission, {:.0}s left",
         humantime::format_duration(Duration::from_millis(deadline_ms as u64)),
         left_ms / 1e3
     );
-    let mut pool = granule_core::pool_classes(
-        workers
-            .iter()
-            .filter(|w| w.state == "running")
-            .map(|w| (w.class.clone(), f64::from(w.slots), w.cost_per_hour)),
-    );
-    granule_core::expect_drops(&mut pool, forecast);
-    let learned: Vec<(String, f64)> = stage
-        .classes
+    let rows = workers
         .iter()
-        .filter(|c| c.item_cost_us > 0.0)
-        .map(|c| (c.class.clone(), c.item_cost_us / 1e3))
+        .filter(|w| w.state == "running")
+        .map(|w| (w.class.clone(), i64::from(w.slots), w.cost_per_hour))
         .collect();
-    if pool.is_empty() || learned.is_empty() {
-        return format!("{when}; no live workers or no cost learned yet: every class takes it");
-    }
-    let work = [granule_core::StageWork {
-        items: (stage.pending + stage.running) as f64,
-        per_item_ms: granule_core::per_class_costs(&learned, &pool),
-    }];
-    let Some((soonest, plan)) = granule_core::pool_deadline_plan(&work, &pool, left_ms) else {
-        return format!("{when}; the live workers cannot run it");
+    let pool = granule_core::live_pool(rows, history, now);
+    let views: Vec<granule_core::StageView> = job
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(idx, s)| granule_core::StageView {
+            idx,
+            needs: s.needs.clone(),
+            after: Vec::new(),
+            ready: s.state == StageState::Running,
+            running: s.running_fragments,
+            left: s.pending + s.running,
+            learned: s
+                .classes
+                .iter()
+                .filter(|c| c.item_cost_us > 0.0)
+                .map(|c| (c.class.clone(), c.item_cost_us / 1e3))
+                .collect(),
+            checkpoints: s.checkpoints > 0,
+            deadline_at_ms: s.needs.deadline_ms.map(|ms| job.created_ms + ms as i64),
+        })
+        .collect();
+    let Some(plan) = granule_core::job_deadline_plan(&views, &pool, now) else {
+        return format!(
+            "{when}; no live workers, no cost learned yet, or no ready stage with a deadline: every class takes it"
+        );
     };
-    // A class that has not learned its cost here is let in, as claims do.
+    let me = job
+        .stages
+        .iter()
+        .position(|s| s.name == stage.name)
+        .expect("the stage is the job's");
     let (taking, waiting): (Vec<_>, Vec<_>) = pool
         .iter()
-        .zip(&plan.planned[0])
-        .partition(|(p, planned)| **planned || !learned.iter().any(|(c, _)| *c == p.class));
+        .zip(&plan.takes[me])
+        .partition(|(_, takes)| **takes);
     let names = |classes: &[(&granule_core::PoolClass, &bool)]| {
         classes
             .iter()
@@ -291,9 +307,9 @@ fn deadline_verdict(
             .join(", ")
     };
     format!(
-        "{when}; every live worker together would need {:.0}s; the cheapest plan that makes it{} lets class {} take the work{}",
-        soonest / 1e3,
-        if soonest > granule_core::DEADLINE_SHARE * left_ms { " (it cannot: as soon as possible)" } else { "" },
+        "{when}; every live worker together would need {:.0}s for the job's ready work; the cheapest plan that makes it{} lets class {} take this stage's work{}",
+        plan.soonest_ms / 1e3,
+        if plan.soonest_ms > granule_core::DEADLINE_SHARE * plan.time_left_ms { " (it cannot: as soon as possible)" } else { "" },
         names(&taking),
         if waiting.is_empty() {
             String::new()
