@@ -243,6 +243,23 @@ impl Admission {
     }
 }
 
+/// Whether a worker offering `offer` could take from a stage now: the stage is not
+/// finished, every stage it waits for (`after`) is, and one of its slots fits the
+/// worker (`finished` is per stage of the job, by position).
+pub fn stage_ready(
+    finished: &[bool],
+    idx: usize,
+    after: &[usize],
+    needs: &StageNeeds,
+    offer: &WorkerOffer,
+) -> bool {
+    !finished[idx]
+        && after
+            .iter()
+            .all(|&a| finished.get(a).copied().unwrap_or(true))
+        && crate::fits(needs, offer).is_ok()
+}
+
 /// The sizing context of a claim on a stage: one not known to ack (`acking` false)
 /// loses a whole fragment to a preemption, so on spot capacity (an expected life)
 /// its fragments must fit a tenth of the worker's expected life.

@@ -20,10 +20,10 @@ use crate::common::{
 use crate::*;
 use granule_core::{
     busiest, claim_context, class_deadline_plan, live_pool, placement_order, prediction_error,
-    split_gain, split_point, Admission,
+    split_gain, split_point, stage_ready, Admission, PoolClass, StageView,
 };
 use granule_core::{
-    fits, retry_budget, FinishOutcome, FragmentId, IntervalSet, JobId, Observation, PendingRange,
+    retry_budget, FinishOutcome, FragmentId, IntervalSet, JobId, Observation, PendingRange,
     RunningFragment, SizeCap, Sizer, SizerConfig, Span, StageId, StageLedger, StageNeeds,
 };
 use postgres::fallible_iterator::FallibleIterator;
@@ -1641,114 +1641,134 @@ fn claim_in_job(
     stages: &[StageRow],
 ) -> Result<(Option<Assignment>, bool)> {
     let mut contended = false;
-    {
-        let finished: Vec<bool> = stages.iter().map(|s| s.state == "done").collect();
-        // Placement: never a stage whose slots need more than this worker has.
-        let is_ready = |s: &StageRow| {
-            !finished[s.idx]
-                && s.after
-                    .iter()
-                    .all(|&a| finished.get(a).copied().unwrap_or(true))
-                && fits(&s.needs, &req.offer).is_ok()
-        };
-        let mut ready: Vec<&StageRow> = stages.iter().filter(|s| is_ready(s)).collect();
-        let deadlines = ready.iter().any(|s| s.needs.deadline_ms.is_some());
-        if ready.len() > 1 || deadlines {
-            let created: i64 = tx
-                .query_one("SELECT created_ms FROM jobs WHERE id = $1", &[&job])?
-                .get(0);
-            let mut views = Vec::with_capacity(stages.len());
-            for stage in stages {
-                let r = tx.query_one(
-                    "SELECT (SELECT count(*) FROM fragments WHERE stage_id = $1 AND state = 'running'),
-                            (SELECT coalesce(sum(end_idx - start_idx), 0)::BIGINT FROM pending WHERE stage_id = $1)
-                          + (SELECT coalesce(sum(end_idx - start_idx - done_count), 0)::BIGINT
-                               FROM fragments WHERE stage_id = $1 AND state = 'running'),
-                            EXISTS (SELECT 1 FROM blobs WHERE stage_id = $1 AND kind = 'checkpoint')",
-                    &[&stage.id],
-                )?;
-                let sizers = tx
-                    .query(
-                        "SELECT class, state FROM sizers WHERE stage_id = $1",
-                        &[&stage.id],
-                    )?
-                    .iter()
-                    .map(|s| (s.get(0), s.get(1)))
-                    .collect();
-                let reading = StageReading {
-                    running: r.get(0),
-                    left: r.get(1),
-                    checkpoints: r.get(2),
-                    sizers,
-                };
-                let ready = is_ready(stage);
-                views.push(stage_view(
-                    stage.idx,
-                    &stage.needs,
-                    &stage.after,
-                    ready,
-                    created,
-                    reading,
-                )?);
-            }
-            let plan = if deadlines {
-                let rows = tx
-                    .query(
-                        "SELECT class, slots::BIGINT, cost FROM workers
-                         WHERE state = 'running' AND heartbeat_ms >= $1",
-                        &[&(req.now_ms - req.lease_ms)],
-                    )?
-                    .iter()
-                    .map(|r| (r.get(0), r.get(1), r.get(2)))
-                    .collect();
-                let ahead = history(
-                    tx,
-                    req.now_ms,
-                    req.now_ms - granule_core::FORECAST_WINDOW_MS,
-                )?;
-                let pool = live_pool(rows, &ahead, req.now_ms);
-                class_deadline_plan(&views, &pool, &req.class, req.now_ms)
-            } else {
-                None
-            };
-            ready = placement_order(&views, &req.offer, plan.as_deref())
-                .into_iter()
-                .map(|idx| &stages[idx])
-                .collect();
-        }
-        let strict = Admission::strict(&req.offer);
-        let mut relaxed: Option<Admission> = None;
-        for stage in ready {
-            let mut row = pending_row(tx, stage.id, &strict)?;
-            if row.is_none() {
-                // Ranges held back for better placed workers: only while one is alive.
-                let admission = match relaxed {
-                    Some(a) => a,
-                    None => {
-                        let (memory, on_demand) = alive_capacity(tx, req)?;
-                        *relaxed.insert(strict.relaxed(memory, on_demand))
-                    }
-                };
-                if admission != strict {
-                    row = pending_row(tx, stage.id, &admission)?;
+    let ready = ready_in_order(tx, req, job, stages)?;
+    let strict = Admission::strict(&req.offer);
+    let mut relaxed: Option<Admission> = None;
+    for stage in ready {
+        let mut row = pending_row(tx, stage.id, &strict)?;
+        if row.is_none() {
+            // Ranges held back for better placed workers: only while one is alive.
+            let admission = match relaxed {
+                Some(a) => a,
+                None => {
+                    let (memory, on_demand) = alive_capacity(tx, req)?;
+                    *relaxed.insert(strict.relaxed(memory, on_demand))
                 }
-            }
-            let Some(row) = row else {
-                let any: bool = tx
-                    .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM pending WHERE stage_id = $1)",
-                        &[&stage.id],
-                    )?
-                    .get(0);
-                contended |= any;
-                continue;
             };
-            if let Some(a) = claim_range(tx, req, job, stage, &row)? {
-                return Ok((Some(a), false));
+            if admission != strict {
+                row = pending_row(tx, stage.id, &admission)?;
             }
+        }
+        let Some(row) = row else {
+            let any: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pending WHERE stage_id = $1)",
+                    &[&stage.id],
+                )?
+                .get(0);
+            contended |= any;
+            continue;
+        };
+        if let Some(a) = claim_range(tx, req, job, stage, &row)? {
+            return Ok((Some(a), false));
         }
     }
     Ok((None, contended))
+}
+
+/// The job's stages this worker could take from now, in the order it should try
+/// them (core's `placement_order`, with the deadline plan when a ready stage has a
+/// deadline); never a stage whose slots need more than the worker has.
+fn ready_in_order<'a>(
+    tx: &mut Tx<'_, '_>,
+    req: &ClaimRequest,
+    job: i64,
+    stages: &'a [StageRow],
+) -> Result<Vec<&'a StageRow>> {
+    let finished: Vec<bool> = stages.iter().map(|s| s.state == "done").collect();
+    let is_ready = |s: &StageRow| stage_ready(&finished, s.idx, &s.after, &s.needs, &req.offer);
+    let ready: Vec<&StageRow> = stages.iter().filter(|s| is_ready(s)).collect();
+    let deadlines = ready.iter().any(|s| s.needs.deadline_ms.is_some());
+    if ready.len() <= 1 && !deadlines {
+        return Ok(ready);
+    }
+    let created: i64 = tx
+        .query_one("SELECT created_ms FROM jobs WHERE id = $1", &[&job])?
+        .get(0);
+    let mut views = Vec::with_capacity(stages.len());
+    for stage in stages {
+        views.push(read_view(tx, stage, is_ready(stage), created)?);
+    }
+    let plan = if deadlines {
+        let pool = live_pool_of(tx, req)?;
+        class_deadline_plan(&views, &pool, &req.class, req.now_ms)
+    } else {
+        None
+    };
+    Ok(placement_order(&views, &req.offer, plan.as_deref())
+        .into_iter()
+        .map(|idx| &stages[idx])
+        .collect())
+}
+
+/// What placement reads of a stage: running fragments, work left (pending and
+/// running unacked: neither done nor quarantined), checkpoints, learned costs.
+fn read_view(
+    tx: &mut Tx<'_, '_>,
+    stage: &StageRow,
+    ready: bool,
+    created: i64,
+) -> Result<StageView> {
+    let r = tx.query_one(
+        "SELECT (SELECT count(*) FROM fragments WHERE stage_id = $1 AND state = 'running'),
+                (SELECT coalesce(sum(end_idx - start_idx), 0)::BIGINT FROM pending WHERE stage_id = $1)
+              + (SELECT coalesce(sum(end_idx - start_idx - done_count), 0)::BIGINT
+                   FROM fragments WHERE stage_id = $1 AND state = 'running'),
+                EXISTS (SELECT 1 FROM blobs WHERE stage_id = $1 AND kind = 'checkpoint')",
+        &[&stage.id],
+    )?;
+    let sizers = tx
+        .query(
+            "SELECT class, state FROM sizers WHERE stage_id = $1",
+            &[&stage.id],
+        )?
+        .iter()
+        .map(|s| (s.get(0), s.get(1)))
+        .collect();
+    let reading = StageReading {
+        running: r.get(0),
+        left: r.get(1),
+        checkpoints: r.get(2),
+        sizers,
+    };
+    stage_view(
+        stage.idx,
+        &stage.needs,
+        &stage.after,
+        ready,
+        created,
+        reading,
+    )
+}
+
+/// The live pool a deadline plan sees: live workers' classes, slots and costs,
+/// discounted by the forecast from the recent history.
+fn live_pool_of(tx: &mut Tx<'_, '_>, req: &ClaimRequest) -> Result<Vec<PoolClass>> {
+    let rows = tx
+        .query(
+            "SELECT class, slots::BIGINT, cost FROM workers
+             WHERE state = 'running' AND heartbeat_ms >= $1",
+            &[&(req.now_ms - req.lease_ms)],
+        )?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let ahead = history(
+        tx,
+        req.now_ms,
+        req.now_ms - granule_core::FORECAST_WINDOW_MS,
+    )?;
+    Ok(live_pool(rows, &ahead, req.now_ms))
 }
 
 /// The first pending range of a stage that `admission` lets the worker take,

@@ -14,10 +14,10 @@ use crate::*;
 use crate::{Heartbeat, SplitAnswer};
 use granule_core::{
     busiest, claim_context, class_deadline_plan, live_pool, placement_order, prediction_error,
-    split_gain, split_point, Admission,
+    split_gain, split_point, stage_ready, Admission, PoolClass, StageView,
 };
 use granule_core::{
-    fits, retry_budget, FinishOutcome, FragmentId, IntervalSet, JobId, Observation, Pending,
+    retry_budget, FinishOutcome, FragmentId, IntervalSet, JobId, Observation, Pending,
     RunningFragment, SizeCap, Sizer, SizerConfig, Span, StageId, StageLedger, StageNeeds,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
@@ -1431,177 +1431,201 @@ fn claim_in_job(
     slots: u32,
 ) -> Result<Option<Assignment>> {
     let stages = stages_of(tx, job)?;
-    let finished: Vec<bool> = stages.iter().map(|s| s.state == "done").collect();
-    // Placement: never a stage whose slots need more than this worker has.
-    let is_ready = |stage: &StageRow| {
-        !finished[stage.idx]
-            && stage
-                .after
-                .iter()
-                .all(|&a| finished.get(a).copied().unwrap_or(true))
-            && fits(&stage.needs, &req.offer).is_ok()
-    };
-    let mut ready: Vec<&StageRow> = stages.iter().filter(|s| is_ready(s)).collect();
-    let deadlines = ready.iter().any(|s| s.needs.deadline_ms.is_some());
-    if ready.len() > 1 || deadlines {
-        let created: i64 =
-            tx.query_row("SELECT created_ms FROM jobs WHERE id = ?1", [job], |r| {
-                r.get(0)
-            })?;
-        let mut views = Vec::with_capacity(stages.len());
-        for stage in &stages {
-            let (running, undone, quarantined, checkpoints): (i64, i64, String, bool) = tx
-                .prepare_cached(
-                    "SELECT (SELECT count(*) FROM fragments WHERE stage_id = ?1 AND state = 'running'),
-                            items - done_count, quarantined,
-                            EXISTS (SELECT 1 FROM blobs WHERE stage_id = ?1 AND kind = 'checkpoint')
-                     FROM stages WHERE id = ?1",
-                )?
-                .query_row([stage.id], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })?;
-            // Work left: neither done nor quarantined (as PostgreSQL counts it).
-            let quarantined = parse::<IntervalSet>(&quarantined, "quarantined")?.len();
-            let left = undone - quarantined as i64;
-            let mut stmt =
-                tx.prepare_cached("SELECT class, state FROM sizers WHERE stage_id = ?1")?;
-            let sizers = stmt
-                .query_map([stage.id], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let reading = StageReading {
-                running,
-                left,
-                checkpoints,
-                sizers,
-            };
-            let ready = is_ready(stage);
-            views.push(stage_view(
-                stage.idx,
-                &stage.needs,
-                &stage.after,
-                ready,
-                created,
-                reading,
-            )?);
+    for stage in ready_in_order(tx, req, job, &stages)? {
+        if let Some(assignment) = claim_in_stage(tx, req, job, stage, slots)? {
+            return Ok(Some(assignment));
         }
-        let plan = if deadlines {
-            let mut stmt = tx.prepare_cached(
-                "SELECT class, slots, cost FROM workers WHERE state = 'running' AND heartbeat_ms >= ?1",
-            )?;
-            let rows = stmt
-                .query_map([req.now_ms - req.lease_ms], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let ahead = history(
-                tx,
-                req.now_ms,
-                req.now_ms - granule_core::FORECAST_WINDOW_MS,
-            )?;
-            let pool = live_pool(rows, &ahead, req.now_ms);
-            class_deadline_plan(&views, &pool, &req.class, req.now_ms)
-        } else {
-            None
-        };
-        ready = placement_order(&views, &req.offer, plan.as_deref())
-            .into_iter()
-            .map(|idx| &stages[idx])
-            .collect();
-    }
-    for stage in ready {
-        let mut ledger = load_ledger(tx, stage.id)?;
-        if ledger.pending.is_empty() {
-            continue;
-        }
-        let mut sizer = load_sizer(tx, stage.id, &req.class)?;
-        let acks: Acks =
-            tx.query_row("SELECT acks FROM stages WHERE id = ?1", [stage.id], |r| {
-                r.get(0)
-            })?;
-        let ctx = claim_context(
-            &req.context,
-            req.expected_life_ms,
-            acks == Acks::Yes,
-            ledger.pending.len(),
-            slots,
-        );
-        let sizing = sizer.size(&stage.sizer_config, &ctx);
-        let n = req.max_items.map_or(sizing.n, |max| sizing.n.min(max));
-        if n == 0 {
-            continue;
-        }
-        let strict = Admission::strict(&req.offer);
-        let mut claim = ledger.claim_where(FragmentId(0), n, |r| strict.admits(r));
-        if claim.is_none() {
-            // Held back for better placed workers: only while one is alive.
-            let (memory, on_demand) = alive_capacity(tx, req)?;
-            let relaxed = strict.relaxed(memory, on_demand);
-            claim = ledger.claim_where(FragmentId(0), n, |r| relaxed.admits(r));
-        }
-        let Some(claim) = claim else {
-            continue;
-        };
-        let predicted_ms = sizer
-            .model
-            .predict_at_load_ms(claim.span.len(), ctx.load_per_cpu);
-        let cap = if claim.span.len() < sizing.n {
-            SizeCap::Bounds
-        } else {
-            sizing.cap
-        };
-        tx.prepare_cached(
-            "INSERT INTO fragments (stage_id, start_idx, end_idx, state, worker, class, lease_expires_ms, failures,
-              checkpoint_id, n, predicted_ms, size_cap, claimed_ms, lost, floor_memory_mb, resumed_from, covers,
-              inherited)
-             VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?8, ?15, ?15)",
-        )?
-        .execute(params![
-            stage.id,
-            claim.span.start as i64,
-            claim.span.end as i64,
-            req.worker,
-            req.class,
-            req.now_ms + req.lease_ms,
-            claim.failures,
-            claim.checkpoint,
-            claim.span.len() as i64,
-            predicted_ms,
-            json(&cap).trim_matches('"'),
-            req.now_ms,
-            claim.lost,
-            claim.floor_memory_mb as i64,
-            json(&claim.covers)
-        ])?;
-        let id = FragmentId(tx.last_insert_rowid());
-        tx.prepare_cached(
-            "UPDATE stages SET pending = ?2, state = 'running', last_n = ?3 WHERE id = ?1",
-        )?
-        .execute(params![
-            stage.id,
-            json(&ledger.pending),
-            claim.span.len() as i64
-        ])?;
-        save_sizer(tx, stage.id, &req.class, &sizer)?;
-        let expect_acks = acks.expected();
-        return Ok(Some(Assignment {
-            fragment: id,
-            job: JobId(job),
-            stage: StageId(stage.id),
-            stage_index: stage.idx,
-            span: claim.span,
-            failures: claim.failures,
-            checkpoint: claim.checkpoint,
-            n: claim.span.len(),
-            predicted_ms,
-            cap,
-            item_cost_ms: sizer.model.b_ms,
-            overhead_ms: sizer.model.a_ms,
-            size_fit: sizer.model.size.line(),
-            expect_acks,
-            needs: stage.needs.clone(),
-        }));
     }
     Ok(None)
+}
+
+/// The job's stages this worker could take from now, in the order it should try
+/// them (core's `placement_order`, with the deadline plan when a ready stage has a
+/// deadline); never a stage whose slots need more than the worker has.
+fn ready_in_order<'a>(
+    tx: &Connection,
+    req: &ClaimRequest,
+    job: i64,
+    stages: &'a [StageRow],
+) -> Result<Vec<&'a StageRow>> {
+    let finished: Vec<bool> = stages.iter().map(|s| s.state == "done").collect();
+    let is_ready = |s: &StageRow| stage_ready(&finished, s.idx, &s.after, &s.needs, &req.offer);
+    let ready: Vec<&StageRow> = stages.iter().filter(|s| is_ready(s)).collect();
+    let deadlines = ready.iter().any(|s| s.needs.deadline_ms.is_some());
+    if ready.len() <= 1 && !deadlines {
+        return Ok(ready);
+    }
+    let created: i64 = tx.query_row("SELECT created_ms FROM jobs WHERE id = ?1", [job], |r| {
+        r.get(0)
+    })?;
+    let views = stages
+        .iter()
+        .map(|stage| read_view(tx, stage, is_ready(stage), created))
+        .collect::<Result<Vec<_>>>()?;
+    let plan = if deadlines {
+        let pool = live_pool_of(tx, req)?;
+        class_deadline_plan(&views, &pool, &req.class, req.now_ms)
+    } else {
+        None
+    };
+    Ok(placement_order(&views, &req.offer, plan.as_deref())
+        .into_iter()
+        .map(|idx| &stages[idx])
+        .collect())
+}
+
+/// What placement reads of a stage: running fragments, work left (neither done nor
+/// quarantined), checkpoints, and its learned per-class costs.
+fn read_view(tx: &Connection, stage: &StageRow, ready: bool, created: i64) -> Result<StageView> {
+    let (running, undone, quarantined, checkpoints): (i64, i64, String, bool) = tx
+        .prepare_cached(
+            "SELECT (SELECT count(*) FROM fragments WHERE stage_id = ?1 AND state = 'running'),
+                    items - done_count, quarantined,
+                    EXISTS (SELECT 1 FROM blobs WHERE stage_id = ?1 AND kind = 'checkpoint')
+             FROM stages WHERE id = ?1",
+        )?
+        .query_row([stage.id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?;
+    let quarantined = parse::<IntervalSet>(&quarantined, "quarantined")?.len();
+    let mut stmt = tx.prepare_cached("SELECT class, state FROM sizers WHERE stage_id = ?1")?;
+    let sizers = stmt
+        .query_map([stage.id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let reading = StageReading {
+        running,
+        left: undone - quarantined as i64,
+        checkpoints,
+        sizers,
+    };
+    stage_view(
+        stage.idx,
+        &stage.needs,
+        &stage.after,
+        ready,
+        created,
+        reading,
+    )
+}
+
+/// The live pool a deadline plan sees: live workers' classes, slots and costs,
+/// discounted by the forecast from the recent history.
+fn live_pool_of(tx: &Connection, req: &ClaimRequest) -> Result<Vec<PoolClass>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT class, slots, cost FROM workers WHERE state = 'running' AND heartbeat_ms >= ?1",
+    )?;
+    let rows = stmt
+        .query_map([req.now_ms - req.lease_ms], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let ahead = history(
+        tx,
+        req.now_ms,
+        req.now_ms - granule_core::FORECAST_WINDOW_MS,
+    )?;
+    Ok(live_pool(rows, &ahead, req.now_ms))
+}
+
+/// Carves a fragment of `stage` for the worker: sized by the stage's sizer for its
+/// class, from the pending ranges admission lets it take.
+fn claim_in_stage(
+    tx: &Connection,
+    req: &ClaimRequest,
+    job: i64,
+    stage: &StageRow,
+    slots: u32,
+) -> Result<Option<Assignment>> {
+    let mut ledger = load_ledger(tx, stage.id)?;
+    if ledger.pending.is_empty() {
+        return Ok(None);
+    }
+    let mut sizer = load_sizer(tx, stage.id, &req.class)?;
+    let acks: Acks = tx.query_row("SELECT acks FROM stages WHERE id = ?1", [stage.id], |r| {
+        r.get(0)
+    })?;
+    let ctx = claim_context(
+        &req.context,
+        req.expected_life_ms,
+        acks == Acks::Yes,
+        ledger.pending.len(),
+        slots,
+    );
+    let sizing = sizer.size(&stage.sizer_config, &ctx);
+    let n = req.max_items.map_or(sizing.n, |max| sizing.n.min(max));
+    if n == 0 {
+        return Ok(None);
+    }
+    let strict = Admission::strict(&req.offer);
+    let mut claim = ledger.claim_where(FragmentId(0), n, |r| strict.admits(r));
+    if claim.is_none() {
+        // Held back for better placed workers: only while one is alive.
+        let (memory, on_demand) = alive_capacity(tx, req)?;
+        let relaxed = strict.relaxed(memory, on_demand);
+        claim = ledger.claim_where(FragmentId(0), n, |r| relaxed.admits(r));
+    }
+    let Some(claim) = claim else {
+        return Ok(None);
+    };
+    let predicted_ms = sizer
+        .model
+        .predict_at_load_ms(claim.span.len(), ctx.load_per_cpu);
+    let cap = if claim.span.len() < sizing.n {
+        SizeCap::Bounds
+    } else {
+        sizing.cap
+    };
+    tx.prepare_cached(
+        "INSERT INTO fragments (stage_id, start_idx, end_idx, state, worker, class, lease_expires_ms, failures,
+          checkpoint_id, n, predicted_ms, size_cap, claimed_ms, lost, floor_memory_mb, resumed_from, covers,
+          inherited)
+         VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?8, ?15, ?15)",
+    )?
+    .execute(params![
+        stage.id,
+        claim.span.start as i64,
+        claim.span.end as i64,
+        req.worker,
+        req.class,
+        req.now_ms + req.lease_ms,
+        claim.failures,
+        claim.checkpoint,
+        claim.span.len() as i64,
+        predicted_ms,
+        json(&cap).trim_matches('"'),
+        req.now_ms,
+        claim.lost,
+        claim.floor_memory_mb as i64,
+        json(&claim.covers)
+    ])?;
+    let id = FragmentId(tx.last_insert_rowid());
+    tx.prepare_cached(
+        "UPDATE stages SET pending = ?2, state = 'running', last_n = ?3 WHERE id = ?1",
+    )?
+    .execute(params![
+        stage.id,
+        json(&ledger.pending),
+        claim.span.len() as i64
+    ])?;
+    save_sizer(tx, stage.id, &req.class, &sizer)?;
+    let expect_acks = acks.expected();
+    Ok(Some(Assignment {
+        fragment: id,
+        job: JobId(job),
+        stage: StageId(stage.id),
+        stage_index: stage.idx,
+        span: claim.span,
+        failures: claim.failures,
+        checkpoint: claim.checkpoint,
+        n: claim.span.len(),
+        predicted_ms,
+        cap,
+        item_cost_ms: sizer.model.b_ms,
+        overhead_ms: sizer.model.a_ms,
+        size_fit: sizer.model.size.line(),
+        expect_acks,
+        needs: stage.needs.clone(),
+    }))
 }
 
 impl SqliteStore {
