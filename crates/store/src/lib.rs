@@ -60,13 +60,15 @@ impl StoreError {
                     || e.code().is_none_or(|c| {
                         // 08: connection, 57: shutdown, 53100: disk full, 40001 and
                         // 40P01: a serialization failure or deadlock victim, whose
-                        // transaction rolled back whole and may simply run again.
+                        // transaction rolled back whole and may simply run again;
+                        // 25P03: the session sat idle in a transaction too long.
                         let c = c.code();
                         c.starts_with("08")
                             || c.starts_with("57")
                             || c == "53100"
                             || c == "40001"
                             || c == "40P01"
+                            || c == "25P03"
                     })
             }
             StoreError::Sqlite(e) => matches!(

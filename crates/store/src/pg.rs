@@ -39,6 +39,9 @@ const SHARDS: u64 = 64;
 const CHANNEL: &str = "granule_work";
 /// Longest wait between reconnect attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long the server lets one of our sessions sit idle inside a transaction before
+/// it ends the session and frees its locks (see `connect`).
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(10);
 
 /// Migrations in order; never edit one that has shipped, append a new one.
 const MIGRATIONS: &[&str] = &[
@@ -780,6 +783,14 @@ impl PgStore {
         }
         tx.commit()?;
         client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+        // A worker cut off mid-transaction (a partition, a frozen host) must not hold
+        // its row locks until the server's TCP keepalive notices, hours later: the
+        // server ends a session left idle inside a transaction. Ours never pause that
+        // long between statements; one that does is retried as a lost connection.
+        client.batch_execute(&format!(
+            "SET idle_in_transaction_session_timeout = {}",
+            IDLE_IN_TRANSACTION.as_millis()
+        ))?;
         self.clock_offset_ms = clock_offset(&mut client)?;
         self.client = Some(client);
         self.statements.clear();
