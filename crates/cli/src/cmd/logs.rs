@@ -1,18 +1,13 @@
 //! `granule logs`: the stored stdout/stderr of a stage's fragments.
 
-use super::{job_with_stage, open_store, StateArg};
+use super::StageArg;
 use crate::{BadInput, EXIT_DONE};
 use anyhow::Result;
 
 #[derive(clap::Args)]
 pub(crate) struct LogsArgs {
-    /// The stage.
-    stage: String,
     #[command(flatten)]
-    state: StateArg,
-    /// The job (default: the latest job that has this stage).
-    #[arg(long)]
-    job: Option<String>,
+    stage: StageArg,
     /// Only this fragment.
     #[arg(long)]
     fragment: Option<i64>,
@@ -20,13 +15,12 @@ pub(crate) struct LogsArgs {
 
 /// Prints each fragment's stored stdout and stderr under a header naming it.
 pub(crate) fn logs(args: LogsArgs) -> Result<u8> {
-    let mut store = open_store(&args.state)?;
-    let job = job_with_stage(store.as_mut(), args.job, &args.stage)?;
-    let logs = store.logs(&job, &args.stage, args.fragment)?;
+    let (mut store, job) = args.stage.open()?;
+    let logs = store.logs(&job, &args.stage.stage, args.fragment)?;
     if logs.is_empty() {
         return Err(BadInput(format!(
             "no fragments recorded for stage \"{}\" of job \"{job}\"",
-            args.stage
+            args.stage.stage
         ))
         .into());
     }

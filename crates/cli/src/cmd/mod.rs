@@ -95,12 +95,30 @@ fn redact(url: &str) -> String {
     out
 }
 
+/// A stage named on the command line, with the store and the job it belongs to
+/// (`logs`, `results`).
+#[derive(clap::Args)]
+pub(crate) struct StageArg {
+    /// The stage.
+    pub(crate) stage: String,
+    #[command(flatten)]
+    pub(crate) state: StateArg,
+    /// The job (default: the latest job that has this stage).
+    #[arg(long)]
+    pub(crate) job: Option<String>,
+}
+
+impl StageArg {
+    /// The store, and the job named (or the latest one that has the stage).
+    pub(crate) fn open(&self) -> Result<(Box<dyn Store>, String)> {
+        let mut store = open_store(&self.state)?;
+        let job = job_with_stage(store.as_mut(), self.job.clone(), &self.stage)?;
+        Ok((store, job))
+    }
+}
+
 /// The named job, or the latest job that has a stage called `stage`.
-pub(crate) fn job_with_stage(
-    store: &mut dyn Store,
-    job: Option<String>,
-    stage: &str,
-) -> Result<String> {
+fn job_with_stage(store: &mut dyn Store, job: Option<String>, stage: &str) -> Result<String> {
     match job {
         Some(job) => Ok(job),
         None => Ok(store

@@ -1,6 +1,6 @@
 //! `granule results`: a stage's results (the final checkpoint of each chain).
 
-use super::{job_with_stage, open_store, StateArg};
+use super::StageArg;
 use crate::{EXIT_DONE, EXIT_QUARANTINED};
 use anyhow::{Context, Result};
 use granule_spec::JobSpec;
@@ -8,13 +8,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub(crate) struct ResultsArgs {
-    /// The stage.
-    stage: String,
     #[command(flatten)]
-    state: StateArg,
-    /// The job (default: the latest job that has this stage).
-    #[arg(long)]
-    job: Option<String>,
+    stage: StageArg,
     /// Write each result to DIR/fragment-ID instead of concatenating them on stdout.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -23,19 +18,18 @@ pub(crate) struct ResultsArgs {
 /// Writes a stage's results to stdout (or one file per chain under `--out`); exit 1
 /// when the set is incomplete, saying why.
 pub(crate) fn results(args: ResultsArgs) -> Result<u8> {
-    let mut store = open_store(&args.state)?;
-    let job = job_with_stage(store.as_mut(), args.job, &args.stage)?;
+    let (mut store, job) = args.stage.open()?;
     // A result is at most the stage's max_checkpoint: a record claiming more is corrupt.
     let limit = store
         .job(&job)?
         .and_then(|r| serde_json::from_str::<JobSpec>(&r.spec_json).ok())
-        .and_then(|spec| spec.stages.into_iter().find(|s| s.name == args.stage))
+        .and_then(|spec| spec.stages.into_iter().find(|s| s.name == args.stage.stage))
         .map_or(granule_spec::DEFAULT_MAX_CHECKPOINT_BYTES, |s| {
             s.max_checkpoint_bytes
         });
     let mut stdout = std::io::stdout().lock();
     let mut unreadable = 0u64;
-    for result in store.results(&job, &args.stage)? {
+    for result in store.results(&job, &args.stage.stage)? {
         let fragment = result.fragment;
         let blob = granule_exec::Blob {
             data: result.blob.data,
@@ -70,13 +64,13 @@ pub(crate) fn results(args: ResultsArgs) -> Result<u8> {
         .status(Some(&job))?
         .into_iter()
         .flat_map(|j| j.stages)
-        .find(|s| s.name == args.stage)
+        .find(|s| s.name == args.stage.stage)
         .map_or(0, |s| s.results_missing)
         + unreadable;
     if missing > 0 {
         eprintln!(
             "granule: the results of stage \"{}\" are incomplete: the state of {missing} done items is in no readable result (see granule status and granule logs {})",
-            args.stage, args.stage
+            args.stage.stage, args.stage.stage
         );
         return Ok(EXIT_QUARANTINED);
     }
