@@ -328,6 +328,31 @@ impl StageLedger {
         }
     }
 
+    /// A ledger over the part of a stage one transaction holds: the pending ranges
+    /// it locked (a claim carves from them) and the running fragment it holds (a
+    /// flush, finish or release), with the stage's flags as read. Its `done` is that
+    /// fragment's acks; what the transition leaves in `pending` goes back to rows.
+    pub fn window(
+        pending: Vec<PendingRange>,
+        fragment: Option<RunningFragment>,
+        acking: bool,
+        stateful: bool,
+    ) -> StageLedger {
+        let mut ledger = StageLedger::new(0);
+        for range in pending {
+            ledger.items = ledger.items.max(range.span.end);
+            ledger.pending.push(range);
+        }
+        if let Some(f) = fragment {
+            ledger.items = ledger.items.max(f.span.end);
+            ledger.done = f.acked.clone();
+            ledger.running.push(f);
+        }
+        ledger.acking = acking;
+        ledger.stateful = stateful;
+        ledger
+    }
+
     /// Whether every item is done or quarantined.
     pub fn is_finished(&self) -> bool {
         self.pending.is_empty() && self.running.is_empty()

@@ -1,14 +1,17 @@
 //! granule's durable state, behind one [`Store`] trait.
 //!
 //! Every state transition (submit, claim, ack flush, finish, recovery) is one
-//! transaction that loads the stage's ledger, applies the pure transition from
-//! `granule-core`, and writes it back. Item sets are interval sets stored as
+//! transaction that reads the rows it needs, applies the pure transition from
+//! `granule-core`, and writes what changed: written once in `ops`, over the `Db`
+//! seam (`db.rs`) both backends implement. Item sets are interval sets stored as
 //! JSON, so the store grows with fragments, never with items. Writes by a
 //! fragment's holder are fenced by its worker id and `running` state: a worker
 //! whose lease was taken over cannot count anything.
 
 mod common;
+mod db;
 mod model;
+mod ops;
 mod pg;
 mod schema;
 mod sqlite;
@@ -49,6 +52,19 @@ impl StoreError {
     pub fn is_disk_full(&self) -> bool {
         matches!(self, StoreError::Sqlite(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull))
             || matches!(self, StoreError::Postgres(e) if e.code().is_some_and(|c| c.code() == "53100"))
+    }
+
+    /// Whether a unique constraint refused a row (two inserts of one key raced).
+    pub fn is_unique_violation(&self) -> bool {
+        match self {
+            StoreError::Postgres(e) => {
+                e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION)
+            }
+            StoreError::Sqlite(e) => {
+                e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation)
+            }
+            _ => false,
+        }
     }
 
     /// Whether trying again later may succeed (a lost connection, a busy database).

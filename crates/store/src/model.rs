@@ -102,49 +102,9 @@ macro_rules! stored_state {
             }
         }
 
-        impl rusqlite::ToSql for $name {
-            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-                Ok(self.as_str().into())
-            }
-        }
-
-        impl rusqlite::types::FromSql for $name {
-            fn column_result(
-                value: rusqlite::types::ValueRef<'_>,
-            ) -> rusqlite::types::FromSqlResult<Self> {
-                value
-                    .as_str()?
-                    .parse()
-                    .map_err(|e| rusqlite::types::FromSqlError::Other(Box::new(e)))
-            }
-        }
-
-        impl postgres::types::ToSql for $name {
-            fn to_sql(
-                &self,
-                ty: &postgres::types::Type,
-                out: &mut postgres::types::private::BytesMut,
-            ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-                self.as_str().to_sql(ty, out)
-            }
-
-            fn accepts(ty: &postgres::types::Type) -> bool {
-                <&str as postgres::types::ToSql>::accepts(ty)
-            }
-
-            postgres::types::to_sql_checked!();
-        }
-
-        impl<'a> postgres::types::FromSql<'a> for $name {
-            fn from_sql(
-                ty: &postgres::types::Type,
-                raw: &'a [u8],
-            ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-                Ok(<&str as postgres::types::FromSql>::from_sql(ty, raw)?.parse()?)
-            }
-
-            fn accepts(ty: &postgres::types::Type) -> bool {
-                <&str as postgres::types::FromSql>::accepts(ty)
+        impl<'a> crate::db::IntoArg<'a> for $name {
+            fn arg(self) -> crate::db::Arg<'a> {
+                crate::db::Arg::Text(self.as_str())
             }
         }
     };

@@ -178,6 +178,40 @@ ALTER TABLE workers ADD COLUMN locality TEXT NOT NULL DEFAULT '';
 "#,
 ];
 
+/// Migration 9, first half: pending items become rows of ranges and done items are
+/// counted on the fragment rows that did them, the layout the PostgreSQL store has
+/// always had (both now run the same transitions, `ops`). Between the halves the
+/// stage rows' JSON ledgers are moved into rows (`sqlite::to_row_layout`).
+pub(crate) const ROW_LAYOUT_BEFORE: &str = r#"
+CREATE TABLE pending (
+    id INTEGER PRIMARY KEY,
+    stage_id INTEGER NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    start_idx INTEGER NOT NULL,
+    end_idx INTEGER NOT NULL,
+    failures INTEGER NOT NULL,
+    checkpoint_id INTEGER,
+    lost INTEGER NOT NULL DEFAULT 0,
+    floor_memory_mb INTEGER NOT NULL DEFAULT 0,
+    covers TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX pending_by_stage ON pending (stage_id, start_idx);
+ALTER TABLE fragments ADD COLUMN done_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE fragments ADD COLUMN unconfirmed INTEGER NOT NULL DEFAULT 0;
+"#;
+
+/// Migration 9, second half: the stage rows' ledger columns, now moved into rows.
+pub(crate) const ROW_LAYOUT_AFTER: &str = r#"
+ALTER TABLE stages DROP COLUMN pending;
+ALTER TABLE stages DROP COLUMN done;
+ALTER TABLE stages DROP COLUMN done_count;
+ALTER TABLE stages DROP COLUMN last_n;
+ALTER TABLE stages DROP COLUMN unconfirmed;
+ALTER TABLE stages DROP COLUMN stateless_done;
+"#;
+
+/// The schema version [`CURRENT`] is: the SQL migrations and the row layout.
+pub(crate) const VERSION: usize = MIGRATIONS.len() + 1;
+
 /// The schema all of [`MIGRATIONS`] build, created at once in a new store: replaying
 /// them (a dozen `ALTER TABLE`s, a table copied) costs a fresh store memory and time
 /// for nothing. A test holds the two to the same tables, columns and indexes.
@@ -202,18 +236,24 @@ CREATE TABLE stages (
     retries INTEGER NOT NULL,
     sizer_config TEXT NOT NULL,
     state TEXT NOT NULL,
-    pending TEXT NOT NULL,
-    done TEXT NOT NULL,
-    done_count INTEGER NOT NULL DEFAULT 0,
     quarantined TEXT NOT NULL,
     acks TEXT NOT NULL DEFAULT 'unknown',
-    last_n INTEGER NOT NULL DEFAULT 0,
     needs TEXT NOT NULL DEFAULT '{}',
-    unconfirmed TEXT NOT NULL DEFAULT '[]',
     stateful INTEGER NOT NULL DEFAULT 0,
-    stateless_done TEXT NOT NULL DEFAULT '[]',
     UNIQUE (job_id, idx)
 );
+CREATE TABLE pending (
+    id INTEGER PRIMARY KEY,
+    stage_id INTEGER NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    start_idx INTEGER NOT NULL,
+    end_idx INTEGER NOT NULL,
+    failures INTEGER NOT NULL,
+    checkpoint_id INTEGER,
+    lost INTEGER NOT NULL DEFAULT 0,
+    floor_memory_mb INTEGER NOT NULL DEFAULT 0,
+    covers TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX pending_by_stage ON pending (stage_id, start_idx);
 CREATE TABLE sizers (
     stage_id INTEGER NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
     class TEXT NOT NULL,
@@ -279,7 +319,9 @@ CREATE TABLE fragments (
     resumed_from INTEGER,
     result INTEGER,
     state_reruns INTEGER NOT NULL DEFAULT 0,
-    results_missing INTEGER NOT NULL DEFAULT 0
+    results_missing INTEGER NOT NULL DEFAULT 0,
+    done_count INTEGER NOT NULL DEFAULT 0,
+    unconfirmed INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX fragments_by_state ON fragments (stage_id, state);
 CREATE INDEX fragments_by_worker ON fragments (worker, state);

@@ -1,0 +1,885 @@
+//! A running fragment's life after its claim: flushes (acks, checkpoints, split
+//! answers), splits asked for, its finish, and its release when its worker is gone.
+//! Each holds the fragment's row and applies core's ledger transition to a
+//! [`window`] of the stage: the fragment and the stage's flags.
+
+use super::{halt_job, stage_by_id, Backend, TxKind};
+use crate::common::{accounted_outcome, json, memory_of, parse, verdict, FOLLOWS_WORKER};
+use crate::db::{args, Db};
+use crate::{
+    Acks, Finished, FlushReply, FragmentEnd, FragmentFlush, Heartbeat, Result, SplitAnswer,
+};
+use granule_core::{
+    retry_budget, split_gain, split_point, FinishOutcome, FinishReport, FragmentId, IntervalSet,
+    JobId, Observation, PendingRange, RunningFragment, Sizer, Span, StageLedger,
+};
+
+/// A running fragment, locked for this transaction, as long as `worker` holds it.
+pub(crate) struct HeldFragment {
+    stage: i64,
+    fragment: RunningFragment,
+    class: String,
+    size_cap: String,
+    /// Whether its stage was known to ack when read (without a lock).
+    acking: bool,
+    /// Whether its stage was known to keep state when read (without a lock).
+    stateful: bool,
+    /// Whether its job still runs (not cancelled, refused or broken).
+    job_running: bool,
+}
+
+fn hold(tx: &mut dyn Db, id: FragmentId, worker: &str) -> Result<Option<HeldFragment>> {
+    let row = tx.query_opt(
+        "SELECT stage_id, start_idx, end_idx, acked, failures, checkpoint_id, class, size_cap, lost, floor_memory_mb,
+                covers, inherited, resumed_from,
+                (SELECT s.acks = 'yes' FROM stages s WHERE s.id = f.stage_id),
+                (SELECT s.stateful FROM stages s WHERE s.id = f.stage_id),
+                (SELECT j.state = 'running' FROM stages s JOIN jobs j ON j.id = s.job_id WHERE s.id = f.stage_id)
+         FROM fragments f WHERE id = $1 AND worker = $2 AND state = 'running' FOR UPDATE OF f",
+        args![id.0, worker],
+    )?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(HeldFragment {
+        stage: r.i64(0),
+        fragment: RunningFragment {
+            id,
+            span: Span::new(r.u64(1), r.u64(2)),
+            acked: parse(r.str(3), "fragment acks")?,
+            failures: r.u32(4),
+            checkpoint: r.opt_i64(5),
+            lost: r.u32(8),
+            floor_memory_mb: r.u64(9),
+            covers: parse(r.str(10), "fragment covers")?,
+            inherited: parse(r.str(11), "fragment inherited state")?,
+            resumed_from: r.opt_i64(12),
+        },
+        class: r.string(6),
+        size_cap: r.string(7),
+        acking: r.bool(13),
+        stateful: r.bool(14),
+        job_running: r.bool(15),
+    }))
+}
+
+/// The ledger a transition on a held fragment runs on: just that fragment. Its
+/// `done` (the items this fragment's row counts) and `pending` are what changed.
+/// Items other rows count are undone with [`undo_done`]; the stage's first ack is
+/// handled by [`learn_acking`], its first checkpoint by [`learn_stateful`].
+fn window(held: &HeldFragment) -> StageLedger {
+    StageLedger::window(
+        Vec::new(),
+        Some(held.fragment.clone()),
+        held.acking,
+        held.stateful,
+    )
+}
+
+/// Whether the stage's tasks are known to ack and to keep state, read under the
+/// stage row's lock: a finish that counts items with no state (or an all-or-nothing
+/// fragment) and a flush that brings the stage's first checkpoint or first ack see
+/// each other. The lock is exclusive, not shared: a finish may go on to lock the
+/// row for update (a quarantine, the stage's end), and two share holders that both
+/// upgrade deadlock.
+fn flags_locked(tx: &mut dyn Db, stage: i64) -> Result<(bool, bool)> {
+    let r = tx.query_one(
+        "SELECT acks = 'yes', stateful FROM stages WHERE id = $1 FOR UPDATE",
+        args![stage],
+    )?;
+    Ok((r.bool(0), r.bool(1)))
+}
+
+/// Resets the finished fragments of `stage` that `filter` picks (SQL over `f`) to
+/// count nothing, with `state` set as given; returns the items they counted.
+fn revert_counted(tx: &mut dyn Db, stage: i64, filter: &str, set: &str) -> Result<IntervalSet> {
+    let rows = tx.query(
+        &format!(
+            "SELECT acked FROM fragments f WHERE f.stage_id = $1 AND {filter} FOR UPDATE OF f"
+        ),
+        args![stage],
+    )?;
+    let mut items = IntervalSet::new();
+    for r in &rows {
+        items.union_with(&parse::<IntervalSet>(r.str(0), "fragment acks")?);
+    }
+    if !rows.is_empty() {
+        tx.execute(
+            &format!(
+                "UPDATE fragments SET {set} acked = '[]', done_count = 0, unconfirmed = false
+                 WHERE id IN (SELECT f.id FROM fragments f WHERE f.stage_id = $1 AND {filter})"
+            ),
+            args![stage],
+        )?;
+    }
+    Ok(items)
+}
+
+/// The stage's first checkpoint: items finished fragments counted done with no
+/// state go back to pending (their state, if any, is nowhere).
+fn learn_stateful(tx: &mut dyn Db, stage: i64) -> Result<bool> {
+    let stateful = tx
+        .query_one(
+            "SELECT stateful FROM stages WHERE id = $1 FOR UPDATE",
+            args![stage],
+        )?
+        .bool(0);
+    if stateful {
+        return Ok(false);
+    }
+    let reverted = revert_counted(tx, stage, "f.state != 'running' AND f.done_count > 0", "")?;
+    let fresh: Vec<PendingRange> = reverted.spans().map(PendingRange::fresh).collect();
+    insert_pending(tx, stage, &fresh)?;
+    tx.execute(
+        "UPDATE stages SET stateful = true WHERE id = $1",
+        args![stage],
+    )?;
+    Ok(!fresh.is_empty())
+}
+
+/// The stage's first ack: every item an all-or-nothing fragment counted done goes
+/// back to pending (no ack vouches for it), and from now on no ack is a failure.
+fn learn_acking(tx: &mut dyn Db, stage: i64) -> Result<bool> {
+    let acks: Acks = tx
+        .query_one(
+            "SELECT acks FROM stages WHERE id = $1 FOR UPDATE",
+            args![stage],
+        )?
+        .str(0)
+        .parse()?;
+    if acks == Acks::Yes {
+        return Ok(false);
+    }
+    let items = revert_counted(
+        tx,
+        stage,
+        "f.unconfirmed",
+        "state = 'reverted', result = NULL,",
+    )?;
+    let ranges: Vec<PendingRange> = items.spans().map(PendingRange::fresh).collect();
+    insert_pending(tx, stage, &ranges)?;
+    tx.execute("UPDATE stages SET acks = 'yes' WHERE id = $1", args![stage])?;
+    Ok(!ranges.is_empty())
+}
+
+/// Items other fragments' rows count done go back to pending: their state was
+/// lost with a checkpoint that could not be restored.
+fn undo_done(tx: &mut dyn Db, stage: i64, lost: &IntervalSet) -> Result<()> {
+    let (Some(first), Some(last)) = (lost.first(), lost.spans().last().map(|s| s.end)) else {
+        return Ok(());
+    };
+    let rows = tx.query(
+        "SELECT id, acked FROM fragments
+         WHERE stage_id = $1 AND state != 'running' AND done_count > 0 AND start_idx < $3 AND end_idx > $2
+         FOR UPDATE",
+        args![stage, first, last],
+    )?;
+    for r in &rows {
+        let mut acked: IntervalSet = parse(r.str(1), "fragment acks")?;
+        if !acked.intersects(lost) {
+            continue;
+        }
+        acked.subtract(lost);
+        tx.execute(
+            "UPDATE fragments SET acked = $2, done_count = $3 WHERE id = $1",
+            args![r.i64(0), &json(&acked), acked.len()],
+        )?;
+    }
+    Ok(())
+}
+
+/// Items whose state is gone run again: other rows' counts are undone and the items
+/// go back to pending.
+fn rerun(tx: &mut dyn Db, stage: i64, items: &IntervalSet) -> Result<()> {
+    undo_done(tx, stage, items)?;
+    let fresh: Vec<PendingRange> = items.spans().map(PendingRange::fresh).collect();
+    insert_pending(tx, stage, &fresh)
+}
+
+/// The result a finish ended a chain with, if its checkpoint is still there; if it
+/// is gone, the items it held run again (this fragment's through `ledger`, other
+/// rows' here). Returns the result and how many items run again.
+fn kept_result(
+    tx: &mut dyn Db,
+    stage: i64,
+    ledger: &mut StageLedger,
+    report: &FinishReport,
+) -> Result<(Option<i64>, u64)> {
+    let Some((blob, covers)) = &report.result else {
+        return Ok((None, 0));
+    };
+    if tx
+        .query_opt("SELECT 1 FROM blobs WHERE id = $1", args![blob])?
+        .is_some()
+    {
+        return Ok((Some(*blob), 0));
+    }
+    let mine = covers.intersection(&ledger.done);
+    let others = covers.difference(&mine);
+    rerun(tx, stage, &others)?;
+    Ok((None, ledger.forget(&mine) + others.len()))
+}
+
+/// Adds pending rows.
+pub(crate) fn insert_pending(tx: &mut dyn Db, stage: i64, ranges: &[PendingRange]) -> Result<()> {
+    for r in ranges {
+        write_range(
+            tx,
+            "INSERT INTO pending (stage_id, start_idx, end_idx, failures, checkpoint_id, lost, floor_memory_mb, covers)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            stage,
+            r,
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs `sql` (an insert or update of a pending row) with `key` as `$1` and the
+/// range's columns as `$2` to `$8`.
+pub(crate) fn write_range(tx: &mut dyn Db, sql: &str, key: i64, r: &PendingRange) -> Result<u64> {
+    tx.execute(
+        sql,
+        args![
+            key,
+            r.span.start,
+            r.span.end,
+            r.failures,
+            r.checkpoint,
+            r.lost,
+            r.floor_memory_mb,
+            &json(&r.covers),
+        ],
+    )
+}
+
+/// A restored checkpoint (or none) replaces the state the fragment inherited: the
+/// items of the lost state run again. Returns whether work appeared.
+fn apply_restore(
+    tx: &mut dyn Db,
+    held: &HeldFragment,
+    ledger: &mut StageLedger,
+    fragment: FragmentId,
+    restored: Option<i64>,
+) -> Result<bool> {
+    let covers = match restored {
+        Some(blob) => match tx.query_opt("SELECT covers FROM blobs WHERE id = $1", args![blob])? {
+            Some(r) => parse(r.str(0), "checkpoint covers")?,
+            None => IntervalSet::new(),
+        },
+        None => IntervalSet::new(),
+    };
+    // The lost state's items are counted on the rows of earlier attempts: they are
+    // undone there (the window holds only this fragment's own).
+    let before = ledger
+        .fragment(fragment)
+        .map(|r| r.inherited.clone())
+        .unwrap_or_default();
+    ledger.fallback(fragment, restored, &covers);
+    let lost = before.difference(&covers);
+    if lost.is_empty() {
+        return Ok(false);
+    }
+    rerun(tx, held.stage, &lost)?;
+    tx.execute(
+        "UPDATE fragments SET state_reruns = state_reruns + $2 WHERE id = $1",
+        args![fragment.0, lost.len()],
+    )?;
+    Ok(true)
+}
+
+/// Stores a flush's checkpoints as blobs, each chained to the one before.
+fn store_checkpoints(
+    tx: &mut dyn Db,
+    held: &HeldFragment,
+    ledger: &mut StageLedger,
+    f: &FragmentFlush,
+    now_ms: i64,
+) -> Result<()> {
+    for cp in &f.checkpoints {
+        let Some(covers) = ledger.checkpoint_covers(f.fragment, &cp.acked) else {
+            continue;
+        };
+        let prev = ledger.fragment(f.fragment).and_then(|r| r.checkpoint);
+        let b = &cp.blob;
+        let id = tx
+            .query_one(
+                "INSERT INTO blobs (stage_id, fragment_id, kind, raw_len, hash, data, meta, created_ms, prev, covers)
+                 VALUES ($1, $2, 'checkpoint', $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                args![
+                    held.stage,
+                    f.fragment.0,
+                    b.raw_len,
+                    &b.hash,
+                    &b.data,
+                    &b.meta,
+                    now_ms,
+                    prev,
+                    &json(&covers),
+                ],
+            )?
+            .i64(0);
+        ledger.checkpoint(f.fragment, id, &cp.acked);
+    }
+    Ok(())
+}
+
+/// Applies acks, checkpoints and a split answer to a held fragment; returns the
+/// items newly done and whether pending work appeared.
+fn apply_flush(
+    tx: &mut dyn Db,
+    held: &HeldFragment,
+    ledger: &mut StageLedger,
+    f: &FragmentFlush,
+    now_ms: i64,
+) -> Result<(u64, bool)> {
+    let mut appeared = false;
+    if let Some(restored) = f.restored {
+        appeared |= apply_restore(tx, held, ledger, f.fragment, restored)?;
+    }
+    if !f.acked.is_empty() && !ledger.acking {
+        appeared |= learn_acking(tx, held.stage)?;
+        ledger.acking = true;
+    }
+    let done = ledger.ack(f.fragment, &f.acked).done;
+    if !f.checkpoints.is_empty() && !ledger.stateful {
+        appeared |= learn_stateful(tx, held.stage)?;
+        ledger.stateful = true;
+    }
+    store_checkpoints(tx, held, ledger, f, now_ms)?;
+    if let Some(answer) = f.split {
+        if let SplitAnswer::At(at) = answer {
+            if ledger.split(f.fragment, at) > 0 {
+                let tail = std::mem::take(&mut ledger.pending);
+                insert_pending(tx, held.stage, tail.ranges())?;
+                tx.execute(
+                    "UPDATE fragments SET splits = splits + 1 WHERE id = $1",
+                    args![f.fragment.0],
+                )?;
+                appeared = true;
+            }
+        }
+        tx.execute(
+            "UPDATE fragments SET split_request = NULL WHERE id = $1",
+            args![f.fragment.0],
+        )?;
+    }
+    Ok((done, appeared))
+}
+
+fn save_fragment(tx: &mut dyn Db, ledger: &StageLedger, id: FragmentId) -> Result<()> {
+    if let Some(f) = ledger.fragment(id) {
+        tx.execute(
+            "UPDATE fragments SET end_idx = $2, acked = $3, done_count = $4, checkpoint_id = $5, covers = $6,
+               inherited = $7, resumed_from = $8 WHERE id = $1",
+            args![
+                id.0,
+                f.span.end,
+                &json(&f.acked),
+                f.acked.len(),
+                f.checkpoint,
+                &json(&f.covers),
+                &json(&f.inherited),
+                f.resumed_from,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// The sizer of (stage, class), and whether this transaction holds its row lock
+/// (taken only if free: a busy sizer is read, not waited for; under contention the
+/// model learns from a sample of fragments).
+pub(crate) fn sizer_for(tx: &mut dyn Db, stage: i64, class: &str) -> Result<(Sizer, bool)> {
+    let locked = tx.query_opt(
+        "SELECT state FROM sizers WHERE stage_id = $1 AND class = $2 FOR UPDATE SKIP LOCKED",
+        args![stage, class],
+    )?;
+    if let Some(r) = locked {
+        return Ok((parse(r.str(0), "sizer state")?, true));
+    }
+    let plain = tx.query_opt(
+        "SELECT state FROM sizers WHERE stage_id = $1 AND class = $2",
+        args![stage, class],
+    )?;
+    match plain {
+        Some(r) => Ok((parse(r.str(0), "sizer state")?, false)),
+        None => {
+            let created = tx.execute(
+                "INSERT INTO sizers (stage_id, class, state) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                args![stage, class, &json(&Sizer::default())],
+            )?;
+            Ok((Sizer::default(), created == 1))
+        }
+    }
+}
+
+/// Writes a sizer state back (its row lock is held).
+pub(crate) fn save_sizer(tx: &mut dyn Db, stage: i64, class: &str, sizer: &Sizer) -> Result<()> {
+    tx.execute(
+        "UPDATE sizers SET state = $3 WHERE stage_id = $1 AND class = $2",
+        args![stage, class, &json(sizer)],
+    )?;
+    Ok(())
+}
+
+fn count(tx: &mut dyn Db, sql: &str, id: i64) -> Result<i64> {
+    Ok(tx.query_one(sql, args![id])?.i64(0))
+}
+
+/// Marks the stage done if nothing of it is pending or running, and its job once
+/// every stage is. The stage row lock makes two last finishers see each other.
+fn settle(tx: &mut dyn Db, stage: i64, now_ms: i64) -> Result<bool> {
+    const PENDING: &str = "SELECT count(*) FROM pending WHERE stage_id = $1";
+    if count(tx, PENDING, stage)? > 0 {
+        return Ok(false);
+    }
+    let job = count(
+        tx,
+        "SELECT job_id FROM stages WHERE id = $1 FOR UPDATE",
+        stage,
+    )?;
+    let busy = count(
+        tx,
+        "SELECT (SELECT count(*) FROM pending WHERE stage_id = $1)
+              + (SELECT count(*) FROM fragments WHERE stage_id = $1 AND state = 'running')",
+        stage,
+    )?;
+    if busy > 0 {
+        return Ok(false);
+    }
+    tx.execute(
+        "UPDATE stages SET state = 'done' WHERE id = $1",
+        args![stage],
+    )?;
+    // Stages that waited for this one may be ready now.
+    tx.notify()?;
+    count(tx, "SELECT id FROM jobs WHERE id = $1 FOR UPDATE", job)?;
+    const OPEN: &str = "SELECT count(*) FROM stages WHERE job_id = $1 AND state != 'done'";
+    if count(tx, OPEN, job)? > 0 {
+        return Ok(false);
+    }
+    const FAILED: &str = "SELECT count(*) FROM stages WHERE job_id = $1 AND quarantined != '[]'";
+    let state = if count(tx, FAILED, job)? > 0 {
+        "failed"
+    } else {
+        "done"
+    };
+    tx.execute(
+        "UPDATE jobs SET state = $2, finished_ms = $3 WHERE id = $1 AND state = 'running'",
+        args![job, state, now_ms],
+    )?;
+    Ok(true)
+}
+
+/// Records a worker's flush (see `Store::flush`).
+pub(crate) fn flush(
+    b: &mut impl Backend,
+    worker: &str,
+    now_ms: i64,
+    lease_ms: i64,
+    heartbeat: &Heartbeat,
+    batch: &[FragmentFlush],
+) -> Result<FlushReply> {
+    b.transaction(TxKind::Flush, |tx| {
+        let mut reply = FlushReply::default();
+        let mut appeared = false;
+        for f in batch {
+            let Some(held) = hold(tx, f.fragment, worker)? else {
+                reply.lost.push(f.fragment);
+                continue;
+            };
+            let mut ledger = window(&held);
+            let (done, new_work) = apply_flush(tx, &held, &mut ledger, f, now_ms)?;
+            reply.done += done;
+            appeared |= new_work;
+            save_fragment(tx, &ledger, f.fragment)?;
+            if !held.job_running {
+                stop(tx, &held, &mut ledger, now_ms)?;
+                reply.stopped.push(f.fragment);
+            }
+        }
+        renew(tx, worker, now_ms, lease_ms, heartbeat)?;
+        reply.split_requests = tx
+            .query(
+                "SELECT id, split_request FROM fragments
+                 WHERE worker = $1 AND state = 'running' AND split_request IS NOT NULL",
+                args![worker],
+            )?
+            .iter()
+            .map(|r| (FragmentId(r.i64(0)), r.u64(1)))
+            .collect();
+        if appeared {
+            tx.notify()?;
+        }
+        Ok(reply)
+    })
+}
+
+/// A fragment of a job that no longer runs (cancelled or stopped): its acks stand,
+/// the rest is pending again.
+fn stop(tx: &mut dyn Db, held: &HeldFragment, ledger: &mut StageLedger, now_ms: i64) -> Result<()> {
+    let id = held.fragment.id;
+    let report = ledger.finish(id, &FinishOutcome::Yielded, 0);
+    insert_pending(tx, held.stage, ledger.pending.ranges())?;
+    tx.execute(
+        "UPDATE fragments SET state = 'cancelled', finished_ms = $2, split_request = NULL,
+           acked = $3, done_count = $4, state_reruns = state_reruns + $5 WHERE id = $1",
+        args![
+            id.0,
+            now_ms,
+            &json(&ledger.done),
+            ledger.done.len(),
+            report.undone
+        ],
+    )?;
+    Ok(())
+}
+
+/// Renews a worker's lease and heartbeat. What the worker says it holds follows its
+/// lease from then on, once half of its own claim lease is spent (one write per
+/// fragment, none for short ones); a claim whose reply never reached the worker is
+/// never confirmed and expires.
+fn renew(
+    tx: &mut dyn Db,
+    worker: &str,
+    now_ms: i64,
+    lease_ms: i64,
+    heartbeat: &Heartbeat,
+) -> Result<()> {
+    let held: Vec<i64> = heartbeat.held.iter().map(|f| f.0).collect();
+    let half_spent = tx.lease_clock(now_ms + lease_ms / 2);
+    if !held.is_empty() {
+        tx.execute(
+            "UPDATE fragments SET lease_expires_ms = $2
+             WHERE worker = $1 AND state = 'running' AND id = ANY($3) AND lease_expires_ms < $4",
+            args![worker, FOLLOWS_WORKER, &held, half_spent],
+        )?;
+    }
+    let lease_until = tx.lease_clock(now_ms + lease_ms);
+    tx.execute(
+        "UPDATE workers SET heartbeat_ms = $2, busy = $3, free_memory = $4, load = $5, lease_until_ms = $6
+         WHERE id = $1",
+        args![
+            worker,
+            now_ms,
+            heartbeat.busy,
+            heartbeat.free_memory,
+            heartbeat.load,
+            lease_until,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Asks for a split of the running fragment with the most predicted remaining work
+/// (see `Store::request_split`); core's `split_point` and `split_gain` decide.
+pub(crate) fn request_split(
+    b: &mut impl Backend,
+    job: Option<JobId>,
+    now_ms: i64,
+    min_ms: f64,
+    asker: &str,
+) -> Result<Option<FragmentId>> {
+    b.transaction(TxKind::Write, |tx| {
+        let rows = tx.query(
+            "SELECT f.id, f.stage_id, f.start_idx, f.end_idx, f.acked, f.class, f.claimed_ms, f.predicted_ms
+             FROM fragments f JOIN stages s ON s.id = f.stage_id
+             WHERE f.state = 'running' AND f.split_request IS NULL AND ($1::BIGINT IS NULL OR s.job_id = $1)",
+            args![job.map(|j| j.0)],
+        )?;
+        let mut best: Option<(f64, i64, u64)> = None;
+        for r in &rows {
+            let stage = r.i64(1);
+            let mut model_of = |class: &str| -> Result<granule_core::CostModel> {
+                let state = tx.query_opt(
+                    "SELECT state FROM sizers WHERE stage_id = $1 AND class = $2",
+                    args![stage, class],
+                )?;
+                Ok(match state {
+                    Some(s) => parse::<Sizer>(s.str(0), "sizer state")?.model,
+                    None => Default::default(),
+                })
+            };
+            let model = model_of(r.str(5))?;
+            let gain = split_gain(&model, &model_of(asker)?);
+            let acked: IntervalSet = parse(r.str(4), "fragment acks")?;
+            let span = Span::new(r.u64(2), r.u64(3));
+            let elapsed = now_ms - r.i64(6);
+            if let Some((remaining, at)) = split_point(span, &acked, &model, elapsed, r.f64(7), min_ms) {
+                let worth = remaining * gain;
+                if best.is_none_or(|b| worth > b.0) {
+                    best = Some((worth, r.i64(0), at));
+                }
+            }
+        }
+        let Some((_, id, at)) = best else { return Ok(None) };
+        let set = tx.execute(
+            "UPDATE fragments SET split_request = $2 WHERE id = $1 AND state = 'running' AND split_request IS NULL",
+            args![id, at],
+        )?;
+        Ok((set == 1).then_some(FragmentId(id)))
+    })
+}
+
+/// Ends a fragment (see `Store::finish`).
+pub(crate) fn finish(
+    b: &mut impl Backend,
+    worker: &str,
+    now_ms: i64,
+    end: &FragmentEnd,
+) -> Result<Finished> {
+    b.transaction(TxKind::Finish, |tx| {
+        let Some(held) = hold(tx, end.flush.fragment, worker)? else {
+            return Ok(Finished::default());
+        };
+        finish_held(tx, worker, now_ms, end, &held)
+    })
+}
+
+/// What a finish decided, for its row.
+struct Ended {
+    report: FinishReport,
+    verdict: crate::common::Verdict,
+    result: Option<i64>,
+    reruns: u64,
+    splits: u64,
+}
+
+fn finish_held(
+    tx: &mut dyn Db,
+    worker: &str,
+    now_ms: i64,
+    end: &FragmentEnd,
+    held: &HeldFragment,
+) -> Result<Finished> {
+    let id = held.fragment.id;
+    let stage = stage_by_id(tx, held.stage)?;
+    let mut ledger = window(held);
+    let (_, mut appeared) = apply_flush(tx, held, &mut ledger, &end.flush, now_ms)?;
+    let splits = u64::from(
+        ledger.fragment(id).is_some_and(|f| end.end < f.span.end) && ledger.split(id, end.end) > 0,
+    );
+    let f = ledger.fragment(id).expect("held fragment").clone();
+    let outcome = accounted_outcome(end);
+    let all_or_nothing = matches!(outcome, FinishOutcome::AllOrNothing { .. });
+    if (all_or_nothing && !ledger.acking) || (!ledger.stateful && !f.acked.is_empty()) {
+        // Judged against a first ack or first checkpoint another worker may be
+        // committing now.
+        (ledger.acking, ledger.stateful) = flags_locked(tx, held.stage)?;
+    }
+    let report = ledger.finish(
+        id,
+        &outcome,
+        retry_budget(end.cause.as_deref(), stage.retries),
+    );
+    let verdict = verdict(end, &report);
+    let (result, forgotten) = kept_result(tx, held.stage, &mut ledger, &report)?;
+    appeared |= forgotten > 0;
+    if end.cause.as_deref() == Some("oom") {
+        // Retried on a worker with more memory than this one, while one is alive.
+        let resources = tx
+            .query_opt("SELECT resources FROM workers WHERE id = $1", args![worker])?
+            .map(|r| r.string(0));
+        ledger.raise_floor(f.span, resources.map_or(0, |r| memory_of(&r)));
+    }
+    let requeue = ledger.pending.ranges().to_vec();
+    appeared |= !requeue.is_empty();
+    insert_pending(tx, held.stage, &requeue)?;
+    quarantine(tx, held.stage, &report.quarantined)?;
+    let ended = Ended {
+        reruns: report.undone + forgotten,
+        report,
+        verdict,
+        result,
+        splits,
+    };
+    write_end(tx, end, &f, &ledger, &ended, now_ms)?;
+    if ended.verdict.all_or_nothing && end.fed > 0 && stage.acks == Acks::Unknown {
+        tx.execute(
+            "UPDATE stages SET acks = 'no' WHERE id = $1 AND acks = 'unknown'",
+            args![held.stage],
+        )?;
+    }
+    if let Some(halt) = &end.halt {
+        let job = count(tx, "SELECT job_id FROM stages WHERE id = $1", held.stage)?;
+        halt_job(tx, job, halt, now_ms)?;
+    }
+    if ended.verdict.finished && end.fed > 0 {
+        learn(tx, held, &stage.sizer_config, end)?;
+    }
+    if appeared {
+        tx.notify()?;
+    }
+    let job_finished = requeue.is_empty() && settle(tx, held.stage, now_ms)?;
+    Ok(Finished {
+        accepted: true,
+        quarantined: ended.report.quarantined,
+        job_finished,
+    })
+}
+
+/// Adds items to the stage's quarantine.
+fn quarantine(tx: &mut dyn Db, stage: i64, items: &IntervalSet) -> Result<()> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let row = tx.query_one(
+        "SELECT quarantined FROM stages WHERE id = $1 FOR UPDATE",
+        args![stage],
+    )?;
+    let mut q: IntervalSet = parse(row.str(0), "quarantined")?;
+    q.union_with(items);
+    tx.execute(
+        "UPDATE stages SET quarantined = $2 WHERE id = $1",
+        args![stage, &json(&q)],
+    )?;
+    Ok(())
+}
+
+/// The finished fragment's row.
+fn write_end(
+    tx: &mut dyn Db,
+    end: &FragmentEnd,
+    f: &RunningFragment,
+    ledger: &StageLedger,
+    ended: &Ended,
+    now_ms: i64,
+) -> Result<()> {
+    tx.execute(
+        "UPDATE fragments SET state = $2, finished_ms = $3, observed_ms = $4, cpu_ms = $5, peak_rss_kb = $6,
+          load = $7, fed = $8, acks = $9, cause = $10, detail = $11, stdout = $12, stderr = $13,
+          end_idx = $14, acked = $15, done_count = $16, wasted_ms = $17, checkpoint_fallbacks = $18,
+          split_request = NULL, checkpoint_id = $19, splits = splits + $20, io_bytes = $21,
+          predicted_ms = coalesce($22, predicted_ms), result = $23, state_reruns = state_reruns + $24,
+          results_missing = $25, unconfirmed = $26
+         WHERE id = $1",
+        args![
+            f.id.0,
+            ended.verdict.state,
+            now_ms,
+            end.observed_ms,
+            end.cpu_ms,
+            end.peak_rss_kb,
+            end.load,
+            end.fed,
+            end.acks,
+            &ended.verdict.cause,
+            &ended.verdict.detail,
+            &end.stdout,
+            &end.stderr,
+            f.span.end,
+            &json(&ledger.done),
+            ledger.done.len(),
+            end.wasted_ms,
+            end.checkpoint_fallbacks,
+            f.checkpoint,
+            ended.splits,
+            end.io_bytes,
+            end.predicted_ms,
+            ended.result,
+            ended.reruns,
+            ended.report.uncovered,
+            ended.verdict.all_or_nothing && !ledger.acking,
+        ],
+    )?;
+    Ok(())
+}
+
+/// The sizer of the fragment's class learns from its finish, if its row is free.
+fn learn(
+    tx: &mut dyn Db,
+    held: &HeldFragment,
+    config: &granule_core::SizerConfig,
+    end: &FragmentEnd,
+) -> Result<()> {
+    let (mut sizer, locked) = sizer_for(tx, held.stage, &held.class)?;
+    if !locked {
+        return Ok(());
+    }
+    sizer.observe(
+        config,
+        &Observation {
+            n: end.fed,
+            duration_ms: end.observed_ms,
+            acks: end.acks,
+            first_ack_ms: end.first_ack_ms,
+            last_ack_ms: end.last_ack_ms,
+            sized_by_model: held.size_cap == "model",
+            bytes: end.bytes,
+            load: Some(end.load),
+        },
+    );
+    save_sizer(tx, held.stage, &held.class, &sizer)
+}
+
+/// Returns to pending the unacked items of fragments whose lease expired or whose
+/// worker is in `dead` (see `Store::release`).
+pub(crate) fn release(b: &mut impl Backend, now_ms: i64, dead: &[String]) -> Result<u64> {
+    b.transaction(TxKind::Write, |tx| {
+        let now_lease = tx.lease_clock(now_ms);
+        let rows = tx.query(
+            "SELECT f.id, f.worker FROM fragments f LEFT JOIN workers w ON w.id = f.worker
+             WHERE f.state = 'running' AND f.worker = ANY($2)
+                OR f.state = 'running' AND f.lease_expires_ms < $1
+                OR f.state = 'running' AND f.lease_expires_ms = $3 AND coalesce(w.lease_until_ms, 0) < $1
+             ORDER BY f.stage_id, f.id
+             FOR UPDATE OF f SKIP LOCKED",
+            args![now_lease, dead, FOLLOWS_WORKER],
+        )?;
+        let mut drained = Vec::new();
+        for r in &rows {
+            let (id, worker) = (FragmentId(r.i64(0)), r.str(1));
+            let Some(held) = hold(tx, id, worker)? else { continue };
+            let why = if dead.iter().any(|d| d == worker) {
+                "worker died"
+            } else {
+                "lease expired"
+            };
+            if lose(tx, &held, &format!("{why}: {worker}"), now_ms)? {
+                drained.push(held.stage);
+            }
+        }
+        if !dead.is_empty() {
+            tx.execute(
+                "UPDATE workers SET state = 'exited', busy = 0, lease_until_ms = 0 WHERE id = ANY($1)",
+                args![dead],
+            )?;
+        }
+        // A fragment released with every item acked may have been its stage's last.
+        drained.sort_unstable();
+        drained.dedup();
+        for stage in drained {
+            settle(tx, stage, now_ms)?;
+        }
+        if !rows.is_empty() {
+            tx.notify()?;
+        }
+        Ok(rows.len() as u64)
+    })
+}
+
+/// Ends a held fragment as lost: its unacked items go back to pending. Returns
+/// whether nothing of it went back (it may have been its stage's last).
+fn lose(tx: &mut dyn Db, held: &HeldFragment, detail: &str, now_ms: i64) -> Result<bool> {
+    let id = held.fragment.id;
+    let mut ledger = window(held);
+    if !ledger.stateful && !held.fragment.acked.is_empty() {
+        (ledger.acking, ledger.stateful) = flags_locked(tx, held.stage)?;
+    }
+    let report = ledger.finish(id, &FinishOutcome::Lost, u32::MAX);
+    let (result, forgotten) = kept_result(tx, held.stage, &mut ledger, &report)?;
+    insert_pending(tx, held.stage, ledger.pending.ranges())?;
+    tx.execute(
+        "UPDATE fragments SET state = 'lost', finished_ms = $2, cause = 'lost', detail = $3, split_request = NULL,
+           acked = $4, done_count = $5, result = $6, state_reruns = state_reruns + $7
+         WHERE id = $1",
+        args![
+            id.0,
+            now_ms,
+            detail,
+            &json(&ledger.done),
+            ledger.done.len(),
+            result,
+            report.undone + forgotten,
+        ],
+    )?;
+    Ok(ledger.pending.is_empty())
+}

@@ -1,0 +1,195 @@
+//! Jobs and workers: submit, look up, cancel, register.
+
+use super::fragment::insert_pending;
+use super::{Backend, TxKind, SHARDS};
+use crate::common::{json, sizer_config_json};
+use crate::db::{args, Db};
+use crate::{JobRecord, NewJob, Result, StoreError, Submitted, WorkerInfo};
+use granule_core::{JobId, PendingRange, Span};
+
+/// How a job is looked up.
+pub(crate) enum JobKey<'a> {
+    /// By name.
+    Name(&'a str),
+    /// By id.
+    Id(i64),
+}
+
+/// Records a job (see `Store::submit`). Two submits of a new job at once may both
+/// find no row and insert it (PostgreSQL): the loser's unique violation means the
+/// job now exists, so it looks again (and resumes it, or refuses a different spec).
+pub(crate) fn submit(
+    b: &mut impl Backend,
+    job: &NewJob,
+    now_ms: i64,
+    fresh: bool,
+) -> Result<Submitted> {
+    let mut attempt = 0;
+    loop {
+        match b.transaction(TxKind::Write, |tx| submit_once(tx, job, now_ms, fresh)) {
+            Err(e) if e.is_unique_violation() && attempt < 3 => attempt += 1,
+            other => return other,
+        }
+    }
+}
+
+fn submit_once(tx: &mut dyn Db, job: &NewJob, now_ms: i64, fresh: bool) -> Result<Submitted> {
+    let existing = tx.query_opt(
+        "SELECT id, spec_hash, state FROM jobs WHERE name = $1 FOR UPDATE",
+        args![&job.name],
+    )?;
+    if let Some(r) = existing {
+        let id = r.i64(0);
+        if !fresh {
+            if r.str(1) != job.spec_hash {
+                return Err(StoreError::SpecChanged(job.name.clone()));
+            }
+            return match r.str(2) {
+                "refused" => {
+                    // Submitted again as it was: its items are as submitted again.
+                    tx.execute(
+                        "UPDATE jobs SET state = 'running', error = NULL, finished_ms = NULL WHERE id = $1",
+                        args![id],
+                    )?;
+                    tx.notify()?;
+                    Ok(Submitted::Resumed(JobId(id)))
+                }
+                "running" => Ok(Submitted::Resumed(JobId(id))),
+                _ => Ok(Submitted::AlreadyFinished(JobId(id))),
+            };
+        }
+        tx.execute("DELETE FROM jobs WHERE id = $1", args![id])?;
+    }
+    let id = tx
+        .query_one(
+            "INSERT INTO jobs (name, spec_hash, spec, state, created_ms) VALUES ($1, $2, $3, 'running', $4) RETURNING id",
+            args![&job.name, &job.spec_hash, &job.spec_json, now_ms],
+        )?
+        .i64(0);
+    for (idx, stage) in job.stages.iter().enumerate() {
+        let state = if stage.items == 0 { "done" } else { "waiting" };
+        let stage_id = tx
+            .query_one(
+                "INSERT INTO stages (job_id, idx, name, items, after, retries, sizer_config, state, needs, quarantined)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '[]') RETURNING id",
+                args![
+                    id,
+                    idx,
+                    &stage.name,
+                    stage.items,
+                    &json(&stage.after),
+                    stage.retries,
+                    &sizer_config_json(&stage.sizer),
+                    state,
+                    &json(&stage.needs),
+                ],
+            )?
+            .i64(0);
+        insert_pending(tx, stage_id, &shards(stage.items))?;
+    }
+    tx.notify()?;
+    Ok(Submitted::Created(JobId(id)))
+}
+
+/// A new stage's items as pending ranges: up to [`SHARDS`] of about equal size.
+fn shards(items: u64) -> Vec<PendingRange> {
+    let shard = items.div_ceil(SHARDS.min(items.max(1))).max(1);
+    (0..items)
+        .step_by(shard as usize)
+        .map(|start| PendingRange::fresh(Span::new(start, (start + shard).min(items))))
+        .collect()
+}
+
+/// A job's stored spec and state.
+pub(crate) fn job(b: &mut impl Backend, key: JobKey<'_>) -> Result<Option<JobRecord>> {
+    b.transaction(TxKind::Read, |tx| {
+        let row = match key {
+            JobKey::Name(name) => tx.query_opt(
+                "SELECT id, name, state, spec, error FROM jobs WHERE name = $1",
+                args![name],
+            )?,
+            JobKey::Id(id) => tx.query_opt(
+                "SELECT id, name, state, spec, error FROM jobs WHERE id = $1",
+                args![id],
+            )?,
+        };
+        row.map(|r| {
+            Ok(JobRecord {
+                id: JobId(r.i64(0)),
+                name: r.string(1),
+                state: r.str(2).parse()?,
+                spec_json: r.string(3),
+                error: r.opt_string(4),
+            })
+        })
+        .transpose()
+    })
+}
+
+/// Cancels a running job; false if there is none of that name.
+pub(crate) fn cancel(b: &mut impl Backend, name: &str, now_ms: i64) -> Result<bool> {
+    b.transaction(TxKind::Write, |tx| {
+        let n = tx.execute(
+            "UPDATE jobs SET state = 'cancelled', finished_ms = $2 WHERE name = $1 AND state = 'running'",
+            args![name, now_ms],
+        )?;
+        Ok(n == 1)
+    })
+}
+
+/// Jobs not yet finished, oldest first.
+pub(crate) fn open_jobs(b: &mut impl Backend) -> Result<Vec<JobId>> {
+    b.transaction(TxKind::Read, |tx| {
+        let rows = tx.query(
+            "SELECT id FROM jobs WHERE state = 'running' ORDER BY id",
+            args![],
+        )?;
+        Ok(rows.iter().map(|r| JobId(r.i64(0))).collect())
+    })
+}
+
+/// Registers or refreshes a worker.
+pub(crate) fn register_worker(b: &mut impl Backend, w: &WorkerInfo, now_ms: i64) -> Result<()> {
+    b.transaction(TxKind::Write, |tx| {
+        tx.execute(
+            "INSERT INTO workers (id, host, pid, proc_start, slots, class, started_ms, heartbeat_ms, lifespan_end_ms,
+               state, cost, spot, resources, locality)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, 'running', $9, $10, $11, $12)
+             ON CONFLICT (id) DO UPDATE SET slots = $5, class = $6, heartbeat_ms = $7, lifespan_end_ms = $8,
+               state = 'running', cost = $9, spot = $10, resources = $11, locality = $12",
+            args![
+                &w.id,
+                &w.host,
+                w.pid,
+                w.proc_start,
+                w.slots,
+                &w.class,
+                now_ms,
+                w.lifespan_end_ms,
+                w.cost_per_hour,
+                w.spot,
+                &w.resources,
+                &w.locality,
+            ],
+        )?;
+        Ok(())
+    })
+}
+
+/// Marks a worker `draining` or `exited` (an exited one holds no lease).
+pub(crate) fn set_worker_state(
+    b: &mut impl Backend,
+    worker: &str,
+    state: &str,
+    now_ms: i64,
+) -> Result<()> {
+    b.transaction(TxKind::Write, |tx| {
+        tx.execute(
+            "UPDATE workers SET state = $2, heartbeat_ms = $3, busy = CASE WHEN $2 = 'exited' THEN 0 ELSE busy END,
+               lease_until_ms = CASE WHEN $2 = 'exited' THEN 0 ELSE lease_until_ms END
+             WHERE id = $1",
+            args![worker, state, now_ms],
+        )?;
+        Ok(())
+    })
+}

@@ -1,0 +1,445 @@
+//! What the store shows: status, progress, workers, logs, results, blobs, accounting.
+
+use super::{stages_of, Backend, StageRow, TxKind};
+use crate::common::{
+    class_statuses, job_state, parse, stage_profile, stage_state, worker_span, DoneRow, HistoryRow,
+};
+use crate::db::{args, Db};
+use crate::{
+    Accounting, BlobRow, FragmentLog, JobState, JobStatus, ResultRow, StageProgress, StageStatus,
+    StoreError, StoredBlob, WorkerInfo, WorkerStatus,
+};
+use crate::{JobId, Result};
+use granule_core::{busiest, prediction_error, IntervalSet, Sizer, Span, WorkerSpan};
+
+/// Workers that hold running fragments.
+pub(crate) fn workers_holding_work(b: &mut impl Backend) -> Result<Vec<WorkerInfo>> {
+    b.transaction(TxKind::Read, |tx| {
+        let rows = tx.query(
+            "SELECT id, host, pid, proc_start, slots, class, lifespan_end_ms, cost, spot, resources, locality FROM workers
+             WHERE id IN (SELECT DISTINCT worker FROM fragments WHERE state = 'running')",
+            args![],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| WorkerInfo {
+                id: r.string(0),
+                host: r.string(1),
+                pid: r.i64(2),
+                proc_start: r.i64(3),
+                slots: r.u32(4),
+                class: r.string(5),
+                lifespan_end_ms: r.opt_i64(6),
+                cost_per_hour: r.f64(7),
+                spot: r.bool(8),
+                resources: r.string(9),
+                locality: r.string(10),
+            })
+            .collect())
+    })
+}
+
+/// Status of one job or all; a job whose stored state cannot be read shows broken.
+pub(crate) fn status(b: &mut impl Backend, job: Option<&str>) -> Result<Vec<JobStatus>> {
+    b.transaction(TxKind::Read, |tx| {
+        let jobs = tx.query(
+            "SELECT id, name, state, created_ms, error FROM jobs WHERE $1::TEXT IS NULL OR name = $1 ORDER BY id",
+            args![job],
+        )?;
+        if let (Some(name), true) = (job, jobs.is_empty()) {
+            return Err(StoreError::NoSuchJob(name.to_string()));
+        }
+        let mut out = Vec::new();
+        for j in &jobs {
+            let stages = stages_of(tx, j.i64(0)).and_then(|stages| {
+                stages
+                    .iter()
+                    .map(|stage| stage_status(tx, stage))
+                    .collect::<Result<Vec<_>>>()
+            });
+            let (mut state, mut error) = (job_state(j.str(2)), j.opt_string(4));
+            let stages = match stages {
+                Ok(stages) => stages,
+                Err(StoreError::Corrupt(why)) => {
+                    state = JobState::Broken;
+                    error = Some(format!("its stored state cannot be read: {why}"));
+                    Vec::new()
+                }
+                Err(e) => return Err(e),
+            };
+            out.push(JobStatus {
+                name: j.string(1),
+                state,
+                created_ms: j.i64(3),
+                error,
+                stages,
+            });
+        }
+        Ok(out)
+    })
+}
+
+/// What a stage's fragments and pending rows add up to.
+struct Totals {
+    done: u64,
+    running: u64,
+    running_fragments: u64,
+    fragments: u64,
+    failed: u64,
+    yields: u64,
+    lost: u64,
+    splits: u64,
+    fallbacks: u64,
+    wasted_ms: f64,
+    last_n: u64,
+    pending: u64,
+    checkpoints: u64,
+    quarantined: IntervalSet,
+    state_reruns: u64,
+    results_missing: u64,
+}
+
+fn totals(tx: &mut dyn Db, stage: i64) -> Result<Totals> {
+    let r = tx.query_one(
+        "SELECT coalesce(sum(done_count), 0)::BIGINT,
+                coalesce(sum(end_idx - start_idx - done_count) FILTER (WHERE state = 'running'), 0)::BIGINT,
+                count(*) FILTER (WHERE state = 'running'),
+                count(*) FILTER (WHERE state != 'migrated'),
+                count(*) FILTER (WHERE state = 'failed'),
+                count(*) FILTER (WHERE state = 'yielded'),
+                count(*) FILTER (WHERE state = 'lost'),
+                coalesce(sum(splits), 0)::BIGINT,
+                coalesce(sum(checkpoint_fallbacks), 0)::BIGINT,
+                coalesce(sum(wasted_ms), 0)::DOUBLE PRECISION,
+                (SELECT n FROM fragments WHERE stage_id = $1 ORDER BY id DESC LIMIT 1),
+                (SELECT coalesce(sum(end_idx - start_idx), 0)::BIGINT FROM pending WHERE stage_id = $1),
+                (SELECT count(*) FROM blobs WHERE stage_id = $1 AND kind = 'checkpoint'),
+                (SELECT quarantined FROM stages WHERE id = $1),
+                coalesce(sum(state_reruns), 0)::BIGINT,
+                coalesce(sum(results_missing) FILTER (WHERE state = 'done'), 0)::BIGINT
+         FROM fragments WHERE stage_id = $1",
+        args![stage],
+    )?;
+    Ok(Totals {
+        done: r.u64(0),
+        running: r.u64(1),
+        running_fragments: r.u64(2),
+        fragments: r.u64(3),
+        failed: r.u64(4),
+        yields: r.u64(5),
+        lost: r.u64(6),
+        splits: r.u64(7),
+        fallbacks: r.u64(8),
+        wasted_ms: r.f64(9),
+        last_n: r.opt_i64(10).unwrap_or(0).max(0) as u64,
+        pending: r.u64(11),
+        checkpoints: r.u64(12),
+        quarantined: parse(r.str(13), "quarantined")?,
+        state_reruns: r.u64(14),
+        results_missing: r.u64(15),
+    })
+}
+
+/// A stage's finished fragments in finish order, for its profile and prediction error.
+fn done_rows(tx: &mut dyn Db, stage: i64) -> Result<Vec<DoneRow>> {
+    Ok(tx
+        .query(
+            "SELECT class, end_idx - start_idx, predicted_ms, coalesce(observed_ms, 0), coalesce(cpu_ms, 0),
+                    coalesce(peak_rss_kb, 0), io_bytes
+             FROM fragments WHERE stage_id = $1 AND state = 'done' ORDER BY finished_ms, id",
+            args![stage],
+        )?
+        .iter()
+        .map(|r| DoneRow {
+            class: r.string(0),
+            n: r.u64(1),
+            predicted_ms: r.f64(2),
+            observed_ms: r.f64(3),
+            cpu_ms: r.f64(4),
+            peak_rss_kb: r.u64(5),
+            io_bytes: r.u64(6),
+        })
+        .collect())
+}
+
+/// A stage's sizer states by class.
+pub(crate) fn sizers(tx: &mut dyn Db, stage: i64) -> Result<Vec<(String, Sizer)>> {
+    tx.query(
+        "SELECT class, state FROM sizers WHERE stage_id = $1 ORDER BY class",
+        args![stage],
+    )?
+    .iter()
+    .map(|s| Ok((s.string(0), parse::<Sizer>(s.str(1), "sizer state")?)))
+    .collect()
+}
+
+fn stage_status(tx: &mut dyn Db, stage: &StageRow) -> Result<StageStatus> {
+    let t = totals(tx, stage.id)?;
+    let rows = done_rows(tx, stage.id)?;
+    let pairs: Vec<(f64, f64)> = rows
+        .iter()
+        .map(|r| (r.predicted_ms, r.observed_ms))
+        .collect();
+    let error = prediction_error(&pairs);
+    let sizers = sizers(tx, stage.id)?;
+    let sizer = busiest(&sizers);
+    let (profile, profile_source) = stage_profile(&rows, &stage.needs);
+    Ok(StageStatus {
+        name: stage.name.clone(),
+        state: stage_state(&stage.state),
+        items: stage.items,
+        done: t.done,
+        running: t.running,
+        pending: t.pending,
+        quarantined: t.quarantined.len(),
+        quarantined_items: t.quarantined.spans().map(|s| [s.start, s.end]).collect(),
+        fragments: t.fragments,
+        running_fragments: t.running_fragments,
+        failed_fragments: t.failed,
+        fragment_size: t.last_n,
+        item_cost_us: sizer.model.b_ms * 1e3,
+        overhead_ms: sizer.model.a_ms,
+        target_ms: sizer.target_ms(&stage.sizer_config),
+        yields: t.yields,
+        lost: t.lost,
+        splits: t.splits,
+        checkpoint_fallbacks: t.fallbacks,
+        state_reruns: t.state_reruns,
+        results_missing: t.results_missing,
+        checkpoints: t.checkpoints,
+        wasted_s: t.wasted_ms / 1e3,
+        prediction_error_median: error.0,
+        prediction_error_p90: error.1,
+        needs: stage.needs.clone(),
+        classes: class_statuses(&rows, &sizers),
+        profile,
+        profile_source,
+    })
+}
+
+/// Progress of a job's stages in spec order.
+pub(crate) fn progress(b: &mut impl Backend, job: JobId) -> Result<Vec<StageProgress>> {
+    b.transaction(TxKind::Read, |tx| {
+        tx.query(
+            "SELECT s.items,
+                    (SELECT coalesce(sum(done_count), 0)::BIGINT FROM fragments WHERE stage_id = s.id),
+                    s.quarantined,
+                    (SELECT n FROM fragments WHERE stage_id = s.id ORDER BY id DESC LIMIT 1)
+             FROM stages s WHERE s.job_id = $1 ORDER BY s.idx",
+            args![job.0],
+        )?
+        .iter()
+        .map(|r| {
+            Ok(StageProgress {
+                items: r.u64(0),
+                done: r.u64(1),
+                quarantined: parse::<IntervalSet>(r.str(2), "quarantined")?.len(),
+                fragment_size: r.opt_i64(3).unwrap_or(0).max(0) as u64,
+            })
+        })
+        .collect()
+    })
+}
+
+/// Lives of the workers alive since `since_ms` (see `Store::worker_history`).
+pub(crate) fn history(tx: &mut dyn Db, now_ms: i64, since_ms: i64) -> Result<Vec<WorkerSpan>> {
+    let rows = tx.query(
+        "SELECT w.class, w.spot, w.slots::BIGINT, w.started_ms, w.heartbeat_ms, w.state,
+                w.id IN (SELECT worker FROM fragments WHERE state = 'lost' AND finished_ms >= $1)
+         FROM workers w WHERE w.state != 'exited' OR w.heartbeat_ms >= $1",
+        args![since_ms],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let row = HistoryRow {
+                class: r.string(0),
+                spot: r.bool(1),
+                slots: r.i64(2),
+                started_ms: r.i64(3),
+                heard_ms: r.i64(4),
+                state: r.string(5),
+                lost: r.bool(6),
+            };
+            worker_span(now_ms, row)
+        })
+        .collect())
+}
+
+/// Workers seen within `window_ms`, or still holding work.
+pub(crate) fn workers(
+    b: &mut impl Backend,
+    now_ms: i64,
+    window_ms: i64,
+) -> Result<Vec<WorkerStatus>> {
+    b.transaction(TxKind::Read, |tx| {
+        let rows = tx.query(
+            "SELECT w.id, w.host, w.state, w.class, w.slots, w.busy, w.lifespan_end_ms, w.heartbeat_ms,
+                    (SELECT count(*) FROM fragments f WHERE f.worker = w.id AND f.state = 'done'),
+                    w.cost, w.spot, w.resources
+             FROM workers w
+             WHERE w.heartbeat_ms >= $1 OR w.id IN (SELECT worker FROM fragments WHERE state = 'running')
+             ORDER BY w.started_ms",
+            args![now_ms - window_ms],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| WorkerStatus {
+                id: r.string(0),
+                host: r.string(1),
+                state: r.string(2),
+                class: r.string(3),
+                slots: r.u32(4),
+                busy: r.u32(5),
+                lifespan_left_ms: r.opt_i64(6).map(|end| end - now_ms),
+                heartbeat_age_ms: now_ms - r.i64(7),
+                fragments_done: r.u64(8),
+                cost_per_hour: r.f64(9),
+                spot: r.bool(10),
+                resources: serde_json::from_str(r.str(11)).unwrap_or_default(),
+            })
+            .collect())
+    })
+}
+
+/// Stored output tails of a stage's fragments (or one fragment).
+pub(crate) fn logs(
+    b: &mut impl Backend,
+    job: &str,
+    stage: &str,
+    fragment: Option<i64>,
+) -> Result<Vec<FragmentLog>> {
+    b.transaction(TxKind::Read, |tx| {
+        let rows = tx.query(
+            "SELECT f.id, f.start_idx, f.end_idx, f.state, f.cause, f.detail, f.stdout, f.stderr
+             FROM fragments f JOIN stages s ON s.id = f.stage_id JOIN jobs j ON j.id = s.job_id
+             WHERE j.name = $1 AND s.name = $2 AND ($3::BIGINT IS NULL OR f.id = $3)
+               AND f.state != 'migrated'
+             ORDER BY f.id",
+            args![job, stage, fragment],
+        )?;
+        rows.iter()
+            .map(|r| {
+                Ok(FragmentLog {
+                    fragment: r.i64(0),
+                    start: r.u64(1),
+                    end: r.u64(2),
+                    state: r.str(3).parse()?,
+                    cause: r.opt_string(4),
+                    detail: r.opt_string(5),
+                    stdout: r.bytes(6),
+                    stderr: r.bytes(7),
+                })
+            })
+            .collect()
+    })
+}
+
+/// Results of a stage: the state each chain of attempts ended with, in item order.
+pub(crate) fn results(b: &mut impl Backend, job: &str, stage: &str) -> Result<Vec<ResultRow>> {
+    b.transaction(TxKind::Read, |tx| {
+        let rows = tx.query(
+            "SELECT f.id, b.data, b.raw_len, b.hash, b.meta, b.covers
+             FROM fragments f JOIN stages s ON s.id = f.stage_id JOIN jobs j ON j.id = s.job_id
+               JOIN blobs b ON b.id = f.result
+             WHERE j.name = $1 AND s.name = $2 ORDER BY f.start_idx, f.id",
+            args![job, stage],
+        )?;
+        rows.iter()
+            .map(|r| {
+                Ok(ResultRow {
+                    fragment: r.i64(0),
+                    blob: BlobRow {
+                        data: r.bytes(1),
+                        raw_len: r.u64(2),
+                        hash: r.string(3),
+                        meta: r.string(4),
+                    },
+                    covers: parse(r.str(5), "result covers")?,
+                })
+            })
+            .collect()
+    })
+}
+
+/// A checkpoint blob by id, with the one before it and what it covers.
+pub(crate) fn blob(b: &mut impl Backend, id: i64) -> Result<Option<StoredBlob>> {
+    b.transaction(TxKind::Read, |tx| {
+        let row = tx.query_opt(
+            "SELECT data, raw_len, hash, meta, prev, covers FROM blobs WHERE id = $1",
+            args![id],
+        )?;
+        row.map(|r| {
+            Ok(StoredBlob {
+                row: BlobRow {
+                    data: r.bytes(0),
+                    raw_len: r.u64(1),
+                    hash: r.string(2),
+                    meta: r.string(3),
+                },
+                prev: r.opt_i64(4),
+                covers: parse(r.str(5), "checkpoint covers")?,
+            })
+        })
+        .transpose()
+    })
+}
+
+/// The checkpoint before `id` in its chain, found even when `id`'s own record is
+/// gone (from the fragment that wrote it).
+pub(crate) fn checkpoint_before(b: &mut impl Backend, id: i64) -> Result<Option<i64>> {
+    b.transaction(TxKind::Read, |tx| {
+        if let Some(r) = tx.query_opt("SELECT prev FROM blobs WHERE id = $1", args![id])? {
+            return Ok(r.opt_i64(0));
+        }
+        let writer = tx.query_opt(
+            "SELECT id, resumed_from FROM fragments
+             WHERE checkpoint_id = $1 AND resumed_from IS DISTINCT FROM $1 ORDER BY id LIMIT 1",
+            args![id],
+        )?;
+        let Some(w) = writer else { return Ok(None) };
+        let earlier = tx
+            .query_one(
+                "SELECT max(id) FROM blobs WHERE fragment_id = $1 AND id < $2",
+                args![w.i64(0), id],
+            )?
+            .opt_i64(0);
+        Ok(earlier.or(w.opt_i64(1)))
+    })
+}
+
+/// Where every item of a stage is now, as sets.
+pub(crate) fn accounting(b: &mut impl Backend, job: &str, stage: &str) -> Result<Accounting> {
+    b.transaction(TxKind::Read, |tx| {
+        let row = tx
+            .query_opt(
+                "SELECT s.id, s.quarantined FROM stages s JOIN jobs j ON j.id = s.job_id
+                 WHERE j.name = $1 AND s.name = $2",
+                args![job, stage],
+            )?
+            .ok_or_else(|| StoreError::NoSuchJob(format!("{job}/{stage}")))?;
+        let id = row.i64(0);
+        let mut acc = Accounting {
+            quarantined: parse(row.str(1), "quarantined")?,
+            ..Accounting::default()
+        };
+        for r in tx.query(
+            "SELECT start_idx, end_idx FROM pending WHERE stage_id = $1",
+            args![id],
+        )? {
+            acc.pending.insert(Span::new(r.u64(0), r.u64(1)));
+        }
+        for r in tx.query(
+            "SELECT start_idx, end_idx, acked, state = 'running' FROM fragments WHERE stage_id = $1",
+            args![id],
+        )? {
+            let acked: IntervalSet = parse(r.str(2), "fragment acks")?;
+            if r.bool(3) {
+                acc.running
+                    .union_with(&acked.complement_within(Span::new(r.u64(0), r.u64(1))));
+            }
+            acc.done.union_with(&acked);
+        }
+        Ok(acc)
+    })
+}
