@@ -293,6 +293,72 @@ fn sql(job: &Job, backend: &Backend, statement: &str) {
     assert!(status.success(), "{statement}");
 }
 
+/// One round of case 5: a worker runs until it checkpoints mid-fragment, is
+/// preempted (a notice on odd rounds, a kill on even ones), then checkpoints are
+/// lost: every one a remainder could resume from is corrupted, or the newest is
+/// deleted (a result, a chain's final state, is never touched: losing it would lose
+/// the answer).
+fn preempt_and_lose_checkpoints(job: &Job, backend: &Backend, env: &[(&str, &str)], round: u32) {
+    let mut worker = Spawned::start(
+        job.cmd(&["worker", "-q", "--slots", "2", "--grace", "3s"])
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    // Let it checkpoint mid-fragment, then preempt it (a notice, or a kill).
+    let checkpoints = |job: &Job| stage(&job.status(), 0)["checkpoints"].as_u64().unwrap_or(0);
+    let before = checkpoints(job);
+    let progressed = Instant::now() + PATIENCE;
+    while worker.try_wait().unwrap().is_none()
+        && checkpoints(job) <= before
+        && Instant::now() < progressed
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let signal = if round % 2 == 1 {
+        libc::SIGTERM
+    } else {
+        libc::SIGKILL
+    };
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(worker.id() as i32, signal) };
+    assert!(worker.wait().is_ok());
+    // Then lose checkpoints: every one a remainder could resume from is
+    // corrupted, or the newest is deleted (a result, a chain's final state,
+    // is never touched: losing it would lose the answer).
+    let resumable = "(SELECT id FROM blobs WHERE id NOT IN
+         (SELECT result FROM fragments WHERE result IS NOT NULL))";
+    sql(
+        job,
+        backend,
+        &if round.is_multiple_of(2) {
+            format!("DELETE FROM blobs WHERE id = (SELECT max(id) FROM {resumable} r)")
+        } else if backend.url.is_some() {
+            format!("UPDATE blobs SET data = '\\x00' WHERE id IN {resumable}")
+        } else {
+            format!("UPDATE blobs SET data = zeroblob(length(data)) WHERE id IN {resumable}")
+        },
+    );
+}
+
+/// The stage's results are one (sum, count) per chain that add up to the sum and
+/// count of `0..items`: every item's state counted exactly once.
+fn assert_sums_to(job: &Job, backend: &Backend, items: u64, s: &serde_json::Value) {
+    let out = job.output(&["results", "s"]);
+    assert!(out.status.success(), "{}: {}", backend.name, stderr(&out));
+    let (total, count) = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<(u64, u64)>(l).unwrap())
+        .fold((0, 0), |(t, c), (dt, dc)| (t + dt, c + dc));
+    assert_eq!(
+        (total, count),
+        (items * (items - 1) / 2, items),
+        "{}: {s}",
+        backend.name
+    );
+}
+
 #[test]
 fn case5_stateful_results_are_exact_after_failures_preemptions_and_lost_checkpoints() {
     for backend in backends("case5") {
@@ -321,49 +387,7 @@ fn case5_stateful_results_are_exact_after_failures_preemptions_and_lost_checkpoi
                 job.status()
             );
             round += 1;
-            let mut worker = Spawned::start(
-                job.cmd(&["worker", "-q", "--slots", "2", "--grace", "3s"])
-                    .envs(env)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null()),
-            );
-            // Let it checkpoint mid-fragment, then preempt it (a notice, or a kill).
-            let checkpoints =
-                |job: &Job| stage(&job.status(), 0)["checkpoints"].as_u64().unwrap_or(0);
-            let before = checkpoints(&job);
-            let progressed = Instant::now() + PATIENCE;
-            while worker.try_wait().unwrap().is_none()
-                && checkpoints(&job) <= before
-                && Instant::now() < progressed
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let signal = if round % 2 == 1 {
-                libc::SIGTERM
-            } else {
-                libc::SIGKILL
-            };
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(worker.id() as i32, signal) };
-            assert!(worker.wait().is_ok());
-            // Then lose checkpoints: every one a remainder could resume from is
-            // corrupted, or the newest is deleted (a result, a chain's final state,
-            // is never touched: losing it would lose the answer).
-            let resumable = "(SELECT id FROM blobs WHERE id NOT IN
-                 (SELECT result FROM fragments WHERE result IS NOT NULL))";
-            sql(
-                &job,
-                &backend,
-                &if round % 2 == 0 {
-                    format!("DELETE FROM blobs WHERE id = (SELECT max(id) FROM {resumable} r)")
-                } else if backend.url.is_some() {
-                    format!("UPDATE blobs SET data = '\\x00' WHERE id IN {resumable}")
-                } else {
-                    format!(
-                        "UPDATE blobs SET data = zeroblob(length(data)) WHERE id IN {resumable}"
-                    )
-                },
-            );
+            preempt_and_lose_checkpoints(&job, &backend, &env, round);
             if round >= 8 {
                 // Enough faults: let it finish.
                 let out = output_of(job.cmd(&["worker", "-q", "--slots", "2"]).envs(env));
@@ -383,19 +407,7 @@ fn case5_stateful_results_are_exact_after_failures_preemptions_and_lost_checkpoi
             "{}: no fallback happened: {s}",
             backend.name
         );
-        let out = job.output(&["results", "s"]);
-        assert!(out.status.success(), "{}: {}", backend.name, stderr(&out));
-        let (total, count) = String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<(u64, u64)>(l).unwrap())
-            .fold((0, 0), |(t, c), (dt, dc)| (t + dt, c + dc));
-        assert_eq!(
-            (total, count),
-            (items * (items - 1) / 2, items),
-            "{}: {s}",
-            backend.name
-        );
+        assert_sums_to(&job, &backend, items, s);
     }
 }
 
@@ -557,32 +569,97 @@ fn case10_run_refuses_a_stage_no_slot_here_can_ever_run() {
     }
 }
 
+/// A small tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts one of `size` at `at` (created); `None` where this host cannot (not
+    /// root), which CI, running as root, must be able to.
+    fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir(at).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            mounted || std::env::var("CI").as_deref() != Ok("true"),
+            "CI runs as root and must be able to mount a small tmpfs for this test"
+        );
+        mounted.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The lines a child writes to a pipe, collected as they come.
+struct Lines {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Lines {
+    fn collect(pipe: impl std::io::Read + Send + 'static) -> Lines {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let reader = {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(pipe).lines() {
+                    lines.lock().unwrap().push(line.unwrap_or_default());
+                }
+            })
+        };
+        Lines {
+            lines,
+            reader: std::sync::Mutex::new(Some(reader)),
+        }
+    }
+
+    /// How many lines so far contain `what`.
+    fn count(&self, what: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(what))
+            .count()
+    }
+
+    /// Every line, once the pipe is closed.
+    fn all(&self) -> String {
+        if let Some(reader) = self.reader.lock().unwrap().take() {
+            reader.join().unwrap();
+        }
+        self.lines.lock().unwrap().join("\n")
+    }
+}
+
+/// Waits (up to the command deadline) for a child to exit; its exit code.
+fn exit_code(child: &mut std::process::Child) -> Option<i32> {
+    let deadline = Instant::now() + COMMAND_DEADLINE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(Instant::now() < deadline, "the run did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn case11_a_full_disk_is_waited_out_and_nothing_acked_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let mount = dir.path().join("disk");
-    std::fs::create_dir(&mount).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
-        .arg(&mount)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI runs as root and must be able to mount a small tmpfs for this test"
-        );
+    let Some(_tmpfs) = Tmpfs::mount(&mount, "3m") else {
         eprintln!("!!! SKIPPING case11: cannot mount a tmpfs here (not root?)");
         return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mount.clone());
+    };
     let items = 400_000u64;
     let job = Job::new(&one_stage(
         "full",
@@ -598,17 +675,7 @@ fn case11_a_full_disk_is_waited_out_and_nothing_acked_is_lost() {
             .stderr(Stdio::piped())
             .stdout(Stdio::null()),
     );
-    let stderr_pipe = run.stderr.take().unwrap();
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let reader = {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr_pipe).lines() {
-                lines.lock().unwrap().push(line.unwrap_or_default());
-            }
-        })
-    };
+    let lines = Lines::collect(run.stderr.take().unwrap());
     // Once it runs, the disk fills up (to the last byte).
     let done_here = || {
         let out = job.output(&["status", "--json", "--state", state.to_str().unwrap()]);
@@ -624,30 +691,15 @@ fn case11_a_full_disk_is_waited_out_and_nothing_acked_is_lost() {
         .arg(format!("of={}", filler.display()))
         .stderr(Stdio::null())
         .status();
-    let said = |what: &str| {
-        lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(what))
-            .count()
-    };
+    let said = |what: &str| lines.count(what);
     wait_until("the full disk to be said", PATIENCE, || {
         said("no space left") > 0
     });
     let full_since = Instant::now();
     std::thread::sleep(Duration::from_secs(6));
     std::fs::remove_file(&filler).unwrap();
-    let deadline = Instant::now() + COMMAND_DEADLINE;
-    let code = loop {
-        if let Some(status) = run.try_wait().unwrap() {
-            break status.code();
-        }
-        assert!(Instant::now() < deadline, "the run did not end");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    reader.join().unwrap();
-    let text = lines.lock().unwrap().join("\n");
+    let code = exit_code(&mut run);
+    let text = lines.all();
     assert_eq!(code, Some(0), "{text}");
     // Said with the path and the space left, then again only every few seconds.
     assert!(

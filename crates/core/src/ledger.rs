@@ -152,6 +152,44 @@ impl Pending {
     }
 }
 
+/// Which items of an unfinished fragment `f` (not acked, or acked but `undone`)
+/// are charged with a failure and which go back to pending free, and how often its
+/// items have now been lost with their worker.
+fn charge(
+    f: &RunningFragment,
+    outcome: &FinishOutcome,
+    undone: IntervalSet,
+) -> (IntervalSet, IntervalSet, u32) {
+    let mut rest = f.acked.complement_within(f.span);
+    let (mut charged, mut uncharged) = (IntervalSet::new(), undone);
+    let mut lost = f.lost;
+    match outcome {
+        FinishOutcome::Lost => {
+            lost += 1;
+            uncharged.union_with(&rest);
+        }
+        FinishOutcome::Failed {
+            culprits,
+            rest_failed,
+            fed_end,
+        } => {
+            let culprits = culprits.intersection(&rest);
+            rest.subtract(&culprits);
+            if *rest_failed {
+                // Never charge nothing: a task that failed before anything could
+                // be fed charges its first item.
+                let fed_end = (*fed_end).max(f.span.start + 1).min(f.span.end);
+                charged = rest.within(Span::new(f.span.start, fed_end));
+                rest.subtract(&charged);
+            }
+            charged.union_with(&culprits);
+            uncharged.union_with(&rest);
+        }
+        _ => uncharged.union_with(&rest),
+    }
+    (charged, uncharged, lost)
+}
+
 /// Only never-failed ranges merge: a failed range keeps its bounds so that
 /// bisection's halves stay apart. A range carrying state never merges into the one
 /// before it (the state belongs to its first item).
@@ -662,33 +700,7 @@ impl StageLedger {
         }
         self.undo(&undone);
         report.undone = undone.len();
-        let mut rest = f.acked.complement_within(f.span);
-        let (mut charged, mut uncharged) = (IntervalSet::new(), undone);
-        let mut lost = f.lost;
-        match outcome {
-            FinishOutcome::Lost => {
-                lost += 1;
-                uncharged.union_with(&rest);
-            }
-            FinishOutcome::Failed {
-                culprits,
-                rest_failed,
-                fed_end,
-            } => {
-                let culprits = culprits.intersection(&rest);
-                rest.subtract(&culprits);
-                if *rest_failed {
-                    // Never charge nothing: a task that failed before anything could
-                    // be fed charges its first item.
-                    let fed_end = (*fed_end).max(f.span.start + 1).min(f.span.end);
-                    charged = rest.within(Span::new(f.span.start, fed_end));
-                    rest.subtract(&charged);
-                }
-                charged.union_with(&culprits);
-                uncharged.union_with(&rest);
-            }
-            _ => uncharged.union_with(&rest),
-        }
+        let (charged, uncharged, lost) = charge(f, outcome, undone);
         // The state goes to the first item left of the chain.
         let first = [&uncharged, &charged]
             .iter()

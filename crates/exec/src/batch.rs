@@ -56,23 +56,7 @@ pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> 
         }
     };
     let tag = protocol::new_tag();
-    let mut cmd = Command::new(&job.argv[0]);
-    cmd.args(&job.argv[1..])
-        .envs(job.env.iter().map(|(k, v)| (k, v)))
-        .env("GRANULE_ACK_FD", "3")
-        .env("GRANULE_PROTOCOL", PROTOCOL_VERSION.to_string())
-        .env("GRANULE_CMD", &tag)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    for name in PRIVATE_ENV {
-        cmd.env_remove(name);
-    }
-    let fd3 = ack_write.as_raw_fd();
-    // SAFETY: child_setup only makes async-signal-safe calls.
-    unsafe { cmd.pre_exec(move || sys::child_setup(fd3)) };
-    let mut child = match cmd.spawn() {
+    let mut child = match spawn_task(job, &tag, &ack_write) {
         Ok(c) => c,
         Err(e) => {
             report.failure = Some(Failure::Spawn(format!("{}: {e}", job.argv[0])));
@@ -81,30 +65,7 @@ pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> 
     };
     drop(ack_write);
     let waiter = Waiter::new(child.id());
-    let helpers = (|| -> std::io::Result<_> {
-        let stdout = tail_reader(
-            child.stdout.take().expect("piped stdout").into(),
-            stop.watch()?,
-            job.log_tail_bytes,
-        );
-        let stderr = tail_reader(
-            child.stderr.take().expect("piped stderr").into(),
-            stop.watch()?,
-            job.log_tail_bytes,
-        );
-        let stdin: OwnedFd = child.stdin.take().expect("piped stdin").into();
-        sys::set_nonblocking(stdin.as_raw_fd())?;
-        let feeder = spawn_helper({
-            let (job, control, watch) = (job.clone(), control.clone(), stop.watch()?);
-            move || feed(&job, &control, stdin, watch.as_raw_fd())
-        });
-        let acker = spawn_helper({
-            let (job, control, watch) = (job.clone(), control.clone(), stop.watch()?);
-            let tag = tag.clone();
-            move || read_fd3(&job, &control, &tag, File::from(ack_read), &watch, start)
-        });
-        Ok((stdout, stderr, feeder, acker))
-    })();
+    let helpers = start_helpers(job, control, &mut child, &stop, &tag, ack_read, start);
     let (stdout, stderr, feeder, acker) = match helpers {
         Ok(h) => h,
         Err(e) => {
@@ -135,12 +96,92 @@ pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> 
             FD3_GRACE.as_secs()
         ))),
     }
+    judge(&mut report, &sup, job, control);
+    report
+}
+
+/// Starts the task: its argv, the job's environment and the protocol's, stdin,
+/// stdout and stderr piped, fd 3 for acks, in a process group of its own.
+fn spawn_task(
+    job: &FragmentJob,
+    tag: &str,
+    ack_write: &OwnedFd,
+) -> std::io::Result<std::process::Child> {
+    let mut cmd = Command::new(&job.argv[0]);
+    cmd.args(&job.argv[1..])
+        .envs(job.env.iter().map(|(k, v)| (k, v)))
+        .env("GRANULE_ACK_FD", "3")
+        .env("GRANULE_PROTOCOL", PROTOCOL_VERSION.to_string())
+        .env("GRANULE_CMD", tag)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    for name in PRIVATE_ENV {
+        cmd.env_remove(name);
+    }
+    let fd3 = ack_write.as_raw_fd();
+    // SAFETY: child_setup only makes async-signal-safe calls.
+    unsafe { cmd.pre_exec(move || sys::child_setup(fd3)) };
+    cmd.spawn()
+}
+
+type Helpers = (
+    mpsc::Receiver<Vec<u8>>,
+    mpsc::Receiver<Vec<u8>>,
+    mpsc::Receiver<()>,
+    mpsc::Receiver<Option<Parser>>,
+);
+
+/// The threads that serve the child: tails of stdout and stderr, the feeder, and
+/// the fd-3 reader.
+fn start_helpers(
+    job: &FragmentJob,
+    control: &Arc<Control>,
+    child: &mut std::process::Child,
+    stop: &Stop,
+    tag: &str,
+    ack_read: OwnedFd,
+    start: Instant,
+) -> std::io::Result<Helpers> {
+    let stdout = tail_reader(
+        child.stdout.take().expect("piped stdout").into(),
+        stop.watch()?,
+        job.log_tail_bytes,
+    );
+    let stderr = tail_reader(
+        child.stderr.take().expect("piped stderr").into(),
+        stop.watch()?,
+        job.log_tail_bytes,
+    );
+    let stdin: OwnedFd = child.stdin.take().expect("piped stdin").into();
+    sys::set_nonblocking(stdin.as_raw_fd())?;
+    let feeder = spawn_helper({
+        let (job, control, watch) = (job.clone(), control.clone(), stop.watch()?);
+        move || feed(&job, &control, stdin, watch.as_raw_fd())
+    });
+    let acker = spawn_helper({
+        let (job, control, watch) = (job.clone(), control.clone(), stop.watch()?);
+        let tag = tag.to_string();
+        move || read_fd3(&job, &control, &tag, File::from(ack_read), &watch, start)
+    });
+    Ok((stdout, stderr, feeder, acker))
+}
+
+/// The report's resources and verdict: the task's own failure, a fault a helper
+/// found, a yield (stopped by us on request), or unacked items.
+fn judge(
+    report: &mut RunReport,
+    sup: &crate::run::Supervision,
+    job: &FragmentJob,
+    control: &Control,
+) {
     report.cpu_ms = sup.exit.cpu_ms;
     report.peak_rss_kb = sup.exit.max_rss_kb;
     report.io_bytes = sup.exit.io_bytes;
     let mut st = control.lock();
     report.yielded = st.yield_requested;
-    report.failure = classify(&sup, job.limit);
+    report.failure = classify(sup, job.limit);
     if let Some(fault) = st.fault.take() {
         // Found by a helper (fd 3, the items): the kill was ours, the failure the task's.
         report.failure = Some(fault);
@@ -153,8 +194,6 @@ pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> 
     if report.failure.is_none() && !report.yielded && st.acks > 0 && st.acks < st.fed {
         report.failure = Some(Failure::Unacked(st.fed - st.acks));
     }
-    drop(st);
-    report
 }
 
 fn spawn_helper<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> mpsc::Receiver<T> {
@@ -218,35 +257,8 @@ fn feed(job: &FragmentJob, control: &Control, stdin: OwnedFd, stop: RawFd) {
     let fed_since = Instant::now();
     let mut value = Vec::new();
     for index in job.span.start..job.span.end {
-        {
-            let mut st = control.lock();
-            loop {
-                if st.stop_feeding || index >= st.feed_end {
-                    drop(st);
-                    out.flush();
-                    return;
-                }
-                let windowed = st.acks > 0
-                    || (job.expect_acks != Some(false)
-                        && fed_since.elapsed() < job.first_ack_patience);
-                if !windowed || st.fed - st.acks.min(st.fed) < job.window {
-                    break;
-                }
-                // Window full: make sure the child has what we wrote, then wait.
-                drop(st);
-                if !out.flush() {
-                    return;
-                }
-                st = control.lock();
-                if st.fed - st.acks.min(st.fed) >= job.window && !st.stop_feeding {
-                    st.feeder_waiting = true;
-                    st = control
-                        .cond
-                        .wait_timeout(st, Duration::from_millis(50))
-                        .map_or_else(|e| e.into_inner().0, |r| r.0);
-                    st.feeder_waiting = false;
-                }
-            }
+        if !wait_for_room(job, control, &mut out, index, fed_since) {
+            return;
         }
         match values.next_value(&mut value) {
             Ok(true) => {}
@@ -256,26 +268,7 @@ fn feed(job: &FragmentJob, control: &Control, stdin: OwnedFd, stop: RawFd) {
                 return items_failed(control, &e);
             }
         }
-        {
-            let mut st = control.lock();
-            if !direct && !st.untracked {
-                st.inflight
-                    .entry(value.clone())
-                    .or_default()
-                    .push_back(index);
-                st.inflight_len += 1;
-                if st.acks == 0
-                    && st.inflight_len > UNTRACKED_AFTER
-                    && job.expect_acks != Some(true)
-                {
-                    st.untracked = true;
-                    st.inflight = Default::default();
-                }
-            }
-            st.fed += 1;
-            st.fed_bytes += value.len() as u64 + 1;
-            st.longest_fed = st.longest_fed.max(value.len());
-        }
+        record_fed(job, control, direct, index, &value);
         if !out.push(&value) {
             return;
         }
@@ -288,6 +281,65 @@ fn feed(job: &FragmentJob, control: &Control, stdin: OwnedFd, stop: RawFd) {
         }
     }
     out.flush();
+}
+
+/// Waits until item `index` may be fed: freely until the first ack (or while the
+/// task may be slow to start acking), then within `window` of the last ack. False
+/// when feeding must stop (the fragment ends, yields, or stdin closed).
+fn wait_for_room(
+    job: &FragmentJob,
+    control: &Control,
+    out: &mut Stdin,
+    index: u64,
+    fed_since: Instant,
+) -> bool {
+    let mut st = control.lock();
+    loop {
+        if st.stop_feeding || index >= st.feed_end {
+            drop(st);
+            out.flush();
+            return false;
+        }
+        let windowed = st.acks > 0
+            || (job.expect_acks != Some(false) && fed_since.elapsed() < job.first_ack_patience);
+        if !windowed || st.fed - st.acks.min(st.fed) < job.window {
+            return true;
+        }
+        // Window full: make sure the child has what we wrote, then wait.
+        drop(st);
+        if !out.flush() {
+            return false;
+        }
+        st = control.lock();
+        if st.fed - st.acks.min(st.fed) >= job.window && !st.stop_feeding {
+            st.feeder_waiting = true;
+            st = control
+                .cond
+                .wait_timeout(st, Duration::from_millis(50))
+                .map_or_else(|e| e.into_inner().0, |r| r.0);
+            st.feeder_waiting = false;
+        }
+    }
+}
+
+/// Counts a value as fed, and remembers its index by value where acks name values
+/// (up to a bound, past which a task that never acked is all-or-nothing).
+fn record_fed(job: &FragmentJob, control: &Control, direct: bool, index: u64, value: &[u8]) {
+    let mut st = control.lock();
+    if !direct && !st.untracked {
+        st.inflight
+            .entry(value.to_vec())
+            .or_default()
+            .push_back(index);
+        st.inflight_len += 1;
+        if st.acks == 0 && st.inflight_len > UNTRACKED_AFTER && job.expect_acks != Some(true) {
+            st.untracked = true;
+            st.inflight = Default::default();
+        }
+    }
+    st.fed += 1;
+    st.fed_bytes += value.len() as u64 + 1;
+    st.longest_fed = st.longest_fed.max(value.len());
 }
 
 fn items_failed(control: &Control, e: &ItemsError) {

@@ -7,6 +7,7 @@ use crate::run::PRIVATE_ENV;
 use crate::run::{classify, empty_report, supervise, Control, Failure, FragmentJob, RunReport};
 use crate::sys::{self, Waiter};
 use std::ffi::{OsStr, OsString};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -58,59 +59,12 @@ pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> 
             st.fed += 1;
             st.fed_bytes += value.len() as u64 + 1;
         }
-        let mut cmd = Command::new(&job.argv[0]);
-        for arg in &job.argv[1..] {
-            cmd.arg(replace_slot(arg, &value));
-        }
-        if !has_slot {
-            cmd.arg(OsStr::from_bytes(&value));
-        }
         let (Ok(out), Ok(err)) = (out_write.try_clone(), err_write.try_clone()) else {
             break;
         };
-        cmd.envs(job.env.iter().map(|(k, v)| (k, v)))
-            .env("GRANULE_INDEX", index.to_string())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
-        for name in PRIVATE_ENV {
-            cmd.env_remove(name);
-        }
-        let child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                report.failure = Some(Failure::Spawn(format!("{}: {e}", job.argv[0])));
-                report.culprits.insert_one(index);
-                // A value that cannot be an argument (a NUL byte) fails alone.
-                if e.kind() == std::io::ErrorKind::InvalidInput {
-                    continue;
-                }
-                break;
-            }
-        };
-        let waiter = Waiter::new(child.id());
-        let sup = supervise(job, control, &waiter, start);
-        report.cpu_ms += sup.exit.cpu_ms;
-        report.peak_rss_kb = report.peak_rss_kb.max(sup.exit.max_rss_kb);
-        report.io_bytes += sup.exit.io_bytes;
-        match classify(&sup, job.limit) {
-            None => {
-                Control::ack(&mut control.lock(), index, Instant::now());
-            }
-            Some(_) if sup.killed_by_us && !sup.timed_out => {
-                // Killed on request: a yield, not the item's fault.
-                report.yielded = true;
-                break;
-            }
-            Some(failure) => {
-                report.culprits.insert_one(index);
-                let stop = sup.timed_out;
-                report.failure = Some(failure);
-                if stop {
-                    break;
-                }
-            }
+        let cmd = item_command(job, index, &value, has_slot, out, err);
+        if !run_item(job, control, &mut report, index, cmd, start) {
+            break;
         }
     }
     drop((out_write, err_write));
@@ -121,6 +75,77 @@ pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> 
         report.yielded = true;
     }
     report
+}
+
+/// The command for one item: the value in the argv (at each `{}`, else last), the
+/// job's environment and the item's index, output to the fragment's tails.
+fn item_command(
+    job: &FragmentJob,
+    index: u64,
+    value: &[u8],
+    has_slot: bool,
+    out: OwnedFd,
+    err: OwnedFd,
+) -> Command {
+    let mut cmd = Command::new(&job.argv[0]);
+    for arg in &job.argv[1..] {
+        cmd.arg(replace_slot(arg, value));
+    }
+    if !has_slot {
+        cmd.arg(OsStr::from_bytes(value));
+    }
+    cmd.envs(job.env.iter().map(|(k, v)| (k, v)))
+        .env("GRANULE_INDEX", index.to_string())
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    for name in PRIVATE_ENV {
+        cmd.env_remove(name);
+    }
+    cmd
+}
+
+/// Runs one item's process to its end: exit 0 acks the item, a failure makes it a
+/// culprit. False when the fragment must stop (a yield, a timeout, no spawn).
+fn run_item(
+    job: &FragmentJob,
+    control: &Arc<Control>,
+    report: &mut RunReport,
+    index: u64,
+    mut cmd: Command,
+    start: Instant,
+) -> bool {
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            report.failure = Some(Failure::Spawn(format!("{}: {e}", job.argv[0])));
+            report.culprits.insert_one(index);
+            // A value that cannot be an argument (a NUL byte) fails alone.
+            return e.kind() == std::io::ErrorKind::InvalidInput;
+        }
+    };
+    let waiter = Waiter::new(child.id());
+    let sup = supervise(job, control, &waiter, start);
+    report.cpu_ms += sup.exit.cpu_ms;
+    report.peak_rss_kb = report.peak_rss_kb.max(sup.exit.max_rss_kb);
+    report.io_bytes += sup.exit.io_bytes;
+    match classify(&sup, job.limit) {
+        None => {
+            Control::ack(&mut control.lock(), index, Instant::now());
+            true
+        }
+        Some(_) if sup.killed_by_us && !sup.timed_out => {
+            // Killed on request: a yield, not the item's fault.
+            report.yielded = true;
+            false
+        }
+        Some(failure) => {
+            report.culprits.insert_one(index);
+            report.failure = Some(failure);
+            !sup.timed_out
+        }
+    }
 }
 
 /// `arg` with every `{}` replaced by the value's bytes.

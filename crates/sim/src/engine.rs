@@ -221,20 +221,15 @@ struct Sim<'a> {
     arriving: Vec<f64>,
 }
 
-/// Runs `sc` under `policy`; every fragment goes to `trace` if given.
-pub fn simulate<'a>(
-    sc: &'a Scenario,
-    policy: Policy,
-    trace: Option<&'a mut dyn FnMut(&TraceRow)>,
-) -> Report {
+/// The scenario's stages, each with a fresh ledger and a sizer per class.
+fn stages_of(sc: &Scenario) -> Vec<Stage> {
     let index = |name: &str| {
         sc.stages
             .iter()
             .position(|s| s.name == name)
             .expect("checked")
     };
-    let stages = sc
-        .stages
+    sc.stages
         .iter()
         .map(|st| Stage {
             needs: StageNeeds {
@@ -258,7 +253,16 @@ pub fn simulate<'a>(
             items_by_class: vec![0; sc.classes.len()],
             durations: Vec::new(),
         })
-        .collect();
+        .collect()
+}
+
+/// Runs `sc` under `policy`; every fragment goes to `trace` if given.
+pub fn simulate<'a>(
+    sc: &'a Scenario,
+    policy: Policy,
+    trace: Option<&'a mut dyn FnMut(&TraceRow)>,
+) -> Report {
+    let stages = stages_of(sc);
     let mut sim = Sim {
         sc,
         policy,
@@ -284,29 +288,13 @@ pub fn simulate<'a>(
         forecast: vec![Holt::default(); sc.classes.len()],
         preempted: vec![0.0; sc.classes.len()],
         preempt_rate: vec![Holt::default(); sc.classes.len()],
-        classes: sc
-            .classes
-            .iter()
-            .map(|c| ClassReport {
-                name: c.name.clone(),
-                ..ClassReport::default()
-            })
-            .collect(),
+        classes: class_reports(sc),
         wasted_ms: 0.0,
         useful_ms: 0.0,
         fragments: 0,
         stages_left: sc.stages.len(),
         trace,
-        offers: sc
-            .classes
-            .iter()
-            .map(|c| WorkerOffer {
-                class: c.name.clone(),
-                slots: c.slots,
-                cpus: f64::from(c.slots),
-                ..WorkerOffer::default()
-            })
-            .collect(),
+        offers: offers(sc),
         plan: vec![vec![true; sc.classes.len()]; sc.stages.len()],
         wanted: vec![f64::INFINITY; sc.classes.len()],
         busy: vec![0; sc.classes.len()],
@@ -321,6 +309,30 @@ pub fn simulate<'a>(
     sim.at(0.0, Event::Tick);
     sim.run();
     sim.report()
+}
+
+/// An empty report per class.
+fn class_reports(sc: &Scenario) -> Vec<ClassReport> {
+    sc.classes
+        .iter()
+        .map(|c| ClassReport {
+            name: c.name.clone(),
+            ..ClassReport::default()
+        })
+        .collect()
+}
+
+/// What a worker of each class offers to stages.
+fn offers(sc: &Scenario) -> Vec<WorkerOffer> {
+    sc.classes
+        .iter()
+        .map(|c| WorkerOffer {
+            class: c.name.clone(),
+            slots: c.slots,
+            cpus: f64::from(c.slots),
+            ..WorkerOffer::default()
+        })
+        .collect()
 }
 
 fn micros(ms: f64) -> u64 {

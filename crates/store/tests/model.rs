@@ -188,7 +188,8 @@ impl Run<'_> {
             .copied()
     }
 
-    fn claim(&mut self, n: u64) {
+    /// A new worker, registered now; its id and the time.
+    fn new_worker(&mut self) -> (String, i64) {
         self.next_worker += 1;
         let worker = format!("w{}", self.next_worker);
         let now = self.tick();
@@ -206,6 +207,11 @@ impl Run<'_> {
             locality: String::new(),
         };
         self.store.register_worker(&info, now).unwrap();
+        (worker, now)
+    }
+
+    fn claim(&mut self, n: u64) {
+        let (worker, now) = self.new_worker();
         let req = ClaimRequest {
             job: Some(self.job),
             worker: worker.clone(),
@@ -483,9 +489,8 @@ impl Run<'_> {
 }
 
 fn run_sequence(store: &mut dyn Store, items: u64, stateful: bool, ops: &[Op], seq: usize) {
-    let name = "m";
     let job = NewJob {
-        name: name.into(),
+        name: "m".into(),
         spec_hash: format!("{seq}"),
         spec_json: "{}".into(),
         stages: vec![NewStage {
@@ -519,48 +524,7 @@ fn run_sequence(store: &mut dyn Store, items: u64, stateful: bool, ops: &[Op], s
         next_worker: 0,
     };
     for op in ops {
-        let pick = |run: &Run<'_>, i: usize| run.nth(i).filter(|_| !run.model.frags.is_empty());
-        match *op {
-            Op::Claim(n) => run.claim(n),
-            Op::Ack(i, k) => {
-                if let Some(id) = pick(&run, i) {
-                    run.ack(id, k)
-                }
-            }
-            Op::Split(i, o) => {
-                if let Some(id) = pick(&run, i) {
-                    run.split(id, o)
-                }
-            }
-            Op::Finish(i, kind, fed) => {
-                if let Some(id) = pick(&run, i) {
-                    if run.model.cancelled {
-                        run.ack(id, 0);
-                    } else {
-                        run.finish(id, kind, fed)
-                    }
-                }
-            }
-            Op::Expire(i) => {
-                if let Some(id) = pick(&run, i) {
-                    run.expire(id)
-                }
-            }
-            Op::StaleAck(g) => run.stale_ack(g),
-            Op::Cancel => {
-                if !run.model.cancelled {
-                    let open = !run.model.frags.is_empty()
-                        || run
-                            .model
-                            .items
-                            .iter()
-                            .any(|i| matches!(i, Item::Pending(_)));
-                    // A finished job cannot be cancelled.
-                    assert_eq!(run.store.cancel(name, run.now).unwrap(), open);
-                    run.model.cancelled = open;
-                }
-            }
-        }
+        run.apply(op);
         run.check(&format!("{op:?}"));
     }
     if run.model.cancelled {
@@ -571,36 +535,94 @@ fn run_sequence(store: &mut dyn Store, items: u64, stateful: bool, ops: &[Op], s
         }
         return;
     }
-    // Drive it to the end with clean attempts, then check the results.
-    for _ in 0..10_000 {
-        if let Some(&id) = run.model.frags.keys().next() {
-            run.finish(id, 0, 0);
-        } else if run
-            .model
-            .items
-            .iter()
-            .any(|i| matches!(i, Item::Pending(_)))
-        {
-            run.claim(1 << 20);
-        } else {
-            break;
+    run.drive_to_end();
+    run.check_results(stateful);
+}
+
+impl Run<'_> {
+    /// One step of a sequence.
+    fn apply(&mut self, op: &Op) {
+        let pick = |run: &Run<'_>, i: usize| run.nth(i).filter(|_| !run.model.frags.is_empty());
+        match *op {
+            Op::Claim(n) => self.claim(n),
+            Op::Ack(i, k) => {
+                if let Some(id) = pick(self, i) {
+                    self.ack(id, k)
+                }
+            }
+            Op::Split(i, o) => {
+                if let Some(id) = pick(self, i) {
+                    self.split(id, o)
+                }
+            }
+            Op::Finish(i, kind, fed) => {
+                if let Some(id) = pick(self, i) {
+                    if self.model.cancelled {
+                        self.ack(id, 0);
+                    } else {
+                        self.finish(id, kind, fed)
+                    }
+                }
+            }
+            Op::Expire(i) => {
+                if let Some(id) = pick(self, i) {
+                    self.expire(id)
+                }
+            }
+            Op::StaleAck(g) => self.stale_ack(g),
+            Op::Cancel => {
+                if !self.model.cancelled {
+                    let open = !self.model.frags.is_empty()
+                        || self
+                            .model
+                            .items
+                            .iter()
+                            .any(|i| matches!(i, Item::Pending(_)));
+                    // A finished job cannot be cancelled.
+                    assert_eq!(self.store.cancel("m", self.now).unwrap(), open);
+                    self.model.cancelled = open;
+                }
+            }
         }
-        run.check("the clean end");
     }
-    let results = run.store.results(name, "s").unwrap();
-    let mut all = IntervalSet::new();
-    for r in &results {
-        let held = to_set(&decode(&r.blob.data));
-        assert_eq!(held, r.covers, "a result holds what it says it covers");
-        assert!(!all.intersects(&held), "results overlap");
-        all.union_with(&held);
+
+    /// Drives the job to its end with clean attempts.
+    fn drive_to_end(&mut self) {
+        for _ in 0..10_000 {
+            if let Some(&id) = self.model.frags.keys().next() {
+                self.finish(id, 0, 0);
+            } else if self
+                .model
+                .items
+                .iter()
+                .any(|i| matches!(i, Item::Pending(_)))
+            {
+                self.claim(1 << 20);
+            } else {
+                break;
+            }
+            self.check("the clean end");
+        }
     }
-    if stateful && !results.is_empty() {
-        assert_eq!(
-            all,
-            run.model.accounting().done,
-            "results hold every item done"
-        );
+
+    /// The results: each holds what it says it covers, none overlap, and (for a
+    /// task that keeps state) together they hold every item done.
+    fn check_results(&mut self, stateful: bool) {
+        let results = self.store.results("m", "s").unwrap();
+        let mut all = IntervalSet::new();
+        for r in &results {
+            let held = to_set(&decode(&r.blob.data));
+            assert_eq!(held, r.covers, "a result holds what it says it covers");
+            assert!(!all.intersects(&held), "results overlap");
+            all.union_with(&held);
+        }
+        if stateful && !results.is_empty() {
+            assert_eq!(
+                all,
+                self.model.accounting().done,
+                "results hold every item done"
+            );
+        }
     }
 }
 
