@@ -147,7 +147,8 @@ struct Slot {
     assignment: Assignment,
     spec: Arc<JobSpec>,
     control: Arc<Control>,
-    handle: JoinHandle<RunReport>,
+    /// Its runner thread (taken when it is joined).
+    handle: Option<JoinHandle<RunReport>>,
     checkpoint_fallbacks: u32,
     notes: Vec<String>,
     /// Whether its items have sizes (their bytes are reported to the model).
@@ -349,157 +350,235 @@ fn release_dead_workers(store: &mut dyn Store, me: &WorkerInfo) -> Result<u64, S
     store.release(host::now_ms(), &dead)
 }
 
+/// What the worker loop keeps from one turn to the next.
+struct Turns {
+    last_flush: Instant,
+    last_reap: Instant,
+    last_forecast: Option<Instant>,
+    last_split_ask: Option<Instant>,
+    idle_since: Option<Instant>,
+    drain: Option<Drain>,
+    /// When the last claim found nothing; claims wait for a sign of work or the poll.
+    claim_found_nothing: Option<Instant>,
+}
+
+/// What a turn of the worker loop does next.
+enum Turn {
+    /// Goes on with this turn.
+    Go,
+    /// Starts the next turn.
+    Again,
+    /// The worker is done.
+    Done(Outcome),
+}
+
 impl Worker<'_> {
     fn run(
         &mut self,
         finished: &mpsc::Receiver<FragmentId>,
         interrupts: &AtomicUsize,
     ) -> Result<Outcome> {
-        let mut last_flush = Instant::now();
-        let mut last_reap = Instant::now();
-        let mut last_forecast: Option<Instant> = None;
-        let mut last_split_ask: Option<Instant> = None;
-        let mut idle_since: Option<Instant> = None;
-        let mut drain: Option<Drain> = None;
-        // When the last claim found nothing; claims wait for a sign of work or the poll.
-        let mut claim_found_nothing: Option<Instant> = None;
+        let mut t = Turns {
+            last_flush: Instant::now(),
+            last_reap: Instant::now(),
+            last_forecast: None,
+            last_split_ask: None,
+            idle_since: None,
+            drain: None,
+            claim_found_nothing: None,
+        };
         self.refresh_progress()?;
         loop {
             let now = Instant::now();
-            let signals = interrupts.load(Ordering::SeqCst);
-            if drain.is_none() {
-                if signals >= 1 {
-                    drain = Some(self.start_drain(
-                        now + self.cfg.grace,
-                        "stop requested: yielding every fragment",
-                    ));
-                } else if let Some((end, _)) = self.cfg.lifespan_end {
-                    if now + self.cfg.drain_margin >= end {
-                        drain =
-                            Some(self.start_drain(end, "lifespan ending: yielding every fragment"));
-                    }
-                }
-            }
-            if let Some(d) = drain.as_mut() {
-                if (signals >= 2 || now >= d.deadline) && !d.killed {
-                    d.killed = true;
-                    self.running.values().for_each(|s| s.control.kill());
-                }
-            }
+            self.watch_drain(&mut t, now, interrupts.load(Ordering::SeqCst));
             if !self.store_paused() {
                 self.retry_finishes()?;
             }
-            let mut free = self.free_slots();
-            if drain.is_none() && free > 0 && !self.store_paused() {
-                let poll_due =
-                    claim_found_nothing.is_none_or(|t| t.elapsed() >= self.store.idle_poll());
-                let signalled = poll_due || self.wait_for_work(Duration::ZERO)?;
-                if signalled {
-                    free = self.fill_slots()?;
-                    claim_found_nothing = (free > 0).then(Instant::now);
-                }
-            }
+            let free = self.claim_for_free_slots(&mut t)?;
             // Past the drain's deadline a store that still fails is given up on: the
             // leases of what it could not take run out and the work returns.
-            let given_up = drain
+            let given_up = t
+                .drain
                 .as_ref()
                 .is_some_and(|d| d.killed && now >= d.deadline);
             let idle = self.running.is_empty()
                 && (self.unfinished.is_empty() || given_up)
                 && self.deferred.is_empty();
-            let unsaved = !self.unflushed.is_empty() || !self.unfinished.is_empty();
-            if idle && drain.is_some() && unsaved && !given_up {
-                // Stopping: the last acks wait for the store until the deadline.
-                if !self.store_paused() {
-                    self.flush()?;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
+            match self.when_idle(&mut t, idle, given_up)? {
+                Turn::Done(outcome) => return Ok(outcome),
+                Turn::Again => continue,
+                Turn::Go => {}
             }
-            if idle {
-                if drain.is_some() {
-                    self.flush()?;
-                    self.refresh_progress()?;
-                    self.progress.finish();
-                    return Ok(Outcome::Stopped);
+            self.ask_for_split(&mut t, free)?;
+            self.wait_for_ends(&mut t, idle, finished)?;
+            self.periodic(&mut t)?;
+        }
+    }
+
+    /// Starts a drain when asked to stop or when the lifespan ends, and kills what
+    /// still runs at its deadline (or at a second interrupt).
+    fn watch_drain(&mut self, t: &mut Turns, now: Instant, signals: usize) {
+        if t.drain.is_none() {
+            if signals >= 1 {
+                t.drain = Some(self.start_drain(
+                    now + self.cfg.grace,
+                    "stop requested: yielding every fragment",
+                ));
+            } else if let Some((end, _)) = self.cfg.lifespan_end {
+                if now + self.cfg.drain_margin >= end {
+                    t.drain =
+                        Some(self.start_drain(end, "lifespan ending: yielding every fragment"));
                 }
-                if let Some(outcome) = self.finished_work(&mut idle_since)? {
-                    self.refresh_progress()?;
-                    self.progress.finish();
-                    return Ok(outcome);
-                }
-            } else {
-                idle_since = None;
-            }
-            // Free slots and nothing to claim: ask for the tail of the longest fragment.
-            if free > 0
-                && self.cfg.steal
-                && drain.is_none()
-                && !self.running.is_empty() | self.cfg.job.is_none()
-                && last_split_ask.is_none_or(|t| t.elapsed() >= self.cfg.flush)
-            {
-                let job = self.cfg.job.as_ref().map(|(id, _)| *id);
-                let min_ms = 2.0 * self.cfg.flush.as_secs_f64() * 1e3;
-                let asked = self
-                    .store
-                    .request_split(job, host::now_ms(), min_ms, &self.cfg.class);
-                if self.available(asked)?.flatten().is_some() {
-                    // The tail becomes pending at the owner's next flush: look again soon.
-                    claim_found_nothing = None;
-                }
-                last_split_ask = Some(Instant::now());
-            }
-            // An idle worker heartbeats once a second, not at the flush rate: idle
-            // workers must not load a shared store.
-            let flush_every = if idle && self.unflushed.is_empty() {
-                self.cfg.flush.max(IDLE_HEARTBEAT)
-            } else {
-                self.cfg.flush
-            };
-            let wait = flush_every.saturating_sub(last_flush.elapsed());
-            if idle {
-                // Nothing runs: sleep until work is announced (or the next flush is due).
-                if self.wait_for_work(wait)? {
-                    claim_found_nothing = None;
-                }
-            } else {
-                match finished.recv_timeout(wait) {
-                    Ok(id) => {
-                        self.finish(id)?;
-                        // A slot just freed: look for work now, not at the next poll.
-                        claim_found_nothing = None;
-                    }
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        unreachable!("the worker holds a sender")
-                    }
-                }
-            }
-            while let Ok(id) = finished.try_recv() {
-                self.finish(id)?;
-                claim_found_nothing = None;
-            }
-            if last_flush.elapsed() >= flush_every && !self.store_paused() {
-                self.flush()?;
-                last_flush = Instant::now();
-                self.refresh_progress()?;
-            }
-            if last_reap.elapsed() >= REAP_EVERY {
-                let released = release_dead_workers(self.store, &self.info);
-                if let Some(released) = self.available(released)? {
-                    if released > 0 {
-                        self.progress
-                            .note(&format!("released {released} fragment(s) of lost workers"));
-                        claim_found_nothing = None;
-                    }
-                }
-                last_reap = Instant::now();
-            }
-            if self.cfg.spot && last_forecast.is_none_or(|t| t.elapsed() >= FORECAST_EVERY) {
-                self.forecast()?;
-                last_forecast = Some(Instant::now());
             }
         }
+        if let Some(d) = t.drain.as_mut() {
+            if (signals >= 2 || now >= d.deadline) && !d.killed {
+                d.killed = true;
+                self.running.values().for_each(|s| s.control.kill());
+            }
+        }
+    }
+
+    /// Claims for free slots when a claim may find something (a sign of work, or
+    /// the poll is due); returns how many slots stay free.
+    fn claim_for_free_slots(&mut self, t: &mut Turns) -> Result<usize> {
+        let mut free = self.free_slots();
+        if t.drain.is_none() && free > 0 && !self.store_paused() {
+            let poll_due = t
+                .claim_found_nothing
+                .is_none_or(|at| at.elapsed() >= self.store.idle_poll());
+            let signalled = poll_due || self.wait_for_work(Duration::ZERO)?;
+            if signalled {
+                free = self.fill_slots()?;
+                t.claim_found_nothing = (free > 0).then(Instant::now);
+            }
+        }
+        Ok(free)
+    }
+
+    /// With nothing running: saves the last acks while stopping, or ends the worker
+    /// if its work is done.
+    fn when_idle(&mut self, t: &mut Turns, idle: bool, given_up: bool) -> Result<Turn> {
+        if !idle {
+            t.idle_since = None;
+            return Ok(Turn::Go);
+        }
+        let unsaved = !self.unflushed.is_empty() || !self.unfinished.is_empty();
+        if t.drain.is_some() && unsaved && !given_up {
+            // Stopping: the last acks wait for the store until the deadline.
+            if !self.store_paused() {
+                self.flush()?;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            return Ok(Turn::Again);
+        }
+        if t.drain.is_some() {
+            self.flush()?;
+            self.refresh_progress()?;
+            self.progress.finish();
+            return Ok(Turn::Done(Outcome::Stopped));
+        }
+        if let Some(outcome) = self.finished_work(&mut t.idle_since)? {
+            self.refresh_progress()?;
+            self.progress.finish();
+            return Ok(Turn::Done(outcome));
+        }
+        Ok(Turn::Go)
+    }
+
+    /// Free slots and nothing to claim: asks for the tail of the longest fragment.
+    fn ask_for_split(&mut self, t: &mut Turns, free: usize) -> Result<()> {
+        let due = t
+            .last_split_ask
+            .is_none_or(|at| at.elapsed() >= self.cfg.flush);
+        let anything = !self.running.is_empty() | self.cfg.job.is_none();
+        if free == 0 || !self.cfg.steal || t.drain.is_some() || !anything || !due {
+            return Ok(());
+        }
+        let job = self.cfg.job.as_ref().map(|(id, _)| *id);
+        let min_ms = 2.0 * self.cfg.flush.as_secs_f64() * 1e3;
+        let asked = self
+            .store
+            .request_split(job, host::now_ms(), min_ms, &self.cfg.class);
+        if self.available(asked)?.flatten().is_some() {
+            // The tail becomes pending at the owner's next flush: look again soon.
+            t.claim_found_nothing = None;
+        }
+        t.last_split_ask = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Waits for a fragment to end (or for work, when idle) until the next flush is
+    /// due, and records every end that came.
+    fn wait_for_ends(
+        &mut self,
+        t: &mut Turns,
+        idle: bool,
+        finished: &mpsc::Receiver<FragmentId>,
+    ) -> Result<()> {
+        // An idle worker heartbeats once a second, not at the flush rate: idle
+        // workers must not load a shared store.
+        let flush_every = if idle && self.unflushed.is_empty() {
+            self.cfg.flush.max(IDLE_HEARTBEAT)
+        } else {
+            self.cfg.flush
+        };
+        let wait = flush_every.saturating_sub(t.last_flush.elapsed());
+        let mut ended = Vec::new();
+        if idle {
+            // Nothing runs: sleep until work is announced (or the next flush is due).
+            if self.wait_for_work(wait)? {
+                t.claim_found_nothing = None;
+            }
+        } else {
+            match finished.recv_timeout(wait) {
+                Ok(id) => ended.push(id),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    unreachable!("the worker holds a sender")
+                }
+            }
+        }
+        ended.extend(finished.try_iter());
+        for id in ended {
+            // The slot it frees is claimed for in the same store transaction; a claim
+            // that finds nothing waits for a sign of work or the poll.
+            let claim = t.drain.is_none() && !self.store_paused();
+            t.claim_found_nothing = match self.finish(id, claim)? {
+                Some(0) => None,
+                Some(_) => Some(Instant::now()),
+                None => None,
+            };
+        }
+        if t.last_flush.elapsed() >= flush_every && !self.store_paused() {
+            self.flush()?;
+            t.last_flush = Instant::now();
+            self.refresh_progress()?;
+        }
+        Ok(())
+    }
+
+    /// Reaps lost workers' fragments and refreshes the forecast, when due.
+    fn periodic(&mut self, t: &mut Turns) -> Result<()> {
+        if t.last_reap.elapsed() >= REAP_EVERY {
+            let released = release_dead_workers(self.store, &self.info);
+            if let Some(released) = self.available(released)? {
+                if released > 0 {
+                    self.progress
+                        .note(&format!("released {released} fragment(s) of lost workers"));
+                    t.claim_found_nothing = None;
+                }
+            }
+            t.last_reap = Instant::now();
+        }
+        if self.cfg.spot
+            && t.last_forecast
+                .is_none_or(|at| at.elapsed() >= FORECAST_EVERY)
+        {
+            self.forecast()?;
+            t.last_forecast = Some(Instant::now());
+        }
+        Ok(())
     }
 
     /// Reads the pool's last hour and forecasts how long a worker of this class
@@ -672,30 +751,7 @@ impl Worker<'_> {
             self.start_or_defer(a)?;
         }
         while self.free_slots() > 0 && self.deferred.is_empty() {
-            let sample = self.sampler.sample();
-            let others_load = self.others_load(sample.load_per_cpu);
-            let now_ms = host::now_ms();
-            let req = ClaimRequest {
-                job: self.cfg.job.as_ref().map(|(id, _)| *id),
-                worker: self.info.id.clone(),
-                class: self.cfg.class.clone(),
-                now_ms,
-                lease_ms: self.cfg.lease.as_millis() as i64,
-                slots: self.cfg.slots,
-                max_items: self.cfg.max_items,
-                offer: self.free_offer(),
-                expected_life_ms: self.expected_life_ms,
-                context: ClaimContext {
-                    remaining: 0,
-                    slots: self.cfg.slots,
-                    free_memory: sample.free_memory,
-                    load_per_cpu: others_load,
-                    // The life a fragment may use ends where the drain begins.
-                    lifespan_ms: self.cfg.lifespan_end.map(|(_, end)| {
-                        (end - now_ms - self.cfg.drain_margin.as_millis() as i64).max(0) as f64
-                    }),
-                },
-            };
+            let req = self.claim_request();
             // Every free slot in one transaction, each offered what the others left.
             let claimed = self.store.claim_many(&req, self.free_slots());
             let batch = self.available(claimed)?.unwrap_or_default();
@@ -707,6 +763,34 @@ impl Worker<'_> {
             }
         }
         Ok(self.free_slots())
+    }
+
+    /// A claim for this worker's free slots, as it stands now.
+    fn claim_request(&mut self) -> ClaimRequest {
+        let sample = self.sampler.sample();
+        let others_load = self.others_load(sample.load_per_cpu);
+        let now_ms = host::now_ms();
+        ClaimRequest {
+            job: self.cfg.job.as_ref().map(|(id, _)| *id),
+            worker: self.info.id.clone(),
+            class: self.cfg.class.clone(),
+            now_ms,
+            lease_ms: self.cfg.lease.as_millis() as i64,
+            slots: self.cfg.slots,
+            max_items: self.cfg.max_items,
+            offer: self.free_offer(),
+            expected_life_ms: self.expected_life_ms,
+            context: ClaimContext {
+                remaining: 0,
+                slots: self.cfg.slots,
+                free_memory: sample.free_memory,
+                load_per_cpu: others_load,
+                // The life a fragment may use ends where the drain begins.
+                lifespan_ms: self.cfg.lifespan_end.map(|(_, end)| {
+                    (end - now_ms - self.cfg.drain_margin.as_millis() as i64).max(0) as f64
+                }),
+            },
+        }
     }
 
     fn free_slots(&self) -> usize {
@@ -780,26 +864,7 @@ impl Worker<'_> {
                 return self.halt(a, halt);
             }
         };
-        let mut env = vec![
-            ("GRANULE_JOB".to_string(), spec.name.clone()),
-            ("GRANULE_STAGE".to_string(), stage.name.clone()),
-            ("GRANULE_FRAGMENT".to_string(), a.fragment.to_string()),
-            ("GRANULE_FIRST".to_string(), a.span.start.to_string()),
-            ("GRANULE_COUNT".to_string(), a.span.len().to_string()),
-            ("GRANULE_ATTEMPT".to_string(), (a.failures + 1).to_string()),
-            ("GRANULE_CLASS".to_string(), self.cfg.class.clone()),
-        ];
-        let now = Instant::now();
-        let now_ms = host::now_ms();
-        let share = stage.sizer.deadline_share;
-        let by_limit = stage.sizer.limit_ms.map(|ms| now_ms + (ms * share) as i64);
-        let by_life = self
-            .cfg
-            .lifespan_end
-            .map(|(_, end)| now_ms + ((end - now_ms) as f64 * share) as i64);
-        if let Some(deadline) = by_limit.into_iter().chain(by_life).min() {
-            env.push(("GRANULE_DEADLINE".to_string(), deadline.to_string()));
-        }
+        let (mut env, by_life) = self.task_env(&spec, a.stage_index, &a);
         let Some((restored, checkpoint_fallbacks, notes)) =
             self.restore_checkpoint(&a, stage.max_checkpoint_bytes)?
         else {
@@ -808,73 +873,20 @@ impl Worker<'_> {
         if checkpoint_fallbacks > 0 {
             // It starts from an older state than it was handed: the store reruns what
             // only the lost checkpoints held.
-            self.unflushed
-                .entry(a.fragment)
-                .or_insert_with(|| FragmentFlush {
-                    fragment: a.fragment,
-                    ..FragmentFlush::default()
-                })
-                .restored = Some(restored.as_ref().map(|r| r.0));
+            self.unflushed_entry(a.fragment).restored = Some(restored.as_ref().map(|r| r.0));
         }
         if let Some((_, state, meta)) = restored {
-            env.push((
-                "GRANULE_CHECKPOINT".to_string(),
-                state.display().to_string(),
-            ));
-            env.push((
-                "GRANULE_CHECKPOINT_META".to_string(),
-                meta.display().to_string(),
-            ));
+            env.push(("GRANULE_CHECKPOINT".into(), state.display().to_string()));
+            env.push(("GRANULE_CHECKPOINT_META".into(), meta.display().to_string()));
         }
-        let grace = match (&self.cfg.job, self.cfg.lifespan_end) {
-            // `run`: the grace before SIGTERM and again before SIGKILL, as documented.
-            (Some(_), None) => self.cfg.grace,
-            // `worker`: the whole notice covers stdin close, SIGTERM and SIGKILL.
-            _ => {
-                self.cfg.grace.min(if self.cfg.lifespan_end.is_some() {
-                    self.cfg.drain_margin
-                } else {
-                    self.cfg.grace
-                }) / 3
-            }
-        };
         // Items with sizes: predict by the bytes of this very span, and hand back at
         // once the part that would run far past the target.
         let sized = source.sized();
         let (keep_until, predicted_ms) = sized_prediction(&a, sized.then(|| source.bytes(a.span)));
-        let job = FragmentJob {
-            fragment: a.fragment,
-            span: a.span,
-            argv: stage.command.clone(),
-            per_item: stage.per_item,
-            env,
-            source,
-            limit: stage
-                .sizer
-                .limit_ms
-                .map(|ms| Duration::from_secs_f64(ms / 1e3)),
-            item_cost_ms: a.item_cost_ms,
-            deadline_share: share,
-            yield_by: by_life.map(|ms| now + Duration::from_millis((ms - now_ms).max(0) as u64)),
-            grace,
-            window: window(self.cfg.window, a.item_cost_ms),
-            expect_acks: a.expect_acks,
-            first_ack_patience: Duration::from_secs_f64(
-                (a.predicted_ms * 4.0 / 1e3).clamp(1.0, 60.0),
-            ),
-            log_tail_bytes: self.cfg.log_tail_bytes,
-            checkpoint_level: self.cfg.checkpoint_level,
-            max_checkpoint_bytes: stage.max_checkpoint_bytes,
-        };
+        let job = self.fragment_job(&a, stage, env, source, by_life);
         let control = Control::new(a.span);
         if let Some(at) = keep_until.and_then(|at| control.split_at(at)) {
-            self.unflushed
-                .entry(a.fragment)
-                .or_insert_with(|| FragmentFlush {
-                    fragment: a.fragment,
-                    ..FragmentFlush::default()
-                })
-                .split = Some(SplitAnswer::At(at));
+            self.unflushed_entry(a.fragment).split = Some(SplitAnswer::At(at));
         }
         let handle = {
             let (control, tx, id) = (control.clone(), self.finished_tx.clone(), a.fragment);
@@ -890,7 +902,7 @@ impl Worker<'_> {
             assignment: a,
             spec,
             control,
-            handle,
+            handle: Some(handle),
             checkpoint_fallbacks,
             notes,
             sized,
@@ -898,6 +910,97 @@ impl Worker<'_> {
         };
         self.running.insert(slot.assignment.fragment, slot);
         Ok(None)
+    }
+
+    /// What a fragment's task finds in its environment, and when the worker's life
+    /// wants it to yield by (unix ms), if it has a lifespan.
+    fn task_env(
+        &self,
+        spec: &JobSpec,
+        stage_index: usize,
+        a: &Assignment,
+    ) -> (Vec<(String, String)>, Option<i64>) {
+        let stage = &spec.stages[stage_index];
+        let mut env = vec![
+            ("GRANULE_JOB".to_string(), spec.name.clone()),
+            ("GRANULE_STAGE".to_string(), stage.name.clone()),
+            ("GRANULE_FRAGMENT".to_string(), a.fragment.to_string()),
+            ("GRANULE_FIRST".to_string(), a.span.start.to_string()),
+            ("GRANULE_COUNT".to_string(), a.span.len().to_string()),
+            ("GRANULE_ATTEMPT".to_string(), (a.failures + 1).to_string()),
+            ("GRANULE_CLASS".to_string(), self.cfg.class.clone()),
+        ];
+        let now_ms = host::now_ms();
+        let share = stage.sizer.deadline_share;
+        let by_limit = stage.sizer.limit_ms.map(|ms| now_ms + (ms * share) as i64);
+        let by_life = self
+            .cfg
+            .lifespan_end
+            .map(|(_, end)| now_ms + ((end - now_ms) as f64 * share) as i64);
+        if let Some(deadline) = by_limit.into_iter().chain(by_life).min() {
+            env.push(("GRANULE_DEADLINE".to_string(), deadline.to_string()));
+        }
+        (env, by_life)
+    }
+
+    /// How long a task is given at each step of being stopped.
+    fn task_grace(&self) -> Duration {
+        match (&self.cfg.job, self.cfg.lifespan_end) {
+            // `run`: the grace before SIGTERM and again before SIGKILL, as documented.
+            (Some(_), None) => self.cfg.grace,
+            // `worker`: the whole notice covers stdin close, SIGTERM and SIGKILL.
+            _ => {
+                self.cfg.grace.min(if self.cfg.lifespan_end.is_some() {
+                    self.cfg.drain_margin
+                } else {
+                    self.cfg.grace
+                }) / 3
+            }
+        }
+    }
+
+    /// What the runner of a fragment needs to run its task.
+    fn fragment_job(
+        &self,
+        a: &Assignment,
+        stage: &granule_spec::StageSpec,
+        env: Vec<(String, String)>,
+        source: ItemSource,
+        by_life: Option<i64>,
+    ) -> FragmentJob {
+        let (now, now_ms) = (Instant::now(), host::now_ms());
+        FragmentJob {
+            fragment: a.fragment,
+            span: a.span,
+            argv: stage.command.clone(),
+            per_item: stage.per_item,
+            env,
+            source,
+            limit: stage
+                .sizer
+                .limit_ms
+                .map(|ms| Duration::from_secs_f64(ms / 1e3)),
+            item_cost_ms: a.item_cost_ms,
+            deadline_share: stage.sizer.deadline_share,
+            yield_by: by_life.map(|ms| now + Duration::from_millis((ms - now_ms).max(0) as u64)),
+            grace: self.task_grace(),
+            window: window(self.cfg.window, a.item_cost_ms),
+            expect_acks: a.expect_acks,
+            first_ack_patience: Duration::from_secs_f64(
+                (a.predicted_ms * 4.0 / 1e3).clamp(1.0, 60.0),
+            ),
+            log_tail_bytes: self.cfg.log_tail_bytes,
+            checkpoint_level: self.cfg.checkpoint_level,
+            max_checkpoint_bytes: stage.max_checkpoint_bytes,
+        }
+    }
+
+    /// What the next flush says of fragment `id`.
+    fn unflushed_entry(&mut self, id: FragmentId) -> &mut FragmentFlush {
+        self.unflushed.entry(id).or_insert_with(|| FragmentFlush {
+            fragment: id,
+            ..FragmentFlush::default()
+        })
     }
 
     /// Writes the checkpoint a resumed fragment starts from, and its metadata. A
@@ -1111,31 +1214,60 @@ impl Worker<'_> {
                 .control
                 .split_at(at)
                 .map_or(SplitAnswer::Refused, SplitAnswer::At);
-            self.unflushed
-                .entry(id)
-                .or_insert_with(|| FragmentFlush {
-                    fragment: id,
-                    ..FragmentFlush::default()
-                })
-                .split = Some(answer);
+            self.unflushed_entry(id).split = Some(answer);
         }
         Ok(())
     }
 
-    fn finish(&mut self, id: FragmentId) -> Result<()> {
+    /// Records a fragment's end; with `claim`, claims for the free slots in the same
+    /// store transaction. Returns how many slots that claim left free, if it ran.
+    fn finish(&mut self, id: FragmentId, claim: bool) -> Result<Option<usize>> {
         self.collect(id);
-        let slot = self
+        let mut slot = self
             .running
             .remove(&id)
             .expect("a finished fragment is running");
         let report = slot
             .handle
+            .take()
+            .expect("joined once")
             .join()
             .map_err(|_| anyhow::anyhow!("runner of fragment {id} panicked"))?;
         let flush = self.unflushed.remove(&id).unwrap_or_else(|| FragmentFlush {
             fragment: id,
             ..FragmentFlush::default()
         });
+        let end = self.end_of(&slot, &report, flush);
+        let context = FinishContext {
+            id,
+            stage: slot.spec.stages[slot.assignment.stage_index].name.clone(),
+            stage_index: slot.assignment.stage_index,
+            span: slot.assignment.span,
+            n: slot.assignment.n,
+            failure: report.failure.as_ref().map(|f| f.to_string()),
+        };
+        let claim = claim && self.deferred.is_empty();
+        let req = claim.then(|| self.claim_request());
+        let free = self.free_slots();
+        let next = req.as_ref().map(|r| (r, free));
+        let result = self
+            .store
+            .finish_and_claim(&self.info.id, host::now_ms(), &end, next);
+        let Some((finished, claimed)) = self.available(result)? else {
+            // Kept (with its acks) until the store is back.
+            self.unfinished.push((end, context));
+            return Ok(None);
+        };
+        self.store_writable();
+        self.report_finish(&context, &finished);
+        for assignment in claimed {
+            self.start_or_defer(assignment)?;
+        }
+        Ok(claim.then(|| self.free_slots()))
+    }
+
+    /// The store's record of a fragment's end, from its runner's report.
+    fn end_of(&mut self, slot: &Slot, report: &RunReport, flush: FragmentFlush) -> FragmentEnd {
         let state = match report.outcome {
             FinishOutcome::Success | FinishOutcome::AllOrNothing { .. } => FragmentState::Done,
             FinishOutcome::Yielded | FinishOutcome::Lost => FragmentState::Yielded,
@@ -1172,28 +1304,11 @@ impl Worker<'_> {
             acks: report.acks,
             first_ack_ms: report.first_ack_ms,
             last_ack_ms: report.last_ack_ms,
-            stdout: report.stdout_tail,
-            stderr: report.stderr_tail,
+            stdout: report.stdout_tail.clone(),
+            stderr: report.stderr_tail.clone(),
             halt: None,
         };
-        let context = FinishContext {
-            id,
-            stage: slot.spec.stages[slot.assignment.stage_index].name.clone(),
-            stage_index: slot.assignment.stage_index,
-            span: slot.assignment.span,
-            n: slot.assignment.n,
-            failure: report.failure.as_ref().map(|f| f.to_string()),
-        };
-        let result = self.store.finish(&self.info.id, host::now_ms(), &end);
-        match self.available(result)? {
-            Some(finished) => {
-                self.store_writable();
-                self.report_finish(&context, &finished)
-            }
-            // Kept (with its acks) until the store is back.
-            None => self.unfinished.push((end, context)),
-        }
-        Ok(())
+        end
     }
 
     fn report_finish(&mut self, c: &FinishContext, finished: &Finished) {

@@ -200,15 +200,15 @@ pub(crate) struct HistoryRow {
     pub(crate) started_ms: i64,
     /// Its last heartbeat.
     pub(crate) heard_ms: i64,
-    /// `running`, `draining` or `exited`.
-    pub(crate) state: String,
+    /// Where it is.
+    pub(crate) state: crate::WorkerState,
     /// Whether it lost a fragment in the window.
     pub(crate) lost: bool,
 }
 
 /// The pool history as the core's forecast takes it.
 pub(crate) fn worker_span(now_ms: i64, row: HistoryRow) -> WorkerSpan {
-    let ended = row.state == "exited" || row.heard_ms < now_ms - SILENT_MS;
+    let ended = row.state == crate::WorkerState::Exited || row.heard_ms < now_ms - SILENT_MS;
     WorkerSpan {
         class: row.class,
         spot: row.spot,

@@ -274,6 +274,8 @@ pub(crate) trait Db {
     /// A time of this host's clock on the database's: leases are written and judged
     /// there, so hosts whose clocks disagree do not expire each other's leases.
     fn lease_clock(&self, local_ms: i64) -> i64;
+    /// The deadline plans this connection keeps (see `ops::Plans`).
+    fn plans(&mut self) -> &mut crate::ops::Plans;
 
     /// Runs a statement that yields exactly one row.
     fn query_one(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<Row> {
@@ -313,18 +315,31 @@ pub(crate) fn sqlite_dialect(sql: &str) -> String {
     }
     fixed.push_str(rest);
     out = fixed;
-    for lock in [
-        " FOR UPDATE OF f SKIP LOCKED",
-        " FOR UPDATE SKIP LOCKED",
-        " FOR UPDATE OF f",
-        " FOR UPDATE",
-    ] {
-        out = out.replace(lock, "");
-    }
+    out = without_locks(&out);
     for cast in ["::BIGINT", "::DOUBLE PRECISION", "::TEXT", "::INT"] {
         out = out.replace(cast, "");
     }
     out.replace('$', "?")
+}
+
+/// `sql` without its row-locking clauses: ` FOR UPDATE`, then ` OF name` and
+/// ` SKIP LOCKED` if they follow.
+fn without_locks(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut rest = sql;
+    while let Some(at) = rest.find(" FOR UPDATE") {
+        out.push_str(&rest[..at]);
+        rest = &rest[at + " FOR UPDATE".len()..];
+        if let Some(after) = rest.strip_prefix(" OF ") {
+            let name = after
+                .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            rest = &after[name..];
+        }
+        rest = rest.strip_prefix(" SKIP LOCKED").unwrap_or(rest);
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -342,6 +357,12 @@ mod tests {
         assert_eq!(
             sqlite_dialect("SELECT coalesce(sum(n), 0)::BIGINT, $1::TEXT IS NULL FOR UPDATE"),
             "SELECT coalesce(sum(n), 0), ?1 IS NULL"
+        );
+        assert_eq!(
+            sqlite_dialect(
+                "SELECT (SELECT s FROM t l FOR UPDATE SKIP LOCKED), x FROM p FOR UPDATE OF p_2"
+            ),
+            "SELECT (SELECT s FROM t l), x FROM p"
         );
     }
 }

@@ -149,6 +149,16 @@ pub trait Store {
     ) -> Result<Option<FragmentId>>;
     /// Ends a fragment; its final acks and checkpoints are in `end.flush`.
     fn finish(&mut self, worker: &str, now_ms: i64, end: &FragmentEnd) -> Result<Finished>;
+    /// Ends a fragment and, in the same transaction, claims for up to `slots` free
+    /// slots (`next`, as `claim_many`): the slot a finish frees is refilled without a
+    /// second round of the store. A claim that finds nothing returns no assignment.
+    fn finish_and_claim(
+        &mut self,
+        worker: &str,
+        now_ms: i64,
+        end: &FragmentEnd,
+        next: Option<(&ClaimRequest, usize)>,
+    ) -> Result<(Finished, Vec<Assignment>)>;
     /// Workers that hold running fragments, for a liveness check by the caller.
     fn workers_holding_work(&mut self) -> Result<Vec<WorkerInfo>>;
     /// Returns to pending the unacked items of fragments whose lease expired or

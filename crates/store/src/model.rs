@@ -176,6 +176,18 @@ stored_state! {
     }
 }
 
+stored_state! {
+    /// Where a worker is.
+    WorkerState {
+        /// Claims and runs work.
+        Running = "running",
+        /// Stopping: yields its fragments and claims nothing.
+        Draining = "draining",
+        /// Gone (said so, or found dead).
+        Exited = "exited",
+    }
+}
+
 impl Acks {
     /// What a worker expects of a fragment's task: acks (`Some(true)`), none
     /// (`Some(false)`), or not known yet.
@@ -252,8 +264,8 @@ pub struct WorkerStatus {
     pub id: String,
     /// Host.
     pub host: String,
-    /// `running`, `draining` or `exited`.
-    pub state: String,
+    /// Where it is.
+    pub state: WorkerState,
     /// Executor class.
     pub class: String,
     /// Slots.

@@ -13,7 +13,7 @@
 //! the worker buffers acks meanwhile.
 
 use crate::db::{Arg, Db, Row, Val};
-use crate::ops::{store_over_backend, Backend, TxKind};
+use crate::ops::{store_over_backend, Backend, Plans, TxKind};
 use crate::{Result, StoreError, WriteCounts};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{FromSql, IsNull, ToSql, Type};
@@ -197,6 +197,7 @@ pub struct PgStore {
     backoff: Duration,
     /// The server's clock minus this host's, measured at connect (see `clock_offset`).
     clock_offset_ms: i64,
+    plans: Plans,
 }
 
 /// The server's clock minus this host's (ms), from one round trip's midpoint. Under
@@ -241,6 +242,7 @@ impl PgStore {
             next_attempt: Instant::now(),
             backoff: Duration::ZERO,
             clock_offset_ms: 0,
+            plans: Plans::default(),
         };
         store.connect()?;
         Ok(store)
@@ -308,6 +310,7 @@ impl PgStore {
 struct PgTx<'a, 'b> {
     tx: &'a mut Transaction<'b>,
     statements: &'a mut HashMap<String, Statement>,
+    plans: &'a mut Plans,
     clock_offset_ms: i64,
 }
 
@@ -353,6 +356,10 @@ impl Db for PgTx<'_, '_> {
     fn lease_clock(&self, local_ms: i64) -> i64 {
         local_ms + self.clock_offset_ms
     }
+
+    fn plans(&mut self) -> &mut Plans {
+        self.plans
+    }
 }
 
 impl Backend for PgStore {
@@ -367,9 +374,10 @@ impl Backend for PgStore {
         f: impl FnOnce(&mut dyn Db) -> Result<T>,
     ) -> Result<T> {
         self.client()?;
-        let (client, statements, clock_offset_ms) = (
+        let (client, statements, plans, clock_offset_ms) = (
             self.client.as_mut().expect("connected"),
             &mut self.statements,
+            &mut self.plans,
             self.clock_offset_ms,
         );
         let result: Result<T> = (|| {
@@ -377,6 +385,7 @@ impl Backend for PgStore {
             let value = f(&mut PgTx {
                 tx: &mut tx,
                 statements,
+                plans,
                 clock_offset_ms,
             })?;
             tx.commit()?;

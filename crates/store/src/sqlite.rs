@@ -7,7 +7,7 @@
 
 use crate::common::{json, parse};
 use crate::db::{sqlite_dialect, Arg, Db, Row, Val};
-use crate::ops::{store_over_backend, Backend, TxKind};
+use crate::ops::{store_over_backend, Backend, Plans, TxKind};
 use crate::schema::{CURRENT, MIGRATIONS, ROW_LAYOUT_AFTER, ROW_LAYOUT_BEFORE, VERSION};
 use crate::{Result, StoreError, WriteCounts};
 use granule_core::{IntervalSet, Pending};
@@ -23,6 +23,7 @@ pub struct SqliteStore {
     writes: WriteCounts,
     /// Statements as SQLite says them, by their PostgreSQL text.
     dialect: HashMap<String, String>,
+    plans: Plans,
 }
 
 impl SqliteStore {
@@ -56,6 +57,7 @@ impl SqliteStore {
             conn,
             writes: WriteCounts::default(),
             dialect: HashMap::new(),
+            plans: Plans::default(),
         };
         store.migrate()?;
         Ok(store)
@@ -164,6 +166,7 @@ fn to_row_layout(conn: &Connection) -> Result<()> {
 struct SqliteTx<'a> {
     conn: &'a Connection,
     dialect: &'a mut HashMap<String, String>,
+    plans: &'a mut Plans,
 }
 
 impl SqliteTx<'_> {
@@ -215,6 +218,10 @@ impl Db for SqliteTx<'_> {
         // One file on one host: one clock.
         local_ms
     }
+
+    fn plans(&mut self) -> &mut Plans {
+        self.plans
+    }
 }
 
 impl rusqlite::ToSql for Arg<'_> {
@@ -248,6 +255,7 @@ impl Backend for SqliteStore {
         let value = f(&mut SqliteTx {
             conn: &tx,
             dialect: &mut self.dialect,
+            plans: &mut self.plans,
         })?;
         tx.commit()?;
         let rows = self.conn.total_changes() - before;
@@ -338,75 +346,47 @@ mod tests {
         assert_eq!(shape(&fresh), shape(&migrated));
     }
 
-    /// A store written before migration 7 keeps its checkpoints through it, and the
-    /// recreated blobs table never hands out an id it already used.
+    /// A store as schema 6 wrote it: two stages (one not known to ack, with items
+    /// done all-or-nothing; one with a pending range that failed once), two running
+    /// fragments and two checkpoints.
+    fn write_schema_6_store(path: &Path) {
+        let conn = Connection::open(path).unwrap();
+        for sql in &MIGRATIONS[..6] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.execute_batch(
+        "PRAGMA user_version = 6;
+         INSERT INTO jobs (id, name, spec_hash, spec, state, created_ms)
+             VALUES (1, 'j', 'h', '{}', 'running', 0);
+         INSERT INTO stages (id, job_id, idx, name, items, after, retries,
+             sizer_config, state, pending, done, quarantined)
+             VALUES (1, 1, 0, 's', 30, '[]', 2, '{}', 'running',
+                 '[{\"span\":{\"start\":20,\"end\":30},\"failures\":1,\"checkpoint\":null}]', '[]', '[]');
+         INSERT INTO stages (id, job_id, idx, name, items, after, retries,
+             sizer_config, state, pending, done, quarantined, acks)
+             VALUES (2, 1, 1, 't', 10, '[]', 2, '{}', 'running', '[]', '[[0,4]]', '[]', 'no');
+         INSERT INTO blobs (id, stage_id, fragment_id, kind, raw_len, hash, data,
+             meta, created_ms, prev)
+             VALUES (5, 1, 2, 'checkpoint', 0, 'w', X'', '{}', 0, NULL),
+                    (7, 1, 3, 'checkpoint', 5, 'x', X'68656C6C6F', '{}', 0, 6);
+         INSERT INTO fragments (id, stage_id, start_idx, end_idx, state, worker, class,
+             lease_expires_ms, failures, acked, checkpoint_id, n, predicted_ms,
+             size_cap, claimed_ms)
+             VALUES (3, 1, 0, 10, 'running', 'w', 'default', 0, 0, '[[0,2]]', 7, 10, 1, '', 0),
+                    (4, 1, 10, 20, 'running', 'w', 'default', 0, 0, '[[10,12]]', 5, 10, 1, '', 0);",
+    )
+    .unwrap();
+    }
+
+    /// Migration 9 moves each stage's JSON ledger into rows: pending ranges keep
+    /// their history, running fragments count their own acks, and all-or-nothing
+    /// items of a stage not known to ack await its first ack on a `migrated` row.
     #[test]
-    fn checkpoints_survive_the_upgrade_to_protocol_2() {
+    fn a_schema_6_store_moves_to_the_row_layout() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("granule.db");
-        {
-            let conn = Connection::open(&path).unwrap();
-            for sql in &MIGRATIONS[..6] {
-                conn.execute_batch(sql).unwrap();
-            }
-            conn.execute_batch(
-                "PRAGMA user_version = 6;
-                 INSERT INTO jobs (id, name, spec_hash, spec, state, created_ms)
-                     VALUES (1, 'j', 'h', '{}', 'running', 0);
-                 INSERT INTO stages (id, job_id, idx, name, items, after, retries,
-                     sizer_config, state, pending, done, quarantined)
-                     VALUES (1, 1, 0, 's', 30, '[]', 2, '{}', 'running',
-                         '[{\"span\":{\"start\":20,\"end\":30},\"failures\":1,\"checkpoint\":null}]', '[]', '[]');
-                 INSERT INTO stages (id, job_id, idx, name, items, after, retries,
-                     sizer_config, state, pending, done, quarantined, acks)
-                     VALUES (2, 1, 1, 't', 10, '[]', 2, '{}', 'running', '[]', '[[0,4]]', '[]', 'no');
-                 INSERT INTO blobs (id, stage_id, fragment_id, kind, raw_len, hash, data,
-                     meta, created_ms, prev)
-                     VALUES (5, 1, 2, 'checkpoint', 0, 'w', X'', '{}', 0, NULL),
-                            (7, 1, 3, 'checkpoint', 5, 'x', X'68656C6C6F', '{}', 0, 6);
-                 INSERT INTO fragments (id, stage_id, start_idx, end_idx, state, worker, class,
-                     lease_expires_ms, failures, acked, checkpoint_id, n, predicted_ms,
-                     size_cap, claimed_ms)
-                     VALUES (3, 1, 0, 10, 'running', 'w', 'default', 0, 0, '[[0,2]]', 7, 10, 1, '', 0),
-                            (4, 1, 10, 20, 'running', 'w', 'default', 0, 0, '[[10,12]]', 5, 10, 1, '', 0);",
-            )
-            .unwrap();
-        }
+        write_schema_6_store(&path);
         let mut store = SqliteStore::open(&path).unwrap();
-        let kept = store.blob(7).unwrap().expect("blob 7 kept");
-        assert_eq!(kept.row.data, b"hello");
-        assert_eq!(kept.prev, Some(6));
-        let stateful: i64 = store
-            .conn
-            .query_row("SELECT stateful FROM stages WHERE id = 1", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(stateful, 1, "a stage with checkpoints is known stateful");
-        let text = |store: &SqliteStore, sql: &str| -> String {
-            store.conn.query_row(sql, [], |r| r.get(0)).unwrap()
-        };
-        // Its own last checkpoint holds a running fragment's acks (as schema 6 took
-        // it); one another fragment wrote is where it resumed, holding none of them.
-        assert_eq!(
-            text(&store, "SELECT covers FROM fragments WHERE id = 3"),
-            "[[0,2]]"
-        );
-        let resumed = |id: i64| -> Option<i64> {
-            store
-                .conn
-                .query_row(
-                    "SELECT resumed_from FROM fragments WHERE id = ?1",
-                    [id],
-                    |r| r.get(0),
-                )
-                .unwrap()
-        };
-        assert_eq!((resumed(3), resumed(4)), (None, Some(5)));
-        assert_eq!(
-            text(&store, "SELECT covers FROM fragments WHERE id = 4"),
-            "[]"
-        );
-        // All-or-nothing items of a stage not known to ack await its first ack: in
-        // the row layout, on a `migrated` fragment row marked unconfirmed.
         let migrated = |stage: i64| -> Vec<(String, i64, i64)> {
             store
                 .conn
@@ -446,6 +426,48 @@ mod tests {
             })
             .unwrap();
         assert_eq!(failures, 1);
+    }
+
+    /// A store written before migration 7 keeps its checkpoints through it, and the
+    /// recreated blobs table never hands out an id it already used.
+    #[test]
+    fn checkpoints_survive_the_upgrade_to_protocol_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("granule.db");
+        write_schema_6_store(&path);
+        let mut store = SqliteStore::open(&path).unwrap();
+        let kept = store.blob(7).unwrap().expect("blob 7 kept");
+        assert_eq!(kept.row.data, b"hello");
+        assert_eq!(kept.prev, Some(6));
+        let stateful: i64 = store
+            .conn
+            .query_row("SELECT stateful FROM stages WHERE id = 1", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stateful, 1, "a stage with checkpoints is known stateful");
+        let text = |store: &SqliteStore, sql: &str| -> String {
+            store.conn.query_row(sql, [], |r| r.get(0)).unwrap()
+        };
+        // Its own last checkpoint holds a running fragment's acks (as schema 6 took
+        // it); one another fragment wrote is where it resumed, holding none of them.
+        assert_eq!(
+            text(&store, "SELECT covers FROM fragments WHERE id = 3"),
+            "[[0,2]]"
+        );
+        let resumed = |id: i64| -> Option<i64> {
+            store
+                .conn
+                .query_row(
+                    "SELECT resumed_from FROM fragments WHERE id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert_eq!((resumed(3), resumed(4)), (None, Some(5)));
+        assert_eq!(
+            text(&store, "SELECT covers FROM fragments WHERE id = 4"),
+            "[]"
+        );
         store
             .conn
             .execute("DELETE FROM blobs WHERE id = 7", [])

@@ -1383,3 +1383,54 @@ fn free_slots_are_claimed_in_one_transaction_each_offered_what_the_others_left()
     );
     assert_eq!(s.write_counts().unwrap().claims, 1);
 }
+
+/// The finish that frees a slot claims its next fragment in the same transaction:
+/// the finished items count, the new fragment is disjoint, and once nothing is left
+/// the finish claims nothing and ends the job.
+#[test]
+fn a_finish_claims_the_next_fragment_in_the_same_transaction() {
+    for b in backends("finish_and_claim") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 20, "h"), 0, false).unwrap().id();
+        described(s.as_mut(), "w", false, 4096, 0);
+        let req = offered(id, "w", false, 4096, 0);
+        let mut a = s.claim(&req).unwrap().expect("work");
+        let mut seen = vec![a.span];
+        loop {
+            let end = FragmentEnd::success(a.fragment, a.span.end);
+            let (finished, next) = s.finish_and_claim("w", 1, &end, Some((&req, 1))).unwrap();
+            assert!(finished.accepted, "{}", b.name);
+            let Some(n) = next.into_iter().next() else {
+                assert!(
+                    finished.job_finished,
+                    "{}: the last finish ends the job",
+                    b.name
+                );
+                break;
+            };
+            seen.push(n.span);
+            a = n;
+        }
+        seen.sort_by_key(|sp| sp.start);
+        let covered: u64 = seen.iter().map(|sp| sp.len()).sum();
+        assert_eq!(covered, 20, "{}: {seen:?}", b.name);
+        assert!(
+            seen.windows(2).all(|w| w[0].end <= w[1].start),
+            "{}: {seen:?}",
+            b.name
+        );
+        assert_eq!(stage(s.as_mut(), "j").done, 20, "{}", b.name);
+    }
+    // On SQLite the finish and the claim were one transaction: no claim counted apart.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SqliteStore::open(&dir.path().join("granule.db")).unwrap();
+    let id = s.submit(&job("j", 100, "h"), 0, false).unwrap().id();
+    described(&mut s, "w", false, 4096, 0);
+    let req = offered(id, "w", false, 4096, 0);
+    let a = s.claim(&req).unwrap().expect("work");
+    let end = FragmentEnd::success(a.fragment, a.span.end);
+    let (_, next) = s.finish_and_claim("w", 1, &end, Some((&req, 1))).unwrap();
+    assert_eq!(next.len(), 1);
+    let w = s.write_counts().unwrap();
+    assert_eq!((w.claims, w.finishes), (1, 1));
+}

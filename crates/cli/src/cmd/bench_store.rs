@@ -89,32 +89,49 @@ fn client(state: &StateArg, c: u32, id: JobId, deadline: Instant) -> Result<Vec<
         locality: String::new(),
     };
     store.register_worker(&info, host::now_ms())?;
-    let mut mine = Vec::new();
-    while Instant::now() < deadline {
-        let req = ClaimRequest {
-            expected_life_ms: None,
-            job: Some(id),
-            worker: worker.clone(),
-            class: "default".into(),
-            now_ms: host::now_ms(),
-            lease_ms: 60_000,
+    let request = || ClaimRequest {
+        expected_life_ms: None,
+        job: Some(id),
+        worker: worker.clone(),
+        class: "default".into(),
+        now_ms: host::now_ms(),
+        lease_ms: 60_000,
+        slots: 1,
+        max_items: Some(1),
+        offer: Default::default(),
+        context: ClaimContext {
+            remaining: 0,
             slots: 1,
-            max_items: Some(1),
-            offer: Default::default(),
-            context: ClaimContext {
-                remaining: 0,
-                slots: 1,
-                free_memory: 1.0,
-                load_per_cpu: 0.0,
-                lifespan_ms: None,
+            free_memory: 1.0,
+            load_per_cpu: 0.0,
+            lifespan_ms: None,
+        },
+    };
+    // As a worker does: the finish that frees the slot claims its next fragment.
+    let mut mine = Vec::new();
+    let mut next = None;
+    while Instant::now() < deadline {
+        let a = match next.take() {
+            Some(a) => a,
+            None => match store.claim(&request())? {
+                Some(a) => a,
+                None => continue,
             },
-        };
-        let Some(a) = store.claim(&req)? else {
-            continue;
         };
         mine.push((a.span.start, a.span.end));
         let end = FragmentEnd::success(a.fragment, a.span.end);
-        store.finish(&worker, host::now_ms(), &end)?;
+        let req = request();
+        let (_, claimed) =
+            store.finish_and_claim(&worker, host::now_ms(), &end, Some((&req, 1)))?;
+        next = claimed.into_iter().next();
+    }
+    if let Some(a) = next {
+        // Claimed past the deadline: not a cycle; end it so the job can be cancelled clean.
+        store.finish(
+            &worker,
+            host::now_ms(),
+            &FragmentEnd::success(a.fragment, a.span.end),
+        )?;
     }
     Ok(mine)
 }

@@ -3,7 +3,7 @@
 //! the sizer, `StageLedger::claim`); this reads what those need and writes the
 //! fragment they decide on.
 
-use super::fragment::{save_sizer, sizer_for, write_range};
+use super::fragment::{save_sizer_if, sizer_read, write_range};
 use super::read::history;
 use super::{halt_job, stages_of, Backend, StageRow, TxKind};
 use crate::common::{json, memory_of, parse, stage_view, StageReading};
@@ -24,18 +24,8 @@ pub(crate) fn claim_many(
     slots: usize,
 ) -> Result<Vec<Assignment>> {
     for attempt in 0..4 {
-        let (claimed, contended) = b.transaction(TxKind::Claim, |tx| {
-            let mut req = req.clone();
-            let (mut claimed, mut contended) = (Vec::new(), false);
-            while claimed.len() < slots {
-                let (assignment, locked_out) = claim_once(tx, &req)?;
-                contended |= locked_out;
-                let Some(a) = assignment else { break };
-                req.offer = req.offer.less(&a.needs);
-                claimed.push(a);
-            }
-            Ok((claimed, contended))
-        })?;
+        let (claimed, contended) =
+            b.transaction(TxKind::Claim, |tx| claim_slots(tx, req, slots))?;
         if !claimed.is_empty() || !contended {
             return Ok(claimed);
         }
@@ -44,37 +34,67 @@ pub(crate) fn claim_many(
     Ok(Vec::new())
 }
 
-/// Jobs a claim may take from: the one asked for, or every running job.
-fn running_jobs(tx: &mut dyn Db, job: Option<JobId>) -> Result<Vec<i64>> {
-    let rows = match job {
-        Some(job) => tx.query(
-            "SELECT id FROM jobs WHERE id = $1 AND state = 'running'",
-            args![job.0],
-        )?,
-        None => tx.query(
-            "SELECT id FROM jobs WHERE state = 'running' ORDER BY id",
-            args![],
-        )?,
+/// Claims for up to `slots` slots, each offered what the ones before it left; also
+/// says whether a range existed but was locked by others.
+pub(crate) fn claim_slots(
+    tx: &mut dyn Db,
+    req: &ClaimRequest,
+    slots: usize,
+) -> Result<(Vec<Assignment>, bool)> {
+    let mut req = req.clone();
+    let (mut claimed, mut contended) = (Vec::new(), false);
+    while claimed.len() < slots {
+        let (assignment, locked_out) = claim_once(tx, &req)?;
+        contended |= locked_out;
+        let Some(a) = assignment else { break };
+        req.offer = req.offer.less(&a.needs);
+        claimed.push(a);
+    }
+    Ok((claimed, contended))
+}
+
+/// The stages of the jobs a claim may take from (the one asked for, or every
+/// running job), each job's stages in spec order; a job whose stored state cannot
+/// be read is stopped as broken and left out.
+fn running_stages(tx: &mut dyn Db, req: &ClaimRequest) -> Result<Vec<(i64, Vec<StageRow>)>> {
+    let jobs: Vec<i64> = match req.job {
+        Some(job) => vec![job.0],
+        None => tx
+            .query(
+                "SELECT id FROM jobs WHERE state = 'running' ORDER BY id",
+                args![],
+            )?
+            .iter()
+            .map(|r| r.i64(0))
+            .collect(),
     };
-    Ok(rows.iter().map(|r| r.i64(0)).collect())
+    let mut out = Vec::new();
+    for job in jobs {
+        match stages_of(tx, job, true) {
+            Ok(stages) if stages.is_empty() => {}
+            Ok(stages) => out.push((job, stages)),
+            Err(StoreError::Corrupt(why)) => halt_job(tx, job, &broken(why), req.now_ms)?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+fn broken(why: String) -> JobHalt {
+    JobHalt::Broken(format!("its stored state cannot be read: {why}"))
 }
 
 /// One claim; also says whether a range existed but was locked by others. Jobs go
 /// by their highest stage priority, then oldest first. A job whose stored state
 /// cannot be read breaks alone: the others go on.
 fn claim_once(tx: &mut dyn Db, req: &ClaimRequest) -> Result<(Option<Assignment>, bool)> {
-    let broken = |why: String| JobHalt::Broken(format!("its stored state cannot be read: {why}"));
-    let mut keyed = Vec::new();
-    for job in running_jobs(tx, req.job)? {
-        match stages_of(tx, job) {
-            Ok(stages) => {
-                let top = stages.iter().map(|s| s.needs.priority).max().unwrap_or(0);
-                keyed.push((-top, job, stages));
-            }
-            Err(StoreError::Corrupt(why)) => halt_job(tx, job, &broken(why), req.now_ms)?,
-            Err(e) => return Err(e),
-        }
-    }
+    let mut keyed: Vec<(i64, i64, Vec<StageRow>)> = running_stages(tx, req)?
+        .into_iter()
+        .map(|(job, stages)| {
+            let top = stages.iter().map(|s| s.needs.priority).max().unwrap_or(0);
+            (-top, job, stages)
+        })
+        .collect();
     keyed.sort_by_key(|(top, job, _)| (*top, *job));
     let mut contended = false;
     for (_, job, stages) in keyed {
@@ -101,7 +121,7 @@ fn claim_in_job(
     let strict = Admission::strict(&req.offer);
     let mut relaxed: Option<Admission> = None;
     for stage in ready {
-        let mut range = pending_range(tx, stage.id, &strict)?;
+        let mut range = pending_range(tx, req, stage.id, &strict)?;
         if range.is_none() {
             // Ranges held back for better placed workers: only while one is alive.
             let admission = match relaxed {
@@ -112,7 +132,7 @@ fn claim_in_job(
                 }
             };
             if admission != strict {
-                range = pending_range(tx, stage.id, &admission)?;
+                range = pending_range(tx, req, stage.id, &admission)?;
             }
         }
         let Some(range) = range else {
@@ -155,8 +175,16 @@ fn ready_in_order<'a>(
         views.push(read_view(tx, stage, is_ready(stage), created)?);
     }
     let plan = if deadlines {
-        let pool = live_pool_of(tx, req.now_ms, req.lease_ms)?;
-        class_deadline_plan(&views, &pool, &req.class, req.now_ms)
+        let key = super::PlanKey::new(job, &req.class, &views);
+        match tx.plans().fresh(&key, req.now_ms) {
+            Some(plan) => plan,
+            None => {
+                let pool = live_pool_of(tx, req.now_ms, req.lease_ms)?;
+                let plan = class_deadline_plan(&views, &pool, &req.class, req.now_ms);
+                tx.plans().keep(key, req.now_ms, plan.clone());
+                plan
+            }
+        }
     } else {
         None
     };
@@ -240,23 +268,50 @@ fn range_row(r: &Row) -> Result<(i64, PendingRange)> {
     ))
 }
 
+/// A pending range locked for a claim, with what the sizer's tail factoring reads
+/// of the stage and the pool, taken in the same round trip.
+struct Locked {
+    id: i64,
+    range: PendingRange,
+    /// Items pending in the stage.
+    remaining: u64,
+    /// Slots of live workers.
+    live_slots: u32,
+    /// The claimer's class's sizer state, if the stage has one yet.
+    sizer: Option<String>,
+}
+
 /// The first pending range of a stage that `admission` lets the worker take,
 /// locked (ranges others hold locked are skipped).
 fn pending_range(
     tx: &mut dyn Db,
+    req: &ClaimRequest,
     stage: i64,
     admission: &Admission,
-) -> Result<Option<(i64, PendingRange)>> {
+) -> Result<Option<Locked>> {
     let below = i64::try_from(admission.below_floor_mb).unwrap_or(i64::MAX);
     let lost = i64::from(admission.lost_under.min(i32::MAX as u32));
     let sql = format!(
-        "SELECT {RANGE_COLUMNS} FROM pending
+        "SELECT {RANGE_COLUMNS},
+                (SELECT coalesce(sum(end_idx - start_idx), 0)::BIGINT FROM pending WHERE stage_id = $1),
+                (SELECT coalesce(sum(slots), 0)::BIGINT FROM workers WHERE state != 'exited' AND heartbeat_ms >= $4),
+                (SELECT state FROM sizers WHERE stage_id = $1 AND class = $5)
+         FROM pending p
          WHERE stage_id = $1 AND (floor_memory_mb = 0 OR floor_memory_mb < $2) AND lost < $3
-         ORDER BY start_idx LIMIT 1 FOR UPDATE SKIP LOCKED"
+         ORDER BY start_idx LIMIT 1 FOR UPDATE OF p SKIP LOCKED"
     );
-    tx.query_opt(&sql, args![stage, below, lost])?
-        .map(|r| range_row(&r))
-        .transpose()
+    let live_since = req.now_ms - req.lease_ms;
+    let Some(r) = tx.query_opt(&sql, args![stage, below, lost, live_since, &req.class])? else {
+        return Ok(None);
+    };
+    let (id, range) = range_row(&r)?;
+    Ok(Some(Locked {
+        id,
+        range,
+        remaining: r.u64(8),
+        live_slots: r.u32(9),
+        sizer: r.opt_string(10),
+    }))
 }
 
 /// The largest memory (MiB) among live workers, and whether a live one is on-demand.
@@ -270,26 +325,23 @@ fn alive_capacity(tx: &mut dyn Db, req: &ClaimRequest) -> Result<(u64, bool)> {
 }
 
 /// How many items the sizer gives this claim on `stage`, with the sizer as it
-/// stands after sizing (and whether this transaction may save it).
+/// stands after sizing (and its stored text, to save it only if sizing changed it).
 fn size_claim(
     tx: &mut dyn Db,
     req: &ClaimRequest,
     stage: &StageRow,
-) -> Result<(u64, SizeCap, granule_core::Sizer, bool, f64)> {
-    // Items left and live slots, for tail factoring.
-    let counts = tx.query_one(
-        "SELECT (SELECT coalesce(sum(end_idx - start_idx), 0)::BIGINT FROM pending WHERE stage_id = $1),
-                (SELECT coalesce(sum(slots), 0)::BIGINT FROM workers WHERE state != 'exited' AND heartbeat_ms >= $2)",
-        args![stage.id, req.now_ms - req.lease_ms],
-    )?;
-    let slots = counts.u32(1).max(req.slots);
-    let (mut sizer, locked) = sizer_for(tx, stage.id, &req.class)?;
+    locked: &Locked,
+) -> Result<(u64, SizeCap, granule_core::Sizer, String, f64)> {
+    let (mut sizer, stored) = match &locked.sizer {
+        Some(text) => (parse(text, "sizer state")?, text.clone()),
+        None => sizer_read(tx, stage.id, &req.class)?,
+    };
     let ctx = claim_context(
         &req.context,
         req.expected_life_ms,
         stage.acks == Acks::Yes,
-        counts.u64(0),
-        slots,
+        locked.remaining,
+        locked.live_slots.max(req.slots),
     );
     let sizing = sizer.size(&stage.sizer_config, &ctx);
     let n = req.max_items.map_or(sizing.n, |max| sizing.n.min(max));
@@ -298,7 +350,7 @@ fn size_claim(
     } else {
         sizing.cap
     };
-    Ok((n, cap, sizer, locked, ctx.load_per_cpu))
+    Ok((n, cap, sizer, stored, ctx.load_per_cpu))
 }
 
 /// The locked range and, while that holds fewer than `n` items, the ranges that
@@ -355,13 +407,13 @@ fn claim_range(
     req: &ClaimRequest,
     job: i64,
     stage: &StageRow,
-    first: (i64, PendingRange),
+    first: Locked,
 ) -> Result<Option<Assignment>> {
-    let (n, cap, sizer, locked, load) = size_claim(tx, req, stage)?;
+    let (n, cap, sizer, stored, load) = size_claim(tx, req, stage, &first)?;
     if n == 0 {
         return Ok(None);
     }
-    let window = lock_window(tx, stage.id, first, n)?;
+    let window = lock_window(tx, stage.id, (first.id, first.range), n)?;
     let ids: Vec<i64> = window.iter().map(|(id, _)| *id).collect();
     let mut ledger = StageLedger::window(
         window.into_iter().map(|(_, r)| r).collect(),
@@ -402,9 +454,7 @@ fn claim_range(
             ],
         )?
         .i64(0);
-    if locked {
-        save_sizer(tx, stage.id, &req.class, &sizer)?;
-    }
+    save_sizer_if(tx, stage.id, &req.class, &sizer, &stored)?;
     if stage.state == "waiting" {
         tx.execute(
             "UPDATE stages SET state = 'running' WHERE id = $1 AND state = 'waiting'",

@@ -3,15 +3,18 @@
 //! Each holds the fragment's row and applies core's ledger transition to a
 //! [`window`] of the stage: the fragment and the stage's flags.
 
-use super::{halt_job, stage_by_id, Backend, TxKind};
-use crate::common::{accounted_outcome, json, memory_of, parse, verdict, FOLLOWS_WORKER};
+use super::{halt_job, Backend, TxKind};
+use crate::common::{
+    accounted_outcome, decode_sizer_config, json, memory_of, parse, verdict, FOLLOWS_WORKER,
+};
 use crate::db::{args, Db};
 use crate::{
-    Acks, Finished, FlushReply, FragmentEnd, FragmentFlush, Heartbeat, Result, SplitAnswer,
+    Acks, Assignment, ClaimRequest, Finished, FlushReply, FragmentEnd, FragmentFlush, Heartbeat,
+    Result, SplitAnswer,
 };
 use granule_core::{
     retry_budget, split_gain, split_point, FinishOutcome, FinishReport, FragmentId, IntervalSet,
-    JobId, Observation, PendingRange, RunningFragment, Sizer, Span, StageLedger,
+    JobId, Observation, PendingRange, RunningFragment, SizeCap, Sizer, Span, StageLedger,
 };
 
 /// A running fragment, locked for this transaction, as long as `worker` holds it.
@@ -19,26 +22,36 @@ pub(crate) struct HeldFragment {
     stage: i64,
     fragment: RunningFragment,
     class: String,
-    size_cap: String,
-    /// Whether its stage was known to ack when read (without a lock).
+    size_cap: SizeCap,
+    /// What its stage knew of acks when read (without a lock).
+    acks: Acks,
+    /// Whether that was `yes`.
     acking: bool,
     /// Whether its stage was known to keep state when read (without a lock).
     stateful: bool,
     /// Whether its job still runs (not cancelled, refused or broken).
     job_running: bool,
+    /// Its stage's retries.
+    retries: u32,
+    /// Its stage's sizer config.
+    sizer_config: granule_core::SizerConfig,
+    /// Whether its stage had pending items when read: then this finish cannot be
+    /// the stage's last (whoever claims them finishes after it).
+    pending_seen: bool,
 }
 
 fn hold(tx: &mut dyn Db, id: FragmentId, worker: &str) -> Result<Option<HeldFragment>> {
     let row = tx.query_opt(
-        "SELECT stage_id, start_idx, end_idx, acked, failures, checkpoint_id, class, size_cap, lost, floor_memory_mb,
-                covers, inherited, resumed_from,
-                (SELECT s.acks = 'yes' FROM stages s WHERE s.id = f.stage_id),
-                (SELECT s.stateful FROM stages s WHERE s.id = f.stage_id),
-                (SELECT j.state = 'running' FROM stages s JOIN jobs j ON j.id = s.job_id WHERE s.id = f.stage_id)
-         FROM fragments f WHERE id = $1 AND worker = $2 AND state = 'running' FOR UPDATE OF f",
+        "SELECT f.stage_id, f.start_idx, f.end_idx, f.acked, f.failures, f.checkpoint_id, f.class, f.size_cap,
+                f.lost, f.floor_memory_mb, f.covers, f.inherited, f.resumed_from,
+                s.acks, s.stateful, j.state = 'running', s.retries, s.sizer_config,
+                EXISTS (SELECT 1 FROM pending p WHERE p.stage_id = f.stage_id)
+         FROM fragments f JOIN stages s ON s.id = f.stage_id JOIN jobs j ON j.id = s.job_id
+         WHERE f.id = $1 AND f.worker = $2 AND f.state = 'running' FOR UPDATE OF f",
         args![id.0, worker],
     )?;
     let Some(r) = row else { return Ok(None) };
+    let acks: Acks = r.str(13).parse()?;
     Ok(Some(HeldFragment {
         stage: r.i64(0),
         fragment: RunningFragment {
@@ -54,10 +67,15 @@ fn hold(tx: &mut dyn Db, id: FragmentId, worker: &str) -> Result<Option<HeldFrag
             resumed_from: r.opt_i64(12),
         },
         class: r.string(6),
-        size_cap: r.string(7),
-        acking: r.bool(13),
+        // A cap word this version does not know sized nothing it can learn from.
+        size_cap: serde_json::from_value(r.str(7).into()).unwrap_or(SizeCap::Bounds),
+        acks,
+        acking: acks == Acks::Yes,
         stateful: r.bool(14),
         job_running: r.bool(15),
+        retries: r.u32(16),
+        sizer_config: decode_sizer_config(r.str(17))?,
+        pending_seen: r.bool(18),
     }))
 }
 
@@ -388,19 +406,17 @@ fn save_fragment(tx: &mut dyn Db, ledger: &StageLedger, id: FragmentId) -> Resul
 /// (taken only if free: a busy sizer is read, not waited for; under contention the
 /// model learns from a sample of fragments).
 pub(crate) fn sizer_for(tx: &mut dyn Db, stage: i64, class: &str) -> Result<(Sizer, bool)> {
-    let locked = tx.query_opt(
-        "SELECT state FROM sizers WHERE stage_id = $1 AND class = $2 FOR UPDATE SKIP LOCKED",
+    let row = tx.query_opt(
+        "SELECT (SELECT l.state FROM sizers l WHERE l.stage_id = $1 AND l.class = $2 FOR UPDATE SKIP LOCKED), state
+         FROM sizers WHERE stage_id = $1 AND class = $2",
         args![stage, class],
     )?;
-    if let Some(r) = locked {
-        return Ok((parse(r.str(0), "sizer state")?, true));
-    }
-    let plain = tx.query_opt(
-        "SELECT state FROM sizers WHERE stage_id = $1 AND class = $2",
-        args![stage, class],
-    )?;
-    match plain {
-        Some(r) => Ok((parse(r.str(0), "sizer state")?, false)),
+    // The first column is the row as locked (its latest version), if it was free.
+    match row {
+        Some(r) => match r.opt_string(0) {
+            Some(mine) => Ok((parse(&mine, "sizer state")?, true)),
+            None => Ok((parse(r.str(1), "sizer state")?, false)),
+        },
         None => {
             let created = tx.execute(
                 "INSERT INTO sizers (stage_id, class, state) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -409,6 +425,46 @@ pub(crate) fn sizer_for(tx: &mut dyn Db, stage: i64, class: &str) -> Result<(Siz
             Ok((Sizer::default(), created == 1))
         }
     }
+}
+
+/// The sizer of (stage, class) as stored, and its stored text, without a lock: a
+/// claim only reads it (sizing changes nothing but a new sizer's first step).
+pub(crate) fn sizer_read(tx: &mut dyn Db, stage: i64, class: &str) -> Result<(Sizer, String)> {
+    let row = tx.query_opt(
+        "SELECT state FROM sizers WHERE stage_id = $1 AND class = $2",
+        args![stage, class],
+    )?;
+    let text = match row {
+        Some(r) => r.string(0),
+        None => {
+            let text = json(&Sizer::default());
+            tx.execute(
+                "INSERT INTO sizers (stage_id, class, state) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                args![stage, class, &text],
+            )?;
+            text
+        }
+    };
+    Ok((parse(&text, "sizer state")?, text))
+}
+
+/// Writes a sizer a claim changed, unless another transaction changed it first
+/// (what it wrote is as good).
+pub(crate) fn save_sizer_if(
+    tx: &mut dyn Db,
+    stage: i64,
+    class: &str,
+    sizer: &Sizer,
+    was: &str,
+) -> Result<()> {
+    let now = json(sizer);
+    if now != was {
+        tx.execute(
+            "UPDATE sizers SET state = $3 WHERE stage_id = $1 AND class = $2 AND state = $4",
+            args![stage, class, &now, was],
+        )?;
+    }
+    Ok(())
 }
 
 /// Writes a sizer state back (its row lock is held).
@@ -634,6 +690,28 @@ pub(crate) fn finish(
     })
 }
 
+/// Ends a fragment and claims for the slots it frees, in one transaction (see
+/// `Store::finish_and_claim`).
+pub(crate) fn finish_and_claim(
+    b: &mut impl Backend,
+    worker: &str,
+    now_ms: i64,
+    end: &FragmentEnd,
+    next: Option<(&ClaimRequest, usize)>,
+) -> Result<(Finished, Vec<Assignment>)> {
+    b.transaction(TxKind::Finish, |tx| {
+        let finished = match hold(tx, end.flush.fragment, worker)? {
+            Some(held) => finish_held(tx, worker, now_ms, end, &held)?,
+            None => Finished::default(),
+        };
+        let claimed = match next {
+            Some((req, slots)) => super::claim::claim_slots(tx, req, slots)?.0,
+            None => Vec::new(),
+        };
+        Ok((finished, claimed))
+    })
+}
+
 /// What a finish decided, for its row.
 struct Ended {
     report: FinishReport,
@@ -651,7 +729,6 @@ fn finish_held(
     held: &HeldFragment,
 ) -> Result<Finished> {
     let id = held.fragment.id;
-    let stage = stage_by_id(tx, held.stage)?;
     let mut ledger = window(held);
     let (_, mut appeared) = apply_flush(tx, held, &mut ledger, &end.flush, now_ms)?;
     let splits = u64::from(
@@ -668,7 +745,7 @@ fn finish_held(
     let report = ledger.finish(
         id,
         &outcome,
-        retry_budget(end.cause.as_deref(), stage.retries),
+        retry_budget(end.cause.as_deref(), held.retries),
     );
     let verdict = verdict(end, &report);
     let (result, forgotten) = kept_result(tx, held.stage, &mut ledger, &report)?;
@@ -692,7 +769,7 @@ fn finish_held(
         splits,
     };
     write_end(tx, end, &f, &ledger, &ended, now_ms)?;
-    if ended.verdict.all_or_nothing && end.fed > 0 && stage.acks == Acks::Unknown {
+    if ended.verdict.all_or_nothing && end.fed > 0 && held.acks == Acks::Unknown {
         tx.execute(
             "UPDATE stages SET acks = 'no' WHERE id = $1 AND acks = 'unknown'",
             args![held.stage],
@@ -703,12 +780,12 @@ fn finish_held(
         halt_job(tx, job, halt, now_ms)?;
     }
     if ended.verdict.finished && end.fed > 0 {
-        learn(tx, held, &stage.sizer_config, end)?;
+        learn(tx, held, end)?;
     }
     if appeared {
         tx.notify()?;
     }
-    let job_finished = requeue.is_empty() && settle(tx, held.stage, now_ms)?;
+    let job_finished = requeue.is_empty() && !held.pending_seen && settle(tx, held.stage, now_ms)?;
     Ok(Finished {
         accepted: true,
         quarantined: ended.report.quarantined,
@@ -784,25 +861,20 @@ fn write_end(
 }
 
 /// The sizer of the fragment's class learns from its finish, if its row is free.
-fn learn(
-    tx: &mut dyn Db,
-    held: &HeldFragment,
-    config: &granule_core::SizerConfig,
-    end: &FragmentEnd,
-) -> Result<()> {
+fn learn(tx: &mut dyn Db, held: &HeldFragment, end: &FragmentEnd) -> Result<()> {
     let (mut sizer, locked) = sizer_for(tx, held.stage, &held.class)?;
     if !locked {
         return Ok(());
     }
     sizer.observe(
-        config,
+        &held.sizer_config,
         &Observation {
             n: end.fed,
             duration_ms: end.observed_ms,
             acks: end.acks,
             first_ack_ms: end.first_ack_ms,
             last_ack_ms: end.last_ack_ms,
-            sized_by_model: held.size_cap == "model",
+            sized_by_model: held.size_cap == SizeCap::Model,
             bytes: end.bytes,
             load: Some(end.load),
         },

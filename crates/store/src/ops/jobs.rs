@@ -4,7 +4,7 @@ use super::fragment::insert_pending;
 use super::{Backend, TxKind, SHARDS};
 use crate::common::{json, sizer_config_json};
 use crate::db::{args, Db};
-use crate::{JobRecord, NewJob, Result, StoreError, Submitted, WorkerInfo};
+use crate::{JobRecord, NewJob, Result, StoreError, Submitted, WorkerInfo, WorkerState};
 use granule_core::{JobId, PendingRange, Span};
 
 /// How a job is looked up.
@@ -183,6 +183,7 @@ pub(crate) fn set_worker_state(
     state: &str,
     now_ms: i64,
 ) -> Result<()> {
+    let state: WorkerState = state.parse()?;
     b.transaction(TxKind::Write, |tx| {
         tx.execute(
             "UPDATE workers SET state = $2, heartbeat_ms = $3, busy = CASE WHEN $2 = 'exited' THEN 0 ELSE busy END,

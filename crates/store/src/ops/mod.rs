@@ -20,6 +20,72 @@ use crate::common::{decode_sizer_config, parse};
 use crate::db::{args, Db, Row};
 use crate::{Acks, JobHalt, Result, StageState};
 use granule_core::{SizerConfig, StageNeeds};
+use std::collections::HashMap;
+
+/// Deadline plans a connection computed, with the claim time each was made at: a
+/// claim within [`PLAN_REUSE_MS`] of it whose inputs are the same ([`PlanKey`]:
+/// the job, the asking class, and per stage whether it is ready, the work left to
+/// within a few percent and each learned cost to within a few percent) reuses the
+/// plan instead of reading the pool and solving its LPs again inside its
+/// transaction. The pool is not in the key: it is what the time bound is for.
+#[derive(Default)]
+pub(crate) struct Plans(HashMap<PlanKey, (i64, Option<Vec<bool>>)>);
+
+/// What a deadline plan was made from (see [`Plans`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct PlanKey {
+    job: i64,
+    class: String,
+    stages: Vec<StageKey>,
+}
+
+/// A stage as a plan's key sees it: ready, work left and learned costs (bucketed).
+type StageKey = (bool, i64, Vec<(String, i64)>);
+
+impl PlanKey {
+    /// The key of a plan of `job`'s stages `views` for a claim by `class`.
+    pub(crate) fn new(job: i64, class: &str, views: &[granule_core::StageView]) -> PlanKey {
+        // Within about 3%: what moves less than that does not change a plan.
+        let bucket = |x: f64| (x.max(1e-9).ln() * 32.0).round() as i64;
+        let stages = views
+            .iter()
+            .map(|v| {
+                let learned = v
+                    .learned
+                    .iter()
+                    .map(|(c, b)| (c.clone(), bucket(*b)))
+                    .collect();
+                (v.ready, bucket(v.left as f64 + 1.0), learned)
+            })
+            .collect();
+        PlanKey {
+            job,
+            class: class.to_string(),
+            stages,
+        }
+    }
+}
+
+/// How long (claim time, ms) a deadline plan is reused.
+pub(crate) const PLAN_REUSE_MS: i64 = 1000;
+
+impl Plans {
+    /// The plan for `key` made within [`PLAN_REUSE_MS`] of `now_ms`, if any.
+    pub(crate) fn fresh(&self, key: &PlanKey, now_ms: i64) -> Option<Option<Vec<bool>>> {
+        self.0
+            .get(key)
+            .filter(|(at, _)| (now_ms - at).abs() < PLAN_REUSE_MS)
+            .map(|(_, plan)| plan.clone())
+    }
+
+    /// Keeps a plan made at `now_ms`.
+    pub(crate) fn keep(&mut self, key: PlanKey, now_ms: i64, plan: Option<Vec<bool>>) {
+        if self.0.len() > 256 {
+            self.0.clear();
+        }
+        self.0.insert(key, (now_ms, plan));
+    }
+}
 
 /// Pending ranges a new stage starts as, so that claimers do not queue on one row.
 pub(crate) const SHARDS: u64 = 64;
@@ -47,7 +113,6 @@ pub(crate) struct StageRow {
     pub(crate) name: String,
     pub(crate) items: u64,
     pub(crate) after: Vec<usize>,
-    pub(crate) retries: u32,
     pub(crate) sizer_config: SizerConfig,
     pub(crate) state: String,
     pub(crate) acks: Acks,
@@ -61,8 +126,7 @@ impl StageRow {
     }
 }
 
-const STAGE_COLUMNS: &str =
-    "id, idx, name, items, after, retries, sizer_config, state, acks, needs";
+const STAGE_COLUMNS: &str = "id, idx, name, items, after, sizer_config, state, acks, needs";
 
 fn stage_row(r: &Row) -> Result<StageRow> {
     Ok(StageRow {
@@ -71,24 +135,24 @@ fn stage_row(r: &Row) -> Result<StageRow> {
         name: r.string(2),
         items: r.u64(3),
         after: parse(r.str(4), "stage after")?,
-        retries: r.u32(5),
-        sizer_config: decode_sizer_config(r.str(6))?,
-        state: r.string(7),
-        acks: r.str(8).parse()?,
-        needs: parse(r.str(9), "stage needs")?,
+        sizer_config: decode_sizer_config(r.str(5))?,
+        state: r.string(6),
+        acks: r.str(7).parse()?,
+        needs: parse(r.str(8), "stage needs")?,
     })
 }
 
-/// A job's stages in spec order.
-pub(crate) fn stages_of(tx: &mut dyn Db, job: i64) -> Result<Vec<StageRow>> {
-    let sql = format!("SELECT {STAGE_COLUMNS} FROM stages WHERE job_id = $1 ORDER BY idx");
-    tx.query(&sql, args![job])?.iter().map(stage_row).collect()
-}
-
-/// One stage by id.
-pub(crate) fn stage_by_id(tx: &mut dyn Db, stage: i64) -> Result<StageRow> {
-    let sql = format!("SELECT {STAGE_COLUMNS} FROM stages WHERE id = $1");
-    stage_row(&tx.query_one(&sql, args![stage])?)
+/// A job's stages in spec order; with `running`, none unless the job still runs.
+pub(crate) fn stages_of(tx: &mut dyn Db, job: i64, running: bool) -> Result<Vec<StageRow>> {
+    let sql = format!(
+        "SELECT {STAGE_COLUMNS} FROM stages WHERE job_id = $1
+           AND ($2 = 0 OR EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND state = 'running'))
+         ORDER BY idx"
+    );
+    tx.query(&sql, args![job, i64::from(running)])?
+        .iter()
+        .map(stage_row)
+        .collect()
 }
 
 /// Stops a running job with an error (`refused`, `broken`); its running fragments
@@ -202,6 +266,15 @@ macro_rules! store_over_backend {
             ) -> $crate::Result<$crate::Finished> {
                 $crate::ops::fragment::finish(self, worker, now_ms, end)
             }
+            fn finish_and_claim(
+                &mut self,
+                worker: &str,
+                now_ms: i64,
+                end: &$crate::FragmentEnd,
+                next: Option<(&$crate::ClaimRequest, usize)>,
+            ) -> $crate::Result<($crate::Finished, Vec<$crate::Assignment>)> {
+                $crate::ops::fragment::finish_and_claim(self, worker, now_ms, end, next)
+            }
             fn workers_holding_work(&mut self) -> $crate::Result<Vec<$crate::WorkerInfo>> {
                 $crate::ops::read::workers_holding_work(self)
             }
@@ -270,3 +343,44 @@ macro_rules! store_over_backend {
     };
 }
 pub(crate) use store_over_backend;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use granule_core::StageView;
+
+    fn view(left: u64, cost: Option<f64>) -> StageView {
+        StageView {
+            idx: 0,
+            needs: StageNeeds::default(),
+            after: Vec::new(),
+            ready: true,
+            running: 0,
+            left,
+            learned: cost.map(|b| ("a".to_string(), b)).into_iter().collect(),
+            checkpoints: false,
+            deadline_at_ms: Some(1),
+        }
+    }
+
+    /// A plan is reused for a second of claim time while its inputs hold; work left
+    /// or a learned cost that moved, or another class, needs a new one.
+    #[test]
+    fn a_plan_is_reused_only_while_its_inputs_hold() {
+        let mut plans = Plans::default();
+        let key = PlanKey::new(1, "a", &[view(10_000, Some(1.0))]);
+        plans.keep(key.clone(), 5_000, Some(vec![true]));
+        assert_eq!(plans.fresh(&key, 5_900), Some(Some(vec![true])));
+        assert_eq!(plans.fresh(&key, 6_000), None, "a second later");
+        let nearly = PlanKey::new(1, "a", &[view(10_050, Some(1.01))]);
+        assert_eq!(nearly, key, "within a few percent");
+        for moved in [
+            PlanKey::new(1, "a", &[view(9_000, Some(1.0))]),
+            PlanKey::new(1, "a", &[view(10_000, Some(1.5))]),
+            PlanKey::new(1, "a", &[view(10_000, None)]),
+            PlanKey::new(1, "b", &[view(10_000, Some(1.0))]),
+        ] {
+            assert_eq!(plans.fresh(&moved, 5_100), None);
+        }
+    }
+}

@@ -51,7 +51,7 @@ pub(crate) fn status(b: &mut impl Backend, job: Option<&str>) -> Result<Vec<JobS
         }
         let mut out = Vec::new();
         for j in &jobs {
-            let stages = stages_of(tx, j.i64(0)).and_then(|stages| {
+            let stages = stages_of(tx, j.i64(0), false).and_then(|stages| {
                 stages
                     .iter()
                     .map(|stage| stage_status(tx, stage))
@@ -249,8 +249,7 @@ pub(crate) fn history(tx: &mut dyn Db, now_ms: i64, since_ms: i64) -> Result<Vec
          FROM workers w WHERE w.state != 'exited' OR w.heartbeat_ms >= $1",
         args![since_ms],
     )?;
-    Ok(rows
-        .iter()
+    rows.iter()
         .map(|r| {
             let row = HistoryRow {
                 class: r.string(0),
@@ -258,12 +257,12 @@ pub(crate) fn history(tx: &mut dyn Db, now_ms: i64, since_ms: i64) -> Result<Vec
                 slots: r.i64(2),
                 started_ms: r.i64(3),
                 heard_ms: r.i64(4),
-                state: r.string(5),
+                state: r.str(5).parse()?,
                 lost: r.bool(6),
             };
-            worker_span(now_ms, row)
+            Ok(worker_span(now_ms, row))
         })
-        .collect())
+        .collect()
 }
 
 /// Workers seen within `window_ms`, or still holding work.
@@ -282,12 +281,12 @@ pub(crate) fn workers(
              ORDER BY w.started_ms",
             args![now_ms - window_ms],
         )?;
-        Ok(rows
-            .iter()
-            .map(|r| WorkerStatus {
+        rows.iter()
+            .map(|r| {
+                Ok(WorkerStatus {
                 id: r.string(0),
                 host: r.string(1),
-                state: r.string(2),
+                state: r.str(2).parse()?,
                 class: r.string(3),
                 slots: r.u32(4),
                 busy: r.u32(5),
@@ -298,7 +297,8 @@ pub(crate) fn workers(
                 spot: r.bool(10),
                 resources: serde_json::from_str(r.str(11)).unwrap_or_default(),
             })
-            .collect())
+            })
+            .collect()
     })
 }
 
