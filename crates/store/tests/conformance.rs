@@ -1434,3 +1434,38 @@ fn a_finish_claims_the_next_fragment_in_the_same_transaction() {
     let w = s.write_counts().unwrap();
     assert_eq!((w.claims, w.finishes), (1, 1));
 }
+
+/// A worker's flush lists every fragment it runs, most with nothing new: those
+/// write nothing, so the flush writes its worker's row alone with 2 or 32 running.
+#[test]
+fn a_flush_of_fragments_with_nothing_new_writes_only_the_worker_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SqliteStore::open(&dir.path().join("granule.db")).unwrap();
+    let id = s.submit(&job("j", 1000, "h"), 0, false).unwrap().id();
+    let w = worker(&mut s, "w");
+    for running in [2, 32] {
+        let held: Vec<Assignment> = (0..running)
+            .map(|_| claim(&mut s, id, &w, 0, Some(1)).unwrap())
+            .collect();
+        let batch: Vec<FragmentFlush> = held
+            .iter()
+            .map(|a| FragmentFlush {
+                fragment: a.fragment,
+                ..FragmentFlush::default()
+            })
+            .collect();
+        let before = s.write_counts().unwrap();
+        s.flush(&w, 1_000, 10_000, &Heartbeat::default(), &batch)
+            .unwrap();
+        let after = s.write_counts().unwrap();
+        assert_eq!(after.flush_rows - before.flush_rows, 1, "{running} running");
+        for a in &held {
+            s.finish(
+                &w,
+                1_001,
+                &end(a.fragment, FinishOutcome::Success, a.span.end),
+            )
+            .unwrap();
+        }
+    }
+}
