@@ -541,14 +541,12 @@ impl Worker<'_> {
         }
         ended.extend(finished.try_iter());
         for id in ended {
-            // The slot it frees is claimed for in the same store transaction; a claim
-            // that finds nothing waits for a sign of work or the poll.
+            // The slot it frees is claimed for in the same store transaction. What
+            // that claim left free is looked for again at once: it may have found
+            // the only ranges left locked by other claimers for a moment.
             let claim = t.drain.is_none() && !self.store_paused();
-            t.claim_found_nothing = match self.finish(id, claim)? {
-                Some(0) => None,
-                Some(_) => Some(Instant::now()),
-                None => None,
-            };
+            self.finish(id, claim)?;
+            t.claim_found_nothing = None;
         }
         if t.last_flush.elapsed() >= flush_every && !self.store_paused() {
             self.flush()?;
@@ -1220,8 +1218,8 @@ impl Worker<'_> {
     }
 
     /// Records a fragment's end; with `claim`, claims for the free slots in the same
-    /// store transaction. Returns how many slots that claim left free, if it ran.
-    fn finish(&mut self, id: FragmentId, claim: bool) -> Result<Option<usize>> {
+    /// store transaction.
+    fn finish(&mut self, id: FragmentId, claim: bool) -> Result<()> {
         self.collect(id);
         let mut slot = self
             .running
@@ -1256,14 +1254,14 @@ impl Worker<'_> {
         let Some((finished, claimed)) = self.available(result)? else {
             // Kept (with its acks) until the store is back.
             self.unfinished.push((end, context));
-            return Ok(None);
+            return Ok(());
         };
         self.store_writable();
         self.report_finish(&context, &finished);
         for assignment in claimed {
             self.start_or_defer(assignment)?;
         }
-        Ok(claim.then(|| self.free_slots()))
+        Ok(())
     }
 
     /// The store's record of a fragment's end, from its runner's report.

@@ -367,6 +367,10 @@ impl Backend for PgStore {
         None
     }
 
+    fn skips_locked_rows(&self) -> bool {
+        true
+    }
+
     /// Runs `f` in a transaction; a broken connection is dropped for a reconnect.
     fn transaction<T>(
         &mut self,

@@ -138,6 +138,14 @@ fn to_row_layout(conn: &Connection) -> Result<()> {
         let unconfirmed: IntervalSet = parse(&unconfirmed, "stage unconfirmed")?;
         let confirmed = rest.difference(&unconfirmed);
         let waiting = rest.intersection(&unconfirmed);
+        if !waiting.is_empty() {
+            // Its finished fragments were all-or-nothing: the stage's first ack
+            // reverts them (their results too), as it did before.
+            conn.execute(
+                "UPDATE fragments SET unconfirmed = 1 WHERE stage_id = ?1 AND state = 'done'",
+                [stage],
+            )?;
+        }
         for (slot, items) in [(0, confirmed), (1, waiting)] {
             if items.is_empty() {
                 continue;
@@ -277,6 +285,11 @@ impl Backend for SqliteStore {
         Some(self.writes.clone())
     }
 
+    fn skips_locked_rows(&self) -> bool {
+        // A transaction holds the whole database: nothing is ever skipped.
+        false
+    }
+
     fn wait(&mut self, timeout: Duration) -> Result<bool> {
         std::thread::sleep(timeout.min(self.poll_interval()));
         Ok(true)
@@ -373,7 +386,8 @@ mod tests {
              lease_expires_ms, failures, acked, checkpoint_id, n, predicted_ms,
              size_cap, claimed_ms)
              VALUES (3, 1, 0, 10, 'running', 'w', 'default', 0, 0, '[[0,2]]', 7, 10, 1, '', 0),
-                    (4, 1, 10, 20, 'running', 'w', 'default', 0, 0, '[[10,12]]', 5, 10, 1, '', 0);",
+                    (4, 1, 10, 20, 'running', 'w', 'default', 0, 0, '[[10,12]]', 5, 10, 1, '', 0),
+                    (6, 2, 0, 4, 'done', 'w', 'default', 0, 0, '[]', 5, 4, 1, '', 0);",
     )
     .unwrap();
     }
@@ -401,6 +415,15 @@ mod tests {
                 .collect()
         };
         assert_eq!(migrated(2), vec![("[[0,4]]".to_string(), 4, 1)]);
+        // The all-or-nothing fragment that did them is reverted with them (and its
+        // result dropped) at the stage's first ack.
+        let unconfirmed: i64 = store
+            .conn
+            .query_row("SELECT unconfirmed FROM fragments WHERE id = 6", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(unconfirmed, 1);
         // A running fragment counts its own acks; nothing else of stage 1 was done.
         assert_eq!(migrated(1), vec![]);
         let counted: i64 = store

@@ -35,17 +35,13 @@ pub(crate) struct HeldFragment {
     retries: u32,
     /// Its stage's sizer config.
     sizer_config: granule_core::SizerConfig,
-    /// Whether its stage had pending items when read: then this finish cannot be
-    /// the stage's last (whoever claims them finishes after it).
-    pending_seen: bool,
 }
 
 fn hold(tx: &mut dyn Db, id: FragmentId, worker: &str) -> Result<Option<HeldFragment>> {
     let row = tx.query_opt(
         "SELECT f.stage_id, f.start_idx, f.end_idx, f.acked, f.failures, f.checkpoint_id, f.class, f.size_cap,
                 f.lost, f.floor_memory_mb, f.covers, f.inherited, f.resumed_from,
-                s.acks, s.stateful, j.state = 'running', s.retries, s.sizer_config,
-                EXISTS (SELECT 1 FROM pending p WHERE p.stage_id = f.stage_id)
+                s.acks, s.stateful, j.state = 'running', s.retries, s.sizer_config
          FROM fragments f JOIN stages s ON s.id = f.stage_id JOIN jobs j ON j.id = s.job_id
          WHERE f.id = $1 AND f.worker = $2 AND f.state = 'running' FOR UPDATE OF f",
         args![id.0, worker],
@@ -75,7 +71,6 @@ fn hold(tx: &mut dyn Db, id: FragmentId, worker: &str) -> Result<Option<HeldFrag
         job_running: r.bool(15),
         retries: r.u32(16),
         sizer_config: decode_sizer_config(r.str(17))?,
-        pending_seen: r.bool(18),
     }))
 }
 
@@ -111,21 +106,24 @@ fn flags_locked(tx: &mut dyn Db, stage: i64) -> Result<(bool, bool)> {
 fn revert_counted(tx: &mut dyn Db, stage: i64, filter: &str, set: &str) -> Result<IntervalSet> {
     let rows = tx.query(
         &format!(
-            "SELECT acked FROM fragments f WHERE f.stage_id = $1 AND {filter} FOR UPDATE OF f"
+            "SELECT id, acked FROM fragments f WHERE f.stage_id = $1 AND {filter} FOR UPDATE OF f"
         ),
         args![stage],
     )?;
     let mut items = IntervalSet::new();
     for r in &rows {
-        items.union_with(&parse::<IntervalSet>(r.str(0), "fragment acks")?);
+        items.union_with(&parse::<IntervalSet>(r.str(1), "fragment acks")?);
     }
-    if !rows.is_empty() {
+    // Exactly the rows read (and locked): one committed since is not reverted
+    // without its items.
+    let ids: Vec<i64> = rows.iter().map(|r| r.i64(0)).collect();
+    if !ids.is_empty() {
         tx.execute(
             &format!(
                 "UPDATE fragments SET {set} acked = '[]', done_count = 0, unconfirmed = false
-                 WHERE id IN (SELECT f.id FROM fragments f WHERE f.stage_id = $1 AND {filter})"
+                 WHERE id = ANY($1)"
             ),
-            args![stage],
+            args![&ids],
         )?;
     }
     Ok(items)
@@ -789,7 +787,7 @@ fn finish_held(
     if appeared {
         tx.notify()?;
     }
-    let job_finished = requeue.is_empty() && !held.pending_seen && settle(tx, held.stage, now_ms)?;
+    let job_finished = requeue.is_empty() && settle(tx, held.stage, now_ms)?;
     Ok(Finished {
         accepted: true,
         quarantined: ended.report.quarantined,

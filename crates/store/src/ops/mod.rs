@@ -175,6 +175,9 @@ pub(crate) trait Backend {
     ) -> Result<T>;
     /// Rows written so far by claims, flushes and finishes, where counted.
     fn counted_writes(&self) -> Option<crate::WriteCounts>;
+    /// Whether a claim may skip rows other transactions hold locked (then a claim
+    /// that found only those tries again shortly).
+    fn skips_locked_rows(&self) -> bool;
     /// See `Store::wait_for_work`.
     fn wait(&mut self, timeout: std::time::Duration) -> Result<bool>;
     /// See `Store::idle_poll`.
