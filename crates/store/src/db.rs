@@ -279,22 +279,26 @@ pub(crate) trait Db {
 
     /// Runs a statement that yields exactly one row.
     fn query_one(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<Row> {
-        let mut rows = self.query(sql, args)?;
-        if rows.len() != 1 {
-            return Err(StoreError::Corrupt(format!(
-                "expected one row, got {}: {}",
-                rows.len(),
-                sql.split_whitespace().collect::<Vec<_>>().join(" ")
-            )));
-        }
-        Ok(rows.pop().expect("one row"))
+        self.query_opt(sql, args)?
+            .ok_or_else(|| unexpected_rows(0, sql))
     }
 
-    /// Runs a statement that yields at most one row.
+    /// Runs a statement that yields at most one row (more is an error, as on
+    /// PostgreSQL's client: the SQL next to the call is wrong).
     fn query_opt(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<Option<Row>> {
         let mut rows = self.query(sql, args)?;
-        Ok(rows.pop().filter(|_| rows.is_empty()))
+        if rows.len() > 1 {
+            return Err(unexpected_rows(rows.len(), sql));
+        }
+        Ok(rows.pop())
     }
+}
+
+fn unexpected_rows(got: usize, sql: &str) -> StoreError {
+    StoreError::Corrupt(format!(
+        "expected one row, got {got}: {}",
+        sql.split_whitespace().collect::<Vec<_>>().join(" ")
+    ))
 }
 
 /// PostgreSQL's SQL as SQLite says it: `?N` for `$N`, row locks dropped (the

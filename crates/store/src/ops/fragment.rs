@@ -416,13 +416,21 @@ pub(crate) fn sizer_for(tx: &mut dyn Db, stage: i64, class: &str) -> Result<(Siz
             None => Ok((parse(r.str(1), "sizer state")?, false)),
         },
         None => {
-            let created = tx.execute(
-                "INSERT INTO sizers (stage_id, class, state) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                args![stage, class, &json(&Sizer::default())],
-            )?;
-            Ok((Sizer::default(), created == 1))
+            let (_, created) = create_sizer(tx, stage, class)?;
+            Ok((Sizer::default(), created))
         }
     }
+}
+
+/// A new sizer row of (stage, class), unless another transaction made one first;
+/// its stored text, and whether this transaction made it (and so holds its lock).
+fn create_sizer(tx: &mut dyn Db, stage: i64, class: &str) -> Result<(String, bool)> {
+    let text = json(&Sizer::default());
+    let created = tx.execute(
+        "INSERT INTO sizers (stage_id, class, state) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        args![stage, class, &text],
+    )?;
+    Ok((text, created == 1))
 }
 
 /// The sizer of (stage, class) as stored, and its stored text, without a lock: a
@@ -434,14 +442,7 @@ pub(crate) fn sizer_read(tx: &mut dyn Db, stage: i64, class: &str) -> Result<(Si
     )?;
     let text = match row {
         Some(r) => r.string(0),
-        None => {
-            let text = json(&Sizer::default());
-            tx.execute(
-                "INSERT INTO sizers (stage_id, class, state) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                args![stage, class, &text],
-            )?;
-            text
-        }
+        None => create_sizer(tx, stage, class)?.0,
     };
     Ok((parse(&text, "sizer state")?, text))
 }
