@@ -185,6 +185,15 @@ UPDATE fragments SET covers = acked WHERE state = 'running'
 ALTER TABLE workers ADD COLUMN lease_until_ms BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE workers ADD COLUMN locality TEXT NOT NULL DEFAULT '';
 "#,
+    // 8: a claim moves its range's start; with the start out of the index (and room
+    // left in each page) that update is HOT: it adds no index entry, and scans of a
+    // stage's pending rows stop visiting one dead entry per claim made since the
+    // last vacuum (5,241 entries for 64 rows after 5 s at 32 clients).
+    r#"
+DROP INDEX pending_by_stage;
+CREATE INDEX pending_by_stage ON pending (stage_id);
+ALTER TABLE pending SET (fillfactor = 50);
+"#,
 ];
 
 /// A store in a PostgreSQL database.

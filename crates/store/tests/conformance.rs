@@ -1469,3 +1469,26 @@ fn a_flush_of_fragments_with_nothing_new_writes_only_the_worker_row() {
         }
     }
 }
+
+/// Two last finishers of a stage can each see the other still running (each counts
+/// before the other commits); the stage is then left running with nothing pending
+/// or running. The next release (every worker runs one periodically) settles it.
+#[test]
+fn a_stage_left_running_with_nothing_to_do_is_settled_by_the_next_release() {
+    for b in backends("stranded_stage") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 10, "h"), 0, false).unwrap().id();
+        let w = worker(s.as_mut(), "w");
+        let a = claim(s.as_mut(), id, &w, 0, None).unwrap();
+        let done = s
+            .finish(&w, 1, &end(a.fragment, FinishOutcome::Success, a.span.end))
+            .unwrap();
+        assert!(done.job_finished, "{}", b.name);
+        // What the race leaves: every item done, the stage and its job still running.
+        (b.sql)("UPDATE stages SET state = 'running'; UPDATE jobs SET state = 'running'");
+        assert_eq!(s.job("j").unwrap().unwrap().state, "running", "{}", b.name);
+        assert_eq!(s.release(2, &[]).unwrap(), 0, "{}", b.name);
+        assert_eq!(s.job("j").unwrap().unwrap().state, "done", "{}", b.name);
+        assert_eq!(stage(s.as_mut(), "j").done, 10, "{}", b.name);
+    }
+}

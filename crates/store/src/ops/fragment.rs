@@ -35,17 +35,59 @@ pub(crate) struct HeldFragment {
     retries: u32,
     /// Its stage's sizer config.
     sizer_config: granule_core::SizerConfig,
+    /// Its class's sizer, as a finish found it.
+    sizer: SizerHeld,
 }
 
+/// The sizer of a held fragment's class, as a finish found it (other holds say
+/// `Busy`: they never learn).
+enum SizerHeld {
+    /// Its stored state; this transaction holds its row lock.
+    Locked(String),
+    /// Another transaction holds it: this finish does not learn (under contention
+    /// the model learns from a sample of fragments).
+    Busy,
+    /// The stage has no sizer of this class yet.
+    Missing,
+}
+
+/// What a hold reads, with `$extra` columns, row locked.
+macro_rules! held_sql {
+    ($extra:literal) => {
+        concat!(
+            "SELECT f.stage_id, f.start_idx, f.end_idx, f.acked, f.failures, f.checkpoint_id, f.class,
+                    f.size_cap, f.lost, f.floor_memory_mb, f.covers, f.inherited, f.resumed_from,
+                    s.acks, s.stateful, j.state = 'running', s.retries, s.sizer_config",
+            $extra,
+            " FROM fragments f JOIN stages s ON s.id = f.stage_id JOIN jobs j ON j.id = s.job_id
+             WHERE f.id = $1 AND f.worker = $2 AND f.state = 'running' FOR UPDATE OF f"
+        )
+    };
+}
+
+/// The running fragment `id` as long as `worker` holds it, row locked.
 fn hold(tx: &mut dyn Db, id: FragmentId, worker: &str) -> Result<Option<HeldFragment>> {
-    let row = tx.query_opt(
-        "SELECT f.stage_id, f.start_idx, f.end_idx, f.acked, f.failures, f.checkpoint_id, f.class, f.size_cap,
-                f.lost, f.floor_memory_mb, f.covers, f.inherited, f.resumed_from,
-                s.acks, s.stateful, j.state = 'running', s.retries, s.sizer_config
-         FROM fragments f JOIN stages s ON s.id = f.stage_id JOIN jobs j ON j.id = s.job_id
-         WHERE f.id = $1 AND f.worker = $2 AND f.state = 'running' FOR UPDATE OF f",
-        args![id.0, worker],
-    )?;
+    hold_with(tx, held_sql!(""), id, worker)
+}
+
+/// As [`hold`], for a finish: also locks its class's sizer if that is free (the
+/// finish learns from it), in the same round trip.
+fn hold_to_finish(tx: &mut dyn Db, id: FragmentId, worker: &str) -> Result<Option<HeldFragment>> {
+    const SQL: &str = held_sql!(
+        ", (SELECT l.state FROM sizers l WHERE l.stage_id = f.stage_id AND l.class = f.class
+            FOR UPDATE SKIP LOCKED),
+           EXISTS (SELECT 1 FROM sizers l WHERE l.stage_id = f.stage_id AND l.class = f.class)"
+    );
+    hold_with(tx, SQL, id, worker)
+}
+
+fn hold_with(
+    tx: &mut dyn Db,
+    sql: &str,
+    id: FragmentId,
+    worker: &str,
+) -> Result<Option<HeldFragment>> {
+    let row = tx.query_opt(sql, args![id.0, worker])?;
     let Some(r) = row else { return Ok(None) };
     let acks: Acks = r.str(13).parse()?;
     Ok(Some(HeldFragment {
@@ -71,6 +113,11 @@ fn hold(tx: &mut dyn Db, id: FragmentId, worker: &str) -> Result<Option<HeldFrag
         job_running: r.bool(15),
         retries: r.u32(16),
         sizer_config: decode_sizer_config(r.str(17))?,
+        sizer: match r.0.len() > 18 {
+            true if !r.bool(19) => SizerHeld::Missing,
+            true => r.opt_string(18).map_or(SizerHeld::Busy, SizerHeld::Locked),
+            false => SizerHeld::Busy,
+        },
     }))
 }
 
@@ -400,28 +447,6 @@ fn save_fragment(tx: &mut dyn Db, ledger: &StageLedger, id: FragmentId) -> Resul
     Ok(())
 }
 
-/// The sizer of (stage, class), and whether this transaction holds its row lock
-/// (taken only if free: a busy sizer is read, not waited for; under contention the
-/// model learns from a sample of fragments).
-pub(crate) fn sizer_for(tx: &mut dyn Db, stage: i64, class: &str) -> Result<(Sizer, bool)> {
-    let row = tx.query_opt(
-        "SELECT (SELECT l.state FROM sizers l WHERE l.stage_id = $1 AND l.class = $2 FOR UPDATE SKIP LOCKED), state
-         FROM sizers WHERE stage_id = $1 AND class = $2",
-        args![stage, class],
-    )?;
-    // The first column is the row as locked (its latest version), if it was free.
-    match row {
-        Some(r) => match r.opt_string(0) {
-            Some(mine) => Ok((parse(&mine, "sizer state")?, true)),
-            None => Ok((parse(r.str(1), "sizer state")?, false)),
-        },
-        None => {
-            let (_, created) = create_sizer(tx, stage, class)?;
-            Ok((Sizer::default(), created))
-        }
-    }
-}
-
 /// A new sizer row of (stage, class), unless another transaction made one first;
 /// its stored text, and whether this transaction made it (and so holds its lock).
 fn create_sizer(tx: &mut dyn Db, stage: i64, class: &str) -> Result<(String, bool)> {
@@ -483,7 +508,14 @@ fn count(tx: &mut dyn Db, sql: &str, id: i64) -> Result<i64> {
 /// every stage is. The stage row lock makes two last finishers see each other.
 fn settle(tx: &mut dyn Db, stage: i64, now_ms: i64) -> Result<bool> {
     const PENDING: &str = "SELECT count(*) FROM pending WHERE stage_id = $1";
-    if count(tx, PENDING, stage)? > 0 {
+    let pending = count(tx, PENDING, stage)?;
+    settle_seen(tx, stage, now_ms, pending)
+}
+
+/// [`settle`], given the stage's pending rows as this transaction just counted
+/// them (a finish reads that with its own write: one round trip less).
+fn settle_seen(tx: &mut dyn Db, stage: i64, now_ms: i64, pending: i64) -> Result<bool> {
+    if pending > 0 {
         return Ok(false);
     }
     let job = count(
@@ -686,7 +718,7 @@ pub(crate) fn finish(
     end: &FragmentEnd,
 ) -> Result<Finished> {
     b.transaction(TxKind::Finish, |tx| {
-        let Some(held) = hold(tx, end.flush.fragment, worker)? else {
+        let Some(held) = hold_to_finish(tx, end.flush.fragment, worker)? else {
             return Ok(Finished::default());
         };
         finish_held(tx, worker, now_ms, end, &held)
@@ -703,7 +735,7 @@ pub(crate) fn finish_and_claim(
     next: Option<(&ClaimRequest, usize)>,
 ) -> Result<(Finished, Vec<Assignment>)> {
     b.transaction(TxKind::Finish, |tx| {
-        let finished = match hold(tx, end.flush.fragment, worker)? {
+        let finished = match hold_to_finish(tx, end.flush.fragment, worker)? {
             Some(held) => finish_held(tx, worker, now_ms, end, &held)?,
             None => Finished::default(),
         };
@@ -771,7 +803,7 @@ fn finish_held(
         result,
         splits,
     };
-    write_end(tx, end, &f, &ledger, &ended, now_ms)?;
+    let pending = write_end(tx, end, &f, &ledger, &ended, now_ms, held.stage)?;
     if ended.verdict.all_or_nothing && end.fed > 0 && held.acks == Acks::Unknown {
         tx.execute(
             "UPDATE stages SET acks = 'no' WHERE id = $1 AND acks = 'unknown'",
@@ -788,7 +820,12 @@ fn finish_held(
     if appeared {
         tx.notify()?;
     }
-    let job_finished = requeue.is_empty() && settle(tx, held.stage, now_ms)?;
+    let job_finished = requeue.is_empty()
+        && match end.halt {
+            // A halt may have taken the stage's pending rows away since.
+            Some(_) => settle(tx, held.stage, now_ms)?,
+            None => settle_seen(tx, held.stage, now_ms, pending)?,
+        };
     Ok(Finished {
         accepted: true,
         quarantined: ended.report.quarantined,
@@ -814,7 +851,8 @@ fn quarantine(tx: &mut dyn Db, stage: i64, items: &IntervalSet) -> Result<()> {
     Ok(())
 }
 
-/// The finished fragment's row.
+/// The finished fragment's row; returns how many pending rows its stage has (read
+/// in the same statement, for [`settle_seen`]).
 fn write_end(
     tx: &mut dyn Db,
     end: &FragmentEnd,
@@ -822,15 +860,17 @@ fn write_end(
     ledger: &StageLedger,
     ended: &Ended,
     now_ms: i64,
-) -> Result<()> {
-    tx.execute(
+    stage: i64,
+) -> Result<i64> {
+    let row = tx.query_one(
         "UPDATE fragments SET state = $2, finished_ms = $3, observed_ms = $4, cpu_ms = $5, peak_rss_kb = $6,
           load = $7, fed = $8, acks = $9, cause = $10, detail = $11, stdout = $12, stderr = $13,
           end_idx = $14, acked = $15, done_count = $16, wasted_ms = $17, checkpoint_fallbacks = $18,
           split_request = NULL, checkpoint_id = $19, splits = splits + $20, io_bytes = $21,
           predicted_ms = coalesce($22, predicted_ms), result = $23, state_reruns = state_reruns + $24,
           results_missing = $25, unconfirmed = $26
-         WHERE id = $1",
+         WHERE id = $1
+         RETURNING (SELECT count(*) FROM pending WHERE stage_id = $27)",
         args![
             f.id.0,
             ended.verdict.state,
@@ -858,17 +898,22 @@ fn write_end(
             ended.reruns,
             ended.report.uncovered,
             ended.verdict.all_or_nothing && !ledger.acking,
+            stage,
         ],
     )?;
-    Ok(())
+    Ok(row.i64(0))
 }
 
 /// The sizer of the fragment's class learns from its finish, if its row is free.
 fn learn(tx: &mut dyn Db, held: &HeldFragment, end: &FragmentEnd) -> Result<()> {
-    let (mut sizer, locked) = sizer_for(tx, held.stage, &held.class)?;
-    if !locked {
-        return Ok(());
-    }
+    let mut sizer = match &held.sizer {
+        SizerHeld::Locked(text) => parse(text, "sizer state")?,
+        SizerHeld::Busy => return Ok(()),
+        SizerHeld::Missing => match create_sizer(tx, held.stage, &held.class)? {
+            (_, true) => Sizer::default(),
+            (_, false) => return Ok(()),
+        },
+    };
     sizer.observe(
         &held.sizer_config,
         &Observation {
@@ -919,6 +964,7 @@ pub(crate) fn release(b: &mut impl Backend, now_ms: i64, dead: &[String]) -> Res
             )?;
         }
         // A fragment released with every item acked may have been its stage's last.
+        drained.extend(stranded(tx)?);
         drained.sort_unstable();
         drained.dedup();
         for stage in drained {
@@ -929,6 +975,23 @@ pub(crate) fn release(b: &mut impl Backend, now_ms: i64, dead: &[String]) -> Res
         }
         Ok(rows.len() as u64)
     })
+}
+
+/// Running stages of running jobs with nothing pending or running. Two last
+/// finishers of a stage can each count the other as running (each reads before the
+/// other commits) and leave it so; a release settles what they left.
+fn stranded(tx: &mut dyn Db) -> Result<Vec<i64>> {
+    Ok(tx
+        .query(
+            "SELECT s.id FROM stages s JOIN jobs j ON j.id = s.job_id
+             WHERE j.state = 'running' AND s.state = 'running'
+               AND NOT EXISTS (SELECT 1 FROM pending p WHERE p.stage_id = s.id)
+               AND NOT EXISTS (SELECT 1 FROM fragments f WHERE f.stage_id = s.id AND f.state = 'running')",
+            args![],
+        )?
+        .iter()
+        .map(|r| r.i64(0))
+        .collect())
 }
 
 /// Ends a held fragment as lost: its unacked items go back to pending. Returns
