@@ -6,7 +6,7 @@
 tps      32 clients looping claim-one-item -> finish on PostgreSQL (the store's own
          path, as a worker runs it: each finish claims the next fragment in its
          transaction) against pgbench's TPC-B-like script with 32 clients; also 1 and
-         8 clients, and SQLite
+         8 clients (each against pgbench with as many), and SQLite
 items    `cat >/dev/null` over 20,000,000 items with 1, 8 and 32 worker processes
          (1 slot each): items/s and claims (fragments)/s, PostgreSQL and SQLite
 restart  ~60 s of spin.py work on 2 workers while PostgreSQL is restarted twice:
@@ -29,11 +29,12 @@ def fresh_db(name):
     return PG.rsplit("/", 1)[0] + "/" + name
 
 
-def pgbench(clients=32, seconds=10, scale=32):
+def pgbench(clients=32, seconds=10, scale=32, fresh=True):
     # Scale at least the number of clients: at -s 1 every TPC-B update hits the one
     # branch row and the baseline measures lock contention, not the server.
-    url = fresh_db("granule_pgbench")
-    subprocess.run(["pgbench", "-i", "-q", "-s", str(scale), url], check=True, capture_output=True)
+    url = fresh_db("granule_pgbench") if fresh else PG.rsplit("/", 1)[0] + "/granule_pgbench"
+    if fresh:
+        subprocess.run(["pgbench", "-i", "-q", "-s", str(scale), url], check=True, capture_output=True)
     out = subprocess.run(["pgbench", "-c", str(clients), "-j", "2", "-T", str(seconds), url],
                          check=True, capture_output=True, text=True).stdout
     return float(re.search(r"tps = ([\d.]+)", out).group(1))
@@ -57,8 +58,10 @@ def tps():
           f"ratio {r['cycles_per_s'] / base:.2f} in cycles (bar >= 1.0), claimed twice {r['claimed_twice']}",
           flush=True)
     for clients in (1, 8):
+        base = pgbench(clients, 5, fresh=False)
         r = bench_store(clients, 5, fresh_db("granule_bench_store"))
-        print(f"tps: {clients} clients on PostgreSQL: {r['cycles_per_s']:.0f} cycles/s", flush=True)
+        print(f"tps: {clients} clients on PostgreSQL: {r['cycles_per_s']:.0f} cycles/s, pgbench with "
+              f"{clients} clients {base:.0f} tps, ratio {r['cycles_per_s'] / base:.2f}", flush=True)
     for clients in (1, 8, 32):
         r = bench_store(clients, 5)
         print(f"tps: {clients} clients on SQLite: {r['cycles_per_s']:.0f} cycles/s, claimed twice {r['claimed_twice']}",

@@ -269,6 +269,11 @@ pub(crate) trait Db {
     fn query(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<Vec<Row>>;
     /// Runs a statement, returning how many rows it changed.
     fn execute(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<u64>;
+    /// Runs a write whose result nobody reads; a backend may send it with the next
+    /// statement or the commit (its errors then surface there).
+    fn defer(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<()> {
+        self.execute(sql, args).map(drop)
+    }
     /// Wakes idle workers once this transaction commits (where the backend can).
     fn notify(&mut self) -> Result<()>;
     /// A time of this host's clock on the database's: leases are written and judged

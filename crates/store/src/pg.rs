@@ -15,12 +15,15 @@
 use crate::db::{Arg, Db, Row, Val};
 use crate::ops::{store_over_backend, Backend, Plans, TxKind};
 use crate::{Result, StoreError, WriteCounts};
-use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::{FromSql, IsNull, ToSql, Type};
-use postgres::{Client, NoTls, Statement, Transaction};
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::str::FromStr;
+use std::task::Poll;
 use std::time::{Duration, Instant};
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
+use tokio_postgres::{AsyncMessage, Client, Config, Connection, Error, NoTls, Socket, Statement};
 
 /// The channel idle workers listen on.
 const CHANNEL: &str = "granule_work";
@@ -198,8 +201,8 @@ ALTER TABLE pending SET (fillfactor = 50);
 
 /// A store in a PostgreSQL database.
 pub struct PgStore {
-    config: postgres::Config,
-    client: Option<Client>,
+    config: Config,
+    conn: Option<Conn>,
     /// Prepared statements of the current connection, by SQL text.
     statements: HashMap<String, Statement>,
     next_attempt: Instant,
@@ -209,21 +212,92 @@ pub struct PgStore {
     plans: Plans,
 }
 
+/// One connection: tokio-postgres's client, whose connection is driven on this
+/// thread by a small runtime only while a call waits (as the `postgres` crate does).
+/// Used directly so that a transaction's statements can go out together: `BEGIN`
+/// with the first statement, writes nobody reads with the statement or commit after
+/// them (pipelining: one round trip where there were several).
+struct Conn {
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+    /// The connection, until it ends: dropping it then fails what waits on it.
+    connection: Option<Connection<Socket, NoTlsStream>>,
+    /// Notifications seen since the last `wait`.
+    notified: Cell<bool>,
+}
+
+impl Conn {
+    fn open(config: &Config) -> Result<Conn> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("cannot start a runtime: {e}")))?;
+        let (client, connection) = runtime.block_on(config.connect(NoTls))?;
+        Ok(Conn {
+            runtime,
+            client,
+            connection: Some(connection),
+            notified: Cell::new(false),
+        })
+    }
+
+    /// Runs `work` (which uses the client) to its end, driving the connection.
+    fn run<T>(&mut self, work: impl AsyncFnOnce(&Client) -> Result<T, Error>) -> Result<T> {
+        let Conn {
+            runtime,
+            client,
+            connection,
+            notified,
+        } = self;
+        let work = work(client);
+        drive(runtime, connection, notified, work).map_err(StoreError::from)
+    }
+
+    fn batch(&mut self, sql: &str) -> Result<()> {
+        self.run(async |c| c.batch_execute(sql).await)
+    }
+}
+
+/// Polls the connection (keeping notifications) and then `work`, until `work` ends.
+/// A connection that ends is dropped: what `work` waits on then fails as closed.
+fn drive<T>(
+    runtime: &tokio::runtime::Runtime,
+    connection: &mut Option<Connection<Socket, NoTlsStream>>,
+    notified: &Cell<bool>,
+    work: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    let mut work = std::pin::pin!(work);
+    runtime.block_on(std::future::poll_fn(|cx| {
+        while let Some(c) = connection {
+            match c.poll_message(cx) {
+                Poll::Ready(Some(Ok(AsyncMessage::Notification(_)))) => notified.set(true),
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(_)) | None) => *connection = None,
+                Poll::Pending => break,
+            }
+        }
+        work.as_mut().poll(cx)
+    }))
+}
+
 /// The server's clock minus this host's (ms), from one round trip's midpoint. Under
 /// a second is taken as none: that is the measurement's own noise on a loaded host,
 /// and synchronized clocks agree closer than a lease needs.
-fn clock_offset(client: &mut Client) -> Result<i64> {
+fn clock_offset(conn: &mut Conn) -> Result<i64> {
     let local = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64)
     };
     let before = local();
-    let server: i64 = client
-        .query_one(
-            "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT",
-            &[],
-        )?
+    let server: i64 = conn
+        .run(async |c| {
+            c.query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT",
+                &[],
+            )
+            .await
+        })?
         .get(0);
     let offset = server - (before + local()) / 2;
     Ok(if offset.abs() < 1000 { 0 } else { offset })
@@ -232,7 +306,7 @@ fn clock_offset(client: &mut Client) -> Result<i64> {
 impl PgStore {
     /// Connects to the database at `url` (`postgres://…`) and applies pending migrations.
     pub fn open(url: &str) -> Result<PgStore> {
-        let mut config = postgres::Config::from_str(url)?;
+        let mut config = Config::from_str(url)?;
         config
             .connect_timeout(Duration::from_secs(5))
             // A cut link surfaces as an error within seconds instead of hanging a call.
@@ -246,7 +320,7 @@ impl PgStore {
         }
         let mut store = PgStore {
             config,
-            client: None,
+            conn: None,
             statements: HashMap::new(),
             next_attempt: Instant::now(),
             backoff: Duration::ZERO,
@@ -258,47 +332,57 @@ impl PgStore {
     }
 
     fn connect(&mut self) -> Result<()> {
-        let mut client = self.config.connect(NoTls)?;
-        let mut tx = client.transaction()?;
-        // One migrator at a time, across every worker that starts at once.
-        tx.execute("SELECT pg_advisory_xact_lock(7267435)", &[])?;
-        tx.batch_execute("CREATE TABLE IF NOT EXISTS granule_schema (version INT NOT NULL)")?;
-        let version: i64 = tx
-            .query_one(
-                "SELECT coalesce(max(version), 0)::BIGINT FROM granule_schema",
-                &[],
-            )?
-            .get(0);
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            tx.batch_execute(sql)?;
-            tx.execute(
-                "INSERT INTO granule_schema (version) VALUES ($1)",
-                &[&((i + 1) as i32)],
-            )?;
-        }
-        tx.commit()?;
-        client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+        let mut conn = Conn::open(&self.config)?;
+        conn.run(async |c| {
+            c.batch_execute("BEGIN").await?;
+            // One migrator at a time, across every worker that starts at once.
+            c.execute("SELECT pg_advisory_xact_lock(7267435)", &[])
+                .await?;
+            c.batch_execute("CREATE TABLE IF NOT EXISTS granule_schema (version INT NOT NULL)")
+                .await?;
+            let version: i64 = c
+                .query_one(
+                    "SELECT coalesce(max(version), 0)::BIGINT FROM granule_schema",
+                    &[],
+                )
+                .await?
+                .get(0);
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+                c.batch_execute(sql).await?;
+                c.execute(
+                    "INSERT INTO granule_schema (version) VALUES ($1)",
+                    &[&((i + 1) as i32)],
+                )
+                .await?;
+            }
+            c.batch_execute("COMMIT").await
+        })?;
+        conn.batch(&format!("LISTEN {CHANNEL}"))?;
         // A worker cut off mid-transaction (a partition, a frozen host) must not hold
         // its row locks until the server's TCP keepalive notices, hours later: the
         // server ends a session left idle inside a transaction. Ours never pause that
         // long between statements; one that does is retried as a lost connection.
-        client.batch_execute(&format!(
+        conn.batch(&format!(
             "SET idle_in_transaction_session_timeout = {}",
             IDLE_IN_TRANSACTION.as_millis()
         ))?;
-        self.clock_offset_ms = clock_offset(&mut client)?;
-        self.client = Some(client);
+        self.clock_offset_ms = clock_offset(&mut conn)?;
+        self.conn = Some(conn);
         self.statements.clear();
         self.backoff = Duration::ZERO;
         Ok(())
     }
 
     /// The connection, reconnecting (with backoff) if it was lost.
-    fn client(&mut self) -> Result<&mut Client> {
-        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
-            self.client = None;
+    fn conn(&mut self) -> Result<&mut Conn> {
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.connection.is_none() || c.client.is_closed())
+        {
+            self.conn = None;
         }
-        if self.client.is_none() {
+        if self.conn.is_none() {
             if Instant::now() < self.next_attempt {
                 return Err(StoreError::Unavailable("reconnecting to PostgreSQL".into()));
             }
@@ -310,36 +394,132 @@ impl PgStore {
                 )));
             }
         }
-        Ok(self.client.as_mut().expect("connected above"))
+        Ok(self.conn.as_mut().expect("connected above"))
     }
 }
 
-/// A transaction whose statements are prepared once per connection: each query is
-/// then one round trip instead of two.
-struct PgTx<'a, 'b> {
-    tx: &'a mut Transaction<'b>,
+/// An argument kept for a statement sent later.
+enum Owned {
+    Null,
+    Int(i64),
+    Real(f64),
+    Bool(bool),
+    Text(String),
+    Bytes(Vec<u8>),
+    Ints(Vec<i64>),
+    Texts(Vec<String>),
+}
+
+impl Owned {
+    fn of(a: &Arg<'_>) -> Owned {
+        match *a {
+            Arg::Null => Owned::Null,
+            Arg::Int(v) => Owned::Int(v),
+            Arg::Real(v) => Owned::Real(v),
+            Arg::Bool(v) => Owned::Bool(v),
+            Arg::Text(v) => Owned::Text(v.to_string()),
+            Arg::Bytes(v) => Owned::Bytes(v.to_vec()),
+            Arg::Ints(v) => Owned::Ints(v.to_vec()),
+            Arg::Texts(v) => Owned::Texts(v.to_vec()),
+        }
+    }
+
+    fn arg(&self) -> Arg<'_> {
+        match self {
+            Owned::Null => Arg::Null,
+            Owned::Int(v) => Arg::Int(*v),
+            Owned::Real(v) => Arg::Real(*v),
+            Owned::Bool(v) => Arg::Bool(*v),
+            Owned::Text(v) => Arg::Text(v),
+            Owned::Bytes(v) => Arg::Bytes(v),
+            Owned::Ints(v) => Arg::Ints(v),
+            Owned::Texts(v) => Arg::Texts(v),
+        }
+    }
+}
+
+/// What ends a round trip: a statement whose result is read, or the commit.
+#[derive(Clone, Copy)]
+enum Last<'x> {
+    Query(&'x Statement, &'x [Arg<'x>]),
+    Execute(&'x Statement, &'x [Arg<'x>]),
+    Commit,
+}
+
+/// What a round trip's last statement returned.
+#[derive(Default)]
+struct Sent {
+    rows: Vec<tokio_postgres::Row>,
+    count: u64,
+}
+
+/// A transaction whose statements are prepared once per connection, whose `BEGIN`
+/// goes with its first statement and whose deferred writes go with the statement
+/// after them.
+struct PgTx<'a> {
+    conn: &'a mut Conn,
     statements: &'a mut HashMap<String, Statement>,
     plans: &'a mut Plans,
     clock_offset_ms: i64,
+    begun: bool,
+    deferred: Vec<(Statement, Vec<Owned>)>,
 }
 
-impl PgTx<'_, '_> {
+fn params<'x>(args: &'x [Arg<'x>]) -> Vec<&'x (dyn ToSql + Sync)> {
+    args.iter().map(|a| a as _).collect()
+}
+
+impl PgTx<'_> {
     fn statement(&mut self, sql: &str) -> Result<Statement> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let s = self.tx.prepare(sql)?;
+        let s = self.conn.run(async |c| c.prepare(sql).await)?;
         self.statements.insert(sql.to_string(), s.clone());
         Ok(s)
     }
+
+    /// Sends `BEGIN` (the first time), the deferred writes and `last` in one round
+    /// trip, in that order.
+    fn send(&mut self, last: Last<'_>) -> Result<Sent> {
+        let begin = !std::mem::replace(&mut self.begun, true);
+        let deferred = std::mem::take(&mut self.deferred);
+        self.conn.run(async |c| {
+            let begin = async {
+                match begin {
+                    true => c.batch_execute("BEGIN").await,
+                    false => Ok(()),
+                }
+            };
+            let writes =
+                futures_util::future::try_join_all(deferred.iter().map(|(s, owned)| async move {
+                    let args: Vec<Arg<'_>> = owned.iter().map(Owned::arg).collect();
+                    c.execute(s, &params(&args)).await
+                }));
+            let last = async {
+                match last {
+                    Last::Query(s, args) => c
+                        .query(s, &params(args))
+                        .await
+                        .map(|rows| Sent { rows, count: 0 }),
+                    Last::Execute(s, args) => c.execute(s, &params(args)).await.map(|count| Sent {
+                        rows: Vec::new(),
+                        count,
+                    }),
+                    Last::Commit => c.batch_execute("COMMIT").await.map(|()| Sent::default()),
+                }
+            };
+            let ((), _, sent) = futures_util::future::try_join3(begin, writes, last).await?;
+            Ok(sent)
+        })
+    }
 }
 
-impl Db for PgTx<'_, '_> {
+impl Db for PgTx<'_> {
     fn query(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<Vec<Row>> {
         let s = self.statement(sql)?;
-        let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as _).collect();
-        self.tx
-            .query(&s, &params)?
+        self.send(Last::Query(&s, args))?
+            .rows
             .iter()
             .map(|r| {
                 (0..r.len())
@@ -353,13 +533,18 @@ impl Db for PgTx<'_, '_> {
 
     fn execute(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<u64> {
         let s = self.statement(sql)?;
-        let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as _).collect();
-        Ok(self.tx.execute(&s, &params)?)
+        Ok(self.send(Last::Execute(&s, args))?.count)
+    }
+
+    fn defer(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<()> {
+        let s = self.statement(sql)?;
+        self.deferred
+            .push((s, args.iter().map(Owned::of).collect()));
+        Ok(())
     }
 
     fn notify(&mut self) -> Result<()> {
-        self.tx.batch_execute(&format!("NOTIFY {CHANNEL}"))?;
-        Ok(())
+        self.defer(&format!("SELECT pg_notify('{CHANNEL}', '')"), &[])
     }
 
     fn lease_clock(&self, local_ms: i64) -> i64 {
@@ -386,27 +571,26 @@ impl Backend for PgStore {
         _kind: TxKind,
         f: impl FnOnce(&mut dyn Db) -> Result<T>,
     ) -> Result<T> {
-        self.client()?;
-        let (client, statements, plans, clock_offset_ms) = (
-            self.client.as_mut().expect("connected"),
-            &mut self.statements,
-            &mut self.plans,
-            self.clock_offset_ms,
-        );
-        let result: Result<T> = (|| {
-            let mut tx = client.transaction()?;
-            let value = f(&mut PgTx {
-                tx: &mut tx,
-                statements,
-                plans,
-                clock_offset_ms,
-            })?;
-            tx.commit()?;
-            Ok(value)
-        })();
+        self.conn()?;
+        let mut tx = PgTx {
+            conn: self.conn.as_mut().expect("connected"),
+            statements: &mut self.statements,
+            plans: &mut self.plans,
+            clock_offset_ms: self.clock_offset_ms,
+            begun: false,
+            deferred: Vec::new(),
+        };
+        let result = f(&mut tx).and_then(|value| match tx.begun {
+            true => tx.send(Last::Commit).map(|_| value),
+            false => Ok(value),
+        });
+        if result.is_err() && tx.begun {
+            // Ends what the server still holds open (it fails too on a lost connection).
+            let _ = tx.conn.batch("ROLLBACK");
+        }
         if let Err(e) = &result {
             if e.is_transient() {
-                self.client = None;
+                self.conn = None;
                 self.statements.clear();
             }
         }
@@ -414,21 +598,35 @@ impl Backend for PgStore {
     }
 
     fn wait(&mut self, timeout: Duration) -> Result<bool> {
-        let client = match self.client() {
+        let conn = match self.conn() {
             Ok(c) => c,
             Err(e) => {
                 std::thread::sleep(timeout.min(Duration::from_millis(100)));
                 return Err(e);
             }
         };
-        let mut notifications = client.notifications();
-        let mut got = false;
-        // Drain what is there, then wait for one more only if there was nothing.
-        while notifications.iter().next()?.is_some() {
-            got = true;
-        }
-        if !got && !timeout.is_zero() {
-            got = notifications.timeout_iter(timeout).next()?.is_some();
+        // What came meanwhile counts at once; otherwise wait for one, up to `timeout`.
+        let Conn {
+            runtime,
+            connection,
+            notified,
+            ..
+        } = conn;
+        let notified = &*notified;
+        let work = async {
+            let mut sleep = std::pin::pin!(tokio::time::sleep(timeout));
+            std::future::poll_fn(|cx| match notified.get() {
+                true => Poll::Ready(Ok(true)),
+                false => sleep.as_mut().poll(cx).map(|()| Ok(false)),
+            })
+            .await
+        };
+        let got = drive(runtime, connection, notified, work)?;
+        notified.set(false);
+        if connection.is_none() {
+            return Err(StoreError::Unavailable(
+                "lost the connection to PostgreSQL".into(),
+            ));
         }
         Ok(got)
     }
@@ -449,7 +647,7 @@ impl ToSql for Arg<'_> {
     fn to_sql(
         &self,
         ty: &Type,
-        out: &mut postgres::types::private::BytesMut,
+        out: &mut tokio_postgres::types::private::BytesMut,
     ) -> Result<IsNull, BoxError> {
         match *self {
             Arg::Null => Ok(IsNull::Yes),
@@ -472,7 +670,7 @@ impl ToSql for Arg<'_> {
         true
     }
 
-    postgres::types::to_sql_checked!();
+    tokio_postgres::types::to_sql_checked!();
 }
 
 impl<'a> FromSql<'a> for Val {

@@ -1492,3 +1492,82 @@ fn a_stage_left_running_with_nothing_to_do_is_settled_by_the_next_release() {
         assert_eq!(stage(s.as_mut(), "j").done, 10, "{}", b.name);
     }
 }
+
+/// A link to PostgreSQL cut while a statement waits (a restart, a failover, a dead
+/// router) fails that call at once, and a later call reconnects: a worker never hangs
+/// on a connection that is gone. The store reaches the server through a relay that
+/// the test cuts.
+#[test]
+fn a_connection_cut_mid_statement_fails_the_call_and_a_later_one_reconnects() {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    let Some(db) = TestDatabase::create("cut_mid_statement") else {
+        return;
+    };
+    // A relay from a local port to the server; it keeps its sockets so it can cut them.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = db
+        .url
+        .split('@')
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let links: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let (kept, upstream_at) = (links.clone(), server.clone());
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let client = client.unwrap();
+            let upstream = TcpStream::connect(&upstream_at).unwrap();
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                (upstream.try_clone().unwrap(), client.try_clone().unwrap()),
+            ] {
+                std::thread::spawn(move || std::io::copy(&mut from, &mut to));
+            }
+            kept.lock().unwrap().extend([client, upstream]);
+        }
+    });
+    let relayed = db.url.replacen(&server, &format!("127.0.0.1:{port}"), 1);
+    let mut s = PgStore::open(&relayed).unwrap();
+    s.submit(&job("j", 10, "h"), 0, false).unwrap();
+    let connect = || postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+    let (mut holder, mut watcher) = (connect(), connect());
+    let mut lock = holder.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let (done, ended) = std::sync::mpsc::channel();
+    let call = std::thread::spawn(move || {
+        let failed = s.status(None).is_err();
+        done.send(failed).unwrap();
+        s
+    });
+    let waiting = "SELECT 1 FROM pg_stat_activity WHERE application_name = 'granule'
+                   AND datname = current_database() AND wait_event_type = 'Lock'";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while watcher.query(waiting, &[]).unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the store's call never waited on the lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for link in links.lock().unwrap().drain(..) {
+        let _ = link.shutdown(Shutdown::Both);
+    }
+    let failed = ended
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the call hangs on a connection that is gone");
+    assert!(failed, "a call whose connection was cut must fail");
+    lock.rollback().unwrap();
+    let mut s = call.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s.status(None).is_err() {
+        assert!(Instant::now() < deadline, "the store never reconnected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -395,7 +395,7 @@ fn save_window(tx: &mut dyn Db, stage: i64, ids: &[i64], rest: &[PendingRange]) 
                 *id,
                 r,
             )?,
-            None => tx.execute("DELETE FROM pending WHERE id = $1", args![id])?,
+            None => tx.defer("DELETE FROM pending WHERE id = $1", args![id])?,
         };
     }
     super::fragment::insert_pending(tx, stage, rest.get(ids.len()..).unwrap_or_default())
@@ -456,7 +456,7 @@ fn claim_range(
         .i64(0);
     save_sizer_if(tx, stage.id, &req.class, &sizer, &stored)?;
     if stage.state == "waiting" {
-        tx.execute(
+        tx.defer(
             "UPDATE stages SET state = 'running' WHERE id = $1 AND state = 'waiting'",
             args![stage.id],
         )?;

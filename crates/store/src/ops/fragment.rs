@@ -295,10 +295,10 @@ pub(crate) fn insert_pending(tx: &mut dyn Db, stage: i64, ranges: &[PendingRange
     Ok(())
 }
 
-/// Runs `sql` (an insert or update of a pending row) with `key` as `$1` and the
-/// range's columns as `$2` to `$8`.
-pub(crate) fn write_range(tx: &mut dyn Db, sql: &str, key: i64, r: &PendingRange) -> Result<u64> {
-    tx.execute(
+/// Writes (deferred: nobody reads its count) `sql`, an insert or update of a pending
+/// row, with `key` as `$1` and the range's columns as `$2` to `$8`.
+pub(crate) fn write_range(tx: &mut dyn Db, sql: &str, key: i64, r: &PendingRange) -> Result<()> {
+    tx.defer(
         sql,
         args![
             key,
@@ -483,7 +483,7 @@ pub(crate) fn save_sizer_if(
 ) -> Result<()> {
     let now = json(sizer);
     if now != was {
-        tx.execute(
+        tx.defer(
             "UPDATE sizers SET state = $3 WHERE stage_id = $1 AND class = $2 AND state = $4",
             args![stage, class, &now, was],
         )?;
@@ -493,7 +493,7 @@ pub(crate) fn save_sizer_if(
 
 /// Writes a sizer state back (its row lock is held).
 pub(crate) fn save_sizer(tx: &mut dyn Db, stage: i64, class: &str, sizer: &Sizer) -> Result<()> {
-    tx.execute(
+    tx.defer(
         "UPDATE sizers SET state = $3 WHERE stage_id = $1 AND class = $2",
         args![stage, class, &json(sizer)],
     )?;
