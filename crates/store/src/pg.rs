@@ -580,7 +580,8 @@ impl Backend for PgStore {
             begun: false,
             deferred: Vec::new(),
         };
-        let result = f(&mut tx).and_then(|value| match tx.begun {
+        // A transaction that only deferred writes has not begun yet: it commits too.
+        let result = f(&mut tx).and_then(|value| match tx.begun || !tx.deferred.is_empty() {
             true => tx.send(Last::Commit).map(|_| value),
             false => Ok(value),
         });
@@ -693,5 +694,35 @@ impl<'a> FromSql<'a> for Val {
 
     fn accepts(_: &Type) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestDatabase;
+
+    #[test]
+    fn a_transaction_of_deferred_writes_alone_commits_them() {
+        let Some(db) = TestDatabase::create("deferred_alone") else {
+            return;
+        };
+        let mut store = PgStore::open(&db.url).unwrap();
+        let count = |store: &mut PgStore| {
+            store
+                .transaction(TxKind::Read, |tx| {
+                    Ok(tx
+                        .query_one("SELECT count(*) FROM granule_schema", &[])?
+                        .i64(0))
+                })
+                .unwrap()
+        };
+        let before = count(&mut store);
+        store
+            .transaction(TxKind::Write, |tx| {
+                tx.defer("INSERT INTO granule_schema (version) VALUES (0)", &[])
+            })
+            .unwrap();
+        assert_eq!(count(&mut store), before + 1);
     }
 }

@@ -67,7 +67,7 @@ macro_rules! held_sql {
 
 /// The running fragment `id` as long as `worker` holds it, row locked.
 fn hold(tx: &mut dyn Db, id: FragmentId, worker: &str) -> Result<Option<HeldFragment>> {
-    hold_with(tx, held_sql!(""), id, worker)
+    hold_with(tx, held_sql!(""), id, worker, false)
 }
 
 /// As [`hold`], for a finish: also locks its class's sizer if that is free (the
@@ -78,14 +78,16 @@ fn hold_to_finish(tx: &mut dyn Db, id: FragmentId, worker: &str) -> Result<Optio
             FOR UPDATE SKIP LOCKED),
            EXISTS (SELECT 1 FROM sizers l WHERE l.stage_id = f.stage_id AND l.class = f.class)"
     );
-    hold_with(tx, SQL, id, worker)
+    hold_with(tx, SQL, id, worker, true)
 }
 
+/// A hold by `sql`, which reads the sizer's two columns after the others if `sizer`.
 fn hold_with(
     tx: &mut dyn Db,
     sql: &str,
     id: FragmentId,
     worker: &str,
+    sizer: bool,
 ) -> Result<Option<HeldFragment>> {
     let row = tx.query_opt(sql, args![id.0, worker])?;
     let Some(r) = row else { return Ok(None) };
@@ -113,7 +115,7 @@ fn hold_with(
         job_running: r.bool(15),
         retries: r.u32(16),
         sizer_config: decode_sizer_config(r.str(17))?,
-        sizer: match r.0.len() > 18 {
+        sizer: match sizer {
             true if !r.bool(19) => SizerHeld::Missing,
             true => r.opt_string(18).map_or(SizerHeld::Busy, SizerHeld::Locked),
             false => SizerHeld::Busy,
