@@ -308,7 +308,8 @@ fn unexpected_rows(got: usize, sql: &str) -> StoreError {
 
 /// PostgreSQL's SQL as SQLite says it: `?N` for `$N`, row locks dropped (the
 /// transaction holds the database's write lock), `= ANY($n)` over a JSON array
-/// (how [`Arg::Ints`] and [`Arg::Texts`] are bound there), casts dropped.
+/// (how [`Arg::Ints`] and [`Arg::Texts`] are bound there), casts dropped, no
+/// fragment ids taken ahead (NULL for the fragments sequence).
 pub(crate) fn sqlite_dialect(sql: &str) -> String {
     let mut out = sql.replace(" = ANY($", " IN (SELECT value FROM json_each($");
     // Close the json_each( … ) the line above opened: `$N)` becomes `$N))`.
@@ -325,6 +326,8 @@ pub(crate) fn sqlite_dialect(sql: &str) -> String {
     fixed.push_str(rest);
     out = fixed;
     out = without_locks(&out);
+    // Ids come from the insert (an INTEGER PRIMARY KEY given NULL), not ahead.
+    out = out.replace("nextval('fragments_id_seq')", "NULL");
     for cast in ["::BIGINT", "::DOUBLE PRECISION", "::TEXT", "::INT"] {
         out = out.replace(cast, "");
     }
@@ -372,6 +375,10 @@ mod tests {
                 "SELECT (SELECT s FROM t l FOR UPDATE SKIP LOCKED), x FROM p FOR UPDATE OF p_2"
             ),
             "SELECT (SELECT s FROM t l), x FROM p"
+        );
+        assert_eq!(
+            sqlite_dialect("SELECT (SELECT nextval('fragments_id_seq'))::BIGINT"),
+            "SELECT (SELECT NULL)"
         );
     }
 }

@@ -279,6 +279,9 @@ struct Locked {
     live_slots: u32,
     /// The claimer's class's sizer state, if the stage has one yet.
     sizer: Option<String>,
+    /// The id the fragment will have, where the database hands ids out ahead
+    /// (PostgreSQL's sequence): its insert then needs no round trip of its own.
+    fragment_id: Option<i64>,
 }
 
 /// The first pending range of a stage that `admission` lets the worker take,
@@ -295,7 +298,8 @@ fn pending_range(
         "SELECT {RANGE_COLUMNS},
                 (SELECT coalesce(sum(end_idx - start_idx), 0)::BIGINT FROM pending WHERE stage_id = $1),
                 (SELECT coalesce(sum(slots), 0)::BIGINT FROM workers WHERE state != 'exited' AND heartbeat_ms >= $4),
-                (SELECT state FROM sizers WHERE stage_id = $1 AND class = $5)
+                (SELECT state FROM sizers WHERE stage_id = $1 AND class = $5),
+                (SELECT nextval('fragments_id_seq'))
          FROM pending p
          WHERE stage_id = $1 AND (floor_memory_mb = 0 OR floor_memory_mb < $2) AND lost < $3
          ORDER BY start_idx LIMIT 1 FOR UPDATE OF p SKIP LOCKED"
@@ -311,6 +315,7 @@ fn pending_range(
         remaining: r.u64(8),
         live_slots: r.u32(9),
         sizer: r.opt_string(10),
+        fragment_id: r.opt_i64(11),
     }))
 }
 
@@ -428,32 +433,37 @@ fn claim_range(
     let (span, take) = (claim.span, claim.span.len());
     let predicted_ms = sizer.model.predict_at_load_ms(take, load);
     let cap = if take < n { SizeCap::Bounds } else { cap };
-    let id = tx
-        .query_one(
-            "INSERT INTO fragments (stage_id, start_idx, end_idx, state, worker, class, lease_expires_ms, failures,
-              checkpoint_id, n, predicted_ms, size_cap, claimed_ms, lost, floor_memory_mb, resumed_from, covers,
-              inherited)
-             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $8, $15, $15)
-             RETURNING id",
-            args![
-                stage.id,
-                span.start,
-                span.end,
-                &req.worker,
-                &req.class,
-                tx.lease_clock(req.now_ms + req.lease_ms),
-                claim.failures,
-                claim.checkpoint,
-                take,
-                predicted_ms,
-                json(&cap).trim_matches('"'),
-                req.now_ms,
-                claim.lost,
-                claim.floor_memory_mb,
-                &json(&claim.covers),
-            ],
-        )?
-        .i64(0);
+    const INSERT: &str =
+        "INSERT INTO fragments (stage_id, start_idx, end_idx, state, worker, class, lease_expires_ms, failures,
+          checkpoint_id, n, predicted_ms, size_cap, claimed_ms, lost, floor_memory_mb, resumed_from, covers,
+          inherited, id)
+         VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $8, $15, $15, $16)
+         RETURNING id";
+    let lease_expires = tx.lease_clock(req.now_ms + req.lease_ms);
+    let (cap_word, covers) = (json(&cap), json(&claim.covers));
+    let values = args![
+        stage.id,
+        span.start,
+        span.end,
+        &req.worker,
+        &req.class,
+        lease_expires,
+        claim.failures,
+        claim.checkpoint,
+        take,
+        predicted_ms,
+        cap_word.trim_matches('"'),
+        req.now_ms,
+        claim.lost,
+        claim.floor_memory_mb,
+        &covers,
+        first.fragment_id,
+    ];
+    // An id given ahead: nothing reads the insert back, it goes with what follows.
+    let id = match first.fragment_id {
+        Some(id) => tx.defer(INSERT, values).map(|()| id)?,
+        None => tx.query_one(INSERT, values)?.i64(0),
+    };
     save_sizer_if(tx, stage.id, &req.class, &sizer, &stored)?;
     if stage.state == "waiting" {
         tx.defer(

@@ -37,6 +37,8 @@ pub(crate) struct HeldFragment {
     sizer_config: granule_core::SizerConfig,
     /// Its class's sizer, as a finish found it.
     sizer: SizerHeld,
+    /// Its stage's pending rows when a finish held it (other holds: none read).
+    pending: Option<i64>,
 }
 
 /// The sizer of a held fragment's class, as a finish found it (other holds say
@@ -71,17 +73,20 @@ fn hold(tx: &mut dyn Db, id: FragmentId, worker: &str) -> Result<Option<HeldFrag
 }
 
 /// As [`hold`], for a finish: also locks its class's sizer if that is free (the
-/// finish learns from it), in the same round trip.
+/// finish learns from it) and counts its stage's pending rows (for [`settle_seen`]),
+/// in the same round trip.
 fn hold_to_finish(tx: &mut dyn Db, id: FragmentId, worker: &str) -> Result<Option<HeldFragment>> {
     const SQL: &str = held_sql!(
         ", (SELECT l.state FROM sizers l WHERE l.stage_id = f.stage_id AND l.class = f.class
             FOR UPDATE SKIP LOCKED),
-           EXISTS (SELECT 1 FROM sizers l WHERE l.stage_id = f.stage_id AND l.class = f.class)"
+           EXISTS (SELECT 1 FROM sizers l WHERE l.stage_id = f.stage_id AND l.class = f.class),
+           (SELECT count(*) FROM pending p WHERE p.stage_id = f.stage_id)"
     );
     hold_with(tx, SQL, id, worker, true)
 }
 
-/// A hold by `sql`, which reads the sizer's two columns after the others if `sizer`.
+/// A hold by `sql`, which reads the sizer's two columns and the pending count after
+/// the others if `sizer`.
 fn hold_with(
     tx: &mut dyn Db,
     sql: &str,
@@ -120,6 +125,7 @@ fn hold_with(
             true => r.opt_string(18).map_or(SizerHeld::Busy, SizerHeld::Locked),
             false => SizerHeld::Busy,
         },
+        pending: sizer.then(|| r.i64(20)),
     }))
 }
 
@@ -514,8 +520,11 @@ fn settle(tx: &mut dyn Db, stage: i64, now_ms: i64) -> Result<bool> {
     settle_seen(tx, stage, now_ms, pending)
 }
 
-/// [`settle`], given the stage's pending rows as this transaction just counted
-/// them (a finish reads that with its own write: one round trip less).
+/// [`settle`], given a count of the stage's pending rows this transaction read
+/// earlier (a finish reads it with its hold: no round trip of its own). A count
+/// too low only costs the recount under the stage's lock; one gone stale high (a
+/// claimer took and ended that work since) leaves the stage to the next
+/// [`release`], which settles stranded stages.
 fn settle_seen(tx: &mut dyn Db, stage: i64, now_ms: i64, pending: i64) -> Result<bool> {
     if pending > 0 {
         return Ok(false);
@@ -805,7 +814,7 @@ fn finish_held(
         result,
         splits,
     };
-    let pending = write_end(tx, end, &f, &ledger, &ended, now_ms, held.stage)?;
+    write_end(tx, end, &f, &ledger, &ended, now_ms)?;
     if ended.verdict.all_or_nothing && end.fed > 0 && held.acks == Acks::Unknown {
         tx.execute(
             "UPDATE stages SET acks = 'no' WHERE id = $1 AND acks = 'unknown'",
@@ -826,7 +835,7 @@ fn finish_held(
         && match end.halt {
             // A halt may have taken the stage's pending rows away since.
             Some(_) => settle(tx, held.stage, now_ms)?,
-            None => settle_seen(tx, held.stage, now_ms, pending)?,
+            None => settle_seen(tx, held.stage, now_ms, held.pending.unwrap_or(0))?,
         };
     Ok(Finished {
         accepted: true,
@@ -853,8 +862,7 @@ fn quarantine(tx: &mut dyn Db, stage: i64, items: &IntervalSet) -> Result<()> {
     Ok(())
 }
 
-/// The finished fragment's row; returns how many pending rows its stage has (read
-/// in the same statement, for [`settle_seen`]).
+/// The finished fragment's row (sent with the next statement: nothing reads it).
 fn write_end(
     tx: &mut dyn Db,
     end: &FragmentEnd,
@@ -862,17 +870,15 @@ fn write_end(
     ledger: &StageLedger,
     ended: &Ended,
     now_ms: i64,
-    stage: i64,
-) -> Result<i64> {
-    let row = tx.query_one(
+) -> Result<()> {
+    tx.defer(
         "UPDATE fragments SET state = $2, finished_ms = $3, observed_ms = $4, cpu_ms = $5, peak_rss_kb = $6,
           load = $7, fed = $8, acks = $9, cause = $10, detail = $11, stdout = $12, stderr = $13,
           end_idx = $14, acked = $15, done_count = $16, wasted_ms = $17, checkpoint_fallbacks = $18,
           split_request = NULL, checkpoint_id = $19, splits = splits + $20, io_bytes = $21,
           predicted_ms = coalesce($22, predicted_ms), result = $23, state_reruns = state_reruns + $24,
           results_missing = $25, unconfirmed = $26
-         WHERE id = $1
-         RETURNING (SELECT count(*) FROM pending WHERE stage_id = $27)",
+         WHERE id = $1",
         args![
             f.id.0,
             ended.verdict.state,
@@ -900,10 +906,8 @@ fn write_end(
             ended.reruns,
             ended.report.uncovered,
             ended.verdict.all_or_nothing && !ledger.acking,
-            stage,
         ],
-    )?;
-    Ok(row.i64(0))
+    )
 }
 
 /// The sizer of the fragment's class learns from its finish, if its row is free.
