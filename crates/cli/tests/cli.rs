@@ -62,6 +62,29 @@ fn runs_a_dag_to_the_end_and_reports_status() {
 }
 
 #[test]
+fn status_says_which_rule_sized_the_last_fragment_and_why() {
+    // Tried as a new user would: fragments stayed small and nothing said why.
+    let job = Job::new(
+        "name = \"j\"\n[[stage]]\nname = \"s\"\ncommand = [\"true\"]\nitems = { range = [0, 1] }\n",
+    );
+    assert!(job.run(&[], &[]).status.success());
+    let status = job.status();
+    let s = stage(&status, 0);
+    // The first fragment of a task never seen before: slow start sized it.
+    assert_eq!(s["size_cap"], "slow_start", "{s}");
+    assert!(
+        s["size_cap_why"].as_str().unwrap().contains("history"),
+        "{s}"
+    );
+    let out = job.output(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("last fragment sized by slow_start: slow start"),
+        "{text}"
+    );
+}
+
+#[test]
 fn a_changed_spec_is_refused_unless_fresh() {
     let job = Job::new(
         "name = \"j\"\n[[stage]]\nname = \"s\"\ncommand = [\"true\"]\nitems = { range = [0, 3] }\n",

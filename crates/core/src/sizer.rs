@@ -333,6 +333,27 @@ pub enum SizeCap {
     Bounds,
 }
 
+impl SizeCap {
+    /// Why a fragment sized by this rule has the size it has, for `granule status`.
+    pub fn explain(&self) -> &'static str {
+        match self {
+            SizeCap::Model => "the cost model's target duration per fragment",
+            SizeCap::SlowStart => {
+                "slow start: the model has too little history yet, sizes double as fragments finish"
+            }
+            SizeCap::Limit => "the stage's time limit per fragment",
+            SizeCap::Lifespan => "the claiming worker's remaining lifespan",
+            SizeCap::Tail => {
+                "the end of the stage: what is left is shared among the slots working on it"
+            }
+            SizeCap::Pressure => "low free memory or high load on the claiming worker",
+            SizeCap::Bounds => {
+                "the stage's min_items/max_items, the claim's own maximum or the end of a range"
+            }
+        }
+    }
+}
+
 /// The sizer's answer for one claim.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sizing {

@@ -627,6 +627,10 @@ pub struct StageStatus {
     pub failed_fragments: u64,
     /// Size of the latest fragment.
     pub fragment_size: u64,
+    /// The rule that sized the latest fragment (why it has that size).
+    pub size_cap: Option<granule_core::SizeCap>,
+    /// That rule in words.
+    pub size_cap_why: Option<String>,
     /// The model's per-item cost, µs.
     pub item_cost_us: f64,
     /// The model's per-fragment overhead, ms.

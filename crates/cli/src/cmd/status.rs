@@ -69,6 +69,16 @@ fn print_stage(s: &StageStatus) {
         "  {:<16} {} yields, {} splits, {} lost, {} checkpoints ({} fallbacks), {:.1}s of work wasted",
         "", s.yields, s.splits, s.lost, s.checkpoints, s.checkpoint_fallbacks, s.wasted_s
     );
+    if let Some(cap) = s.size_cap {
+        println!(
+            "  {:<16} last fragment sized by {}: {}",
+            "",
+            serde_json::to_string(&cap)
+                .unwrap_or_default()
+                .trim_matches('"'),
+            cap.explain()
+        );
+    }
     if s.state_reruns > 0 {
         println!(
             "  {:<16} {} items ran again because the state they were acked into was lost",

@@ -10,7 +10,7 @@ use crate::{
     StoreError, StoredBlob, WorkerInfo, WorkerStatus,
 };
 use crate::{JobId, Result};
-use granule_core::{busiest, prediction_error, IntervalSet, Sizer, Span, WorkerSpan};
+use granule_core::{busiest, prediction_error, IntervalSet, SizeCap, Sizer, Span, WorkerSpan};
 
 /// Workers that hold running fragments.
 pub(crate) fn workers_holding_work(b: &mut impl Backend) -> Result<Vec<WorkerInfo>> {
@@ -97,6 +97,8 @@ struct Totals {
     quarantined: IntervalSet,
     state_reruns: u64,
     results_missing: u64,
+    /// The rule that sized the latest fragment (its stored word).
+    last_cap: Option<String>,
 }
 
 fn totals(tx: &mut dyn Db, stage: i64) -> Result<Totals> {
@@ -116,7 +118,8 @@ fn totals(tx: &mut dyn Db, stage: i64) -> Result<Totals> {
                 (SELECT count(*) FROM blobs WHERE stage_id = $1 AND kind = 'checkpoint'),
                 (SELECT quarantined FROM stages WHERE id = $1),
                 coalesce(sum(state_reruns), 0)::BIGINT,
-                coalesce(sum(results_missing) FILTER (WHERE state = 'done'), 0)::BIGINT
+                coalesce(sum(results_missing) FILTER (WHERE state = 'done'), 0)::BIGINT,
+                (SELECT size_cap FROM fragments WHERE stage_id = $1 ORDER BY id DESC LIMIT 1)
          FROM fragments WHERE stage_id = $1",
         args![stage],
     )?;
@@ -137,6 +140,7 @@ fn totals(tx: &mut dyn Db, stage: i64) -> Result<Totals> {
         quarantined: parse(r.str(13), "quarantined")?,
         state_reruns: r.u64(14),
         results_missing: r.u64(15),
+        last_cap: r.opt_string(16),
     })
 }
 
@@ -184,6 +188,11 @@ fn stage_status(tx: &mut dyn Db, stage: &StageRow) -> Result<StageStatus> {
     let sizers = sizers(tx, stage.id)?;
     let sizer = busiest(&sizers);
     let (profile, profile_source) = stage_profile(&rows, &stage.needs);
+    // A cap word this version does not know is left out.
+    let cap = t
+        .last_cap
+        .as_deref()
+        .and_then(|w| serde_json::from_value::<SizeCap>(w.into()).ok());
     Ok(StageStatus {
         name: stage.name.clone(),
         state: stage_state(&stage.state),
@@ -197,6 +206,8 @@ fn stage_status(tx: &mut dyn Db, stage: &StageRow) -> Result<StageStatus> {
         running_fragments: t.running_fragments,
         failed_fragments: t.failed,
         fragment_size: t.last_n,
+        size_cap: cap,
+        size_cap_why: cap.map(|c| c.explain().to_string()),
         item_cost_us: sizer.model.b_ms * 1e3,
         overhead_ms: sizer.model.a_ms,
         target_ms: sizer.target_ms(&stage.sizer_config),
