@@ -134,6 +134,18 @@ struct FinishContext {
 
 /// Items in flight beyond the last ack: at least `min`, and about 20 ms of work,
 /// so that reading acks in batches never starves a fast task.
+/// Shortest time before the end of its life at which a worker stops feeding a
+/// fragment whose task acks, and the shortest drain of such fragments.
+const YIELD_MARGIN_MIN: Duration = Duration::from_millis(200);
+
+/// How long a fragment whose task acks takes to yield once feeding stops: its
+/// fed-ahead window run out, plus what ending it costs (at least
+/// [`YIELD_MARGIN_MIN`]).
+fn yield_latency(window_items: u64, item_cost_ms: f64) -> Duration {
+    let ms = window_items as f64 * item_cost_ms.max(0.0) + 100.0;
+    Duration::from_secs_f64(ms / 1e3).max(YIELD_MARGIN_MIN)
+}
+
 fn window(min: u64, item_cost_ms: f64) -> u64 {
     let by_time = if item_cost_ms > 0.0 {
         (20.0 / item_cost_ms) as u64
@@ -415,6 +427,28 @@ impl Worker<'_> {
         }
     }
 
+    /// How long before the end of its life the worker drains: the configured
+    /// margin, or less while every running fragment acks (they yield within their
+    /// [`yield_latency`]; a tenth of a short life was lost to waiting).
+    fn drain_margin(&self) -> Duration {
+        let acking = self
+            .running
+            .values()
+            .all(|s| s.assignment.expect_acks == Some(true));
+        if !acking {
+            return self.cfg.drain_margin;
+        }
+        self.running
+            .values()
+            .map(|s| {
+                let a = &s.assignment;
+                yield_latency(window(self.cfg.window, a.item_cost_ms), a.item_cost_ms)
+            })
+            .max()
+            .unwrap_or(YIELD_MARGIN_MIN)
+            .min(self.cfg.drain_margin)
+    }
+
     /// Starts a drain when asked to stop or when the lifespan ends, and kills what
     /// still runs at its deadline (or at a second interrupt).
     fn watch_drain(&mut self, t: &mut Turns, now: Instant, signals: usize) {
@@ -425,7 +459,7 @@ impl Worker<'_> {
                     "stop requested: yielding every fragment",
                 ));
             } else if let Some((end, _)) = self.cfg.lifespan_end {
-                if now + self.cfg.drain_margin >= end {
+                if now + self.drain_margin() >= end {
                     t.drain =
                         Some(self.start_drain(end, "lifespan ending: yielding every fragment"));
                 }
@@ -783,9 +817,13 @@ impl Worker<'_> {
                 slots: self.cfg.slots,
                 free_memory: sample.free_memory,
                 load_per_cpu: others_load,
-                // The life a fragment may use ends where the drain begins.
+                // Set per stage by the claim.
+                acking: false,
+                // The life a fragment may use ends where the drain begins (at the
+                // earliest, for fragments that ack: they drain the latest).
                 lifespan_ms: self.cfg.lifespan_end.map(|(_, end)| {
-                    (end - now_ms - self.cfg.drain_margin.as_millis() as i64).max(0) as f64
+                    let margin = self.cfg.drain_margin.min(YIELD_MARGIN_MIN);
+                    (end - now_ms - margin.as_millis() as i64).max(0) as f64
                 }),
             },
         }
@@ -931,10 +969,15 @@ impl Worker<'_> {
         let now_ms = host::now_ms();
         let share = stage.sizer.deadline_share;
         let by_limit = stage.sizer.limit_ms.map(|ms| now_ms + (ms * share) as i64);
-        let by_life = self
-            .cfg
-            .lifespan_end
-            .map(|(_, end)| now_ms + ((end - now_ms) as f64 * share) as i64);
+        // A task that acks stops being fed when its life is about to end, and yields
+        // what it was not fed; one that does not is told to end at a share of it.
+        let acking = a.expect_acks == Some(true);
+        let latency = yield_latency(window(self.cfg.window, a.item_cost_ms), a.item_cost_ms)
+            .min(self.cfg.drain_margin);
+        let by_life = self.cfg.lifespan_end.map(|(_, end)| match acking {
+            true => end - latency.as_millis() as i64,
+            false => now_ms + ((end - now_ms) as f64 * share) as i64,
+        });
         if let Some(deadline) = by_limit.into_iter().chain(by_life).min() {
             env.push(("GRANULE_DEADLINE".to_string(), deadline.to_string()));
         }

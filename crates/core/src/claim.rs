@@ -273,6 +273,7 @@ pub fn claim_context(
     let mut ctx = base.clone();
     ctx.remaining = remaining;
     ctx.slots = slots;
+    ctx.acking = acking;
     if let (Some(expected), false) = (expected_life_ms, acking) {
         let cap = expected / 10.0;
         ctx.lifespan_ms = Some(ctx.lifespan_ms.map_or(cap, |l| l.min(cap)));

@@ -311,6 +311,9 @@ pub struct ClaimContext {
     pub load_per_cpu: f64,
     /// Remaining lifespan of the worker, ms, if it has one.
     pub lifespan_ms: Option<f64>,
+    /// Whether the stage's tasks ack: a fragment then yields at the end of the
+    /// worker's life and hands back what it did not run, so it may fill the life.
+    pub acking: bool,
 }
 
 /// Which rule set the size.
@@ -376,6 +379,20 @@ pub struct Sizer {
     pub slow_start_next: u64,
 }
 
+/// How much slow start grows after a fragment: twice, or up to 16 times where its
+/// acks show a start that dwarfs its items' work (the start up to the first ack,
+/// the item cost from the spacing of the acks). Each round of slow start costs a
+/// task start: with a 0.1 s start and 0.1 ms items, doubling from 1 took ten
+/// rounds before a fragment's work matched its start.
+fn growth(obs: &Observation) -> f64 {
+    let (Some(first), Some(last), true) = (obs.first_ack_ms, obs.last_ack_ms, obs.acks >= 2) else {
+        return 2.0;
+    };
+    let per_item = ((last - first) / (obs.acks - 1) as f64).max(1e-3);
+    let start = (first - per_item).max(0.0);
+    (start / (per_item * obs.n.max(1) as f64)).clamp(2.0, 16.0)
+}
+
 impl Sizer {
     /// Target fragment duration, ms.
     pub fn target_ms(&self, cfg: &SizerConfig) -> f64 {
@@ -417,14 +434,25 @@ impl Sizer {
             );
         }
         if let Some(life) = ctx.lifespan_ms {
-            lower(
-                &mut n,
-                &mut cap,
-                ((cfg.deadline_share * life - model.a_ms) / b_high).max(0.0),
-                SizeCap::Lifespan,
-            );
+            // A fragment that acks yields where the life ends and hands back what it
+            // did not run: it may be sized to fill the life at the mean cost (one task
+            // start per life). One that does not ack loses all at the end: it must
+            // fit a share of the life even at a high per-item cost.
+            let fits = match ctx.acking {
+                true => (life - model.a_ms) / model.b_ms.max(1e-9),
+                false => (cfg.deadline_share * life - model.a_ms) / b_high,
+            };
+            lower(&mut n, &mut cap, fits.max(0.0), SizeCap::Lifespan);
         }
-        let tail = ctx.remaining as f64 / (cfg.tail_factor.max(1.0) * f64::from(ctx.slots.max(1)));
+        // Near the end of a stage, fragments shrink so slots finish together. Where
+        // tasks ack, an idle slot splits the busiest fragment instead (its unfed
+        // tail comes back at once): an equal share per slot is enough, and each
+        // fragment fewer saves a task start.
+        let factor = match ctx.acking {
+            true => 1.0,
+            false => cfg.tail_factor.max(1.0),
+        };
+        let tail = ctx.remaining as f64 / (factor * f64::from(ctx.slots.max(1)));
         let tail_floor = if model.ready() {
             model.a_ms / cfg.tail_overhead_share.max(1e-6) / model.b_ms.max(1e-9)
         } else {
@@ -467,10 +495,10 @@ impl Sizer {
         let was_ready = self.model.ready();
         self.model.observe(obs, cfg.forget);
         if !was_ready {
-            // Twice what just finished: one doubling per round of fragments, however
-            // many workers finish one of the same size.
-            let next = obs.n.max(cfg.initial.unwrap_or(1)).saturating_mul(2);
-            self.slow_start_next = self.slow_start_next.max(next);
+            // Twice what just finished (one doubling per round of fragments, however
+            // many workers finish one of the same size), or more: see `growth`.
+            let next = obs.n.max(cfg.initial.unwrap_or(1)) as f64 * growth(obs);
+            self.slow_start_next = self.slow_start_next.max(next.min(u64::MAX as f64) as u64);
         }
         if was_ready && obs.sized_by_model && obs.duration_ms > 0.0 {
             let error = (self.target_ms(cfg) / obs.duration_ms).ln();
@@ -522,6 +550,7 @@ mod tests {
             slots: 2,
             free_memory: 0.5,
             load_per_cpu: 1.0,
+            acking: false,
             lifespan_ms: None,
         }
     }
@@ -768,6 +797,7 @@ mod tests {
         assert_eq!(s.cap, SizeCap::Limit);
         assert!(s.predicted_ms <= 800.0, "{s:?}");
         let ctx = ClaimContext {
+            acking: false,
             lifespan_ms: Some(300.0),
             ..roomy()
         };
@@ -775,6 +805,7 @@ mod tests {
         assert_eq!(s.cap, SizeCap::Lifespan);
         assert!(s.predicted_ms <= 240.0, "{s:?}");
         let ctx = ClaimContext {
+            acking: false,
             lifespan_ms: Some(5.0),
             ..roomy()
         };
@@ -835,5 +866,96 @@ mod tests {
             );
         }
         assert_eq!(&sizes[..4], [1, 2, 4, 8], "{sizes:?}");
+    }
+
+    fn acked(n: u64, first_ack_ms: f64, per_item_ms: f64) -> Observation {
+        let last = first_ack_ms + per_item_ms * (n - 1) as f64;
+        Observation {
+            n,
+            duration_ms: last + 1.0,
+            acks: n,
+            first_ack_ms: Some(first_ack_ms),
+            last_ack_ms: Some(last),
+            sized_by_model: true,
+            bytes: None,
+            load: None,
+        }
+    }
+
+    #[test]
+    fn slow_start_grows_fast_when_the_start_dwarfs_the_items() {
+        // A 100 ms interpreter start, 0.1 ms items: after 2 items, 32.
+        let cfg = SizerConfig::default();
+        let mut sizer = Sizer::default();
+        assert_eq!(sizer.size(&cfg, &roomy()).n, 1);
+        sizer.observe(&cfg, &acked(1, 100.0, 0.1));
+        assert_eq!(
+            sizer.size(&cfg, &roomy()).n,
+            2,
+            "one ack: no spacing, doubling"
+        );
+        sizer.observe(&cfg, &acked(2, 100.0, 0.1));
+        assert_eq!(sizer.size(&cfg, &roomy()).n, 32);
+        // Items that cost more than the start: doubling, as before.
+        let mut slow = Sizer::default();
+        slow.observe(&cfg, &acked(2, 10_000.0, 9_000.0));
+        assert_eq!(slow.size(&cfg, &roomy()).n, 4);
+    }
+
+    #[test]
+    fn a_fragment_that_acks_may_fill_the_life_and_shares_the_tail_equally() {
+        let cfg = SizerConfig {
+            target_ms: Some(100_000.0),
+            ..SizerConfig::default()
+        };
+        let mut sizer = Sizer::default();
+        let mut task = Synthetic {
+            a_ms: 10.0,
+            b_ms: 1.0,
+            seed: 17,
+        };
+        drive(&mut sizer, &cfg, &mut task, 20);
+        let life = ClaimContext {
+            lifespan_ms: Some(1_000.0),
+            ..roomy()
+        };
+        let all_or_nothing = sizer.size(&cfg, &life);
+        let acking = sizer.size(
+            &cfg,
+            &ClaimContext {
+                acking: true,
+                ..life
+            },
+        );
+        assert_eq!(acking.cap, SizeCap::Lifespan);
+        // It yields at the end of the life: the whole life at the mean cost...
+        assert!(
+            (950.0..=1_000.0).contains(&acking.predicted_ms),
+            "{acking:?}"
+        );
+        // ...where one that does not ack keeps to a share at a high cost.
+        assert!(all_or_nothing.predicted_ms <= 800.0, "{all_or_nothing:?}");
+        let tail = ClaimContext {
+            remaining: 40_000,
+            slots: 4,
+            ..roomy()
+        };
+        let factored = sizer.size(&cfg, &tail);
+        let shared = sizer.size(
+            &cfg,
+            &ClaimContext {
+                acking: true,
+                ..tail
+            },
+        );
+        assert_eq!(
+            (shared.n, shared.cap),
+            (10_000, SizeCap::Tail),
+            "an equal share"
+        );
+        assert!(
+            factored.n < 6_000,
+            "without acks, a factor of 2: {factored:?}"
+        );
     }
 }

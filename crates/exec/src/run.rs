@@ -426,6 +426,7 @@ pub(crate) fn supervise(
         let now = Instant::now();
         let (kill, yielding) = {
             let mut st = control.lock();
+            trim_to_life(job, &mut st, now);
             if !st.yield_requested && deadline_passes(job, &st, now, start) {
                 st.yield_requested = true;
                 st.stop_feeding = true;
@@ -458,6 +459,26 @@ pub(crate) fn supervise(
                 waiter.signal_group(libc::SIGKILL);
             }
         }
+    }
+}
+
+/// Elastic end of a fragment whose task acks, on a worker whose life ends: feeding
+/// stops where the items fed are predicted to finish by `yield_by`, and the rest is
+/// handed back when the fragment ends (as a split does). Without it, a fragment
+/// claimed near the end of a life yielded as soon as its whole span no longer
+/// fitted, and the worker paid a task start for each of a string of claims.
+fn trim_to_life(job: &FragmentJob, st: &mut Shared, now: Instant) {
+    let (Some(by), Some(true)) = (job.yield_by, job.expect_acks) else {
+        return;
+    };
+    if st.acks == 0 || job.item_cost_ms <= 0.0 || st.stop_feeding {
+        return; // no pace to predict from yet
+    }
+    let left_ms = by.saturating_duration_since(now).as_secs_f64() * 1e3;
+    let fits = (left_ms / job.item_cost_ms) as u64;
+    let end = (job.span.start + st.acks + fits).max(job.span.start + st.fed);
+    if end < st.feed_end {
+        st.feed_end = end;
     }
 }
 

@@ -271,3 +271,38 @@ fn exiting_zero_early_without_an_ack_reports_what_it_was_fed() {
         report.outcome
     );
 }
+
+const SLOW_ACKER: &str = r#"
+import os, sys, time
+ack = os.fdopen(3, "w", buffering=1)
+for line in sys.stdin:
+    time.sleep(0.01)
+    ack.write(line)
+"#;
+
+#[test]
+fn a_fragment_that_acks_runs_what_fits_its_life_and_hands_back_the_rest() {
+    // 10,000 items of 10 ms on a worker whose life ends in 3 s: the old fragment
+    // yielded at its first ack (its whole span did not fit) and the worker paid a
+    // task start for each of a string of claims. Now feeding stops where the items
+    // fed are predicted to finish in time, and the unfed tail is handed back.
+    let mut j = job(
+        &["python3", "-c", SLOW_ACKER],
+        Span::new(100, 10_100),
+        false,
+    );
+    j.item_cost_ms = 10.0;
+    j.yield_by = Some(Instant::now() + Duration::from_secs(3));
+    let ctl = Control::new(j.span);
+    let report = run_fragment(&j, &ctl);
+    assert_eq!(
+        report.failure,
+        None,
+        "{:?}",
+        String::from_utf8_lossy(&report.stderr_tail)
+    );
+    assert!(report.acks >= 30, "ran only {} items", report.acks);
+    assert!(report.end < j.span.end, "{report:?}");
+    // Everything fed was run and acked: the fragment ends where feeding stopped.
+    assert_eq!(report.acks, report.end - j.span.start, "{report:?}");
+}

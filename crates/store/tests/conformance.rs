@@ -116,6 +116,7 @@ fn claim(
             slots: 1,
             free_memory: 1.0,
             load_per_cpu: 0.0,
+            acking: false,
             lifespan_ms: None,
         },
     };
@@ -481,6 +482,7 @@ fn each_class_is_sent_where_it_is_relatively_fastest() {
                 slots: 1,
                 free_memory: 1.0,
                 load_per_cpu: 0.0,
+                acking: false,
                 lifespan_ms: None,
             },
         };
@@ -558,6 +560,7 @@ fn offered(job: JobId, id: &str, spot: bool, memory_mb: u64, now_ms: i64) -> Cla
             slots: 1,
             free_memory: 1.0,
             load_per_cpu: 0.0,
+            acking: false,
             lifespan_ms: None,
         },
     }

@@ -121,7 +121,7 @@ fn claim_in_job(
     let strict = Admission::strict(&req.offer);
     let mut relaxed: Option<Admission> = None;
     for stage in ready {
-        let mut range = pending_range(tx, req, stage.id, &strict)?;
+        let mut range = pending_range(tx, req, stage, &strict)?;
         if range.is_none() {
             // Ranges held back for better placed workers: only while one is alive.
             let admission = match relaxed {
@@ -132,7 +132,7 @@ fn claim_in_job(
                 }
             };
             if admission != strict {
-                range = pending_range(tx, req, stage.id, &admission)?;
+                range = pending_range(tx, req, stage, &admission)?;
             }
         }
         let Some(range) = range else {
@@ -279,6 +279,9 @@ struct Locked {
     live_slots: u32,
     /// The claimer's class's sizer state, if the stage has one yet.
     sizer: Option<String>,
+    /// Items of running fragments not acked yet, where the stage acks (else 0):
+    /// the work an equal share at the stage's end is judged against.
+    running_left: u64,
     /// The id the fragment will have, where the database hands ids out ahead
     /// (PostgreSQL's sequence): its insert then needs no round trip of its own.
     fragment_id: Option<i64>,
@@ -289,7 +292,7 @@ struct Locked {
 fn pending_range(
     tx: &mut dyn Db,
     req: &ClaimRequest,
-    stage: i64,
+    stage: &StageRow,
     admission: &Admission,
 ) -> Result<Option<Locked>> {
     let below = i64::try_from(admission.below_floor_mb).unwrap_or(i64::MAX);
@@ -299,13 +302,26 @@ fn pending_range(
                 (SELECT coalesce(sum(end_idx - start_idx), 0)::BIGINT FROM pending WHERE stage_id = $1),
                 (SELECT coalesce(sum(slots), 0)::BIGINT FROM workers WHERE state != 'exited' AND heartbeat_ms >= $4),
                 (SELECT state FROM sizers WHERE stage_id = $1 AND class = $5),
-                (SELECT nextval('fragments_id_seq'))
+                (SELECT nextval('fragments_id_seq')),
+                CASE WHEN $6 THEN (SELECT coalesce(sum(end_idx - start_idx - done_count), 0)::BIGINT
+                                   FROM fragments WHERE stage_id = $1 AND state = 'running') ELSE 0 END
          FROM pending p
          WHERE stage_id = $1 AND (floor_memory_mb = 0 OR floor_memory_mb < $2) AND lost < $3
          ORDER BY start_idx LIMIT 1 FOR UPDATE OF p SKIP LOCKED"
     );
     let live_since = req.now_ms - req.lease_ms;
-    let Some(r) = tx.query_opt(&sql, args![stage, below, lost, live_since, &req.class])? else {
+    let Some(r) = tx.query_opt(
+        &sql,
+        args![
+            stage.id,
+            below,
+            lost,
+            live_since,
+            &req.class,
+            stage.acks == Acks::Yes
+        ],
+    )?
+    else {
         return Ok(None);
     };
     let (id, range) = range_row(&r)?;
@@ -316,6 +332,7 @@ fn pending_range(
         live_slots: r.u32(9),
         sizer: r.opt_string(10),
         fragment_id: r.opt_i64(11),
+        running_left: r.u64(12),
     }))
 }
 
@@ -345,7 +362,7 @@ fn size_claim(
         &req.context,
         req.expected_life_ms,
         stage.acks == Acks::Yes,
-        locked.remaining,
+        locked.remaining + locked.running_left,
         locked.live_slots.max(req.slots),
     );
     let sizing = sizer.size(&stage.sizer_config, &ctx);
