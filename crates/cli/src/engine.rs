@@ -136,13 +136,13 @@ struct FinishContext {
 /// so that reading acks in batches never starves a fast task.
 /// Shortest time before the end of its life at which a worker stops feeding a
 /// fragment whose task acks, and the shortest drain of such fragments.
-const YIELD_MARGIN_MIN: Duration = Duration::from_millis(200);
+const YIELD_MARGIN_MIN: Duration = Duration::from_millis(100);
 
 /// How long a fragment whose task acks takes to yield once feeding stops: its
 /// fed-ahead window run out, plus what ending it costs (at least
 /// [`YIELD_MARGIN_MIN`]).
 fn yield_latency(window_items: u64, item_cost_ms: f64) -> Duration {
-    let ms = window_items as f64 * item_cost_ms.max(0.0) + 100.0;
+    let ms = window_items as f64 * item_cost_ms.max(0.0) + 50.0;
     Duration::from_secs_f64(ms / 1e3).max(YIELD_MARGIN_MIN)
 }
 

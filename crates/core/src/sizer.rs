@@ -49,7 +49,8 @@ pub struct SizerConfig {
     pub tail_overhead_share: f64,
     /// Free memory share below which fragments shrink in proportion.
     pub min_free_memory: f64,
-    /// Load per CPU above which fragments shrink in proportion.
+    /// No longer used (accepted so older specs still parse): load does not shrink
+    /// fragments, the model predicts the per-item cost at the claimer's load.
     pub max_load: f64,
     /// Share of the limit or of the remaining lifespan a fragment may be predicted to use.
     pub deadline_share: f64,
@@ -191,14 +192,19 @@ impl CostModel {
         }
     }
 
+    /// Per-item cost on a worker at `load` per CPU, ms: from the load fit once it
+    /// has one, else the mean per-item cost.
+    pub fn per_item_at_load(&self, load: f64) -> f64 {
+        match self.load.line() {
+            Some((intercept, slope)) => (intercept + slope * load).max(0.0),
+            None => self.b_ms,
+        }
+    }
+
     /// Predicted duration of `n` items on a worker at `load` per CPU, ms (the load
     /// fit where there is one).
     pub fn predict_at_load_ms(&self, n: u64, load: f64) -> f64 {
-        let per_item = match self.load.line() {
-            Some((intercept, slope)) => (intercept + slope * load).max(0.0),
-            None => self.b_ms,
-        };
-        self.a_ms + per_item * n as f64
+        self.a_ms + self.per_item_at_load(load) * n as f64
     }
 
     /// Predicted duration of `n` items of `bytes` in all, ms (the size fit where
@@ -224,11 +230,11 @@ impl CostModel {
         self.snn = lambda * self.snn + n * n;
         self.snd = lambda * self.snd + n * d;
 
-        let b_sample = match (obs.first_ack_ms, obs.last_ack_ms) {
-            (Some(first), Some(last)) if obs.acks >= 2 => {
+        let b_sample = match ack_spacing(obs) {
+            Some(spacing) => {
                 let intervals = (obs.acks - 1) as f64;
                 self.ack_intervals += intervals;
-                Some((((last - first) / intervals).max(0.0), intervals))
+                Some((spacing, intervals))
             }
             // Without ack spacing, only a fit over fragments of different sizes
             // separates overhead from per-item cost; one fragment alone does not.
@@ -330,7 +336,7 @@ pub enum SizeCap {
     Lifespan,
     /// Tail factoring near the end of the stage.
     Tail,
-    /// Low free memory or high load.
+    /// Low free memory.
     Pressure,
     /// The configured minimum or maximum.
     Bounds,
@@ -349,7 +355,7 @@ impl SizeCap {
             SizeCap::Tail => {
                 "the end of the stage: what is left is shared among the slots working on it"
             }
-            SizeCap::Pressure => "low free memory or high load on the claiming worker",
+            SizeCap::Pressure => "low free memory on the claiming worker",
             SizeCap::Bounds => {
                 "the stage's min_items/max_items, the claim's own maximum or the end of a range"
             }
@@ -379,16 +385,31 @@ pub struct Sizer {
     pub slow_start_next: u64,
 }
 
+/// How finely ack times are known, ms: the worker reads acks in batches (at least
+/// a millisecond apart), so acks of fast items share a read time.
+const ACK_RESOLUTION_MS: f64 = 2.0;
+
+/// The per-item cost a fragment's acks show, ms: the spacing of its first and last
+/// ack, widened by [`ACK_RESOLUTION_MS`] so that a few fast items read at once do
+/// not read as free (a cost of ~0 made the next fragment the whole stage).
+fn ack_spacing(obs: &Observation) -> Option<f64> {
+    match (obs.first_ack_ms, obs.last_ack_ms) {
+        (Some(first), Some(last)) if obs.acks >= 2 => {
+            Some(((last - first).max(0.0) + ACK_RESOLUTION_MS) / (obs.acks - 1) as f64)
+        }
+        _ => None,
+    }
+}
+
 /// How much slow start grows after a fragment: twice, or up to 16 times where its
 /// acks show a start that dwarfs its items' work (the start up to the first ack,
 /// the item cost from the spacing of the acks). Each round of slow start costs a
 /// task start: with a 0.1 s start and 0.1 ms items, doubling from 1 took ten
 /// rounds before a fragment's work matched its start.
 fn growth(obs: &Observation) -> f64 {
-    let (Some(first), Some(last), true) = (obs.first_ack_ms, obs.last_ack_ms, obs.acks >= 2) else {
+    let (Some(per_item), Some(first)) = (ack_spacing(obs), obs.first_ack_ms) else {
         return 2.0;
     };
-    let per_item = ((last - first) / (obs.acks - 1) as f64).max(1e-3);
     let start = (first - per_item).max(0.0);
     (start / (per_item * obs.n.max(1) as f64)).clamp(2.0, 16.0)
 }
@@ -407,7 +428,10 @@ impl Sizer {
         let model = &self.model;
         let (mut n, mut cap) = if model.ready() {
             let target = self.target_ms(cfg);
-            let per_item = model.b_ms.max(1e-9);
+            // Load is a feature of the prediction, not a reason to shrink: on a busy
+            // machine items cost what the load fit says, and the fragment is sized
+            // to the target at that cost.
+            let per_item = model.per_item_at_load(ctx.load_per_cpu).max(1e-9);
             let n_model = ((target - model.a_ms).max(per_item) / per_item) * self.pid.output.exp();
             (n_model, SizeCap::Model)
         } else {
@@ -435,13 +459,18 @@ impl Sizer {
         }
         if let Some(life) = ctx.lifespan_ms {
             // A fragment that acks yields where the life ends and hands back what it
-            // did not run: it may be sized to fill the life at the mean cost (one task
-            // start per life). One that does not ack loses all at the end: it must
-            // fit a share of the life even at a high per-item cost.
+            // did not run: it may be sized to fill the life at the mean cost. One that
+            // does not ack loses all at the end: it must fit a share of the life even
+            // at a high per-item cost.
             let fits = match ctx.acking {
                 true => (life - model.a_ms) / model.b_ms.max(1e-9),
                 false => (cfg.deadline_share * life - model.a_ms) / b_high,
             };
+            if ctx.acking && model.ready() && cap == SizeCap::Model && fits < 2.0 * n {
+                // What the life would leave after this fragment is less than another
+                // one's worth: take it now rather than pay one more task start.
+                (n, cap) = (fits, SizeCap::Lifespan);
+            }
             lower(&mut n, &mut cap, fits.max(0.0), SizeCap::Lifespan);
         }
         // Near the end of a stage, fragments shrink so slots finish together. Where
@@ -459,19 +488,12 @@ impl Sizer {
             1.0
         };
         lower(&mut n, &mut cap, tail.max(tail_floor).ceil(), SizeCap::Tail);
-        let mut pressure = 1.0;
-        // Slow start's fragments are small already and must grow for the model to
-        // learn anything: shrinking them under load kept a loaded machine at 1-item
-        // fragments for good (each one teaching nothing). Pressure applies once the
-        // model sizes fragments.
-        let learning = !model.ready();
-        if !learning && ctx.free_memory < cfg.min_free_memory {
-            pressure *= (ctx.free_memory / cfg.min_free_memory).max(0.0);
-        }
-        if !learning && ctx.load_per_cpu > cfg.max_load {
-            pressure *= cfg.max_load / ctx.load_per_cpu;
-        }
-        if pressure < 1.0 {
+        // Fragments shrink only when memory would run out, and not in slow start:
+        // its fragments are small already and must grow for the model to learn
+        // anything. (Shrinking under load kept a loaded machine at 1-item fragments,
+        // each paying a task start and teaching nothing.)
+        if model.ready() && ctx.free_memory < cfg.min_free_memory {
+            let pressure = (ctx.free_memory / cfg.min_free_memory).max(0.0);
             let shrunk = (n * pressure).floor();
             lower(&mut n, &mut cap, shrunk, SizeCap::Pressure);
         }
@@ -485,7 +507,7 @@ impl Sizer {
         }
         Sizing {
             n,
-            predicted_ms: self.model.predict_ms(n),
+            predicted_ms: self.model.predict_at_load_ms(n, ctx.load_per_cpu),
             cap,
         }
     }
@@ -957,5 +979,96 @@ mod tests {
             factored.n < 6_000,
             "without acks, a factor of 2: {factored:?}"
         );
+    }
+
+    #[test]
+    fn a_fragment_that_acks_takes_the_rest_of_a_life_too_short_for_two() {
+        let cfg = SizerConfig {
+            target_ms: Some(600.0),
+            ..SizerConfig::default()
+        };
+        let mut sizer = Sizer::default();
+        let mut task = Synthetic {
+            a_ms: 10.0,
+            b_ms: 1.0,
+            seed: 19,
+        };
+        drive(&mut sizer, &cfg, &mut task, 30);
+        let at = |life: f64, acking: bool| {
+            let ctx = ClaimContext {
+                lifespan_ms: Some(life),
+                acking,
+                ..roomy()
+            };
+            sizer.clone().size(&cfg, &ctx)
+        };
+        // A long life: fragments of the target.
+        assert_eq!(at(60_000.0, true).cap, SizeCap::Model);
+        // 1 s left: a 0.6 s fragment would leave 0.4 s, less than another one's
+        // worth; the fragment takes the whole life (it yields at its end).
+        let rest = at(1_000.0, true);
+        assert_eq!(rest.cap, SizeCap::Lifespan, "{rest:?}");
+        assert!(rest.predicted_ms > 900.0, "{rest:?}");
+        // Without acks it keeps to the target.
+        assert_eq!(at(1_000.0, false).cap, SizeCap::Model);
+    }
+
+    #[test]
+    fn load_changes_the_prediction_not_a_floor_under_the_size() {
+        // Items cost 1 ms idle and 1 + 0.5 * load under load; fragments aim at 1 s.
+        let cfg = SizerConfig {
+            target_ms: Some(1_000.0),
+            ..SizerConfig::default()
+        };
+        let mut sizer = Sizer::default();
+        for i in 0..40 {
+            let load = [0.0, 2.0, 4.0][i % 3];
+            let n = 500;
+            let per_item = 1.0 + 0.5 * load;
+            sizer.observe(
+                &cfg,
+                &Observation {
+                    n,
+                    duration_ms: 10.0 + per_item * n as f64,
+                    acks: n,
+                    first_ack_ms: Some(10.0 + per_item),
+                    last_ack_ms: Some(10.0 + per_item * n as f64),
+                    sized_by_model: false,
+                    bytes: None,
+                    load: Some(load),
+                },
+            );
+        }
+        let at = |load: f64| {
+            let ctx = ClaimContext {
+                load_per_cpu: load,
+                ..roomy()
+            };
+            sizer.clone().size(&cfg, &ctx)
+        };
+        let (idle, busy) = (at(0.0), at(6.0));
+        // At 6 per CPU (over the old max_load of 2) items cost 4 ms: a quarter the
+        // items, still a fragment of the target, sized by the model.
+        assert_eq!(busy.cap, SizeCap::Model, "{busy:?}");
+        let ratio = idle.n as f64 / busy.n as f64;
+        assert!((3.0..5.0).contains(&ratio), "{} vs {}", idle.n, busy.n);
+        assert!((800.0..1_200.0).contains(&busy.predicted_ms), "{busy:?}");
+    }
+
+    #[test]
+    fn fast_items_acked_in_one_read_do_not_read_as_free() {
+        // A 160 ms start, 11 us items: 32 of them are acked within one read of fd 3,
+        // so their acks share a time. Their cost must not read as zero (the next
+        // fragment was the whole stage).
+        let cfg = SizerConfig {
+            target_ms: Some(300.0),
+            ..SizerConfig::default()
+        };
+        let mut sizer = Sizer::default();
+        for n in [1, 2, 32] {
+            sizer.observe(&cfg, &acked(n, 160.0, 0.0));
+        }
+        let next = sizer.size(&cfg, &roomy());
+        assert!(next.n <= 10_000, "{next:?}");
     }
 }
