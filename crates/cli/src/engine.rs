@@ -817,6 +817,7 @@ impl Worker<'_> {
                 slots: self.cfg.slots,
                 free_memory: sample.free_memory,
                 load_per_cpu: others_load,
+                splits: self.cfg.steal,
                 // Set per stage by the claim.
                 acking: false,
                 // The life a fragment may use ends where the drain begins (at the

@@ -515,6 +515,7 @@ fn ghost(store: &mut dyn granule_store::Store, id: &str, host: &str, locality: &
             slots: 1,
             free_memory: 1.0,
             load_per_cpu: 0.0,
+            splits: false,
             acking: false,
             lifespan_ms: None,
         },

@@ -320,6 +320,9 @@ pub struct ClaimContext {
     /// Whether the stage's tasks ack: a fragment then yields at the end of the
     /// worker's life and hands back what it did not run, so it may fill the life.
     pub acking: bool,
+    /// Whether idle slots split running fragments (`granule worker` unless
+    /// `--no-steal`; not the simulator): with acks, the tail then needs no factoring.
+    pub splits: bool,
 }
 
 /// Which rule set the size.
@@ -477,7 +480,7 @@ impl Sizer {
         // tasks ack, an idle slot splits the busiest fragment instead (its unfed
         // tail comes back at once): an equal share per slot is enough, and each
         // fragment fewer saves a task start.
-        let factor = match ctx.acking {
+        let factor = match ctx.acking && ctx.splits {
             true => 1.0,
             false => cfg.tail_factor.max(1.0),
         };
@@ -572,6 +575,7 @@ mod tests {
             slots: 2,
             free_memory: 0.5,
             load_per_cpu: 1.0,
+            splits: false,
             acking: false,
             lifespan_ms: None,
         }
@@ -819,6 +823,7 @@ mod tests {
         assert_eq!(s.cap, SizeCap::Limit);
         assert!(s.predicted_ms <= 800.0, "{s:?}");
         let ctx = ClaimContext {
+            splits: false,
             acking: false,
             lifespan_ms: Some(300.0),
             ..roomy()
@@ -827,6 +832,7 @@ mod tests {
         assert_eq!(s.cap, SizeCap::Lifespan);
         assert!(s.predicted_ms <= 240.0, "{s:?}");
         let ctx = ClaimContext {
+            splits: false,
             acking: false,
             lifespan_ms: Some(5.0),
             ..roomy()
@@ -926,6 +932,7 @@ mod tests {
 
     #[test]
     fn a_fragment_that_acks_may_fill_the_life_and_shares_the_tail_equally() {
+        // (An equal share at the tail needs idle slots that split: `splits`.)
         let cfg = SizerConfig {
             target_ms: Some(100_000.0),
             ..SizerConfig::default()
@@ -967,6 +974,7 @@ mod tests {
             &cfg,
             &ClaimContext {
                 acking: true,
+                splits: true,
                 ..tail
             },
         );

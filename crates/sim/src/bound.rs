@@ -50,15 +50,22 @@ fn feasible(sc: &Scenario, stages: &[usize], cap: &[f64]) -> bool {
 }
 
 /// The least time `t >= from` by which `stages` fit into the capacity of
-/// `[from, t)`, searched up to `upper`; `upper` if they never do.
-fn least_time(sc: &Scenario, stages: &[usize], from: f64, upper: f64) -> f64 {
-    if !feasible(sc, stages, &capacity(sc, from, upper)) {
-        return upper;
+/// `[from, t)`: the window doubles from 1 s until they fit (or reaches `horizon`,
+/// returned if they never do), then bisection to 0.01% of it. It never looks at a
+/// makespan reached, so a simulated makespan below it is a bug that shows.
+fn least_time(sc: &Scenario, stages: &[usize], from: f64, horizon: f64) -> f64 {
+    let fits = |t: f64| feasible(sc, stages, &capacity(sc, from, t));
+    let (mut lo, mut hi) = (from, (from + 1_000.0).min(horizon));
+    while !fits(hi) {
+        if hi >= horizon {
+            return horizon;
+        }
+        lo = hi;
+        hi = (from + 2.0 * (hi - from)).min(horizon);
     }
-    let (mut lo, mut hi) = (from, upper);
-    while hi - lo > (upper - from) * 1e-4 + 1.0 {
+    while hi - lo > (hi - from) * 1e-4 + 1.0 {
         let mid = (lo + hi) / 2.0;
-        if feasible(sc, stages, &capacity(sc, from, mid)) {
+        if fits(mid) {
             hi = mid;
         } else {
             lo = mid;
@@ -101,14 +108,14 @@ fn paths(sc: &Scenario) -> Vec<Vec<usize>> {
     out
 }
 
-/// The lower bound, ms, searching no further than `upper` (a makespan reached).
-pub fn lower_bound(sc: &Scenario, upper: f64) -> f64 {
+/// The lower bound, ms, from the scenario alone (searched up to its horizon).
+pub fn lower_bound(sc: &Scenario) -> f64 {
     let all: Vec<usize> = (0..sc.stages.len()).collect();
-    let mut bound = least_time(sc, &all, 0.0, upper);
+    let mut bound = least_time(sc, &all, 0.0, sc.horizon);
     for path in paths(sc) {
         let mut t = 0.0;
         for s in path {
-            t = least_time(sc, &[s], t, upper);
+            t = least_time(sc, &[s], t, sc.horizon);
         }
         bound = bound.max(t);
     }

@@ -899,6 +899,7 @@ impl Sim<'_> {
                 slots: 0,
                 free_memory: 1.0,
                 load_per_cpu: 0.0,
+                splits: false,
                 acking: false,
                 lifespan_ms: life_left,
             };

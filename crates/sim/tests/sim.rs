@@ -279,3 +279,30 @@ target = "20m"
         without.wasted_ms
     );
 }
+
+#[test]
+fn the_lower_bound_comes_from_the_scenario_alone() {
+    // 100,000 items of 10 ms on 10 slots: 100 s of work per slot at best. The bound
+    // once searched only up to the makespan reached, so it could never exceed it.
+    let sc = scenario(
+        r#"
+name = "flat"
+[[class]]
+name = "cpu"
+count = 10
+slots = 1
+[[stage]]
+name = "s"
+items = 100_000
+item_ms = 10.0
+spread = 0.0
+"#,
+    );
+    let bound = granule_sim::lower_bound(&sc);
+    assert!((bound - 100_000.0).abs() < 100.0, "bound {bound} ms");
+    for policy in [Policy::Granule, Policy::Fifo] {
+        let r = run(&sc, policy, None);
+        assert_eq!(r.lower_bound_ms, bound, "{policy:?}: the same bound");
+        assert!(r.makespan_ms >= bound, "{policy:?}");
+    }
+}

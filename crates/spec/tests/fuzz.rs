@@ -238,3 +238,13 @@ proptest! {
         let _ = parse_any(&text);
     }
 }
+
+#[test]
+fn a_float_survives_the_stores_json_round_trip_exactly() {
+    // Found by the fuzzer: without serde_json's exact float parsing,
+    // 0.19223372036854777 came back as 0.19223372036854774 and a stored spec
+    // differed from the one submitted.
+    let x = 0.192_233_720_368_547_77_f64;
+    let back: f64 = serde_json::from_str(&serde_json::to_string(&x).unwrap()).unwrap();
+    assert_eq!(back.to_bits(), x.to_bits());
+}

@@ -227,6 +227,7 @@ impl Run<'_> {
                 slots: 1,
                 free_memory: 1.0,
                 load_per_cpu: 0.0,
+                splits: false,
                 acking: false,
                 lifespan_ms: None,
             },

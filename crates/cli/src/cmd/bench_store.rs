@@ -104,6 +104,7 @@ fn client(state: &StateArg, c: u32, id: JobId, deadline: Instant) -> Result<Vec<
             slots: 1,
             free_memory: 1.0,
             load_per_cpu: 0.0,
+            splits: false,
             acking: false,
             lifespan_ms: None,
         },
