@@ -820,12 +820,19 @@ impl Worker<'_> {
                 splits: self.cfg.steal,
                 // Set per stage by the claim.
                 acking: false,
-                // The life a fragment may use ends where the drain begins (at the
-                // earliest, for fragments that ack: they drain the latest).
+                // The life a fragment may use ends where the drain begins: late
+                // for fragments that ack (they yield in time), a full drain margin
+                // before the end for those that do not.
                 lifespan_ms: self.cfg.lifespan_end.map(|(_, end)| {
                     let margin = self.cfg.drain_margin.min(YIELD_MARGIN_MIN);
                     (end - now_ms - margin.as_millis() as i64).max(0) as f64
                 }),
+                all_or_nothing_margin_ms: self
+                    .cfg
+                    .drain_margin
+                    .saturating_sub(YIELD_MARGIN_MIN)
+                    .as_secs_f64()
+                    * 1e3,
             },
         }
     }

@@ -323,6 +323,9 @@ pub struct ClaimContext {
     /// Whether idle slots split running fragments (`granule worker` unless
     /// `--no-steal`; not the simulator): with acks, the tail then needs no factoring.
     pub splits: bool,
+    /// How much sooner than `lifespan_ms` a fragment whose task does not ack must
+    /// end: its worker starts draining that much earlier while it runs.
+    pub all_or_nothing_margin_ms: f64,
 }
 
 /// Which rule set the size.
@@ -467,7 +470,10 @@ impl Sizer {
             // at a high per-item cost.
             let fits = match ctx.acking {
                 true => (life - model.a_ms) / model.b_ms.max(1e-9),
-                false => (cfg.deadline_share * life - model.a_ms) / b_high,
+                false => {
+                    let life = (life - ctx.all_or_nothing_margin_ms).max(0.0);
+                    (cfg.deadline_share * life - model.a_ms) / b_high
+                }
             };
             if ctx.acking && model.ready() && cap == SizeCap::Model && fits < 2.0 * n {
                 // What the life would leave after this fragment is less than another
@@ -576,6 +582,7 @@ mod tests {
             free_memory: 0.5,
             load_per_cpu: 1.0,
             splits: false,
+            all_or_nothing_margin_ms: 0.0,
             acking: false,
             lifespan_ms: None,
         }
@@ -962,8 +969,32 @@ mod tests {
             (950.0..=1_000.0).contains(&acking.predicted_ms),
             "{acking:?}"
         );
-        // ...where one that does not ack keeps to a share at a high cost.
+        // ...where one that does not ack keeps to a share at a high cost, of a life
+        // that ends where its worker would drain it.
         assert!(all_or_nothing.predicted_ms <= 800.0, "{all_or_nothing:?}");
+        let drained_early = sizer.size(
+            &cfg,
+            &ClaimContext {
+                all_or_nothing_margin_ms: 500.0,
+                ..life.clone()
+            },
+        );
+        assert!(
+            drained_early.n < all_or_nothing.n,
+            "{drained_early:?} vs {all_or_nothing:?}"
+        );
+        let acking_alike = sizer.size(
+            &cfg,
+            &ClaimContext {
+                all_or_nothing_margin_ms: 500.0,
+                acking: true,
+                ..life.clone()
+            },
+        );
+        assert_eq!(
+            acking_alike.n, acking.n,
+            "the margin is not for acking tasks"
+        );
         let tail = ClaimContext {
             remaining: 40_000,
             slots: 4,

@@ -900,6 +900,7 @@ impl Sim<'_> {
                 free_memory: 1.0,
                 load_per_cpu: 0.0,
                 splits: false,
+                all_or_nothing_margin_ms: 0.0,
                 acking: false,
                 lifespan_ms: life_left,
             };

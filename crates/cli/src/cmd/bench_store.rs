@@ -105,6 +105,7 @@ fn client(state: &StateArg, c: u32, id: JobId, deadline: Instant) -> Result<Vec<
             free_memory: 1.0,
             load_per_cpu: 0.0,
             splits: false,
+            all_or_nothing_margin_ms: 0.0,
             acking: false,
             lifespan_ms: None,
         },
