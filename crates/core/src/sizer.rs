@@ -830,8 +830,6 @@ mod tests {
         assert_eq!(s.cap, SizeCap::Limit);
         assert!(s.predicted_ms <= 800.0, "{s:?}");
         let ctx = ClaimContext {
-            splits: false,
-            acking: false,
             lifespan_ms: Some(300.0),
             ..roomy()
         };
@@ -839,8 +837,6 @@ mod tests {
         assert_eq!(s.cap, SizeCap::Lifespan);
         assert!(s.predicted_ms <= 240.0, "{s:?}");
         let ctx = ClaimContext {
-            splits: false,
-            acking: false,
             lifespan_ms: Some(5.0),
             ..roomy()
         };
