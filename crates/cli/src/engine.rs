@@ -132,8 +132,6 @@ struct FinishContext {
     failure: Option<String>,
 }
 
-/// Items in flight beyond the last ack: at least `min`, and about 20 ms of work,
-/// so that reading acks in batches never starves a fast task.
 /// Shortest time before the end of its life at which a worker stops feeding a
 /// fragment whose task acks, and the shortest drain of such fragments.
 const YIELD_MARGIN_MIN: Duration = Duration::from_millis(100);
@@ -141,11 +139,13 @@ const YIELD_MARGIN_MIN: Duration = Duration::from_millis(100);
 /// How long a fragment whose task acks takes to yield once feeding stops: its
 /// fed-ahead window run out, plus what ending it costs (at least
 /// [`YIELD_MARGIN_MIN`]).
-fn yield_latency(window_items: u64, item_cost_ms: f64) -> Duration {
-    let ms = window_items as f64 * item_cost_ms.max(0.0) + 50.0;
+fn yield_latency(min_window: u64, item_cost_ms: f64) -> Duration {
+    let ms = window(min_window, item_cost_ms) as f64 * item_cost_ms.max(0.0) + 50.0;
     Duration::from_secs_f64(ms / 1e3).max(YIELD_MARGIN_MIN)
 }
 
+/// Items in flight beyond the last ack: at least `min`, and about 20 ms of work,
+/// so that reading acks in batches never starves a fast task.
 fn window(min: u64, item_cost_ms: f64) -> u64 {
     let by_time = if item_cost_ms > 0.0 {
         (20.0 / item_cost_ms) as u64
@@ -440,10 +440,7 @@ impl Worker<'_> {
         }
         self.running
             .values()
-            .map(|s| {
-                let a = &s.assignment;
-                yield_latency(window(self.cfg.window, a.item_cost_ms), a.item_cost_ms)
-            })
+            .map(|s| yield_latency(self.cfg.window, s.assignment.item_cost_ms))
             .max()
             .unwrap_or(YIELD_MARGIN_MIN)
             .min(self.cfg.drain_margin)
@@ -980,8 +977,7 @@ impl Worker<'_> {
         // A task that acks stops being fed when its life is about to end, and yields
         // what it was not fed; one that does not is told to end at a share of it.
         let acking = a.expect_acks == Some(true);
-        let latency = yield_latency(window(self.cfg.window, a.item_cost_ms), a.item_cost_ms)
-            .min(self.cfg.drain_margin);
+        let latency = yield_latency(self.cfg.window, a.item_cost_ms).min(self.cfg.drain_margin);
         let by_life = self.cfg.lifespan_end.map(|(_, end)| match acking {
             true => end - latency.as_millis() as i64,
             false => now_ms + ((end - now_ms) as f64 * share) as i64,

@@ -354,7 +354,7 @@ impl SizeCap {
         match self {
             SizeCap::Model => "the cost model's target duration per fragment",
             SizeCap::SlowStart => {
-                "slow start: the model has too little history yet, sizes double as fragments finish"
+                "slow start: the model has too little history yet, sizes grow as fragments finish"
             }
             SizeCap::Limit => "the stage's time limit per fragment",
             SizeCap::Lifespan => "the claiming worker's remaining lifespan",

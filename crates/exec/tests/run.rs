@@ -1,7 +1,7 @@
 //! The task protocol against real child processes.
 
 use granule_core::{FinishOutcome, FragmentId, IntervalSet, Span};
-use granule_exec::{run_fragment, Control, Failure, FragmentJob, ItemSource};
+use granule_exec::{run_fragment, Control, Failure, FragmentJob, ItemSource, RunReport};
 use granule_spec::ItemsSpec;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,16 @@ fn job(argv: &[&str], span: Span, per_item: bool) -> FragmentJob {
     }
 }
 
+/// The fragment ran without failing; its stderr tail otherwise.
+fn assert_no_failure(report: &RunReport) {
+    assert_eq!(
+        report.failure,
+        None,
+        "{:?}",
+        String::from_utf8_lossy(&report.stderr_tail)
+    );
+}
+
 const ACKER: &str = r#"
 import os, sys
 ack = os.fdopen(3, "w", buffering=1)
@@ -46,12 +56,7 @@ fn batch_acks_every_item_with_values_as_received() {
     let j = job(&["python3", "-c", ACKER], Span::new(10, 60), false);
     let ctl = Control::new(j.span);
     let report = run_fragment(&j, &ctl);
-    assert_eq!(
-        report.failure,
-        None,
-        "{:?}",
-        String::from_utf8_lossy(&report.stderr_tail)
-    );
+    assert_no_failure(&report);
     assert_eq!(report.acks, 50);
     assert_eq!(report.outcome, FinishOutcome::Success);
     let (acked, _) = ctl.take_unflushed();
@@ -295,12 +300,7 @@ fn a_fragment_that_acks_runs_what_fits_its_life_and_hands_back_the_rest() {
     j.yield_by = Some(Instant::now() + Duration::from_secs(3));
     let ctl = Control::new(j.span);
     let report = run_fragment(&j, &ctl);
-    assert_eq!(
-        report.failure,
-        None,
-        "{:?}",
-        String::from_utf8_lossy(&report.stderr_tail)
-    );
+    assert_no_failure(&report);
     assert!(report.acks >= 30, "ran only {} items", report.acks);
     assert!(report.end < j.span.end, "{report:?}");
     // Everything fed was run and acked: the fragment ends where feeding stopped.

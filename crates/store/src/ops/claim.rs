@@ -279,8 +279,9 @@ struct Locked {
     live_slots: u32,
     /// The claimer's class's sizer state, if the stage has one yet.
     sizer: Option<String>,
-    /// Items of running fragments not acked yet, where the stage acks (else 0):
-    /// the work an equal share at the stage's end is judged against.
+    /// Items of running fragments not acked yet, where the stage acks and idle
+    /// slots split (else 0): the work an equal share at the stage's end is judged
+    /// against (`ClaimContext::splits`).
     running_left: u64,
     /// The id the fragment will have, where the database hands ids out ahead
     /// (PostgreSQL's sequence): its insert then needs no round trip of its own.
@@ -318,7 +319,7 @@ fn pending_range(
             lost,
             live_since,
             &req.class,
-            stage.acks == Acks::Yes
+            stage.acks == Acks::Yes && req.context.splits
         ],
     )?
     else {
