@@ -230,7 +230,8 @@ impl CostModel {
         self.snn = lambda * self.snn + n * n;
         self.snd = lambda * self.snd + n * d;
 
-        let b_sample = match ack_spacing(obs) {
+        let own = ack_spacing(obs);
+        let b_sample = match own {
             Some(spacing) => {
                 let intervals = (obs.acks - 1) as f64;
                 self.ack_intervals += intervals;
@@ -247,7 +248,10 @@ impl CostModel {
             self.b_ms += share * delta;
             self.b_var = (1.0 - share) * (self.b_var + share * delta * delta);
         }
-        let a_sample = (d - n * self.b_ms).max(0.0);
+        // The fragment's own overhead: what its acks do not account for. Taken at
+        // the mean cost instead, a fragment of heavy items read as a slow start
+        // (sigma 2: `a` 4x too high, and the target it sets with it).
+        let a_sample = (d - n * own.unwrap_or(self.b_ms)).max(0.0);
         self.a_weight = lambda * self.a_weight + 1.0;
         self.a_ms += (a_sample - self.a_ms) / self.a_weight;
 
@@ -336,6 +340,8 @@ pub enum SizeCap {
     Model,
     /// Cold start: the initial size or doubling.
     SlowStart,
+    /// Half of a slot's share of the work left (factoring), above the model's size.
+    Share,
     /// The hard per-fragment limit.
     Limit,
     /// The worker's remaining lifespan.
@@ -355,6 +361,9 @@ impl SizeCap {
             SizeCap::Model => "the cost model's target duration per fragment",
             SizeCap::SlowStart => {
                 "slow start: the model has too little history yet, sizes grow as fragments finish"
+            }
+            SizeCap::Share => {
+                "factoring: half of each slot's share of the work left, fewer task starts"
             }
             SizeCap::Limit => "the stage's time limit per fragment",
             SizeCap::Lifespan => "the claiming worker's remaining lifespan",
@@ -448,6 +457,21 @@ impl Sizer {
             }
             (self.slow_start_next as f64, SizeCap::SlowStart)
         };
+        if cap == SizeCap::Model && !ctx.splits {
+            // Factoring (Hummel, Schonberg & Flynn 1992): where running fragments are
+            // not split, while much work is left a fragment may take half of a slot's
+            // share of it, up to the longest target. Fewer task starts, and what is
+            // left still balances the slots. (Where idle slots split, the model's
+            // target stands: splitting balances, and short fragments lose less.)
+            let per_item = model.per_item_at_load(ctx.load_per_cpu).max(1e-9);
+            let share =
+                ctx.remaining as f64 / (cfg.tail_factor.max(1.0) * f64::from(ctx.slots.max(1)));
+            let longest = ((cfg.target_max_ms - model.a_ms) / per_item).max(0.0);
+            let floor = share.min(longest).floor();
+            if floor > n {
+                (n, cap) = (floor, SizeCap::Share);
+            }
+        }
         fn lower(n: &mut f64, cap: &mut SizeCap, bound: f64, why: SizeCap) {
             if bound < *n {
                 *n = bound;
@@ -581,7 +605,7 @@ mod tests {
             slots: 2,
             free_memory: 0.5,
             load_per_cpu: 1.0,
-            splits: false,
+            splits: true,
             all_or_nothing_margin_ms: 0.0,
             acking: false,
             lifespan_ms: None,
@@ -1105,5 +1129,63 @@ mod tests {
         }
         let next = sizer.size(&cfg, &roomy());
         assert!(next.n <= 10_000, "{next:?}");
+    }
+
+    #[test]
+    fn where_fragments_are_not_split_a_claim_takes_half_a_slots_share_of_the_work_left() {
+        let cfg = SizerConfig {
+            target_ms: Some(1_000.0),
+            ..SizerConfig::default()
+        };
+        let mut sizer = Sizer::default();
+        let mut task = Synthetic {
+            a_ms: 20.0,
+            b_ms: 1.0,
+            seed: 5,
+        };
+        drive(&mut sizer, &cfg, &mut task, 30);
+        let at = |remaining: u64, splits: bool| {
+            let ctx = ClaimContext {
+                remaining,
+                slots: 4,
+                splits,
+                ..roomy()
+            };
+            sizer.clone().size(&cfg, &ctx)
+        };
+        // 40,000 items of ~1 ms on 4 slots: half a slot's share is 5,000 items (5 s),
+        // five times the 1 s target.
+        let share = at(40_000, false);
+        assert_eq!(share.cap, SizeCap::Share, "{share:?}");
+        assert_eq!(share.n, 5_000);
+        // Never past the longest target (60 s).
+        let most = at(40_000_000, false);
+        assert_eq!(most.cap, SizeCap::Share);
+        assert!(most.predicted_ms <= cfg.target_max_ms + 1.0, "{most:?}");
+        // Where idle slots split running fragments, the target stands.
+        assert_eq!(at(40_000, true).cap, SizeCap::Model);
+    }
+
+    #[test]
+    fn a_fragment_of_heavy_items_does_not_read_as_a_slow_start() {
+        let cfg = SizerConfig::default();
+        let mut sizer = Sizer::default();
+        let light = |n: u64, per_item: f64| Observation {
+            n,
+            duration_ms: 50.0 + per_item * n as f64,
+            acks: n,
+            first_ack_ms: Some(50.0 + per_item),
+            last_ack_ms: Some(50.0 + per_item * n as f64),
+            sized_by_model: false,
+            bytes: None,
+            load: None,
+        };
+        for _ in 0..10 {
+            sizer.observe(&cfg, &light(100, 1.0));
+        }
+        // A fragment of items ten times heavier than the mean (a skewed draw): its
+        // start is still 50 ms, not the 900 ms its extra work would add.
+        sizer.observe(&cfg, &light(100, 10.0));
+        assert!(sizer.model.a_ms < 80.0, "{:?}", sizer.model);
     }
 }

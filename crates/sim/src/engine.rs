@@ -5,9 +5,9 @@
 use crate::pool::{Ending, Life, Lives};
 use crate::scenario::Scenario;
 use granule_core::{
-    absolute_errors, claim_context, critical_paths, deadline_plan, fits, median_p90, order,
-    Candidate, ClaimContext, FinishOutcome, FragmentId, Holt, IntervalSet, Observation, SizeCap,
-    Sizer, SizerConfig, Span, StageLedger, StageNeeds, StageWork, WorkerOffer,
+    absolute_errors, claim_context, deadline_plan, fits, median_p90, placement_order, ClaimContext,
+    FinishOutcome, FragmentId, Holt, IntervalSet, Observation, SizeCap, Sizer, SizerConfig, Span,
+    StageLedger, StageNeeds, StageView, StageWork, WorkerOffer,
 };
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
@@ -24,8 +24,57 @@ pub enum Policy {
     /// critical path; idle workers leave after `idle_exit`.
     Granule,
     /// Class-blind first-in-first-out: the first ready stage that fits (required
-    /// classes and resources are still honoured). Same sizer.
+    /// classes and resources are still honoured). Same sizer, same parking.
     Fifo,
+    /// FIFO placement, and each slot takes `items / slots` at once (static chunking;
+    /// with items of equal expected cost, the oracle's equal share).
+    Static,
+    /// FIFO placement, one item per fragment (self-scheduling).
+    SelfScheduling,
+    /// FIFO placement, `ceil(remaining / slots)` per fragment (guided self-scheduling,
+    /// Polychronopoulos & Kuck 1987).
+    Guided,
+    /// FIFO placement, batches of `slots` fragments that each take
+    /// `ceil(remaining / (2 · slots))` (factoring, Hummel, Schonberg & Flynn 1992).
+    Factoring,
+}
+
+impl Policy {
+    /// Every policy, granule first.
+    pub const ALL: [Policy; 6] = [
+        Policy::Granule,
+        Policy::Fifo,
+        Policy::Static,
+        Policy::SelfScheduling,
+        Policy::Guided,
+        Policy::Factoring,
+    ];
+
+    /// Whether placement is granule's (else class-blind FIFO).
+    fn plans(self) -> bool {
+        self == Policy::Granule
+    }
+
+    /// A loop-scheduling baseline's fragment size, or `None` where the sizer decides.
+    /// `total` and `remaining` are the stage's items and its unclaimed ones, `slots`
+    /// the slots alive, `batch` the stage's factoring batch (chunk size, chunks left).
+    fn chunk(self, total: u64, remaining: u64, slots: u64, batch: &mut (u64, u64)) -> Option<u64> {
+        let slots = slots.max(1);
+        match self {
+            Policy::Granule | Policy::Fifo => None,
+            Policy::Static => Some(total.div_ceil(slots)),
+            Policy::SelfScheduling => Some(1),
+            Policy::Guided => Some(remaining.div_ceil(slots)),
+            Policy::Factoring => {
+                if batch.1 == 0 {
+                    *batch = (remaining.div_ceil(2 * slots), slots);
+                }
+                batch.1 -= 1;
+                Some(batch.0)
+            }
+        }
+        .map(|n| n.max(1))
+    }
 }
 
 /// One fragment as the trace records it.
@@ -122,6 +171,9 @@ pub struct Report {
     pub stages: Vec<StageReport>,
 }
 
+/// Fragments of at most this many items have their items' costs drawn one by one.
+const EXACT_SUM: u64 = 256;
+
 /// Planner period: forecasts and the class plan are updated, idle workers look again.
 const TICK_MS: f64 = 60_000.0;
 
@@ -180,6 +232,8 @@ struct Stage {
     items_by_class: Vec<u64>,
     /// Predicted and observed durations of its finished fragments, in order.
     durations: Vec<(f64, f64)>,
+    /// The factoring baseline's batch: chunk size and chunks left in it.
+    batch: (u64, u64),
 }
 
 struct Sim<'a> {
@@ -252,6 +306,7 @@ fn stages_of(sc: &Scenario) -> Vec<Stage> {
             fragments: 0,
             items_by_class: vec![0; sc.classes.len()],
             durations: Vec::new(),
+            batch: (0, 0),
         })
         .collect()
 }
@@ -402,10 +457,10 @@ impl Sim<'_> {
             self.preempt_rate[c].observe(rate);
             self.preempted[c] = 0.0;
         }
-        if self.policy == Policy::Granule {
-            self.replan();
-            self.unpark();
-        }
+        // Every policy gets the same parking: workers the plan does not need leave
+        // and are called back (only granule's placement also follows the plan).
+        self.replan();
+        self.unpark();
         // Shadow re-evaluation: plans change as deadlines near and capacity moves.
         self.wake_idle();
         self.at(self.now + TICK_MS, Event::Tick);
@@ -519,9 +574,7 @@ impl Sim<'_> {
             self.stages_left -= 1;
             // Stages that waited for this one may be ready: plan again, and idle
             // workers look again.
-            if self.policy == Policy::Granule {
-                self.replan();
-            }
+            self.replan();
             self.wake_idle();
         } else if requeued {
             self.wake_idle();
@@ -686,70 +739,45 @@ impl Sim<'_> {
         m.ready().then_some(m.b_ms)
     }
 
-    /// The stages worker `w` should try, best first.
+    /// The stages worker `w` should try, best first: for granule, the order the
+    /// stores use (`placement_order` over the same views, with the class plan).
     fn candidates(&self, w: usize) -> Vec<usize> {
         let class = self.workers[w].class;
         let offer = &self.offers[class];
-        let ready: Vec<usize> = (0..self.stages.len())
-            .filter(|&s| {
-                let st = &self.stages[s];
-                st.done_ms.is_none()
-                    && !st.ledger.pending.is_empty()
-                    && st.after.iter().all(|&a| self.stages[a].done_ms.is_some())
-                    && fits(&st.needs, offer).is_ok()
-            })
-            .collect();
-        if self.policy == Policy::Fifo {
-            return ready;
-        }
-        let classes = self.sc.classes.len();
-        // What is known of each stage on each class; unknown classes count as the best.
-        let best: Vec<Option<f64>> = (0..self.stages.len())
-            .map(|s| {
-                (0..classes)
-                    .filter_map(|c| self.learned(s, c))
-                    .min_by(f64::total_cmp)
-            })
-            .collect();
-        let remaining_ms: Vec<f64> = (0..self.stages.len())
-            .map(|s| {
-                let st = &self.stages[s];
-                let left = (st.ledger.pending.len() + st.running_items) as f64;
-                left * best[s].unwrap_or(self.sc.stages[s].item_ms)
-            })
-            .collect();
-        let after: Vec<Vec<usize>> = self.stages.iter().map(|s| s.after.clone()).collect();
-        let critical = critical_paths(&after, &remaining_ms);
-        let owner_running = |owner: &Option<String>| -> u64 {
-            self.stages
-                .iter()
-                .filter(|st| st.needs.owner == *owner)
-                .map(|st| st.running)
-                .sum()
+        let ready = |s: usize| {
+            let st = &self.stages[s];
+            st.done_ms.is_none()
+                && !st.ledger.pending.is_empty()
+                && st.after.iter().all(|&a| self.stages[a].done_ms.is_some())
+                && fits(&st.needs, offer).is_ok()
         };
-        let mut cands: Vec<Candidate<'_>> = ready
-            .iter()
-            .map(|&s| {
+        if !self.policy.plans() {
+            return (0..self.stages.len()).filter(|&s| ready(s)).collect();
+        }
+        let views: Vec<StageView> = (0..self.stages.len())
+            .map(|s| {
                 let st = &self.stages[s];
-                let here = self.learned(s, class);
-                let slowdown = match (here, best[s]) {
-                    (Some(h), Some(b)) if b > 0.0 => h / b,
-                    _ => 1.0,
-                };
-                Candidate {
-                    needs: &st.needs,
-                    index: s,
+                StageView {
+                    idx: s,
+                    needs: st.needs.clone(),
+                    after: st.after.clone(),
+                    ready: ready(s),
                     running: st.running,
-                    owner_running: owner_running(&st.needs.owner),
-                    critical_ms: critical[s],
-                    slowdown,
-                    planned: self.planned(s, class),
+                    left: st.ledger.pending.len() + st.running_items,
+                    learned: (0..self.sc.classes.len())
+                        .filter_map(|c| {
+                            Some((self.sc.classes[c].name.clone(), self.learned(s, c)?))
+                        })
+                        .collect(),
                     checkpoints: false,
+                    deadline_at_ms: None,
                 }
             })
             .collect();
-        order(&mut cands, offer);
-        cands.iter().map(|c| c.index).collect()
+        let planned: Vec<bool> = (0..self.stages.len())
+            .map(|s| self.planned(s, class))
+            .collect();
+        placement_order(&views, offer, Some(&planned))
     }
 
     /// Whether stage `s` is unfinished and every stage it waits for is done.
@@ -779,12 +807,20 @@ impl Sim<'_> {
     /// within the horizon.
     fn replan(&mut self) {
         let classes = self.sc.classes.len();
+        // Until some class has run every ready stage, keep everyone and let every
+        // class take anything: there is no prior (the scenario's true costs are not
+        // known). A class that has not run a stage yet is left out of the plan (as
+        // the stores' deadline plan does) and let in (`planned`) to learn its cost.
+        let learning = (0..self.stages.len())
+            .any(|s| self.ready(s) && (0..classes).all(|c| self.learned(s, c).is_none()));
+        if learning {
+            self.plan = vec![vec![true; classes]; self.stages.len()];
+            self.wanted = vec![f64::INFINITY; classes];
+            return;
+        }
         let work: Vec<StageWork> = (0..self.stages.len())
             .map(|s| {
                 let st = &self.stages[s];
-                let best = (0..classes)
-                    .filter_map(|c| self.learned(s, c))
-                    .min_by(f64::total_cmp);
                 StageWork {
                     items: if self.ready(s) {
                         (st.ledger.pending.len() + st.running_items) as f64
@@ -793,11 +829,10 @@ impl Sim<'_> {
                     },
                     per_item_ms: (0..classes)
                         .map(|c| {
-                            fits(&st.needs, &self.offers[c]).is_ok().then(|| {
-                                self.learned(s, c)
-                                    .or(best)
-                                    .unwrap_or(self.sc.stages[s].item_ms)
-                            })
+                            // Ready stages have a cost learned on some class; others
+                            // have no items to plan.
+                            let fit = fits(&st.needs, &self.offers[c]).is_ok();
+                            fit.then(|| self.learned(s, c)).flatten()
                         })
                         .collect(),
                 }
@@ -831,19 +866,6 @@ impl Sim<'_> {
             return;
         };
         self.plan = plan.planned;
-        // Until every class has run every ready stage it may run, keep everyone:
-        // the plan is only as good as what has been learned.
-        let learning = (0..self.stages.len()).any(|s| {
-            self.ready(s)
-                && (0..classes).any(|c| {
-                    fits(&self.stages[s].needs, &self.offers[c]).is_ok()
-                        && self.learned(s, c).is_none()
-                })
-        });
-        if learning {
-            self.wanted = vec![f64::INFINITY; classes];
-            return;
-        }
         // A margin over what the fluid plan needs: fragments are not fluid.
         self.wanted = plan
             .slots_wanted
@@ -911,7 +933,21 @@ impl Sim<'_> {
                 st.ledger.pending.len(),
                 active,
             );
-            let sizing = st.sizers[class].size(&st.config, &ctx);
+            let mut sizing = st.sizers[class].size(&st.config, &ctx);
+            let total = self.sc.stages[s].items;
+            let pending = st.ledger.pending.len();
+            // The baselines know the pool's size up front, as loop schedulers do.
+            let pool: u64 = self
+                .sc
+                .classes
+                .iter()
+                .map(|c| u64::from(c.count * c.slots))
+                .sum();
+            if let Some(n) = self.policy.chunk(total, pending, pool, &mut st.batch) {
+                sizing.n = n;
+                sizing.cap = SizeCap::Bounds;
+                sizing.predicted_ms = st.sizers[class].model.predict_ms(n);
+            }
             if sizing.n == 0 {
                 continue; // does not fit the worker's remaining life
             }
@@ -926,14 +962,23 @@ impl Sim<'_> {
                 _ => 1.0,
             };
             let mean = spec.item_ms_on(&self.sc.classes[class]) * drift;
-            // The sum of n log-normal item costs, by its normal approximation, on a
-            // machine a little faster or slower than its class's nominal speed.
-            let sd = mean * (spec.spread * spec.spread).exp_m1().sqrt() * (n as f64).sqrt();
-            let z: f64 = StandardNormal.sample(&mut self.rng);
+            // The sum of n log-normal item costs (drawn one by one for small
+            // fragments, by its normal approximation for large ones, where it is
+            // close), on a machine a little faster or slower than its class's
+            // nominal speed.
+            let sum = if n <= EXACT_SUM {
+                let mu = mean.max(1e-12).ln() - spec.spread * spec.spread / 2.0;
+                let item = LogNormal::new(mu, spec.spread).expect("valid");
+                (0..n).map(|_| item.sample(&mut self.rng)).sum::<f64>()
+            } else {
+                let sd = mean * (spec.spread * spec.spread).exp_m1().sqrt() * (n as f64).sqrt();
+                let z: f64 = StandardNormal.sample(&mut self.rng);
+                (n as f64 * mean + z * sd).max(0.1 * n as f64 * mean)
+            };
             let machine = LogNormal::new(0.0, 0.05)
                 .expect("valid")
                 .sample(&mut self.rng);
-            let work = ((n as f64 * mean + z * sd).max(0.1 * n as f64 * mean)) * machine;
+            let work = sum * machine;
             return Some(Running {
                 id,
                 stage: s,

@@ -237,9 +237,11 @@ deadline = "90m"
     let g = run(&sc, Policy::Granule, None);
     let f = run(&sc, Policy::Fifo, None);
     assert!(g.makespan_ms <= 90.0 * 60_000.0, "{}", g.makespan_ms);
-    // FIFO finishes far sooner than needed, paying for fast workers all along.
-    assert!(f.makespan_ms < 0.6 * g.makespan_ms);
-    assert!(g.cost < 0.8 * f.cost, "{} {}", g.cost, f.cost);
+    // FIFO gets the same parking (fast workers the plan does not need leave): with
+    // one stage there is nothing else to choose, so it makes the deadline as
+    // cheaply. (Without parking it finished far sooner, paying 1.25x or more.)
+    assert!(f.makespan_ms <= 90.0 * 60_000.0, "{}", f.makespan_ms);
+    assert!(f.cost < 1.1 * g.cost, "{} {}", g.cost, f.cost);
     // The cheap class works throughout; the fast one only for what cheap cannot do.
     assert!(g.classes[0].utilization > 0.9);
     assert!(g.classes[0].items > g.classes[1].items / 2);
@@ -305,4 +307,73 @@ spread = 0.0
         assert_eq!(r.lower_bound_ms, bound, "{policy:?}: the same bound");
         assert!(r.makespan_ms >= bound, "{policy:?}");
     }
+}
+
+/// Mean makespan over the lower bound of `text` over seeds 1..=seeds under `policy`.
+fn mean_ratio(text: &str, policy: Policy, seeds: u64) -> f64 {
+    let mut sc = scenario(text);
+    let total: f64 = (1..=seeds)
+        .map(|seed| {
+            sc.seed = seed;
+            let r = run(&sc, policy, None);
+            assert!(r.finished, "{policy:?} seed {seed}");
+            r.makespan_ms / r.lower_bound_ms
+        })
+        .sum();
+    total / seeds as f64
+}
+
+#[test]
+fn factoring_beats_the_other_loop_schedules_on_uneven_items_and_granule_keeps_up() {
+    // Hummel, Schonberg & Flynn's setting: sigma 1.5 items and a per-chunk overhead.
+    let text = include_str!("../../../examples/sim/factoring.toml");
+    let ratio = |p: Policy| mean_ratio(text, p, 12);
+    let factoring = ratio(Policy::Factoring);
+    let (fixed, one, guided) = (
+        ratio(Policy::Static),
+        ratio(Policy::SelfScheduling),
+        ratio(Policy::Guided),
+    );
+    assert!(factoring < fixed, "factoring {factoring} static {fixed}");
+    assert!(
+        factoring < one,
+        "factoring {factoring} self-scheduling {one}"
+    );
+    assert!(factoring < guided, "factoring {factoring} guided {guided}");
+    // Static chunking pays the spread, self-scheduling a start per item.
+    assert!(
+        fixed > 1.1 && one > 2.0,
+        "static {fixed} self-scheduling {one}"
+    );
+    let granule = ratio(Policy::Granule);
+    assert!(
+        granule < 1.03 * factoring,
+        "granule {granule} factoring {factoring}"
+    );
+}
+
+#[test]
+fn the_planner_does_not_know_the_scenarios_true_costs() {
+    // Two scenarios that differ only in the true cost of the second stage: before
+    // anything of it has run, the simulated planner must decide the same.
+    let text = MIXED.replace("preempt_per_hour = 2.0", "preempt_per_hour = 0.0");
+    let other = text.replace("item_ms = 2000.0", "item_ms = 20.0");
+    let first = |t: &str| {
+        let mut rows: Vec<TraceRow> = Vec::new();
+        let mut keep = |r: &TraceRow| rows.push(r.clone());
+        run(&scenario(t), Policy::Granule, Some(&mut keep));
+        rows.sort_by(|a, b| {
+            a.start_ms
+                .total_cmp(&b.start_ms)
+                .then(a.worker.cmp(&b.worker))
+        });
+        // The claims made at time 0: which stage each worker took, and how much.
+        rows.iter()
+            .filter(|r| r.start_ms == 0.0)
+            .map(|r| (r.worker, r.stage.clone(), r.items))
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (first(&text), first(&other));
+    assert!(!a.is_empty());
+    assert_eq!(a, b);
 }

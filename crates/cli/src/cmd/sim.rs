@@ -11,7 +11,9 @@ use std::path::PathBuf;
 pub(crate) struct SimArgs {
     /// The scenario (TOML): worker classes and stages.
     scenario: PathBuf,
-    /// Placement to simulate; `both` runs granule and class-blind FIFO on the same pool.
+    /// Policy to simulate; `both` runs granule and class-blind FIFO on the same pool,
+    /// `all` adds the loop-scheduling baselines (static, self-scheduling, guided,
+    /// factoring).
     #[arg(long, value_enum, default_value = "granule")]
     policy: PolicyArg,
     /// Seed (default: the scenario's).
@@ -32,7 +34,12 @@ pub(crate) struct SimArgs {
 enum PolicyArg {
     Granule,
     Fifo,
+    Static,
+    SelfScheduling,
+    Guided,
+    Factoring,
     Both,
+    All,
 }
 
 /// Runs `granule sim`.
@@ -47,7 +54,12 @@ pub(crate) fn sim(args: SimArgs) -> Result<u8> {
     let policies: &[Policy] = match args.policy {
         PolicyArg::Granule => &[Policy::Granule],
         PolicyArg::Fifo => &[Policy::Fifo],
+        PolicyArg::Static => &[Policy::Static],
+        PolicyArg::SelfScheduling => &[Policy::SelfScheduling],
+        PolicyArg::Guided => &[Policy::Guided],
+        PolicyArg::Factoring => &[Policy::Factoring],
         PolicyArg::Both => &[Policy::Granule, Policy::Fifo],
+        PolicyArg::All => &Policy::ALL,
     };
     let mut reports = Vec::new();
     for (i, &policy) in policies.iter().enumerate() {
@@ -107,6 +119,20 @@ pub(crate) fn sim(args: SimArgs) -> Result<u8> {
             g.cost / f.cost.max(1e-9),
             100.0 * (1.0 - g.cost / f.cost.max(1e-9))
         );
+    } else if reports.len() > 2 {
+        let g = reports[0].0.makespan_ms.max(1e-9);
+        println!("policy           makespan s  vs granule  vs bound  cost      fragments");
+        for (r, _) in &reports {
+            println!(
+                "{:<16} {:>10.1} {:>11.3} {:>9.3} {:>9.2} {:>10}",
+                format!("{:?}", r.policy),
+                r.makespan_ms / 1000.0,
+                r.makespan_ms / g,
+                r.makespan_ms / r.lower_bound_ms.max(1e-9),
+                r.cost,
+                r.fragments
+            );
+        }
     }
     Ok(if reports.iter().all(|(r, _)| r.finished) {
         0
