@@ -16,6 +16,8 @@ sigma2    /usr/bin/python3, sigma 2.0, 100k items
 drift     per-item cost jumps x8 at 60% of the stage (bench/slow.py)
 noack     a task that never acks (all-or-nothing fragments), sigma 1.0, 100k items
 loaded    12 busy loops of other programs on the machine; items wait 5 ms and ack
+CASE-rerun  the case's second job of the same command in one store (costs learned by
+            the first kept), e.g. shim-rerun
 succession  5 s-lifespan workers one after another (2 at a time), /usr/bin/python3 and the
             shim: makespan / (total work / slots), work run twice
 """
@@ -93,22 +95,26 @@ def oracle(argv, env, items):
     return elapsed
 
 
-def granule(argv, env, items):
+def granule(argv, env, items, rerun=False):
+    """`granule run` of a new store; with `rerun`, of a second job of the same
+    command in the store the first one left (its learned costs kept)."""
     with tempfile.TemporaryDirectory() as d:
-        write_spec(d, argv, items)
-        t0 = time.perf_counter()
-        subprocess.run([GRANULE, "run", "job.toml", "--slots", str(SLOTS), "-q"], cwd=d, env=env, check=True)
-        makespan = time.perf_counter() - t0
-        s = status(d)["jobs"][0]["stages"][0]
+        for name in (["first", "again"] if rerun else ["bench"]):
+            write_spec(d, argv, items, name=name)
+            t0 = time.perf_counter()
+            subprocess.run([GRANULE, "run", "job.toml", "--slots", str(SLOTS), "-q"], cwd=d, env=env, check=True)
+            makespan = time.perf_counter() - t0
+        s = next(j for j in status(d)["jobs"] if j["name"] == name)["stages"][0]
         assert s["done"] == items, s
     return makespan, s
 
 
 def case(name):
-    argv, env, items, loops = CASES[name]
+    rerun = name.endswith("-rerun")
+    argv, env, items, loops = CASES[name.removesuffix("-rerun")]
     with busy(loops):
         base = oracle(argv, env, items)
-        ours, s = granule(argv, env, items)
+        ours, s = granule(argv, env, items, rerun)
     print(f"{name}: oracle {base:.2f}s, granule {ours:.2f}s, ratio {ours / base:.3f}; "
           f"{s['fragments']} fragments, last cap {s.get('size_cap')}, model {s['item_cost_us']:.1f} us/item",
           flush=True)

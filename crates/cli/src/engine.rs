@@ -140,19 +140,9 @@ const YIELD_MARGIN_MIN: Duration = Duration::from_millis(100);
 /// fed-ahead window run out, plus what ending it costs (at least
 /// [`YIELD_MARGIN_MIN`]).
 fn yield_latency(min_window: u64, item_cost_ms: f64) -> Duration {
-    let ms = window(min_window, item_cost_ms) as f64 * item_cost_ms.max(0.0) + 50.0;
+    let ms =
+        granule_exec::feed_window(min_window, item_cost_ms) as f64 * item_cost_ms.max(0.0) + 50.0;
     Duration::from_secs_f64(ms / 1e3).max(YIELD_MARGIN_MIN)
-}
-
-/// Items in flight beyond the last ack: at least `min`, and about 20 ms of work,
-/// so that reading acks in batches never starves a fast task.
-fn window(min: u64, item_cost_ms: f64) -> u64 {
-    let by_time = if item_cost_ms > 0.0 {
-        (20.0 / item_cost_ms) as u64
-    } else {
-        min
-    };
-    by_time.clamp(min, 1 << 20)
 }
 
 struct Slot {
@@ -1028,8 +1018,9 @@ impl Worker<'_> {
             item_cost_ms: a.item_cost_ms,
             deadline_share: stage.sizer.deadline_share,
             yield_by: by_life.map(|ms| now + Duration::from_millis((ms - now_ms).max(0) as u64)),
+            feed_for: a.feed_for_ms.map(|ms| Duration::from_secs_f64(ms / 1e3)),
             grace: self.task_grace(),
-            window: window(self.cfg.window, a.item_cost_ms),
+            window: granule_exec::feed_window(self.cfg.window, a.item_cost_ms),
             expect_acks: a.expect_acks,
             first_ack_patience: Duration::from_secs_f64(
                 (a.predicted_ms * 4.0 / 1e3).clamp(1.0, 60.0),

@@ -84,6 +84,49 @@ fn status_says_which_rule_sized_the_last_fragment_and_why() {
     );
 }
 
+/// The first fragment's span `(start, end)` in `granule logs` of `job`'s stage `s`.
+fn first_fragment(job: &Job, name: &str) -> (u64, u64) {
+    let out = job.output(&["logs", "s", "--job", name]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let header = text.lines().find(|l| l.starts_with("== fragment")).unwrap();
+    let span = header.split(['[', ')']).nth(1).unwrap();
+    let (start, end) = span.split_once(", ").unwrap();
+    (start.parse().unwrap(), end.parse().unwrap())
+}
+
+#[test]
+fn a_new_job_of_a_command_already_run_starts_from_what_it_learned() {
+    // Tried as a new user would: every run of the same task slow-started again,
+    // from one item, paying a task start per round.
+    for backend in backends("a_new_job_of_a_command_already_run_starts_from_what_it_learned") {
+        let spec = |name: &str| {
+            format!(
+                "name = \"{name}\"\n[[stage]]\nname = \"s\"\ncommand = [\"sh\", \"-c\", \"while read -r x; do echo \\\"$x\\\" >&3; done\"]\nitems = {{ range = [0, 3000] }}\n"
+            )
+        };
+        let job = Job::on(&spec("first"), &backend);
+        for name in ["first", "second"] {
+            std::fs::write(job.path("job.toml"), spec(name)).unwrap();
+            let out = output_of(&mut job.cmd(&["run", "job.toml", "--slots", "1"]));
+            assert!(out.status.success(), "{}: {}", backend.name, stderr(&out));
+        }
+        // A task never seen starts at one item; the second job of the same command
+        // starts from the model the first one left.
+        assert_eq!(first_fragment(&job, "first"), (0, 1), "{}", backend.name);
+        let (start, end) = first_fragment(&job, "second");
+        assert!(end - start >= 100, "{}: [{start}, {end})", backend.name);
+        let status = job.status();
+        let second = status["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["name"] == "second")
+            .unwrap();
+        assert_eq!(second["stages"][0]["done"], 3000, "{second}");
+    }
+}
+
 #[test]
 fn a_changed_spec_is_refused_unless_fresh() {
     let job = Job::new(

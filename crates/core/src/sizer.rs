@@ -352,6 +352,8 @@ pub enum SizeCap {
     Pressure,
     /// The configured minimum or maximum.
     Bounds,
+    /// Elastic: an equal share of the work left, ended by its worker at the target.
+    Elastic,
 }
 
 impl SizeCap {
@@ -374,6 +376,9 @@ impl SizeCap {
             SizeCap::Bounds => {
                 "the stage's min_items/max_items, the claim's own maximum or the end of a range"
             }
+            SizeCap::Elastic => {
+                "elastic: an equal share of the work left, fed until the fragment reaches its target duration at the pace its acks show, the rest handed back"
+            }
         }
     }
 }
@@ -387,6 +392,10 @@ pub struct Sizing {
     pub predicted_ms: f64,
     /// The rule that decided `n`.
     pub cap: SizeCap,
+    /// Elastic end: the fragment is fed only while the items fed are predicted to
+    /// finish within this many ms of its start (at its own ack pace); its worker
+    /// hands back the rest. `None`: fed to its end.
+    pub feed_for_ms: Option<f64>,
 }
 
 /// The sizer state of one (stage, class): persisted between claims.
@@ -430,6 +439,18 @@ fn growth(obs: &Observation) -> f64 {
 }
 
 impl Sizer {
+    /// A new stage's sizer that starts from what an earlier stage of the same task
+    /// learned (its cost model), not from slow start: a rerun or a new worker does
+    /// not pay a task start per doubling again. The bias the controller corrected
+    /// was that stage's; this one corrects its own. Old history fades as fast as
+    /// any (`forget`), so a task whose cost changed is followed within fragments.
+    pub fn from_history(learned: Sizer) -> Sizer {
+        Sizer {
+            model: learned.model,
+            ..Sizer::default()
+        }
+    }
+
     /// Target fragment duration, ms.
     pub fn target_ms(&self, cfg: &SizerConfig) -> f64 {
         cfg.target_ms.unwrap_or_else(|| {
@@ -457,6 +478,18 @@ impl Sizer {
             }
             (self.slow_start_next as f64, SizeCap::SlowStart)
         };
+        // Elastic fragments (a task that acks, idle slots that split): the size is
+        // decided while the fragment runs, not at the claim. It claims an equal share
+        // of the work left, like the oracle's split, and its worker stops feeding where
+        // the fragment reaches the target at the pace its acks show (the rest comes
+        // back at once). No round of slow start after the first fragment (which told
+        // the start cost and that the task acks), no fragment ended early on a wrong
+        // per-item cost; an idle slot splits the busiest fragment at the end.
+        let elastic = ctx.acking && ctx.splits && model.observations >= 1;
+        if elastic {
+            let share = ctx.remaining as f64 / f64::from(ctx.slots.max(1));
+            (n, cap) = (share.ceil().max(1.0), SizeCap::Elastic);
+        }
         if cap == SizeCap::Model && !ctx.splits {
             // Factoring (Hummel, Schonberg & Flynn 1992): where running fragments are
             // not split, while much work is left a fragment may take half of a slot's
@@ -538,10 +571,17 @@ impl Sizer {
             n = cfg.min_items.max(1);
             cap = SizeCap::Bounds;
         }
+        // Where the life holds less than two targets, what would be left after the
+        // cut is less than another fragment's worth: fed to the end of the life.
+        let target = self.target_ms(cfg);
+        let feed_for_ms =
+            (elastic && ctx.lifespan_ms.is_none_or(|life| life >= 2.0 * target)).then_some(target);
+        let predicted_ms = self.model.predict_at_load_ms(n, ctx.load_per_cpu);
         Sizing {
             n,
-            predicted_ms: self.model.predict_at_load_ms(n, ctx.load_per_cpu),
+            predicted_ms: feed_for_ms.map_or(predicted_ms, |t| predicted_ms.min(t)),
             cap,
+            feed_for_ms,
         }
     }
 
@@ -1031,7 +1071,7 @@ mod tests {
         );
         assert_eq!(
             (shared.n, shared.cap),
-            (10_000, SizeCap::Tail),
+            (10_000, SizeCap::Elastic),
             "an equal share"
         );
         assert!(
@@ -1061,8 +1101,10 @@ mod tests {
             };
             sizer.clone().size(&cfg, &ctx)
         };
-        // A long life: fragments of the target.
-        assert_eq!(at(60_000.0, true).cap, SizeCap::Model);
+        // A long life: the fragment is fed until the target (elastic), the life
+        // bounding what it claims.
+        let long = at(60_000.0, true);
+        assert_eq!(long.feed_for_ms, Some(600.0), "{long:?}");
         // 1 s left: a 0.6 s fragment would leave 0.4 s, less than another one's
         // worth; the fragment takes the whole life (it yields at its end).
         let rest = at(1_000.0, true);
@@ -1164,6 +1206,48 @@ mod tests {
         assert!(most.predicted_ms <= cfg.target_max_ms + 1.0, "{most:?}");
         // Where idle slots split running fragments, the target stands.
         assert_eq!(at(40_000, true).cap, SizeCap::Model);
+    }
+
+    #[test]
+    fn where_the_task_acks_and_slots_split_a_claim_takes_an_equal_share_ended_at_the_target() {
+        let cfg = SizerConfig::default();
+        let mut sizer = Sizer::default();
+        let ctx = |acking: bool, splits: bool| ClaimContext {
+            remaining: 150_000,
+            slots: 2,
+            acking,
+            splits,
+            ..roomy()
+        };
+        // Nothing seen yet: slow start, whatever the task does.
+        assert_eq!(sizer.size(&cfg, &ctx(true, true)).cap, SizeCap::SlowStart);
+        // One 1-item fragment told the start cost (300 ms, a version manager's
+        // shim) and that the task acks: the next claim is half of the work left,
+        // fed until it reaches the target the start cost sets (30 s).
+        sizer.observe(
+            &cfg,
+            &Observation {
+                n: 1,
+                duration_ms: 300.0,
+                acks: 1,
+                first_ack_ms: Some(299.0),
+                last_ack_ms: Some(299.0),
+                sized_by_model: false,
+                bytes: None,
+                load: None,
+            },
+        );
+        let elastic = sizer.size(&cfg, &ctx(true, true));
+        assert_eq!(elastic.cap, SizeCap::Elastic, "{elastic:?}");
+        assert_eq!(elastic.n, 75_000);
+        assert_eq!(elastic.feed_for_ms, Some(sizer.target_ms(&cfg)));
+        assert!((elastic.feed_for_ms.unwrap() - 30_000.0).abs() < 1_000.0);
+        // A task that does not ack, or slots that do not split: sized at the claim.
+        for (acking, splits) in [(false, true), (true, false)] {
+            let sizing = sizer.size(&cfg, &ctx(acking, splits));
+            assert_ne!(sizing.cap, SizeCap::Elastic, "{sizing:?}");
+            assert_eq!(sizing.feed_for_ms, None);
+        }
     }
 
     #[test]

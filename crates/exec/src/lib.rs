@@ -22,6 +22,8 @@ mod sys;
 
 pub use blob::{Blob, BlobError};
 pub use items::{ItemIter, ItemSource, ItemsError, LinesFile};
-pub use run::{run_fragment, Checkpoint, Control, Failure, FragmentJob, Progress, RunReport};
+pub use run::{
+    feed_window, run_fragment, Checkpoint, Control, Failure, FragmentJob, Progress, RunReport,
+};
 pub use sample::{detect, Detected, Gpu, Sample, Sampler};
 pub use sys::random_hex;

@@ -43,6 +43,10 @@ pub struct FragmentJob {
     /// The worker's own soft deadline for this fragment (from its lifespan): it
     /// yields when the unacked items are predicted to run past it, or at it.
     pub yield_by: Option<Instant>,
+    /// Elastic end: a task that acks is fed only while the items fed are predicted
+    /// (at its own ack pace) to finish within this long of the start; the rest is
+    /// handed back when it ends. `None`: fed to the end of its span.
+    pub feed_for: Option<Duration>,
     /// Time between closing stdin and SIGTERM, and between SIGTERM and SIGKILL.
     pub grace: Duration,
     /// Items fed beyond the last ack, once the task has acked.
@@ -427,6 +431,7 @@ pub(crate) fn supervise(
         let (kill, yielding) = {
             let mut st = control.lock();
             trim_to_life(job, &mut st, now);
+            end_at_target(job, &mut st, now, start);
             if !st.yield_requested && deadline_passes(job, &st, now, start) {
                 st.yield_requested = true;
                 st.stop_feeding = true;
@@ -479,6 +484,57 @@ fn trim_to_life(job: &FragmentJob, st: &mut Shared, now: Instant) {
     let end = (job.span.start + st.acks + fits).max(job.span.start + st.fed);
     if end < st.feed_end {
         st.feed_end = end;
+    }
+}
+
+/// Items in flight beyond the last ack: at least `min`, and about 20 ms of work at
+/// `item_cost_ms`, so that reading acks in batches never starves a fast task.
+pub fn feed_window(min: u64, item_cost_ms: f64) -> u64 {
+    let by_time = if item_cost_ms > 0.0 {
+        (20.0 / item_cost_ms) as u64
+    } else {
+        min
+    };
+    by_time.clamp(min, 1 << 20)
+}
+
+/// The fragment's feed window now: `job.window`, or where the claim knew no
+/// per-item cost (a first elastic fragment), 20 ms of work at the pace its acks
+/// show. A 64-item window of 0.1 ms items woke the feeder and the ack reader
+/// every few ms, CPU taken from the tasks on a busy machine.
+pub(crate) fn window_now(job: &FragmentJob, st: &Shared) -> u64 {
+    match (job.item_cost_ms > 0.0, live_pace_ms(st)) {
+        (false, Some(pace)) => feed_window(job.window, pace),
+        _ => job.window,
+    }
+}
+
+/// The per-item pace the fragment's acks show so far, ms (`None` before two).
+fn live_pace_ms(st: &Shared) -> Option<f64> {
+    match (st.first_ack, st.last_ack) {
+        (Some(first), Some(last)) if st.acks >= 2 => {
+            Some(last.duration_since(first).as_secs_f64() * 1e3 / (st.acks - 1) as f64)
+        }
+        _ => None,
+    }
+}
+
+/// Elastic end at the fragment's target (`feed_for`): once the items fed so far
+/// would, at the pace the acks show, take it to the target, feeding stops there and
+/// the unfed rest is handed back when the fragment ends. Decided at that moment,
+/// not ahead, so a slow first item (a warm-up) does not cut a fragment short.
+fn end_at_target(job: &FragmentJob, st: &mut Shared, now: Instant, start: Instant) {
+    let (Some(feed_for), Some(true)) = (job.feed_for, job.expect_acks) else {
+        return;
+    };
+    if st.stop_feeding || st.acks == 0 {
+        return;
+    }
+    let pace_ms = live_pace_ms(st).unwrap_or(job.item_cost_ms);
+    let unacked = st.fed.saturating_sub(st.acks);
+    let drains_by = now + Duration::from_secs_f64(unacked as f64 * pace_ms.max(0.0) / 1e3);
+    if drains_by >= start + feed_for {
+        st.feed_end = st.feed_end.min(job.span.start + st.fed.max(1));
     }
 }
 

@@ -20,6 +20,7 @@ fn job(argv: &[&str], source: ItemSource, span: Span) -> FragmentJob {
         item_cost_ms: 1.0,
         deadline_share: 0.8,
         yield_by: None,
+        feed_for: None,
         grace: Duration::from_secs(5),
         window: 8,
         expect_acks: Some(true),

@@ -21,6 +21,7 @@ fn job(argv: &[&str], span: Span, per_item: bool) -> FragmentJob {
         item_cost_ms: 1.0,
         deadline_share: 0.8,
         yield_by: None,
+        feed_for: None,
         grace: Duration::from_secs(5),
         window: 8,
         expect_acks: Some(true),
@@ -304,5 +305,27 @@ fn a_fragment_that_acks_runs_what_fits_its_life_and_hands_back_the_rest() {
     assert!(report.acks >= 30, "ran only {} items", report.acks);
     assert!(report.end < j.span.end, "{report:?}");
     // Everything fed was run and acked: the fragment ends where feeding stopped.
+    assert_eq!(report.acks, report.end - j.span.start, "{report:?}");
+}
+
+#[test]
+fn an_elastic_fragment_is_fed_until_its_target_at_the_pace_its_acks_show() {
+    // A generous claim (10,000 items of 10 ms) whose target is 1 s, with no per-item
+    // cost known at the claim: feeding stops once what was fed reaches the target at
+    // the pace of the acks, everything fed runs, and the unfed tail is handed back.
+    let mut j = job(
+        &["python3", "-c", SLOW_ACKER],
+        Span::new(100, 10_100),
+        false,
+    );
+    j.item_cost_ms = 0.0;
+    j.feed_for = Some(Duration::from_secs(1));
+    let ctl = Control::new(j.span);
+    let report = run_fragment(&j, &ctl);
+    assert_no_failure(&report);
+    // Items take 10 ms or more (a loaded machine only slows them): at most about
+    // 100 fit the target, and at least a few ran before the cut.
+    assert!(report.acks >= 5, "ran only {} items", report.acks);
+    assert!(report.end - j.span.start <= 200, "{report:?}");
     assert_eq!(report.acks, report.end - j.span.start, "{report:?}");
 }

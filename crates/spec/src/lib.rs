@@ -172,7 +172,24 @@ pub fn parse(text: &str, path: &Path) -> Result<JobSpec, SpecError> {
 /// A stable hex digest (FNV-1a 64 of the JSON form) that identifies a spec, so
 /// a changed spec under an existing job name can be refused.
 pub fn job_hash(spec: &JobSpec) -> String {
-    let bytes = serde_json::to_vec(spec).unwrap_or_else(|_| format!("{spec:?}").into_bytes());
+    fnv_hex(&serde_json::to_vec(spec).unwrap_or_else(|_| format!("{spec:?}").into_bytes()))
+}
+
+/// A stable hex digest of what a stage's task costs to run: its argv and whether
+/// it runs per item. Stages (of any job) with the same key share learned costs, so
+/// a rerun or a new job of the same command starts from what earlier runs measured.
+pub fn cost_key(stage: &StageSpec) -> String {
+    let mut bytes = Vec::new();
+    for arg in &stage.command {
+        bytes.extend_from_slice(arg.as_bytes());
+        bytes.push(0);
+    }
+    bytes.push(u8::from(stage.per_item));
+    fnv_hex(&bytes)
+}
+
+/// FNV-1a 64 of `bytes`, as 16 hex digits.
+fn fnv_hex(bytes: &[u8]) -> String {
     let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     });

@@ -35,6 +35,9 @@ pub struct NewStage {
     pub sizer: SizerConfig,
     /// What one slot needs, class, priority (placement).
     pub needs: StageNeeds,
+    /// Digest of the task (see `granule_spec::cost_key`): stages with the same key
+    /// start from the costs earlier stages of it learned; empty learns nothing.
+    pub cost_key: String,
 }
 
 /// What `submit` found.
@@ -346,6 +349,9 @@ pub struct Assignment {
     pub expect_acks: Option<bool>,
     /// What one slot of its stage needs (taken from the worker's offer while it runs).
     pub needs: StageNeeds,
+    /// Elastic end (see `Sizing::feed_for_ms`): fed only while the items fed are
+    /// predicted to finish within this many ms of the start; the rest handed back.
+    pub feed_for_ms: Option<f64>,
 }
 
 /// A checkpoint a running fragment handed over, with the acks it came after.

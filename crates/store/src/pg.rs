@@ -197,6 +197,18 @@ DROP INDEX pending_by_stage;
 CREATE INDEX pending_by_stage ON pending (stage_id);
 ALTER TABLE pending SET (fillfactor = 50);
 "#,
+    // 9: costs learned per task and class outlive the stage that learned them, so
+    // a rerun or a new job of the same command does not slow-start again.
+    r#"
+ALTER TABLE stages ADD COLUMN cost_key TEXT NOT NULL DEFAULT '';
+CREATE TABLE learned (
+    cost_key TEXT NOT NULL,
+    class TEXT NOT NULL,
+    sizer TEXT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    PRIMARY KEY (cost_key, class)
+);
+"#,
 ];
 
 /// A store in a PostgreSQL database.

@@ -209,8 +209,29 @@ ALTER TABLE stages DROP COLUMN unconfirmed;
 ALTER TABLE stages DROP COLUMN stateless_done;
 "#;
 
-/// The schema version [`CURRENT`] is: the SQL migrations and the row layout.
-pub(crate) const VERSION: usize = MIGRATIONS.len() + 1;
+/// The schema version the row layout (migration 9) makes.
+pub(crate) const ROW_LAYOUT_VERSION: usize = MIGRATIONS.len() + 1;
+
+/// Migrations after the row layout, in order (10, 11, ..); never edit one that has
+/// shipped, append a new one (and make the same change to [`CURRENT`]).
+pub(crate) const LATER: &[&str] = &[
+    // 10: costs learned per task and class outlive the stage that learned them, so
+    // a rerun or a new job of the same command does not slow-start again.
+    r#"
+ALTER TABLE stages ADD COLUMN cost_key TEXT NOT NULL DEFAULT '';
+CREATE TABLE learned (
+    cost_key TEXT NOT NULL,
+    class TEXT NOT NULL,
+    sizer TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (cost_key, class)
+);
+"#,
+];
+
+/// The schema version [`CURRENT`] is: the SQL migrations, the row layout and the
+/// later migrations.
+pub(crate) const VERSION: usize = ROW_LAYOUT_VERSION + LATER.len();
 
 /// The schema all of [`MIGRATIONS`] build, created at once in a new store: replaying
 /// them (a dozen `ALTER TABLE`s, a table copied) costs a fresh store memory and time
@@ -240,7 +261,15 @@ CREATE TABLE stages (
     acks TEXT NOT NULL DEFAULT 'unknown',
     needs TEXT NOT NULL DEFAULT '{}',
     stateful INTEGER NOT NULL DEFAULT 0,
+    cost_key TEXT NOT NULL DEFAULT '',
     UNIQUE (job_id, idx)
+);
+CREATE TABLE learned (
+    cost_key TEXT NOT NULL,
+    class TEXT NOT NULL,
+    sizer TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (cost_key, class)
 );
 CREATE TABLE pending (
     id INTEGER PRIMARY KEY,

@@ -8,7 +8,9 @@
 use crate::common::{json, parse};
 use crate::db::{sqlite_dialect, Arg, Db, Row, Val};
 use crate::ops::{store_over_backend, Backend, Plans, TxKind};
-use crate::schema::{CURRENT, MIGRATIONS, ROW_LAYOUT_AFTER, ROW_LAYOUT_BEFORE, VERSION};
+use crate::schema::{
+    CURRENT, LATER, MIGRATIONS, ROW_LAYOUT_AFTER, ROW_LAYOUT_BEFORE, ROW_LAYOUT_VERSION, VERSION,
+};
 use crate::{Result, StoreError, WriteCounts};
 use granule_core::{IntervalSet, Pending};
 use rusqlite::types::{ToSqlOutput, Value, ValueRef};
@@ -84,8 +86,14 @@ fn upgrade(conn: &Connection, version: usize) -> Result<()> {
     for sql in MIGRATIONS.iter().skip(version) {
         conn.execute_batch(sql)?;
     }
-    if version < VERSION {
+    if version < ROW_LAYOUT_VERSION {
         to_row_layout(conn)?;
+    }
+    for sql in LATER
+        .iter()
+        .skip(version.saturating_sub(ROW_LAYOUT_VERSION))
+    {
+        conn.execute_batch(sql)?;
     }
     Ok(())
 }

@@ -72,6 +72,7 @@ fn job(name: &str, items: u64, hash: &str) -> NewJob {
                 ..SizerConfig::default()
             },
             needs: Default::default(),
+            cost_key: String::new(),
         }],
     }
 }

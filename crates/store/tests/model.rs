@@ -507,6 +507,7 @@ fn run_sequence(store: &mut dyn Store, items: u64, stateful: bool, ops: &[Op], s
                 ..SizerConfig::default()
             },
             needs: Default::default(),
+            cost_key: String::new(),
         }],
     };
     let id = store.submit(&job, 0, true).unwrap().id();

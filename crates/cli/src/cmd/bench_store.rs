@@ -36,6 +36,7 @@ pub(crate) fn bench_store(args: BenchStoreArgs) -> Result<u8> {
             retries: 0,
             sizer: SizerConfig::default(),
             needs: Default::default(),
+            cost_key: String::new(),
         }],
     };
     let id = open_store(&args.state)?

@@ -49,6 +49,7 @@ fn new_job(spec: &JobSpec) -> NewJob {
                     }
                     needs
                 },
+                cost_key: granule_spec::cost_key(s),
             })
             .collect(),
     }

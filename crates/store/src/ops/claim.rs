@@ -11,7 +11,8 @@ use crate::db::{args, Db, Row};
 use crate::{Acks, Assignment, ClaimRequest, JobHalt, Result, StoreError};
 use granule_core::{
     claim_context, class_deadline_plan, live_pool, placement_order, stage_ready, Admission,
-    FragmentId, JobId, PendingRange, PoolClass, SizeCap, Span, StageId, StageLedger, StageView,
+    FragmentId, JobId, PendingRange, PoolClass, SizeCap, Sizing, Span, StageId, StageLedger,
+    StageView,
 };
 use std::time::Duration;
 
@@ -354,7 +355,7 @@ fn size_claim(
     req: &ClaimRequest,
     stage: &StageRow,
     locked: &Locked,
-) -> Result<(u64, SizeCap, granule_core::Sizer, String, f64)> {
+) -> Result<(Sizing, granule_core::Sizer, String, f64)> {
     let (mut sizer, stored) = match &locked.sizer {
         Some(text) => (parse(text, "sizer state")?, text.clone()),
         None => sizer_read(tx, stage.id, &req.class)?,
@@ -366,14 +367,11 @@ fn size_claim(
         locked.remaining + locked.running_left,
         locked.live_slots.max(req.slots),
     );
-    let sizing = sizer.size(&stage.sizer_config, &ctx);
-    let n = req.max_items.map_or(sizing.n, |max| sizing.n.min(max));
-    let cap = if n < sizing.n {
-        SizeCap::Bounds
-    } else {
-        sizing.cap
-    };
-    Ok((n, cap, sizer, stored, ctx.load_per_cpu))
+    let mut sizing = sizer.size(&stage.sizer_config, &ctx);
+    if let Some(max) = req.max_items.filter(|&max| max < sizing.n) {
+        (sizing.n, sizing.cap) = (max, SizeCap::Bounds);
+    }
+    Ok((sizing, sizer, stored, ctx.load_per_cpu))
 }
 
 /// The locked range and, while that holds fewer than `n` items, the ranges that
@@ -432,7 +430,8 @@ fn claim_range(
     stage: &StageRow,
     first: Locked,
 ) -> Result<Option<Assignment>> {
-    let (n, cap, sizer, stored, load) = size_claim(tx, req, stage, &first)?;
+    let (sizing, sizer, stored, load) = size_claim(tx, req, stage, &first)?;
+    let n = sizing.n;
     if n == 0 {
         return Ok(None);
     }
@@ -450,7 +449,14 @@ fn claim_range(
     save_window(tx, stage.id, &ids, ledger.pending.ranges())?;
     let (span, take) = (claim.span, claim.span.len());
     let predicted_ms = sizer.model.predict_at_load_ms(take, load);
-    let cap = if take < n { SizeCap::Bounds } else { cap };
+    let predicted_ms = sizing
+        .feed_for_ms
+        .map_or(predicted_ms, |t| predicted_ms.min(t));
+    let cap = if take < n {
+        SizeCap::Bounds
+    } else {
+        sizing.cap
+    };
     const INSERT: &str =
         "INSERT INTO fragments (stage_id, start_idx, end_idx, state, worker, class, lease_expires_ms, failures,
           checkpoint_id, n, predicted_ms, size_cap, claimed_ms, lost, floor_memory_mb, resumed_from, covers,
@@ -505,5 +511,6 @@ fn claim_range(
         size_fit: sizer.model.size.line(),
         expect_acks: stage.acks.expected(),
         needs: stage.needs.clone(),
+        feed_for_ms: sizing.feed_for_ms,
     }))
 }

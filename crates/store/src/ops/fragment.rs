@@ -457,8 +457,18 @@ fn save_fragment(tx: &mut dyn Db, ledger: &StageLedger, id: FragmentId) -> Resul
 
 /// A new sizer row of (stage, class), unless another transaction made one first;
 /// its stored text, and whether this transaction made it (and so holds its lock).
+/// It starts from what earlier stages of the same task learned on this class.
 fn create_sizer(tx: &mut dyn Db, stage: i64, class: &str) -> Result<(String, bool)> {
-    let text = json(&Sizer::default());
+    let learned = tx.query_opt(
+        "SELECT l.sizer FROM learned l JOIN stages s ON s.cost_key = l.cost_key
+          WHERE s.id = $1 AND l.class = $2 AND s.cost_key != ''",
+        args![stage, class],
+    )?;
+    let sizer = match learned {
+        Some(row) => Sizer::from_history(parse(&row.string(0), "learned sizer")?),
+        None => Sizer::default(),
+    };
+    let text = json(&sizer);
     let created = tx.execute(
         "INSERT INTO sizers (stage_id, class, state) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         args![stage, class, &text],
@@ -512,6 +522,29 @@ fn count(tx: &mut dyn Db, sql: &str, id: i64) -> Result<i64> {
     Ok(tx.query_one(sql, args![id])?.i64(0))
 }
 
+/// Keeps what a finished stage's sizers learned, per class, for later stages of
+/// the same task (`learned`, keyed by the stage's cost key). A sizer that never
+/// left slow start has nothing worth keeping and leaves an older model in place.
+fn keep_learned(tx: &mut dyn Db, stage: i64, now_ms: i64) -> Result<()> {
+    let rows = tx.query(
+        "SELECT s.class, s.state, st.cost_key FROM sizers s JOIN stages st ON st.id = s.stage_id
+          WHERE s.stage_id = $1 AND st.cost_key != ''",
+        args![stage],
+    )?;
+    for row in rows {
+        let sizer: Sizer = parse(&row.string(1), "sizer state")?;
+        if !sizer.model.ready() {
+            continue;
+        }
+        tx.execute(
+            "INSERT INTO learned (cost_key, class, sizer, updated_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (cost_key, class) DO UPDATE SET sizer = excluded.sizer, updated_ms = excluded.updated_ms",
+            args![&row.string(2), &row.string(0), &row.string(1), now_ms],
+        )?;
+    }
+    Ok(())
+}
+
 /// Marks the stage done if nothing of it is pending or running, and its job once
 /// every stage is. The stage row lock makes two last finishers see each other.
 fn settle(tx: &mut dyn Db, stage: i64, now_ms: i64) -> Result<bool> {
@@ -547,6 +580,7 @@ fn settle_seen(tx: &mut dyn Db, stage: i64, now_ms: i64, pending: i64) -> Result
         "UPDATE stages SET state = 'done' WHERE id = $1",
         args![stage],
     )?;
+    keep_learned(tx, stage, now_ms)?;
     // Stages that waited for this one may be ready now.
     tx.notify()?;
     count(tx, "SELECT id FROM jobs WHERE id = $1 FOR UPDATE", job)?;
@@ -912,11 +946,11 @@ fn write_end(
 
 /// The sizer of the fragment's class learns from its finish, if its row is free.
 fn learn(tx: &mut dyn Db, held: &HeldFragment, end: &FragmentEnd) -> Result<()> {
-    let mut sizer = match &held.sizer {
+    let mut sizer: Sizer = match &held.sizer {
         SizerHeld::Locked(text) => parse(text, "sizer state")?,
         SizerHeld::Busy => return Ok(()),
         SizerHeld::Missing => match create_sizer(tx, held.stage, &held.class)? {
-            (_, true) => Sizer::default(),
+            (text, true) => parse(&text, "sizer state")?,
             (_, false) => return Ok(()),
         },
     };

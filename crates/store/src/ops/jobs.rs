@@ -70,8 +70,8 @@ fn submit_once(tx: &mut dyn Db, job: &NewJob, now_ms: i64, fresh: bool) -> Resul
         let state = if stage.items == 0 { "done" } else { "waiting" };
         let stage_id = tx
             .query_one(
-                "INSERT INTO stages (job_id, idx, name, items, after, retries, sizer_config, state, needs, quarantined)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '[]') RETURNING id",
+                "INSERT INTO stages (job_id, idx, name, items, after, retries, sizer_config, state, needs, quarantined, cost_key)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '[]', $10) RETURNING id",
                 args![
                     id,
                     idx,
@@ -82,6 +82,7 @@ fn submit_once(tx: &mut dyn Db, job: &NewJob, now_ms: i64, fresh: bool) -> Resul
                     &sizer_config_json(&stage.sizer),
                     state,
                     &json(&stage.needs),
+                    &stage.cost_key,
                 ],
             )?
             .i64(0);
