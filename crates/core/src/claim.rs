@@ -282,9 +282,10 @@ pub fn claim_context(
 }
 
 /// Where to split a running fragment, and how much work its tail holds: the owner
-/// keeps the first half of what it has not acked. Its remaining work is judged by
-/// the model's per-item cost, or by its own pace once it runs past its prediction
-/// (a straggler). `None` if the remaining work is under `min_ms` or 4 overheads.
+/// keeps `keep` (see [`split_share`]) of what it has not acked. Its remaining work
+/// is judged by the model's per-item cost, or by its own pace once it runs past its
+/// prediction (a straggler). `None` if the remaining work is under `min_ms` or 4
+/// overheads, or the owner keeps it all.
 pub fn split_point(
     span: Span,
     acked: &IntervalSet,
@@ -292,6 +293,7 @@ pub fn split_point(
     elapsed_ms: i64,
     predicted_ms: f64,
     min_ms: f64,
+    keep: f64,
 ) -> Option<(f64, u64)> {
     let left = span.len() - acked.len();
     let elapsed = elapsed_ms as f64;
@@ -310,8 +312,22 @@ pub fn split_point(
         .spans()
         .last()
         .map_or(span.start, |s| s.end.max(span.start));
-    let at = tail_start + (span.end - tail_start) / 2;
-    (remaining_ms >= min_ms.max(4.0 * model.a_ms) && at > tail_start).then_some((remaining_ms, at))
+    let kept = ((span.end - tail_start) as f64 * keep.clamp(0.0, 1.0)).ceil() as u64;
+    let at = tail_start + kept;
+    (remaining_ms >= min_ms.max(4.0 * model.a_ms) && at > tail_start && at < span.end)
+        .then_some((remaining_ms, at))
+}
+
+/// The share of a running fragment's unacked tail its owner keeps when an idle
+/// slot splits it: where both classes learned the stage, such that both halves end
+/// together (`asker / (owner + asker)` per-item costs: a CPU splitting a GPU's
+/// fragment of a stage the GPU runs 20x faster takes 1/21 of it); else half.
+pub fn split_share(owner: &CostModel, asker: &CostModel) -> f64 {
+    if owner.ready() && asker.ready() && owner.b_ms > 0.0 && asker.b_ms > 0.0 {
+        asker.b_ms / (owner.b_ms + asker.b_ms)
+    } else {
+        0.5
+    }
 }
 
 /// How much more a running fragment's remaining work is worth splitting off for

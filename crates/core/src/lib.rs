@@ -18,7 +18,7 @@ mod sizer;
 
 pub use claim::{
     busiest, claim_context, class_deadline_plan, job_deadline_plan, live_pool, placement_order,
-    split_gain, split_point, stage_ready, Admission, JobDeadlinePlan, StageView,
+    split_gain, split_point, split_share, stage_ready, Admission, JobDeadlinePlan, StageView,
     ESCALATE_AFTER_LOST,
 };
 pub use forecast::{

@@ -19,7 +19,17 @@ fn cost(sc: &Scenario, st: &StageSpec, c: usize) -> Option<f64> {
     if st.class_required && st.class.as_deref() != Some(class.name.as_str()) {
         return None;
     }
-    Some(st.item_ms_on(class) * st.drift_factor.min(1.0))
+    // A band of items (by index) costs what it costs, exactly; a drift in time
+    // counts only where it speeds items up.
+    let band = st.drift_items.map_or(1.0, |[from, to]| {
+        let len = to.min(st.items).saturating_sub(from) as f64;
+        (st.items as f64 + (st.drift_factor - 1.0) * len) / st.items.max(1) as f64
+    });
+    let in_time = match (st.drift_at, st.drift_items) {
+        (None, Some(_)) => 1.0,
+        _ => st.drift_factor.min(1.0),
+    };
+    Some(st.item_ms_on(class) * band * in_time)
 }
 
 /// Whether the stages in `stages` fit the capacity `cap` (slot-ms per class).

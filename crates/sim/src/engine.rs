@@ -5,9 +5,9 @@
 use crate::pool::{Ending, Life, Lives};
 use crate::scenario::Scenario;
 use granule_core::{
-    absolute_errors, claim_context, deadline_plan, fits, median_p90, placement_order, ClaimContext,
-    FinishOutcome, FragmentId, Holt, IntervalSet, Observation, SizeCap, Sizer, SizerConfig, Span,
-    StageLedger, StageNeeds, StageView, StageWork, WorkerOffer,
+    absolute_errors, claim_context, deadline_plan, fits, median_p90, placement_order, split_share,
+    ClaimContext, FinishOutcome, FragmentId, Holt, IntervalSet, Observation, SizeCap, Sizer,
+    SizerConfig, Span, StageLedger, StageNeeds, StageView, StageWork, WorkerOffer,
 };
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
@@ -204,6 +204,9 @@ struct Running {
     duration: f64,
     predicted: f64,
     sized_by_model: bool,
+    /// Items it runs before it ends: fewer than its span where an elastic end
+    /// (`Sizing::feed_for_ms`) or a split cuts it; the rest is handed back.
+    runs: u64,
 }
 
 struct Worker {
@@ -507,9 +510,83 @@ impl Sim<'_> {
         if !matches || self.workers[w].gone {
             return;
         }
-        let r = self.workers[w].slots[slot].take().expect("running");
+        let mut r = self.workers[w].slots[slot].take().expect("running");
+        if r.runs < r.span.len() {
+            // Fed up to `runs` (an elastic end): the unfed tail goes back to pending.
+            let at = r.span.start + r.runs;
+            let st = &mut self.stages[r.stage];
+            let tail = st.ledger.split(r.id, at);
+            st.running_items -= tail;
+            r.span.end -= tail;
+            self.wake_idle();
+        }
         self.close(w, &r, r.span.len(), FinishOutcome::Success);
         self.fill(w);
+    }
+
+    /// Whether granule's idle slots split running fragments here, and so whether
+    /// fragments of acking tasks are elastic: in pools of one class. With several
+    /// classes, elastic fragments and splits had CPUs run a quarter of the mixed
+    /// test pool's inference (under a tenth without), which GPUs run 20x faster: a
+    /// placement problem not yet solved, so the simulator sizes at the claim there.
+    fn splits(&self) -> bool {
+        self.policy == Policy::Granule && self.sc.classes.len() == 1
+    }
+
+    /// An idle slot of worker `w` splits the running fragment of granule's with the
+    /// most work left, as `granule worker` does (steal): the owner keeps the first
+    /// half of what it has not run, the tail goes back to pending. Only for stages
+    /// whose tasks ack, and only where the tail holds 4 overheads of work or more.
+    fn steal(&mut self, w: usize) -> bool {
+        let mut best: Option<(f64, usize, usize)> = None;
+        let stages = self.candidates_for(w, false);
+        let allowed = |s: usize| self.sc.stages[s].acks && stages.contains(&s);
+        for (ow, worker) in self.workers.iter().enumerate() {
+            if worker.gone || worker.draining {
+                continue;
+            }
+            for (slot, r) in worker.slots.iter().enumerate() {
+                let Some(r) = r else { continue };
+                if !allowed(r.stage) {
+                    continue;
+                }
+                let left_ms = r.start + r.duration - self.now;
+                if left_ms >= 4.0 * r.overhead_ms && best.is_none_or(|(b, _, _)| left_ms > b) {
+                    best = Some((left_ms, ow, slot));
+                }
+            }
+        }
+        let Some((_, ow, slot)) = best else {
+            return false;
+        };
+        // The owner keeps what `split_share` says (half, or where the classes
+        // differ, what makes both halves end together), as the stores split.
+        let (owner, asker) = (self.workers[ow].class, self.workers[w].class);
+        let stage = self.workers[ow].slots[slot]
+            .as_ref()
+            .expect("running")
+            .stage;
+        let sizers = &self.stages[stage].sizers;
+        let share = split_share(&sizers[owner].model, &sizers[asker].model);
+        let r = self.workers[ow].slots[slot].as_mut().expect("running");
+        let ran = Self::progress(r, self.now).min(r.runs);
+        let keep = ran + ((r.runs - ran) as f64 * share).ceil() as u64;
+        if keep >= r.runs || keep == 0 {
+            return false;
+        }
+        let at = r.span.start + keep;
+        let st = &mut self.stages[r.stage];
+        let tail = st.ledger.split(r.id, at);
+        if tail == 0 {
+            return false;
+        }
+        st.running_items -= tail;
+        r.span.end = at;
+        r.runs = keep;
+        r.duration = r.overhead_ms + keep as f64 * r.item_ms;
+        let (end, id) = (r.start + r.duration, r.id);
+        self.at(end.max(self.now), Event::Done(ow, slot, id));
+        true
     }
 
     /// Ends a running fragment with `done` of its items (a prefix) done.
@@ -535,14 +612,17 @@ impl Sim<'_> {
         self.wasted_ms += (elapsed - r.overhead_ms - useful).max(0.0);
         let name = match outcome {
             FinishOutcome::Success => {
+                // A task that does not ack shows no ack times: the model learns from
+                // whole fragments only, as the engine's does.
+                let acks = self.sc.stages[r.stage].acks;
                 st.sizers[class].observe(
                     &st.config,
                     &Observation {
                         n: done,
                         duration_ms: elapsed,
-                        acks: done,
-                        first_ack_ms: Some(r.overhead_ms + r.item_ms),
-                        last_ack_ms: Some(elapsed),
+                        acks: if acks { done } else { 0 },
+                        first_ack_ms: acks.then_some(r.overhead_ms + r.item_ms),
+                        last_ack_ms: acks.then_some(elapsed),
                         sized_by_model: r.sized_by_model,
                         bytes: None,
                         load: None,
@@ -581,14 +661,15 @@ impl Sim<'_> {
         }
     }
 
-    /// Items of a running fragment finished by `at`: progress is even over its items.
+    /// Items of a running fragment finished by `at`: progress is even over the
+    /// items it runs.
     fn progress(r: &Running, at: f64) -> u64 {
         let work = r.duration - r.overhead_ms;
         if work <= 0.0 {
-            return r.span.len();
+            return r.runs;
         }
         let share = ((at - r.start - r.overhead_ms) / work).clamp(0.0, 1.0);
-        (share * r.span.len() as f64).floor() as u64
+        (share * r.runs as f64).floor() as u64
     }
 
     /// Items of a fragment that stay done if it is cut off at `at`: its progress,
@@ -705,7 +786,11 @@ impl Sim<'_> {
             if f64::from(self.busy[class]) >= self.wanted[class] {
                 break; // the plan does not need more of this class now
             }
-            match self.claim(w) {
+            let claimed = match self.claim(w) {
+                None if self.splits() && self.steal(w) => self.claim(w),
+                claimed => claimed,
+            };
+            match claimed {
                 Some(r) => {
                     self.busy[class] += 1;
                     let end = r.start + r.duration;
@@ -742,12 +827,19 @@ impl Sim<'_> {
     /// The stages worker `w` should try, best first: for granule, the order the
     /// stores use (`placement_order` over the same views, with the class plan).
     fn candidates(&self, w: usize) -> Vec<usize> {
+        self.candidates_for(w, true)
+    }
+
+    /// The stages worker `w` may take from, in placement order; with `pending`
+    /// only those with pending items (a claim), else those with running ones too
+    /// (a split: the placement that admits a claim admits a steal).
+    fn candidates_for(&self, w: usize, pending: bool) -> Vec<usize> {
         let class = self.workers[w].class;
         let offer = &self.offers[class];
         let ready = |s: usize| {
             let st = &self.stages[s];
             st.done_ms.is_none()
-                && !st.ledger.pending.is_empty()
+                && (!st.ledger.pending.is_empty() || (!pending && st.running > 0))
                 && st.after.iter().all(|&a| self.stages[a].done_ms.is_some())
                 && fits(&st.needs, offer).is_ok()
         };
@@ -913,6 +1005,7 @@ impl Sim<'_> {
             .filter(|rate| *rate > 0.0)
             .map(|rate| 1.0 / rate);
         let active: u32 = self.alive_slots.iter().sum::<f64>().max(1.0) as u32;
+        let splits = self.splits();
         for s in self.candidates(w) {
             let spec = &self.sc.stages[s];
             let st = &mut self.stages[s];
@@ -921,16 +1014,25 @@ impl Sim<'_> {
                 slots: 0,
                 free_memory: 1.0,
                 load_per_cpu: 0.0,
-                splits: false,
+                // Idle slots split running fragments (`steal`), as `granule worker`'s do;
+                // modelled for one-class pools only (see `splits`).
+                splits,
                 all_or_nothing_margin_ms: 0.0,
                 acking: false,
                 lifespan_ms: life_left,
+            };
+            // Where running fragments are split, the equal share at the end is of
+            // what is pending and what running fragments have not run (the stores
+            // count the unacked items of running fragments the same way).
+            let running_left = match spec.acks && base.splits {
+                true => st.ledger.running_unacked(),
+                false => 0,
             };
             let ctx = claim_context(
                 &base,
                 expected_life,
                 spec.acks,
-                st.ledger.pending.len(),
+                st.ledger.pending.len() + running_left,
                 active,
             );
             let mut sizing = st.sizers[class].size(&st.config, &ctx);
@@ -947,6 +1049,7 @@ impl Sim<'_> {
                 sizing.n = n;
                 sizing.cap = SizeCap::Bounds;
                 sizing.predicted_ms = st.sizers[class].model.predict_ms(n);
+                sizing.feed_for_ms = None;
             }
             if sizing.n == 0 {
                 continue; // does not fit the worker's remaining life
@@ -961,7 +1064,16 @@ impl Sim<'_> {
                 Some(at) if self.now >= at => spec.drift_factor,
                 _ => 1.0,
             };
-            let mean = spec.item_ms_on(&self.sc.classes[class]) * drift;
+            // A band of costly items (by index): this span's share of it.
+            let band = spec.drift_items.map_or(0, |[from, to]| {
+                claim
+                    .span
+                    .end
+                    .min(to)
+                    .saturating_sub(claim.span.start.max(from))
+            });
+            let banded = (n as f64 + (spec.drift_factor - 1.0) * band as f64) / n as f64;
+            let mean = spec.item_ms_on(&self.sc.classes[class]) * drift * banded;
             // The sum of n log-normal item costs (drawn one by one for small
             // fragments, by its normal approximation for large ones, where it is
             // close), on a machine a little faster or slower than its class's
@@ -975,20 +1087,49 @@ impl Sim<'_> {
                 let z: f64 = StandardNormal.sample(&mut self.rng);
                 (n as f64 * mean + z * sd).max(0.1 * n as f64 * mean)
             };
-            let machine = LogNormal::new(0.0, 0.05)
+            let machine = LogNormal::new(0.0, self.sc.jitter.max(0.0))
                 .expect("valid")
                 .sample(&mut self.rng);
             let work = sum * machine;
+            // The work of the first `k` items: the draw spread evenly, but items in
+            // the band cost `drift_factor` times the others.
+            let weight = |k: u64| {
+                let end = claim.span.start + k;
+                let band = spec.drift_items.map_or(0, |[from, to]| {
+                    end.min(to).saturating_sub(claim.span.start.max(from))
+                });
+                k as f64 + (spec.drift_factor - 1.0) * band as f64
+            };
+            let cost = |k: u64| work * weight(k) / weight(n).max(1e-12);
+            // An elastic end: fed while what was fed ends by the target (the first
+            // `k` whose work reaches it).
+            let runs = match sizing.feed_for_ms {
+                Some(t) if spec.overhead_ms + work > t => {
+                    let (mut lo, mut hi) = (1, n);
+                    while lo < hi {
+                        let mid = lo + (hi - lo) / 2;
+                        if spec.overhead_ms + cost(mid) >= t {
+                            hi = mid;
+                        } else {
+                            lo = mid + 1;
+                        }
+                    }
+                    lo
+                }
+                _ => n,
+            };
+            let item_ms = cost(runs) / runs as f64;
             return Some(Running {
                 id,
                 stage: s,
                 span: claim.span,
                 start: self.now,
-                item_ms: work / n as f64,
+                item_ms,
                 overhead_ms: spec.overhead_ms,
-                duration: spec.overhead_ms + work,
+                duration: spec.overhead_ms + runs as f64 * item_ms,
                 predicted: sizing.predicted_ms,
                 sized_by_model: sizing.cap == SizeCap::Model,
+                runs,
             });
         }
         None

@@ -27,6 +27,10 @@ pub struct Scenario {
     /// What the run may cost at most (reported against, not enforced).
     #[serde(default)]
     pub budget: Option<f64>,
+    /// Sigma of the log-normal factor each fragment's work is drawn with (a machine
+    /// a little faster or slower than its class's nominal speed), default 0.05.
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
     /// Stop the simulation at this virtual time, default 30 days.
     #[serde(default = "default_horizon", deserialize_with = "millis")]
     pub horizon: f64,
@@ -112,6 +116,10 @@ pub struct StageSpec {
     /// From this virtual time on, item costs are multiplied by `drift_factor`.
     #[serde(default, deserialize_with = "opt_millis")]
     pub drift_at: Option<f64>,
+    /// Items `[from, to)` cost `drift_factor` times the others (a band of costly
+    /// items, by index rather than by time).
+    #[serde(default)]
+    pub drift_items: Option<[u64; 2]>,
     /// Drift multiplier (default 1).
     #[serde(default = "one_f")]
     pub drift_factor: f64,
@@ -155,6 +163,10 @@ fn default_heartbeat() -> f64 {
 fn default_idle_exit() -> f64 {
     120_000.0
 }
+fn default_jitter() -> f64 {
+    0.05
+}
+
 fn default_horizon() -> f64 {
     30.0 * 86_400_000.0
 }

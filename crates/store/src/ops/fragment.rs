@@ -13,8 +13,9 @@ use crate::{
     Result, SplitAnswer,
 };
 use granule_core::{
-    retry_budget, split_gain, split_point, FinishOutcome, FinishReport, FragmentId, IntervalSet,
-    JobId, Observation, PendingRange, RunningFragment, SizeCap, Sizer, Span, StageLedger,
+    retry_budget, split_gain, split_point, split_share, FinishOutcome, FinishReport, FragmentId,
+    IntervalSet, JobId, Observation, PendingRange, RunningFragment, SizeCap, Sizer, Span,
+    StageLedger,
 };
 
 /// A running fragment, locked for this transaction, as long as `worker` holds it.
@@ -735,11 +736,13 @@ pub(crate) fn request_split(
                 })
             };
             let model = model_of(r.str(5))?;
-            let gain = split_gain(&model, &model_of(asker)?);
+            let asker_model = model_of(asker)?;
+            let gain = split_gain(&model, &asker_model);
+            let keep = split_share(&model, &asker_model);
             let acked: IntervalSet = parse(r.str(4), "fragment acks")?;
             let span = Span::new(r.u64(2), r.u64(3));
             let elapsed = now_ms - r.i64(6);
-            if let Some((remaining, at)) = split_point(span, &acked, &model, elapsed, r.f64(7), min_ms) {
+            if let Some((remaining, at)) = split_point(span, &acked, &model, elapsed, r.f64(7), min_ms, keep) {
                 let worth = remaining * gain;
                 if best.is_none_or(|b| worth > b.0) {
                     best = Some((worth, r.i64(0), at));
