@@ -377,7 +377,7 @@ impl SizeCap {
                 "the stage's min_items/max_items, the claim's own maximum or the end of a range"
             }
             SizeCap::Elastic => {
-                "elastic: an equal share of the work left, fed until the fragment reaches its target duration at the pace its acks show, the rest handed back"
+                "an equal share of the work left, fed until the fragment reaches its target duration at the pace its acks show, the rest handed back"
             }
         }
     }
