@@ -576,13 +576,19 @@ impl Sizer {
         let target = self.target_ms(cfg);
         let feed_for_ms =
             (elastic && ctx.lifespan_ms.is_none_or(|life| life >= 2.0 * target)).then_some(target);
-        let predicted_ms = self.model.predict_at_load_ms(n, ctx.load_per_cpu);
         Sizing {
             n,
-            predicted_ms: feed_for_ms.map_or(predicted_ms, |t| predicted_ms.min(t)),
+            predicted_ms: self.claim_ms(n, ctx.load_per_cpu, feed_for_ms),
             cap,
             feed_for_ms,
         }
+    }
+
+    /// Predicted duration of a claim of `n` items at `load` per CPU, ms: the
+    /// model's, or an elastic end's `feed_for_ms` where that comes first.
+    pub fn claim_ms(&self, n: u64, load: f64, feed_for_ms: Option<f64>) -> f64 {
+        let ms = self.model.predict_at_load_ms(n, load);
+        feed_for_ms.map_or(ms, |t| ms.min(t))
     }
 
     /// Learns from a finished fragment.

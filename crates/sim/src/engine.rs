@@ -534,9 +534,9 @@ impl Sim<'_> {
     }
 
     /// An idle slot of worker `w` splits the running fragment of granule's with the
-    /// most work left, as `granule worker` does (steal): the owner keeps the first
-    /// half of what it has not run, the tail goes back to pending. Only for stages
-    /// whose tasks ack, and only where the tail holds 4 overheads of work or more.
+    /// most work left, as `granule worker` does (steal): the owner keeps its
+    /// `split_share` of what it has not run, the tail goes back to pending. Only for
+    /// stages whose tasks ack, and only where 4 overheads of work or more are left.
     fn steal(&mut self, w: usize) -> bool {
         let mut best: Option<(f64, usize, usize)> = None;
         let stages = self.candidates_for(w, false);
@@ -571,7 +571,7 @@ impl Sim<'_> {
         let r = self.workers[ow].slots[slot].as_mut().expect("running");
         let ran = Self::progress(r, self.now).min(r.runs);
         let keep = ran + ((r.runs - ran) as f64 * share).ceil() as u64;
-        if keep >= r.runs || keep == 0 {
+        if keep >= r.runs {
             return false;
         }
         let at = r.span.start + keep;
@@ -1064,16 +1064,16 @@ impl Sim<'_> {
                 Some(at) if self.now >= at => spec.drift_factor,
                 _ => 1.0,
             };
-            // A band of costly items (by index): this span's share of it.
-            let band = spec.drift_items.map_or(0, |[from, to]| {
-                claim
-                    .span
-                    .end
-                    .min(to)
-                    .saturating_sub(claim.span.start.max(from))
-            });
-            let banded = (n as f64 + (spec.drift_factor - 1.0) * band as f64) / n as f64;
-            let mean = spec.item_ms_on(&self.sc.classes[class]) * drift * banded;
+            // The first `k` items counted in plain items: those of a band of costly
+            // items (by index) count `drift_factor` each.
+            let weight = |k: u64| {
+                let end = claim.span.start + k;
+                let band = spec.drift_items.map_or(0, |[from, to]| {
+                    end.min(to).saturating_sub(claim.span.start.max(from))
+                });
+                k as f64 + (spec.drift_factor - 1.0) * band as f64
+            };
+            let mean = spec.item_ms_on(&self.sc.classes[class]) * drift * weight(n) / n as f64;
             // The sum of n log-normal item costs (drawn one by one for small
             // fragments, by its normal approximation for large ones, where it is
             // close), on a machine a little faster or slower than its class's
@@ -1091,15 +1091,7 @@ impl Sim<'_> {
                 .expect("valid")
                 .sample(&mut self.rng);
             let work = sum * machine;
-            // The work of the first `k` items: the draw spread evenly, but items in
-            // the band cost `drift_factor` times the others.
-            let weight = |k: u64| {
-                let end = claim.span.start + k;
-                let band = spec.drift_items.map_or(0, |[from, to]| {
-                    end.min(to).saturating_sub(claim.span.start.max(from))
-                });
-                k as f64 + (spec.drift_factor - 1.0) * band as f64
-            };
+            // The work of the first `k` items: the draw spread by weight.
             let cost = |k: u64| work * weight(k) / weight(n).max(1e-12);
             // An elastic end: fed while what was fed ends by the target (the first
             // `k` whose work reaches it).

@@ -448,10 +448,7 @@ fn claim_range(
         .expect("a locked window holds a range");
     save_window(tx, stage.id, &ids, ledger.pending.ranges())?;
     let (span, take) = (claim.span, claim.span.len());
-    let predicted_ms = sizer.model.predict_at_load_ms(take, load);
-    let predicted_ms = sizing
-        .feed_for_ms
-        .map_or(predicted_ms, |t| predicted_ms.min(t));
+    let predicted_ms = sizer.claim_ms(take, load, sizing.feed_for_ms);
     let cap = if take < n {
         SizeCap::Bounds
     } else {
