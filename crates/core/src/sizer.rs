@@ -425,18 +425,33 @@ fn ack_spacing(obs: &Observation) -> Option<f64> {
     }
 }
 
-/// How much slow start grows after a fragment: twice, or up to 16 times where its
-/// acks show a start that dwarfs its items' work (the start up to the first ack,
-/// the item cost from the spacing of the acks). Each round of slow start costs a
-/// task start: with a 0.1 s start and 0.1 ms items, doubling from 1 took ten
-/// rounds before a fragment's work matched its start.
-fn growth(obs: &Observation) -> f64 {
-    let (Some(per_item), Some(first)) = (ack_spacing(obs), obs.first_ack_ms) else {
-        return 2.0;
+/// How much slow start grows after a fragment: twice, or up to 16 times where
+/// that is safe and saves rounds. Where its acks show a start that dwarfs its
+/// items' work (the start up to the first ack, the item cost from the spacing of
+/// the acks), by that ratio. Where the task did not ack and the fragment took a
+/// small part of `budget_ms` (the smallest target), by what keeps the next one
+/// inside the budget even if all of its time was items: a 20 ms start and 0.08 ms
+/// items took nine rounds of doubling, each a task start, before a fragment's
+/// work matched its start.
+fn growth(obs: &Observation, budget_ms: f64) -> f64 {
+    let grow = match (ack_spacing(obs), obs.first_ack_ms) {
+        (Some(per_item), Some(first)) => {
+            let start = (first - per_item).max(0.0);
+            start / (per_item * obs.n.max(1) as f64)
+        }
+        // A task that acks shows its start within two items; one that does not
+        // shows nothing but its duration.
+        _ if obs.acks == 0 => budget_ms / obs.duration_ms.max(1e-9),
+        _ => 2.0,
     };
-    let start = (first - per_item).max(0.0);
-    (start / (per_item * obs.n.max(1) as f64)).clamp(2.0, 16.0)
+    grow.clamp(2.0, 16.0)
 }
+
+/// The least factoring ratio: a claim on a stage whose fragments are not split
+/// takes at most `remaining / (ratio · slots)`, so however even the items look,
+/// a fifth of the work stays back to balance what the spread did not show (a
+/// cost that drifts with the index).
+const FACTORING_MIN: f64 = 1.25;
 
 impl Sizer {
     /// A new stage's sizer that starts from what an earlier stage of the same task
@@ -457,6 +472,24 @@ impl Sizer {
             (self.model.a_ms / cfg.overhead_share.max(1e-6))
                 .clamp(cfg.target_min_ms, cfg.target_max_ms)
         })
+    }
+
+    /// The factoring ratio of a stage whose fragments are not split: a claim takes
+    /// at most `remaining / (ratio · slots)`. From the spread the model measured
+    /// (the coefficient of variation of the per-item cost between fragments, `c`):
+    /// `1 + 2·c·sqrt(slots)` keeps back enough work to even out what `slots`
+    /// fragments of that spread leave uneven (after Hummel, Schonberg & Flynn's
+    /// factoring, whose batches assume the items' spread is known), between
+    /// [`FACTORING_MIN`] and the stage's `tail_factor` (the classic 2 by default).
+    /// Each claim fewer saves a task start.
+    pub fn factoring(&self, cfg: &SizerConfig, slots: u32) -> f64 {
+        let most = cfg.tail_factor.max(1.0);
+        let model = &self.model;
+        let spread = match model.ready() && model.b_ms > 0.0 {
+            true => model.b_var.max(0.0).sqrt() / model.b_ms,
+            false => f64::INFINITY,
+        };
+        (1.0 + 2.0 * spread * f64::from(slots.max(1)).sqrt()).clamp(FACTORING_MIN.min(most), most)
     }
 
     /// Picks the size of the next fragment.
@@ -492,13 +525,13 @@ impl Sizer {
         }
         if cap == SizeCap::Model && !ctx.splits {
             // Factoring (Hummel, Schonberg & Flynn 1992): where running fragments are
-            // not split, while much work is left a fragment may take half of a slot's
-            // share of it, up to the longest target. Fewer task starts, and what is
+            // not split, while much work is left a fragment may take a slot's share of
+            // it over the factoring ratio (see `factoring`), up to the longest target. Fewer task starts, and what is
             // left still balances the slots. (Where idle slots split, the model's
             // target stands: splitting balances, and short fragments lose less.)
             let per_item = model.per_item_at_load(ctx.load_per_cpu).max(1e-9);
-            let share =
-                ctx.remaining as f64 / (cfg.tail_factor.max(1.0) * f64::from(ctx.slots.max(1)));
+            let share = ctx.remaining as f64
+                / (self.factoring(cfg, ctx.slots) * f64::from(ctx.slots.max(1)));
             let longest = ((cfg.target_max_ms - model.a_ms) / per_item).max(0.0);
             let floor = share.min(longest).floor();
             if floor > n {
@@ -545,7 +578,7 @@ impl Sizer {
         // fragment fewer saves a task start.
         let factor = match ctx.acking && ctx.splits {
             true => 1.0,
-            false => cfg.tail_factor.max(1.0),
+            false => self.factoring(cfg, ctx.slots),
         };
         let tail = ctx.remaining as f64 / (factor * f64::from(ctx.slots.max(1)));
         let tail_floor = if model.ready() {
@@ -598,7 +631,8 @@ impl Sizer {
         if !was_ready {
             // Twice what just finished (one doubling per round of fragments, however
             // many workers finish one of the same size), or more: see `growth`.
-            let next = obs.n.max(cfg.initial.unwrap_or(1)) as f64 * growth(obs);
+            let budget = cfg.target_ms.unwrap_or(cfg.target_min_ms);
+            let next = obs.n.max(cfg.initial.unwrap_or(1)) as f64 * growth(obs, budget);
             self.slow_start_next = self.slow_start_next.max(next.min(u64::MAX as f64) as u64);
         }
         if was_ready && obs.sized_by_model && obs.duration_ms > 0.0 {
@@ -808,10 +842,11 @@ mod tests {
         // Many workers claiming at once, before anything finished: all get one item.
         let sizes: Vec<u64> = (0..4).map(|_| sizer.size(&cfg, &roomy()).n).collect();
         assert_eq!(sizes, vec![1, 1, 1, 1]);
-        // Overhead-dominated fragments without acks leave the model unready: doubling.
+        // Overhead-dominated fragments without acks leave the model unready: doubling
+        // (where a fragment takes over half the smallest target; see the next test).
         let quick = |n| Observation {
             n,
-            duration_ms: 100.0,
+            duration_ms: 600.0,
             acks: 0,
             first_ack_ms: None,
             last_ack_ms: None,
@@ -839,6 +874,66 @@ mod tests {
     }
 
     #[test]
+    fn slow_start_grows_fast_while_fragments_are_short_beside_the_smallest_target() {
+        // No acks, a 20 ms start, 0.08 ms items: each round is a task start, and a
+        // fragment 16 times one that took 20 ms stays far inside the 1 s target even if
+        // all of its time were items.
+        let cfg = SizerConfig::default();
+        let mut sizer = Sizer::default();
+        let run = |n: u64| Observation {
+            n,
+            duration_ms: 20.0 + 0.08 * n as f64,
+            acks: 0,
+            first_ack_ms: None,
+            last_ack_ms: None,
+            sized_by_model: false,
+            bytes: None,
+            load: None,
+        };
+        let mut sizes = Vec::new();
+        while !sizer.model.ready() {
+            let n = sizer.size(&cfg, &roomy()).n;
+            sizes.push(n);
+            sizer.observe(&cfg, &run(n));
+        }
+        assert_eq!(sizes, [1, 16, 256], "doubling took nine rounds");
+        // Growth never takes a fragment past the budget: after 300 ms, ×3.
+        let mut long = Sizer::default();
+        long.observe(
+            &cfg,
+            &Observation {
+                duration_ms: 300.0,
+                ..run(10)
+            },
+        );
+        assert_eq!(long.size(&cfg, &roomy()).n, 33);
+    }
+
+    #[test]
+    fn the_factoring_ratio_follows_the_spread_between_fragments() {
+        let cfg = SizerConfig::default();
+        let mut even = Sizer::default();
+        even.model.observations = 9;
+        even.model.ack_intervals = 100.0;
+        even.model.b_ms = 1.0;
+        even.model.b_var = 0.0001; // 1% between fragments
+        assert_eq!(even.factoring(&cfg, 2), FACTORING_MIN);
+        let mut uneven = even.clone();
+        uneven.model.b_var = 0.09; // 30%
+        let ratio = uneven.factoring(&cfg, 2);
+        assert!((ratio - (1.0 + 0.6 * 2f64.sqrt())).abs() < 1e-9, "{ratio}");
+        uneven.model.b_var = 1.0;
+        assert_eq!(uneven.factoring(&cfg, 2), 2.0, "never above tail_factor");
+        // A model not ready yet knows no spread: the classic factor.
+        assert_eq!(Sizer::default().factoring(&cfg, 2), 2.0);
+        let one = SizerConfig {
+            tail_factor: 1.0,
+            ..SizerConfig::default()
+        };
+        assert_eq!(even.factoring(&one, 2), 1.0, "tail_factor 1 turns it off");
+    }
+
+    #[test]
     fn tail_factoring_shrinks_the_last_fragments() {
         let cfg = SizerConfig {
             target_ms: Some(10_000.0),
@@ -852,7 +947,9 @@ mod tests {
         };
         drive(&mut sizer, &cfg, &mut task, 20);
         // Far from the end the model decides; near the end each claim takes at
-        // most remaining / (2 * slots), down to the floor where overhead is 10%.
+        // most remaining / (ratio * slots), down to the floor where overhead is 10%.
+        let ratio = sizer.factoring(&cfg, 4);
+        assert!((FACTORING_MIN..=2.0).contains(&ratio), "{ratio}");
         let floor = (sizer.model.a_ms / cfg.tail_overhead_share / sizer.model.b_ms).ceil();
         let mut remaining = 40_000u64;
         let mut sizes = Vec::new();
@@ -865,7 +962,7 @@ mod tests {
             let s = sizer.size(&cfg, &ctx);
             let n = s.n.min(remaining);
             assert!(
-                n as f64 <= (remaining as f64 / 8.0).ceil().max(floor) + 1.0,
+                n as f64 <= (remaining as f64 / (ratio * 4.0)).ceil().max(floor) + 1.0,
                 "{n} of {remaining}"
             );
             sizes.push(n);
@@ -941,7 +1038,7 @@ mod tests {
     #[test]
     fn slow_start_grows_on_a_loaded_machine() {
         // Other programs keep the load at 5 per CPU (over max_load = 2): fragments still
-        // double until the model can size them (they once stayed at 1 item for good).
+        // grow until the model can size them (they once stayed at 1 item for good).
         let cfg = SizerConfig::default();
         let loaded = ClaimContext {
             load_per_cpu: 5.0,
@@ -966,7 +1063,7 @@ mod tests {
                 },
             );
         }
-        assert_eq!(&sizes[..4], [1, 2, 4, 8], "{sizes:?}");
+        assert!(sizes.windows(2).all(|w| w[1] >= 2 * w[0]), "{sizes:?}");
     }
 
     fn acked(n: u64, first_ack_ms: f64, per_item_ms: f64) -> Observation {
@@ -1080,10 +1177,13 @@ mod tests {
             (10_000, SizeCap::Elastic),
             "an equal share"
         );
-        assert!(
-            factored.n < 6_000,
-            "without acks, a factor of 2: {factored:?}"
+        let ratio = sizer.factoring(&cfg, 4);
+        assert_eq!(
+            factored.n,
+            (40_000.0 / (ratio * 4.0)).ceil() as u64,
+            "without acks, factored: {factored:?}"
         );
+        assert!(factored.n < 10_000, "{factored:?}");
     }
 
     #[test]
@@ -1180,7 +1280,7 @@ mod tests {
     }
 
     #[test]
-    fn where_fragments_are_not_split_a_claim_takes_half_a_slots_share_of_the_work_left() {
+    fn where_fragments_are_not_split_a_claim_takes_a_factored_share_of_the_work_left() {
         let cfg = SizerConfig {
             target_ms: Some(1_000.0),
             ..SizerConfig::default()
@@ -1201,11 +1301,13 @@ mod tests {
             };
             sizer.clone().size(&cfg, &ctx)
         };
-        // 40,000 items of ~1 ms on 4 slots: half a slot's share is 5,000 items (5 s),
-        // five times the 1 s target.
+        // 40,000 items of ~1 ms on 4 slots: a slot's share over the factoring ratio
+        // (1.25 to 2) is 5,000 to 8,000 items (5 to 8 s), far above the 1 s target.
         let share = at(40_000, false);
         assert_eq!(share.cap, SizeCap::Share, "{share:?}");
-        assert_eq!(share.n, 5_000);
+        let ratio = sizer.factoring(&cfg, 4);
+        assert_eq!(share.n, (40_000.0 / (ratio * 4.0)).floor() as u64);
+        assert!((5_000..=8_000).contains(&share.n), "{share:?}");
         // Never past the longest target (60 s).
         let most = at(40_000_000, false);
         assert_eq!(most.cap, SizeCap::Share);
