@@ -281,6 +281,20 @@ pub fn claim_context(
     ctx
 }
 
+/// Items a running fragment has likely not run yet, judged by time where its acks
+/// do not tell (a task that does not ack, or slots that do not split): its `left`
+/// items in proportion to the part of its predicted duration not yet spent, none
+/// once past it. A claim counts these with the pending items, so that it takes its
+/// share of all the work outstanding, not of what is unclaimed: near the end an
+/// idle slot takes what evens its finish with the busy ones. The stores compute
+/// the same in SQL (`store::ops::claim`).
+pub fn unrun_estimate(left: u64, elapsed_ms: f64, predicted_ms: f64) -> f64 {
+    if predicted_ms <= 0.0 || elapsed_ms <= 0.0 {
+        return left as f64;
+    }
+    left as f64 * (1.0 - elapsed_ms / predicted_ms).max(0.0)
+}
+
 /// Where to split a running fragment, and how much work its tail holds: the owner
 /// keeps `keep` (see [`split_share`]) of what it has not acked. Its remaining work
 /// is judged by the model's per-item cost, or by its own pace once it runs past its
@@ -377,6 +391,14 @@ mod tests {
         expect_drops(&mut pool, &forecast_recent(&history, now));
         assert!(pool[0].slots < 9.0, "{}", pool[0].slots);
         assert_eq!(pool[1].slots, 4.0, "no history: as it is");
+    }
+
+    #[test]
+    fn a_running_fragment_counts_the_items_its_predicted_time_has_not_reached() {
+        assert_eq!(unrun_estimate(1_000, 0.0, 500.0), 1_000.0);
+        assert_eq!(unrun_estimate(1_000, 250.0, 500.0), 500.0);
+        assert_eq!(unrun_estimate(1_000, 900.0, 500.0), 0.0, "past its prediction");
+        assert_eq!(unrun_estimate(1_000, 10.0, 0.0), 1_000.0, "nothing predicted");
     }
 
     fn view(idx: usize, left: u64, deadline_at_ms: Option<i64>) -> StageView {

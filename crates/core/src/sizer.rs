@@ -311,7 +311,9 @@ impl Pid {
 /// What the claimer knows of its situation when it asks for a size.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClaimContext {
-    /// Items of the stage still pending.
+    /// Items of the stage still to run: pending, and those running fragments have
+    /// not run yet (their unacked items where idle slots split fragments of a task
+    /// that acks, else [`crate::unrun_estimate`]).
     pub remaining: u64,
     /// Slots working on the stage, the claimer's included.
     pub slots: u32,
@@ -586,7 +588,14 @@ impl Sizer {
         } else {
             1.0
         };
-        lower(&mut n, &mut cap, tail.max(tail_floor).ceil(), SizeCap::Tail);
+        // At the very end (a factored share under the floor), an equal share of the
+        // work outstanding: the last claims even out the slots' finishes, where the
+        // floor alone left one slot a last fragment while the other stood idle.
+        let tail = match tail < tail_floor {
+            true => (ctx.remaining as f64 / f64::from(ctx.slots.max(1))).max(tail_floor),
+            false => tail,
+        };
+        lower(&mut n, &mut cap, tail.ceil(), SizeCap::Tail);
         // Fragments shrink only when memory would run out, and not in slow start:
         // its fragments are small already and must grow for the model to learn
         // anything. (Shrinking under load kept a loaded machine at 1-item fragments,
@@ -934,6 +943,36 @@ mod tests {
     }
 
     #[test]
+    fn at_the_end_an_idle_slot_takes_what_evens_its_finish_with_the_busy_one() {
+        // No acks, 2 slots, a 20 ms start and 0.1 ms items: the floor is 2,000 items.
+        let cfg = SizerConfig::default();
+        let mut sizer = Sizer::default();
+        sizer.model.observations = 9;
+        sizer.model.ack_intervals = 100.0;
+        sizer.model.a_ms = 20.0;
+        sizer.model.b_ms = 0.1;
+        let at = |remaining: u64| {
+            let ctx = ClaimContext {
+                remaining,
+                slots: 2,
+                splits: false,
+                ..roomy()
+            };
+            sizer.clone().size(&cfg, &ctx)
+        };
+        // 3,000 pending while the other slot has ~1,800 items still to run: the
+        // factored share (4,800 / 2.5) is under the floor, and an equal share of the
+        // 4,800 outstanding evens the finishes, where the floor alone took 2,000 and
+        // left a last fragment of 1,000 to whichever slot came next.
+        let remaining = 3_000 + crate::unrun_estimate(2_000, 30.0, 300.0).round() as u64;
+        assert_eq!(remaining, 4_800);
+        let even = at(remaining);
+        assert_eq!((even.n, even.cap), (2_400, SizeCap::Tail), "{even:?}");
+        // Never under the floor where overhead is a tenth.
+        assert_eq!(at(3_000).n, 2_000);
+    }
+
+    #[test]
     fn tail_factoring_shrinks_the_last_fragments() {
         let cfg = SizerConfig {
             target_ms: Some(10_000.0),
@@ -947,7 +986,8 @@ mod tests {
         };
         drive(&mut sizer, &cfg, &mut task, 20);
         // Far from the end the model decides; near the end each claim takes at
-        // most remaining / (ratio * slots), down to the floor where overhead is 10%.
+        // most remaining / (ratio * slots), down to the floor where overhead is 10%
+        // or an equal share of what is left.
         let ratio = sizer.factoring(&cfg, 4);
         assert!((FACTORING_MIN..=2.0).contains(&ratio), "{ratio}");
         let floor = (sizer.model.a_ms / cfg.tail_overhead_share / sizer.model.b_ms).ceil();
@@ -961,10 +1001,14 @@ mod tests {
             };
             let s = sizer.size(&cfg, &ctx);
             let n = s.n.min(remaining);
-            assert!(
-                n as f64 <= (remaining as f64 / (ratio * 4.0)).ceil().max(floor) + 1.0,
-                "{n} of {remaining}"
-            );
+            // At the very end, where the factored share is under the floor, an equal
+            // share of what is left evens the slots' finishes.
+            let factored = (remaining as f64 / (ratio * 4.0)).ceil();
+            let most = match factored < floor {
+                true => (remaining as f64 / 4.0).ceil().max(floor),
+                false => factored,
+            };
+            assert!(n as f64 <= most + 1.0, "{n} of {remaining}");
             sizes.push(n);
             remaining -= n;
         }

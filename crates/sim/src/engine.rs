@@ -6,8 +6,8 @@ use crate::pool::{Ending, Life, Lives};
 use crate::scenario::Scenario;
 use granule_core::{
     absolute_errors, claim_context, deadline_plan, fits, median_p90, placement_order, split_share,
-    ClaimContext, FinishOutcome, FragmentId, Holt, IntervalSet, Observation, SizeCap, Sizer,
-    SizerConfig, Span, StageLedger, StageNeeds, StageView, StageWork, WorkerOffer,
+    unrun_estimate, ClaimContext, FinishOutcome, FragmentId, Holt, IntervalSet, Observation,
+    SizeCap, Sizer, SizerConfig, Span, StageLedger, StageNeeds, StageView, StageWork, WorkerOffer,
 };
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
@@ -230,6 +230,9 @@ struct Stage {
     running: u64,
     /// Items inside running fragments.
     running_items: u64,
+    /// When each running fragment started and its predicted duration, ms: what
+    /// a claim judges its unrun items by (`unrun_estimate`), as the stores do.
+    clocks: std::collections::HashMap<FragmentId, (f64, f64)>,
     done_ms: Option<f64>,
     fragments: u64,
     items_by_class: Vec<u64>,
@@ -305,6 +308,7 @@ fn stages_of(sc: &Scenario) -> Vec<Stage> {
             sizers: vec![Sizer::default(); sc.classes.len()],
             running: 0,
             running_items: 0,
+            clocks: Default::default(),
             done_ms: None,
             fragments: 0,
             items_by_class: vec![0; sc.classes.len()],
@@ -597,6 +601,7 @@ impl Sim<'_> {
         let st = &mut self.stages[r.stage];
         st.running -= 1;
         st.running_items -= r.span.len();
+        st.clocks.remove(&r.id);
         st.fragments += 1;
         self.fragments += 1;
         if done > 0 && done < r.span.len() {
@@ -1026,7 +1031,14 @@ impl Sim<'_> {
             // count the unacked items of running fragments the same way).
             let running_left = match spec.acks && base.splits {
                 true => st.ledger.running_unacked(),
-                false => 0,
+                false => {
+                    let now = self.now;
+                    let unrun = st.ledger.running.iter().map(|f| {
+                        let (start, predicted) = st.clocks[&f.id];
+                        unrun_estimate(f.span.len() - f.acked.len(), now - start, predicted)
+                    });
+                    unrun.sum::<f64>().round() as u64
+                }
             };
             let ctx = claim_context(
                 &base,
@@ -1111,6 +1123,7 @@ impl Sim<'_> {
                 _ => n,
             };
             let item_ms = cost(runs) / runs as f64;
+            st.clocks.insert(id, (self.now, sizing.predicted_ms));
             return Some(Running {
                 id,
                 stage: s,

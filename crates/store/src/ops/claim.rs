@@ -280,9 +280,9 @@ struct Locked {
     live_slots: u32,
     /// The claimer's class's sizer state, if the stage has one yet.
     sizer: Option<String>,
-    /// Items of running fragments not acked yet, where the stage acks and idle
-    /// slots split (else 0): the work an equal share at the stage's end is judged
-    /// against (`ClaimContext::splits`).
+    /// Items of running fragments not run yet: those not acked, where the stage
+    /// acks and idle slots split; else judged by time (`granule_core::unrun_estimate`,
+    /// which the SQL computes).
     running_left: u64,
     /// The id the fragment will have, where the database hands ids out ahead
     /// (PostgreSQL's sequence): its insert then needs no round trip of its own.
@@ -305,8 +305,12 @@ fn pending_range(
                 (SELECT coalesce(sum(slots), 0)::BIGINT FROM workers WHERE state != 'exited' AND heartbeat_ms >= $4),
                 (SELECT state FROM sizers WHERE stage_id = $1 AND class = $5),
                 (SELECT nextval('fragments_id_seq')),
-                CASE WHEN $6 THEN (SELECT coalesce(sum(end_idx - start_idx - done_count), 0)::BIGINT
-                                   FROM fragments WHERE stage_id = $1 AND state = 'running') ELSE 0 END
+                (SELECT CAST(coalesce(sum(CASE
+                     WHEN $6 OR predicted_ms <= 0 OR $7 <= claimed_ms THEN end_idx - start_idx - done_count
+                     WHEN $7 - claimed_ms >= predicted_ms THEN 0
+                     ELSE (end_idx - start_idx - done_count) * (1.0 - ($7 - claimed_ms) / predicted_ms)
+                   END), 0) AS BIGINT)
+                 FROM fragments WHERE stage_id = $1 AND state = 'running')
          FROM pending p
          WHERE stage_id = $1 AND (floor_memory_mb = 0 OR floor_memory_mb < $2) AND lost < $3
          ORDER BY start_idx LIMIT 1 FOR UPDATE OF p SKIP LOCKED"
@@ -320,7 +324,8 @@ fn pending_range(
             lost,
             live_since,
             &req.class,
-            stage.acks == Acks::Yes && req.context.splits
+            stage.acks == Acks::Yes && req.context.splits,
+            req.now_ms
         ],
     )?
     else {
