@@ -397,8 +397,16 @@ mod tests {
     fn a_running_fragment_counts_the_items_its_predicted_time_has_not_reached() {
         assert_eq!(unrun_estimate(1_000, 0.0, 500.0), 1_000.0);
         assert_eq!(unrun_estimate(1_000, 250.0, 500.0), 500.0);
-        assert_eq!(unrun_estimate(1_000, 900.0, 500.0), 0.0, "past its prediction");
-        assert_eq!(unrun_estimate(1_000, 10.0, 0.0), 1_000.0, "nothing predicted");
+        assert_eq!(
+            unrun_estimate(1_000, 900.0, 500.0),
+            0.0,
+            "past its prediction"
+        );
+        assert_eq!(
+            unrun_estimate(1_000, 10.0, 0.0),
+            1_000.0,
+            "nothing predicted"
+        );
     }
 
     fn view(idx: usize, left: u64, deadline_at_ms: Option<i64>) -> StageView {

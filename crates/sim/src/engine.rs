@@ -6,8 +6,9 @@ use crate::pool::{Ending, Life, Lives};
 use crate::scenario::Scenario;
 use granule_core::{
     absolute_errors, claim_context, deadline_plan, fits, median_p90, placement_order, split_share,
-    unrun_estimate, ClaimContext, FinishOutcome, FragmentId, Holt, IntervalSet, Observation,
-    SizeCap, Sizer, SizerConfig, Span, StageLedger, StageNeeds, StageView, StageWork, WorkerOffer,
+    unrun_estimate, Admission, ClaimContext, FinishOutcome, FragmentId, Holt, IntervalSet,
+    Observation, SizeCap, Sizer, SizerConfig, Span, StageLedger, StageNeeds, StageView, StageWork,
+    WorkerOffer,
 };
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
@@ -191,6 +192,9 @@ enum Event {
     End(usize),
     /// A worker idle since the given µs may leave.
     IdleCheck(usize, u64),
+    /// The lease of a fragment whose worker was killed (by index in `lapsed`)
+    /// expires: its work goes back.
+    Expire(usize),
 }
 
 struct Running {
@@ -267,6 +271,9 @@ struct Sim<'a> {
     fragments: u64,
     stages_left: usize,
     trace: Option<&'a mut dyn FnMut(&TraceRow)>,
+    /// Fragments of killed workers waiting for their lease to expire: worker,
+    /// fragment, items kept, when it was killed.
+    lapsed: Vec<Option<(usize, Running, u64, f64)>>,
     offers: Vec<WorkerOffer>,
     /// The class plan: `plan[stage][class]`.
     plan: Vec<Vec<bool>>,
@@ -356,6 +363,7 @@ pub fn simulate<'a>(
         fragments: 0,
         stages_left: sc.stages.len(),
         trace,
+        lapsed: Vec::new(),
         offers: offers(sc),
         plan: vec![vec![true; sc.classes.len()]; sc.stages.len()],
         wanted: vec![f64::INFINITY; sc.classes.len()],
@@ -446,6 +454,7 @@ impl Sim<'_> {
                 Event::Notice(w) => self.notice(w),
                 Event::End(w) => self.end(w),
                 Event::IdleCheck(w, since) => self.idle_check(w, since),
+                Event::Expire(i) => self.expire(i),
             }
         }
         // Whoever is still here stops being paid for now.
@@ -595,9 +604,22 @@ impl Sim<'_> {
 
     /// Ends a running fragment with `done` of its items (a prefix) done.
     fn close(&mut self, w: usize, r: &Running, done: u64, outcome: FinishOutcome) {
+        self.busy[self.workers[w].class] -= 1;
+        self.settle(w, r, done, outcome, self.now);
+    }
+
+    /// The lease of a killed worker's fragment expires: the store's `release`
+    /// hands its work back now, as lost at the worker's death.
+    fn expire(&mut self, i: usize) {
+        let (w, r, done, ended) = self.lapsed[i].take().expect("expires once");
+        self.settle(w, &r, done, FinishOutcome::Lost, ended);
+    }
+
+    /// Accounts a fragment that ended at `ended` (its slot already freed) and
+    /// hands what it did not do back to the ledger.
+    fn settle(&mut self, w: usize, r: &Running, done: u64, outcome: FinishOutcome, ended: f64) {
         let class = self.workers[w].class;
-        let elapsed = self.now - r.start;
-        self.busy[class] -= 1;
+        let elapsed = ended - r.start;
         let st = &mut self.stages[r.stage];
         st.running -= 1;
         st.running_items -= r.span.len();
@@ -645,7 +667,7 @@ impl Sim<'_> {
                 class: self.sc.classes[class].name.clone(),
                 worker: w,
                 start_ms: r.start,
-                end_ms: self.now,
+                end_ms: ended,
                 items: r.span.len(),
                 done,
                 predicted_ms: r.predicted,
@@ -711,12 +733,17 @@ impl Sim<'_> {
             self.classes[class].preemptions += 1;
             self.preempted[class] += 1.0;
         }
-        // Killed: acks since the last heartbeat (half of one, on average) are lost.
+        // Killed: acks since the last heartbeat (half of one, on average) are lost,
+        // and its fragments stay held until their lease, renewed by that heartbeat,
+        // expires (the stores' `release`).
         let flushed = self.now - self.sc.heartbeat / 2.0;
         for slot in 0..self.workers[w].slots.len() {
             if let Some(r) = self.workers[w].slots[slot].take() {
                 let done = self.progress_kept(&r, flushed);
-                self.close(w, &r, done, FinishOutcome::Lost);
+                self.busy[class] -= 1;
+                self.lapsed.push(Some((w, r, done, self.now)));
+                let expires = (flushed + self.sc.lease).max(self.now);
+                self.at(expires, Event::Expire(self.lapsed.len() - 1));
             }
         }
         self.leave(w);
@@ -1011,6 +1038,19 @@ impl Sim<'_> {
             .map(|rate| 1.0 / rate);
         let active: u32 = self.alive_slots.iter().sum::<f64>().max(1.0) as u32;
         let splits = self.splits();
+        // Which pending ranges this worker may take, as the stores decide: items lost
+        // with spot workers twice wait for an on-demand one while one is alive.
+        let alive = |c: &usize| self.alive_slots[*c] > 0.0;
+        let classes = 0..self.offers.len();
+        let admission = Admission::strict(&self.offers[class]).relaxed(
+            classes
+                .clone()
+                .filter(alive)
+                .map(|c| self.offers[c].memory_mb)
+                .max()
+                .unwrap_or(0),
+            classes.filter(alive).any(|c| !self.offers[c].spot),
+        );
         for s in self.candidates(w) {
             let spec = &self.sc.stages[s];
             let st = &mut self.stages[s];
@@ -1068,7 +1108,9 @@ impl Sim<'_> {
             }
             let id = FragmentId(self.next_fragment);
             self.next_fragment += 1;
-            let claim = st.ledger.claim(id, sizing.n)?;
+            let Some(claim) = st.ledger.claim_where(id, sizing.n, |r| admission.admits(r)) else {
+                continue;
+            };
             st.running += 1;
             st.running_items += claim.span.len();
             let n = claim.span.len();

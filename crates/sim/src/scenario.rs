@@ -15,6 +15,11 @@ pub struct Scenario {
     /// How often a worker flushes acks (what a hard kill loses), default 5 s.
     #[serde(default = "default_heartbeat", deserialize_with = "millis")]
     pub heartbeat: f64,
+    /// How long a fragment of a worker killed without notice stays held before
+    /// its work goes back (its lease, from the last heartbeat), default 30 s as
+    /// `granule worker --lease`.
+    #[serde(default = "default_lease", deserialize_with = "millis")]
+    pub lease: f64,
     /// How long a worker with nothing to do stays (and is paid for), default 2 min.
     #[serde(default = "default_idle_exit", deserialize_with = "millis")]
     pub idle_exit: f64,
@@ -159,6 +164,9 @@ fn default_overhead() -> f64 {
 }
 fn default_heartbeat() -> f64 {
     5_000.0
+}
+fn default_lease() -> f64 {
+    30_000.0
 }
 fn default_idle_exit() -> f64 {
     120_000.0

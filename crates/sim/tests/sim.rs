@@ -377,3 +377,34 @@ fn the_planner_does_not_know_the_scenarios_true_costs() {
     assert!(!a.is_empty());
     assert_eq!(a, b);
 }
+
+#[test]
+fn a_killed_workers_fragments_come_back_when_their_lease_expires() {
+    // As the stores do: a worker killed without notice holds its fragments until
+    // its lease (renewed by its last heartbeat) expires; only then is their work
+    // pending again. A lease of a millisecond is the old, instant hand-back.
+    let mut sc = scenario(MIXED);
+    sc.lease = 1.0;
+    let instant = run(&sc, Policy::Granule, None);
+    sc.lease = 600_000.0;
+    let mut rows: Vec<TraceRow> = Vec::new();
+    let mut keep = |r: &TraceRow| rows.push(r.clone());
+    let held = run(&sc, Policy::Granule, Some(&mut keep));
+    assert!(held.finished && instant.finished);
+    for (stage, spec) in held.stages.iter().zip(&sc.stages) {
+        assert_eq!(stage.done, spec.items, "{}", stage.name);
+    }
+    // The last kill's work cannot start again before its lease ran out.
+    let last_kill = rows
+        .iter()
+        .filter(|r| r.outcome == "lost")
+        .map(|r| r.end_ms)
+        .fold(0.0, f64::max);
+    assert!(last_kill > 0.0, "the scenario kills workers");
+    assert!(
+        held.makespan_ms >= last_kill + sc.lease - sc.heartbeat,
+        "{} vs kill at {last_kill}",
+        held.makespan_ms
+    );
+    assert!(held.makespan_ms > instant.makespan_ms);
+}
