@@ -918,14 +918,20 @@ mod tests {
         assert_eq!(long.size(&cfg, &roomy()).n, 33);
     }
 
+    /// A sizer whose model is ready with overhead `a_ms`, per-item cost `b_ms` and
+    /// its variance between fragments `b_var`.
+    fn learned(a_ms: f64, b_ms: f64, b_var: f64) -> Sizer {
+        let mut sizer = Sizer::default();
+        sizer.model.observations = 9;
+        sizer.model.ack_intervals = 100.0;
+        (sizer.model.a_ms, sizer.model.b_ms, sizer.model.b_var) = (a_ms, b_ms, b_var);
+        sizer
+    }
+
     #[test]
     fn the_factoring_ratio_follows_the_spread_between_fragments() {
         let cfg = SizerConfig::default();
-        let mut even = Sizer::default();
-        even.model.observations = 9;
-        even.model.ack_intervals = 100.0;
-        even.model.b_ms = 1.0;
-        even.model.b_var = 0.0001; // 1% between fragments
+        let even = learned(0.0, 1.0, 0.0001); // 1% between fragments
         assert_eq!(even.factoring(&cfg, 2), FACTORING_MIN);
         let mut uneven = even.clone();
         uneven.model.b_var = 0.09; // 30%
@@ -946,11 +952,7 @@ mod tests {
     fn at_the_end_an_idle_slot_takes_what_evens_its_finish_with_the_busy_one() {
         // No acks, 2 slots, a 20 ms start and 0.1 ms items: the floor is 2,000 items.
         let cfg = SizerConfig::default();
-        let mut sizer = Sizer::default();
-        sizer.model.observations = 9;
-        sizer.model.ack_intervals = 100.0;
-        sizer.model.a_ms = 20.0;
-        sizer.model.b_ms = 0.1;
+        let sizer = learned(20.0, 0.1, 0.0);
         let at = |remaining: u64| {
             let ctx = ClaimContext {
                 remaining,
