@@ -287,12 +287,43 @@ pub fn claim_context(
 /// once past it. A claim counts these with the pending items, so that it takes its
 /// share of all the work outstanding, not of what is unclaimed: near the end an
 /// idle slot takes what evens its finish with the busy ones. The stores compute
-/// the same in SQL (`store::ops::claim`).
+/// the same in SQL (`store::ops::claim`), when [`size_with_unrun`] asks.
 pub fn unrun_estimate(left: u64, elapsed_ms: f64, predicted_ms: f64) -> f64 {
     if predicted_ms <= 0.0 || elapsed_ms <= 0.0 {
         return left as f64;
     }
     left as f64 * (1.0 - elapsed_ms / predicted_ms).max(0.0)
+}
+
+/// Sizes a claim whose context counts only pending items (and, where idle slots
+/// split a task that acks, running fragments' unacked items: `ctx.remaining`).
+/// Elsewhere running fragments' unrun items count too ([`unrun_estimate`]), but
+/// reading them costs the stores a scan per claim: they are asked for (`unrun`)
+/// only where the size depends on the work left (factoring's share, the tail),
+/// and the claim is sized again from the sizer as it was. More work left only
+/// loosens those caps, so a size set by any other rule stands.
+pub fn size_with_unrun<E>(
+    sizer: &mut Sizer,
+    cfg: &crate::SizerConfig,
+    ctx: &ClaimContext,
+    unrun: impl FnOnce() -> Result<u64, E>,
+) -> Result<crate::Sizing, E> {
+    let before = sizer.clone();
+    let sizing = sizer.size(cfg, ctx);
+    let counted = ctx.acking && ctx.splits;
+    if counted || !matches!(sizing.cap, crate::SizeCap::Share | crate::SizeCap::Tail) {
+        return Ok(sizing);
+    }
+    let more = unrun()?;
+    if more == 0 {
+        return Ok(sizing);
+    }
+    *sizer = before;
+    let ctx = ClaimContext {
+        remaining: ctx.remaining + more,
+        ..ctx.clone()
+    };
+    Ok(sizer.size(cfg, &ctx))
 }
 
 /// Where to split a running fragment, and how much work its tail holds: the owner
@@ -359,7 +390,7 @@ pub fn split_gain(owner: &CostModel, asker: &CostModel) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::PoolClass;
+    use crate::{PoolClass, SizeCap};
 
     #[test]
     fn a_class_whose_capacity_is_falling_counts_as_what_it_will_have() {
@@ -407,6 +438,53 @@ mod tests {
             1_000.0,
             "nothing predicted"
         );
+    }
+
+    #[test]
+    fn running_work_is_read_only_where_the_size_depends_on_the_work_left() {
+        let cfg = crate::SizerConfig::default();
+        let mut sizer = Sizer::default();
+        sizer.model.observations = 9;
+        sizer.model.ack_intervals = 100.0;
+        (sizer.model.a_ms, sizer.model.b_ms) = (20.0, 0.1);
+        let ctx = |remaining| ClaimContext {
+            remaining,
+            slots: 2,
+            free_memory: 1.0,
+            load_per_cpu: 0.0,
+            lifespan_ms: None,
+            acking: false,
+            splits: false,
+            all_or_nothing_margin_ms: 0.0,
+        };
+        let asked = std::cell::Cell::new(0);
+        let unrun = |n: u64| {
+            asked.set(asked.get() + 1);
+            Ok::<u64, ()>(n)
+        };
+        // Near the end (the tail): the running fragment's 1,800 unrun items count,
+        // and the claim is an equal share of the 4,800 outstanding.
+        let mut s = sizer.clone();
+        let end = size_with_unrun(&mut s, &cfg, &ctx(3_000), || unrun(1_800)).unwrap();
+        assert_eq!((end.n, asked.get()), (2_400, 1), "{end:?}");
+        assert_eq!(s, sizer, "sized again from the state it had");
+        // A size the model sets alone does not read them.
+        let far = ClaimContext {
+            splits: true,
+            ..ctx(u64::MAX / 4)
+        };
+        let mut s = sizer.clone();
+        let model = size_with_unrun(&mut s, &cfg, &far, || unrun(1)).unwrap();
+        assert_eq!((model.cap, asked.get()), (SizeCap::Model, 1));
+        // Where idle slots split a task that acks, the context counts them already.
+        let acking = ClaimContext {
+            acking: true,
+            splits: true,
+            ..ctx(3_000)
+        };
+        let mut s = sizer.clone();
+        size_with_unrun(&mut s, &cfg, &acking, || unrun(1)).unwrap();
+        assert_eq!(asked.get(), 1, "never asked");
     }
 
     fn view(idx: usize, left: u64, deadline_at_ms: Option<i64>) -> StageView {

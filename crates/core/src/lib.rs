@@ -18,8 +18,8 @@ mod sizer;
 
 pub use claim::{
     busiest, claim_context, class_deadline_plan, job_deadline_plan, live_pool, placement_order,
-    split_gain, split_point, split_share, stage_ready, unrun_estimate, Admission, JobDeadlinePlan,
-    StageView, ESCALATE_AFTER_LOST,
+    size_with_unrun, split_gain, split_point, split_share, stage_ready, unrun_estimate, Admission,
+    JobDeadlinePlan, StageView, ESCALATE_AFTER_LOST,
 };
 pub use forecast::{
     forecast_pool, forecast_recent, ClassForecast, WorkerSpan, FORECAST_AHEAD_MS, FORECAST_STEP_MS,

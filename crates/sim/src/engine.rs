@@ -5,10 +5,10 @@
 use crate::pool::{Ending, Life, Lives};
 use crate::scenario::Scenario;
 use granule_core::{
-    absolute_errors, claim_context, deadline_plan, fits, median_p90, placement_order, split_share,
-    unrun_estimate, Admission, ClaimContext, FinishOutcome, FragmentId, Holt, IntervalSet,
-    Observation, SizeCap, Sizer, SizerConfig, Span, StageLedger, StageNeeds, StageView, StageWork,
-    WorkerOffer,
+    absolute_errors, claim_context, deadline_plan, fits, median_p90, placement_order,
+    size_with_unrun, split_share, unrun_estimate, Admission, ClaimContext, FinishOutcome,
+    FragmentId, Holt, IntervalSet, Observation, SizeCap, Sizer, SizerConfig, Span, StageLedger,
+    StageNeeds, StageView, StageWork, WorkerOffer,
 };
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
@@ -1071,14 +1071,7 @@ impl Sim<'_> {
             // count the unacked items of running fragments the same way).
             let running_left = match spec.acks && base.splits {
                 true => st.ledger.running_unacked(),
-                false => {
-                    let now = self.now;
-                    let unrun = st.ledger.running.iter().map(|f| {
-                        let (start, predicted) = st.clocks[&f.id];
-                        unrun_estimate(f.span.len() - f.acked.len(), now - start, predicted)
-                    });
-                    unrun.sum::<f64>().round() as u64
-                }
+                false => 0,
             };
             let ctx = claim_context(
                 &base,
@@ -1087,7 +1080,18 @@ impl Sim<'_> {
                 st.ledger.pending.len() + running_left,
                 active,
             );
-            let mut sizing = st.sizers[class].size(&st.config, &ctx);
+            // Elsewhere running fragments' unrun items count where the size depends
+            // on the work left, as the stores count them.
+            let now = self.now;
+            let (ledger, clocks) = (&st.ledger, &st.clocks);
+            let unrun = || {
+                let unrun = ledger.running.iter().map(|f| {
+                    let (start, predicted) = clocks[&f.id];
+                    unrun_estimate(f.span.len() - f.acked.len(), now - start, predicted)
+                });
+                Ok::<u64, std::convert::Infallible>(unrun.sum::<f64>().round() as u64)
+            };
+            let Ok(mut sizing) = size_with_unrun(&mut st.sizers[class], &st.config, &ctx, unrun);
             let total = self.sc.stages[s].items;
             let pending = st.ledger.pending.len();
             // The baselines know the pool's size up front, as loop schedulers do.

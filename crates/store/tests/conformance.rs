@@ -612,6 +612,41 @@ fn learn(s: &mut dyn Store, job: JobId, id: &str, class: &str, per_item: f64, ac
 }
 
 #[test]
+fn a_claim_counts_what_running_fragments_have_not_run_yet() {
+    // A task that does not ack, two workers: a claim's share is of the work
+    // outstanding, the running fragment's unrun items (judged by time) included.
+    // Counting pending items only, the second claim took a quarter of the stage.
+    for b in backends("unrun") {
+        let mut s = (b.open)();
+        let id = s.submit(&job("j", 10_050, "h"), 0, false).unwrap().id();
+        described(s.as_mut(), "a", false, 4096, 1);
+        described(s.as_mut(), "b", false, 4096, 1);
+        // 10 ms start, 1 ms items, no acks: 50 items learn it.
+        learn(s.as_mut(), id, "a", "default", 1.0, false);
+        let first = s
+            .claim(&classed(id, "a", "default", false, 2, None))
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.n, 5_000, "{}: half of 10,000 on 2 slots", b.name);
+        // Halfway through its predicted time the first fragment has ~2,500 items to
+        // go: the second claim is half of the 7,500 outstanding.
+        let half = (first.predicted_ms / 2.0).round() as i64;
+        described(s.as_mut(), "a", false, 4096, 2 + half);
+        described(s.as_mut(), "b", false, 4096, 2 + half);
+        let second = s
+            .claim(&classed(id, "b", "default", false, 2 + half, None))
+            .unwrap()
+            .unwrap();
+        assert!(
+            (3_748..=3_752).contains(&second.n),
+            "{}: {} items, not 2,500",
+            b.name,
+            second.n
+        );
+    }
+}
+
+#[test]
 fn items_lost_twice_go_to_on_demand_workers_while_one_is_alive() {
     for b in backends("escalate") {
         let mut s = (b.open)();

@@ -10,9 +10,9 @@ use crate::common::{json, memory_of, parse, stage_view, StageReading};
 use crate::db::{args, Db, Row};
 use crate::{Acks, Assignment, ClaimRequest, JobHalt, Result, StoreError};
 use granule_core::{
-    claim_context, class_deadline_plan, live_pool, placement_order, stage_ready, Admission,
-    FragmentId, JobId, PendingRange, PoolClass, SizeCap, Sizing, Span, StageId, StageLedger,
-    StageView,
+    claim_context, class_deadline_plan, live_pool, placement_order, size_with_unrun, stage_ready,
+    Admission, FragmentId, JobId, PendingRange, PoolClass, SizeCap, Sizing, Span, StageId,
+    StageLedger, StageView,
 };
 use std::time::Duration;
 
@@ -280,9 +280,8 @@ struct Locked {
     live_slots: u32,
     /// The claimer's class's sizer state, if the stage has one yet.
     sizer: Option<String>,
-    /// Items of running fragments not run yet: those not acked, where the stage
-    /// acks and idle slots split; else judged by time (`granule_core::unrun_estimate`,
-    /// which the SQL computes).
+    /// Items of running fragments not acked yet, where the stage acks and idle
+    /// slots split (else 0; judged by time when the sizer asks: [`unrun_items`]).
     running_left: u64,
     /// The id the fragment will have, where the database hands ids out ahead
     /// (PostgreSQL's sequence): its insert then needs no round trip of its own.
@@ -305,12 +304,8 @@ fn pending_range(
                 (SELECT coalesce(sum(slots), 0)::BIGINT FROM workers WHERE state != 'exited' AND heartbeat_ms >= $4),
                 (SELECT state FROM sizers WHERE stage_id = $1 AND class = $5),
                 (SELECT nextval('fragments_id_seq')),
-                (SELECT CAST(coalesce(sum(CASE
-                     WHEN $6 OR predicted_ms <= 0 OR $7 <= claimed_ms THEN end_idx - start_idx - done_count
-                     WHEN $7 - claimed_ms >= predicted_ms THEN 0
-                     ELSE (end_idx - start_idx - done_count) * (1.0 - ($7 - claimed_ms) / predicted_ms)
-                   END), 0) AS BIGINT)
-                 FROM fragments WHERE stage_id = $1 AND state = 'running')
+                CASE WHEN $6 THEN (SELECT coalesce(sum(end_idx - start_idx - done_count), 0)::BIGINT
+                                   FROM fragments WHERE stage_id = $1 AND state = 'running') ELSE 0 END
          FROM pending p
          WHERE stage_id = $1 AND (floor_memory_mb = 0 OR floor_memory_mb < $2) AND lost < $3
          ORDER BY start_idx LIMIT 1 FOR UPDATE OF p SKIP LOCKED"
@@ -324,8 +319,7 @@ fn pending_range(
             lost,
             live_since,
             &req.class,
-            stage.acks == Acks::Yes && req.context.splits,
-            req.now_ms
+            stage.acks == Acks::Yes && req.context.splits
         ],
     )?
     else {
@@ -353,6 +347,21 @@ fn alive_capacity(tx: &mut dyn Db, req: &ClaimRequest) -> Result<(u64, bool)> {
     Ok((memory, rows.iter().any(|r| !r.bool(0))))
 }
 
+/// Items the running fragments of a stage have likely not run yet, judged by time:
+/// `granule_core::unrun_estimate` summed in SQL.
+fn unrun_items(tx: &mut dyn Db, stage: i64, now_ms: i64) -> Result<u64> {
+    let row = tx.query_one(
+        "SELECT CAST(coalesce(sum(CASE
+             WHEN predicted_ms <= 0 OR $2 <= claimed_ms THEN end_idx - start_idx - done_count
+             WHEN $2 - claimed_ms >= predicted_ms THEN 0
+             ELSE (end_idx - start_idx - done_count) * (1.0 - ($2 - claimed_ms) / predicted_ms)
+           END), 0) AS BIGINT)
+         FROM fragments WHERE stage_id = $1 AND state = 'running'",
+        args![stage, now_ms],
+    )?;
+    Ok(row.u64(0))
+}
+
 /// How many items the sizer gives this claim on `stage`, with the sizer as it
 /// stands after sizing (and its stored text, to save it only if sizing changed it).
 fn size_claim(
@@ -372,7 +381,9 @@ fn size_claim(
         locked.remaining + locked.running_left,
         locked.live_slots.max(req.slots),
     );
-    let mut sizing = sizer.size(&stage.sizer_config, &ctx);
+    let mut sizing = size_with_unrun(&mut sizer, &stage.sizer_config, &ctx, || {
+        unrun_items(tx, stage.id, req.now_ms)
+    })?;
     if let Some(max) = req.max_items.filter(|&max| max < sizing.n) {
         (sizing.n, sizing.cap) = (max, SizeCap::Bounds);
     }
