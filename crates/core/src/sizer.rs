@@ -589,10 +589,16 @@ impl Sizer {
             1.0
         };
         // At the very end (a factored share under the floor), an equal share of the
-        // work outstanding: the last claims even out the slots' finishes, where the
-        // floor alone left one slot a last fragment while the other stood idle.
+        // work outstanding, down to a fragment as long as its start: the last claims
+        // even out the slots' finishes (the floor left one slot a last fragment of
+        // up to a floor's worth while the other stood idle), and they are the last
+        // whatever their size: what this one leaves, the others take.
+        let one_start = match model.ready() {
+            true => model.a_ms / model.b_ms.max(1e-9),
+            false => 1.0,
+        };
         let tail = match tail < tail_floor {
-            true => (ctx.remaining as f64 / f64::from(ctx.slots.max(1))).max(tail_floor),
+            true => (ctx.remaining as f64 / f64::from(ctx.slots.max(1))).max(one_start),
             false => tail,
         };
         lower(&mut n, &mut cap, tail.ceil(), SizeCap::Tail);
@@ -970,8 +976,10 @@ mod tests {
         assert_eq!(remaining, 4_800);
         let even = at(remaining);
         assert_eq!((even.n, even.cap), (2_400, SizeCap::Tail), "{even:?}");
-        // Never under the floor where overhead is a tenth.
-        assert_eq!(at(3_000).n, 2_000);
+        // Under the floor where overhead is a tenth (2,000 items) too: 1,500 each.
+        assert_eq!(at(3_000).n, 1_500);
+        // Never under a fragment as long as its start (200 items).
+        assert_eq!(at(300).n, 200);
     }
 
     #[test]
