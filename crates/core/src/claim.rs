@@ -261,11 +261,17 @@ pub fn stage_ready(
 }
 
 /// The sizing context of a claim on a stage: one not known to ack (`acking` false)
-/// loses a whole fragment to a preemption, so on spot capacity (an expected life)
-/// its fragments must fit a tenth of the worker's expected life.
+/// loses a whole fragment to a preemption, so on spot capacity (an expected life
+/// `M`) its fragments are capped at Young's optimal interval `sqrt(2 · a · M)`,
+/// `a` the fragment's start cost (`overhead_ms`; a tenth of `M` while it is not
+/// known). Young (CACM 17(9), 1974) derived it for checkpoints: the length whose
+/// start cost and expected loss to a failure together are least. (A tenth of the
+/// life, the rule it replaced, lost 5% to preemptions where starts were cheap
+/// and made 30 s starts a fifth of every fragment.)
 pub fn claim_context(
     base: &ClaimContext,
     expected_life_ms: Option<f64>,
+    overhead_ms: f64,
     acking: bool,
     remaining: u64,
     slots: u32,
@@ -275,7 +281,10 @@ pub fn claim_context(
     ctx.slots = slots;
     ctx.acking = acking;
     if let (Some(expected), false) = (expected_life_ms, acking) {
-        let cap = expected / 10.0;
+        let cap = match overhead_ms > 0.0 {
+            true => (2.0 * overhead_ms * expected).sqrt().min(expected),
+            false => expected / 10.0,
+        };
         ctx.lifespan_ms = Some(ctx.lifespan_ms.map_or(cap, |l| l.min(cap)));
     }
     ctx
@@ -422,6 +431,44 @@ mod tests {
         expect_drops(&mut pool, &forecast_recent(&history, now));
         assert!(pool[0].slots < 9.0, "{}", pool[0].slots);
         assert_eq!(pool[1].slots, 4.0, "no history: as it is");
+    }
+
+    #[test]
+    fn work_that_cannot_keep_partial_results_is_cut_at_youngs_interval_on_spot() {
+        let base = ClaimContext {
+            remaining: 0,
+            slots: 1,
+            free_memory: 1.0,
+            load_per_cpu: 0.0,
+            lifespan_ms: None,
+            acking: false,
+            splits: false,
+            all_or_nothing_margin_ms: 0.0,
+        };
+        let half_hour = 1_800_000.0;
+        // A 30 s start, a preemption every 30 minutes: fragments of ~5.5 minutes,
+        // where a tenth of the life (3 minutes) paid the start a sixth of the time.
+        let ctx = claim_context(&base, Some(half_hour), 30_000.0, false, 10, 1);
+        let young = (2.0 * 30_000.0 * half_hour).sqrt();
+        assert_eq!(ctx.lifespan_ms, Some(young));
+        assert!((328_000.0..329_000.0).contains(&young));
+        // A 20 ms start: 8.5 s, where a tenth of the life lost 5% to preemptions.
+        let cheap = claim_context(&base, Some(half_hour), 20.0, false, 10, 1);
+        assert!(cheap.lifespan_ms.unwrap() < 9_000.0, "{cheap:?}");
+        // Start cost not known yet: a tenth of the life.
+        let unknown = claim_context(&base, Some(half_hour), 0.0, false, 10, 1);
+        assert_eq!(unknown.lifespan_ms, Some(half_hour / 10.0));
+        // A task that acks keeps its work: no cap; a shorter own life still binds.
+        assert_eq!(
+            claim_context(&base, Some(half_hour), 30_000.0, true, 10, 1).lifespan_ms,
+            None
+        );
+        let short = ClaimContext {
+            lifespan_ms: Some(60_000.0),
+            ..base.clone()
+        };
+        let ctx = claim_context(&short, Some(half_hour), 30_000.0, false, 10, 1);
+        assert_eq!(ctx.lifespan_ms, Some(60_000.0));
     }
 
     #[test]

@@ -1027,8 +1027,8 @@ impl Sim<'_> {
             _ => None,
         };
         // How long a spot worker of this class is expected to live: a fragment that
-        // cannot keep partial work is sized to a tenth of it (`claim_context`, as
-        // the stores do), so a preemption costs ~4% of the work.
+        // cannot keep partial work is capped at Young's interval from it and the
+        // start cost (`claim_context`, as the stores do).
         let expected_life =
             self.sc.classes[class].spot && self.sc.forecast && self.policy == Policy::Granule;
         let expected_life = expected_life
@@ -1076,6 +1076,7 @@ impl Sim<'_> {
             let ctx = claim_context(
                 &base,
                 expected_life,
+                st.sizers[class].model.a_ms,
                 spec.acks,
                 st.ledger.pending.len() + running_left,
                 active,

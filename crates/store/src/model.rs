@@ -312,7 +312,7 @@ pub struct ClaimRequest {
     pub context: ClaimContext,
     /// On spot capacity: how long such a worker is expected to last, from the pool's
     /// forecast loss rate. Fragments of stages whose tasks do not ack (a preemption
-    /// loses them whole) are sized to fit a tenth of it, like a lifespan.
+    /// loses them whole) are capped at Young's interval from it (`claim_context`).
     pub expected_life_ms: Option<f64>,
 }
 

@@ -813,7 +813,7 @@ fn lost_workers_make_the_pool_history_and_cap_fragments_that_cannot_keep_partial
         assert!(capped * 4 < free, "{}: {capped} vs {free}", b.name);
         assert!(
             capped <= 200,
-            "{}: a tenth of 2 s at 1 ms per item: {capped}",
+            "{}: Young's sqrt(2 x 10 ms x 2 s) = 200 ms at 1 ms per item: {capped}",
             b.name
         );
         // A stage whose tasks ack keeps its work across a preemption: no cap.

@@ -377,6 +377,7 @@ fn size_claim(
     let ctx = claim_context(
         &req.context,
         req.expected_life_ms,
+        sizer.model.a_ms,
         stage.acks == Acks::Yes,
         locked.remaining + locked.running_left,
         locked.live_slots.max(req.slots),
