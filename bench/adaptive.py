@@ -15,7 +15,8 @@ shim      python3 from PATH (a version manager's shim), spin.py median 40 us, si
 sigma2    /usr/bin/python3, sigma 2.0, 100k items
 drift     per-item cost jumps x8 at 60% of the stage (bench/slow.py)
 noack     a task that never acks (all-or-nothing fragments), sigma 1.0, 100k items
-loaded    12 busy loops of other programs on the machine; items wait 5 ms and ack
+loaded    12 busy loops of other programs on the machine; items wait 5 ms and ack (each side
+          run 3 times, alternating, its best run counted: see LOADED_RUNS)
 CASE-rerun  the case's second job of the same command in one store (costs learned by
             the first kept), e.g. shim-rerun
 succession  5 s-lifespan workers one after another (2 at a time), /usr/bin/python3 and the
@@ -109,12 +110,29 @@ def granule(argv, env, items, rerun=False):
     return makespan, s
 
 
+# Under load a single run moves by +-10% with how the kernel shares the cores
+# between the tasks and the busy loops (granule / oracle read 0.86 to 1.06 in one
+# hour): there each side runs this often, alternating, and its best run counts.
+LOADED_RUNS = 3
+
+
+def measure(argv, env, items, loops, rerun=False):
+    """The oracle's and granule's makespans (and granule's stage status), each
+    the best of LOADED_RUNS alternating runs under load, else of one."""
+    base, ours, s = float("inf"), float("inf"), None
+    with busy(loops):
+        for _ in range(LOADED_RUNS if loops else 1):
+            base = min(base, oracle(argv, env, items))
+            t, st = granule(argv, env, items, rerun)
+            if t < ours:
+                ours, s = t, st
+    return base, ours, s
+
+
 def case(name):
     rerun = name.endswith("-rerun")
     argv, env, items, loops = CASES[name.removesuffix("-rerun")]
-    with busy(loops):
-        base = oracle(argv, env, items)
-        ours, s = granule(argv, env, items, rerun)
+    base, ours, s = measure(argv, env, items, loops, rerun)
     print(f"{name}: oracle {base:.2f}s, granule {ours:.2f}s, ratio {ours / base:.3f}; "
           f"{s['fragments']} fragments, last cap {s.get('size_cap')}, model {s['item_cost_us']:.1f} us/item",
           flush=True)

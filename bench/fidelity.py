@@ -69,8 +69,7 @@ def case(name):
     argv, env, items, loops = adaptive.CASES[name]
     with adaptive.busy(loops):
         start = start_cost_ms(argv, env)
-        base = adaptive.oracle(argv, env, items)
-        ours, _ = adaptive.granule(argv, env, items)
+    base, ours, _ = adaptive.measure(argv, env, items, loops)
     work_ms = (base * 1e3 - start) * SLOTS  # all items' work, as the oracle ran it
     drift = None
     if name == "drift":
