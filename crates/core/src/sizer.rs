@@ -528,9 +528,10 @@ impl Sizer {
         if cap == SizeCap::Model && !ctx.splits {
             // Factoring (Hummel, Schonberg & Flynn 1992): where running fragments are
             // not split, while much work is left a fragment may take a slot's share of
-            // it over the factoring ratio (see `factoring`), up to the longest target. Fewer task starts, and what is
-            // left still balances the slots. (Where idle slots split, the model's
-            // target stands: splitting balances, and short fragments lose less.)
+            // it over the factoring ratio (see `factoring`), up to the longest target.
+            // Fewer task starts, and what is left still balances the slots. (Where
+            // idle slots split, the model's target stands: splitting balances, and
+            // short fragments lose less.)
             let per_item = model.per_item_at_load(ctx.load_per_cpu).max(1e-9);
             let share = ctx.remaining as f64
                 / (self.factoring(cfg, ctx.slots) * f64::from(ctx.slots.max(1)));
