@@ -433,18 +433,24 @@ mod tests {
         assert_eq!(pool[1].slots, 4.0, "no history: as it is");
     }
 
-    #[test]
-    fn work_that_cannot_keep_partial_results_is_cut_at_youngs_interval_on_spot() {
-        let base = ClaimContext {
-            remaining: 0,
-            slots: 1,
+    /// A claim's context on a quiet worker with no life limit, of a task not known
+    /// to ack, where slots do not split.
+    fn quiet(remaining: u64, slots: u32) -> ClaimContext {
+        ClaimContext {
+            remaining,
+            slots,
             free_memory: 1.0,
             load_per_cpu: 0.0,
             lifespan_ms: None,
             acking: false,
             splits: false,
             all_or_nothing_margin_ms: 0.0,
-        };
+        }
+    }
+
+    #[test]
+    fn work_that_cannot_keep_partial_results_is_cut_at_youngs_interval_on_spot() {
+        let base = quiet(0, 1);
         let half_hour = 1_800_000.0;
         // A 30 s start, a preemption every 30 minutes: fragments of ~5.5 minutes,
         // where a tenth of the life (3 minutes) paid the start a sixth of the time.
@@ -494,16 +500,7 @@ mod tests {
         sizer.model.observations = 9;
         sizer.model.ack_intervals = 100.0;
         (sizer.model.a_ms, sizer.model.b_ms) = (20.0, 0.1);
-        let ctx = |remaining| ClaimContext {
-            remaining,
-            slots: 2,
-            free_memory: 1.0,
-            load_per_cpu: 0.0,
-            lifespan_ms: None,
-            acking: false,
-            splits: false,
-            all_or_nothing_margin_ms: 0.0,
-        };
+        let ctx = |remaining| quiet(remaining, 2);
         let asked = std::cell::Cell::new(0);
         let unrun = |n: u64| {
             asked.set(asked.get() + 1);

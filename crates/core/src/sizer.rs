@@ -851,6 +851,20 @@ mod tests {
         assert!(busy > 1.6 * idle, "{busy} vs {idle}");
     }
 
+    /// A finished fragment of `n` items of a task that did not ack.
+    fn unacked(n: u64, duration_ms: f64) -> Observation {
+        Observation {
+            n,
+            duration_ms,
+            acks: 0,
+            first_ack_ms: None,
+            last_ack_ms: None,
+            sized_by_model: false,
+            bytes: None,
+            load: None,
+        }
+    }
+
     #[test]
     fn slow_start_doubles_per_finished_fragment_not_per_claim() {
         let cfg = SizerConfig::default();
@@ -860,16 +874,7 @@ mod tests {
         assert_eq!(sizes, vec![1, 1, 1, 1]);
         // Overhead-dominated fragments without acks leave the model unready: doubling
         // (where a fragment takes over half the smallest target; see the next test).
-        let quick = |n| Observation {
-            n,
-            duration_ms: 600.0,
-            acks: 0,
-            first_ack_ms: None,
-            last_ack_ms: None,
-            sized_by_model: false,
-            bytes: None,
-            load: None,
-        };
+        let quick = |n| unacked(n, 600.0);
         sizer.observe(&cfg, &quick(1));
         assert_eq!(sizer.size(&cfg, &roomy()).n, 2);
         // The other workers' one-item fragments finishing do not double it again.
@@ -896,16 +901,7 @@ mod tests {
         // all of its time were items.
         let cfg = SizerConfig::default();
         let mut sizer = Sizer::default();
-        let run = |n: u64| Observation {
-            n,
-            duration_ms: 20.0 + 0.08 * n as f64,
-            acks: 0,
-            first_ack_ms: None,
-            last_ack_ms: None,
-            sized_by_model: false,
-            bytes: None,
-            load: None,
-        };
+        let run = |n: u64| unacked(n, 20.0 + 0.08 * n as f64);
         let mut sizes = Vec::new();
         while !sizer.model.ready() {
             let n = sizer.size(&cfg, &roomy()).n;
@@ -915,13 +911,7 @@ mod tests {
         assert_eq!(sizes, [1, 16, 256], "doubling took nine rounds");
         // Growth never takes a fragment past the budget: after 300 ms, ×3.
         let mut long = Sizer::default();
-        long.observe(
-            &cfg,
-            &Observation {
-                duration_ms: 300.0,
-                ..run(10)
-            },
-        );
+        long.observe(&cfg, &unacked(10, 300.0));
         assert_eq!(long.size(&cfg, &roomy()).n, 33);
     }
 
