@@ -263,15 +263,18 @@ pub fn stage_ready(
 /// The sizing context of a claim on a stage: one not known to ack (`acking` false)
 /// loses a whole fragment to a preemption, so on spot capacity (an expected life
 /// `M`) its fragments are capped at Young's optimal interval `sqrt(2 · a · M)`,
-/// `a` the fragment's start cost (`overhead_ms`; a tenth of `M` while it is not
-/// known). Young (CACM 17(9), 1974) derived it for checkpoints: the length whose
-/// start cost and expected loss to a failure together are least. (A tenth of the
-/// life, the rule it replaced, lost 5% to preemptions where starts were cheap
-/// and made 30 s starts a fifth of every fragment.)
+/// `a` the model's start cost (a tenth of `M` while it is not known), and never
+/// under room for one item at a high cost (twice the start and the upper quantile
+/// of an item, plus the drain margin): the life is a forecast, and a cap one item
+/// cannot fit would keep the stage off spot capacity for good. Young (CACM 17(9),
+/// 1974) derived it for checkpoints: the length whose start cost and expected loss
+/// to a failure together are least. (A tenth of the life, the rule it replaced,
+/// lost 5% to preemptions where starts were cheap and made 30 s starts a fifth of
+/// every fragment.)
 pub fn claim_context(
     base: &ClaimContext,
     expected_life_ms: Option<f64>,
-    overhead_ms: f64,
+    model: &CostModel,
     acking: bool,
     remaining: u64,
     slots: u32,
@@ -281,10 +284,12 @@ pub fn claim_context(
     ctx.slots = slots;
     ctx.acking = acking;
     if let (Some(expected), false) = (expected_life_ms, acking) {
-        let cap = match overhead_ms > 0.0 {
-            true => (2.0 * overhead_ms * expected).sqrt().min(expected),
+        let young = match model.a_ms > 0.0 {
+            true => (2.0 * model.a_ms * expected).sqrt().min(expected),
             false => expected / 10.0,
         };
+        let one = 2.0 * (model.a_ms + model.b_high_ms()) + base.all_or_nothing_margin_ms;
+        let cap = young.max(one);
         ctx.lifespan_ms = Some(ctx.lifespan_ms.map_or(cap, |l| l.min(cap)));
     }
     ctx
@@ -310,7 +315,9 @@ pub fn unrun_estimate(left: u64, elapsed_ms: f64, predicted_ms: f64) -> f64 {
 /// reading them costs the stores a scan per claim: they are asked for (`unrun`)
 /// only where the size depends on the work left (factoring's share, the tail),
 /// and the claim is sized again from the sizer as it was. More work left only
-/// loosens those caps, so a size set by any other rule stands.
+/// loosens the tail cap (monotone in it) and raises factoring's share, so a size
+/// another rule set stands; where the share counted with them would have passed
+/// the model's size, the claim stays at the model's: smaller, never larger.
 pub fn size_with_unrun<E>(
     sizer: &mut Sizer,
     cfg: &crate::SizerConfig,
@@ -451,29 +458,36 @@ mod tests {
     #[test]
     fn work_that_cannot_keep_partial_results_is_cut_at_youngs_interval_on_spot() {
         let base = quiet(0, 1);
+        let model = |a_ms: f64, b_ms: f64| {
+            let mut m = CostModel::default();
+            (m.a_ms, m.b_ms) = (a_ms, b_ms);
+            m
+        };
         let half_hour = 1_800_000.0;
         // A 30 s start, a preemption every 30 minutes: fragments of ~5.5 minutes,
         // where a tenth of the life (3 minutes) paid the start a sixth of the time.
-        let ctx = claim_context(&base, Some(half_hour), 30_000.0, false, 10, 1);
+        let ctx = claim_context(&base, Some(half_hour), &model(30_000.0, 1.0), false, 10, 1);
         let young = (2.0 * 30_000.0 * half_hour).sqrt();
         assert_eq!(ctx.lifespan_ms, Some(young));
         assert!((328_000.0..329_000.0).contains(&young));
         // A 20 ms start: 8.5 s, where a tenth of the life lost 5% to preemptions.
-        let cheap = claim_context(&base, Some(half_hour), 20.0, false, 10, 1);
+        let cheap = claim_context(&base, Some(half_hour), &model(20.0, 1.0), false, 10, 1);
         assert!(cheap.lifespan_ms.unwrap() < 9_000.0, "{cheap:?}");
+        // ...but never under room for one item: 10 s items still fit (a cap one item
+        // cannot fit would keep the stage off spot workers for good).
+        let dear = claim_context(&base, Some(half_hour), &model(20.0, 10_000.0), false, 10, 1);
+        assert!(dear.lifespan_ms.unwrap() >= 20_000.0, "{dear:?}");
         // Start cost not known yet: a tenth of the life.
-        let unknown = claim_context(&base, Some(half_hour), 0.0, false, 10, 1);
+        let unknown = claim_context(&base, Some(half_hour), &model(0.0, 0.0), false, 10, 1);
         assert_eq!(unknown.lifespan_ms, Some(half_hour / 10.0));
         // A task that acks keeps its work: no cap; a shorter own life still binds.
-        assert_eq!(
-            claim_context(&base, Some(half_hour), 30_000.0, true, 10, 1).lifespan_ms,
-            None
-        );
+        let acking = claim_context(&base, Some(half_hour), &model(30_000.0, 1.0), true, 10, 1);
+        assert_eq!(acking.lifespan_ms, None);
         let short = ClaimContext {
             lifespan_ms: Some(60_000.0),
             ..base.clone()
         };
-        let ctx = claim_context(&short, Some(half_hour), 30_000.0, false, 10, 1);
+        let ctx = claim_context(&short, Some(half_hour), &model(30_000.0, 1.0), false, 10, 1);
         assert_eq!(ctx.lifespan_ms, Some(60_000.0));
     }
 
@@ -506,11 +520,11 @@ mod tests {
             asked.set(asked.get() + 1);
             Ok::<u64, ()>(n)
         };
-        // Near the end (the tail): the running fragment's 1,800 unrun items count,
-        // and the claim is an equal share of the 4,800 outstanding.
+        // Near the end (the tail): the running fragment's 1,200 unrun items count,
+        // and the claim is an equal share of the 3,200 outstanding.
         let mut s = sizer.clone();
-        let end = size_with_unrun(&mut s, &cfg, &ctx(3_000), || unrun(1_800)).unwrap();
-        assert_eq!((end.n, asked.get()), (2_400, 1), "{end:?}");
+        let end = size_with_unrun(&mut s, &cfg, &ctx(2_000), || unrun(1_200)).unwrap();
+        assert_eq!((end.n, asked.get()), (1_600, 1), "{end:?}");
         assert_eq!(s, sizer, "sized again from the state it had");
         // A size the model sets alone does not read them.
         let far = ClaimContext {

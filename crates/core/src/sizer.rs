@@ -589,17 +589,21 @@ impl Sizer {
         } else {
             1.0
         };
-        // At the very end (a factored share under the floor), an equal share of the
-        // work outstanding, down to a fragment as long as its start: the last claims
-        // even out the slots' finishes (the floor left one slot a last fragment of
-        // up to a floor's worth while the other stood idle), and they are the last
-        // whatever their size: what this one leaves, the others take.
+        // At the very end (a factored share under the floor), the floor, and once
+        // an equal share of the work outstanding is under it, that share, down to a
+        // fragment as long as its start: the last claims even out the slots'
+        // finishes (the floor left one slot a last fragment of up to a floor's
+        // worth while the other stood idle), and they are the last whatever their
+        // size: what this one leaves, the others take. The bound never falls as
+        // the work outstanding grows (`size_with_unrun` relies on it).
         let one_start = match model.ready() {
             true => model.a_ms / model.b_ms.max(1e-9),
             false => 1.0,
         };
         let tail = match tail < tail_floor {
-            true => (ctx.remaining as f64 / f64::from(ctx.slots.max(1))).max(one_start),
+            true => (ctx.remaining as f64 / f64::from(ctx.slots.max(1)))
+                .min(tail_floor)
+                .max(one_start),
             false => tail,
         };
         lower(&mut n, &mut cap, tail.ceil(), SizeCap::Tail);
@@ -959,15 +963,17 @@ mod tests {
             };
             sizer.clone().size(&cfg, &ctx)
         };
-        // 3,000 pending while the other slot has ~1,800 items still to run: the
-        // factored share (4,800 / 2.5) is under the floor, and an equal share of the
-        // 4,800 outstanding evens the finishes, where the floor alone took 2,000 and
-        // left a last fragment of 1,000 to whichever slot came next.
-        let remaining = 3_000 + crate::unrun_estimate(2_000, 30.0, 300.0).round() as u64;
-        assert_eq!(remaining, 4_800);
+        // 2,000 pending while the other slot has ~1,200 items still to run: an equal
+        // share of the 3,200 outstanding evens the finishes, where the floor (a
+        // fragment whose start is a tenth, 2,000 items) took all 2,000 and left the
+        // other slot idle once its 1,200 were done.
+        let remaining = 2_000 + crate::unrun_estimate(1_800, 100.0, 300.0).round() as u64;
+        assert_eq!(remaining, 3_200);
         let even = at(remaining);
-        assert_eq!((even.n, even.cap), (2_400, SizeCap::Tail), "{even:?}");
-        // Under the floor where overhead is a tenth (2,000 items) too: 1,500 each.
+        assert_eq!((even.n, even.cap), (1_600, SizeCap::Tail), "{even:?}");
+        // Between the floor and the factored share: the floor, so the bound never
+        // falls as the work outstanding grows.
+        assert_eq!(at(4_800).n, 2_000);
         assert_eq!(at(3_000).n, 1_500);
         // Never under a fragment as long as its start (200 items).
         assert_eq!(at(300).n, 200);

@@ -1076,7 +1076,7 @@ impl Sim<'_> {
             let ctx = claim_context(
                 &base,
                 expected_life,
-                st.sizers[class].model.a_ms,
+                &st.sizers[class].model,
                 spec.acks,
                 st.ledger.pending.len() + running_left,
                 active,
@@ -1090,7 +1090,7 @@ impl Sim<'_> {
                     let (start, predicted) = clocks[&f.id];
                     unrun_estimate(f.span.len() - f.acked.len(), now - start, predicted)
                 });
-                Ok::<u64, std::convert::Infallible>(unrun.sum::<f64>().round() as u64)
+                Ok::<u64, std::convert::Infallible>(unrun.sum::<f64>().floor() as u64)
             };
             let Ok(mut sizing) = size_with_unrun(&mut st.sizers[class], &st.config, &ctx, unrun);
             let total = self.sc.stages[s].items;
@@ -1170,6 +1170,11 @@ impl Sim<'_> {
                 _ => n,
             };
             let item_ms = cost(runs) / runs as f64;
+            // Predicted for the items taken (a short pending range gives fewer), as
+            // the stores record it.
+            if n < sizing.n {
+                sizing.predicted_ms = st.sizers[class].claim_ms(n, 0.0, sizing.feed_for_ms);
+            }
             st.clocks.insert(id, (self.now, sizing.predicted_ms));
             return Some(Running {
                 id,

@@ -355,11 +355,13 @@ fn unrun_items(tx: &mut dyn Db, stage: i64, now_ms: i64) -> Result<u64> {
              WHEN predicted_ms <= 0 OR $2 <= claimed_ms THEN end_idx - start_idx - done_count
              WHEN $2 - claimed_ms >= predicted_ms THEN 0
              ELSE (end_idx - start_idx - done_count) * (1.0 - ($2 - claimed_ms) / predicted_ms)
-           END), 0) AS BIGINT)
+           END), 0) AS DOUBLE PRECISION)
          FROM fragments WHERE stage_id = $1 AND state = 'running'",
         args![stage, now_ms],
     )?;
-    Ok(row.u64(0))
+    // Whole items, the same on both databases (PostgreSQL's cast rounds, SQLite's
+    // truncates) and in the simulator.
+    Ok(row.f64(0).max(0.0).floor() as u64)
 }
 
 /// How many items the sizer gives this claim on `stage`, with the sizer as it
@@ -377,7 +379,7 @@ fn size_claim(
     let ctx = claim_context(
         &req.context,
         req.expected_life_ms,
-        sizer.model.a_ms,
+        &sizer.model,
         stage.acks == Acks::Yes,
         locked.remaining + locked.running_left,
         locked.live_slots.max(req.slots),
