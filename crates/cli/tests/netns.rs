@@ -91,6 +91,16 @@ struct Cluster {
     port: u16,
 }
 
+/// A TCP port free on this host now, from the kernel. A port derived from the pid
+/// (30,000 + pid % 10,000) fell inside the ephemeral range (32,768 and up), where a
+/// client connection of another test already held it: the cluster failed to start.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 impl Cluster {
     fn start(listen: &str, port: u16) -> Option<Cluster> {
         let dir = tempfile::tempdir().ok()?;
@@ -224,7 +234,7 @@ fn a_cut_off_worker_loses_its_lease_and_counts_nothing_twice() {
     let namespace = if netns { Namespace::create(tag) } else { None };
     let cluster = namespace
         .as_ref()
-        .and_then(|ns| Cluster::start(&ns.host_ip, 20_000 + tag as u16));
+        .and_then(|ns| Cluster::start(&ns.host_ip, free_port()));
     match (namespace, cluster) {
         (Some(ns), Some(pg)) => {
             let local = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
@@ -310,7 +320,7 @@ fn postgres_restarted_twice_mid_job_loses_nothing() {
         return;
     }
     let items = 12_000u64;
-    let port = 30_000 + (std::process::id() % 10_000) as u16;
+    let port = free_port();
     let pg = Cluster::start("127.0.0.1", port).expect("a private PostgreSQL cluster");
     let mut job = Job::new(&spin_spec(items));
     job.set_store(Some(format!(
