@@ -527,10 +527,7 @@ impl Sim<'_> {
         if r.runs < r.span.len() {
             // Fed up to `runs` (an elastic end): the unfed tail goes back to pending.
             let at = r.span.start + r.runs;
-            let st = &mut self.stages[r.stage];
-            let tail = st.ledger.split(r.id, at);
-            st.running_items -= tail;
-            r.span.end -= tail;
+            Self::hand_back(&mut self.stages[r.stage], &mut r, at);
             self.wake_idle();
         }
         self.close(w, &r, r.span.len(), FinishOutcome::Success);
@@ -588,18 +585,23 @@ impl Sim<'_> {
             return false;
         }
         let at = r.span.start + keep;
-        let st = &mut self.stages[r.stage];
-        let tail = st.ledger.split(r.id, at);
-        if tail == 0 {
+        if Self::hand_back(&mut self.stages[r.stage], r, at) == 0 {
             return false;
         }
-        st.running_items -= tail;
-        r.span.end = at;
         r.runs = keep;
         r.duration = r.overhead_ms + keep as f64 * r.item_ms;
         let (end, id) = (r.start + r.duration, r.id);
         self.at(end.max(self.now), Event::Done(ow, slot, id));
         true
+    }
+
+    /// Hands the items of running fragment `r` from `at` on back to its stage's
+    /// pending set (an elastic end or a split), returning how many went back.
+    fn hand_back(st: &mut Stage, r: &mut Running, at: u64) -> u64 {
+        let tail = st.ledger.split(r.id, at);
+        st.running_items -= tail;
+        r.span.end -= tail;
+        tail
     }
 
     /// Ends a running fragment with `done` of its items (a prefix) done.
