@@ -9,9 +9,10 @@
 use crate::host;
 use crate::progress::Progress;
 use anyhow::{Context, Result};
-use granule_core::{ClaimContext, FinishOutcome, FragmentId, JobId, WorkerOffer};
+use granule_core::{ClaimContext, FinishOutcome, FragmentId, JobId, Output, WorkerOffer};
 use granule_exec::{
-    run_fragment, Blob, Control, FragmentJob, ItemSource, ItemsError, RunReport, Sampler,
+    run_fragment, Blob, Cache, Control, DataStore, Failure, FragmentJob, ItemSource, ItemsError,
+    RunReport, Sampler,
 };
 use granule_spec::JobSpec;
 use granule_store::{
@@ -76,6 +77,11 @@ pub(crate) struct EngineConfig {
     pub(crate) custom: Vec<(String, f64)>,
     /// Print the rows the store wrote per claim, flush and finish at exit (benchmarks).
     pub(crate) write_counts: bool,
+    /// Where output files go and streamed files come from (`--blobs`); default: a
+    /// folder under the state directory.
+    pub(crate) blobs: Option<String>,
+    /// Bound of the host's cache of fetched blobs, bytes.
+    pub(crate) cache_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -101,7 +107,41 @@ impl Default for EngineConfig {
             spot: false,
             custom: Vec::new(),
             write_counts: false,
+            blobs: None,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
+    }
+}
+
+/// The host's cache of fetched blobs, unless `--cache-mb` says otherwise: 4 GiB.
+pub(crate) const DEFAULT_CACHE_BYTES: u64 = 4 << 30;
+
+/// The blob store and the host's cache of it.
+pub(crate) struct DataPlane {
+    pub(crate) store: Arc<DataStore>,
+    pub(crate) cache: Cache,
+    /// Local scratch space (an output compressed on its way to a remote store).
+    pub(crate) scratch: PathBuf,
+}
+
+impl DataPlane {
+    /// Opens the blob store of `cfg` (a folder under the state dir by default) and
+    /// the host's cache under the state dir.
+    pub(crate) fn open(cfg: &EngineConfig) -> Result<DataPlane> {
+        let location = match &cfg.blobs {
+            Some(l) => l.clone(),
+            None => cfg.state_dir.join("blobs").display().to_string(),
+        };
+        let store = DataStore::open(&location, cfg.checkpoint_level)
+            .map_err(|e| crate::BadInput(format!("--blobs: {e}")))?;
+        let cache = Cache::new(&cfg.state_dir.join("cache"), cfg.cache_bytes)?;
+        let scratch = cfg.state_dir.join("scratch");
+        std::fs::create_dir_all(&scratch)?;
+        Ok(DataPlane {
+            store: Arc::new(store),
+            cache,
+            scratch,
+        })
     }
 }
 
@@ -211,6 +251,7 @@ struct Worker<'a> {
     /// On spot capacity: how long a worker of this class is expected to live, from
     /// the pool's recorded losses (see `forecast`).
     expected_life_ms: Option<f64>,
+    data: DataPlane,
 }
 
 /// Runs fragments with `cfg.slots` local slots until the job (or all work) is
@@ -238,6 +279,7 @@ pub(crate) fn run_worker(
         locality: host::locality(),
     };
     let offer = offer(cfg);
+    let data = DataPlane::open(cfg)?;
     store.register_worker(&info, host::now_ms())?;
     release_dead_workers(store, &info)?;
     let (finished_tx, finished_rx) = mpsc::channel();
@@ -268,6 +310,7 @@ pub(crate) fn run_worker(
         outage_said: None,
         offer,
         expected_life_ms: None,
+        data,
     };
     let outcome = worker.run(&finished_rx, interrupts);
     if cfg.write_counts {
@@ -885,17 +928,38 @@ impl Worker<'_> {
             }
         };
         let stage = &spec.stages[a.stage_index];
-        let source = match self.source(a.job, a.stage_index, &stage.items) {
-            Ok(source) => source,
-            Err(e) => {
-                let halt = JobHalt::Refused(format!(
-                    "stage {}: {e} (on host {})",
-                    stage.name, self.info.host
-                ));
-                return self.halt(a, halt);
+        let mut unreadable = None;
+        let source = if stage.items.streamed() {
+            match self.stream_source(&a)? {
+                None => return Ok(Some(a)),
+                Some(Ok(source)) => source,
+                Some(Err(why)) => {
+                    // A blob that is missing or corrupt fails this fragment (it is
+                    // retried, elsewhere too), never feeds wrong data.
+                    unreadable = Some(why);
+                    ItemSource::Values {
+                        first: a.span.start,
+                        values: Arc::default(),
+                    }
+                }
+            }
+        } else {
+            match self.source(a.job, a.stage_index, &stage.items) {
+                Ok(source) => source,
+                Err(e) => {
+                    let halt = JobHalt::Refused(format!(
+                        "stage {}: {e} (on host {})",
+                        stage.name, self.info.host
+                    ));
+                    return self.halt(a, halt);
+                }
             }
         };
         let (mut env, by_life) = self.task_env(&spec, a.stage_index, &a);
+        if stage.items.streamed() {
+            let dir = self.data.cache.dir().display().to_string();
+            env.push(("GRANULE_INPUT_DIR".into(), dir));
+        }
         let Some((restored, checkpoint_fallbacks, notes)) =
             self.restore_checkpoint(&a, stage.max_checkpoint_bytes)?
         else {
@@ -924,7 +988,10 @@ impl Worker<'_> {
             std::thread::Builder::new()
                 .name(format!("fragment-{id}"))
                 .spawn(move || {
-                    let report = run_fragment(&job, &control);
+                    let report = match unreadable {
+                        Some(why) => granule_exec::failed_before_start(&job, Failure::Items(why)),
+                        None => run_fragment(&job, &control),
+                    };
                     let _ = tx.send(id);
                     report
                 })?
@@ -1028,6 +1095,9 @@ impl Worker<'_> {
             log_tail_bytes: self.cfg.log_tail_bytes,
             checkpoint_level: self.cfg.checkpoint_level,
             max_checkpoint_bytes: stage.max_checkpoint_bytes,
+            data: Some(self.data.store.clone()),
+            scratch: self.data.scratch.clone(),
+            stdout_outputs: stage.stdout_outputs,
         }
     }
 
@@ -1159,6 +1229,71 @@ impl Worker<'_> {
         Ok(source)
     }
 
+    /// The values of a streamed stage's fragment: records as they are, files as
+    /// local paths in the host's cache (fetched once per host), results as files.
+    /// `None` while the store is unreachable; `Some(Err)` when a blob is missing or
+    /// corrupt.
+    fn stream_source(&mut self, a: &Assignment) -> Result<Option<Result<ItemSource, String>>> {
+        let fetched = self.store.stream_values(a.stage, a.span);
+        let Some(published) = self.available(fetched)? else {
+            return Ok(None);
+        };
+        let mut values = Vec::with_capacity(published.len());
+        for p in published {
+            let value = match p.output {
+                Output::Record(bytes) => bytes,
+                Output::File { key, name, .. } => {
+                    match self.data.cache.get(&self.data.store, &key, &name) {
+                        Ok((path, _)) => path.into_os_string().into_encoded_bytes(),
+                        Err(e) => return Ok(Some(Err(e.to_string()))),
+                    }
+                }
+                Output::Result(id) => match self.result_file(id)? {
+                    None => return Ok(None),
+                    Some(Ok(path)) => path.into_os_string().into_encoded_bytes(),
+                    Some(Err(why)) => return Ok(Some(Err(why))),
+                },
+            };
+            values.push(value);
+        }
+        Ok(Some(Ok(ItemSource::Values {
+            first: a.span.start,
+            values: Arc::new(values),
+        })))
+    }
+
+    /// A fragment's result (a checkpoint blob of the store) as a file in the cache.
+    fn result_file(&mut self, id: i64) -> Result<Option<Result<PathBuf, String>>> {
+        let path = self.data.cache.dir().join(format!("result-{id}"));
+        if path.is_file() {
+            return Ok(Some(Ok(path)));
+        }
+        let blob = self.store.blob(id);
+        let Some(blob) = self.available(blob)? else {
+            return Ok(None);
+        };
+        let Some(stored) = blob else {
+            return Ok(Some(Err(format!("result {id} is missing from the store"))));
+        };
+        let row = stored.row;
+        let blob = Blob {
+            data: row.data,
+            raw_len: row.raw_len,
+            hash: row.hash,
+        };
+        let raw = match blob.open(u64::MAX) {
+            Ok(raw) => raw,
+            Err(e) => return Ok(Some(Err(format!("result {id}: {e}")))),
+        };
+        let temp = self
+            .data
+            .scratch
+            .join(format!("result-{id}-{}", granule_exec::random_hex()));
+        std::fs::write(&temp, raw)?;
+        std::fs::rename(&temp, &path)?;
+        Ok(Some(Ok(path)))
+    }
+
     fn show_notes(&self, fragment: FragmentId, notes: &[String]) {
         for note in notes {
             self.progress.note(&format!("fragment {fragment}: {note}"));
@@ -1170,7 +1305,11 @@ impl Worker<'_> {
         let Some(slot) = self.running.get(&id) else {
             return;
         };
-        let (acked, checkpoints) = slot.control.take_unflushed();
+        let granule_exec::Unflushed {
+            acked,
+            checkpoints,
+            outputs,
+        } = slot.control.take_unflushed();
         let n = slot.assignment.n;
         let b = slot.assignment.item_cost_ms;
         let entry = self.unflushed.entry(id).or_insert_with(|| FragmentFlush {
@@ -1178,6 +1317,7 @@ impl Worker<'_> {
             ..FragmentFlush::default()
         });
         entry.acked.union_with(&acked);
+        entry.outputs.extend(outputs);
         let sample = (!checkpoints.is_empty()).then(|| self.sampler.sample());
         for cp in checkpoints {
             entry.checkpoints.push(NewCheckpoint {

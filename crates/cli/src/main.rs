@@ -47,8 +47,14 @@ enum Command {
     Logs(cmd::logs::LogsArgs),
     /// Write out a stage's results (the final checkpoint of each finished fragment).
     Results(cmd::results::ResultsArgs),
+    /// List a stage's committed outputs (with the upstream item of each), or write them out.
+    Outputs(cmd::outputs::OutputsArgs),
     /// Cancel a job: nothing more of it is claimed, its running fragments are stopped.
     Cancel(cmd::cancel::CancelArgs),
+    /// Remove finished jobs from the store (their files go at the next `gc`).
+    Rm(cmd::gc::RmArgs),
+    /// Delete blobs (output files) that no job in the store refers to any more.
+    Gc(cmd::gc::GcArgs),
     /// Simulate a scenario (pool and workload) in virtual time with the same core.
     Sim(cmd::sim::SimArgs),
     /// Benchmark the store's own path: clients looping claim-one-item -> finish.
@@ -72,7 +78,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Command::Status(_) | Command::Logs(_) | Command::Results(_)
+        Command::Status(_) | Command::Logs(_) | Command::Results(_) | Command::Outputs(_)
     ) {
         // Printing into a closed pipe (`granule status | head`) ends quietly, as
         // other Unix tools do, instead of panicking.
@@ -86,7 +92,10 @@ fn main() -> ExitCode {
         Command::Status(args) => cmd::status::status(args),
         Command::Logs(args) => cmd::logs::logs(args),
         Command::Results(args) => cmd::results::results(args),
+        Command::Outputs(args) => cmd::outputs::outputs(args),
         Command::Cancel(args) => cmd::cancel::cancel(args),
+        Command::Rm(args) => cmd::gc::rm(args),
+        Command::Gc(args) => cmd::gc::gc(args),
         Command::Sim(args) => cmd::sim::sim(args),
         Command::BenchStore(args) => cmd::bench_store::bench_store(args),
     };
@@ -97,7 +106,11 @@ fn main() -> ExitCode {
                 || err.downcast_ref::<granule_spec::SpecError>().is_some()
                 || matches!(
                     err.downcast_ref::<StoreError>(),
-                    Some(StoreError::SpecChanged(_) | StoreError::NoSuchJob(_))
+                    Some(
+                        StoreError::SpecChanged(_)
+                            | StoreError::NoSuchJob(_)
+                            | StoreError::Running(_)
+                    )
                 );
             eprintln!("granule: error: {err:#}");
             ExitCode::from(if bad_input {

@@ -82,6 +82,7 @@ impl Progress {
             finished.saturating_sub(before) as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
         let left = s.items - finished;
         let eta = match (left, rate > 0.0) {
+            (0, _) if !s.ended => "waiting for items".to_string(),
             (0, _) => "done".to_string(),
             (_, true) => format!(
                 "eta {}",
@@ -114,6 +115,7 @@ impl Progress {
         match &self.bars {
             Some((_, bars)) => {
                 for (i, (bar, s)) in bars.iter().zip(stages).enumerate() {
+                    bar.set_length(s.items);
                     bar.set_position(s.done + s.quarantined);
                     bar.set_message(self.describe(i, s));
                 }

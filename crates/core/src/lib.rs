@@ -10,6 +10,7 @@ mod forecast;
 mod ids;
 mod intervals;
 mod ledger;
+pub mod outputs;
 mod placement;
 mod plan;
 mod predictor;
@@ -31,6 +32,7 @@ pub use ledger::{
     retry_budget, Acked, Claim, FinishOutcome, FinishReport, Pending, PendingRange,
     RunningFragment, StageLedger,
 };
+pub use outputs::{ItemOutputs, Output, Published};
 pub use placement::{fits, Misfit, StageNeeds, WorkerOffer};
 pub use plan::{
     assign, class_plan, critical_paths, deadline_plan, expect_drops, fluid_finish, order,

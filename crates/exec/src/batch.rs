@@ -16,6 +16,7 @@ use crate::run::{
     RunReport, PRIVATE_ENV,
 };
 use crate::sys::{self, Ready, Waiter};
+use granule_core::Output;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -359,6 +360,8 @@ enum Action {
     Value(Vec<u8>),
     /// A checkpoint, read and sealed.
     Checkpoint(Blob),
+    /// An output of the item acked next (a file already in the blob store).
+    Output(Output),
 }
 
 /// Reads fd 3 until the task is done with it: acks and `checkpoint` commands.
@@ -442,6 +445,30 @@ fn resolve(job: &FragmentJob, line: Line<'_>) -> Result<Action, Failure> {
             take_checkpoint(Path::new(OsStr::from_bytes(path)), job)
                 .map_err(Failure::Checkpoint)?,
         ),
+        Line::Emit(value) => Action::Output(Output::Record(value.to_vec())),
+        Line::Output(path) => Action::Output(take_output(Path::new(OsStr::from_bytes(path)), job)?),
+    })
+}
+
+/// Stores an output file in the blob store (content-addressed: a rerun stores
+/// nothing new); it is published when the item acked next commits.
+fn take_output(path: &Path, job: &FragmentJob) -> Result<Output, Failure> {
+    let Some(data) = &job.data else {
+        return Err(Failure::Output(format!(
+            "output {}: this worker has no blob store",
+            path.display()
+        )));
+    };
+    let stored = data
+        .put_file(path, &job.scratch)
+        .map_err(|e| Failure::Output(format!("output {}: {e}", path.display())))?;
+    Ok(Output::File {
+        key: stored.key,
+        name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "file".into()),
+        bytes: stored.bytes,
     })
 }
 
@@ -471,7 +498,13 @@ fn apply(
     let mut version_one = None;
     for action in lines.into_iter().flatten() {
         let index = match action {
+            Action::Output(output) => {
+                st.emitted = true;
+                st.pending_outputs.push(output);
+                continue;
+            }
             Action::Checkpoint(blob) => {
+                st.checkpointed = true;
                 let (acks, acked) = (st.acks, st.acked.clone());
                 st.checkpoints.push(Checkpoint {
                     blob,
@@ -492,12 +525,22 @@ fn apply(
         };
         if !index.is_some_and(|i| Control::ack(&mut st, i, now)) {
             st.bad_acks += 1;
+            // Outputs belong to the item acked next: not to whichever comes after
+            // an ack that named none.
+            st.pending_outputs.clear();
         }
     }
+    let both = st.emitted && st.checkpointed;
     if st.feeder_waiting && st.fed - st.acks.min(st.fed) <= window_now(job, &st) / 2 {
         control.cond.notify_all();
     }
     drop(st);
+    if both {
+        control.fault(Failure::Output(
+            "it wrote outputs and checkpoints: a stage's tasks do one or the other (a stage can take another's results with items = { results_of = \"...\" })".into(),
+        ));
+        return false;
+    }
     if let Some(line) = version_one {
         control.fault(Failure::Protocol(format!(
             "fd 3: {:?} is no item's value; since protocol {PROTOCOL_VERSION} a checkpoint is written as \"$GRANULE_CMD checkpoint PATH\"",

@@ -55,6 +55,14 @@ pub enum ItemSource {
     List(Arc<Vec<String>>),
     /// Lines of a file.
     Lines(Arc<LinesFile>),
+    /// Values fetched for one span of a streamed stage: item `first + k` is
+    /// `values[k]` (a record's bytes, or the local path of a file).
+    Values {
+        /// Index of the first value.
+        first: u64,
+        /// The values.
+        values: Arc<Vec<Vec<u8>>>,
+    },
 }
 
 /// A lines file, indexed.
@@ -79,6 +87,11 @@ impl ItemSource {
                 count: (end - start) as u64,
             },
             ItemsSpec::List { values } => ItemSource::List(Arc::new(values.clone())),
+            // The worker fetches a streamed stage's values for each fragment.
+            ItemsSpec::Stream { .. } => ItemSource::Values {
+                first: 0,
+                values: Arc::default(),
+            },
             ItemsSpec::Lines {
                 path,
                 count,
@@ -132,6 +145,7 @@ impl ItemSource {
             ItemSource::Range { count, .. } => *count,
             ItemSource::Lines(file) => file.count,
             ItemSource::List(values) => values.len() as u64,
+            ItemSource::Values { first, values } => first + values.len() as u64,
         }
     }
 
@@ -171,6 +185,13 @@ impl ItemSource {
                 .iter()
                 .map(|v| v.len() as u64 + 1)
                 .sum(),
+            ItemSource::Values { first, values } => {
+                let at = |i: u64| (i.saturating_sub(*first) as usize).min(values.len());
+                values[at(span.start)..at(span.end)]
+                    .iter()
+                    .map(|v| v.len() as u64 + 1)
+                    .sum()
+            }
             ItemSource::Lines(file) => {
                 let (count, offsets) = (file.count, &file.offsets);
                 let at = |line: u64| -> f64 {
@@ -201,6 +222,11 @@ impl ItemSource {
                 values: values.clone(),
                 next: span.start as usize,
                 end: span.end as usize,
+            },
+            ItemSource::Values { first, values } => ItemIter::Values {
+                values: values.clone(),
+                next: span.start.saturating_sub(*first) as usize,
+                end: span.end.saturating_sub(*first) as usize,
             },
             ItemSource::Lines(file) => {
                 let io = |source| ItemsError::Io {
@@ -289,6 +315,15 @@ pub enum ItemIter {
         /// End position.
         end: usize,
     },
+    /// A slice of fetched values.
+    Values {
+        /// The values.
+        values: Arc<Vec<Vec<u8>>>,
+        /// Next position.
+        next: usize,
+        /// End position.
+        end: usize,
+    },
     /// Lines read in sequence.
     Lines {
         /// The file.
@@ -322,6 +357,14 @@ impl ItemIter {
                     return Ok(false);
                 }
                 value.extend_from_slice(values[*next].as_bytes());
+                *next += 1;
+                Ok(true)
+            }
+            ItemIter::Values { values, next, end } => {
+                if *next >= *end {
+                    return Ok(false);
+                }
+                value.extend_from_slice(&values[*next]);
                 *next += 1;
                 Ok(true)
             }

@@ -12,6 +12,7 @@
 
 mod batch;
 mod blob;
+mod data;
 mod drain;
 mod items;
 mod per_item;
@@ -21,9 +22,11 @@ mod sample;
 mod sys;
 
 pub use blob::{Blob, BlobError};
+pub use data::{Cache, DataError, DataStore, Fetched, StoredFile};
 pub use items::{ItemIter, ItemSource, ItemsError, LinesFile};
 pub use run::{
-    feed_window, run_fragment, Checkpoint, Control, Failure, FragmentJob, Progress, RunReport,
+    failed_before_start, feed_window, run_fragment, Checkpoint, Control, Failure, FragmentJob,
+    Progress, RunReport, Unflushed,
 };
 pub use sample::{detect, Detected, Gpu, Sample, Sampler};
 pub use sys::random_hex;

@@ -6,12 +6,14 @@ use crate::drain::{tail_reader, Stop};
 use crate::run::PRIVATE_ENV;
 use crate::run::{classify, empty_report, supervise, Control, Failure, FragmentJob, RunReport};
 use crate::sys::{self, Waiter};
+use granule_core::Output;
 use std::ffi::{OsStr, OsString};
+use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> RunReport {
@@ -59,11 +61,19 @@ pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> 
             st.fed += 1;
             st.fed_bytes += value.len() as u64 + 1;
         }
-        let (Ok(out), Ok(err)) = (out_write.try_clone(), err_write.try_clone()) else {
+        let (out, captured) = if job.stdout_outputs {
+            match capture() {
+                Ok((w, r)) => (Ok(w), Some(r)),
+                Err(e) => (Err(e), None),
+            }
+        } else {
+            (out_write.try_clone(), None)
+        };
+        let (Ok(out), Ok(err)) = (out, err_write.try_clone()) else {
             break;
         };
         let cmd = item_command(job, index, &value, has_slot, out, err);
-        if !run_item(job, control, &mut report, index, cmd, start) {
+        if !run_item(job, control, &mut report, index, cmd, start, captured) {
             break;
         }
     }
@@ -106,6 +116,45 @@ fn item_command(
     cmd
 }
 
+/// Largest stdout of one item taken as its outputs, bytes.
+const MAX_ITEM_STDOUT: u64 = 256 << 20;
+
+/// A pipe for one item's stdout, read whole by a thread: the write end for the
+/// process and where the bytes arrive when it closes.
+fn capture() -> std::io::Result<(OwnedFd, mpsc::Receiver<std::io::Result<Vec<u8>>>)> {
+    let (read, write) = sys::pipe()?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("item-stdout".into())
+        .spawn(move || {
+            let mut bytes = Vec::new();
+            let read = std::fs::File::from(read)
+                .take(MAX_ITEM_STDOUT + 1)
+                .read_to_end(&mut bytes);
+            let result = match read {
+                Ok(_) if bytes.len() as u64 > MAX_ITEM_STDOUT => Err(std::io::Error::other(
+                    format!("more than {} MiB of outputs", MAX_ITEM_STDOUT >> 20),
+                )),
+                Ok(_) => Ok(bytes),
+                Err(e) => Err(e),
+            };
+            let _ = tx.send(result);
+        })?;
+    Ok((write, rx))
+}
+
+/// Each line of an item's stdout is one output record (a last line without a
+/// newline too; a `\r` before a newline is dropped).
+fn stdout_lines(bytes: &[u8]) -> Vec<Output> {
+    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    body.split(|&b| b == b'\n')
+        .map(|l| Output::Record(l.strip_suffix(b"\r").unwrap_or(l).to_vec()))
+        .collect()
+}
+
 /// Runs one item's process to its end: exit 0 acks the item, a failure makes it a
 /// culprit. False when the fragment must stop (a yield, a timeout, no spawn).
 fn run_item(
@@ -115,6 +164,7 @@ fn run_item(
     index: u64,
     mut cmd: Command,
     start: Instant,
+    captured: Option<mpsc::Receiver<std::io::Result<Vec<u8>>>>,
 ) -> bool {
     let child = match cmd.spawn() {
         Ok(c) => c,
@@ -125,6 +175,9 @@ fn run_item(
             return e.kind() == std::io::ErrorKind::InvalidInput;
         }
     };
+    // The parent's copies of the child's pipe ends go now: a captured stdout
+    // ends when the child's group is gone.
+    drop(cmd);
     let waiter = Waiter::new(child.id());
     let sup = supervise(job, control, &waiter, start);
     report.cpu_ms += sup.exit.cpu_ms;
@@ -132,7 +185,22 @@ fn run_item(
     report.io_bytes += sup.exit.io_bytes;
     match classify(&sup, job.limit) {
         None => {
-            Control::ack(&mut control.lock(), index, Instant::now());
+            // The process exited and its group was killed: the pipe ends.
+            let outputs = match captured.map(|r| r.recv()) {
+                None => Vec::new(),
+                Some(Ok(Ok(bytes))) => stdout_lines(&bytes),
+                Some(Ok(Err(e))) => {
+                    report.culprits.insert_one(index);
+                    report.failure = Some(Failure::Output(format!("stdout of item {index}: {e}")));
+                    return true;
+                }
+                Some(Err(_)) => Vec::new(),
+            };
+            let mut st = control.lock();
+            st.emitted |= !outputs.is_empty();
+            st.pending_outputs = outputs;
+            Control::ack(&mut st, index, Instant::now());
+            st.pending_outputs.clear();
             true
         }
         Some(_) if sup.killed_by_us && !sup.timed_out => {

@@ -7,7 +7,10 @@
 //! - a **command**: `$GRANULE_CMD VERB ARGS`, where `GRANULE_CMD` is a random tag
 //!   granule makes for each fragment (`granule2:` and 16 hex digits). Items were
 //!   fixed before the tag existed, so no item value, whatever its bytes, can be
-//!   read as a command, and no command as an ack. Verbs: `checkpoint PATH`.
+//!   read as a command, and no command as an ack. Verbs: `checkpoint PATH`,
+//!   `emit VALUE` (an output record: the rest of the line, bytes as they are) and
+//!   `output PATH` (an output file). Outputs belong to the item whose ack comes
+//!   next on fd 3, and are published only when that ack commits.
 //!
 //! Version 1 had no tag (`checkpoint PATH`), which let an item whose value was
 //! `checkpoint /etc/passwd` make granule read that file. Lines are bounded: one
@@ -29,6 +32,10 @@ pub enum Line<'a> {
     Ack(&'a [u8]),
     /// `checkpoint PATH`: a state file to take over.
     Checkpoint(&'a [u8]),
+    /// `emit VALUE`: an output record of the item acked next.
+    Emit(&'a [u8]),
+    /// `output PATH`: an output file of the item acked next.
+    Output(&'a [u8]),
 }
 
 /// A line that breaks the protocol.
@@ -42,14 +49,14 @@ pub enum ProtocolError {
         limit: usize,
     },
     /// A tagged line with a verb granule does not know.
-    #[error("fd 3: unknown command {verb:?} (protocol {PROTOCOL_VERSION} knows: checkpoint PATH)")]
+    #[error("fd 3: unknown command {verb:?} (protocol {PROTOCOL_VERSION} knows: checkpoint PATH, emit VALUE, output PATH)")]
     UnknownCommand {
         /// The verb, lossily decoded.
         verb: String,
     },
-    /// `checkpoint` without a path.
-    #[error("fd 3: `checkpoint` needs a path")]
-    MissingPath,
+    /// `checkpoint` or `output` without a path.
+    #[error("fd 3: `{0}` needs a path")]
+    MissingPath(&'static str),
 }
 
 /// Splits the fd-3 byte stream into lines and classifies them.
@@ -135,8 +142,11 @@ fn classify<'a>(tag: &[u8], line: &'a [u8]) -> Result<Line<'a>, ProtocolError> {
         None => (command, &b""[..]),
     };
     match verb {
-        b"checkpoint" if args.is_empty() => Err(ProtocolError::MissingPath),
+        b"checkpoint" if args.is_empty() => Err(ProtocolError::MissingPath("checkpoint")),
         b"checkpoint" => Ok(Line::Checkpoint(args)),
+        b"output" if args.is_empty() => Err(ProtocolError::MissingPath("output")),
+        b"output" => Ok(Line::Output(args)),
+        b"emit" => Ok(Line::Emit(args)),
         _ => Err(ProtocolError::UnknownCommand {
             verb: String::from_utf8_lossy(verb).into_owned(),
         }),
@@ -154,6 +164,8 @@ mod tests {
     enum Owned {
         Ack(Vec<u8>),
         Checkpoint(Vec<u8>),
+        Emit(Vec<u8>),
+        Output(Vec<u8>),
     }
 
     fn parse_in_chunks(
@@ -167,6 +179,8 @@ mod tests {
             out.push(match l {
                 Line::Ack(v) => Owned::Ack(v.to_vec()),
                 Line::Checkpoint(p) => Owned::Checkpoint(p.to_vec()),
+                Line::Emit(v) => Owned::Emit(v.to_vec()),
+                Line::Output(p) => Owned::Output(p.to_vec()),
             })
         };
         let mut at = 0;
@@ -184,7 +198,7 @@ mod tests {
     #[test]
     fn values_are_acks_and_only_tagged_lines_are_commands() {
         let stream = format!(
-            "a\n\ncheckpoint /etc/passwd\n{TAG} checkpoint /tmp/state 1\nlast\r\nno newline"
+            "a\n\ncheckpoint /etc/passwd\n{TAG} checkpoint /tmp/state 1\n{TAG} emit x y\n{TAG} emit\n{TAG} output /tmp/o\nemit z\nlast\r\nno newline"
         );
         let (lines, end) = parse_in_chunks(stream.as_bytes(), &[], 1 << 20);
         end.unwrap();
@@ -195,6 +209,10 @@ mod tests {
                 Owned::Ack(b"".to_vec()),
                 Owned::Ack(b"checkpoint /etc/passwd".to_vec()),
                 Owned::Checkpoint(b"/tmp/state 1".to_vec()),
+                Owned::Emit(b"x y".to_vec()),
+                Owned::Emit(b"".to_vec()),
+                Owned::Output(b"/tmp/o".to_vec()),
+                Owned::Ack(b"emit z".to_vec()),
                 Owned::Ack(b"last".to_vec()),
                 Owned::Ack(b"no newline".to_vec()),
             ]
@@ -206,7 +224,7 @@ mod tests {
         let (_, end) = parse_in_chunks(format!("{TAG} frobnicate x\n").as_bytes(), &[], 1 << 20);
         assert!(matches!(end, Err(ProtocolError::UnknownCommand { .. })));
         let (_, end) = parse_in_chunks(format!("{TAG} checkpoint\n").as_bytes(), &[], 1 << 20);
-        assert_eq!(end, Err(ProtocolError::MissingPath));
+        assert_eq!(end, Err(ProtocolError::MissingPath("checkpoint")));
         // A 4 MB line without a newline stops at the limit, whatever the chunking.
         let big = vec![b'x'; 4 << 20];
         let cuts: Vec<usize> = (1..64).map(|i| i * 65_536).collect();
@@ -232,6 +250,8 @@ mod tests {
             prop::collection::vec(any::<u8>(), 0..40),
             Just(b"\n".to_vec()),
             Just(format!("{TAG} checkpoint ").into_bytes()),
+            Just(format!("{TAG} emit ").into_bytes()),
+            Just(format!("{TAG} output ").into_bytes()),
             Just(format!("{TAG} ").into_bytes()),
             Just(b"granule2:".to_vec()),
             Just(b"\r\n".to_vec()),

@@ -8,7 +8,7 @@
 use crate::blob::Blob;
 use crate::items::ItemSource;
 use crate::sys::{self, Exit, Waiter};
-use granule_core::{FinishOutcome, FragmentId, IntervalSet, Span};
+use granule_core::{FinishOutcome, FragmentId, IntervalSet, ItemOutputs, Output, Span};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -63,6 +63,13 @@ pub struct FragmentJob {
     pub checkpoint_level: i32,
     /// Largest checkpoint file taken, bytes; a larger one fails the fragment.
     pub max_checkpoint_bytes: u64,
+    /// Where output files (`output PATH`) are stored; `None` refuses them.
+    pub data: Option<Arc<crate::DataStore>>,
+    /// A local folder for temporary files (an output file compressed on its way
+    /// to a remote store).
+    pub scratch: std::path::PathBuf,
+    /// Per-item mode: each stdout line of an item's process is an output of it.
+    pub stdout_outputs: bool,
 }
 
 /// A checkpoint handed over on fd 3, already read and sealed.
@@ -77,6 +84,17 @@ pub struct Checkpoint {
     pub acked: IntervalSet,
     /// When it arrived, ms after the start.
     pub at_ms: f64,
+}
+
+/// What a fragment reported since the last flush.
+#[derive(Debug, Default)]
+pub struct Unflushed {
+    /// New acks.
+    pub acked: IntervalSet,
+    /// New checkpoints, in arrival order.
+    pub checkpoints: Vec<Checkpoint>,
+    /// Outputs of the newly acked items.
+    pub outputs: Vec<ItemOutputs>,
 }
 
 /// Why a fragment failed.
@@ -102,6 +120,9 @@ pub enum Failure {
     Checkpoint(String),
     /// Its items could not be read (a read error, a file that ended early).
     Items(String),
+    /// An output it handed over could not be taken (not a regular file, the blob
+    /// store failed), or it wrote outputs in a way granule cannot publish once.
+    Output(String),
 }
 
 impl Failure {
@@ -117,6 +138,7 @@ impl Failure {
             Failure::Protocol(_) => "protocol",
             Failure::Checkpoint(_) => "checkpoint",
             Failure::Items(_) => "items",
+            Failure::Output(_) => "output",
         }
     }
 }
@@ -136,7 +158,10 @@ impl std::fmt::Display for Failure {
             Failure::OutOfMemory => write!(f, "killed by the kernel's OOM killer (out of memory)"),
             Failure::Spawn(e) => write!(f, "could not start: {e}"),
             Failure::Unacked(n) => write!(f, "exited 0 but never acked {n} items it was fed"),
-            Failure::Protocol(e) | Failure::Checkpoint(e) | Failure::Items(e) => f.write_str(e),
+            Failure::Protocol(e)
+            | Failure::Checkpoint(e)
+            | Failure::Items(e)
+            | Failure::Output(e) => f.write_str(e),
         }
     }
 }
@@ -201,6 +226,14 @@ pub(crate) struct Shared {
     pub(crate) inflight_len: usize,
     pub(crate) untracked: bool,
     pub(crate) checkpoints: Vec<Checkpoint>,
+    /// Outputs written since the last ack: they belong to the item acked next.
+    pub(crate) pending_outputs: Vec<Output>,
+    /// Acked items' outputs not yet flushed.
+    pub(crate) outputs: Vec<ItemOutputs>,
+    /// Whether the task wrote any output, and any checkpoint (not both: a
+    /// stateful stage's acks can be undone, and a published output cannot).
+    pub(crate) emitted: bool,
+    pub(crate) checkpointed: bool,
     /// Why the fragment must fail, found by a helper thread (fd 3, the items).
     pub(crate) fault: Option<Failure>,
 }
@@ -287,13 +320,15 @@ impl Control {
         }
     }
 
-    /// Takes the acks and checkpoints received since the last call.
-    pub fn take_unflushed(&self) -> (IntervalSet, Vec<Checkpoint>) {
+    /// Takes the acks, checkpoints and outputs received since the last call (an
+    /// ack and the outputs of its item are always taken together).
+    pub fn take_unflushed(&self) -> Unflushed {
         let mut st = self.lock();
-        (
-            std::mem::take(&mut st.unflushed),
-            std::mem::take(&mut st.checkpoints),
-        )
+        Unflushed {
+            acked: std::mem::take(&mut st.unflushed),
+            checkpoints: std::mem::take(&mut st.checkpoints),
+            outputs: std::mem::take(&mut st.outputs),
+        }
     }
 
     pub(crate) fn request_stop_feeding(&self) {
@@ -309,6 +344,13 @@ impl Control {
         }
         st.acked.insert_one(index);
         st.unflushed.insert_one(index);
+        if !st.pending_outputs.is_empty() {
+            let outputs = std::mem::take(&mut st.pending_outputs);
+            st.outputs.push(ItemOutputs {
+                item: index,
+                outputs,
+            });
+        }
         st.acks += 1;
         st.first_ack.get_or_insert(now);
         st.last_ack = Some(now);
@@ -341,6 +383,25 @@ pub fn run_fragment(job: &FragmentJob, control: &Arc<Control>) -> RunReport {
     report.end = st.feed_end;
     report.acks = st.acks;
     report.bad_acks = st.bad_acks;
+    if st.acks == 0 && !st.pending_outputs.is_empty() && report.failure.is_none() {
+        // Outputs belong to the item acked after them: with no ack at all they
+        // belong to nothing (an all-or-nothing exit cannot say which item made them).
+        report.failure = Some(Failure::Output(
+            "it wrote outputs but acked no item: write an item's outputs, then its value, on fd 3"
+                .into(),
+        ));
+    }
+    report.outcome = outcome(job, &report);
+    report
+}
+
+/// The report of a fragment that could not start because of `failure` (its items
+/// could not be fetched): nothing fed, the first item charged, as for a task that
+/// could not be spawned.
+pub fn failed_before_start(job: &FragmentJob, failure: Failure) -> RunReport {
+    let mut report = empty_report();
+    report.failure = Some(failure);
+    report.end = job.span.end;
     report.outcome = outcome(job, &report);
     report
 }

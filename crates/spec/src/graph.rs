@@ -1,4 +1,5 @@
-//! Checks across stages: unique names, `after` references, no cycles.
+//! Checks across stages: unique names, references (`after`, `after_any`, `from`,
+//! `results_of`), no cycles.
 
 use crate::locate::Ctx;
 use crate::{SpecError, StageSpec};
@@ -11,6 +12,17 @@ pub(crate) struct Located {
     pub(crate) name_span: Range<usize>,
     /// Span of each `after` entry, parallel to `spec.after`.
     pub(crate) after_spans: Vec<Range<usize>>,
+    /// Span of each `after_any` entry, parallel to `spec.after_any`.
+    pub(crate) any_spans: Vec<Range<usize>>,
+    /// Span of each stage name of `items.from` / `items.results_of`.
+    pub(crate) from_spans: Vec<Range<usize>>,
+}
+
+/// One reference to another stage: its index, where it is written, the key.
+struct Edge {
+    to: usize,
+    span: Range<usize>,
+    key: String,
 }
 
 /// Runs every cross-stage check, in file order.
@@ -40,30 +52,52 @@ fn unique_names<'s>(
     Ok(index)
 }
 
-/// For each stage, the indices its `after` names; fails on unknown or self names.
+/// For each stage, the stages it names; fails on unknown or self names and on a
+/// name listed twice in one key.
 fn resolve_after(
     cx: &Ctx<'_>,
     stages: &[Located],
     index: &HashMap<&str, usize>,
-) -> Result<Vec<Vec<usize>>, SpecError> {
+) -> Result<Vec<Vec<Edge>>, SpecError> {
     let mut edges = Vec::with_capacity(stages.len());
     for (i, s) in stages.iter().enumerate() {
-        let key = format!("stage[{i}].after");
-        let mut targets: Vec<usize> = Vec::new();
-        for (name, span) in s.spec.after.iter().zip(&s.after_spans) {
-            let err = |msg: String| cx.err(span.clone(), &key, msg);
-            let target = *index
-                .get(name.as_str())
-                .ok_or_else(|| err(format!("unknown stage \"{name}\"")))?;
-            if target == i {
-                return Err(err(format!("stage \"{name}\" cannot come after itself")));
+        let from: Vec<String> = match &s.spec.items {
+            crate::ItemsSpec::Stream { from, .. } => from.clone(),
+            _ => Vec::new(),
+        };
+        let lists = [
+            ("after", &s.spec.after, &s.after_spans),
+            ("after_any", &s.spec.after_any, &s.any_spans),
+            ("items", &from, &s.from_spans),
+        ];
+        let mut out: Vec<Edge> = Vec::new();
+        for (what, names, spans) in lists {
+            let key = format!("stage[{i}].{what}");
+            let first = out.len();
+            for (name, span) in names.iter().zip(spans) {
+                let err = |msg: String| cx.err(span.clone(), &key, msg);
+                let target = *index
+                    .get(name.as_str())
+                    .ok_or_else(|| err(format!("unknown stage \"{name}\"")))?;
+                if target == i {
+                    return Err(err(format!("stage \"{name}\" cannot come after itself")));
+                }
+                if out[first..].iter().any(|e| e.to == target) {
+                    return Err(err(format!("stage \"{name}\" is listed twice")));
+                }
+                if what == "after_any" && s.spec.after.contains(name) {
+                    return Err(err(format!(
+                        "stage \"{name}\" is in both after and after_any; keep one"
+                    )));
+                }
+                out.push(Edge {
+                    to: target,
+                    span: span.clone(),
+                    key: key.clone(),
+                });
             }
-            if targets.contains(&target) {
-                return Err(err(format!("stage \"{name}\" is listed twice")));
-            }
-            targets.push(target);
         }
-        edges.push(targets);
+        edges.push(out);
     }
     Ok(edges)
 }
@@ -77,12 +111,12 @@ enum Mark {
 
 /// Depth-first search from each stage in file order; a path back to an open
 /// stage is a cycle, reported at the `after` entry that starts it.
-fn no_cycles(cx: &Ctx<'_>, stages: &[Located], edges: &[Vec<usize>]) -> Result<(), SpecError> {
+fn no_cycles(cx: &Ctx<'_>, stages: &[Located], edges: &[Vec<Edge>]) -> Result<(), SpecError> {
     let mut marks = vec![Mark::New; stages.len()];
     for start in 0..stages.len() {
         let mut path = Vec::new();
         if let Some(cycle) = visit(start, edges, &mut marks, &mut path) {
-            return Err(cycle_error(cx, stages, &cycle));
+            return Err(cycle_error(cx, stages, edges, &cycle));
         }
     }
     Ok(())
@@ -91,7 +125,7 @@ fn no_cycles(cx: &Ctx<'_>, stages: &[Located], edges: &[Vec<usize>]) -> Result<(
 /// Visits `node`; `path` holds (stage, entry of its `after` being followed).
 fn visit(
     node: usize,
-    edges: &[Vec<usize>],
+    edges: &[Vec<Edge>],
     marks: &mut [Mark],
     path: &mut Vec<(usize, usize)>,
 ) -> Option<Vec<(usize, usize)>> {
@@ -103,9 +137,9 @@ fn visit(
         }
         Mark::New => marks[node] = Mark::Open,
     }
-    for (entry, &next) in edges[node].iter().enumerate() {
+    for (entry, edge) in edges[node].iter().enumerate() {
         path.push((node, entry));
-        if let Some(cycle) = visit(next, edges, marks, path) {
+        if let Some(cycle) = visit(edge.to, edges, marks, path) {
             return Some(cycle);
         }
         path.pop();
@@ -115,17 +149,22 @@ fn visit(
 }
 
 /// "cycle in after: a -> b -> a", at the first stage's `after` entry.
-fn cycle_error(cx: &Ctx<'_>, stages: &[Located], cycle: &[(usize, usize)]) -> SpecError {
+fn cycle_error(
+    cx: &Ctx<'_>,
+    stages: &[Located],
+    edges: &[Vec<Edge>],
+    cycle: &[(usize, usize)],
+) -> SpecError {
     let (first, entry) = cycle[0];
     let mut names: Vec<&str> = cycle
         .iter()
         .map(|&(n, _)| stages[n].spec.name.as_str())
         .collect();
     names.push(&stages[first].spec.name);
-    let span = stages[first].after_spans[entry].clone();
+    let edge = &edges[first][entry];
     cx.err(
-        span,
-        &format!("stage[{first}].after"),
+        edge.span.clone(),
+        &edge.key,
         format!("cycle in after: {}", names.join(" -> ")),
     )
 }

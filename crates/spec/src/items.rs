@@ -1,4 +1,5 @@
-//! A stage's `items`: exactly one of `range`, `lines` or `list`.
+//! A stage's `items`: exactly one of `range`, `lines`, `list`, `from` or
+//! `results_of`.
 
 use crate::locate::Ctx;
 use crate::tree::Field;
@@ -7,30 +8,51 @@ use std::io::Read;
 use std::path::Path;
 use toml::de::DeValue;
 
-const SOURCES: [&str; 3] = ["range", "lines", "list"];
+const SOURCES: [&str; 5] = ["range", "lines", "list", "from", "results_of"];
 
-/// Parses and checks `items`; `lines` paths are relative to `folder`.
+/// Parses and checks `items`; `lines` paths are relative to `folder`. Stage names
+/// that `from` and `results_of` give go to `refs` (with their spans), for the
+/// cross-stage checks.
 pub(crate) fn parse(
     cx: &Ctx<'_>,
     field: &Field<'_>,
     folder: &Path,
+    refs: &mut Vec<(String, std::ops::Range<usize>)>,
 ) -> Result<ItemsSpec, SpecError> {
     let table = field.table(cx)?;
     table.check_keys(cx, &SOURCES)?;
     let sources = table.present(&SOURCES);
     let source = match sources.as_slice() {
-        [] => return Err(field.err(cx, "needs one of range, lines or list")),
+        [] => return Err(field.err(cx, "needs one of range, lines, list, from or results_of")),
         [one] => one,
         [first, second, ..] => {
             let (a, b) = (last_segment(&first.key), last_segment(&second.key));
-            let msg = format!("has both {a} and {b}; give exactly one of range, lines, list");
+            let msg = format!(
+                "has both {a} and {b}; give exactly one of range, lines, list, from, results_of"
+            );
             return Err(cx.err(second.key_span.clone(), &field.key, msg));
         }
     };
     match last_segment(&source.key) {
         "range" => range(cx, source),
         "lines" => lines(cx, source, folder),
-        _ => list(cx, source),
+        "list" => list(cx, source),
+        which => {
+            // One name or a list of names of stages of this job.
+            let names = match source.value.get_ref() {
+                DeValue::String(_) => vec![(source.name(cx)?.to_string(), source.span())],
+                _ => source.strings(cx)?,
+            };
+            if names.is_empty() {
+                return Err(source.err(cx, format!("{which} names no stage")));
+            }
+            let from = names.iter().map(|(n, _)| n.clone()).collect();
+            refs.extend(names);
+            Ok(ItemsSpec::Stream {
+                from,
+                results: which == "results_of",
+            })
+        }
     }
 }
 

@@ -38,8 +38,14 @@ pub struct StageSpec {
     pub per_item: bool,
     /// Where the items come from.
     pub items: ItemsSpec,
-    /// Names of stages that must finish first.
+    /// Names of stages that must finish first, without quarantined items (afterok).
     pub after: Vec<String>,
+    /// Names of stages that must finish first, however they ended (afterany).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after_any: Vec<String>,
+    /// Per-item mode: each line the task writes on stdout is an output of its item.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdout_outputs: bool,
     /// Retries before bisection (default 3).
     pub retries: u32,
     /// Sizer tunables plus `target`, `limit` and `initial` (ms / items).
@@ -118,6 +124,16 @@ pub enum ItemsSpec {
         /// The values, as strings.
         values: Vec<String>,
     },
+    /// The committed outputs (or, with `results`, the results) of other stages of
+    /// the job, in the order they were published; the count grows while they run.
+    Stream {
+        /// Names of the stages whose outputs are the items (concatenated as they
+        /// commit).
+        from: Vec<String>,
+        /// Each upstream fragment's result (its final checkpoint) is one item, a
+        /// file, instead of the outputs of its items.
+        results: bool,
+    },
 }
 
 impl ItemsSpec {
@@ -127,7 +143,13 @@ impl ItemsSpec {
             ItemsSpec::Range { start, end } => (end - start) as u64,
             ItemsSpec::Lines { count, .. } => *count,
             ItemsSpec::List { values } => values.len() as u64,
+            ItemsSpec::Stream { .. } => 0,
         }
+    }
+
+    /// Whether the items arrive while the job runs (`from`, `results_of`).
+    pub fn streamed(&self) -> bool {
+        matches!(self, ItemsSpec::Stream { .. })
     }
 }
 

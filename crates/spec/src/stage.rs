@@ -11,8 +11,10 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 const TOP_KEYS: [&str; 2] = ["name", "stage"];
-const STAGE_KEYS: [&str; 20] = [
+const STAGE_KEYS: [&str; 22] = [
     "name",
+    "after_any",
+    "outputs",
     "command",
     "per_item",
     "items",
@@ -92,12 +94,35 @@ fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, Sp
         .map(|f| f.bool(cx))
         .transpose()?
         .unwrap_or(false);
-    let items = items::parse(cx, &t.require(cx, "items")?, folder)?;
-    let after = t
-        .get("after")
-        .map(|f| f.strings(cx))
-        .transpose()?
-        .unwrap_or_default();
+    let mut refs = Vec::new();
+    let items = items::parse(cx, &t.require(cx, "items")?, folder, &mut refs)?;
+    let from_spans = refs.iter().map(|(_, s)| s.clone()).collect();
+    let names = |key: &str| {
+        t.get(key)
+            .map(|f| f.strings(cx))
+            .transpose()
+            .map(Option::unwrap_or_default)
+    };
+    let after = names("after")?;
+    let after_any = names("after_any")?;
+    let stdout_outputs = match t.get("outputs") {
+        None => false,
+        Some(f) => match f.str(cx)? {
+            "stdout" if per_item => true,
+            "stdout" => {
+                return Err(f.err(
+                    cx,
+                    "outputs = \"stdout\" needs per_item = true (a batch task writes \"$GRANULE_CMD emit VALUE\" on fd 3 before the item's ack)",
+                ))
+            }
+            other => {
+                return Err(f.err(
+                    cx,
+                    format!("outputs = {other:?}: the only mode is \"stdout\" (each stdout line of a per-item task is an output of its item)"),
+                ))
+            }
+        },
+    };
     let retries = t
         .get("retries")
         .map(|f| retries(cx, &f))
@@ -116,12 +141,15 @@ fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, Sp
         None => crate::DEFAULT_MAX_CHECKPOINT_BYTES,
     };
     let (after, after_spans) = after.into_iter().unzip();
+    let (after_any, any_spans) = after_any.into_iter().unzip();
     let spec = StageSpec {
         name,
         command,
         per_item,
         items,
         after,
+        after_any,
+        stdout_outputs,
         retries,
         sizer,
         needs,
@@ -131,6 +159,8 @@ fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, Sp
         spec,
         name_span: name_field.span(),
         after_spans,
+        any_spans,
+        from_spans,
     })
 }
 

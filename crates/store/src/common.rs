@@ -21,6 +21,7 @@ pub(crate) const FOLLOWS_WORKER: i64 = i64::MAX;
 pub(crate) fn stage_state(stored: &str) -> StageState {
     match stored {
         "done" => StageState::Done,
+        "skipped" => StageState::Skipped,
         "waiting" => StageState::Waiting,
         _ => StageState::Running,
     }

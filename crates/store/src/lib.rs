@@ -21,7 +21,7 @@ pub use model::*;
 pub use pg::PgStore;
 pub use sqlite::SqliteStore;
 
-use granule_core::{FragmentId, JobId, WorkerSpan};
+use granule_core::{FragmentId, JobId, Published, Span, StageId, WorkerSpan};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,9 @@ pub enum StoreError {
     /// No job of that name.
     #[error("no job named \"{0}\" in this store")]
     NoSuchJob(String),
+    /// The job still runs: cancel it first.
+    #[error("job \"{0}\" is still running; cancel it first (granule cancel {0})")]
+    Running(String),
     /// The database said no.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -182,6 +185,16 @@ pub trait Store {
     fn logs(&mut self, job: &str, stage: &str, fragment: Option<i64>) -> Result<Vec<FragmentLog>>;
     /// Results of a stage: the state each chain of attempts ended with, in item order.
     fn results(&mut self, job: &str, stage: &str) -> Result<Vec<ResultRow>>;
+    /// The published outputs behind items `span` of a streamed stage, one per item
+    /// in index order (the upstream item each came from, and the output).
+    fn stream_values(&mut self, stage: StageId, span: Span) -> Result<Vec<Published>>;
+    /// Every output a stage published, in published order.
+    fn outputs(&mut self, job: &str, stage: &str) -> Result<Vec<OutputRow>>;
+    /// Every blob key the store's jobs refer to (what `gc` keeps).
+    fn blob_keys(&mut self) -> Result<Vec<String>>;
+    /// Deletes a job that is not running, with everything it kept; false if there
+    /// is no such job. A running job is refused (`StoreError::Running`).
+    fn remove(&mut self, name: &str) -> Result<bool>;
     /// A checkpoint blob by id, with the checkpoint before it and what it covers.
     fn blob(&mut self, id: i64) -> Result<Option<StoredBlob>>;
     /// The checkpoint before `id` in its chain, found even when `id`'s own record

@@ -21,7 +21,7 @@ pub struct NewJob {
 }
 
 /// One stage of a [`NewJob`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct NewStage {
     /// Name.
     pub name: String,
@@ -38,6 +38,14 @@ pub struct NewStage {
     /// Digest of the task (see `granule_spec::cost_key`): stages with the same key
     /// start from the costs earlier stages of it learned; empty learns nothing.
     pub cost_key: String,
+    /// Indices of the stages whose outputs (or results) are its items, published
+    /// while they run; empty for items fixed at submit.
+    pub sources: Vec<usize>,
+    /// Its items are its sources' results (final checkpoints), not their outputs.
+    pub from_results: bool,
+    /// Indices (also in `after`) of the stages it waits for however they ended;
+    /// the others must end without quarantined items, or it is skipped.
+    pub after_any: Vec<usize>,
 }
 
 /// What `submit` found.
@@ -140,6 +148,8 @@ stored_state! {
         Running = "running",
         /// Every item done or quarantined.
         Done = "done",
+        /// Never ran: a stage it comes `after` ended with quarantined items.
+        Skipped = "skipped",
     }
 }
 
@@ -413,6 +423,24 @@ pub struct FragmentFlush {
     /// The checkpoint it was handed could not be restored: it started from this
     /// older one of its chain, or from none (`Some(None)`).
     pub restored: Option<Option<i64>>,
+    /// Outputs of items acked in `acked` (or earlier: those publish nothing).
+    pub outputs: Vec<granule_core::ItemOutputs>,
+}
+
+/// One published output of a stage, as `granule outputs` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputRow {
+    /// Its index in the stage's published order (the item index of a stage that
+    /// streams from it alone).
+    pub index: u64,
+    /// The upstream item it came from.
+    pub item: u64,
+    /// Its position among that item's outputs.
+    pub ordinal: u32,
+    /// The fragment whose ack published it.
+    pub fragment: i64,
+    /// The output.
+    pub output: granule_core::Output,
 }
 
 /// How the owner of a fragment answered a split request.
@@ -604,6 +632,9 @@ pub struct StageProgress {
     pub quarantined: u64,
     /// Size of the latest fragment claimed.
     pub fragment_size: u64,
+    /// Whether the stage has ended (a streamed stage may have no items left now
+    /// and still get more).
+    pub ended: bool,
 }
 
 /// Status of a stage.
@@ -676,6 +707,19 @@ pub struct StageStatus {
     pub profile_source: Option<String>,
     /// What was learned on each executor class that ran the stage.
     pub classes: Vec<ClassStatus>,
+    /// Stages whose outputs (or results) are its items, by name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub streams_from: Vec<String>,
+    /// Whether one of those still runs: its item count still grows.
+    pub producing: bool,
+    /// Stages that stream its outputs (or results): its quarantined items'
+    /// outputs are missing there.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub feeds: Vec<String>,
+    /// For a skipped stage: the stages it comes after that ended with quarantined
+    /// items or were skipped.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped_for: Vec<String>,
 }
 
 /// A stage on one executor class: what has been learned there.

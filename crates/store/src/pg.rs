@@ -209,6 +209,33 @@ CREATE TABLE learned (
     PRIMARY KEY (cost_key, class)
 );
 "#,
+    // 10: stages that feed stages: outputs published when their items' acks commit,
+    // the items of streamed stages, afterany.
+    r#"
+ALTER TABLE stages ADD COLUMN sources TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE stages ADD COLUMN from_results BOOLEAN NOT NULL DEFAULT false;
+ALTER TABLE stages ADD COLUMN after_any TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE stages ADD COLUMN published BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE stages ADD COLUMN results_published BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE outputs (
+    id BIGSERIAL PRIMARY KEY,
+    stage_id BIGINT NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    start_idx BIGINT NOT NULL,
+    end_idx BIGINT NOT NULL,
+    fragment_id BIGINT NOT NULL,
+    data BYTEA NOT NULL
+);
+CREATE INDEX outputs_by_stage ON outputs (stage_id, kind, start_idx);
+CREATE TABLE feeds (
+    stage_id BIGINT NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    start_idx BIGINT NOT NULL,
+    end_idx BIGINT NOT NULL,
+    src_stage BIGINT NOT NULL,
+    src_start BIGINT NOT NULL
+);
+CREATE INDEX feeds_by_stage ON feeds (stage_id, start_idx);
+"#,
 ];
 
 /// A store in a PostgreSQL database.

@@ -227,6 +227,33 @@ CREATE TABLE learned (
     PRIMARY KEY (cost_key, class)
 );
 "#,
+    // 11: stages that feed stages: outputs published when their items' acks commit,
+    // the items of streamed stages, afterany.
+    r#"
+ALTER TABLE stages ADD COLUMN sources TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE stages ADD COLUMN from_results INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE stages ADD COLUMN after_any TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE stages ADD COLUMN published INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE stages ADD COLUMN results_published INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE outputs (
+    id INTEGER PRIMARY KEY,
+    stage_id INTEGER NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    start_idx INTEGER NOT NULL,
+    end_idx INTEGER NOT NULL,
+    fragment_id INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX outputs_by_stage ON outputs (stage_id, kind, start_idx);
+CREATE TABLE feeds (
+    stage_id INTEGER NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    start_idx INTEGER NOT NULL,
+    end_idx INTEGER NOT NULL,
+    src_stage INTEGER NOT NULL,
+    src_start INTEGER NOT NULL
+);
+CREATE INDEX feeds_by_stage ON feeds (stage_id, start_idx);
+"#,
 ];
 
 /// The schema version [`CURRENT`] is: the SQL migrations, the row layout and the
@@ -262,6 +289,11 @@ CREATE TABLE stages (
     needs TEXT NOT NULL DEFAULT '{}',
     stateful INTEGER NOT NULL DEFAULT 0,
     cost_key TEXT NOT NULL DEFAULT '',
+    sources TEXT NOT NULL DEFAULT '[]',
+    from_results INTEGER NOT NULL DEFAULT 0,
+    after_any TEXT NOT NULL DEFAULT '[]',
+    published INTEGER NOT NULL DEFAULT 0,
+    results_published INTEGER NOT NULL DEFAULT 0,
     UNIQUE (job_id, idx)
 );
 CREATE TABLE learned (
@@ -367,4 +399,22 @@ CREATE TABLE blobs (
     prev INTEGER,
     covers TEXT NOT NULL DEFAULT '[]'
 );
+CREATE TABLE outputs (
+    id INTEGER PRIMARY KEY,
+    stage_id INTEGER NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    start_idx INTEGER NOT NULL,
+    end_idx INTEGER NOT NULL,
+    fragment_id INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX outputs_by_stage ON outputs (stage_id, kind, start_idx);
+CREATE TABLE feeds (
+    stage_id INTEGER NOT NULL REFERENCES stages(id) ON DELETE CASCADE,
+    start_idx INTEGER NOT NULL,
+    end_idx INTEGER NOT NULL,
+    src_stage INTEGER NOT NULL,
+    src_start INTEGER NOT NULL
+);
+CREATE INDEX feeds_by_stage ON feeds (stage_id, start_idx);
 "#;

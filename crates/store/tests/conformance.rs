@@ -73,6 +73,7 @@ fn job(name: &str, items: u64, hash: &str) -> NewJob {
             },
             needs: Default::default(),
             cost_key: String::new(),
+            ..Default::default()
         }],
     }
 }

@@ -508,6 +508,7 @@ fn run_sequence(store: &mut dyn Store, items: u64, stateful: bool, ops: &[Op], s
             },
             needs: Default::default(),
             cost_key: String::new(),
+            ..Default::default()
         }],
     };
     let id = store.submit(&job, 0, true).unwrap().id();

@@ -37,6 +37,7 @@ pub(crate) fn bench_store(args: BenchStoreArgs) -> Result<u8> {
             sizer: SizerConfig::default(),
             needs: Default::default(),
             cost_key: String::new(),
+            ..Default::default()
         }],
     };
     let id = open_store(&args.state)?

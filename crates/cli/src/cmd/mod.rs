@@ -3,7 +3,9 @@
 
 pub(crate) mod bench_store;
 pub(crate) mod cancel;
+pub(crate) mod gc;
 pub(crate) mod logs;
+pub(crate) mod outputs;
 pub(crate) mod results;
 pub(crate) mod run;
 pub(crate) mod sim;
@@ -44,6 +46,14 @@ pub(crate) struct TuningArgs {
     /// Print the rows the store wrote per claim, flush and finish at exit (benchmarks).
     #[arg(long, hide = true)]
     pub(crate) write_counts: bool,
+    /// Where output files go: a folder (shared by the hosts that run the job), or
+    /// `s3://bucket/prefix` with credentials and endpoint from the `AWS_*`
+    /// environment. Default: `blobs` in the state directory.
+    #[arg(long, env = "GRANULE_BLOBS")]
+    pub(crate) blobs: Option<String>,
+    /// Bound of this host's cache of fetched blobs, MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub(crate) cache_mb: u64,
 }
 
 /// The store named by `--store`, or the SQLite file in the state directory.

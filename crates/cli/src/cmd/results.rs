@@ -80,7 +80,7 @@ pub(crate) fn results(args: ResultsArgs) -> Result<u8> {
 /// Writes `bytes` to `dir/name` without following what is there: a temporary file
 /// created new, then renamed over the name (a symlink at the name is replaced, its
 /// target untouched).
-fn write_new(dir: &std::path::Path, name: &str, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_new(dir: &std::path::Path, name: &str, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -71,6 +71,8 @@ pub(crate) fn run(args: RunArgs) -> Result<u8> {
         lease: args.tuning.lease,
         grace: args.grace,
         checkpoint_level: args.tuning.zstd_level,
+        blobs: args.tuning.blobs.clone(),
+        cache_bytes: args.tuning.cache_mb.saturating_mul(1 << 20),
         state_dir: args.state.state.clone(),
         quiet: args.quiet,
         job: Some((submitted.id(), Arc::new(spec))),

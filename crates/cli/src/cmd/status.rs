@@ -121,6 +121,32 @@ fn print_stage(s: &StageStatus) {
             })
             .collect();
         println!("    quarantined items: {}", items.join(", "));
+        if !s.feeds.is_empty() {
+            println!(
+                "    their outputs are missing downstream, in: {}",
+                s.feeds.join(", ")
+            );
+        }
+    }
+    if !s.streams_from.is_empty() {
+        let growth = if s.producing {
+            "still producing: more items to come"
+        } else {
+            "finished: every item known"
+        };
+        println!(
+            "  {:<16} items from {} ({growth}): {} known so far",
+            "",
+            s.streams_from.join(", "),
+            s.items
+        );
+    }
+    if !s.skipped_for.is_empty() {
+        println!(
+            "  {:<16} skipped: it comes after {}, which quarantined items (after_any = [...] runs a stage whatever its upstream did)",
+            "",
+            s.skipped_for.join(", ")
+        );
     }
 }
 

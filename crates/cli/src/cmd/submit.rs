@@ -36,7 +36,18 @@ fn new_job(spec: &JobSpec) -> NewJob {
             .map(|s| NewStage {
                 name: s.name.clone(),
                 items: s.items.count(),
-                after: s.after.iter().map(index).collect(),
+                after: s.after.iter().chain(&s.after_any).map(index).collect(),
+                after_any: s.after_any.iter().map(index).collect(),
+                sources: match &s.items {
+                    granule_spec::ItemsSpec::Stream { from, .. } => {
+                        from.iter().map(index).collect()
+                    }
+                    _ => Vec::new(),
+                },
+                from_results: matches!(
+                    s.items,
+                    granule_spec::ItemsSpec::Stream { results: true, .. }
+                ),
                 retries: s.retries,
                 sizer: s.sizer.clone(),
                 needs: {

@@ -114,6 +114,8 @@ pub(crate) fn worker(args: WorkerArgs) -> Result<u8> {
         lease: args.tuning.lease,
         grace: args.grace,
         checkpoint_level: args.tuning.zstd_level,
+        blobs: args.tuning.blobs.clone(),
+        cache_bytes: args.tuning.cache_mb.saturating_mul(1 << 20),
         write_counts: args.tuning.write_counts,
         class: args.class,
         state_dir: args.state.state.clone(),

@@ -3,7 +3,7 @@
 //! Each holds the fragment's row and applies core's ledger transition to a
 //! [`window`] of the stage: the fragment and the stage's flags.
 
-use super::{halt_job, Backend, TxKind};
+use super::{data, halt_job, Backend, TxKind};
 use crate::common::{
     accounted_outcome, decode_sizer_config, json, memory_of, parse, verdict, FOLLOWS_WORKER,
 };
@@ -14,8 +14,8 @@ use crate::{
 };
 use granule_core::{
     retry_budget, split_gain, split_point, split_share, FinishOutcome, FinishReport, FragmentId,
-    IntervalSet, JobId, Observation, PendingRange, RunningFragment, SizeCap, Sizer, Span,
-    StageLedger,
+    IntervalSet, ItemOutputs, JobId, Observation, Output, PendingRange, RunningFragment, SizeCap,
+    Sizer, Span, StageLedger,
 };
 
 /// A running fragment, locked for this transaction, as long as `worker` holds it.
@@ -410,7 +410,23 @@ fn apply_flush(
         appeared |= learn_acking(tx, held.stage)?;
         ledger.acking = true;
     }
+    let before = ledger.fragment(f.fragment).map(|x| x.acked.clone());
     let done = ledger.ack(f.fragment, &f.acked).done;
+    if !f.outputs.is_empty() {
+        // Only the items this flush counted publish: an item acked before (a rerun
+        // after a lost flush, a repeated flush) published its outputs then.
+        let now = ledger.fragment(f.fragment).map(|x| x.acked.clone());
+        let new = now
+            .unwrap_or_default()
+            .difference(&before.unwrap_or_default());
+        let items = f
+            .outputs
+            .iter()
+            .filter(|o| new.contains(o.item))
+            .cloned()
+            .collect();
+        appeared |= data::publish(tx, held.stage, f.fragment.0, data::OUTPUTS, items)?;
+    }
     if !f.checkpoints.is_empty() && !ledger.stateful {
         appeared |= learn_stateful(tx, held.stage)?;
         ledger.stateful = true;
@@ -563,33 +579,46 @@ fn settle_seen(tx: &mut dyn Db, stage: i64, now_ms: i64, pending: i64) -> Result
     if pending > 0 {
         return Ok(false);
     }
-    let job = count(
-        tx,
-        "SELECT job_id FROM stages WHERE id = $1 FOR UPDATE",
-        stage,
+    let r = tx.query_one(
+        "SELECT job_id, state FROM stages WHERE id = $1 FOR UPDATE",
+        args![stage],
     )?;
+    let job = r.i64(0);
+    if matches!(r.str(1), "done" | "skipped") {
+        return Ok(false);
+    }
     let busy = count(
         tx,
         "SELECT (SELECT count(*) FROM pending WHERE stage_id = $1)
               + (SELECT count(*) FROM fragments WHERE stage_id = $1 AND state = 'running')",
         stage,
     )?;
-    if busy > 0 {
+    if busy > 0 || !data::sources_ended(tx, stage)? {
+        // A streamed stage ends only once every stage it streams from has.
         return Ok(false);
     }
-    tx.execute(
-        "UPDATE stages SET state = 'done' WHERE id = $1",
-        args![stage],
-    )?;
+    let idx = tx
+        .query_one(
+            "UPDATE stages SET state = 'done' WHERE id = $1 RETURNING idx",
+            args![stage],
+        )?
+        .u64(0) as usize;
     keep_learned(tx, stage, now_ms)?;
     // Stages that waited for this one may be ready now.
     tx.notify()?;
+    // Stages after it are skipped if it quarantined items (afterok); stages that
+    // stream from it may have ended with it.
+    for consumer in data::after_end(tx, job, idx)? {
+        settle(tx, consumer, now_ms)?;
+    }
     count(tx, "SELECT id FROM jobs WHERE id = $1 FOR UPDATE", job)?;
-    const OPEN: &str = "SELECT count(*) FROM stages WHERE job_id = $1 AND state != 'done'";
+    const OPEN: &str =
+        "SELECT count(*) FROM stages WHERE job_id = $1 AND state NOT IN ('done', 'skipped')";
     if count(tx, OPEN, job)? > 0 {
         return Ok(false);
     }
-    const FAILED: &str = "SELECT count(*) FROM stages WHERE job_id = $1 AND quarantined != '[]'";
+    const FAILED: &str = "SELECT count(*) FROM stages WHERE job_id = $1
+         AND (quarantined != '[]' OR state = 'skipped')";
     let state = if count(tx, FAILED, job)? > 0 {
         "failed"
     } else {
@@ -833,6 +862,13 @@ fn finish_held(
     let verdict = verdict(end, &report);
     let (result, forgotten) = kept_result(tx, held.stage, &mut ledger, &report)?;
     appeared |= forgotten > 0;
+    if let (Some(blob), Some((_, covers))) = (result, &report.result) {
+        // A result is an item of the stages that take this stage's results.
+        let item = covers.first().unwrap_or(f.span.start);
+        let outputs = vec![Output::Result(blob)];
+        let result = ItemOutputs { item, outputs };
+        appeared |= data::publish(tx, held.stage, id.0, data::RESULTS, vec![result])?;
+    }
     if end.cause.as_deref() == Some("oom") {
         // Retried on a worker with more memory than this one, while one is alive.
         let resources = tx

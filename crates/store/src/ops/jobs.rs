@@ -67,11 +67,17 @@ fn submit_once(tx: &mut dyn Db, job: &NewJob, now_ms: i64, fresh: bool) -> Resul
         )?
         .i64(0);
     for (idx, stage) in job.stages.iter().enumerate() {
-        let state = if stage.items == 0 { "done" } else { "waiting" };
+        let streamed = !stage.sources.is_empty();
+        let state = if stage.items == 0 && !streamed {
+            "done"
+        } else {
+            "waiting"
+        };
         let stage_id = tx
             .query_one(
-                "INSERT INTO stages (job_id, idx, name, items, after, retries, sizer_config, state, needs, quarantined, cost_key)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '[]', $10) RETURNING id",
+                "INSERT INTO stages (job_id, idx, name, items, after, retries, sizer_config, state, needs, quarantined, cost_key,
+                   sources, from_results, after_any)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '[]', $10, $11, $12, $13) RETURNING id",
                 args![
                     id,
                     idx,
@@ -83,6 +89,9 @@ fn submit_once(tx: &mut dyn Db, job: &NewJob, now_ms: i64, fresh: bool) -> Resul
                     state,
                     &json(&stage.needs),
                     &stage.cost_key,
+                    &json(&stage.sources),
+                    stage.from_results,
+                    &json(&stage.after_any),
                 ],
             )?
             .i64(0);
@@ -135,6 +144,25 @@ pub(crate) fn cancel(b: &mut impl Backend, name: &str, now_ms: i64) -> Result<bo
             args![name, now_ms],
         )?;
         Ok(n == 1)
+    })
+}
+
+/// Deletes a job that no longer runs, with its stages, fragments, checkpoints and
+/// outputs (its blobs become garbage for `gc`).
+pub(crate) fn remove(b: &mut impl Backend, name: &str) -> Result<bool> {
+    b.transaction(TxKind::Write, |tx| {
+        let Some(r) = tx.query_opt(
+            "SELECT state FROM jobs WHERE name = $1 FOR UPDATE",
+            args![name],
+        )?
+        else {
+            return Ok(false);
+        };
+        if r.str(0) == "running" {
+            return Err(crate::StoreError::Running(name.to_string()));
+        }
+        tx.execute("DELETE FROM jobs WHERE name = $1", args![name])?;
+        Ok(true)
     })
 }
 

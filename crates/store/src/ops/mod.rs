@@ -12,6 +12,7 @@
 //! ([`fragment::window`]).
 
 pub(crate) mod claim;
+pub(crate) mod data;
 pub(crate) mod fragment;
 pub(crate) mod jobs;
 pub(crate) mod read;
@@ -120,9 +121,9 @@ pub(crate) struct StageRow {
 }
 
 impl StageRow {
-    /// Whether every item of it is done or quarantined.
+    /// Whether it has ended: every item done or quarantined, or skipped.
     pub(crate) fn is_done(&self) -> bool {
-        self.state == StageState::Done.as_str()
+        self.state == StageState::Done.as_str() || self.state == StageState::Skipped.as_str()
     }
 }
 
@@ -319,6 +320,28 @@ macro_rules! store_over_backend {
                 fragment: Option<i64>,
             ) -> $crate::Result<Vec<$crate::FragmentLog>> {
                 $crate::ops::read::logs(self, job, stage, fragment)
+            }
+            fn stream_values(
+                &mut self,
+                stage: granule_core::StageId,
+                span: granule_core::Span,
+            ) -> $crate::Result<Vec<granule_core::Published>> {
+                $crate::ops::Backend::transaction(self, $crate::ops::TxKind::Read, |tx| {
+                    $crate::ops::data::stream_values(tx, stage.0, span)
+                })
+            }
+            fn outputs(
+                &mut self,
+                job: &str,
+                stage: &str,
+            ) -> $crate::Result<Vec<$crate::OutputRow>> {
+                $crate::ops::data::outputs(self, job, stage)
+            }
+            fn blob_keys(&mut self) -> $crate::Result<Vec<String>> {
+                $crate::ops::data::blob_keys(self)
+            }
+            fn remove(&mut self, name: &str) -> $crate::Result<bool> {
+                $crate::ops::jobs::remove(self, name)
             }
             fn results(
                 &mut self,

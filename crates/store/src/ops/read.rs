@@ -9,7 +9,7 @@ use crate::{
     Accounting, BlobRow, FragmentLog, JobState, JobStatus, ResultRow, StageProgress, StageStatus,
     StoreError, StoredBlob, WorkerInfo, WorkerStatus,
 };
-use crate::{JobId, Result};
+use crate::{JobId, Result, StageState};
 use granule_core::{busiest, prediction_error, IntervalSet, SizeCap, Sizer, Span, WorkerSpan};
 
 /// Workers that hold running fragments.
@@ -52,10 +52,12 @@ pub(crate) fn status(b: &mut impl Backend, job: Option<&str>) -> Result<Vec<JobS
         let mut out = Vec::new();
         for j in &jobs {
             let stages = stages_of(tx, j.i64(0), false).and_then(|stages| {
-                stages
+                let mut out = stages
                     .iter()
                     .map(|stage| stage_status(tx, stage))
-                    .collect::<Result<Vec<_>>>()
+                    .collect::<Result<Vec<_>>>()?;
+                links(tx, j.i64(0), &mut out)?;
+                Ok(out)
             });
             let (mut state, mut error) = (job_state(j.str(2)), j.opt_string(4));
             let stages = match stages {
@@ -77,6 +79,54 @@ pub(crate) fn status(b: &mut impl Backend, job: Option<&str>) -> Result<Vec<JobS
         }
         Ok(out)
     })
+}
+
+/// Fills in how a job's stages feed each other (`streams_from`, `producing`,
+/// `feeds`, `skipped_for`); `stages` are in spec order.
+fn links(tx: &mut dyn Db, job: i64, stages: &mut [StageStatus]) -> Result<()> {
+    let rows = tx.query(
+        "SELECT sources, after, after_any FROM stages WHERE job_id = $1 ORDER BY idx",
+        args![job],
+    )?;
+    let mut edges = Vec::new();
+    for r in &rows {
+        let sources: Vec<usize> = parse(r.str(0), "stage sources")?;
+        let after: Vec<usize> = parse(r.str(1), "stage after")?;
+        let any: Vec<usize> = parse(r.str(2), "stage after_any")?;
+        edges.push((sources, after, any));
+    }
+    let ended = |s: &StageStatus| matches!(s.state, StageState::Done | StageState::Skipped);
+    for i in 0..stages.len().min(edges.len()) {
+        let (sources, after, any) = &edges[i];
+        let name = |k: &usize| stages.get(*k).map(|s| s.name.clone());
+        let streams_from: Vec<String> = sources.iter().filter_map(name).collect();
+        let producing = sources
+            .iter()
+            .any(|k| stages.get(*k).is_some_and(|s| !ended(s)));
+        let feeds: Vec<String> = edges
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.0.contains(&i))
+            .filter_map(|(k, _)| name(&k))
+            .collect();
+        let skipped_for = match stages[i].state {
+            StageState::Skipped => after
+                .iter()
+                .filter(|a| !any.contains(a))
+                .filter(|a| {
+                    stages
+                        .get(**a)
+                        .is_some_and(|s| s.quarantined > 0 || s.state == StageState::Skipped)
+                })
+                .filter_map(name)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let s = &mut stages[i];
+        (s.streams_from, s.producing, s.feeds, s.skipped_for) =
+            (streams_from, producing, feeds, skipped_for);
+    }
+    Ok(())
 }
 
 /// What a stage's fragments and pending rows add up to.
@@ -225,6 +275,10 @@ fn stage_status(tx: &mut dyn Db, stage: &StageRow) -> Result<StageStatus> {
         classes: class_statuses(&rows, &sizers),
         profile,
         profile_source,
+        streams_from: Vec::new(),
+        producing: false,
+        feeds: Vec::new(),
+        skipped_for: Vec::new(),
     })
 }
 
@@ -235,7 +289,8 @@ pub(crate) fn progress(b: &mut impl Backend, job: JobId) -> Result<Vec<StageProg
             "SELECT s.items,
                     (SELECT coalesce(sum(done_count), 0)::BIGINT FROM fragments WHERE stage_id = s.id),
                     s.quarantined,
-                    (SELECT n FROM fragments WHERE stage_id = s.id ORDER BY id DESC LIMIT 1)
+                    (SELECT n FROM fragments WHERE stage_id = s.id ORDER BY id DESC LIMIT 1),
+                    s.state IN ('done', 'skipped')
              FROM stages s WHERE s.job_id = $1 ORDER BY s.idx",
             args![job.0],
         )?
@@ -246,6 +301,7 @@ pub(crate) fn progress(b: &mut impl Backend, job: JobId) -> Result<Vec<StageProg
                 done: r.u64(1),
                 quarantined: parse::<IntervalSet>(r.str(2), "quarantined")?.len(),
                 fragment_size: r.opt_i64(3).unwrap_or(0).max(0) as u64,
+                ended: r.bool(4),
             })
         })
         .collect()
