@@ -378,13 +378,13 @@ pub enum Fetched {
 }
 
 impl Cache {
-    /// A cache in `dir` (made if missing) of at most `max_bytes`.
+    /// A cache in `dir` (made if missing; kept as an absolute path) of at most
+    /// `max_bytes`.
     pub fn new(dir: &Path, max_bytes: u64) -> Result<Cache, DataError> {
         std::fs::create_dir_all(dir).map_err(io_at(dir))?;
-        Ok(Cache {
-            dir: dir.to_path_buf(),
-            max_bytes,
-        })
+        // Absolute: its paths are handed to tasks, which may run elsewhere.
+        let dir = dir.canonicalize().map_err(io_at(dir))?;
+        Ok(Cache { dir, max_bytes })
     }
 
     /// The cache's folder.

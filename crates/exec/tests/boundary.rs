@@ -28,6 +28,9 @@ fn job(argv: &[&str], source: ItemSource, span: Span) -> FragmentJob {
         log_tail_bytes: 4096,
         checkpoint_level: 3,
         max_checkpoint_bytes: 1 << 20,
+        data: None,
+        scratch: std::env::temp_dir(),
+        stdout_outputs: false,
     }
 }
 
@@ -106,7 +109,7 @@ fn lines_that_are_not_utf8_are_fed_as_the_bytes_they_are() {
         "{:?}",
         report.failure
     );
-    assert_eq!(ctl.take_unflushed().0, IntervalSet::from_span(j.span));
+    assert_eq!(ctl.take_unflushed().acked, IntervalSet::from_span(j.span));
     assert_eq!(std::fs::read(&out).unwrap(), input);
 }
 
@@ -126,7 +129,7 @@ fn an_ack_is_the_value_as_read_whatever_its_bytes() {
         report.failure
     );
     assert_eq!(report.bad_acks, 0);
-    assert_eq!(ctl.take_unflushed().0, IntervalSet::from_span(j.span));
+    assert_eq!(ctl.take_unflushed().acked, IntervalSet::from_span(j.span));
 }
 
 #[test]
@@ -142,7 +145,9 @@ fn an_item_that_reads_like_a_command_is_only_ever_an_ack() {
         "{:?}",
         report.failure
     );
-    let (acked, checkpoints) = ctl.take_unflushed();
+    let granule_exec::Unflushed {
+        acked, checkpoints, ..
+    } = ctl.take_unflushed();
     assert_eq!(acked, IntervalSet::from_span(j.span));
     assert!(checkpoints.is_empty(), "nothing was read as a checkpoint");
 }
@@ -163,7 +168,7 @@ fn a_version_one_checkpoint_line_fails_and_says_how_to_write_it_now() {
         panic!("{:?}", report.failure)
     };
     assert!(msg.contains("GRANULE_CMD checkpoint"), "{msg}");
-    assert!(ctl.take_unflushed().1.is_empty());
+    assert!(ctl.take_unflushed().checkpoints.is_empty());
 }
 
 #[test]
@@ -234,7 +239,9 @@ fn a_checkpoint_that_takes_long_to_seal_is_waited_for_not_dropped() {
         "{:?}",
         report.failure
     );
-    let (acked, checkpoints) = ctl.take_unflushed();
+    let granule_exec::Unflushed {
+        acked, checkpoints, ..
+    } = ctl.take_unflushed();
     assert_eq!(acked.len(), 1);
     assert_eq!(checkpoints.len(), 1);
     assert_eq!(
@@ -270,7 +277,7 @@ fn every_ack_written_before_the_task_exits_is_counted() {
         "{:?}",
         report.failure
     );
-    assert_eq!(ctl.take_unflushed().0, IntervalSet::from_span(j.span));
+    assert_eq!(ctl.take_unflushed().acked, IntervalSet::from_span(j.span));
 }
 
 fn alive(pid: i32) -> bool {

@@ -29,6 +29,9 @@ fn job(argv: &[&str], span: Span, per_item: bool) -> FragmentJob {
         log_tail_bytes: 1024,
         checkpoint_level: 3,
         max_checkpoint_bytes: 1 << 20,
+        data: None,
+        scratch: std::env::temp_dir(),
+        stdout_outputs: false,
     }
 }
 
@@ -60,7 +63,7 @@ fn batch_acks_every_item_with_values_as_received() {
     assert_no_failure(&report);
     assert_eq!(report.acks, 50);
     assert_eq!(report.outcome, FinishOutcome::Success);
-    let (acked, _) = ctl.take_unflushed();
+    let acked = ctl.take_unflushed().acked;
     assert_eq!(acked, IntervalSet::from_span(Span::new(10, 60)));
     assert!(report.first_ack_ms.is_some() && report.last_ack_ms >= report.first_ack_ms);
 }
@@ -93,7 +96,7 @@ fn a_failing_batch_keeps_its_acks_and_fails_the_rest() {
     let report = run_fragment(&j, &ctl);
     assert_eq!(report.failure, Some(Failure::Exit(3)));
     assert_eq!(
-        ctl.take_unflushed().0,
+        ctl.take_unflushed().acked,
         IntervalSet::from_span(Span::new(0, 7))
     );
     // Charged: the items fed and not acked (7 and the window after it), not the rest.
@@ -186,7 +189,7 @@ for line in sys.stdin:
     assert_eq!(report.fed, at);
     assert_eq!(report.acks, at);
     assert_eq!(
-        ctl.take_unflushed().0,
+        ctl.take_unflushed().acked,
         IntervalSet::from_span(Span::new(0, at))
     );
 }
@@ -212,7 +215,7 @@ ack.write(os.environ["GRANULE_CMD"] + " checkpoint {0}\n")
     let ctl = Control::new(j.span);
     let report = run_fragment(&j, &ctl);
     assert_eq!(report.outcome, FinishOutcome::Success);
-    let (_, checkpoints) = ctl.take_unflushed();
+    let checkpoints = ctl.take_unflushed().checkpoints;
     assert_eq!(checkpoints.len(), 1);
     assert_eq!(checkpoints[0].acks, 10);
     assert_eq!(
@@ -328,4 +331,108 @@ fn an_elastic_fragment_is_fed_until_its_target_at_the_pace_its_acks_show() {
     assert!(report.acks >= 5, "ran only {} items", report.acks);
     assert!(report.end - j.span.start <= 200, "{report:?}");
     assert_eq!(report.acks, report.end - j.span.start, "{report:?}");
+}
+
+#[test]
+fn outputs_belong_to_the_item_acked_after_them() {
+    // Item 100 gets two records and item 101 none; a record written after the
+    // last ack belongs to no item and is dropped with it.
+    let script = r#"read -r a; echo "$GRANULE_CMD emit x $a" >&3; echo "$GRANULE_CMD emit" >&3; echo "$a" >&3;
+        read -r b; echo "$b" >&3; echo "$GRANULE_CMD emit late" >&3"#;
+    let job = job(&["sh", "-c", script], Span::new(0, 2), false);
+    let ctl = Control::new(job.span);
+    let report = run_fragment(&job, &ctl);
+    assert_no_failure(&report);
+    let unflushed = ctl.take_unflushed();
+    assert_eq!(unflushed.acked.len(), 2);
+    assert_eq!(
+        unflushed.outputs,
+        [granule_core::ItemOutputs {
+            item: 0,
+            outputs: vec![
+                granule_core::Output::Record(b"x 100".to_vec()),
+                granule_core::Output::Record(Vec::new()),
+            ],
+        }]
+    );
+}
+
+#[test]
+fn outputs_without_any_ack_or_beside_checkpoints_fail_the_fragment() {
+    let job1 = job(
+        &[
+            "sh",
+            "-c",
+            r#"while read -r x; do echo "$GRANULE_CMD emit $x" >&3; done"#,
+        ],
+        Span::new(0, 3),
+        false,
+    );
+    let report = run_fragment(&job1, &Control::new(job1.span));
+    assert!(
+        matches!(&report.failure, Some(Failure::Output(m)) if m.contains("acked no item")),
+        "{:?}",
+        report.failure
+    );
+    let script = r#"read -r x; f=$(mktemp); echo s > "$f"; echo "$GRANULE_CMD emit $x" >&3; echo "$GRANULE_CMD checkpoint $f" >&3; echo "$x" >&3"#;
+    let job2 = job(&["sh", "-c", script], Span::new(0, 1), false);
+    let report = run_fragment(&job2, &Control::new(job2.span));
+    assert!(
+        matches!(&report.failure, Some(Failure::Output(m)) if m.contains("outputs and checkpoints")),
+        "{:?}",
+        report.failure
+    );
+}
+
+#[test]
+fn each_stdout_line_of_a_per_item_task_is_an_output_of_its_item() {
+    let mut job = job(
+        &["sh", "-c", "echo a$1; printf 'b%s' $1", "t", "{}"],
+        Span::new(0, 2),
+        true,
+    );
+    job.stdout_outputs = true;
+    let ctl = Control::new(job.span);
+    let report = run_fragment(&job, &ctl);
+    assert_no_failure(&report);
+    let rec = |s: &str| granule_core::Output::Record(s.as_bytes().to_vec());
+    assert_eq!(
+        ctl.take_unflushed().outputs,
+        [
+            granule_core::ItemOutputs {
+                item: 0,
+                outputs: vec![rec("a100"), rec("b100")],
+            },
+            granule_core::ItemOutputs {
+                item: 1,
+                outputs: vec![rec("a101"), rec("b101")],
+            },
+        ]
+    );
+}
+
+#[test]
+fn an_output_file_is_stored_by_content_before_its_ack_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = granule_exec::DataStore::open(dir.path().join("b").to_str().unwrap(), 3).unwrap();
+    let mut job = job(
+        &[
+            "sh",
+            "-c",
+            r#"read -r x; f=$(mktemp); echo "file $x" > "$f"; echo "$GRANULE_CMD output $f" >&3; echo "$x" >&3; rm "$f""#,
+        ],
+        Span::new(0, 1),
+        false,
+    );
+    job.data = Some(std::sync::Arc::new(store));
+    let ctl = Control::new(job.span);
+    assert_no_failure(&run_fragment(&job, &ctl));
+    let outputs = ctl.take_unflushed().outputs;
+    let granule_core::Output::File { key, bytes, .. } = &outputs[0].outputs[0] else {
+        panic!("{outputs:?}");
+    };
+    assert_eq!(*bytes, 9);
+    let back = dir.path().join("back");
+    job.data.as_ref().unwrap().fetch(key, &back).unwrap();
+    assert_eq!(std::fs::read_to_string(back).unwrap(), "file 100\n");
 }

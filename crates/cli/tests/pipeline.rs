@@ -1,0 +1,378 @@
+//! Stages that feed stages: outputs published once whatever happens to workers,
+//! streaming (a downstream stage works while its upstream runs), afterok and
+//! after_any, output files through the blob store, and the example pipeline.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Stage `make` emits two records per item (`X-a`, `X-b`) and acks it, a little
+/// slowly; stage `use` streams them and writes each value it is fed to a file
+/// under `$OUT_DIR` before acking it.
+fn two_stage_spec(items: u64) -> String {
+    format!(
+        r#"name = "pipe"
+[[stage]]
+name = "make"
+command = ["sh", "-c", 'while read -r x; do sleep 0.002; echo "$GRANULE_CMD emit $x-a" >&3; echo "$GRANULE_CMD emit $x-b" >&3; echo "$x" >&3; done']
+items = {{ range = [0, {items}] }}
+
+[[stage]]
+name = "use"
+command = ["sh", "-c", 'f="$OUT_DIR/$$"; while read -r v; do echo "$v" >> "$f"; echo "$v" >&3; done']
+items = {{ from = "make" }}
+"#
+    )
+}
+
+/// Every record `make` published, as `granule outputs --json` lists it.
+fn published(job: &Job, stage: &str) -> Vec<serde_json::Value> {
+    let out = job.output(&["outputs", stage, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The job's outputs and its downstream accounting are exact: each expected
+/// record published once, tied to its item, and counted done once downstream.
+fn assert_exactly_once(job: &Job, items: u64) {
+    let status = job.status();
+    assert_eq!(status["jobs"][0]["state"], "done", "{status}");
+    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+    for row in published(job, "make") {
+        let value = row["value"].as_str().unwrap().to_string();
+        let item = row["item"].as_u64().unwrap();
+        assert!(value.starts_with(&format!("{item}-")), "{row}");
+        *seen.entry(value).or_default() += 1;
+    }
+    let expected: BTreeMap<String, u64> = (0..items)
+        .flat_map(|x| [format!("{x}-a"), format!("{x}-b")])
+        .map(|v| (v, 1))
+        .collect();
+    let dupes: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(dupes.is_empty(), "published twice: {dupes:?}");
+    assert_eq!(seen, expected, "the published outputs are the expected set");
+    let down = stage(&status, 1);
+    assert_eq!(down["items"], 2 * items, "{down}");
+    assert_eq!(down["done"], 2 * items, "exactly-once downstream: {down}");
+    // At least once executed: every record reached the downstream task.
+    let mut ran = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(job.path("out")).unwrap() {
+        for line in std::fs::read_to_string(entry.unwrap().path())
+            .unwrap()
+            .lines()
+        {
+            ran.insert(line.to_string());
+        }
+    }
+    assert_eq!(ran.len() as u64, 2 * items, "every record ran downstream");
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+#[test]
+fn outputs_reach_the_next_stage_exactly_once_while_workers_are_killed() {
+    let items = 3000;
+    for backend in backends("outputs_exactly_once_under_kills") {
+        let job = Job::on(&two_stage_spec(items), &backend);
+        std::fs::create_dir(job.path("out")).unwrap();
+        let out = job.path("out").display().to_string();
+        assert!(job.output(&["submit", "job.toml"]).status.success());
+        let args = [
+            "worker", "-q", "--slots", "1", "--grace", "1s", "--lease", "3s",
+        ];
+        let spawn = || {
+            Spawned::start(
+                job.cmd(&args)
+                    .env("OUT_DIR", &out)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+            )
+        };
+        let mut workers = vec![spawn(), spawn()];
+        let (mut kills, mut next) = (0u32, Instant::now() + Duration::from_millis(400));
+        let deadline = Instant::now() + PATIENCE;
+        while job.status()["jobs"][0]["state"] == "running" {
+            assert!(Instant::now() < deadline, "not finished: {}", job.status());
+            for w in workers.iter_mut() {
+                if w.try_wait().unwrap().is_some() {
+                    *w = spawn();
+                }
+            }
+            if Instant::now() >= next {
+                // Alternately a drain (SIGTERM) and a kill -9 (its fragments come
+                // back when their lease expires).
+                let victim = &workers[kills as usize % 2];
+                let sig = [libc::SIGTERM, libc::SIGKILL][kills as usize % 2];
+                signal(victim.id(), sig);
+                kills += 1;
+                next = Instant::now() + Duration::from_millis(500);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{}: {kills} kills", backend.name);
+        assert!(kills >= 2, "{}: the chaos did not happen", backend.name);
+        assert_exactly_once(&job, items);
+    }
+}
+
+#[test]
+fn a_downstream_stage_works_while_its_upstream_still_runs() {
+    let spec = r#"name = "stream"
+[[stage]]
+name = "slow"
+command = ["sh", "-c", 'while read -r x; do sleep 0.05; echo "$GRANULE_CMD emit $x" >&3; echo "$x" >&3; done']
+items = { range = [0, 100] }
+
+[[stage]]
+name = "fast"
+command = ["sh", "-c", 'while read -r v; do echo "$v" >&3; done']
+items = { from = "slow" }
+"#;
+    let job = Job::new(spec);
+    let _run = start_run(&job, &[]);
+    let mut overlap = None;
+    wait_until("the downstream stage's first item", PATIENCE, || {
+        let status = job.status();
+        let (up, down) = (stage(&status, 0), stage(&status, 1));
+        if down["done"].as_u64() > Some(0) {
+            overlap = Some((up["state"].clone(), up["done"].as_u64().unwrap()));
+            return true;
+        }
+        false
+    });
+    let (state, done) = overlap.unwrap();
+    assert!(
+        state != "done" && done < 100,
+        "the downstream stage started only after its upstream ended ({state}, {done} done)"
+    );
+    wait_until("the job's end", PATIENCE, || {
+        job.status()["jobs"][0]["state"] == "done"
+    });
+    let status = job.status();
+    assert_eq!(stage(&status, 1)["done"], 100, "{status}");
+}
+
+#[test]
+fn afterok_skips_a_stage_after_quarantined_items_and_after_any_runs_it() {
+    // Item 3 of "bad" always fails: it is quarantined, and what would have come of
+    // it never appears downstream.
+    let spec = r#"name = "dag"
+[[stage]]
+name = "bad"
+command = ["sh", "-c", 'test "$1" != 3 && echo "out-$1"', "bad", "{}"]
+per_item = true
+outputs = "stdout"
+retries = 0
+items = { range = [0, 6] }
+
+[[stage]]
+name = "strict"
+command = ["true"]
+items = { range = [0, 2] }
+after = ["bad"]
+
+[[stage]]
+name = "anyway"
+command = ["true"]
+items = { range = [0, 2] }
+after_any = ["bad"]
+
+[[stage]]
+name = "down"
+command = ["sh", "-c", 'while read -r v; do echo "$v" >&3; done']
+items = { from = "bad" }
+"#;
+    for backend in backends("afterok_and_after_any") {
+        let job = Job::on(spec, &backend);
+        let out = job.run(&[], &[]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let status = job.status();
+        assert_eq!(status["jobs"][0]["state"], "failed", "{status}");
+        assert_eq!(stage(&status, 0)["quarantined"], 1);
+        assert_eq!(stage(&status, 1)["state"], "skipped", "{status}");
+        assert_eq!(stage(&status, 1)["done"], 0);
+        assert_eq!(stage(&status, 2)["state"], "done", "{status}");
+        assert_eq!(stage(&status, 2)["done"], 2);
+        assert_eq!(stage(&status, 3)["state"], "done");
+        assert_eq!(stage(&status, 3)["done"], 5, "{status}");
+        let values: Vec<String> = published(&job, "bad")
+            .iter()
+            .map(|r| r["value"].as_str().unwrap().to_string())
+            .collect();
+        let mut sorted = values.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["out-0", "out-1", "out-2", "out-4", "out-5"]);
+        let text = job.output(&["status", "dag"]);
+        let text = String::from_utf8_lossy(&text.stdout);
+        assert!(
+            text.contains("quarantined items: 3")
+                && text.contains("missing downstream, in: down")
+                && text.contains("skipped: it comes after bad"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn output_files_travel_through_the_blob_store_and_a_bad_blob_fails_the_reader() {
+    // "make" writes a file per item and hands it over (`output PATH`); "read"
+    // gets each as a local path and prints it. Items 0 and 1 write the same
+    // content: one blob, fetched once into the host's cache.
+    let spec = r#"name = "files"
+[[stage]]
+name = "make"
+command = ["sh", "-c", 'while read -r x; do f=$(mktemp); if [ "$x" -lt 2 ]; then echo same > "$f"; else echo "content of $x" > "$f"; fi; echo "$GRANULE_CMD output $f" >&3; echo "$x" >&3; done']
+items = { range = [0, 4] }
+
+[[stage]]
+name = "read"
+command = ["sh", "-c", 'echo "$(cat "$1") at $1"', "read", "{}"]
+per_item = true
+outputs = "stdout"
+items = { from = "make" }
+"#;
+    let job = Job::new(spec);
+    let out = job.run(&[], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows = published(&job, "read");
+    let mut seen: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            r["value"]
+                .as_str()
+                .unwrap()
+                .split(" at ")
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["content of 2", "content of 3", "same", "same"]);
+    // The downstream task saw a path in the host's cache.
+    let cache = job.path(".granule/cache").canonicalize().unwrap();
+    for r in &rows {
+        let path = r["value"].as_str().unwrap().split(" at ").nth(1).unwrap();
+        assert!(path.starts_with(cache.to_str().unwrap()), "{path}");
+    }
+    let keys: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().len() == 64)
+        .collect();
+    assert_eq!(keys.len(), 3, "one cache entry per distinct content");
+    let listed = job.output(&["outputs", "make", "--out", "copy"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert_eq!(
+        std::fs::read_to_string(
+            job.path("copy/2.0.").with_file_name(
+                std::fs::read_dir(job.path("copy"))
+                    .unwrap()
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().into_string().unwrap())
+                    .find(|n| n.starts_with("2.0."))
+                    .unwrap()
+            )
+        )
+        .unwrap(),
+        "content of 2\n"
+    );
+
+    // The same job again, with every stored blob corrupted once "make" is done:
+    // "read" fails on each (never reads wrong data) and quarantines its items.
+    let spec = spec
+        .replace("name = \"files\"", "name = \"files2\"")
+        .replace(
+            "items = { from = \"make\" }",
+            "items = { from = \"make\" }\nafter = [\"corrupt\"]",
+        )
+        + r#"
+[[stage]]
+name = "corrupt"
+command = ["sh", "-c", 'for f in .granule/blobs/*/*.zst; do printf garbage > "$f"; done']
+items = { range = [0, 1] }
+after = ["make"]
+"#;
+    std::fs::write(job.path("job.toml"), spec).unwrap();
+    let out = job.run(&["--fresh"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let status = job.status();
+    let read = status["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "files2")
+        .map(|j| j["stages"][1].clone())
+        .unwrap();
+    assert_eq!(read["done"], 0, "{read}");
+    assert_eq!(read["quarantined"], 4, "{read}");
+    let logs = job.output(&["logs", "read", "--job", "files2"]);
+    let logs = String::from_utf8_lossy(&logs.stdout).into_owned() + &stderr(&logs);
+    assert!(logs.contains("corrupt"), "{logs}");
+}
+
+#[test]
+fn the_example_pipeline_totals_compressed_sizes_per_directory() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let state = tempfile::tempdir().unwrap();
+    let run = output_of(
+        granule()
+            .current_dir(&root)
+            .args(["run", "-q", "examples/pipeline.toml", "--state"])
+            .arg(state.path())
+            .env_remove("GRANULE_STORE"),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let results = output_of(
+        granule()
+            .current_dir(&root)
+            .args(["results", "total", "--state"])
+            .arg(state.path())
+            .env_remove("GRANULE_STORE"),
+    );
+    assert!(results.status.success(), "{}", stderr(&results));
+    let mut got: Vec<String> = String::from_utf8(results.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    got.sort();
+    // What the pipeline computes, computed here apart from it.
+    let mut expected = Vec::new();
+    for dir in [
+        "/usr/share/common-licenses",
+        "/usr/share/base-files",
+        "/etc/skel",
+    ] {
+        let mut total = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            // As `find -type f`: regular files, not symbolic links to them.
+            if !entry.file_type().unwrap().is_file() || std::fs::File::open(&path).is_err() {
+                continue;
+            }
+            let gz = Command::new("gzip")
+                .arg("-9c")
+                .stdin(std::fs::File::open(&path).unwrap())
+                .output()
+                .unwrap();
+            total += gz.stdout.len();
+        }
+        if total > 0 {
+            expected.push(format!("{dir}\t{total}"));
+        }
+    }
+    expected.sort();
+    assert_eq!(got, expected);
+}
