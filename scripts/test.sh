@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on both backends: makes sure PostgreSQL is up (starting or
-# installing it if needed), then runs `cargo test --workspace`. Under CI=true a
+# installing it if needed) and that moto (an S3-compatible server) is installed, then
+# runs `cargo test --workspace`. Under CI=true a
 # PostgreSQL that cannot be reached fails the run instead of skipping its tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,20 @@ if ! pg_up; then
     fi
     echo "ci: !!! PostgreSQL unreachable: its tests will be skipped (outside CI only)" >&2
     unset GRANULE_TEST_POSTGRES
+fi
+
+# An S3-compatible server for the blob store's tests: moto, from PyPI.
+if ! command -v moto_server >/dev/null; then
+    echo "ci: installing moto (an S3-compatible server for the blob store tests)" >&2
+    python3 -m pip install -q 'moto[server]' >&2 || true
+    hash -r
+fi
+if ! command -v moto_server >/dev/null; then
+    if [ "${CI:-}" = "true" ]; then
+        echo "ci: moto_server is missing (pip install 'moto[server]'); the S3 tests must run in CI" >&2
+        exit 1
+    fi
+    echo "ci: !!! moto_server unavailable: the S3 tests will be skipped (outside CI only)" >&2
 fi
 
 # Every test binary runs even when one fails, so CI shows every failure.

@@ -98,7 +98,7 @@ fn outputs_reach_the_next_stage_exactly_once_while_workers_are_killed() {
                     .stderr(Stdio::null()),
             )
         };
-        let mut workers = vec![spawn(), spawn()];
+        let mut workers = [spawn(), spawn()];
         let (mut kills, mut next) = (0u32, Instant::now() + Duration::from_millis(400));
         let deadline = Instant::now() + PATIENCE;
         while job.status()["jobs"][0]["state"] == "running" {
@@ -375,4 +375,71 @@ fn the_example_pipeline_totals_compressed_sizes_per_directory() {
     }
     expected.sort();
     assert_eq!(got, expected);
+}
+
+#[path = "../../exec/tests/moto/mod.rs"]
+mod moto;
+
+#[test]
+fn output_files_travel_through_an_s3_blob_store() {
+    let Some(server) = moto::moto() else { return };
+    let env = server.env_with_bucket("granule-pipe");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let spec = r#"name = "s3"
+[[stage]]
+name = "make"
+command = ["sh", "-c", 'while read -r x; do f=$(mktemp); seq "$x" > "$f"; echo "$GRANULE_CMD output $f" >&3; echo "$x" >&3; done']
+items = { range = [1, 30] }
+
+[[stage]]
+name = "count"
+command = ["wc", "-l", "{}"]
+per_item = true
+outputs = "stdout"
+items = { from = "make" }
+"#;
+    let job = Job::new(spec);
+    let out = job.run(&["--blobs", "s3://granule-pipe/runs"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut counts: Vec<u64> = published(&job, "count")
+        .iter()
+        .map(|r| {
+            let v = r["value"].as_str().unwrap();
+            v.split_whitespace().next().unwrap().parse().unwrap()
+        })
+        .collect();
+    counts.sort();
+    assert_eq!(counts, (1..30).collect::<Vec<u64>>());
+    // Nothing was written to the default folder store: the files went to S3.
+    assert!(!job
+        .path(".granule/blobs")
+        .join("tmp")
+        .read_dir()
+        .is_ok_and(|mut d| d.next().is_some()));
+    let local: usize = std::fs::read_dir(job.path(".granule/blobs"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().len() == 2)
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(local, 0, "blobs went to the local folder");
+    // gc keeps what the job refers to, and after `rm` deletes it (no minimum age).
+    let mut gc = job.cmd(&["gc", "--min-age", "0s", "--blobs", "s3://granule-pipe/runs"]);
+    gc.envs(env.iter().copied());
+    let kept = output_of(&mut gc);
+    assert!(
+        stderr(&kept).contains("removed 0 blobs"),
+        "{}",
+        stderr(&kept)
+    );
+    assert!(job.output(&["rm", "s3"]).status.success());
+    let mut gc = job.cmd(&["gc", "--min-age", "0s", "--blobs", "s3://granule-pipe/runs"]);
+    gc.envs(env.iter().copied());
+    let freed = output_of(&mut gc);
+    assert!(
+        stderr(&freed).contains("removed 29 blobs"),
+        "{}",
+        stderr(&freed)
+    );
 }

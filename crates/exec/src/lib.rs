@@ -15,6 +15,8 @@ mod blob;
 mod data;
 mod drain;
 mod items;
+#[cfg(feature = "s3")]
+mod object;
 mod per_item;
 pub mod protocol;
 mod run;

@@ -407,7 +407,7 @@ fn items_with_no_source() {
         text,
         5,
         "stage[0].items",
-        "needs one of range, lines or list",
+        "needs one of range, lines, list, from or results_of",
     );
 }
 
@@ -499,4 +499,88 @@ fn placement_keys_parse_into_stage_needs() {
         ("stage[0].memory", 7),
         "{err}"
     );
+}
+
+/// Two stages: "a" over a range, "b" with `b_items` and `b_extra`.
+fn two_stages(b_items: &str, b_extra: &str) -> String {
+    format!(
+        "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = {{ range = [0, 10] }}\n\n[[stage]]\nname = \"b\"\ncommand = [\"sh\"]\nitems = {b_items}\n{b_extra}"
+    )
+}
+
+#[test]
+fn streamed_items_name_stages_of_the_job() {
+    let (_dir, spec) = load_text(&two_stages("{ from = \"a\" }", "after_any = [\"a\"]"));
+    let spec = spec.unwrap();
+    let b = &spec.stages[1];
+    assert_eq!(
+        b.items,
+        ItemsSpec::Stream {
+            from: vec!["a".into()],
+            results: false
+        }
+    );
+    assert!(b.items.streamed() && b.items.count() == 0);
+    assert_eq!(b.after_any, ["a"]);
+    let (_dir, spec) = load_text(&two_stages("{ results_of = [\"a\"] }", ""));
+    assert!(matches!(
+        spec.unwrap().stages[1].items,
+        ItemsSpec::Stream { results: true, .. }
+    ));
+}
+
+#[test]
+fn a_stream_from_an_unknown_stage_or_itself_is_refused_where_it_is_named() {
+    assert_err(
+        &two_stages("{ from = \"nope\" }", ""),
+        10,
+        "stage[1].items",
+        "unknown stage \"nope\"",
+    );
+    assert_err(
+        &two_stages("{ from = [\"a\", \"b\"] }", ""),
+        10,
+        "stage[1].items",
+        "cannot come after itself",
+    );
+    assert_err(
+        &two_stages("{ from = \"a\", range = [0, 2] }", ""),
+        10,
+        "stage[1].items",
+        "give exactly one of",
+    );
+}
+
+#[test]
+fn a_cycle_through_streamed_items_is_refused() {
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = { from = \"b\" }\n\n[[stage]]\nname = \"b\"\ncommand = [\"sh\"]\nitems = { from = \"a\" }\n";
+    assert_err(text, 5, "stage[0].items", "cycle in after: a -> b -> a");
+}
+
+#[test]
+fn after_and_after_any_may_not_both_name_a_stage() {
+    assert_err(
+        &two_stages("{ range = [0, 1] }", "after = [\"a\"]\nafter_any = [\"a\"]"),
+        12,
+        "stage[1].after_any",
+        "in both after and after_any",
+    );
+}
+
+#[test]
+fn stdout_outputs_need_per_item_mode() {
+    assert_err(
+        &one_stage("outputs = \"stdout\""),
+        6,
+        "stage[0].outputs",
+        "needs per_item = true",
+    );
+    assert_err(
+        &one_stage("per_item = true\noutputs = \"stderr\""),
+        7,
+        "stage[0].outputs",
+        "the only mode is \"stdout\"",
+    );
+    let (_dir, spec) = load_text(&one_stage("per_item = true\noutputs = \"stdout\""));
+    assert!(spec.unwrap().stages[0].stdout_outputs);
 }
