@@ -500,7 +500,7 @@ mod tests {
         );
         // The same content again: the same key.
         assert_eq!(store.put_file(&src, dir.path()).unwrap(), stored);
-        assert_eq!(store.keys().unwrap(), [stored.key.clone()]);
+        assert_eq!(store.keys().unwrap(), std::slice::from_ref(&stored.key));
         let cache = Cache::new(&dir.path().join("cache"), 1 << 30).unwrap();
         let (path, how) = cache.get(&store, &stored.key, "in.txt").unwrap();
         assert_eq!(how, Fetched::Miss);

@@ -502,7 +502,7 @@ fn placement_keys_parse_into_stage_needs() {
 }
 
 /// Two stages: "a" over a range, "b" with `b_items` and `b_extra`.
-fn two_stages(b_items: &str, b_extra: &str) -> String {
+fn streamed_pair(b_items: &str, b_extra: &str) -> String {
     format!(
         "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = {{ range = [0, 10] }}\n\n[[stage]]\nname = \"b\"\ncommand = [\"sh\"]\nitems = {b_items}\n{b_extra}"
     )
@@ -510,7 +510,7 @@ fn two_stages(b_items: &str, b_extra: &str) -> String {
 
 #[test]
 fn streamed_items_name_stages_of_the_job() {
-    let (_dir, spec) = load_text(&two_stages("{ from = \"a\" }", "after_any = [\"a\"]"));
+    let (_dir, spec) = load_text(&streamed_pair("{ from = \"a\" }", "after_any = [\"a\"]"));
     let spec = spec.unwrap();
     let b = &spec.stages[1];
     assert_eq!(
@@ -522,7 +522,7 @@ fn streamed_items_name_stages_of_the_job() {
     );
     assert!(b.items.streamed() && b.items.count() == 0);
     assert_eq!(b.after_any, ["a"]);
-    let (_dir, spec) = load_text(&two_stages("{ results_of = [\"a\"] }", ""));
+    let (_dir, spec) = load_text(&streamed_pair("{ results_of = [\"a\"] }", ""));
     assert!(matches!(
         spec.unwrap().stages[1].items,
         ItemsSpec::Stream { results: true, .. }
@@ -532,19 +532,19 @@ fn streamed_items_name_stages_of_the_job() {
 #[test]
 fn a_stream_from_an_unknown_stage_or_itself_is_refused_where_it_is_named() {
     assert_err(
-        &two_stages("{ from = \"nope\" }", ""),
+        &streamed_pair("{ from = \"nope\" }", ""),
         10,
         "stage[1].items",
         "unknown stage \"nope\"",
     );
     assert_err(
-        &two_stages("{ from = [\"a\", \"b\"] }", ""),
+        &streamed_pair("{ from = [\"a\", \"b\"] }", ""),
         10,
         "stage[1].items",
         "cannot come after itself",
     );
     assert_err(
-        &two_stages("{ from = \"a\", range = [0, 2] }", ""),
+        &streamed_pair("{ from = \"a\", range = [0, 2] }", ""),
         10,
         "stage[1].items",
         "give exactly one of",
@@ -560,7 +560,7 @@ fn a_cycle_through_streamed_items_is_refused() {
 #[test]
 fn after_and_after_any_may_not_both_name_a_stage() {
     assert_err(
-        &two_stages("{ range = [0, 1] }", "after = [\"a\"]\nafter_any = [\"a\"]"),
+        &streamed_pair("{ range = [0, 1] }", "after = [\"a\"]\nafter_any = [\"a\"]"),
         12,
         "stage[1].after_any",
         "in both after and after_any",
