@@ -11,8 +11,8 @@ use crate::progress::Progress;
 use anyhow::{Context, Result};
 use granule_core::{ClaimContext, FinishOutcome, FragmentId, JobId, Output, WorkerOffer};
 use granule_exec::{
-    run_fragment, Blob, Cache, Control, DataStore, Failure, FragmentJob, ItemSource, ItemsError,
-    RunReport, Sampler,
+    run_fragment, Blob, Cache, Control, DataStore, Failure, Fetched, FragmentJob, ItemSource,
+    ItemsError, RunReport, Sampler,
 };
 use granule_spec::JobSpec;
 use granule_store::{
@@ -1239,15 +1239,24 @@ impl Worker<'_> {
             return Ok(None);
         };
         let mut values = Vec::with_capacity(published.len());
+        let (started, mut fetched, mut hits, mut bytes) = (Instant::now(), 0, 0, 0);
         for p in published {
             let value = match p.output {
                 Output::Record(bytes) => bytes,
-                Output::File { key, name, .. } => {
-                    match self.data.cache.get(&self.data.store, &key, &name) {
-                        Ok((path, _)) => path.into_os_string().into_encoded_bytes(),
-                        Err(e) => return Ok(Some(Err(e.to_string()))),
+                Output::File {
+                    key,
+                    name,
+                    bytes: n,
+                } => match self.data.cache.get(&self.data.store, &key, &name) {
+                    Ok((path, how)) => {
+                        match how {
+                            Fetched::Hit => hits += 1,
+                            Fetched::Miss => (fetched, bytes) = (fetched + 1, bytes + n),
+                        }
+                        path.into_os_string().into_encoded_bytes()
                     }
-                }
+                    Err(e) => return Ok(Some(Err(e.to_string()))),
+                },
                 Output::Result(id) => match self.result_file(id)? {
                     None => return Ok(None),
                     Some(Ok(path)) => path.into_os_string().into_encoded_bytes(),
@@ -1255,6 +1264,14 @@ impl Worker<'_> {
                 },
             };
             values.push(value);
+        }
+        if fetched + hits > 0 {
+            self.progress.note(&format!(
+                "fragment {}: fetched {fetched} files ({:.1} MiB) in {:.2} s; {hits} from the host cache",
+                a.fragment,
+                bytes as f64 / (1 << 20) as f64,
+                started.elapsed().as_secs_f64()
+            ));
         }
         Ok(Some(Ok(ItemSource::Values {
             first: a.span.start,

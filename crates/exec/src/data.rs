@@ -79,6 +79,22 @@ pub struct DataStore {
     location: String,
     level: i32,
     backend: Backend,
+    /// Files stored lately, by identity (device, inode, length, modification
+    /// time): one handed over again unchanged is not read and compressed again.
+    recent: std::sync::Mutex<std::collections::HashMap<FileId, StoredFile>>,
+}
+
+type FileId = (u64, u64, u64, i64, i64);
+
+fn file_id(meta: &std::fs::Metadata) -> FileId {
+    use std::os::unix::fs::MetadataExt;
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+    )
 }
 
 enum Backend {
@@ -118,6 +134,7 @@ impl DataStore {
             location: location.to_string(),
             level,
             backend,
+            recent: Default::default(),
         })
     }
 
@@ -135,6 +152,18 @@ impl DataStore {
                 path: path.into(),
                 source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
             });
+        }
+        let id = file_id(&meta);
+        let known = self.recent.lock().ok().and_then(|r| r.get(&id).cloned());
+        if let Some(stored) = known {
+            let there = match &self.backend {
+                Backend::Dir(root) => dir_path(root, &stored.key).is_file(),
+                #[cfg(feature = "s3")]
+                Backend::Object(_) => true,
+            };
+            if there {
+                return Ok(stored);
+            }
         }
         let temp_dir = match &self.backend {
             Backend::Dir(root) => root.join("tmp"),
@@ -165,7 +194,14 @@ impl DataStore {
         };
         let _ = std::fs::remove_file(&temp);
         placed?;
-        Ok(StoredFile { key, bytes })
+        let stored = StoredFile { key, bytes };
+        if let Ok(mut recent) = self.recent.lock() {
+            if recent.len() >= 4096 {
+                recent.clear();
+            }
+            recent.insert(id, stored.clone());
+        }
+        Ok(stored)
     }
 
     /// Writes the content of blob `key` to `dest` (a new file), checking it against
@@ -200,19 +236,22 @@ impl DataStore {
         let mut decoder = zstd::stream::read::Decoder::new(BufReader::with_capacity(CHUNK, reader))
             .map_err(|e| self.corrupt(key, e.to_string()))?;
         let mut out = File::create_new(dest).map_err(io_at(dest))?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = match decoder.read(&mut buf) {
-                Ok(0) => break,
+        let (tx, hasher) = hash_thread();
+        let written = (|| loop {
+            let mut buf = vec![0u8; CHUNK];
+            let n = match read_full(&mut decoder, &mut buf) {
+                Ok(0) => return Ok(()),
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(self.corrupt(key, e.to_string())),
             };
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(io_at(dest))?;
-        }
-        let found = hasher.finalize().to_hex().to_string();
+            buf.truncate(n);
+            let chunk = std::sync::Arc::new(buf);
+            let _ = tx.send(chunk.clone());
+            out.write_all(&chunk).map_err(io_at(dest))?;
+        })();
+        drop(tx);
+        let found = hasher.join().expect("the hashing thread does not panic");
+        written?;
         if found != key {
             return Err(self.corrupt(key, format!("content hashes to {found}")));
         }
@@ -306,20 +345,12 @@ fn dir_path(root: &Path, key: &str) -> PathBuf {
 /// Compresses `path` into `temp` at `level` and hashes it on the way, the hash on
 /// a second thread; returns the key and the length.
 pub(crate) fn compress(path: &Path, temp: &Path, level: i32) -> Result<(String, u64), DataError> {
-    use std::sync::mpsc;
     let mut input = File::open(path).map_err(io_at(path))?;
     let out = File::create_new(temp).map_err(io_at(temp))?;
     let mut encoder =
         zstd::stream::write::Encoder::new(io::BufWriter::with_capacity(CHUNK, out), level)
             .map_err(io_at(temp))?;
-    let (tx, rx) = mpsc::sync_channel::<std::sync::Arc<Vec<u8>>>(4);
-    let hasher = std::thread::spawn(move || {
-        let mut h = blake3::Hasher::new();
-        for chunk in rx {
-            h.update(&chunk);
-        }
-        h.finalize().to_hex().to_string()
-    });
+    let (tx, hasher) = hash_thread();
     let mut bytes = 0u64;
     let result = (|| {
         loop {
@@ -344,6 +375,22 @@ pub(crate) fn compress(path: &Path, temp: &Path, level: i32) -> Result<(String, 
     let key = hasher.join().expect("the hashing thread does not panic");
     result?;
     Ok((key, bytes))
+}
+
+/// A thread that hashes the chunks sent to it (blake3, hex) while the sender
+/// compresses or writes them: on two cores, hashing costs no wall time.
+type Chunks = std::sync::mpsc::SyncSender<std::sync::Arc<Vec<u8>>>;
+
+fn hash_thread() -> (Chunks, std::thread::JoinHandle<String>) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::sync::Arc<Vec<u8>>>(4);
+    let hasher = std::thread::spawn(move || {
+        let mut h = blake3::Hasher::new();
+        for chunk in rx {
+            h.update(&chunk);
+        }
+        h.finalize().to_hex().to_string()
+    });
+    (tx, hasher)
 }
 
 /// Reads until `buf` is full or the end.
