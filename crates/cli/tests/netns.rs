@@ -357,3 +357,46 @@ fn postgres_restarted_twice_mid_job_loses_nothing() {
     );
     assert_eq!(job.recorded().len() as u64, items, "an item was never run");
 }
+
+#[test]
+fn outputs_reach_the_next_stage_once_across_postgres_restarts() {
+    if !(is_root() && have("initdb") && have("pg_ctl") && have("runuser")) {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI must run this test"
+        );
+        eprintln!("!!! SKIPPING outputs_reach_the_next_stage_once_across_postgres_restarts: needs root and PostgreSQL's initdb");
+        return;
+    }
+    let items = 3000u64;
+    let port = free_port();
+    let pg = Cluster::start("127.0.0.1", port).expect("a private PostgreSQL cluster");
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let mut job = Job::new(&two_stage_spec(items));
+    job.set_store(Some(url.clone()));
+    let out = job.path("out");
+    std::fs::create_dir(&out).unwrap();
+    assert!(job.output(&["submit", "job.toml"]).status.success());
+    let mut workers: Vec<Spawned> = (0..2)
+        .map(|_| Spawned::start(&mut worker_cmd(&job, &url, &out)))
+        .collect();
+    // Restarts while both stages hold work: the first once "use" has started, the
+    // second later on.
+    for threshold in [200u64, 2_000] {
+        wait_until("downstream progress before a restart", PATIENCE, || {
+            stage(&job.status(), 1)["done"].as_u64() > Some(threshold)
+        });
+        pg.restart();
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while workers.iter_mut().any(|w| w.try_wait().unwrap().is_none()) {
+        assert!(
+            Instant::now() < deadline,
+            "workers did not finish: {}",
+            job.status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_exactly_once(&job, items);
+}

@@ -5,74 +5,8 @@
 mod common;
 
 use common::*;
-use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Stage `make` emits two records per item (`X-a`, `X-b`) and acks it, a little
-/// slowly; stage `use` streams them and writes each value it is fed to a file
-/// under `$OUT_DIR` before acking it.
-fn two_stage_spec(items: u64) -> String {
-    format!(
-        r#"name = "pipe"
-[[stage]]
-name = "make"
-command = ["sh", "-c", 'while read -r x; do sleep 0.002; echo "$GRANULE_CMD emit $x-a" >&3; echo "$GRANULE_CMD emit $x-b" >&3; echo "$x" >&3; done']
-items = {{ range = [0, {items}] }}
-
-[[stage]]
-name = "use"
-command = ["sh", "-c", 'f="$OUT_DIR/$$"; while read -r v; do echo "$v" >> "$f"; echo "$v" >&3; done']
-items = {{ from = "make" }}
-"#
-    )
-}
-
-/// Every record `make` published, as `granule outputs --json` lists it.
-fn published(job: &Job, stage: &str) -> Vec<serde_json::Value> {
-    let out = job.output(&["outputs", stage, "--json"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// The job's outputs and its downstream accounting are exact: each expected
-/// record published once, tied to its item, and counted done once downstream.
-fn assert_exactly_once(job: &Job, items: u64) {
-    let status = job.status();
-    assert_eq!(status["jobs"][0]["state"], "done", "{status}");
-    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
-    for row in published(job, "make") {
-        let value = row["value"].as_str().unwrap().to_string();
-        let item = row["item"].as_u64().unwrap();
-        assert!(value.starts_with(&format!("{item}-")), "{row}");
-        *seen.entry(value).or_default() += 1;
-    }
-    let expected: BTreeMap<String, u64> = (0..items)
-        .flat_map(|x| [format!("{x}-a"), format!("{x}-b")])
-        .map(|v| (v, 1))
-        .collect();
-    let dupes: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
-    assert!(dupes.is_empty(), "published twice: {dupes:?}");
-    assert_eq!(seen, expected, "the published outputs are the expected set");
-    let down = stage(&status, 1);
-    assert_eq!(down["items"], 2 * items, "{down}");
-    assert_eq!(down["done"], 2 * items, "exactly-once downstream: {down}");
-    // At least once executed: every record reached the downstream task.
-    let mut ran = std::collections::BTreeSet::new();
-    for entry in std::fs::read_dir(job.path("out")).unwrap() {
-        for line in std::fs::read_to_string(entry.unwrap().path())
-            .unwrap()
-            .lines()
-        {
-            ran.insert(line.to_string());
-        }
-    }
-    assert_eq!(ran.len() as u64, 2 * items, "every record ran downstream");
-}
 
 fn signal(pid: u32, sig: i32) {
     // SAFETY: signalling our own child.
@@ -126,6 +60,55 @@ fn outputs_reach_the_next_stage_exactly_once_while_workers_are_killed() {
 }
 
 #[test]
+fn a_worker_stopped_past_its_lease_publishes_nothing_twice() {
+    let items = 2000;
+    for backend in backends("outputs_after_a_lost_lease") {
+        let job = Job::on(&two_stage_spec(items), &backend);
+        std::fs::create_dir(job.path("out")).unwrap();
+        let out = job.path("out").display().to_string();
+        assert!(job.output(&["submit", "job.toml"]).status.success());
+        let args = ["worker", "-q", "--slots", "1", "--lease", "2s"];
+        let spawn = || {
+            Spawned::start(
+                job.cmd(&args)
+                    .env("OUT_DIR", &out)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+            )
+        };
+        let (mut victim, mut other) = (spawn(), spawn());
+        wait_until("both workers busy", PATIENCE, || {
+            let s = job.status();
+            let busy = s["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|w| w["busy"].as_u64() > Some(0))
+                .count();
+            busy >= 2 && stage(&s, 0)["done"].as_u64() > Some(100)
+        });
+        // Stopped longer than its lease: its fragment goes to the other worker, and
+        // what it flushes when it wakes (acks with outputs) must count nothing.
+        signal(victim.id(), libc::SIGSTOP);
+        let stopped = Instant::now();
+        wait_until("the stopped worker's lease to lapse", PATIENCE, || {
+            let s = job.status();
+            stage(&s, 0)["lost"].as_u64() > Some(0) || stage(&s, 1)["lost"].as_u64() > Some(0)
+        });
+        while stopped.elapsed() < Duration::from_secs(4) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        signal(victim.id(), libc::SIGCONT);
+        let deadline = Instant::now() + PATIENCE;
+        while victim.try_wait().unwrap().is_none() || other.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "not finished: {}", job.status());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_exactly_once(&job, items);
+    }
+}
+
+#[test]
 fn a_downstream_stage_works_while_its_upstream_still_runs() {
     let spec = r#"name = "stream"
 [[stage]]
@@ -146,6 +129,9 @@ items = { from = "slow" }
         let (up, down) = (stage(&status, 0), stage(&status, 1));
         if down["done"].as_u64() > Some(0) {
             overlap = Some((up["state"].clone(), up["done"].as_u64().unwrap()));
+            // Its item count is what is known so far, and status says more come.
+            assert_eq!(down["streams_from"][0], "slow", "{down}");
+            assert!(up["state"] == "done" || down["producing"] == true, "{down}");
             return true;
         }
         false
@@ -319,6 +305,41 @@ after = ["make"]
     let logs = job.output(&["logs", "read", "--job", "files2"]);
     let logs = String::from_utf8_lossy(&logs.stdout).into_owned() + &stderr(&logs);
     assert!(logs.contains("corrupt"), "{logs}");
+
+    // rm: a running job is refused, an unknown one too (exit 2); gc then frees
+    // the blobs of the removed jobs, and only those.
+    std::fs::write(job.path("other.toml"), "name = \"other\"\n[[stage]]\nname = \"s\"\ncommand = [\"true\"]\nitems = { range = [0, 1] }\n").unwrap();
+    assert!(job.output(&["submit", "other.toml"]).status.success());
+    let refused = job.output(&["rm", "other"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("still running"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(job.output(&["rm", "nope"]).status.code(), Some(2));
+    let kept = job.output(&["gc", "--min-age", "0s"]);
+    assert!(
+        stderr(&kept).contains("removed 0 blobs"),
+        "{}",
+        stderr(&kept)
+    );
+    assert!(job.output(&["rm", "files2"]).status.success());
+    // "files" made the same contents: its blobs are its own too, and stay.
+    let kept = job.output(&["gc", "--min-age", "0s"]);
+    assert!(
+        stderr(&kept).contains("removed 0 blobs"),
+        "{}",
+        stderr(&kept)
+    );
+    assert!(job.output(&["rm", "files"]).status.success());
+    let freed = job.output(&["gc", "--min-age", "0s"]);
+    assert!(
+        stderr(&freed).contains("removed 3 blobs"),
+        "{}",
+        stderr(&freed)
+    );
+    assert_eq!(job.output(&["status", "files2"]).status.code(), Some(2));
 }
 
 #[test]

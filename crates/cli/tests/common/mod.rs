@@ -262,3 +262,68 @@ pub fn start_run(job: &Job, env: &[(&str, &str)]) -> Spawned {
 pub fn done(job: &Job) -> u64 {
     stage(&job.status(), 0)["done"].as_u64().unwrap_or(0)
 }
+
+/// Stage `make` emits two records per item (`X-a`, `X-b`) and acks it, a little
+/// slowly; stage `use` streams them and writes each value it is fed to a file
+/// under `$OUT_DIR` before acking it.
+pub fn two_stage_spec(items: u64) -> String {
+    format!(
+        r#"name = "pipe"
+[[stage]]
+name = "make"
+command = ["sh", "-c", 'while read -r x; do sleep 0.002; echo "$GRANULE_CMD emit $x-a" >&3; echo "$GRANULE_CMD emit $x-b" >&3; echo "$x" >&3; done']
+items = {{ range = [0, {items}] }}
+
+[[stage]]
+name = "use"
+command = ["sh", "-c", 'f="$OUT_DIR/$$"; while read -r v; do echo "$v" >> "$f"; echo "$v" >&3; done']
+items = {{ from = "make" }}
+"#
+    )
+}
+
+/// Every record `make` published, as `granule outputs --json` lists it.
+pub fn published(job: &Job, stage: &str) -> Vec<serde_json::Value> {
+    let out = job.output(&["outputs", stage, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The job's outputs and its downstream accounting are exact: each expected
+/// record published once, tied to its item, and counted done once downstream.
+pub fn assert_exactly_once(job: &Job, items: u64) {
+    let status = job.status();
+    assert_eq!(status["jobs"][0]["state"], "done", "{status}");
+    let mut seen: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for row in published(job, "make") {
+        let value = row["value"].as_str().unwrap().to_string();
+        let item = row["item"].as_u64().unwrap();
+        assert!(value.starts_with(&format!("{item}-")), "{row}");
+        *seen.entry(value).or_default() += 1;
+    }
+    let expected: std::collections::BTreeMap<String, u64> = (0..items)
+        .flat_map(|x| [format!("{x}-a"), format!("{x}-b")])
+        .map(|v| (v, 1))
+        .collect();
+    let dupes: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(dupes.is_empty(), "published twice: {dupes:?}");
+    assert_eq!(seen, expected, "the published outputs are the expected set");
+    let down = stage(&status, 1);
+    assert_eq!(down["items"], 2 * items, "{down}");
+    assert_eq!(down["done"], 2 * items, "exactly-once downstream: {down}");
+    // At least once executed: every record reached the downstream task.
+    let mut ran = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(job.path("out")).unwrap() {
+        for line in std::fs::read_to_string(entry.unwrap().path())
+            .unwrap()
+            .lines()
+        {
+            ran.insert(line.to_string());
+        }
+    }
+    assert_eq!(ran.len() as u64, 2 * items, "every record ran downstream");
+}
