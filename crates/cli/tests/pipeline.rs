@@ -131,7 +131,12 @@ items = { from = "slow" }
             overlap = Some((up["state"].clone(), up["done"].as_u64().unwrap()));
             // Its item count is what is known so far, and status says more come.
             assert_eq!(down["streams_from"][0], "slow", "{down}");
-            assert!(up["state"] == "done" || down["producing"] == true, "{down}");
+            if down["producing"] == true {
+                // One output per upstream item so far: all 100 expected.
+                assert_eq!(down["expected_items"], 100, "{down}");
+            } else {
+                assert_eq!(up["state"], "done", "{up}");
+            }
             return true;
         }
         false

@@ -712,6 +712,13 @@ pub struct StageStatus {
     pub streams_from: Vec<String>,
     /// Whether one of those still runs: its item count still grows.
     pub producing: bool,
+    /// While its sources still produce: the items it will have, estimated from
+    /// their outputs (or results) per item done so far.
+    pub expected_items: Option<u64>,
+    /// Outputs this stage published so far.
+    pub outputs: u64,
+    /// Results this stage published so far (for stages that take `results_of` it).
+    pub results: u64,
     /// Stages that stream its outputs (or results): its quarantined items'
     /// outputs are missing there.
     #[serde(skip_serializing_if = "Vec::is_empty")]

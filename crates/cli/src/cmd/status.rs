@@ -128,11 +128,17 @@ fn print_stage(s: &StageStatus) {
             );
         }
     }
+    if s.outputs > 0 || s.results > 0 {
+        println!(
+            "  {:<16} published {} outputs, {} results (granule outputs {}, granule results {})",
+            "", s.outputs, s.results, s.name, s.name
+        );
+    }
     if !s.streams_from.is_empty() {
-        let growth = if s.producing {
-            "still producing: more items to come"
-        } else {
-            "finished: every item known"
+        let growth = match (s.producing, s.expected_items) {
+            (true, Some(n)) => format!("still producing: about {n} expected"),
+            (true, None) => "still producing: more items to come".to_string(),
+            (false, _) => "finished: every item known".to_string(),
         };
         println!(
             "  {:<16} items from {} ({growth}): {} known so far",

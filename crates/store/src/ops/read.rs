@@ -85,15 +85,21 @@ pub(crate) fn status(b: &mut impl Backend, job: Option<&str>) -> Result<Vec<JobS
 /// `feeds`, `skipped_for`); `stages` are in spec order.
 fn links(tx: &mut dyn Db, job: i64, stages: &mut [StageStatus]) -> Result<()> {
     let rows = tx.query(
-        "SELECT sources, after, after_any FROM stages WHERE job_id = $1 ORDER BY idx",
+        "SELECT sources, after, after_any, published, results_published, from_results
+         FROM stages WHERE job_id = $1 ORDER BY idx",
         args![job],
     )?;
     let mut edges = Vec::new();
-    for r in &rows {
+    let mut results = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
         let sources: Vec<usize> = parse(r.str(0), "stage sources")?;
         let after: Vec<usize> = parse(r.str(1), "stage after")?;
         let any: Vec<usize> = parse(r.str(2), "stage after_any")?;
         edges.push((sources, after, any));
+        results.push(r.bool(5));
+        if let Some(s) = stages.get_mut(i) {
+            (s.outputs, s.results) = (r.u64(3), r.u64(4));
+        }
     }
     let ended = |s: &StageStatus| matches!(s.state, StageState::Done | StageState::Skipped);
     for i in 0..stages.len().min(edges.len()) {
@@ -122,9 +128,32 @@ fn links(tx: &mut dyn Db, job: i64, stages: &mut [StageStatus]) -> Result<()> {
                 .collect(),
             _ => Vec::new(),
         };
+        // Each source's outputs per item done so far, over all its items.
+        let expected = producing.then(|| {
+            sources
+                .iter()
+                .filter_map(|k| stages.get(*k))
+                .map(|src| {
+                    let made = if results[i] { src.results } else { src.outputs };
+                    let settled = src.done + src.quarantined;
+                    match (ended(src), settled) {
+                        (true, _) => made,
+                        (false, 0) => made.max(src.items),
+                        (false, n) => {
+                            (made as f64 * src.items.max(n) as f64 / n as f64).round() as u64
+                        }
+                    }
+                })
+                .sum::<u64>()
+        });
         let s = &mut stages[i];
-        (s.streams_from, s.producing, s.feeds, s.skipped_for) =
-            (streams_from, producing, feeds, skipped_for);
+        (
+            s.streams_from,
+            s.producing,
+            s.feeds,
+            s.skipped_for,
+            s.expected_items,
+        ) = (streams_from, producing, feeds, skipped_for, expected);
     }
     Ok(())
 }
@@ -277,6 +306,9 @@ fn stage_status(tx: &mut dyn Db, stage: &StageRow) -> Result<StageStatus> {
         profile_source,
         streams_from: Vec::new(),
         producing: false,
+        expected_items: None,
+        outputs: 0,
+        results: 0,
         feeds: Vec::new(),
         skipped_for: Vec::new(),
     })
