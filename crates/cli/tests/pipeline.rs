@@ -469,3 +469,27 @@ items = { from = "make" }
         stderr(&freed)
     );
 }
+
+#[test]
+fn a_stage_whose_tasks_both_emit_and_checkpoint_is_refused_before_publishing() {
+    // The first fragment (one item) keeps state, the later ones emit: a stateful
+    // stage's acks can be undone, so its outputs could publish twice. Refused.
+    let spec = r#"name = "mixed"
+[[stage]]
+name = "m"
+command = ["sh", "-c", 'while read -r x; do if [ "$x" = 0 ]; then f=$(mktemp); echo s > "$f"; echo "$GRANULE_CMD checkpoint $f" >&3; else echo "$GRANULE_CMD emit $x" >&3; fi; echo "$x" >&3; done']
+items = { range = [0, 50] }
+initial = 1
+"#;
+    for backend in backends("emit_and_checkpoint_refused") {
+        let job = Job::on(spec, &backend);
+        let out = output_of(&mut job.cmd(&["run", "job.toml", "--slots", "1"]));
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("both outputs and checkpoints"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(published(&job, "m").is_empty(), "nothing was published");
+    }
+}

@@ -494,6 +494,17 @@ fn apply(
     let now = Instant::now();
     let at_ms = now.duration_since(start).as_secs_f64() * 1e3;
     let mut st = control.lock();
+    // Outputs and checkpoints never mix (checked before either is taken: a
+    // stateful stage's acks can be undone, and a published output cannot).
+    let emits = st.emitted || lines.iter().any(|l| matches!(l, Ok(Action::Output(_))));
+    let keeps = st.checkpointed || lines.iter().any(|l| matches!(l, Ok(Action::Checkpoint(_))));
+    if emits && keeps {
+        drop(st);
+        control.fault(Failure::Output(
+            "it wrote outputs and checkpoints: a stage's tasks do one or the other (a stage can take another's results with items = { results_of = \"...\" })".into(),
+        ));
+        return false;
+    }
     let fed_end = job.span.start + st.fed;
     let mut version_one = None;
     for action in lines.into_iter().flatten() {
@@ -530,17 +541,10 @@ fn apply(
             st.pending_outputs.clear();
         }
     }
-    let both = st.emitted && st.checkpointed;
     if st.feeder_waiting && st.fed - st.acks.min(st.fed) <= window_now(job, &st) / 2 {
         control.cond.notify_all();
     }
     drop(st);
-    if both {
-        control.fault(Failure::Output(
-            "it wrote outputs and checkpoints: a stage's tasks do one or the other (a stage can take another's results with items = { results_of = \"...\" })".into(),
-        ));
-        return false;
-    }
     if let Some(line) = version_one {
         control.fault(Failure::Protocol(format!(
             "fd 3: {:?} is no item's value; since protocol {PROTOCOL_VERSION} a checkpoint is written as \"$GRANULE_CMD checkpoint PATH\"",

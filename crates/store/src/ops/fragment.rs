@@ -10,7 +10,7 @@ use crate::common::{
 use crate::db::{args, Db};
 use crate::{
     Acks, Assignment, ClaimRequest, Finished, FlushReply, FragmentEnd, FragmentFlush, Heartbeat,
-    Result, SplitAnswer,
+    JobHalt, Result, SplitAnswer,
 };
 use granule_core::{
     retry_budget, split_gain, split_point, split_share, FinishOutcome, FinishReport, FragmentId,
@@ -40,6 +40,12 @@ pub(crate) struct HeldFragment {
     sizer: SizerHeld,
     /// Its stage's pending rows when a finish held it (other holds: none read).
     pending: Option<i64>,
+    /// Whether its stage has published outputs.
+    published: bool,
+    /// Its job.
+    job: i64,
+    /// Its stage's name.
+    stage_name: String,
 }
 
 /// The sizer of a held fragment's class, as a finish found it (other holds say
@@ -60,7 +66,8 @@ macro_rules! held_sql {
         concat!(
             "SELECT f.stage_id, f.start_idx, f.end_idx, f.acked, f.failures, f.checkpoint_id, f.class,
                     f.size_cap, f.lost, f.floor_memory_mb, f.covers, f.inherited, f.resumed_from,
-                    s.acks, s.stateful, j.state = 'running', s.retries, s.sizer_config",
+                    s.acks, s.stateful, j.state = 'running', s.retries, s.sizer_config,
+                    s.published > 0, s.job_id, s.name",
             $extra,
             " FROM fragments f JOIN stages s ON s.id = f.stage_id JOIN jobs j ON j.id = s.job_id
              WHERE f.id = $1 AND f.worker = $2 AND f.state = 'running' FOR UPDATE OF f"
@@ -122,11 +129,14 @@ fn hold_with(
         retries: r.u32(16),
         sizer_config: decode_sizer_config(r.str(17))?,
         sizer: match sizer {
-            true if !r.bool(19) => SizerHeld::Missing,
-            true => r.opt_string(18).map_or(SizerHeld::Busy, SizerHeld::Locked),
+            true if !r.bool(22) => SizerHeld::Missing,
+            true => r.opt_string(21).map_or(SizerHeld::Busy, SizerHeld::Locked),
             false => SizerHeld::Busy,
         },
-        pending: sizer.then(|| r.i64(20)),
+        pending: sizer.then(|| r.i64(23)),
+        published: r.bool(18),
+        job: r.i64(19),
+        stage_name: r.string(20),
     }))
 }
 
@@ -403,6 +413,19 @@ fn apply_flush(
     now_ms: i64,
 ) -> Result<(u64, bool)> {
     let mut appeared = false;
+    let outputs_with_state =
+        !f.outputs.is_empty() && (ledger.stateful || !f.checkpoints.is_empty());
+    if outputs_with_state || (!f.checkpoints.is_empty() && held.published) {
+        // A stateful stage's acks can be undone (a lost checkpoint, its first
+        // checkpoint), and a published output cannot: the task is wrong for this
+        // stage, said once, with nothing of this flush applied.
+        let why = format!(
+            "stage {}: its tasks wrote both outputs and checkpoints; a stage's tasks do one or the other (a combining stage takes results with items = {{ results_of = \"{}\" }})",
+            held.stage_name, held.stage_name
+        );
+        halt_job(tx, held.job, &JobHalt::Refused(why), now_ms)?;
+        return Ok((0, false));
+    }
     if let Some(restored) = f.restored {
         appeared |= apply_restore(tx, held, ledger, f.fragment, restored)?;
     }
