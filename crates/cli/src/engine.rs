@@ -6,13 +6,14 @@
 //! notice). It owns the store connection, so every store write happens here and
 //! the runner threads only touch their [`Control`].
 
+use crate::fetch::{self, Unusable, Wanted};
 use crate::host;
 use crate::progress::Progress;
 use anyhow::{Context, Result};
 use granule_core::{ClaimContext, FinishOutcome, FragmentId, JobId, Output, WorkerOffer};
 use granule_exec::{
-    run_fragment, Blob, Cache, Control, DataStore, Failure, Fetched, FragmentJob, ItemSource,
-    ItemsError, RunReport, Sampler,
+    run_fragment, Blob, Cache, Control, DataStore, Failure, FragmentJob, ItemSource, ItemsError,
+    RunReport, Sampler,
 };
 use granule_spec::JobSpec;
 use granule_store::{
@@ -82,6 +83,8 @@ pub(crate) struct EngineConfig {
     pub(crate) blobs: Option<String>,
     /// Bound of the host's cache of fetched blobs, bytes.
     pub(crate) cache_bytes: u64,
+    /// The store is shared by hosts (PostgreSQL), not this host's SQLite file.
+    pub(crate) shared_store: bool,
 }
 
 impl Default for EngineConfig {
@@ -109,6 +112,7 @@ impl Default for EngineConfig {
             write_counts: false,
             blobs: None,
             cache_bytes: DEFAULT_CACHE_BYTES,
+            shared_store: false,
         }
     }
 }
@@ -119,7 +123,7 @@ pub(crate) const DEFAULT_CACHE_BYTES: u64 = 4 << 30;
 /// The blob store and the host's cache of it.
 pub(crate) struct DataPlane {
     pub(crate) store: Arc<DataStore>,
-    pub(crate) cache: Cache,
+    pub(crate) cache: Arc<Cache>,
     /// Local scratch space (an output compressed on its way to a remote store).
     pub(crate) scratch: PathBuf,
 }
@@ -136,10 +140,12 @@ impl DataPlane {
             .map_err(|e| crate::BadInput(format!("--blobs: {e}")))?;
         let cache = Cache::new(&cfg.state_dir.join("cache"), cfg.cache_bytes)?;
         let scratch = cfg.state_dir.join("scratch");
-        std::fs::create_dir_all(&scratch)?;
+        std::fs::create_dir_all(&scratch)
+            .with_context(|| format!("creating {}", scratch.display()))?;
+        granule_exec::sweep(&scratch, "");
         Ok(DataPlane {
             store: Arc::new(store),
-            cache,
+            cache: Arc::new(cache),
             scratch,
         })
     }
@@ -252,6 +258,10 @@ struct Worker<'a> {
     /// the pool's recorded losses (see `forecast`).
     expected_life_ms: Option<f64>,
     data: DataPlane,
+    /// The blob store was out of reach: no claims until then.
+    data_paused_until: Option<Instant>,
+    /// The last wait for it (doubling while it stays out of reach).
+    data_backoff: Option<Duration>,
 }
 
 /// Runs fragments with `cfg.slots` local slots until the job (or all work) is
@@ -280,6 +290,12 @@ pub(crate) fn run_worker(
     };
     let offer = offer(cfg);
     let data = DataPlane::open(cfg)?;
+    if cfg.shared_store && cfg.blobs.is_none() {
+        progress_note_once(cfg, &format!(
+            "output files go to {} on this host only: with workers on several hosts, give them --blobs (a shared folder or s3://bucket/prefix)",
+            data.store.location()
+        ));
+    }
     store.register_worker(&info, host::now_ms())?;
     release_dead_workers(store, &info)?;
     let (finished_tx, finished_rx) = mpsc::channel();
@@ -311,6 +327,8 @@ pub(crate) fn run_worker(
         offer,
         expected_life_ms: None,
         data,
+        data_paused_until: None,
+        data_backoff: None,
     };
     let outcome = worker.run(&finished_rx, interrupts);
     if cfg.write_counts {
@@ -325,6 +343,39 @@ pub(crate) fn run_worker(
         other => other?,
     }
     outcome
+}
+
+/// Says `note` on stderr unless the worker is quiet.
+fn progress_note_once(cfg: &EngineConfig, note: &str) {
+    if !cfg.quiet {
+        eprintln!("granule: {note}");
+    }
+}
+
+/// Runs a streamed stage's fragment on its own thread: its inputs made into values
+/// first (files fetched into the host cache and pinned until it ends). A missing or
+/// corrupt blob fails it; a blob store out of reach hands it back uncharged.
+fn run_streamed(
+    mut job: FragmentJob,
+    control: &Arc<Control>,
+    inputs: Result<Vec<Wanted>, String>,
+    (store, cache): &(Arc<DataStore>, Arc<Cache>),
+) -> RunReport {
+    let inputs = inputs.map_err(Unusable::Bad);
+    match inputs.and_then(|w| fetch::resolve(w, store, cache)) {
+        Ok(fetch::Inputs { values, pins, note }) => {
+            job.source = ItemSource::Values {
+                first: job.span.start,
+                values: Arc::new(values),
+            };
+            let mut report = run_fragment(&job, control);
+            drop(pins);
+            report.notes.extend(note);
+            report
+        }
+        Err(Unusable::Bad(why)) => granule_exec::failed_before_start(&job, Failure::Items(why)),
+        Err(Unusable::Unavailable(why)) => granule_exec::unavailable_before_start(&job, why),
+    }
 }
 
 /// What this worker offers to stages: its class and resources (detected and declared).
@@ -792,6 +843,9 @@ impl Worker<'_> {
                 JobState::Cancelled => Some(Outcome::Cancelled),
                 JobState::Refused => Some(Outcome::Refused(error)),
                 JobState::Broken => Some(Outcome::Broken(error)),
+                JobState::Removed => Some(Outcome::Broken(
+                    "the job was removed (granule rm, or --fresh elsewhere)".into(),
+                )),
                 JobState::Running => None,
             });
         }
@@ -812,7 +866,7 @@ impl Worker<'_> {
         for a in std::mem::take(&mut self.deferred) {
             self.start_or_defer(a)?;
         }
-        while self.free_slots() > 0 && self.deferred.is_empty() {
+        while self.free_slots() > 0 && self.deferred.is_empty() && !self.data_paused() {
             let req = self.claim_request();
             // Every free slot in one transaction, each offered what the others left.
             let claimed = self.store.claim_many(&req, self.free_slots());
@@ -825,6 +879,11 @@ impl Worker<'_> {
             }
         }
         Ok(self.free_slots())
+    }
+
+    /// Whether claims wait for the blob store to come back.
+    fn data_paused(&self) -> bool {
+        self.data_paused_until.is_some_and(|t| Instant::now() < t)
     }
 
     /// A claim for this worker's free slots, as it stands now.
@@ -928,20 +987,17 @@ impl Worker<'_> {
             }
         };
         let stage = &spec.stages[a.stage_index];
-        let mut unreadable = None;
+        let mut wanted = None;
         let source = if stage.items.streamed() {
-            match self.stream_source(&a)? {
+            // What the store published for these items; files are fetched on the
+            // fragment's thread.
+            match self.stream_inputs(&a)? {
                 None => return Ok(Some(a)),
-                Some(Ok(source)) => source,
-                Some(Err(why)) => {
-                    // A blob that is missing or corrupt fails this fragment (it is
-                    // retried, elsewhere too), never feeds wrong data.
-                    unreadable = Some(why);
-                    ItemSource::Values {
-                        first: a.span.start,
-                        values: Arc::default(),
-                    }
-                }
+                Some(inputs) => wanted = Some(inputs),
+            }
+            ItemSource::Values {
+                first: a.span.start,
+                values: Arc::default(),
             }
         } else {
             match self.source(a.job, a.stage_index, &stage.items) {
@@ -985,12 +1041,13 @@ impl Worker<'_> {
         }
         let handle = {
             let (control, tx, id) = (control.clone(), self.finished_tx.clone(), a.fragment);
+            let data = (self.data.store.clone(), self.data.cache.clone());
             std::thread::Builder::new()
                 .name(format!("fragment-{id}"))
                 .spawn(move || {
-                    let report = match unreadable {
-                        Some(why) => granule_exec::failed_before_start(&job, Failure::Items(why)),
+                    let report = match wanted {
                         None => run_fragment(&job, &control),
+                        Some(inputs) => run_streamed(job, &control, inputs, &data),
                     };
                     let _ = tx.send(id);
                     report
@@ -1229,86 +1286,42 @@ impl Worker<'_> {
         Ok(source)
     }
 
-    /// The values of a streamed stage's fragment: records as they are, files as
-    /// local paths in the host's cache (fetched once per host), results as files.
-    /// `None` while the store is unreachable; `Some(Err)` when a blob is missing or
-    /// corrupt.
-    fn stream_source(&mut self, a: &Assignment) -> Result<Option<Result<ItemSource, String>>> {
+    /// What the store published for a streamed fragment's items, with results
+    /// read (and verified) from the store: `None` while the store is unreachable.
+    fn stream_inputs(&mut self, a: &Assignment) -> Result<Option<Result<Vec<Wanted>, String>>> {
         let fetched = self.store.stream_values(a.stage, a.span);
         let Some(published) = self.available(fetched)? else {
             return Ok(None);
         };
-        let mut values = Vec::with_capacity(published.len());
-        let (started, mut fetched, mut hits, mut bytes) = (Instant::now(), 0, 0, 0);
+        let mut wanted = Vec::with_capacity(published.len());
         for p in published {
-            let value = match p.output {
-                Output::Record(bytes) => bytes,
-                Output::File {
-                    key,
-                    name,
-                    bytes: n,
-                } => match self.data.cache.get(&self.data.store, &key, &name) {
-                    Ok((path, how)) => {
-                        match how {
-                            Fetched::Hit => hits += 1,
-                            Fetched::Miss => (fetched, bytes) = (fetched + 1, bytes + n),
-                        }
-                        path.into_os_string().into_encoded_bytes()
+            wanted.push(match p.output {
+                Output::Record(bytes) => Wanted::Value(bytes),
+                Output::File { key, name, bytes } => Wanted::File { key, name, bytes },
+                Output::Result(id) => {
+                    let blob = self.store.blob(id);
+                    let Some(blob) = self.available(blob)? else {
+                        return Ok(None);
+                    };
+                    let Some(stored) = blob else {
+                        return Ok(Some(Err(format!("result {id} is missing from the store"))));
+                    };
+                    let blob = Blob {
+                        data: stored.row.data,
+                        raw_len: stored.row.raw_len,
+                        hash: stored.row.hash,
+                    };
+                    match blob.open(u64::MAX) {
+                        Ok(raw) => Wanted::Result {
+                            key: blob.hash,
+                            raw,
+                        },
+                        Err(e) => return Ok(Some(Err(format!("result {id}: {e}")))),
                     }
-                    Err(e) => return Ok(Some(Err(e.to_string()))),
-                },
-                Output::Result(id) => match self.result_file(id)? {
-                    None => return Ok(None),
-                    Some(Ok(path)) => path.into_os_string().into_encoded_bytes(),
-                    Some(Err(why)) => return Ok(Some(Err(why))),
-                },
-            };
-            values.push(value);
+                }
+            });
         }
-        if fetched + hits > 0 {
-            self.progress.note(&format!(
-                "fragment {}: fetched {fetched} files ({:.1} MiB) in {:.2} s; {hits} from the host cache",
-                a.fragment,
-                bytes as f64 / (1 << 20) as f64,
-                started.elapsed().as_secs_f64()
-            ));
-        }
-        Ok(Some(Ok(ItemSource::Values {
-            first: a.span.start,
-            values: Arc::new(values),
-        })))
-    }
-
-    /// A fragment's result (a checkpoint blob of the store) as a file in the cache.
-    fn result_file(&mut self, id: i64) -> Result<Option<Result<PathBuf, String>>> {
-        let path = self.data.cache.dir().join(format!("result-{id}"));
-        if path.is_file() {
-            return Ok(Some(Ok(path)));
-        }
-        let blob = self.store.blob(id);
-        let Some(blob) = self.available(blob)? else {
-            return Ok(None);
-        };
-        let Some(stored) = blob else {
-            return Ok(Some(Err(format!("result {id} is missing from the store"))));
-        };
-        let row = stored.row;
-        let blob = Blob {
-            data: row.data,
-            raw_len: row.raw_len,
-            hash: row.hash,
-        };
-        let raw = match blob.open(u64::MAX) {
-            Ok(raw) => raw,
-            Err(e) => return Ok(Some(Err(format!("result {id}: {e}")))),
-        };
-        let temp = self
-            .data
-            .scratch
-            .join(format!("result-{id}-{}", granule_exec::random_hex()));
-        std::fs::write(&temp, raw)?;
-        std::fs::rename(&temp, &path)?;
-        Ok(Some(Ok(path)))
+        Ok(Some(Ok(wanted)))
     }
 
     fn show_notes(&self, fragment: FragmentId, notes: &[String]) {
@@ -1362,7 +1375,14 @@ impl Worker<'_> {
         for id in ids {
             self.collect(id);
         }
-        let batch: Vec<FragmentFlush> = self.unflushed.values().cloned().collect();
+        // In stage order: every flush locks stage rows (a publish, its producer's
+        // then its consumers') in the same order, so two workers' flushes do not
+        // deadlock on PostgreSQL.
+        let mut batch: Vec<FragmentFlush> = self.unflushed.values().cloned().collect();
+        batch.sort_by_key(|f| {
+            let stage = self.running.get(&f.fragment).map(|s| s.assignment.stage.0);
+            (stage.unwrap_or(i64::MAX), f.fragment.0)
+        });
         let sample = self.sampler.sample();
         let heartbeat = Heartbeat {
             busy: self.running.len() as u32,
@@ -1430,6 +1450,26 @@ impl Worker<'_> {
             fragment: id,
             ..FragmentFlush::default()
         });
+        for note in &report.notes {
+            self.progress.note(&format!("fragment {id}: {note}"));
+        }
+        match &report.unavailable {
+            Some(why) => {
+                // Its items went back uncharged; this worker waits before claiming
+                // again (2 s, doubling to a minute) instead of failing everything.
+                let wait = self.data_backoff.map_or(Duration::from_secs(2), |d| {
+                    (d * 2).min(Duration::from_secs(60))
+                });
+                self.progress.note(&format!(
+                    "fragment {id} handed back: {why}; claiming again in {}s",
+                    wait.as_secs()
+                ));
+                self.data_backoff = Some(wait);
+                self.data_paused_until = Some(Instant::now() + wait);
+            }
+            None if report.failure.is_none() => self.data_backoff = None,
+            None => {}
+        }
         let end = self.end_of(&slot, &report, flush);
         let context = FinishContext {
             id,
@@ -1439,7 +1479,7 @@ impl Worker<'_> {
             n: slot.assignment.n,
             failure: report.failure.as_ref().map(|f| f.to_string()),
         };
-        let claim = claim && self.deferred.is_empty();
+        let claim = claim && self.deferred.is_empty() && !self.data_paused();
         let req = claim.then(|| self.claim_request());
         let free = self.free_slots();
         let next = req.as_ref().map(|r| (r, free));

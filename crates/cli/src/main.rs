@@ -2,6 +2,7 @@
 
 mod cmd;
 mod engine;
+mod fetch;
 mod host;
 mod progress;
 

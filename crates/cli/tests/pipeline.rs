@@ -493,3 +493,38 @@ initial = 1
         assert!(published(&job, "m").is_empty(), "nothing was published");
     }
 }
+
+#[test]
+fn a_removed_or_fresh_jobs_id_is_never_given_to_another_job() {
+    // A long-lived worker keeps specs by job id: an id given again would run the
+    // old job's command on the new job's items.
+    let spec = |name: &str| {
+        format!("name = \"{name}\"\n[[stage]]\nname = \"s\"\ncommand = [\"true\"]\nitems = {{ range = [0, 1] }}\n")
+    };
+    let job = Job::new(&spec("a"));
+    assert!(job.run(&[], &[]).status.success());
+    let id_of = |name: &str| {
+        let mut store = granule_store::SqliteStore::open(&job.path(".granule/granule.db")).unwrap();
+        granule_store::Store::job(&mut store, name)
+            .unwrap()
+            .map(|r| r.id)
+    };
+    let a = id_of("a").unwrap();
+    assert!(job.output(&["rm", "a"]).status.success());
+    assert_eq!(id_of("a"), None);
+    std::fs::write(job.path("job.toml"), spec("b")).unwrap();
+    assert!(job.run(&[], &[]).status.success());
+    let b = id_of("b").unwrap();
+    assert_ne!(a, b, "the removed job's id went to the next one");
+    assert!(job.run(&["--fresh"], &[]).status.success());
+    let fresh = id_of("b").unwrap();
+    assert!(fresh != b && fresh != a, "--fresh gave an old id again");
+    let listed = job.status();
+    let names: Vec<_> = listed["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].clone())
+        .collect();
+    assert_eq!(names, ["b"], "removed jobs are not listed");
+}

@@ -459,9 +459,19 @@ fn take_output(path: &Path, job: &FragmentJob) -> Result<Output, Failure> {
             path.display()
         )));
     };
-    let stored = data
-        .put_file(path, &job.scratch)
-        .map_err(|e| Failure::Output(format!("output {}: {e}", path.display())))?;
+    // A remote store out of reach for a moment is waited out (about 30 s in all)
+    // before the fragment fails.
+    let mut wait = Duration::from_secs(1);
+    let stored = loop {
+        match data.put_file(path, &job.scratch) {
+            Err(crate::DataError::Remote { .. }) if wait <= Duration::from_secs(16) => {
+                thread::sleep(wait);
+                wait *= 2;
+            }
+            done => break done,
+        }
+    }
+    .map_err(|e| Failure::Output(format!("output {}: {e}", path.display())))?;
     Ok(Output::File {
         key: stored.key,
         name: path

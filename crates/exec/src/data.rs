@@ -58,6 +58,18 @@ pub enum DataError {
     BadLocation(String),
 }
 
+/// A read from a remote store that failed on the way (not a bad blob).
+#[derive(Debug)]
+pub(crate) struct RemoteRead(pub(crate) String);
+
+impl std::fmt::Display for RemoteRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RemoteRead {}
+
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> DataError + '_ {
     move |source| DataError::Io {
         path: path.to_path_buf(),
@@ -80,7 +92,9 @@ pub struct DataStore {
     level: i32,
     backend: Backend,
     /// Files stored lately, by identity (device, inode, length, modification
-    /// time): one handed over again unchanged is not read and compressed again.
+    /// time), in a folder store: one handed over again unchanged is not read and
+    /// compressed again. Only files unchanged for 2 s before they were read are
+    /// remembered (a rewrite within one clock tick keeps the modification time).
     recent: std::sync::Mutex<std::collections::HashMap<FileId, StoredFile>>,
 }
 
@@ -128,6 +142,7 @@ impl DataStore {
         } else {
             let root = PathBuf::from(location);
             std::fs::create_dir_all(root.join("tmp")).map_err(io_at(&root))?;
+            sweep(&root.join("tmp"), "put-");
             Backend::Dir(root)
         };
         Ok(DataStore {
@@ -153,15 +168,18 @@ impl DataStore {
                 source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
             });
         }
+        let started = SystemTime::now();
         let id = file_id(&meta);
         let known = self.recent.lock().ok().and_then(|r| r.get(&id).cloned());
-        if let Some(stored) = known {
-            let there = match &self.backend {
-                Backend::Dir(root) => dir_path(root, &stored.key).is_file(),
-                #[cfg(feature = "s3")]
-                Backend::Object(_) => true,
-            };
-            if there {
+        if let (Some(stored), Backend::Dir(root)) = (known, &self.backend) {
+            // Touched: `gc` judges a blob's age by when it was last handed over.
+            let blob = dir_path(root, &stored.key);
+            if File::options()
+                .append(true)
+                .open(&blob)
+                .and_then(|f| f.set_modified(started))
+                .is_ok()
+            {
                 return Ok(stored);
             }
         }
@@ -195,7 +213,12 @@ impl DataStore {
         let _ = std::fs::remove_file(&temp);
         placed?;
         let stored = StoredFile { key, bytes };
-        if let Ok(mut recent) = self.recent.lock() {
+        // Remembered only if it had not changed for a while when it was read: a
+        // file rewritten within one tick of the clock keeps its modification time.
+        let settled = meta
+            .modified()
+            .is_ok_and(|m| m + std::time::Duration::from_secs(2) < started);
+        if let (true, Ok(mut recent)) = (settled, self.recent.lock()) {
             if recent.len() >= 4096 {
                 recent.clear();
             }
@@ -242,6 +265,14 @@ impl DataStore {
             let n = match read_full(&mut decoder, &mut buf) {
                 Ok(0) => return Ok(()),
                 Ok(n) => n,
+                // The connection failed mid-way: the store is out of reach, the
+                // blob is not known to be bad.
+                Err(e) if e.get_ref().is_some_and(|i| i.is::<RemoteRead>()) => {
+                    return Err(DataError::Remote {
+                        store: self.location.clone(),
+                        why: e.to_string(),
+                    })
+                }
                 Err(e) => return Err(self.corrupt(key, e.to_string())),
             };
             buf.truncate(n);
@@ -306,6 +337,9 @@ impl DataStore {
                         else {
                             continue;
                         };
+                        if check_key(&key).is_err() {
+                            continue;
+                        }
                         let Ok(meta) = f.metadata() else { continue };
                         if meta.modified().is_ok_and(|m| m <= cutoff) {
                             keys.push((key, meta.len()));
@@ -329,7 +363,7 @@ impl DataStore {
 }
 
 /// A key is 64 lowercase hex digits (it becomes a path: nothing else may pass).
-fn check_key(key: &str) -> Result<(), String> {
+pub(crate) fn check_key(key: &str) -> Result<(), String> {
     if key.len() == 64 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         Ok(())
     } else {
@@ -431,6 +465,7 @@ impl Cache {
         std::fs::create_dir_all(dir).map_err(io_at(dir))?;
         // Absolute: its paths are handed to tasks, which may run elsewhere.
         let dir = dir.canonicalize().map_err(io_at(dir))?;
+        sweep(&dir, "tmp-");
         Ok(Cache { dir, max_bytes })
     }
 
@@ -440,42 +475,84 @@ impl Cache {
     }
 
     /// A local path holding blob `key` under the file name `name`, fetched from
-    /// `store` unless the cache has it.
+    /// `store` unless the cache has it, pinned (not evicted, by this process or any
+    /// other of the host) while the [`Pin`] lives.
     pub fn get(
         &self,
         store: &DataStore,
         key: &str,
         name: &str,
-    ) -> Result<(PathBuf, Fetched), DataError> {
+    ) -> Result<(PathBuf, Fetched, Pin), DataError> {
         check_key(key).map_err(|why| store.corrupt(key, why))?;
+        self.entry(key, name, |dest| store.fetch(key, dest))
+    }
+
+    /// As [`Cache::get`], for content the caller has in memory (a fragment's
+    /// result from the store), kept under its blake3 `key`.
+    pub fn put(
+        &self,
+        key: &str,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(PathBuf, Fetched, Pin), DataError> {
+        if check_key(key).is_err() || blake3::hash(bytes).to_hex().as_str() != key {
+            return Err(DataError::Corrupt {
+                key: key.into(),
+                store: "the store's checkpoints".into(),
+                why: "its content does not hash to its key".into(),
+            });
+        }
+        self.entry(key, name, |dest| {
+            std::fs::write(dest, bytes).map_err(io_at(dest))
+        })
+    }
+
+    /// The entry `key/name`, made by `make` (into a new file) unless it is there.
+    fn entry(
+        &self,
+        key: &str,
+        name: &str,
+        make: impl Fn(&Path) -> Result<(), DataError>,
+    ) -> Result<(PathBuf, Fetched, Pin), DataError> {
         let name = safe_name(name);
         let folder = self.dir.join(key);
         let path = folder.join(&name);
-        if path.is_file() {
-            // Touched: the least recently used go first.
-            let _ = File::open(&folder).and_then(|f| f.set_modified(SystemTime::now()));
-            return Ok((path, Fetched::Hit));
+        let mut how = Fetched::Hit;
+        // An entry evicted between its making and its pin is made again.
+        for _ in 0..3 {
+            if let Some(pin) = Pin::shared(&folder) {
+                if path.is_file() {
+                    // Touched: the least recently used go first.
+                    let _ = pin.0.set_modified(SystemTime::now());
+                    if how == Fetched::Miss {
+                        self.evict(&folder);
+                    }
+                    return Ok((path, how, pin));
+                }
+            }
+            how = Fetched::Miss;
+            let temp = self.dir.join(format!("tmp-{}", crate::sys::random_hex()));
+            std::fs::create_dir_all(&temp).map_err(io_at(&temp))?;
+            let made = make(&temp.join(&name));
+            let placed = made.and_then(|()| match std::fs::rename(&temp, &folder) {
+                Ok(()) => Ok(()),
+                // Another process of this host made it first, or the same content
+                // under another name: keep both names.
+                Err(_) if folder.is_dir() => std::fs::rename(temp.join(&name), &path)
+                    .or_else(|e| if path.is_file() { Ok(()) } else { Err(e) })
+                    .map_err(io_at(&path)),
+                Err(e) => Err(io_at(&folder)(e)),
+            });
+            let _ = std::fs::remove_dir_all(&temp);
+            placed?;
         }
-        let temp = self.dir.join(format!("tmp-{}", crate::sys::random_hex()));
-        std::fs::create_dir_all(&temp).map_err(io_at(&temp))?;
-        let fetched = store.fetch(key, &temp.join(&name));
-        let placed = fetched.and_then(|()| match std::fs::rename(&temp, &folder) {
-            Ok(()) => Ok(()),
-            // Another process of this host fetched it first, or the same content
-            // under another name: keep both names.
-            Err(_) if folder.is_dir() => std::fs::rename(temp.join(&name), &path)
-                .or_else(|e| if path.is_file() { Ok(()) } else { Err(e) })
-                .map_err(io_at(&path)),
-            Err(e) => Err(io_at(&folder)(e)),
-        });
-        let _ = std::fs::remove_dir_all(&temp);
-        placed?;
-        self.evict(&folder);
-        Ok((path, Fetched::Miss))
+        Err(io_at(&path)(io::Error::other(
+            "evicted as soon as it was fetched, three times: is the cache bound (--cache-mb) too small?",
+        )))
     }
 
-    /// Removes the least recently used entries (never `keep`) while the cache is
-    /// over its bound.
+    /// Removes the least recently used entries nobody has pinned (never `keep`)
+    /// while the cache is over its bound.
     fn evict(&self, keep: &Path) {
         let Ok(dirs) = std::fs::read_dir(&self.dir) else {
             return;
@@ -499,9 +576,64 @@ impl Cache {
             if total <= self.max_bytes {
                 break;
             }
-            if path != keep && std::fs::remove_dir_all(&path).is_ok() {
+            if path == keep {
+                continue;
+            }
+            // Only an entry no fragment of this host uses: its lock is free.
+            let Ok(folder) = File::open(&path) else {
+                continue;
+            };
+            if flock(&folder, libc::LOCK_EX | libc::LOCK_NB)
+                && std::fs::remove_dir_all(&path).is_ok()
+            {
                 total -= size;
             }
+        }
+    }
+}
+
+/// A cache entry in use: a shared lock on its folder, which eviction (any process
+/// of the host) must take exclusively first.
+#[derive(Debug)]
+pub struct Pin(File);
+
+impl Pin {
+    /// A shared lock on the entry `folder`, if it exists.
+    fn shared(folder: &Path) -> Option<Pin> {
+        let f = File::open(folder).ok()?;
+        flock(&f, libc::LOCK_SH).then_some(Pin(f))
+    }
+}
+
+/// `flock(2)` on `f`; true if taken.
+fn flock(f: &File, how: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: flock on a descriptor this File owns.
+        if unsafe { libc::flock(f.as_raw_fd(), how) } == 0 {
+            return true;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+}
+
+/// Removes what killed processes left in `dir`: entries named `prefix...` not
+/// touched for an hour (a live put or fetch writes to its file all along).
+pub fn sweep(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let hour_ago = SystemTime::now() - std::time::Duration::from_secs(3600);
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|m| m < hour_ago);
+        if old && e.file_name().to_string_lossy().starts_with(prefix) {
+            let path = e.path();
+            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
         }
     }
 }
@@ -549,11 +681,11 @@ mod tests {
         assert_eq!(store.put_file(&src, dir.path()).unwrap(), stored);
         assert_eq!(store.keys().unwrap(), std::slice::from_ref(&stored.key));
         let cache = Cache::new(&dir.path().join("cache"), 1 << 30).unwrap();
-        let (path, how) = cache.get(&store, &stored.key, "in.txt").unwrap();
+        let (path, how, _pin) = cache.get(&store, &stored.key, "in.txt").unwrap();
         assert_eq!(how, Fetched::Miss);
         assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&src).unwrap());
         assert_eq!(path.file_name().unwrap(), "in.txt");
-        let (again, how) = cache.get(&store, &stored.key, "in.txt").unwrap();
+        let (again, how, _pin) = cache.get(&store, &stored.key, "in.txt").unwrap();
         assert_eq!((again, how), (path, Fetched::Hit));
     }
 
@@ -607,10 +739,18 @@ mod tests {
         for k in &keys {
             cache.get(&store, k, "f").unwrap();
         }
-        let present: Vec<bool> = keys
-            .iter()
-            .map(|k| dir.path().join("cache").join(k).is_dir())
-            .collect();
-        assert_eq!(present, [false, true, true]);
+        let present = |keys: &[String]| -> Vec<bool> {
+            keys.iter()
+                .map(|k| dir.path().join("cache").join(k).is_dir())
+                .collect()
+        };
+        assert_eq!(present(&keys), [false, true, true]);
+        // A pinned entry is never evicted, even past the bound.
+        let (_, _, pin) = cache.get(&store, &keys[1], "f").unwrap();
+        cache.get(&store, &keys[0], "f").unwrap();
+        assert_eq!(present(&keys), [true, true, false]);
+        drop(pin);
+        cache.get(&store, &keys[2], "f").unwrap();
+        assert_eq!(present(&keys), [true, false, true]);
     }
 }

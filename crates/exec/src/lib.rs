@@ -24,11 +24,11 @@ mod sample;
 mod sys;
 
 pub use blob::{Blob, BlobError};
-pub use data::{Cache, DataError, DataStore, Fetched, StoredFile};
+pub use data::{sweep, Cache, DataError, DataStore, Fetched, Pin, StoredFile};
 pub use items::{ItemIter, ItemSource, ItemsError, LinesFile};
 pub use run::{
-    failed_before_start, feed_window, run_fragment, Checkpoint, Control, Failure, FragmentJob,
-    Progress, RunReport, Unflushed,
+    failed_before_start, feed_window, run_fragment, unavailable_before_start, Checkpoint, Control,
+    Failure, FragmentJob, Progress, RunReport, Unflushed,
 };
 pub use sample::{detect, Detected, Gpu, Sample, Sampler};
 pub use sys::random_hex;

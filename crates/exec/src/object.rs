@@ -3,7 +3,7 @@
 //! environment (`AWS_ENDPOINT` and `AWS_ALLOW_HTTP=true` for a local server).
 //! Credentials are never printed: errors name the store by its URL only.
 
-use crate::data::DataError;
+use crate::data::{DataError, RemoteRead};
 use futures_util::StreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
@@ -66,13 +66,11 @@ impl Object {
         }
     }
 
-    /// Uploads the compressed file `temp` as blob `key`, unless it is there.
+    /// Uploads the compressed file `temp` as blob `key`, even when it is there:
+    /// the upload is what tells `gc` the blob is in use again.
     pub(crate) fn put(&self, key: &str, temp: &Path) -> Result<(), DataError> {
         let path = self.path(key);
         self.runtime.block_on(async {
-            if self.store.head(&path).await.is_ok() {
-                return Ok(());
-            }
             let mut file = std::fs::File::open(temp).map_err(|e| DataError::Io {
                 path: temp.to_path_buf(),
                 source: e,
@@ -149,7 +147,9 @@ impl Object {
             .filter(|m| SystemTime::from(m.last_modified) <= cutoff)
             .filter_map(|m| {
                 let name = m.location.filename()?.strip_suffix(".zst")?.to_string();
-                Some((name, m.size))
+                crate::data::check_key(&name)
+                    .is_ok()
+                    .then_some((name, m.size))
             })
             .collect())
     }
@@ -172,7 +172,7 @@ impl Read for StreamRead {
             match self.runtime.block_on(self.stream.next()) {
                 None => return Ok(0),
                 Some(Ok(chunk)) => self.chunk = chunk,
-                Some(Err(e)) => return Err(io::Error::other(e)),
+                Some(Err(e)) => return Err(io::Error::other(RemoteRead(e.to_string()))),
             }
         }
         let n = buf.len().min(self.chunk.len());

@@ -194,7 +194,13 @@ fn run_item(
                     report.failure = Some(Failure::Output(format!("stdout of item {index}: {e}")));
                     return true;
                 }
-                Some(Err(_)) => Vec::new(),
+                Some(Err(_)) => {
+                    report.culprits.insert_one(index);
+                    report.failure = Some(Failure::Output(format!(
+                        "stdout of item {index}: its reader stopped"
+                    )));
+                    return true;
+                }
             };
             let mut st = control.lock();
             st.emitted |= !outputs.is_empty();

@@ -203,6 +203,11 @@ pub struct RunReport {
     pub outcome: FinishOutcome,
     /// Bytes of the item values fed (each with its newline).
     pub fed_bytes: u64,
+    /// It never started because something it needs could not be reached (the
+    /// blob store): why. Its items go back uncharged.
+    pub unavailable: Option<String>,
+    /// What the worker should say about it (what fetching its inputs took).
+    pub notes: Vec<String>,
 }
 
 #[derive(Default)]
@@ -406,6 +411,17 @@ pub fn failed_before_start(job: &FragmentJob, failure: Failure) -> RunReport {
     report
 }
 
+/// The report of a fragment that did not start because something it needs could
+/// not be reached (`why`): nothing fed, nothing charged, its items back to pending.
+pub fn unavailable_before_start(job: &FragmentJob, why: String) -> RunReport {
+    let mut report = empty_report();
+    report.yielded = true;
+    report.end = job.span.end;
+    report.unavailable = Some(why);
+    report.outcome = FinishOutcome::Yielded;
+    report
+}
+
 /// What accounting does with a fragment that ended as `report` says.
 fn outcome(job: &FragmentJob, report: &RunReport) -> FinishOutcome {
     let fed_end = job.span.start + report.fed;
@@ -458,6 +474,8 @@ pub(crate) fn empty_report() -> RunReport {
         stderr_tail: Vec::new(),
         outcome: FinishOutcome::Yielded,
         fed_bytes: 0,
+        unavailable: None,
+        notes: Vec::new(),
     }
 }
 

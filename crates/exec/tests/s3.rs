@@ -32,7 +32,7 @@ fn blobs_round_trip_through_an_s3_server_and_a_bad_one_is_an_error() {
     assert_eq!(stored.bytes, data.len() as u64);
     assert_eq!(store.keys().unwrap(), std::slice::from_ref(&stored.key));
     let cache = Cache::new(&dir.path().join("cache"), 1 << 30).unwrap();
-    let (path, how) = cache.get(&store, &stored.key, "big.bin").unwrap();
+    let (path, how, _pin) = cache.get(&store, &stored.key, "big.bin").unwrap();
     assert_eq!(how, Fetched::Miss);
     assert!(
         std::fs::read(&path).unwrap() == data,

@@ -136,6 +136,9 @@ stored_state! {
         Refused = "refused",
         /// Its stored state cannot be read.
         Broken = "broken",
+        /// Removed (`granule rm`, `--fresh`): only its id is kept, never to be
+        /// given to another job.
+        Removed = "removed",
     }
 }
 

@@ -73,6 +73,7 @@ pub(crate) fn run(args: RunArgs) -> Result<u8> {
         checkpoint_level: args.tuning.zstd_level,
         blobs: args.tuning.blobs.clone(),
         cache_bytes: args.tuning.cache_mb.saturating_mul(1 << 20),
+        shared_store: args.state.store.is_some(),
         state_dir: args.state.state.clone(),
         quiet: args.quiet,
         job: Some((submitted.id(), Arc::new(spec))),

@@ -116,6 +116,7 @@ pub(crate) fn worker(args: WorkerArgs) -> Result<u8> {
         checkpoint_level: args.tuning.zstd_level,
         blobs: args.tuning.blobs.clone(),
         cache_bytes: args.tuning.cache_mb.saturating_mul(1 << 20),
+        shared_store: args.state.store.is_some(),
         write_counts: args.tuning.write_counts,
         class: args.class,
         state_dir: args.state.state.clone(),

@@ -58,7 +58,7 @@ fn submit_once(tx: &mut dyn Db, job: &NewJob, now_ms: i64, fresh: bool) -> Resul
                 _ => Ok(Submitted::AlreadyFinished(JobId(id))),
             };
         }
-        tx.execute("DELETE FROM jobs WHERE id = $1", args![id])?;
+        retire(tx, id)?;
     }
     let id = tx
         .query_one(
@@ -147,6 +147,21 @@ pub(crate) fn cancel(b: &mut impl Backend, name: &str, now_ms: i64) -> Result<bo
     })
 }
 
+/// Deletes what a job kept (its stages, and with them its fragments, checkpoints
+/// and outputs) and leaves its row as a nameless `removed` mark: SQLite gives a new
+/// row the largest id plus one, so a deleted newest job's id would go to the next
+/// job, and a long-lived worker that cached the old job's spec by id would run the
+/// old command on the new job's items.
+fn retire(tx: &mut dyn Db, id: i64) -> Result<()> {
+    tx.execute("DELETE FROM stages WHERE job_id = $1", args![id])?;
+    tx.execute(
+        "UPDATE jobs SET name = $2, state = 'removed', spec = '{}', spec_hash = '' WHERE id = $1",
+        // Names cannot hold control characters: no job can be called this.
+        args![id, &format!("\u{1}removed:{id}")],
+    )?;
+    Ok(())
+}
+
 /// Deletes a job that no longer runs, with its stages, fragments, checkpoints and
 /// outputs (its blobs become garbage for `gc`).
 pub(crate) fn remove(b: &mut impl Backend, name: &str) -> Result<bool> {
@@ -161,7 +176,10 @@ pub(crate) fn remove(b: &mut impl Backend, name: &str) -> Result<bool> {
         if r.str(0) == "running" {
             return Err(crate::StoreError::Running(name.to_string()));
         }
-        tx.execute("DELETE FROM jobs WHERE name = $1", args![name])?;
+        let id = tx
+            .query_one("SELECT id FROM jobs WHERE name = $1", args![name])?
+            .i64(0);
+        retire(tx, id)?;
         Ok(true)
     })
 }

@@ -43,7 +43,8 @@ pub(crate) fn workers_holding_work(b: &mut impl Backend) -> Result<Vec<WorkerInf
 pub(crate) fn status(b: &mut impl Backend, job: Option<&str>) -> Result<Vec<JobStatus>> {
     b.transaction(TxKind::Read, |tx| {
         let jobs = tx.query(
-            "SELECT id, name, state, created_ms, error FROM jobs WHERE $1::TEXT IS NULL OR name = $1 ORDER BY id",
+            "SELECT id, name, state, created_ms, error FROM jobs
+             WHERE ($1::TEXT IS NULL OR name = $1) AND state != 'removed' ORDER BY id",
             args![job],
         )?;
         if let (Some(name), true) = (job, jobs.is_empty()) {
