@@ -528,3 +528,41 @@ fn a_removed_or_fresh_jobs_id_is_never_given_to_another_job() {
         .collect();
     assert_eq!(names, ["b"], "removed jobs are not listed");
 }
+
+#[test]
+fn a_combining_stage_takes_each_partial_result_once() {
+    // "sum" keeps a running sum (its fragments' results are partial sums);
+    // "combine" takes those results as files and emits their total with its
+    // last item's ack.
+    let spec = r#"name = "reduce"
+[[stage]]
+name = "sum"
+command = ["sh", "-c", '''f=$(mktemp); awk -v cmd="$GRANULE_CMD" -v prev="${GRANULE_CHECKPOINT:-}" -v out="$f" 'BEGIN { if (prev != "") { getline s < prev } } { s += $1; print $0 > "/dev/fd/3"; fflush("/dev/fd/3") } END { print s + 0 > out; close(out); print cmd " checkpoint " out > "/dev/fd/3" }'''']
+items = { range = [0, 2000] }
+initial = 1
+
+[[stage]]
+name = "combine"
+command = ["sh", "-c", 'prev=""; total=0; while read -r p; do if [ -n "$prev" ]; then echo "$prev" >&3; fi; total=$((total + $(cat "$p"))); prev="$p"; done; echo "$GRANULE_CMD emit $total" >&3; echo "$prev" >&3']
+items = { results_of = "sum" }
+after = ["sum"]
+sizer = { min_items = 1000000 }
+"#;
+    for backend in backends("results_of_combines") {
+        let job = Job::on(spec, &backend);
+        let out = job.run(&[], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let totals: Vec<String> = published(&job, "combine")
+            .iter()
+            .map(|r| r["value"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(totals, [(0..2000u64).sum::<u64>().to_string()]);
+        let status = job.status();
+        let (sum, combine) = (stage(&status, 0), stage(&status, 1));
+        assert!(sum["fragments"].as_u64() > Some(2), "{sum}");
+        assert_eq!(
+            combine["items"], sum["results"],
+            "one item per result: {status}"
+        );
+    }
+}
