@@ -287,6 +287,19 @@ fn a_cut_off_worker_loses_its_lease_and_counts_nothing_twice() {
     }
 }
 
+/// Waits (with a deadline) until every worker has exited.
+fn wait_for_exit(job: &Job, workers: &mut [Spawned]) {
+    let deadline = Instant::now() + PATIENCE;
+    while workers.iter_mut().any(|w| w.try_wait().unwrap().is_none()) {
+        assert!(
+            Instant::now() < deadline,
+            "workers did not finish: {}",
+            job.status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 impl Cluster {
     fn restart(&self) {
         let data = self.dir.path().join("data");
@@ -339,15 +352,7 @@ fn postgres_restarted_twice_mid_job_loses_nothing() {
         });
         pg.restart();
     }
-    let deadline = Instant::now() + PATIENCE;
-    while workers.iter_mut().any(|w| w.try_wait().unwrap().is_none()) {
-        assert!(
-            Instant::now() < deadline,
-            "workers did not finish: {}",
-            job.status()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_exit(&job, &mut workers);
     let status = job.status();
     assert_eq!(status["jobs"][0]["state"], "done", "{status}");
     assert_eq!(
@@ -389,14 +394,6 @@ fn outputs_reach_the_next_stage_once_across_postgres_restarts() {
         });
         pg.restart();
     }
-    let deadline = Instant::now() + PATIENCE;
-    while workers.iter_mut().any(|w| w.try_wait().unwrap().is_none()) {
-        assert!(
-            Instant::now() < deadline,
-            "workers did not finish: {}",
-            job.status()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_exit(&job, &mut workers);
     assert_exactly_once(&job, items);
 }

@@ -131,14 +131,18 @@ fn source_range(tx: &mut dyn Db, src: i64, kind: &str, lo: u64, hi: u64) -> Resu
     let mut out = Vec::new();
     for r in rows {
         let start = r.u64(0);
-        let batch = decode(&r.bytes(1)).ok_or_else(|| {
-            StoreError::Corrupt(format!("stage {src}: an output batch at {start}"))
-        })?;
+        let batch = batch_at(&r.bytes(1), &src, start)?;
         let from = lo.saturating_sub(start) as usize;
         let to = ((hi - start) as usize).min(batch.len());
         out.extend(batch.into_iter().take(to).skip(from));
     }
     Ok(out)
+}
+
+/// A stored batch of `stage`'s outputs (numbered from `start`), decoded.
+fn batch_at(data: &[u8], stage: &dyn std::fmt::Display, start: u64) -> Result<Vec<Published>> {
+    decode(data)
+        .ok_or_else(|| StoreError::Corrupt(format!("stage {stage}: an output batch at {start}")))
 }
 
 /// Every output a stage published, in its published order (by upstream item
@@ -154,9 +158,7 @@ pub(crate) fn outputs(b: &mut impl Backend, job: &str, stage: &str) -> Result<Ve
         let mut out = Vec::new();
         for r in rows {
             let start = r.u64(0);
-            let batch = decode(&r.bytes(1)).ok_or_else(|| {
-                StoreError::Corrupt(format!("stage {stage}: an output batch at {start}"))
-            })?;
+            let batch = batch_at(&r.bytes(1), &stage, start)?;
             for (k, p) in batch.into_iter().enumerate() {
                 out.push(OutputRow {
                     index: start + k as u64,
