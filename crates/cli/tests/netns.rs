@@ -182,12 +182,7 @@ fn cut_and_check(
 ) {
     wait_until("the victim holds work", PATIENCE, || {
         let s = job.status();
-        let busy = s["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| w["busy"].as_u64() > Some(0))
-            .count();
+        let busy = busy_workers(&s);
         busy >= 2 && stage(&s, 0)["done"].as_u64() > Some(500)
     });
     cut(false);

@@ -79,12 +79,7 @@ fn a_worker_stopped_past_its_lease_publishes_nothing_twice() {
         let (mut victim, mut other) = (spawn(), spawn());
         wait_until("both workers busy", PATIENCE, || {
             let s = job.status();
-            let busy = s["workers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|w| w["busy"].as_u64() > Some(0))
-                .count();
+            let busy = busy_workers(&s);
             busy >= 2 && stage(&s, 0)["done"].as_u64() > Some(100)
         });
         // Stopped longer than its lease: its fragment goes to the other worker, and

@@ -327,3 +327,13 @@ pub fn assert_exactly_once(job: &Job, items: u64) {
     }
     assert_eq!(ran.len() as u64, 2 * items, "every record ran downstream");
 }
+
+/// Workers in a `status --json` that run a fragment now.
+pub fn busy_workers(status: &serde_json::Value) -> usize {
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["busy"].as_u64() > Some(0))
+        .count()
+}
