@@ -109,7 +109,10 @@ fn a_downstream_stage_works_while_its_upstream_still_runs() {
 [[stage]]
 name = "slow"
 command = ["sh", "-c", 'while read -r x; do sleep 0.05; echo "$GRANULE_CMD emit $x" >&3; echo "$x" >&3; done']
-items = { range = [0, 100] }
+items = { range = [0, 200] }
+# One token per fragment, and the worker has one: the upstream never takes both
+# slots, whatever the sizer or the machine's load, so one is there for "fast".
+resources = { token = 1 }
 
 [[stage]]
 name = "fast"
@@ -117,7 +120,12 @@ command = ["sh", "-c", 'while read -r v; do echo "$v" >&3; done']
 items = { from = "slow" }
 "#;
     let job = Job::new(spec);
-    let _run = start_run(&job, &[]);
+    assert!(job.output(&["submit", "job.toml"]).status.success());
+    let _worker = Spawned::start(
+        job.cmd(&["worker", "-q", "--slots", "2", "--resource", "token=1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     let mut overlap = None;
     wait_until("the downstream stage's first item", PATIENCE, || {
         let status = job.status();
@@ -127,8 +135,8 @@ items = { from = "slow" }
             // Its item count is what is known so far, and status says more come.
             assert_eq!(down["streams_from"][0], "slow", "{down}");
             if down["producing"] == true {
-                // One output per upstream item so far: all 100 expected.
-                assert_eq!(down["expected_items"], 100, "{down}");
+                // One output per upstream item so far: all 200 expected.
+                assert_eq!(down["expected_items"], 200, "{down}");
             } else {
                 assert_eq!(up["state"], "done", "{up}");
             }
@@ -138,14 +146,14 @@ items = { from = "slow" }
     });
     let (state, done) = overlap.unwrap();
     assert!(
-        state != "done" && done < 100,
+        state != "done" && done < 200,
         "the downstream stage started only after its upstream ended ({state}, {done} done)"
     );
     wait_until("the job's end", PATIENCE, || {
         job.status()["jobs"][0]["state"] == "done"
     });
     let status = job.status();
-    assert_eq!(stage(&status, 1)["done"], 100, "{status}");
+    assert_eq!(stage(&status, 1)["done"], 200, "{status}");
 }
 
 #[test]
