@@ -290,12 +290,6 @@ pub(crate) fn run_worker(
     };
     let offer = offer(cfg);
     let data = DataPlane::open(cfg)?;
-    if cfg.shared_store && cfg.blobs.is_none() {
-        progress_note_once(cfg, &format!(
-            "output files go to {} on this host only: with workers on several hosts, give them --blobs (a shared folder or s3://bucket/prefix)",
-            data.store.location()
-        ));
-    }
     store.register_worker(&info, host::now_ms())?;
     release_dead_workers(store, &info)?;
     let (finished_tx, finished_rx) = mpsc::channel();
@@ -303,6 +297,12 @@ pub(crate) fn run_worker(
         Some((_, spec)) => Progress::new(spec, cfg.quiet),
         None => Progress::notes_only(cfg.quiet),
     };
+    if cfg.shared_store && cfg.blobs.is_none() {
+        progress.note(&format!(
+            "output files go to {} on this host only: with workers on several hosts, give them --blobs (a shared folder or s3://bucket/prefix)",
+            data.store.location()
+        ));
+    }
     let mut specs = HashMap::new();
     if let Some((id, spec)) = &cfg.job {
         specs.insert(*id, spec.clone());
@@ -345,10 +345,12 @@ pub(crate) fn run_worker(
     outcome
 }
 
-/// Says `note` on stderr unless the worker is quiet.
-fn progress_note_once(cfg: &EngineConfig, note: &str) {
-    if !cfg.quiet {
-        eprintln!("granule: {note}");
+/// A checkpoint blob as the store keeps it, to open (and verify).
+pub(crate) fn sealed(row: BlobRow) -> Blob {
+    Blob {
+        data: row.data,
+        raw_len: row.raw_len,
+        hash: row.hash,
     }
 }
 
@@ -1306,11 +1308,7 @@ impl Worker<'_> {
                     let Some(stored) = blob else {
                         return Ok(Some(Err(format!("result {id} is missing from the store"))));
                     };
-                    let blob = Blob {
-                        data: stored.row.data,
-                        raw_len: stored.row.raw_len,
-                        hash: stored.row.hash,
-                    };
+                    let blob = sealed(stored.row);
                     match blob.open(u64::MAX) {
                         Ok(raw) => Wanted::Result {
                             key: blob.hash,

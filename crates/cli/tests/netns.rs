@@ -282,6 +282,21 @@ fn a_cut_off_worker_loses_its_lease_and_counts_nothing_twice() {
     }
 }
 
+/// Whether this machine can run private PostgreSQL clusters (root and the server
+/// binaries); a test that needs them skips loudly without, and fails in CI.
+fn private_clusters(test: &str) -> bool {
+    let can = is_root() && have("initdb") && have("pg_ctl") && have("runuser");
+    if !can {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI must run this test"
+        );
+        eprintln!("!!! SKIPPING {test}: needs root and PostgreSQL's initdb");
+    }
+    can
+}
+
 /// Waits (with a deadline) until every worker has exited.
 fn wait_for_exit(job: &Job, workers: &mut [Spawned]) {
     let deadline = Instant::now() + PATIENCE;
@@ -318,13 +333,7 @@ impl Cluster {
 
 #[test]
 fn postgres_restarted_twice_mid_job_loses_nothing() {
-    if !(is_root() && have("initdb") && have("pg_ctl") && have("runuser")) {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI must run this test"
-        );
-        eprintln!("!!! SKIPPING postgres_restarted_twice_mid_job_loses_nothing: needs root and PostgreSQL's initdb");
+    if !private_clusters("postgres_restarted_twice_mid_job_loses_nothing") {
         return;
     }
     let items = 12_000u64;
@@ -360,13 +369,7 @@ fn postgres_restarted_twice_mid_job_loses_nothing() {
 
 #[test]
 fn outputs_reach_the_next_stage_once_across_postgres_restarts() {
-    if !(is_root() && have("initdb") && have("pg_ctl") && have("runuser")) {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI must run this test"
-        );
-        eprintln!("!!! SKIPPING outputs_reach_the_next_stage_once_across_postgres_restarts: needs root and PostgreSQL's initdb");
+    if !private_clusters("outputs_reach_the_next_stage_once_across_postgres_restarts") {
         return;
     }
     let items = 3000u64;

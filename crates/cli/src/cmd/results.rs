@@ -31,11 +31,7 @@ pub(crate) fn results(args: ResultsArgs) -> Result<u8> {
     let mut unreadable = 0u64;
     for result in store.results(&job, &args.stage.stage)? {
         let fragment = result.fragment;
-        let blob = granule_exec::Blob {
-            data: result.blob.data,
-            raw_len: result.blob.raw_len,
-            hash: result.blob.hash,
-        };
+        let blob = crate::engine::sealed(result.blob);
         let raw = match blob.open(limit) {
             Ok(raw) => raw,
             Err(e) => {

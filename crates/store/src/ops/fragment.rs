@@ -433,7 +433,10 @@ fn apply_flush(
         appeared |= learn_acking(tx, held.stage)?;
         ledger.acking = true;
     }
-    let before = ledger.fragment(f.fragment).map(|x| x.acked.clone());
+    // What the fragment had acked, read only when there are outputs to publish.
+    let before = (!f.outputs.is_empty())
+        .then(|| ledger.fragment(f.fragment).map(|x| x.acked.clone()))
+        .flatten();
     let done = ledger.ack(f.fragment, &f.acked).done;
     if !f.outputs.is_empty() {
         // Only the items this flush counted publish: an item acked before (a rerun
