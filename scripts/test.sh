@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on both backends: makes sure PostgreSQL is up (starting or
-# installing it if needed) and that moto (an S3-compatible server) is installed, then
-# runs `cargo test --workspace`. Under CI=true a
-# PostgreSQL that cannot be reached fails the run instead of skipping its tests.
+# installing it if needed), that moto (an S3-compatible server) is installed and that a
+# Slurm cluster runs (scripts/slurm.sh), then runs `cargo test --workspace`. Under CI=true
+# a PostgreSQL, moto or Slurm that is missing fails the run instead of skipping its tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,5 +45,29 @@ if ! command -v moto_server >/dev/null; then
     echo "ci: !!! moto_server unavailable: the S3 tests will be skipped (outside CI only)" >&2
 fi
 
-# Every test binary runs even when one fails, so CI shows every failure.
+# A real single-node Slurm cluster for the Slurm backend's tests (scripts/slurm.sh
+# installs it if needed), in a fresh directory so that no earlier run's jobs or job ids
+# leak in. Its daemons outlive this script unless stopped: the EXIT trap does it whatever
+# happens (and keeps the exit status); INT and TERM go through it too.
+slurm_dir="${TMPDIR:-/tmp}/granule-slurm-$$"
+stop_slurm() {
+    bash scripts/slurm.sh stop "$slurm_dir" >&2 || true
+    rm -rf "$slurm_dir"
+}
+trap stop_slurm EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+if slurm_conf=$(bash scripts/slurm.sh start "$slurm_dir"); then
+    export SLURM_CONF="${slurm_conf#SLURM_CONF=}" GRANULE_TEST_SLURM=1
+else
+    if [ "${CI:-}" = "true" ]; then
+        echo "ci: a Slurm cluster cannot be started (see above); the Slurm tests must run in CI" >&2
+        exit 1
+    fi
+    echo "ci: !!! Slurm unavailable: its tests will be skipped (outside CI only)" >&2
+    unset GRANULE_TEST_SLURM
+fi
+
+# Every test binary runs even when one fails, so CI shows every failure. (Not `exec`:
+# the EXIT trap must still stop the cluster.)
 cargo test --workspace --no-fail-fast "$@"

@@ -287,6 +287,7 @@ pub(crate) fn run_worker(
         spot: cfg.spot,
         resources: describe(&cfg.custom).to_string(),
         locality: host::locality(),
+        allocation: std::env::var("GRANULE_ALLOCATION").ok(),
     };
     let offer = offer(cfg);
     let data = DataPlane::open(cfg)?;

@@ -56,6 +56,8 @@ enum Command {
     Rm(cmd::gc::RmArgs),
     /// Delete blobs (output files) that no job in the store refers to any more.
     Gc(cmd::gc::GcArgs),
+    /// Plan the pools and start or drain their workers (local, Slurm, commands).
+    Serve(cmd::serve::ServeArgs),
     /// Simulate a scenario (pool and workload) in virtual time with the same core.
     Sim(cmd::sim::SimArgs),
     /// Benchmark the store's own path: clients looping claim-one-item -> finish.
@@ -97,6 +99,7 @@ fn main() -> ExitCode {
         Command::Cancel(args) => cmd::cancel::cancel(args),
         Command::Rm(args) => cmd::gc::rm(args),
         Command::Gc(args) => cmd::gc::gc(args),
+        Command::Serve(args) => cmd::serve::serve(args),
         Command::Sim(args) => cmd::sim::sim(args),
         Command::BenchStore(args) => cmd::bench_store::bench_store(args),
     };

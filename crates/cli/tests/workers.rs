@@ -497,6 +497,7 @@ fn ghost(store: &mut dyn granule_store::Store, id: &str, host: &str, locality: &
         spot: false,
         resources: "{}".into(),
         locality: locality.into(),
+        allocation: None,
     };
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

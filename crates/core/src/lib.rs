@@ -15,6 +15,7 @@ mod placement;
 mod plan;
 mod predictor;
 mod profile;
+mod scale;
 mod sizer;
 
 pub use claim::{
@@ -41,6 +42,7 @@ pub use plan::{
 };
 pub use predictor::{absolute_errors, median_p90, prediction_error, WARM_UP_FRAGMENTS};
 pub use profile::{guess_class, profile};
+pub use scale::{scale, spare, to_start, walltime_ms, PoolView, Scaling, StageDemand};
 pub use sizer::{
     ClaimContext, CostModel, LinearFit, Observation, Pid, SizeCap, Sizer, SizerConfig, Sizing,
 };

@@ -179,6 +179,8 @@ pub struct ClassPlan {
     pub planned: Vec<Vec<bool>>,
     /// Slots of each class the plan keeps busy until the horizon.
     pub slots_wanted: Vec<f64>,
+    /// The horizon the plan finishes the work within, ms.
+    pub horizon_ms: f64,
 }
 
 /// The cheapest assignment of the remaining work to classes that still finishes
@@ -202,6 +204,7 @@ pub fn class_plan(
                 })
                 .collect(),
             slots_wanted: slots.to_vec(),
+            horizon_ms,
         };
     };
     let planned = work
@@ -229,6 +232,7 @@ pub fn class_plan(
     ClassPlan {
         planned,
         slots_wanted,
+        horizon_ms,
     }
 }
 

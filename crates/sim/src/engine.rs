@@ -5,11 +5,12 @@
 use crate::pool::{Ending, Life, Lives};
 use crate::scenario::Scenario;
 use granule_core::{
-    absolute_errors, claim_context, deadline_plan, fits, median_p90, placement_order,
-    size_with_unrun, split_share, unrun_estimate, Admission, ClaimContext, FinishOutcome,
-    FragmentId, Holt, IntervalSet, Observation, SizeCap, Sizer, SizerConfig, Span, StageLedger,
-    StageNeeds, StageView, StageWork, WorkerOffer,
+    absolute_errors, claim_context, fits, median_p90, placement_order, size_with_unrun,
+    split_share, unrun_estimate, Admission, ClaimContext, FinishOutcome, FragmentId, Holt,
+    IntervalSet, Observation, SizeCap, Sizer, SizerConfig, Span, StageLedger, StageNeeds,
+    StageView, WorkerOffer,
 };
+use granule_core::{scale, spare, to_start, PoolView, StageDemand};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, LogNormal, StandardNormal};
@@ -174,9 +175,6 @@ pub struct Report {
 
 /// Fragments of at most this many items have their items' costs drawn one by one.
 const EXACT_SUM: u64 = 256;
-
-/// Planner period: forecasts and the class plan are updated, idle workers look again.
-const TICK_MS: f64 = 60_000.0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
@@ -373,7 +371,11 @@ pub fn simulate<'a>(
     };
     for (c, class) in sc.classes.iter().enumerate() {
         for i in 0..class.count {
-            sim.next_life(c, i);
+            if class.autoscale {
+                sim.park(c, i);
+            } else {
+                sim.next_life(c, i);
+            }
         }
     }
     sim.at(0.0, Event::Tick);
@@ -469,7 +471,7 @@ impl Sim<'_> {
         for c in 0..self.alive_slots.len() {
             self.forecast[c].observe(self.alive_slots[c]);
             let workers = self.alive_slots[c] / f64::from(self.sc.classes[c].slots);
-            let rate = self.preempted[c] / (workers.max(1.0) * TICK_MS);
+            let rate = self.preempted[c] / (workers.max(1.0) * self.sc.plan_every);
             self.preempt_rate[c].observe(rate);
             self.preempted[c] = 0.0;
         }
@@ -479,7 +481,7 @@ impl Sim<'_> {
         self.unpark();
         // Shadow re-evaluation: plans change as deadlines near and capacity moves.
         self.wake_idle();
-        self.at(self.now + TICK_MS, Event::Tick);
+        self.at(self.now + self.sc.plan_every, Event::Tick);
     }
 
     fn arrive(&mut self, w: usize) {
@@ -750,7 +752,22 @@ impl Sim<'_> {
         }
         self.leave(w);
         let position = self.workers[w].position;
-        self.next_life(class, position);
+        if self.sc.classes[class].autoscale {
+            self.park(class, position);
+        } else {
+            self.next_life(class, position);
+        }
+    }
+
+    /// Parks a position of an autoscaled class until the plan calls it (its life
+    /// starts then).
+    fn park(&mut self, class: usize, position: u32) {
+        let life = Life {
+            start: self.now,
+            end: self.now,
+            ending: Ending::Never,
+        };
+        self.parked[class].push((position, life));
     }
 
     fn idle_check(&mut self, w: usize, since: u64) {
@@ -766,7 +783,10 @@ impl Sim<'_> {
             .iter()
             .any(|st| st.done_ms.is_none() && fits(&st.needs, class).is_ok());
         // Or one the plan does not want: its class has enough slots busy.
-        let spare = f64::from(self.busy[worker.class]) >= self.wanted[worker.class];
+        let spare = spare(
+            self.wanted[worker.class],
+            f64::from(self.busy[worker.class]),
+        );
         let useful = useful && !spare;
         if worker.slots.iter().all(Option::is_none) && !useful {
             let (class, position, life) = (worker.class, worker.position, worker.life);
@@ -775,15 +795,26 @@ impl Sim<'_> {
         }
     }
 
-    /// Calls parked workers back while the plan wants more slots of their class
-    /// than are here or on their way.
+    /// Calls parked workers back as the scaling policy's `to_start` says.
     fn unpark(&mut self) {
         for c in 0..self.parked.len() {
-            while self.wanted[c] > self.alive_slots[c] + self.arriving[c] {
+            let pool = PoolView {
+                here: self.alive_slots[c] + self.arriving[c],
+                ..self.pool_view(c)
+            };
+            for _ in 0..to_start(self.wanted[c], &pool) {
                 let Some((position, mut life)) = self.parked[c].pop() else {
                     break;
                 };
                 let start = self.now + self.sc.classes[c].replace_after;
+                if self.sc.classes[c].autoscale {
+                    // Launched now: a fresh life from its start.
+                    let lives = &mut self.lives[c][position as usize];
+                    if let Some(life) = lives.starting_at(start) {
+                        self.start_life(c, position, life);
+                    }
+                    continue;
+                }
                 // The position's own history goes on: its current life if that has
                 // not ended by then, else its next one.
                 while life.end <= start {
@@ -858,6 +889,20 @@ impl Sim<'_> {
         m.ready().then_some(m.b_ms)
     }
 
+    /// Slot-ms per item done of stage `s`'s fragments running on class `c` (what
+    /// `granule serve` reads from progress while no model is ready: long elastic
+    /// fragments teach the model only when they end); `None` before 8 items.
+    fn pace(&self, s: usize, c: usize) -> Option<f64> {
+        let (mut ms, mut done) = (0.0, 0);
+        for w in self.workers.iter().filter(|w| !w.gone && w.class == c) {
+            for r in w.slots.iter().flatten().filter(|r| r.stage == s) {
+                ms += self.now - r.start;
+                done += Self::progress(r, self.now);
+            }
+        }
+        (done >= 8).then(|| ms / done as f64)
+    }
+
     /// The stages worker `w` should try, best first: for granule, the order the
     /// stores use (`placement_order` over the same views, with the class plan).
     fn candidates(&self, w: usize) -> Vec<usize> {
@@ -928,52 +973,32 @@ impl Sim<'_> {
         class.cost / f64::from(class.slots) / 3_600_000.0
     }
 
-    /// Recomputes the class plan from what is learned, the pool's forecast and
-    /// the deadlines: the cheapest assignment of the remaining work that finishes
-    /// within the horizon.
+    /// Recomputes the plan with the core's scaling policy (`granule serve` calls the
+    /// same function): from what is learned, the pool's forecast and parked
+    /// workers, and the deadlines, which classes take which stage and how many slots
+    /// of each class are wanted.
     fn replan(&mut self) {
         let classes = self.sc.classes.len();
-        // Until some class has run every ready stage, keep everyone and let every
-        // class take anything: there is no prior (the scenario's true costs are not
-        // known). A class that has not run a stage yet is left out of the plan (as
-        // the stores' deadline plan does) and let in (`planned`) to learn its cost.
-        let learning = (0..self.stages.len())
-            .any(|s| self.ready(s) && (0..classes).all(|c| self.learned(s, c).is_none()));
-        if learning {
-            self.plan = vec![vec![true; classes]; self.stages.len()];
-            self.wanted = vec![f64::INFINITY; classes];
-            return;
-        }
-        let work: Vec<StageWork> = (0..self.stages.len())
+        let demand: Vec<StageDemand> = (0..self.stages.len())
             .map(|s| {
                 let st = &self.stages[s];
-                StageWork {
+                StageDemand {
                     items: if self.ready(s) {
                         (st.ledger.pending.len() + st.running_items) as f64
                     } else {
                         0.0
                     },
-                    per_item_ms: (0..classes)
-                        .map(|c| {
-                            // Ready stages have a cost learned on some class; others
-                            // have no items to plan.
-                            let fit = fits(&st.needs, &self.offers[c]).is_ok();
-                            fit.then(|| self.learned(s, c)).flatten()
-                        })
+                    fits: (0..classes)
+                        .map(|c| fits(&st.needs, &self.offers[c]).is_ok())
                         .collect(),
+                    learned: (0..classes)
+                        .map(|c| self.learned(s, c).or_else(|| self.pace(s, c)))
+                        .collect(),
+                    resumable: self.sc.stages[s].acks,
                 }
             })
             .collect();
-        let slots: Vec<f64> = (0..classes)
-            .map(|c| {
-                // Plan on the capacity expected a few ticks ahead, not on what is here now.
-                // Parked workers count: the plan can call them back.
-                let parked = self.parked[c].len() as f64 * f64::from(self.sc.classes[c].slots);
-                let here = self.alive_slots[c] + self.arriving[c];
-                let ahead = self.forecast[c].forecast(5.0).unwrap_or(here);
-                ahead.min(here.max(1.0) * 2.0) + parked
-            })
-            .collect();
+        let pools: Vec<PoolView> = (0..classes).map(|c| self.pool_view(c)).collect();
         // Without a deadline: the cheapest plan within a little of the soonest finish.
         let time_left = self
             .sc
@@ -983,21 +1008,25 @@ impl Sim<'_> {
             .filter(|(_, st)| st.done_ms.is_none())
             .filter_map(|(spec, _)| spec.deadline)
             .map(|d| d - self.now)
-            .min_by(f64::total_cmp)
-            .unwrap_or(0.0);
-        let prices: Vec<f64> = (0..classes).map(|c| self.price(c)).collect();
-        let Some((_, plan)) = deadline_plan(&work, &slots, &prices, time_left) else {
-            self.plan = vec![vec![true; classes]; self.stages.len()];
-            self.wanted = vec![f64::INFINITY; classes];
-            return;
-        };
-        self.plan = plan.planned;
-        // A margin over what the fluid plan needs: fragments are not fluid.
-        self.wanted = plan
-            .slots_wanted
-            .iter()
-            .map(|w| (w * 1.1 + 1.0).ceil())
-            .collect();
+            .min_by(f64::total_cmp);
+        let scaling = scale(&demand, &pools, time_left);
+        self.plan = scaling.planned;
+        self.wanted = scaling.wanted;
+    }
+
+    /// Class `c` as the scaling policy sees it: slots here or on their way (as many
+    /// as the forecast expects, when fewer), and parked ones the plan may call back.
+    fn pool_view(&self, c: usize) -> PoolView {
+        let class = &self.sc.classes[c];
+        let here = self.alive_slots[c] + self.arriving[c];
+        let ahead = self.forecast[c].forecast(5.0).unwrap_or(here);
+        PoolView {
+            slots_per_worker: f64::from(class.slots),
+            cost_per_slot_hour: class.cost / f64::from(class.slots),
+            spot: class.spot,
+            here: here.min(ahead.max(0.0)),
+            startable: self.parked[c].len() as f64 * f64::from(class.slots),
+        }
     }
 
     /// Whether the plan lets class `c` take stage `s`: planned for it, its cost

@@ -58,6 +58,15 @@ impl Lives {
     }
 }
 
+impl Lives {
+    /// A life that starts at `start` (a worker launched then, as `granule serve`
+    /// launches one), ending as the class's lives end.
+    pub(crate) fn starting_at(&mut self, start: f64) -> Option<Life> {
+        self.next_start = start;
+        self.next()
+    }
+}
+
 impl Iterator for Lives {
     type Item = Life;
 

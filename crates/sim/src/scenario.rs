@@ -29,6 +29,9 @@ pub struct Scenario {
     /// compare).
     #[serde(default = "yes")]
     pub forecast: bool,
+    /// How often the planner runs (`granule serve --interval`), default 1 min.
+    #[serde(default = "default_plan_every", deserialize_with = "millis")]
+    pub plan_every: f64,
     /// What the run may cost at most (reported against, not enforced).
     #[serde(default)]
     pub budget: Option<f64>,
@@ -79,6 +82,12 @@ pub struct ClassSpec {
     /// Delay before a worker that ended is replaced, default 1 min.
     #[serde(default = "default_replace", deserialize_with = "millis")]
     pub replace_after: f64,
+    /// Workers start only when the scaling policy asks for them, as `granule serve`
+    /// launches a pool's workers (`count` is the pool's limit, `replace_after` the
+    /// time a launch takes, `lifespan` the walltime); default false: every worker
+    /// is there from the start and replaced when it ends.
+    #[serde(default)]
+    pub autoscale: bool,
     /// The first workers arrive spread evenly over this long, default 0.
     #[serde(default, deserialize_with = "millis")]
     pub arrive_over: f64,
@@ -170,6 +179,9 @@ fn default_lease() -> f64 {
 }
 fn default_idle_exit() -> f64 {
     120_000.0
+}
+fn default_plan_every() -> f64 {
+    60_000.0
 }
 fn default_jitter() -> f64 {
     0.05

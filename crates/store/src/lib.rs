@@ -178,6 +178,10 @@ pub trait Store {
     }
     /// Workers seen within `window_ms`, or still holding work.
     fn workers(&mut self, now_ms: i64, window_ms: i64) -> Result<Vec<WorkerStatus>>;
+    /// Every pool `granule serve` has written (its last decision and launch error).
+    fn pools(&mut self) -> Result<Vec<PoolStatus>>;
+    /// Writes pools' state (`granule serve`, every planning round).
+    fn set_pools(&mut self, pools: &[PoolStatus]) -> Result<()>;
     /// Lives of the workers alive since `since_ms`, for forecasts of the pool: a
     /// worker silent for a minute counts as ended; `lost` if it lost a fragment.
     fn worker_history(&mut self, now_ms: i64, since_ms: i64) -> Result<Vec<WorkerSpan>>;

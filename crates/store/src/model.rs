@@ -4,7 +4,7 @@ use granule_core::{
     ClaimContext, FinishOutcome, FragmentId, IntervalSet, JobId, SizeCap, SizerConfig, Span,
     StageId, StageNeeds, WorkerOffer,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A job to record: its name, a digest of its spec, the spec as JSON, and per stage
 /// what the store needs to account and size it.
@@ -258,6 +258,8 @@ pub struct WorkerInfo {
     /// Where its pid means something (kernel boot and pid namespace): only a worker of
     /// the same locality can tell from the pid that it died.
     pub locality: String,
+    /// The allocation a provider of `granule serve` started it in (`GRANULE_ALLOCATION`).
+    pub allocation: Option<String>,
 }
 
 /// What a worker reports of itself with every flush.
@@ -300,6 +302,33 @@ pub struct WorkerStatus {
     pub spot: bool,
     /// Detected and declared resources.
     pub resources: serde_json::Value,
+    /// The allocation `granule serve` started it in, if it did.
+    pub allocation: Option<String>,
+}
+
+/// A pool of `granule serve` as its last planning round left it, for `status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    /// The pool's name.
+    pub name: String,
+    /// Its workers' class.
+    pub class: String,
+    /// How it starts workers (`local`, `slurm`, `command`).
+    pub provider: String,
+    /// Workers the plan wants.
+    pub wanted: u32,
+    /// Allocations asked for and not started yet.
+    pub pending: u32,
+    /// Allocations running a worker.
+    pub running: u32,
+    /// Workers asked to leave and not gone yet.
+    pub draining: u32,
+    /// Allocations started since `serve` began.
+    pub launched: u64,
+    /// The last launch or provider error, and when (unix ms).
+    pub last_error: Option<(String, i64)>,
+    /// When `serve` wrote this, unix ms.
+    pub updated_ms: i64,
 }
 
 /// A slot asking for work.
@@ -671,6 +700,10 @@ pub struct StageStatus {
     pub size_cap: Option<granule_core::SizeCap>,
     /// That rule in words.
     pub size_cap_why: Option<String>,
+    /// Whether its tasks ack items (`None` until a fragment has shown it).
+    pub acks: Option<bool>,
+    /// Whether it may run now: not finished, and every stage it comes after is.
+    pub ready: bool,
     /// The model's per-item cost, µs.
     pub item_cost_us: f64,
     /// The model's per-fragment overhead, ms.

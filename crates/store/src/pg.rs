@@ -236,6 +236,16 @@ CREATE TABLE feeds (
 );
 CREATE INDEX feeds_by_stage ON feeds (stage_id, start_idx);
 "#,
+    // 11: `granule serve`: each worker names the allocation a provider started it
+    // in, and each pool's last decision and launch error are kept for `status`.
+    r#"
+ALTER TABLE workers ADD COLUMN allocation TEXT;
+CREATE TABLE pools (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    updated_ms BIGINT NOT NULL
+);
+"#,
 ];
 
 /// A store in a PostgreSQL database.

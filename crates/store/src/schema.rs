@@ -254,6 +254,16 @@ CREATE TABLE feeds (
 );
 CREATE INDEX feeds_by_stage ON feeds (stage_id, start_idx);
 "#,
+    // 12: `granule serve`: each worker names the allocation a provider started it
+    // in, and each pool's last decision and launch error are kept for `status`.
+    r#"
+ALTER TABLE workers ADD COLUMN allocation TEXT;
+CREATE TABLE pools (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+"#,
 ];
 
 /// The schema version [`CURRENT`] is: the SQL migrations, the row layout and the
@@ -339,7 +349,8 @@ CREATE TABLE workers (
     spot INTEGER NOT NULL DEFAULT 0,
     resources TEXT NOT NULL DEFAULT '{}',
     lease_until_ms INTEGER NOT NULL DEFAULT 0,
-    locality TEXT NOT NULL DEFAULT ''
+    locality TEXT NOT NULL DEFAULT '',
+    allocation TEXT
 );
 CREATE TABLE fragments (
     id INTEGER PRIMARY KEY,
@@ -417,4 +428,9 @@ CREATE TABLE feeds (
     src_start INTEGER NOT NULL
 );
 CREATE INDEX feeds_by_stage ON feeds (stage_id, start_idx);
+CREATE TABLE pools (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
 "#;

@@ -91,6 +91,7 @@ fn worker(store: &mut dyn Store, id: &str) -> String {
         spot: true,
         resources: r#"{"cpus":2,"custom":{"licenses":4.0}}"#.into(),
         locality: String::new(),
+        allocation: None,
     };
     store.register_worker(&info, 0).unwrap();
     id.into()
@@ -541,6 +542,7 @@ fn described(store: &mut dyn Store, id: &str, spot: bool, memory_mb: u64, now_ms
         spot,
         resources: format!(r#"{{"cpus":2,"memory_mb":{memory_mb}}}"#),
         locality: String::new(),
+        allocation: None,
     };
     store.register_worker(&info, now_ms).unwrap();
 }
@@ -864,6 +866,7 @@ fn with_a_deadline_the_dear_class_waits_until_the_cheap_one_cannot_make_it() {
                 spot: false,
                 resources: "{}".into(),
                 locality: String::new(),
+                allocation: None,
             };
             s.register_worker(&info, now).unwrap();
         };

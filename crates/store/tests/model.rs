@@ -205,6 +205,7 @@ impl Run<'_> {
             spot: false,
             resources: "{}".into(),
             locality: String::new(),
+            allocation: None,
         };
         self.store.register_worker(&info, now).unwrap();
         (worker, now)

@@ -89,6 +89,7 @@ fn client(state: &StateArg, c: u32, id: JobId, deadline: Instant) -> Result<Vec<
         spot: false,
         resources: "{}".into(),
         locality: String::new(),
+        allocation: None,
     };
     store.register_worker(&info, host::now_ms())?;
     let request = || ClaimRequest {

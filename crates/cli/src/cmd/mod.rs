@@ -8,6 +8,7 @@ pub(crate) mod logs;
 pub(crate) mod outputs;
 pub(crate) mod results;
 pub(crate) mod run;
+pub(crate) mod serve;
 pub(crate) mod sim;
 pub(crate) mod status;
 pub(crate) mod submit;

@@ -5,7 +5,7 @@ use super::{open_store, StateArg};
 use crate::{host, BadInput, EXIT_DONE};
 use anyhow::Result;
 use granule_core::ClassForecast;
-use granule_store::{StageState, StageStatus, WorkerStatus};
+use granule_store::{PoolStatus, StageState, StageStatus, WorkerStatus};
 use std::time::Duration;
 
 #[derive(clap::Args)]
@@ -34,13 +34,14 @@ pub(crate) fn status(args: StatusArgs) -> Result<u8> {
     // Each class's slots 10 minutes ahead and its losses, from the last hour.
     let history = store.worker_history(now, now - granule_core::FORECAST_WINDOW_MS)?;
     let pool = granule_core::forecast_recent(&history, now);
+    let pools = store.pools()?;
     if let Some(stage) = &args.explain {
         return explain(&jobs, &workers, &history, stage);
     }
     if args.json {
         println!(
             "{}",
-            serde_json::json!({ "jobs": jobs, "workers": workers, "pool": pool })
+            serde_json::json!({ "jobs": jobs, "workers": workers, "pool": pool, "pools": pools })
         );
         return Ok(EXIT_DONE);
     }
@@ -56,7 +57,37 @@ pub(crate) fn status(args: StatusArgs) -> Result<u8> {
     }
     print_workers(&workers);
     print_pool(&pool);
+    print_pools(&pools, now);
     Ok(EXIT_DONE)
+}
+
+/// The pools of `granule serve`: what its last round wanted and found, and the
+/// last launch error.
+fn print_pools(pools: &[PoolStatus], now: i64) {
+    if !pools.is_empty() {
+        println!("pools (granule serve):");
+    }
+    for p in pools {
+        println!(
+            "  {} ({}, class {}): {} wanted, {} pending, {} running, {} draining; {} started; planned {:.0}s ago",
+            p.name,
+            p.provider,
+            p.class,
+            p.wanted,
+            p.pending,
+            p.running,
+            p.draining,
+            p.launched,
+            (now - p.updated_ms) as f64 / 1e3
+        );
+        if let Some((error, at)) = &p.last_error {
+            println!(
+                "  {:<16} last error {:.0}s ago: {error}",
+                "",
+                (now - at) as f64 / 1e3
+            );
+        }
+    }
 }
 
 /// A stage's lines of `granule status`.

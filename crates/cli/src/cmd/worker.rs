@@ -15,7 +15,8 @@ pub(crate) struct WorkerArgs {
     /// Wall-clock time this worker has (a walltime, a serverless limit).
     #[arg(long, value_parser = humantime::parse_duration)]
     lifespan: Option<Duration>,
-    /// The moment this worker must be gone (RFC 3339 or unix seconds).
+    /// The moment this worker must be gone (RFC 3339 or unix seconds), or `slurm`:
+    /// the end of the Slurm job it runs in. With `--lifespan`, the earlier end.
     #[arg(long)]
     deadline: Option<String>,
     /// Exit after this long with no work (default: exit once no unfinished job is left).
@@ -99,13 +100,14 @@ pub(crate) fn worker(args: WorkerArgs) -> Result<u8> {
     let mut store = open_store(&args.state)?;
     let now = Instant::now();
     let now_ms = host::now_ms();
-    let lifespan = match (args.lifespan, &args.deadline) {
-        (Some(_), Some(_)) => {
-            return Err(BadInput("give --lifespan or --deadline, not both".into()).into())
-        }
-        (Some(d), None) => Some(d),
-        (None, Some(text)) => Some(deadline_in(text, now_ms)?),
-        (None, None) => None,
+    let deadline = match args.deadline.as_deref() {
+        Some("slurm") => slurm_time_left()?,
+        Some(text) => Some(deadline_in(text, now_ms)?),
+        None => None,
+    };
+    let lifespan = match (args.lifespan, deadline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     };
     let interrupts = count_signals()?;
     let config = engine::EngineConfig {
@@ -152,4 +154,61 @@ fn deadline_in(text: &str, now_ms: i64) -> Result<Duration> {
         return Err(BadInput(format!("--deadline {text:?} is in the past")).into());
     }
     Ok(Duration::from_millis((end_ms - now_ms) as u64))
+}
+
+/// The time left to the Slurm job this worker runs in (`squeue -o %L`; Slurm sets no
+/// end-time variable); `None` for a job without a limit.
+fn slurm_time_left() -> Result<Option<Duration>> {
+    let job = std::env::var("SLURM_JOB_ID").map_err(|_| {
+        BadInput("--deadline slurm: SLURM_JOB_ID is not set (not in a Slurm job)".into())
+    })?;
+    let out = std::process::Command::new("squeue")
+        .args(["-h", "-j", &job, "-o", "%L"])
+        .output()
+        .map_err(|e| anyhow::anyhow!("--deadline slurm: cannot run squeue: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        anyhow::bail!(
+            "--deadline slurm: squeue failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(slurm_duration(text.trim()))
+}
+
+/// A Slurm time (`M:SS`, `H:MM:SS`, `D-HH:MM:SS`); `None` for `UNLIMITED`,
+/// `NOT_SET` or anything else that is not one.
+pub(crate) fn slurm_duration(text: &str) -> Option<Duration> {
+    let (days, rest) = match text.split_once('-') {
+        Some((d, rest)) => (d.parse::<u64>().ok()?, rest),
+        None => (0, text),
+    };
+    let parts: Vec<u64> = rest
+        .split(':')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    let secs = match parts[..] {
+        [m, s] => m * 60 + s,
+        [h, m, s] => h * 3600 + m * 60 + s,
+        _ => return None,
+    };
+    Some(Duration::from_secs(days * 86_400 + secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slurm_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn slurm_times_parse() {
+        assert_eq!(slurm_duration("0:58"), Some(Duration::from_secs(58)));
+        assert_eq!(slurm_duration("1:00:05"), Some(Duration::from_secs(3605)));
+        assert_eq!(
+            slurm_duration("2-01:00:00"),
+            Some(Duration::from_secs(2 * 86_400 + 3600))
+        );
+        assert_eq!(slurm_duration("UNLIMITED"), None);
+        assert_eq!(slurm_duration(""), None);
+    }
 }

@@ -4,7 +4,9 @@ use super::fragment::insert_pending;
 use super::{Backend, TxKind, SHARDS};
 use crate::common::{json, sizer_config_json};
 use crate::db::{args, Db};
-use crate::{JobRecord, NewJob, Result, StoreError, Submitted, WorkerInfo, WorkerState};
+use crate::{
+    JobRecord, NewJob, PoolStatus, Result, StoreError, Submitted, WorkerInfo, WorkerState,
+};
 use granule_core::{JobId, PendingRange, Span};
 
 /// How a job is looked up.
@@ -200,10 +202,10 @@ pub(crate) fn register_worker(b: &mut impl Backend, w: &WorkerInfo, now_ms: i64)
     b.transaction(TxKind::Write, |tx| {
         tx.execute(
             "INSERT INTO workers (id, host, pid, proc_start, slots, class, started_ms, heartbeat_ms, lifespan_end_ms,
-               state, cost, spot, resources, locality)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, 'running', $9, $10, $11, $12)
+               state, cost, spot, resources, locality, allocation)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, 'running', $9, $10, $11, $12, $13)
              ON CONFLICT (id) DO UPDATE SET slots = $5, class = $6, heartbeat_ms = $7, lifespan_end_ms = $8,
-               state = 'running', cost = $9, spot = $10, resources = $11, locality = $12",
+               state = 'running', cost = $9, spot = $10, resources = $11, locality = $12, allocation = $13",
             args![
                 &w.id,
                 &w.host,
@@ -217,6 +219,7 @@ pub(crate) fn register_worker(b: &mut impl Backend, w: &WorkerInfo, now_ms: i64)
                 w.spot,
                 &w.resources,
                 &w.locality,
+                w.allocation.as_deref(),
             ],
         )?;
         Ok(())
@@ -238,6 +241,21 @@ pub(crate) fn set_worker_state(
              WHERE id = $1",
             args![worker, state, now_ms],
         )?;
+        Ok(())
+    })
+}
+
+/// Writes each pool's state as `granule serve` last decided it.
+pub(crate) fn set_pools(b: &mut impl Backend, pools: &[PoolStatus]) -> Result<()> {
+    b.transaction(TxKind::Write, |tx| {
+        for p in pools {
+            let state = serde_json::to_string(p).expect("a pool's state serializes");
+            tx.execute(
+                "INSERT INTO pools (name, state, updated_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO UPDATE SET state = $2, updated_ms = $3",
+                args![&p.name, &state, p.updated_ms],
+            )?;
+        }
         Ok(())
     })
 }

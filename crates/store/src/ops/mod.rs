@@ -304,6 +304,12 @@ macro_rules! store_over_backend {
             ) -> $crate::Result<Vec<$crate::WorkerStatus>> {
                 $crate::ops::read::workers(self, now_ms, window_ms)
             }
+            fn pools(&mut self) -> $crate::Result<Vec<$crate::PoolStatus>> {
+                $crate::ops::read::pools(self)
+            }
+            fn set_pools(&mut self, pools: &[$crate::PoolStatus]) -> $crate::Result<()> {
+                $crate::ops::jobs::set_pools(self, pools)
+            }
             fn worker_history(
                 &mut self,
                 now_ms: i64,

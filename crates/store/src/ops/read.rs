@@ -6,8 +6,8 @@ use crate::common::{
 };
 use crate::db::{args, Db};
 use crate::{
-    Accounting, BlobRow, FragmentLog, JobState, JobStatus, ResultRow, StageProgress, StageStatus,
-    StoreError, StoredBlob, WorkerInfo, WorkerStatus,
+    Accounting, BlobRow, FragmentLog, JobState, JobStatus, PoolStatus, ResultRow, StageProgress,
+    StageStatus, StoreError, StoredBlob, WorkerInfo, WorkerStatus,
 };
 use crate::{JobId, Result, StageState};
 use granule_core::{busiest, prediction_error, IntervalSet, SizeCap, Sizer, Span, WorkerSpan};
@@ -16,7 +16,7 @@ use granule_core::{busiest, prediction_error, IntervalSet, SizeCap, Sizer, Span,
 pub(crate) fn workers_holding_work(b: &mut impl Backend) -> Result<Vec<WorkerInfo>> {
     b.transaction(TxKind::Read, |tx| {
         let rows = tx.query(
-            "SELECT id, host, pid, proc_start, slots, class, lifespan_end_ms, cost, spot, resources, locality FROM workers
+            "SELECT id, host, pid, proc_start, slots, class, lifespan_end_ms, cost, spot, resources, locality, allocation FROM workers
              WHERE id IN (SELECT DISTINCT worker FROM fragments WHERE state = 'running')",
             args![],
         )?;
@@ -34,6 +34,7 @@ pub(crate) fn workers_holding_work(b: &mut impl Backend) -> Result<Vec<WorkerInf
                 spot: r.bool(8),
                 resources: r.string(9),
                 locality: r.string(10),
+                allocation: r.opt_string(11),
             })
             .collect())
     })
@@ -57,6 +58,14 @@ pub(crate) fn status(b: &mut impl Backend, job: Option<&str>) -> Result<Vec<JobS
                     .iter()
                     .map(|stage| stage_status(tx, stage))
                     .collect::<Result<Vec<_>>>()?;
+                let finished: Vec<bool> = stages.iter().map(StageRow::is_done).collect();
+                for (s, row) in out.iter_mut().zip(&stages) {
+                    s.ready = !finished[row.idx]
+                        && row
+                            .after
+                            .iter()
+                            .all(|&a| finished.get(a).copied().unwrap_or(true));
+                }
                 links(tx, j.i64(0), &mut out)?;
                 Ok(out)
             });
@@ -288,6 +297,8 @@ fn stage_status(tx: &mut dyn Db, stage: &StageRow) -> Result<StageStatus> {
         fragment_size: t.last_n,
         size_cap: cap,
         size_cap_why: cap.map(|c| c.explain().to_string()),
+        acks: stage.acks.expected(),
+        ready: false,
         item_cost_us: sizer.model.b_ms * 1e3,
         overhead_ms: sizer.model.a_ms,
         target_ms: sizer.target_ms(&stage.sizer_config),
@@ -375,7 +386,7 @@ pub(crate) fn workers(
         let rows = tx.query(
             "SELECT w.id, w.host, w.state, w.class, w.slots, w.busy, w.lifespan_end_ms, w.heartbeat_ms,
                     (SELECT count(*) FROM fragments f WHERE f.worker = w.id AND f.state = 'done'),
-                    w.cost, w.spot, w.resources
+                    w.cost, w.spot, w.resources, w.allocation
              FROM workers w
              WHERE w.heartbeat_ms >= $1 OR w.id IN (SELECT worker FROM fragments WHERE state = 'running')
              ORDER BY w.started_ms",
@@ -396,6 +407,7 @@ pub(crate) fn workers(
                 cost_per_hour: r.f64(9),
                 spot: r.bool(10),
                 resources: serde_json::from_str(r.str(11)).unwrap_or_default(),
+                allocation: r.opt_string(12),
             })
             })
             .collect()
@@ -541,5 +553,13 @@ pub(crate) fn accounting(b: &mut impl Backend, job: &str, stage: &str) -> Result
             acc.done.union_with(&acked);
         }
         Ok(acc)
+    })
+}
+
+/// Every pool `granule serve` has written, by name.
+pub(crate) fn pools(b: &mut impl Backend) -> Result<Vec<PoolStatus>> {
+    b.transaction(TxKind::Read, |tx| {
+        let rows = tx.query("SELECT state FROM pools ORDER BY name", args![])?;
+        rows.iter().map(|r| parse(r.str(0), "pool state")).collect()
     })
 }
