@@ -41,13 +41,19 @@ impl Leftovers {
             .collect()
     }
 
-    /// Live `granule worker` processes of this test.
+    /// Live `granule worker` processes of this test: each leads its own session
+    /// (a worker's child between its fork and the task's exec has the same command
+    /// line, and is not one).
     fn workers(&self) -> usize {
         self.pids()
             .iter()
             .filter(|pid| {
                 let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                cmd.split(|&b| b == 0).any(|w| w == b"worker")
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let session = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(3).map(str::to_string));
+                cmd.split(|&b| b == 0).any(|w| w == b"worker") && session == Some(pid.to_string())
             })
             .count()
     }

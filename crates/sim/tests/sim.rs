@@ -408,3 +408,49 @@ fn a_killed_workers_fragments_come_back_when_their_lease_expires() {
     );
     assert!(held.makespan_ms > instant.makespan_ms);
 }
+
+/// Two autoscaled pools as `granule serve` runs them: "dear" 3x faster and 4x dearer.
+fn pools(deadline: &str) -> String {
+    format!(
+        r#"
+name = "pools"
+idle_exit = "4s"
+heartbeat = "100ms"
+plan_every = "1s"
+[[class]]
+name = "cheap"
+count = 4
+cost = 1.0
+autoscale = true
+replace_after = "1s"
+[[class]]
+name = "dear"
+count = 4
+cost = 4.0
+speed = 3.0
+autoscale = true
+replace_after = "1s"
+[[stage]]
+name = "work"
+items = 600
+item_ms = 150
+spread = 0.0
+overhead_ms = 300
+deadline = "{deadline}"
+"#
+    )
+}
+
+#[test]
+fn autoscaled_pools_start_the_dear_class_only_for_a_deadline_that_needs_it() {
+    // Cheap alone needs about 23 s: a 60 s deadline leaves the dear pool parked.
+    let loose = run(&scenario(&pools("60s")), Policy::Granule, None);
+    assert!(loose.finished);
+    assert_eq!(loose.classes[1].items, 0, "{:?}", loose.classes);
+    assert_eq!(loose.classes[1].cost, 0.0);
+    // 15 s: the plan calls the dear pool in, and the job ends sooner.
+    let tight = run(&scenario(&pools("15s")), Policy::Granule, None);
+    assert!(tight.finished);
+    assert!(tight.classes[1].cost > 0.0, "{:?}", tight.classes);
+    assert!(tight.makespan_ms < loose.makespan_ms);
+}
