@@ -566,15 +566,18 @@ fn trim_to_life(job: &FragmentJob, st: &mut Shared, now: Instant) {
     }
 }
 
-/// Items in flight beyond the last ack: at least `min`, and about 20 ms of work at
-/// `item_cost_ms`, so that reading acks in batches never starves a fast task.
+/// Items in flight beyond the last ack: about 20 ms of work at `item_cost_ms`, so
+/// that reading acks in batches never starves a fast task, and at least `min` items
+/// where that is under 100 ms of work (at least 2). A fed item can no longer be split
+/// off or handed back at a yield: 64 items of 150 ms held 10 s of a fragment out of
+/// reach of idle workers and made a yield wait for them.
 pub fn feed_window(min: u64, item_cost_ms: f64) -> u64 {
-    let by_time = if item_cost_ms > 0.0 {
-        (20.0 / item_cost_ms) as u64
-    } else {
-        min
-    };
-    by_time.clamp(min, 1 << 20)
+    if item_cost_ms <= 0.0 {
+        return min;
+    }
+    let by_time = (20.0 / item_cost_ms) as u64;
+    let floor = min.min((100.0 / item_cost_ms).ceil() as u64).max(2);
+    by_time.clamp(floor, 1 << 20)
 }
 
 /// The fragment's feed window now: `job.window`, or where the claim knew no
@@ -651,5 +654,27 @@ pub(crate) fn classify(s: &Supervision, limit: Option<Duration>) -> Option<Failu
         (Some(code), _) => Some(Failure::Exit(code)),
         (_, Some(sig)) => Some(Failure::Signal(sig)),
         _ => Some(Failure::Exit(-1)),
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::feed_window;
+
+    #[test]
+    fn the_window_holds_about_20ms_and_never_seconds_of_work() {
+        assert_eq!(feed_window(64, 0.1), 200, "fast items: 20 ms of them");
+        assert_eq!(feed_window(64, 1.0), 64, "the minimum, 64 ms of work");
+        assert_eq!(
+            feed_window(64, 5.0),
+            20,
+            "the minimum shrinks to 100 ms of work"
+        );
+        assert_eq!(
+            feed_window(64, 150.0),
+            2,
+            "slow items: two, not 10 s of them"
+        );
+        assert_eq!(feed_window(64, 0.0), 64, "unknown cost: the minimum");
     }
 }

@@ -537,12 +537,15 @@ impl Sim<'_> {
     }
 
     /// Whether granule's idle slots split running fragments here, and so whether
-    /// fragments of acking tasks are elastic: in pools of one class. With several
-    /// classes, elastic fragments and splits had CPUs run a quarter of the mixed
-    /// test pool's inference (under a tenth without), which GPUs run 20x faster: a
-    /// placement problem not yet solved, so the simulator sizes at the claim there.
+    /// fragments of acking tasks are elastic: in pools of one class, or where classes
+    /// differ only in speed (no stage favours a class: a split moves work to whoever
+    /// is idle, as `granule worker` does). Where a stage favours a class, elastic
+    /// fragments and splits had CPUs run a quarter of the mixed test pool's inference
+    /// (under a tenth without), which GPUs run 20x faster: a placement problem not yet
+    /// solved, so the simulator sizes at the claim there.
     fn splits(&self) -> bool {
-        self.policy == Policy::Granule && self.sc.classes.len() == 1
+        self.policy == Policy::Granule
+            && (self.sc.classes.len() == 1 || self.sc.stages.iter().all(|s| s.speed.is_empty()))
     }
 
     /// An idle slot of worker `w` splits the running fragment of granule's with the

@@ -704,6 +704,9 @@ pub struct StageStatus {
     pub acks: Option<bool>,
     /// Whether it may run now: not finished, and every stage it comes after is.
     pub ready: bool,
+    /// Its running fragments per class: what their acks show of the per-item cost
+    /// before any of them ends.
+    pub running_by_class: Vec<RunningClass>,
     /// The model's per-item cost, µs.
     pub item_cost_us: f64,
     /// The model's per-fragment overhead, ms.
@@ -763,6 +766,28 @@ pub struct StageStatus {
     /// items or were skipped.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub skipped_for: Vec<String>,
+}
+
+/// A stage's running fragments on one class.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RunningClass {
+    /// The class.
+    pub class: String,
+    /// Fragments running there.
+    pub fragments: u64,
+    /// The sum of their claim times, unix ms (their time so far is
+    /// `fragments * now - claimed_ms_sum`).
+    pub claimed_ms_sum: i64,
+    /// Items they acked so far.
+    pub acked: u64,
+}
+
+impl RunningClass {
+    /// Slot-ms per acked item so far (`None` before 8 acks).
+    pub fn pace_ms(&self, now_ms: i64) -> Option<f64> {
+        let elapsed = self.fragments as i64 * now_ms - self.claimed_ms_sum;
+        (self.acked >= 8).then(|| elapsed.max(0) as f64 / self.acked as f64)
+    }
 }
 
 /// A stage on one executor class: what has been learned there.

@@ -6,8 +6,8 @@ use crate::common::{
 };
 use crate::db::{args, Db};
 use crate::{
-    Accounting, BlobRow, FragmentLog, JobState, JobStatus, PoolStatus, ResultRow, StageProgress,
-    StageStatus, StoreError, StoredBlob, WorkerInfo, WorkerStatus,
+    Accounting, BlobRow, FragmentLog, JobState, JobStatus, PoolStatus, ResultRow, RunningClass,
+    StageProgress, StageStatus, StoreError, StoredBlob, WorkerInfo, WorkerStatus,
 };
 use crate::{JobId, Result, StageState};
 use granule_core::{busiest, prediction_error, IntervalSet, SizeCap, Sizer, Span, WorkerSpan};
@@ -233,6 +233,24 @@ fn totals(tx: &mut dyn Db, stage: i64) -> Result<Totals> {
     })
 }
 
+/// A stage's running fragments per class: how many, their claim times and acks.
+fn running_by_class(tx: &mut dyn Db, stage: i64) -> Result<Vec<RunningClass>> {
+    Ok(tx
+        .query(
+            "SELECT class, count(*), coalesce(sum(claimed_ms), 0)::BIGINT, coalesce(sum(done_count), 0)::BIGINT
+             FROM fragments WHERE stage_id = $1 AND state = 'running' GROUP BY class ORDER BY class",
+            args![stage],
+        )?
+        .iter()
+        .map(|r| RunningClass {
+            class: r.string(0),
+            fragments: r.u64(1),
+            claimed_ms_sum: r.i64(2),
+            acked: r.u64(3),
+        })
+        .collect())
+}
+
 /// A stage's finished fragments in finish order, for its profile and prediction error.
 fn done_rows(tx: &mut dyn Db, stage: i64) -> Result<Vec<DoneRow>> {
     Ok(tx
@@ -299,6 +317,7 @@ fn stage_status(tx: &mut dyn Db, stage: &StageRow) -> Result<StageStatus> {
         size_cap_why: cap.map(|c| c.explain().to_string()),
         acks: stage.acks.expected(),
         ready: false,
+        running_by_class: running_by_class(tx, stage.id)?,
         item_cost_us: sizer.model.b_ms * 1e3,
         overhead_ms: sizer.model.a_ms,
         target_ms: sizer.target_ms(&stage.sizer_config),

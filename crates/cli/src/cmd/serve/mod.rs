@@ -59,8 +59,6 @@ pub(crate) fn serve(args: ServeArgs) -> Result<u8> {
         backoff: Vec::new(),
         idle_since: HashMap::new(),
         asked_to_leave: HashSet::new(),
-        paces: HashMap::new(),
-        last_tick: None,
         launches: Vec::new(),
         retire_after_ms: args.retire_after.as_millis() as i64,
     };
@@ -78,9 +76,10 @@ pub(crate) fn serve(args: ServeArgs) -> Result<u8> {
             spec.slots.to_string(),
             "--cost".into(),
             spec.cost_per_hour.to_string(),
-            "--idle-exit".into(),
-            format!("{}ms", spec.idle_exit.as_millis()),
         ];
+        if let Some(idle) = spec.idle_exit {
+            argv.extend(["--idle-exit".into(), format!("{}ms", idle.as_millis())]);
+        }
         if let Some(url) = &args.state.store {
             argv.extend(["--store".into(), url.clone()]);
         }
@@ -132,11 +131,6 @@ struct Serve {
     idle_since: HashMap<String, i64>,
     /// Allocations asked to leave (not asked twice).
     asked_to_leave: HashSet<String>,
-    /// Per (job, stage): its done count at the last round, and the busy slot-ms
-    /// and items done since it started on a single class.
-    paces: HashMap<(String, String), Pace>,
-    /// The last round, unix ms.
-    last_tick: Option<i64>,
     launches: Vec<Launch>,
     retire_after_ms: i64,
 }
@@ -191,9 +185,7 @@ impl Serve {
         let views: Vec<PoolView> = (0..self.providers.len())
             .map(|i| self.view(i, listed[i].as_deref()))
             .collect();
-        self.learn_paces(&jobs, &workers, now);
-        let mut demand = demand(&jobs, &self.providers);
-        self.fill_paces(&jobs, &workers, &mut demand);
+        let demand = demand(&jobs, &self.providers, now);
         let time_left = jobs
             .iter()
             .flat_map(|j| {
@@ -360,87 +352,11 @@ impl Serve {
     }
 }
 
-/// What a stage's progress shows of its per-item cost while no model is ready.
-#[derive(Default)]
-struct Pace {
-    done: u64,
-    slot_ms: f64,
-    items: u64,
-}
-
-impl Serve {
-    /// Busy slots per class, over the workers of every pool.
-    fn busy_classes(workers: &[WorkerStatus]) -> HashMap<&str, f64> {
-        let mut busy = HashMap::new();
-        for w in workers.iter().filter(|w| w.state != WorkerState::Exited) {
-            *busy.entry(w.class.as_str()).or_insert(0.0) += f64::from(w.busy);
-        }
-        busy.retain(|_, b| *b > 0.0);
-        busy
-    }
-
-    /// Slot-ms per item from each stage's progress between rounds. A worker's long
-    /// (elastic) fragment teaches the model only when it ends, so until then the
-    /// planner would see no cost at all; while one class alone is busy and one stage
-    /// alone runs, the slot-time between rounds over the items done is that cost.
-    fn learn_paces(&mut self, jobs: &[JobStatus], workers: &[WorkerStatus], now: i64) {
-        let busy = Self::busy_classes(workers);
-        let elapsed = self.last_tick.map_or(0.0, |t| (now - t) as f64);
-        self.last_tick = Some(now);
-        let running: Vec<_> = jobs
-            .iter()
-            .flat_map(|j| j.stages.iter().map(move |s| (j, s)))
-            .filter(|(_, s)| s.ready && s.running > 0)
-            .collect();
-        for (j, s) in jobs
-            .iter()
-            .flat_map(|j| j.stages.iter().map(move |s| (j, s)))
-        {
-            let key = (j.name.clone(), s.name.clone());
-            let Some(pace) = self.paces.get_mut(&key) else {
-                // First seen: progress counts from here.
-                let pace = Pace {
-                    done: s.done,
-                    ..Pace::default()
-                };
-                self.paces.insert(key, pace);
-                continue;
-            };
-            let new = s.done.saturating_sub(pace.done);
-            pace.done = s.done;
-            if running.len() == 1 && busy.len() == 1 && s.ready && s.running > 0 {
-                pace.slot_ms += busy.values().sum::<f64>() * elapsed;
-                pace.items += new;
-            }
-        }
-    }
-
-    /// Fills in, for stages no class has learned, the pace their progress shows on
-    /// the one busy class.
-    fn fill_paces(&self, jobs: &[JobStatus], workers: &[WorkerStatus], demand: &mut [StageDemand]) {
-        let busy = Self::busy_classes(workers);
-        let stages = jobs
-            .iter()
-            .flat_map(|j| j.stages.iter().map(move |s| (j, s)));
-        for ((j, s), d) in stages.zip(demand.iter_mut()) {
-            let Some(pace) = self.paces.get(&(j.name.clone(), s.name.clone())) else {
-                continue;
-            };
-            if d.learned.iter().any(Option::is_some) || pace.items < 8 || busy.len() != 1 {
-                continue;
-            }
-            let per_item = pace.slot_ms / pace.items as f64;
-            for (i, p) in self.providers.iter().enumerate() {
-                if busy.contains_key(p.pool().class()) {
-                    d.learned[i] = Some(per_item);
-                }
-            }
-        }
-    }
-}
-
-/// The ready work of every running job, as the planner sees it on each pool.
-fn demand(jobs: &[JobStatus], providers: &[Provider]) -> Vec<StageDemand> {
+/// The ready work of every running job, as the planner sees it on each pool: a
+/// class's per-item cost is what its model learned, or while none is ready the
+/// slot-time per ack of its running fragments (long elastic fragments teach the
+/// model only when they end; the simulator reads its running fragments the same way).
+fn demand(jobs: &[JobStatus], providers: &[Provider], now: i64) -> Vec<StageDemand> {
     let offers: Vec<_> = providers.iter().map(|p| p.pool().offer()).collect();
     jobs.iter()
         .flat_map(|j| &j.stages)
@@ -454,10 +370,14 @@ fn demand(jobs: &[JobStatus], providers: &[Provider]) -> Vec<StageDemand> {
             learned: offers
                 .iter()
                 .map(|o| {
-                    s.classes
-                        .iter()
-                        .find(|c| c.class == o.class && c.item_cost_us > 0.0)
+                    let learned = s.classes.iter().find(|c| c.class == o.class);
+                    learned
+                        .filter(|c| c.item_cost_us > 0.0)
                         .map(|c| c.item_cost_us / 1e3)
+                        .or_else(|| {
+                            let running = s.running_by_class.iter().find(|r| r.class == o.class);
+                            running.and_then(|r| r.pace_ms(now))
+                        })
                 })
                 .collect(),
             resumable: s.acks == Some(true) || s.checkpoints > 0,

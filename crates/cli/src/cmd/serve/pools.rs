@@ -56,9 +56,11 @@ pub(crate) struct PoolSpec {
     /// The shortest life asked for (`walltime` if that is shorter); default 1 minute.
     #[serde(default = "minute", deserialize_with = "duration")]
     pub(crate) min_walltime: Duration,
-    /// A worker with nothing to do leaves after this long, even when `serve` is gone.
-    #[serde(default = "idle", deserialize_with = "duration")]
-    pub(crate) idle_exit: Duration,
+    /// A worker with nothing to do waits this long for new jobs before it leaves;
+    /// default: it leaves as soon as no unfinished job is left (a later job gets new
+    /// workers from `serve`).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub(crate) idle_exit: Option<Duration>,
     /// Memory of one worker, MiB (for stages that declare memory); default: unknown
     /// (every stage fits).
     #[serde(default)]
@@ -204,8 +206,10 @@ fn hour() -> Duration {
 fn minute() -> Duration {
     Duration::from_secs(60)
 }
-fn idle() -> Duration {
-    Duration::from_secs(30)
+
+/// An optional duration written as humantime text.
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 /// A duration written as humantime text (`"30s"`, `"2h"`).
