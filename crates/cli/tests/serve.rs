@@ -257,3 +257,105 @@ fn a_slurm_pool_asks_for_successive_allocations() {
         slurm_jobs(&pool)
     );
 }
+
+#[test]
+fn a_command_pool_starts_lists_and_stops_through_user_scripts() {
+    let job = Job::new(&spin_spec(750));
+    let guard = Leftovers(job.dir.path().canonicalize().unwrap());
+    let env = spin_env(&job);
+    assert!(job.output(&["submit", "job.toml"]).status.success());
+    std::fs::create_dir_all(job.path("pids")).unwrap();
+    // What a cloud CLI wrapper would do: start the worker line detached, keep its
+    // pid under the allocation's name, list the live ones, signal one to stop.
+    std::fs::write(
+        job.path("start.sh"),
+        "setsid sh -c \"exec $GRANULE_WORKER_COMMAND\" >/dev/null 2>&1 </dev/null &\necho $! > \"pids/$GRANULE_ALLOCATION\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        job.path("list.sh"),
+        "for f in pids/*; do [ -e \"$f\" ] || continue; kill -0 \"$(cat \"$f\")\" 2>/dev/null && echo \"${f#pids/} running\"; done; true\n",
+    )
+    .unwrap();
+    std::fs::write(
+        job.path("stop.sh"),
+        "kill -TERM \"$(cat \"pids/$GRANULE_ALLOCATION\")\"\n",
+    )
+    .unwrap();
+    pools_file(
+        &job,
+        "[[pool]]\nname = \"vm\"\nprovider = \"command\"\nmax_workers = 2\nwalltime = \"5s\"\nmin_walltime = \"5s\"\nstart = [\"sh\", \"start.sh\"]\nlist = [\"sh\", \"list.sh\"]\nstop = [\"sh\", \"stop.sh\"]\n",
+    );
+    let out = output_of(&mut serve(&job, &env, &["--until-done"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    check_exact(&job, 750);
+    let pool = &job.status()["pools"][0];
+    assert!(pool["launched"].as_u64().unwrap() >= 3, "{pool}");
+    assert!(pool["last_error"].is_null(), "{pool}");
+    wait_until("the workers to leave", PATIENCE, || guard.workers() == 0);
+}
+
+#[test]
+fn a_failing_launch_is_backed_off_and_shown() {
+    let job = Job::new(&spin_spec(10));
+    assert!(job.output(&["submit", "job.toml"]).status.success());
+    pools_file(
+        &job,
+        "[[pool]]\nname = \"broken\"\nprovider = \"command\"\nmax_workers = 2\nstart = [\"sh\", \"-c\", \"echo no quota >&2; exit 3\"]\nlist = [\"true\"]\nstop = [\"true\"]\n",
+    );
+    let _serve = Spawned::start(&mut serve(&job, &[], &[]));
+    wait_until("the launch error in status", PATIENCE, || {
+        job.status()["pools"][0]["last_error"][0]
+            .as_str()
+            .is_some_and(|e| e.contains("no quota") && e.contains("next try in"))
+    });
+    let out = job.output(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("broken (command, class broken)") && text.contains("no quota"),
+        "{text}"
+    );
+    assert_eq!(job.status()["pools"][0]["launched"], 0);
+}
+
+#[test]
+fn a_lost_worker_is_replaced_and_nothing_acked_runs_again() {
+    let job = Job::new(&spin_spec(1500));
+    let guard = Leftovers(job.dir.path().canonicalize().unwrap());
+    let env = spin_env(&job);
+    assert!(job.output(&["submit", "job.toml"]).status.success());
+    pools_file(
+        &job,
+        "[[pool]]\nname = \"here\"\nprovider = \"local\"\nmax_workers = 2\nwalltime = \"10m\"\n",
+    );
+    let mut serve = Spawned::start(&mut serve(&job, &env, &["--until-done"]));
+    wait_until("some work done", PATIENCE, || done(&job) > 100);
+    // A lost allocation: its worker dies without a word.
+    let victim = guard
+        .pids()
+        .into_iter()
+        .find(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmd.split(|&b| b == 0).any(|w| w == b"worker")
+        })
+        .expect("a worker");
+    // SAFETY: a worker this test's serve started.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    wait_until("serve to finish", PATIENCE, || {
+        serve.try_wait().unwrap().is_some()
+    });
+    assert!(serve.wait().unwrap().success());
+    let status = job.status();
+    assert_eq!(status["jobs"][0]["state"], "done", "{status}");
+    assert!(
+        status["pools"][0]["launched"].as_u64().unwrap() >= 3,
+        "{}",
+        status["pools"][0]
+    );
+    // Every item ran; only those in flight at the kill may have run twice.
+    let seen = job.recorded();
+    assert_eq!(seen.len(), 1500);
+    let twice = seen.values().filter(|&&n| n > 1).count();
+    assert!(twice <= 70, "{twice} items ran twice");
+    wait_until("the workers to leave", PATIENCE, || guard.workers() == 0);
+}

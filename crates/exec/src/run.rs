@@ -227,6 +227,10 @@ pub(crate) struct Shared {
     pub(crate) bad_acks: u64,
     pub(crate) first_ack: Option<Instant>,
     pub(crate) last_ack: Option<Instant>,
+    /// Acks applied at `last_ack` (one read of fd 3), and the most seen at once: a
+    /// task that acks in batches (with each checkpoint) must be fed a whole batch.
+    pub(crate) ack_batch: u64,
+    pub(crate) max_ack_batch: u64,
     pub(crate) inflight: HashMap<Vec<u8>, VecDeque<u64>>,
     pub(crate) inflight_len: usize,
     pub(crate) untracked: bool,
@@ -357,6 +361,12 @@ impl Control {
             });
         }
         st.acks += 1;
+        st.ack_batch = if st.last_ack == Some(now) {
+            st.ack_batch + 1
+        } else {
+            1
+        };
+        st.max_ack_batch = st.max_ack_batch.max(st.ack_batch);
         st.first_ack.get_or_insert(now);
         st.last_ack = Some(now);
         true
@@ -582,13 +592,16 @@ pub fn feed_window(min: u64, item_cost_ms: f64) -> u64 {
 
 /// The fragment's feed window now: `job.window`, or where the claim knew no
 /// per-item cost (a first elastic fragment), 20 ms of work at the pace its acks
-/// show. A 64-item window of 0.1 ms items woke the feeder and the ack reader
-/// every few ms, CPU taken from the tasks on a busy machine.
+/// show; at least twice the largest batch of acks the task wrote at once (a task
+/// that acks 50 items with each checkpoint waits for the 50th: a smaller window
+/// would never feed it). A 64-item window of 0.1 ms items woke the feeder and the
+/// ack reader every few ms, CPU taken from the tasks on a busy machine.
 pub(crate) fn window_now(job: &FragmentJob, st: &Shared) -> u64 {
-    match (job.item_cost_ms > 0.0, live_pace_ms(st)) {
+    let base = match (job.item_cost_ms > 0.0, live_pace_ms(st)) {
         (false, Some(pace)) => feed_window(job.window, pace),
         _ => job.window,
-    }
+    };
+    base.max(2 * st.max_ack_batch)
 }
 
 /// The per-item pace the fragment's acks show so far, ms (`None` before two).
