@@ -59,48 +59,71 @@ pub struct Scaling {
 const MARGIN: f64 = 0.1;
 
 /// The slots each pool should have for `demand`, with `time_left_ms` to the
-/// earliest deadline (`None`: as soon as possible, at least cost). While some ready
-/// stage has no cost learned on any pool, the cheapest pool that can run it grows
-/// to its limit (the work's size is unknown) and the others keep what they have.
+/// earliest deadline (`None`: as soon as possible, at least cost). Only stages some
+/// pool can run (it fits, and has or may start slots) are planned: one that none
+/// can must not hold the others' workers. While a ready stage has no cost learned
+/// on any pool, the cheapest pool allowed to run it grows to its limit (the work's
+/// size is unknown) and the others keep what they have.
 pub fn scale(demand: &[StageDemand], pools: &[PoolView], time_left_ms: Option<f64>) -> Scaling {
     let n = pools.len();
     let capacity: Vec<f64> = pools.iter().map(|p| p.here + p.startable).collect();
     let here: Vec<f64> = pools.iter().map(|p| p.here).collect();
-    let ready: Vec<&StageDemand> = demand.iter().filter(|d| d.items > 0.0).collect();
+    let runnable = |d: &StageDemand| (0..n).any(|c| allowed(d, pools, c) && capacity[c] > 0.0);
+    let planned: Vec<Vec<bool>> = demand.iter().map(|d| d.fits.clone()).collect();
+    let ready: Vec<&StageDemand> = demand
+        .iter()
+        .filter(|d| d.items > 0.0 && runnable(d))
+        .collect();
     if ready.is_empty() {
         return Scaling {
-            planned: demand.iter().map(|d| d.fits.clone()).collect(),
+            planned,
             wanted: vec![0.0; n],
             horizon_ms: Some(0.0),
         };
     }
-    let everyone = |wanted: Vec<f64>| Scaling {
-        planned: demand.iter().map(|d| d.fits.clone()).collect(),
-        wanted,
-        horizon_ms: None,
-    };
-    let unlearned = ready.iter().find(|d| d.learned.iter().all(Option::is_none));
-    if let Some(d) = unlearned {
+    let unlearned: Vec<&&StageDemand> = ready
+        .iter()
+        .filter(|d| d.learned.iter().all(Option::is_none))
+        .collect();
+    if !unlearned.is_empty() {
         let mut wanted = here.clone();
-        if let Some(c) = cheapest(pools, |c| d.fits[c]) {
-            wanted[c] = capacity[c];
+        for d in unlearned {
+            let cheapest = (0..n)
+                .filter(|&c| allowed(d, pools, c) && capacity[c] > 0.0)
+                .min_by(|&a, &b| {
+                    pools[a]
+                        .cost_per_slot_hour
+                        .total_cmp(&pools[b].cost_per_slot_hour)
+                });
+            if let Some(c) = cheapest {
+                wanted[c] = capacity[c];
+            }
         }
-        return everyone(wanted);
+        return Scaling {
+            planned,
+            wanted,
+            horizon_ms: None,
+        };
     }
-    let work: Vec<StageWork> = demand.iter().map(|d| stage_work(d, pools)).collect();
+    let work: Vec<StageWork> = demand
+        .iter()
+        .map(|d| StageWork {
+            items: if runnable(d) { d.items } else { 0.0 },
+            ..stage_work(d, pools)
+        })
+        .collect();
     let prices: Vec<f64> = pools
         .iter()
         .map(|p| p.cost_per_slot_hour / 3_600_000.0)
         .collect();
     let Some((_, plan)) = deadline_plan(&work, &capacity, &prices, time_left_ms.unwrap_or(0.0))
     else {
-        // The work cannot run on this pool at all: keep whoever could run some of it.
-        let fit = |c: usize| ready.iter().any(|d| d.fits[c]);
-        return everyone(
-            (0..n)
-                .map(|c| if fit(c) { capacity[c] } else { 0.0 })
-                .collect(),
-        );
+        // No assignment at all (should not happen for runnable work): keep what is here.
+        return Scaling {
+            planned,
+            wanted: here,
+            horizon_ms: None,
+        };
     };
     let wanted = plan
         .slots_wanted
@@ -121,15 +144,11 @@ pub fn scale(demand: &[StageDemand], pools: &[PoolView], time_left_ms: Option<f6
     }
 }
 
-/// The cheapest pool (per slot-hour) among those `ok` admits.
-fn cheapest(pools: &[PoolView], ok: impl Fn(usize) -> bool) -> Option<usize> {
-    (0..pools.len())
-        .filter(|&c| ok(c) && pools[c].here + pools[c].startable > 0.0)
-        .min_by(|&a, &b| {
-            pools[a]
-                .cost_per_slot_hour
-                .total_cmp(&pools[b].cost_per_slot_hour)
-        })
+/// Whether pool `c` may run stage `d`: it fits, and a spot pool only where the
+/// work acks or checkpoints or no on-demand pool fits.
+fn allowed(d: &StageDemand, pools: &[PoolView], c: usize) -> bool {
+    let on_demand_fits = (0..pools.len()).any(|k| d.fits[k] && !pools[k].spot);
+    d.fits[c] && (d.resumable || !pools[c].spot || !on_demand_fits)
 }
 
 /// A stage's work as the fluid plan sees it: on each pool that fits, its learned
@@ -137,13 +156,13 @@ fn cheapest(pools: &[PoolView], ok: impl Fn(usize) -> bool) -> Option<usize> {
 /// only for resumable work while an on-demand pool fits.
 fn stage_work(d: &StageDemand, pools: &[PoolView]) -> StageWork {
     let best = d.learned.iter().flatten().copied().min_by(f64::total_cmp);
-    let on_demand_fits = (0..pools.len()).any(|c| d.fits[c] && !pools[c].spot);
     StageWork {
         items: d.items,
         per_item_ms: (0..pools.len())
             .map(|c| {
-                let allowed = d.fits[c] && (d.resumable || !pools[c].spot || !on_demand_fits);
-                allowed.then(|| d.learned[c].or(best)).flatten()
+                allowed(d, pools, c)
+                    .then(|| d.learned[c].or(best))
+                    .flatten()
             })
             .collect(),
     }
@@ -241,6 +260,37 @@ mod tests {
         d.resumable = true;
         let s = scale(&[d], &pools, None);
         assert!(s.wanted[0] > 0.0, "{s:?}");
+    }
+
+    #[test]
+    fn a_stage_no_pool_can_run_holds_no_workers() {
+        let pools = [pool(1.0, 0.0, 4.0)];
+        let mut orphan = stage(100.0, vec![None]);
+        orphan.fits = vec![false];
+        let work = stage(100.0, vec![None]);
+        // Unlearned: the runnable stage still starts the pool.
+        let s = scale(&[orphan.clone(), work], &pools, None);
+        assert_eq!(s.wanted, vec![4.0], "{s:?}");
+        // Alone, it wants nothing.
+        let s = scale(&[orphan.clone()], &pools, None);
+        assert_eq!(s.wanted, vec![0.0], "{s:?}");
+        // Learned: the plan covers the runnable stage only (a second of work with an
+        // hour to go wants a couple of slots, not the pool's limit).
+        orphan.learned = vec![Some(10.0)];
+        let learned = stage(100.0, vec![Some(10.0)]);
+        let s = scale(&[orphan, learned], &[pool(1.0, 2.0, 8.0)], Some(3_600_000.0));
+        assert!(s.wanted[0] <= 2.0, "{s:?}");
+    }
+
+    #[test]
+    fn learning_keeps_spot_pools_for_resumable_work() {
+        let mut spot = pool(0.1, 0.0, 4.0);
+        spot.spot = true;
+        let pools = [spot, pool(1.0, 0.0, 4.0)];
+        let mut d = stage(100.0, vec![None, None]);
+        d.resumable = false;
+        let s = scale(&[d], &pools, None);
+        assert_eq!(s.wanted, vec![0.0, 4.0], "{s:?}");
     }
 
     #[test]

@@ -227,10 +227,6 @@ pub(crate) struct Shared {
     pub(crate) bad_acks: u64,
     pub(crate) first_ack: Option<Instant>,
     pub(crate) last_ack: Option<Instant>,
-    /// Acks applied at `last_ack` (one read of fd 3), and the most seen at once: a
-    /// task that acks in batches (with each checkpoint) must be fed a whole batch.
-    pub(crate) ack_batch: u64,
-    pub(crate) max_ack_batch: u64,
     pub(crate) inflight: HashMap<Vec<u8>, VecDeque<u64>>,
     pub(crate) inflight_len: usize,
     pub(crate) untracked: bool,
@@ -361,12 +357,6 @@ impl Control {
             });
         }
         st.acks += 1;
-        st.ack_batch = if st.last_ack == Some(now) {
-            st.ack_batch + 1
-        } else {
-            1
-        };
-        st.max_ack_batch = st.max_ack_batch.max(st.ack_batch);
         st.first_ack.get_or_insert(now);
         st.last_ack = Some(now);
         true
@@ -576,32 +566,26 @@ fn trim_to_life(job: &FragmentJob, st: &mut Shared, now: Instant) {
     }
 }
 
-/// Items in flight beyond the last ack: about 20 ms of work at `item_cost_ms`, so
-/// that reading acks in batches never starves a fast task, and at least `min` items
-/// where that is under 100 ms of work (at least 2). A fed item can no longer be split
-/// off or handed back at a yield: 64 items of 150 ms held 10 s of a fragment out of
-/// reach of idle workers and made a yield wait for them.
+/// Items in flight beyond the last ack: at least `min`, and about 20 ms of work at
+/// `item_cost_ms`, so that reading acks in batches never starves a fast task.
 pub fn feed_window(min: u64, item_cost_ms: f64) -> u64 {
-    if item_cost_ms <= 0.0 {
-        return min;
-    }
-    let by_time = (20.0 / item_cost_ms) as u64;
-    let floor = min.min((100.0 / item_cost_ms).ceil() as u64).max(2);
-    by_time.clamp(floor, 1 << 20)
+    let by_time = if item_cost_ms > 0.0 {
+        (20.0 / item_cost_ms) as u64
+    } else {
+        min
+    };
+    by_time.clamp(min, 1 << 20)
 }
 
 /// The fragment's feed window now: `job.window`, or where the claim knew no
 /// per-item cost (a first elastic fragment), 20 ms of work at the pace its acks
-/// show; at least twice the largest batch of acks the task wrote at once (a task
-/// that acks 50 items with each checkpoint waits for the 50th: a smaller window
-/// would never feed it). A 64-item window of 0.1 ms items woke the feeder and the
-/// ack reader every few ms, CPU taken from the tasks on a busy machine.
+/// show. A 64-item window of 0.1 ms items woke the feeder and the ack reader
+/// every few ms, CPU taken from the tasks on a busy machine.
 pub(crate) fn window_now(job: &FragmentJob, st: &Shared) -> u64 {
-    let base = match (job.item_cost_ms > 0.0, live_pace_ms(st)) {
+    match (job.item_cost_ms > 0.0, live_pace_ms(st)) {
         (false, Some(pace)) => feed_window(job.window, pace),
         _ => job.window,
-    };
-    base.max(2 * st.max_ack_batch)
+    }
 }
 
 /// The per-item pace the fragment's acks show so far, ms (`None` before two).
@@ -667,27 +651,5 @@ pub(crate) fn classify(s: &Supervision, limit: Option<Duration>) -> Option<Failu
         (Some(code), _) => Some(Failure::Exit(code)),
         (_, Some(sig)) => Some(Failure::Signal(sig)),
         _ => Some(Failure::Exit(-1)),
-    }
-}
-
-#[cfg(test)]
-mod window_tests {
-    use super::feed_window;
-
-    #[test]
-    fn the_window_holds_about_20ms_and_never_seconds_of_work() {
-        assert_eq!(feed_window(64, 0.1), 200, "fast items: 20 ms of them");
-        assert_eq!(feed_window(64, 1.0), 64, "the minimum, 64 ms of work");
-        assert_eq!(
-            feed_window(64, 5.0),
-            20,
-            "the minimum shrinks to 100 ms of work"
-        );
-        assert_eq!(
-            feed_window(64, 150.0),
-            2,
-            "slow items: two, not 10 s of them"
-        );
-        assert_eq!(feed_window(64, 0.0), 64, "unknown cost: the minimum");
     }
 }

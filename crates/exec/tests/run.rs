@@ -436,31 +436,3 @@ fn an_output_file_is_stored_by_content_before_its_ack_counts() {
     job.data.as_ref().unwrap().fetch(key, &back).unwrap();
     assert_eq!(std::fs::read_to_string(back).unwrap(), "file 100\n");
 }
-
-/// Acks in batches of 20, after the 20th item of each: a window of 8 would never
-/// feed the 20th.
-const BATCH_ACKER: &str = r#"
-import os, sys
-ack = os.fdopen(3, "w")
-pending = []
-for line in sys.stdin:
-    pending.append(line)
-    if len(pending) == 20:
-        ack.write("".join(pending)); ack.flush(); pending = []
-ack.write("".join(pending)); ack.flush()
-"#;
-
-#[test]
-fn a_task_that_acks_in_batches_larger_than_the_window_is_fed_whole_batches() {
-    // The first batch comes while the feeder waits for a first ack (patience 200 ms);
-    // from then on the window holds at least two batches.
-    let mut j = job(&["python3", "-c", BATCH_ACKER], Span::new(0, 200), false);
-    j.first_ack_patience = Duration::from_millis(200);
-    // A feeder and a task waiting on each other would end as a timeout here.
-    j.limit = Some(Duration::from_secs(120));
-    let control = Control::new(j.span);
-    let report = run_fragment(&j, &control);
-    assert_no_failure(&report);
-    assert_eq!(report.acks, 200, "{report:?}");
-    assert_eq!(report.outcome, FinishOutcome::Success);
-}

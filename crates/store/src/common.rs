@@ -257,6 +257,7 @@ pub(crate) fn class_statuses(rows: &[DoneRow], sizers: &[(String, Sizer)]) -> Ve
                 class: class.to_string(),
                 fragments: mine.len() as u64,
                 items: mine.iter().map(|r| r.n).sum(),
+                learned: model.ready(),
                 item_cost_us: model.b_ms * 1e3,
                 item_cost_spread_us: model.b_var.max(0.0).sqrt() * 1e3,
                 overhead_ms: model.a_ms,

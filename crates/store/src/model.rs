@@ -799,6 +799,8 @@ pub struct ClassStatus {
     pub fragments: u64,
     /// Items those fragments did.
     pub items: u64,
+    /// Whether its model is ready (enough acks or fragments to trust the costs).
+    pub learned: bool,
     /// Per-item cost learned there, µs.
     pub item_cost_us: f64,
     /// Spread (standard deviation) of the per-item cost, µs.

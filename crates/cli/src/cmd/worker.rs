@@ -101,6 +101,11 @@ pub(crate) fn worker(args: WorkerArgs) -> Result<u8> {
     let now = Instant::now();
     let now_ms = host::now_ms();
     let deadline = match args.deadline.as_deref() {
+        // With a lifespan, a Slurm that cannot say the time left is not fatal.
+        Some("slurm") if args.lifespan.is_some() => slurm_time_left().unwrap_or_else(|e| {
+            eprintln!("granule: {e:#}; going by --lifespan");
+            None
+        }),
         Some("slurm") => slurm_time_left()?,
         Some(text) => Some(deadline_in(text, now_ms)?),
         None => None,

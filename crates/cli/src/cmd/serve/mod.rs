@@ -90,7 +90,10 @@ pub(crate) fn serve(args: ServeArgs) -> Result<u8> {
             argv.extend(["--resource".into(), format!("{name}={amount}")]);
         }
         argv.extend(spec.worker_args.iter().cloned());
-        serve.launches.push(Launch { argv, dir });
+        serve.launches.push(Launch {
+            argv,
+            dir: dir.clone(),
+        });
         serve.status.push(PoolStatus {
             name: spec.name.clone(),
             class: spec.class().to_string(),
@@ -98,7 +101,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<u8> {
             ..PoolStatus::default()
         });
         serve.backoff.push((Instant::now(), Duration::ZERO));
-        serve.providers.push(Provider::new(spec, tag));
+        serve.providers.push(Provider::new(spec, tag, dir));
     }
     let interrupts = count_signals()?;
     eprintln!(
@@ -107,9 +110,12 @@ pub(crate) fn serve(args: ServeArgs) -> Result<u8> {
         humantime::format_duration(args.interval)
     );
     loop {
-        let done = serve.tick(store.as_mut())?;
-        if done && args.until_done {
-            return Ok(EXIT_DONE);
+        match serve.tick(store.as_mut()) {
+            Ok(true) if args.until_done => return Ok(EXIT_DONE),
+            Ok(_) => {}
+            // The store out of reach (a restart, a busy file): the workers go on;
+            // plan again next round.
+            Err(e) => eprintln!("granule serve: this round failed: {e:#}"),
         }
         let until = Instant::now() + args.interval;
         while Instant::now() < until {
@@ -182,6 +188,18 @@ impl Serve {
             }
         }
         self.release_lost(store, &workers, &listed, now)?;
+        // Forget what is gone: allocations no pool lists, workers no longer seen.
+        let alive: HashSet<&str> = listed
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|s| s.alloc.id.as_str())
+            .collect();
+        let unlisted = listed.iter().any(Option::is_none);
+        self.asked_to_leave
+            .retain(|id| unlisted || alive.contains(id.as_str()));
+        self.idle_since
+            .retain(|id, _| workers.iter().any(|w| w.id == *id));
         let views: Vec<PoolView> = (0..self.providers.len())
             .map(|i| self.view(i, listed[i].as_deref()))
             .collect();
@@ -247,8 +265,10 @@ impl Serve {
     /// still queued beyond what it wants.
     fn retire(&mut self, i: usize, seen: &[Seen], wanted: f64, now: i64) {
         let slots = f64::from(self.providers[i].pool().slots);
+        // Workers on their way out do not count: their slots are going.
         let busy: f64 = seen
             .iter()
+            .filter(|s| !self.leaving(s))
             .filter_map(|s| s.worker)
             .map(|w| f64::from(w.busy))
             .sum();
@@ -372,7 +392,7 @@ fn demand(jobs: &[JobStatus], providers: &[Provider], now: i64) -> Vec<StageDema
                 .map(|o| {
                     let learned = s.classes.iter().find(|c| c.class == o.class);
                     learned
-                        .filter(|c| c.item_cost_us > 0.0)
+                        .filter(|c| c.learned)
                         .map(|c| c.item_cost_us / 1e3)
                         .or_else(|| {
                             let running = s.running_by_class.iter().find(|r| r.class == o.class);

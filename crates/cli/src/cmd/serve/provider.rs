@@ -6,7 +6,7 @@
 use super::pools::{Kind, PoolSpec};
 use anyhow::{bail, Context, Result};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -37,18 +37,26 @@ pub(crate) struct Provider {
     children: Vec<Child>,
     /// Allocations started, for fresh ids.
     seq: u64,
+    /// Where its commands' output files and workers' logs go.
+    dir: PathBuf,
 }
 
 impl Provider {
-    /// The provider of `pool` for the serve whose store has tag `tag`.
-    pub(crate) fn new(pool: PoolSpec, tag: &str) -> Provider {
+    /// The provider of `pool` for the serve whose store has tag `tag`; its files go
+    /// in `dir`.
+    pub(crate) fn new(pool: PoolSpec, tag: &str, dir: PathBuf) -> Provider {
         let prefix = format!("g{tag}-{}", pool.name);
         Provider {
             pool,
             prefix,
             children: Vec::new(),
             seq: 0,
+            dir,
         }
+    }
+
+    fn run(&self, cmd: &mut Command) -> Result<String> {
+        run_in(cmd, &self.dir)
     }
 
     /// The pool.
@@ -108,17 +116,22 @@ impl Provider {
                 if !alloc.pending {
                     cmd.args(["-b", "-s", "TERM"]);
                 }
-                run(cmd.arg(self.native(&alloc.id).unwrap_or_default()))
+                self.run(cmd.arg(self.native(&alloc.id).unwrap_or_default()))
+                    .map(drop)
             }
-            Kind::Command => run(Command::new(&self.pool.stop[0])
-                .args(&self.pool.stop[1..])
-                .env("GRANULE_ALLOCATION", &alloc.id)),
+            Kind::Command => self
+                .run(
+                    Command::new(&self.pool.stop[0])
+                        .args(&self.pool.stop[1..])
+                        .env("GRANULE_ALLOCATION", &alloc.id),
+                )
+                .map(drop),
         }
     }
 
     fn fresh_id(&mut self) -> String {
         self.seq += 1;
-        format!("{}.{}{}", self.prefix, crate::host::now_ms(), self.seq)
+        format!("{}.{}-{}", self.prefix, crate::host::now_ms(), self.seq)
     }
 
     fn start_local(&mut self, argv: &[String], launch: &Launch) -> Result<()> {
@@ -172,7 +185,6 @@ impl Provider {
     ) -> Result<()> {
         argv.push("--deadline".into());
         argv.push("slurm".into());
-        self.seq += 1;
         let script = launch
             .dir
             .join(format!("{}-{}.sh", self.prefix, crate::host::now_ms()));
@@ -202,6 +214,8 @@ impl Provider {
             .arg(format!("--time={minutes}"))
             .arg(format!("--signal=B:TERM@{}", notice.as_secs()))
             .arg(format!("--cpus-per-task={}", self.pool.slots))
+            .args(self.pool.memory_mb.map(|mb| format!("--mem={mb}M")))
+            .args((self.pool.gpus > 0).then(|| format!("--gres=gpu:{}", self.pool.gpus)))
             .arg(format!(
                 "--output={}",
                 launch
@@ -213,21 +227,20 @@ impl Provider {
             cmd.arg(format!("--array=0-{}", n - 1));
         }
         cmd.args(&self.pool.sbatch_args).arg(&script);
-        run(&mut cmd)
+        self.run(&mut cmd).map(drop)
     }
 
     fn list_slurm(&self) -> Result<Vec<Alloc>> {
-        let out = Command::new("squeue")
-            .args(["-h", "-r", "-n", &self.prefix, "-o", "%i|%T"])
-            .output()
-            .context("running squeue")?;
-        if !out.status.success() {
-            bail!(
-                "squeue failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout)
+        let out = self.run(Command::new("squeue").args([
+            "--me",
+            "-h",
+            "-r",
+            "-n",
+            &self.prefix,
+            "-o",
+            "%i|%T",
+        ]))?;
+        Ok(out
             .lines()
             .filter_map(|l| l.split_once('|'))
             .map(|(id, state)| Alloc {
@@ -240,28 +253,20 @@ impl Provider {
     fn start_command(&mut self, argv: &[String], walltime: Duration) -> Result<()> {
         let id = self.fresh_id();
         let line: Vec<String> = argv.iter().map(|a| quote(a)).collect();
-        run(Command::new(&self.pool.start[0])
-            .args(&self.pool.start[1..])
-            .envs(&self.pool.env)
-            .env("GRANULE_ALLOCATION", &id)
-            .env("GRANULE_WORKER_COMMAND", line.join(" "))
-            .env("GRANULE_WALLTIME_S", walltime.as_secs().to_string()))
+        self.run(
+            Command::new(&self.pool.start[0])
+                .args(&self.pool.start[1..])
+                .envs(&self.pool.env)
+                .env("GRANULE_ALLOCATION", &id)
+                .env("GRANULE_WORKER_COMMAND", line.join(" "))
+                .env("GRANULE_WALLTIME_S", walltime.as_secs().to_string()),
+        )
+        .map(drop)
     }
 
     fn list_command(&self) -> Result<Vec<Alloc>> {
-        let out = Command::new(&self.pool.list[0])
-            .args(&self.pool.list[1..])
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running the list command {:?}", self.pool.list[0]))?;
-        if !out.status.success() {
-            bail!(
-                "the list command exited with {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout)
+        let out = self.run(Command::new(&self.pool.list[0]).args(&self.pool.list[1..]))?;
+        Ok(out
             .lines()
             .filter_map(|l| {
                 let mut words = l.split_whitespace();
@@ -275,21 +280,40 @@ impl Provider {
     }
 }
 
-/// Runs a provider command; its stderr is the error when it fails.
-fn run(cmd: &mut Command) -> Result<()> {
+/// How long a provider command may take before it is killed and counted failed.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs a provider command to its end (killed after `COMMAND_TIMEOUT`) and returns
+/// its stdout; its stderr is the error when it fails. Output goes through files, not
+/// pipes: a start script whose worker keeps the pipes open must not hold serve.
+fn run_in(cmd: &mut Command, dir: &Path) -> Result<String> {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let out = cmd
+    let out_path = dir.join(format!(".cmd-{}.out", std::process::id()));
+    let err_path = dir.join(format!(".cmd-{}.err", std::process::id()));
+    let mut child = cmd
         .stdin(Stdio::null())
-        .output()
+        .stdout(std::fs::File::create(&out_path)?)
+        .stderr(std::fs::File::create(&err_path)?)
+        .spawn()
         .with_context(|| format!("running {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} exited with {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    let deadline = std::time::Instant::now() + COMMAND_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{program} ran past {}s: killed", COMMAND_TIMEOUT.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    if !status.success() {
+        bail!("{program} exited with {status}: {}", stderr.trim());
     }
-    Ok(())
+    Ok(stdout)
 }
 
 /// `'text'` for a POSIX shell: the worker line of a batch script or of
