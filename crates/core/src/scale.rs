@@ -278,7 +278,11 @@ mod tests {
         // hour to go wants a couple of slots, not the pool's limit).
         orphan.learned = vec![Some(10.0)];
         let learned = stage(100.0, vec![Some(10.0)]);
-        let s = scale(&[orphan, learned], &[pool(1.0, 2.0, 8.0)], Some(3_600_000.0));
+        let s = scale(
+            &[orphan, learned],
+            &[pool(1.0, 2.0, 8.0)],
+            Some(3_600_000.0),
+        );
         assert!(s.wanted[0] <= 2.0, "{s:?}");
     }
 
