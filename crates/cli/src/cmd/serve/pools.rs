@@ -218,3 +218,42 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     humantime::parse_duration(text.trim())
         .map_err(|e| serde::de::Error::custom(format!("bad duration {text:?}: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<PoolSpec>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pools.toml");
+        std::fs::write(&path, text).unwrap();
+        load(&path)
+    }
+
+    #[test]
+    fn the_budget_lowers_the_limit() {
+        let pools = parse(
+            "[[pool]]\nname = \"a\"\nprovider = \"local\"\nmax_workers = 10\ncost_per_hour = 0.5\nbudget_per_hour = 2.2\n",
+        )
+        .unwrap();
+        assert_eq!(pools[0].limit(), 4);
+        assert_eq!(pools[0].class(), "a");
+        let free = parse(
+            "[[pool]]\nname = \"b\"\nprovider = \"local\"\nmax_workers = 3\nbudget_per_hour = 1\n",
+        )
+        .unwrap();
+        assert_eq!(free[0].limit(), 3, "a free pool is bounded by max_workers");
+    }
+
+    #[test]
+    fn mistakes_name_the_pool_and_what() {
+        let err =
+            parse("[[pool]]\nname = \"a b\"\nprovider = \"local\"\nmax_workers = 1\n").unwrap_err();
+        assert!(format!("{err}").contains("pool[0]: name \"a b\""), "{err}");
+        let err =
+            parse("[[pool]]\nname = \"a\"\nprovider = \"cloud\"\nmax_workers = 1\n").unwrap_err();
+        assert!(format!("{err}").contains("cloud"), "{err}");
+        let err = parse("").unwrap_err();
+        assert!(format!("{err}").contains("no [[pool]]"), "{err}");
+    }
+}
