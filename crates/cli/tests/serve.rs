@@ -121,9 +121,9 @@ fn a_local_pool_takes_successive_lives_and_leaves_nothing() {
     }
 }
 
-#[test]
-fn a_restarted_serve_adopts_its_workers() {
-    let job = Job::new(&spin_spec(1500));
+/// A submitted spin job of `items` and a local pool of 2 long-lived workers.
+fn two_local_workers(items: u64) -> (Job, Leftovers, Vec<(String, String)>) {
+    let job = Job::new(&spin_spec(items));
     let guard = Leftovers(job.dir.path().canonicalize().unwrap());
     let env = spin_env(&job);
     assert!(job.output(&["submit", "job.toml"]).status.success());
@@ -131,6 +131,12 @@ fn a_restarted_serve_adopts_its_workers() {
         &job,
         "[[pool]]\nname = \"here\"\nprovider = \"local\"\nmax_workers = 2\nwalltime = \"10m\"\n",
     );
+    (job, guard, env)
+}
+
+#[test]
+fn a_restarted_serve_adopts_its_workers() {
+    let (job, guard, env) = two_local_workers(1500);
     let mut first = Spawned::start(&mut serve(&job, &env, &[]));
     wait_until("two workers", PATIENCE, || guard.workers() == 2);
     // SAFETY: our own child.
@@ -320,14 +326,7 @@ fn a_failing_launch_is_backed_off_and_shown() {
 
 #[test]
 fn a_lost_worker_is_replaced_and_nothing_acked_runs_again() {
-    let job = Job::new(&spin_spec(1500));
-    let guard = Leftovers(job.dir.path().canonicalize().unwrap());
-    let env = spin_env(&job);
-    assert!(job.output(&["submit", "job.toml"]).status.success());
-    pools_file(
-        &job,
-        "[[pool]]\nname = \"here\"\nprovider = \"local\"\nmax_workers = 2\nwalltime = \"10m\"\n",
-    );
+    let (job, guard, env) = two_local_workers(1500);
     let mut serve = Spawned::start(&mut serve(&job, &env, &["--until-done"]));
     wait_until("some work done", PATIENCE, || done(&job) > 100);
     // A lost allocation: its worker dies without a word.
