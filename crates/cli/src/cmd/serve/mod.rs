@@ -9,7 +9,9 @@ use super::{count_signals, open_store, StateArg};
 use crate::{host, EXIT_DONE};
 use anyhow::{Context, Result};
 use granule_core::{fits, scale, spare, to_start, walltime_ms, PoolView, StageDemand};
-use granule_store::{JobState, JobStatus, PoolStatus, Store, WorkerState, WorkerStatus};
+use granule_store::{
+    JobState, JobStatus, PoolStatus, Store, StoreError, WorkerState, WorkerStatus,
+};
 use provider::{Alloc, Launch, Provider};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -151,11 +153,20 @@ impl Serve {
     /// One planning round; `true` when no job is unfinished and no allocation is left.
     fn tick(&mut self, store: &mut dyn Store) -> Result<bool> {
         let now = host::now_ms();
-        let jobs: Vec<JobStatus> = store
-            .status(None)?
-            .into_iter()
-            .filter(|j| j.state == JobState::Running)
-            .collect();
+        // Only unfinished jobs: a store keeps every finished job's history, and
+        // reading it all every round would grow with the store's age.
+        let mut jobs: Vec<JobStatus> = Vec::new();
+        for id in store.open_jobs()? {
+            let Some(record) = store.job_by_id(id)? else {
+                continue;
+            };
+            let status = match store.status(Some(&record.name)) {
+                // Removed since it was listed.
+                Err(StoreError::NoSuchJob(_)) => continue,
+                status => status?,
+            };
+            jobs.extend(status.into_iter().filter(|j| j.state == JobState::Running));
+        }
         let workers = store.workers(now, 600_000)?;
         for w in &workers {
             if w.state == WorkerState::Running && w.busy == 0 {
