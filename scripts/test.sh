@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on both backends: makes sure PostgreSQL is up (starting or
-# installing it if needed), that moto (an S3-compatible server) is installed and that a
-# Slurm cluster runs (scripts/slurm.sh), then runs `cargo test --workspace`. Under CI=true
-# a PostgreSQL, moto or Slurm that is missing fails the run instead of skipping its tests.
+# installing it if needed), that moto (an S3-compatible server), Chromium and promtool are
+# installed and that a Slurm cluster runs (scripts/slurm.sh), then runs `cargo test
+# --workspace`. Under CI=true any of them missing fails the run instead of skipping tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,6 +43,20 @@ if ! command -v moto_server >/dev/null; then
         exit 1
     fi
     echo "ci: !!! moto_server unavailable: the S3 tests will be skipped (outside CI only)" >&2
+fi
+
+# The dashboard's test renders it in a real headless Chromium; the metrics' test has
+# Prometheus's promtool check them (both Debian packages).
+if ! command -v chromium >/dev/null || ! command -v promtool >/dev/null; then
+    echo "ci: installing chromium and prometheus (the dashboard and /metrics tests)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium prometheus >/dev/null || true
+fi
+if ! command -v chromium >/dev/null || ! command -v promtool >/dev/null; then
+    if [ "${CI:-}" = "true" ]; then
+        echo "ci: chromium or promtool is missing (apt install chromium prometheus); their tests must run in CI" >&2
+        exit 1
+    fi
+    echo "ci: !!! chromium or promtool unavailable: the dashboard and metrics checks will be skipped (outside CI only)" >&2
 fi
 
 # A real single-node Slurm cluster for the Slurm backend's tests (scripts/slurm.sh

@@ -85,6 +85,12 @@ pub(crate) struct EngineConfig {
     pub(crate) cache_bytes: u64,
     /// The store is shared by hosts (PostgreSQL), not this host's SQLite file.
     pub(crate) shared_store: bool,
+    /// Print the tasks' output lines as they come, labelled (`--output`).
+    pub(crate) output: bool,
+    /// A folder for the tasks' output files, a subfolder per stage (`--results`).
+    pub(crate) results_dir: Option<PathBuf>,
+    /// A file that gets a line per finished fragment (`--joblog`).
+    pub(crate) joblog: Option<PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -113,6 +119,9 @@ impl Default for EngineConfig {
             blobs: None,
             cache_bytes: DEFAULT_CACHE_BYTES,
             shared_store: false,
+            output: false,
+            results_dir: None,
+            joblog: None,
         }
     }
 }
@@ -166,16 +175,29 @@ pub(crate) enum Outcome {
     Refused(String),
     /// The job's stored state cannot be read.
     Broken(String),
+    /// The job stopped because its task failed too often (`halt`).
+    Halted(String),
 }
 
 /// What is needed to report a fragment's end once the store has taken it.
 struct FinishContext {
     id: FragmentId,
+    job: JobId,
     stage: String,
     stage_index: usize,
     span: granule_core::Span,
     n: u64,
     failure: Option<String>,
+    /// The stage's `halt`, judged on this worker's attempts.
+    halt: Option<granule_spec::Halt>,
+    /// Items this attempt failed, and items it acked.
+    failed_items: u64,
+    acked: u64,
+    /// How it ended, for the job log: `done`, `failed`, `yielded`.
+    state: &'static str,
+    /// When it started (unix ms) and how long it ran.
+    started_ms: i64,
+    duration_ms: f64,
 }
 
 /// Shortest time before the end of its life at which a worker stops feeding a
@@ -262,7 +284,14 @@ struct Worker<'a> {
     data_paused_until: Option<Instant>,
     /// The last wait for it (doubling while it stays out of reach).
     data_backoff: Option<Duration>,
+    /// Failed fragments per stage name (the first few are shown).
+    failures_seen: HashMap<String, u64>,
+    /// Failed and acked item attempts per stage, for `halt`.
+    attempts: HashMap<(JobId, usize), (u64, u64)>,
 }
+
+/// Failures of a stage shown one by one before only counts are.
+const FAILURES_SHOWN: u64 = 3;
 
 /// Runs fragments with `cfg.slots` local slots until the job (or all work) is
 /// finished, the worker is told to stop, or its lifespan ends.
@@ -295,7 +324,7 @@ pub(crate) fn run_worker(
     release_dead_workers(store, &info)?;
     let (finished_tx, finished_rx) = mpsc::channel();
     let progress = match &cfg.job {
-        Some((_, spec)) => Progress::new(spec, cfg.quiet),
+        Some((_, spec)) => Progress::new(spec, cfg.quiet, !cfg.output),
         None => Progress::notes_only(cfg.quiet),
     };
     if cfg.shared_store && cfg.blobs.is_none() {
@@ -330,6 +359,8 @@ pub(crate) fn run_worker(
         data,
         data_paused_until: None,
         data_backoff: None,
+        failures_seen: HashMap::new(),
+        attempts: HashMap::new(),
     };
     let outcome = worker.run(&finished_rx, interrupts);
     if cfg.write_counts {
@@ -814,7 +845,7 @@ impl Worker<'_> {
     }
 
     fn start_drain(&mut self, deadline: Instant, why: &str) -> Drain {
-        self.progress.note(why);
+        self.progress.stopping(why);
         // Never started, nothing acked: their leases run out and others take them.
         self.deferred.clear();
         self.running
@@ -846,6 +877,7 @@ impl Worker<'_> {
                 JobState::Cancelled => Some(Outcome::Cancelled),
                 JobState::Refused => Some(Outcome::Refused(error)),
                 JobState::Broken => Some(Outcome::Broken(error)),
+                JobState::Halted => Some(Outcome::Halted(error)),
                 JobState::Removed => Some(Outcome::Broken(
                     "the job was removed (granule rm, or --fresh elsewhere)".into(),
                 )),
@@ -1079,7 +1111,12 @@ impl Worker<'_> {
         a: &Assignment,
     ) -> (Vec<(String, String)>, Option<i64>) {
         let stage = &spec.stages[stage_index];
-        let mut env = vec![
+        let mut env: Vec<(String, String)> = stage
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        env.extend([
             ("GRANULE_JOB".to_string(), spec.name.clone()),
             ("GRANULE_STAGE".to_string(), stage.name.clone()),
             ("GRANULE_FRAGMENT".to_string(), a.fragment.to_string()),
@@ -1087,7 +1124,7 @@ impl Worker<'_> {
             ("GRANULE_COUNT".to_string(), a.span.len().to_string()),
             ("GRANULE_ATTEMPT".to_string(), (a.failures + 1).to_string()),
             ("GRANULE_CLASS".to_string(), self.cfg.class.clone()),
-        ];
+        ]);
         let now_ms = host::now_ms();
         let share = stage.sizer.deadline_share;
         let by_limit = stage.sizer.limit_ms.map(|ms| now_ms + (ms * share) as i64);
@@ -1119,6 +1156,32 @@ impl Worker<'_> {
                 }) / 3
             }
         }
+    }
+
+    /// Where a stage's task output goes besides the stored tails: printed line by
+    /// line as `[stage label] line` (stdout to stdout, stderr to stderr), and files
+    /// under the results folder's `stage/`.
+    fn tee_for(&self, stage: &granule_spec::StageSpec) -> Option<granule_exec::OutputTee> {
+        if !self.cfg.output && self.cfg.results_dir.is_none() {
+            return None;
+        }
+        let name = stage.name.clone();
+        let echo = self.cfg.output.then(|| {
+            Arc::new(move |label: &str, stderr: bool, line: &[u8]| {
+                use std::io::Write;
+                let line = String::from_utf8_lossy(line);
+                let text = format!("[{name} {label}] {line}\n");
+                let _ = if stderr {
+                    std::io::stderr().lock().write_all(text.as_bytes())
+                } else {
+                    std::io::stdout().lock().write_all(text.as_bytes())
+                };
+            }) as granule_exec::Echo
+        });
+        Some(granule_exec::OutputTee {
+            echo,
+            dir: self.cfg.results_dir.as_ref().map(|d| d.join(&stage.name)),
+        })
     }
 
     /// What the runner of a fragment needs to run its task.
@@ -1158,6 +1221,8 @@ impl Worker<'_> {
             data: Some(self.data.store.clone()),
             scratch: self.data.scratch.clone(),
             stdout_outputs: stage.stdout_outputs,
+            cwd: stage.cwd.clone(),
+            tee: self.tee_for(stage),
         }
     }
 
@@ -1258,11 +1323,18 @@ impl Worker<'_> {
         };
         let context = FinishContext {
             id: a.fragment,
+            job: a.job,
             stage: String::new(),
             stage_index: a.stage_index,
             span: a.span,
             n: a.n,
             failure: None,
+            halt: None,
+            failed_items: 0,
+            acked: 0,
+            state: "yielded",
+            started_ms: host::now_ms(),
+            duration_ms: 0.0,
         };
         let result = self.store.finish(&self.info.id, host::now_ms(), &end);
         if self.available(result)?.is_none() {
@@ -1470,13 +1542,30 @@ impl Worker<'_> {
             None => {}
         }
         let end = self.end_of(&slot, &report, flush);
+        let stage_spec = &slot.spec.stages[slot.assignment.stage_index];
+        let failed_items = match &report.outcome {
+            FinishOutcome::Failed { .. } if stage_spec.per_item => report.culprits.len().max(1),
+            FinishOutcome::Failed { .. } => report.fed.saturating_sub(report.acks).max(1),
+            _ => report.culprits.len(),
+        };
         let context = FinishContext {
             id,
-            stage: slot.spec.stages[slot.assignment.stage_index].name.clone(),
+            job: slot.assignment.job,
+            stage: stage_spec.name.clone(),
             stage_index: slot.assignment.stage_index,
             span: slot.assignment.span,
             n: slot.assignment.n,
             failure: report.failure.as_ref().map(|f| f.to_string()),
+            halt: stage_spec.halt,
+            failed_items,
+            acked: report.acks,
+            state: match end.state {
+                FragmentState::Done => "done",
+                FragmentState::Failed => "failed",
+                _ => "yielded",
+            },
+            started_ms: host::now_ms() - report.duration_ms as i64,
+            duration_ms: report.duration_ms,
         };
         let claim = claim && self.deferred.is_empty() && !self.data_paused();
         let req = claim.then(|| self.claim_request());
@@ -1507,13 +1596,19 @@ impl Worker<'_> {
         };
         let mut detail: Vec<String> = report.failure.iter().map(|f| f.to_string()).collect();
         detail.extend(slot.notes.iter().cloned());
-        let wasted_items = if matches!(
+        // The time spent on items that must run again: the unacked share of the
+        // run (all of it for a task that acks nothing and did not finish).
+        let wasted_ms = if matches!(
             report.outcome,
             FinishOutcome::Success | FinishOutcome::AllOrNothing { .. }
         ) {
-            0
+            0.0
         } else {
-            report.fed.saturating_sub(report.acks)
+            let unacked = report.fed.saturating_sub(report.acks);
+            match report.fed {
+                0 => 0.0,
+                fed => report.duration_ms * unacked as f64 / fed as f64,
+            }
         };
         let load_now = self.sampler.sample().load_per_cpu;
         let end = FragmentEnd {
@@ -1523,7 +1618,7 @@ impl Worker<'_> {
             state,
             cause: report.failure.as_ref().map(|f| f.cause().to_string()),
             detail: (!detail.is_empty()).then(|| detail.join("; ")),
-            wasted_ms: wasted_items as f64 * slot.assignment.item_cost_ms,
+            wasted_ms,
             checkpoint_fallbacks: slot.checkpoint_fallbacks,
             observed_ms: report.duration_ms,
             cpu_ms: report.cpu_ms,
@@ -1543,6 +1638,101 @@ impl Worker<'_> {
         end
     }
 
+    /// Counts a finished fragment's failed and acked items for its stage's `halt`,
+    /// and stops the job when they trip it.
+    fn judge_halt(&mut self, c: &FinishContext) {
+        let Some(halt) = c.halt else {
+            return;
+        };
+        let seen = self
+            .attempts
+            .entry((c.job, c.stage_index))
+            .or_insert((0, 0));
+        seen.0 += c.failed_items;
+        seen.1 += c.acked;
+        let (failed, done) = *seen;
+        if !halt.trips(failed, done) {
+            return;
+        }
+        let why = format!(
+            "stage \"{}\" halted: {failed} of {} item attempts failed (halt: fail_ratio {} after {}); fix the task, then `granule retry`",
+            c.stage,
+            failed + done,
+            halt.fail_ratio,
+            halt.after
+        );
+        let halted = self.store.halt(c.job, &why, host::now_ms());
+        if let Ok(Some(true)) = self.available(halted) {
+            self.progress.note(&format!("job stopped: {why}"));
+        }
+    }
+
+    /// Names of the items of `span` (their values, at most a few), with their indices.
+    fn item_values(&self, job: JobId, stage: usize, span: granule_core::Span) -> String {
+        const SHOWN: u64 = 5;
+        let range = if span.len() == 1 {
+            format!("(index {})", span.start)
+        } else {
+            format!("(indices {}..{})", span.start, span.end)
+        };
+        let Some(source) = self.sources.get(&(job, stage)) else {
+            return range;
+        };
+        let shown = granule_core::Span::new(span.start, span.end.min(span.start + SHOWN));
+        let Ok(mut iter) = source.iter(shown) else {
+            return range;
+        };
+        let (mut values, mut value) = (Vec::new(), Vec::new());
+        while let Ok(true) = iter.next_value(&mut value) {
+            values.push(format!("{:?}", String::from_utf8_lossy(&value)));
+        }
+        if span.len() > SHOWN {
+            values.push(format!("and {} more", span.len() - SHOWN));
+        }
+        format!("{} {range}", values.join(", "))
+    }
+
+    /// Appends a fragment's line to the job log (`--joblog`): tab-separated, a
+    /// header first when the file is new.
+    fn write_joblog(&self, c: &FinishContext) {
+        use std::io::Write;
+        let Some(path) = &self.cfg.joblog else {
+            return;
+        };
+        let new = !path.exists();
+        let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        else {
+            return;
+        };
+        if new {
+            let _ = writeln!(
+                file,
+                "fragment\tstage\tfirst\tend\tworker\tstart_unix\tseconds\tacked\tfailed\tstate\tfailure"
+            );
+        }
+        let _ = writeln!(
+            file,
+            "{}\t{}\t{}\t{}\t{}\t{:.3}\t{:.3}\t{}\t{}\t{}\t{}",
+            c.id,
+            c.stage,
+            c.span.start,
+            c.span.end,
+            self.info.id,
+            c.started_ms as f64 / 1e3,
+            c.duration_ms / 1e3,
+            c.acked,
+            c.failed_items,
+            c.state,
+            c.failure
+                .as_deref()
+                .unwrap_or("")
+                .replace(['\t', '\n'], " ")
+        );
+    }
+
     fn report_finish(&mut self, c: &FinishContext, finished: &Finished) {
         let (id, stage) = (c.id, &c.stage);
         if self.stopped.remove(&id) {
@@ -1552,18 +1742,31 @@ impl Worker<'_> {
             self.progress.note(&format!("stage {stage}: fragment {id} was no longer ours; its late results were not counted"));
             return;
         }
+        self.write_joblog(c);
         if let Some(failure) = &c.failure {
-            self.progress.note(&format!(
-                "stage {stage}: fragment {id} [{}, {}) failed: {failure} (see: granule logs {stage} --fragment {id})",
-                c.span.start, c.span.end
-            ));
+            // The first few failures of a stage are shown; then a count, every
+            // tenth time, so a task that fails on every item does not flood.
+            let shown = self.failures_seen.entry(stage.clone()).or_insert(0);
+            *shown += 1;
+            if *shown <= FAILURES_SHOWN {
+                self.progress.note(&format!(
+                    "stage {stage}: fragment {id} [{}, {}) failed: {failure} (see: granule logs {stage} --fragment {id})",
+                    c.span.start, c.span.end
+                ));
+            } else if shown.is_multiple_of(10) || *shown == FAILURES_SHOWN + 1 {
+                self.progress.note(&format!(
+                    "stage {stage}: {shown} fragments failed so far (the rest are not shown: granule logs {stage})"
+                ));
+            }
         }
         for span in finished.quarantined.spans() {
+            let values = self.item_values(c.job, c.stage_index, span);
             self.progress.note(&format!(
-                "stage {stage}: quarantined item(s) {}..{}",
-                span.start, span.end
+                "stage {stage}: quarantined {} {values}",
+                if span.len() == 1 { "item" } else { "items" }
             ));
         }
+        self.judge_halt(c);
         if self.cfg.job.is_some() {
             self.progress.fragment_size(c.stage_index, c.n);
         }

@@ -20,6 +20,8 @@ pub(crate) const EXIT_BAD_INPUT: u8 = 2;
 pub(crate) const EXIT_BROKEN: u8 = 3;
 /// Exit code: the job was cancelled (`granule cancel`).
 pub(crate) const EXIT_CANCELLED: u8 = 4;
+/// Exit code: the job halted: its task failed too often (`halt` in the spec).
+pub(crate) const EXIT_HALTED: u8 = 5;
 /// Exit code: interrupted (Ctrl-C); the job resumes on the next run.
 pub(crate) const EXIT_INTERRUPTED: u8 = 130;
 
@@ -44,6 +46,12 @@ enum Command {
     Worker(cmd::worker::WorkerArgs),
     /// Show jobs and their stages.
     Status(cmd::status::StatusArgs),
+    /// List the jobs of the store with their state and progress.
+    Jobs(cmd::jobs::JobsArgs),
+    /// Wait until a job ends; exit with the code `run` would have given.
+    Wait(cmd::jobs::WaitArgs),
+    /// Put a job's quarantined items back to pending with fresh retries (done work is kept).
+    Retry(cmd::jobs::RetryArgs),
     /// Print the stored stdout/stderr of a stage's fragments.
     Logs(cmd::logs::LogsArgs),
     /// Write out a stage's results (the final checkpoint of each finished fragment).
@@ -52,11 +60,11 @@ enum Command {
     Outputs(cmd::outputs::OutputsArgs),
     /// Cancel a job: nothing more of it is claimed, its running fragments are stopped.
     Cancel(cmd::cancel::CancelArgs),
-    /// Remove finished jobs from the store (their files go at the next `gc`).
+    /// Remove finished jobs from the store, with the files only they referred to.
     Rm(cmd::gc::RmArgs),
     /// Delete blobs (output files) that no job in the store refers to any more.
     Gc(cmd::gc::GcArgs),
-    /// Plan the pools and start or drain their workers (local, Slurm, commands).
+    /// Serve the dashboard, HTTP API and /metrics; with --pools, plan the pools and start or drain their workers.
     Serve(cmd::serve::ServeArgs),
     /// Simulate a scenario (pool and workload) in virtual time with the same core.
     Sim(cmd::sim::SimArgs),
@@ -81,7 +89,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Command::Status(_) | Command::Logs(_) | Command::Results(_) | Command::Outputs(_)
+        Command::Status(_)
+            | Command::Jobs(_)
+            | Command::Logs(_)
+            | Command::Results(_)
+            | Command::Outputs(_)
     ) {
         // Printing into a closed pipe (`granule status | head`) ends quietly, as
         // other Unix tools do, instead of panicking.
@@ -93,6 +105,9 @@ fn main() -> ExitCode {
         Command::Submit(args) => cmd::submit::submit(args),
         Command::Worker(args) => cmd::worker::worker(args),
         Command::Status(args) => cmd::status::status(args),
+        Command::Jobs(args) => cmd::jobs::jobs(args),
+        Command::Wait(args) => cmd::jobs::wait(args),
+        Command::Retry(args) => cmd::jobs::retry(args),
         Command::Logs(args) => cmd::logs::logs(args),
         Command::Results(args) => cmd::results::results(args),
         Command::Outputs(args) => cmd::outputs::outputs(args),
@@ -107,12 +122,15 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             let bad_input = err.downcast_ref::<BadInput>().is_some()
+                || err.downcast_ref::<cmd::NoStore>().is_some()
                 || err.downcast_ref::<granule_spec::SpecError>().is_some()
                 || matches!(
                     err.downcast_ref::<StoreError>(),
                     Some(
                         StoreError::SpecChanged(_)
                             | StoreError::NoSuchJob(_)
+                            | StoreError::NoSuchStage(..)
+                            | StoreError::NotRetryable(..)
                             | StoreError::Running(_)
                     )
                 );

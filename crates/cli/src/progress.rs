@@ -8,14 +8,41 @@ use std::time::{Duration, Instant};
 
 /// How often plain-line progress is printed when stderr is not a terminal.
 const PLAIN_EVERY: Duration = Duration::from_secs(5);
+/// The window a stage's rate is measured over (its ETA follows recent speed).
+const RATE_WINDOW: Duration = Duration::from_secs(30);
+
+/// Items done of a stage at moments since it started in this run: its rate.
+#[derive(Default)]
+struct Rate {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl Rate {
+    /// Records `done` now (only once the stage runs: time spent waiting for the
+    /// stages before it does not count).
+    fn record(&mut self, done: u64) {
+        let now = Instant::now();
+        self.samples.push_back((now, done));
+        while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= RATE_WINDOW {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Items per second over the window (or since the stage started, if sooner).
+    fn per_second(&self) -> Option<f64> {
+        let (&(t0, d0), &(t1, d1)) = (self.samples.front()?, self.samples.back()?);
+        let secs = t1.duration_since(t0).as_secs_f64();
+        (secs >= 0.5).then(|| d1.saturating_sub(d0) as f64 / secs)
+    }
+}
 
 /// Progress of one job's stages.
 pub(crate) struct Progress {
     bars: Option<(MultiProgress, Vec<ProgressBar>)>,
     quiet: bool,
     started: Instant,
-    /// Items finished per stage when this run started (a resumed job starts above 0).
-    done_at_start: Option<Vec<u64>>,
+    /// Each stage's recent rate of items done.
+    rates: Vec<Rate>,
     last_plain: Option<Instant>,
     last: Option<Vec<StageProgress>>,
     sizes: Vec<u64>,
@@ -23,9 +50,10 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
-    /// Bars when stderr is a terminal, plain lines otherwise; nothing if `quiet`.
-    pub(crate) fn new(spec: &JobSpec, quiet: bool) -> Progress {
-        let bars = (!quiet && std::io::stderr().is_terminal()).then(|| {
+    /// Bars when stderr is a terminal (and `bars`: not while tasks' output is
+    /// printed), plain lines otherwise; nothing if `quiet`.
+    pub(crate) fn new(spec: &JobSpec, quiet: bool, bars: bool) -> Progress {
+        let bars = (bars && !quiet && std::io::stderr().is_terminal()).then(|| {
             let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4));
             let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
                 .expect("valid template")
@@ -47,7 +75,7 @@ impl Progress {
             bars,
             quiet,
             started: Instant::now(),
-            done_at_start: None,
+            rates: spec.stages.iter().map(|_| Rate::default()).collect(),
             last_plain: None,
             last: None,
             sizes: vec![0; spec.stages.len()],
@@ -61,7 +89,7 @@ impl Progress {
             bars: None,
             quiet,
             started: Instant::now(),
-            done_at_start: None,
+            rates: Vec::new(),
             last_plain: None,
             last: None,
             sizes: Vec::new(),
@@ -74,33 +102,44 @@ impl Progress {
         self.sizes[stage] = n;
     }
 
-    /// Rate (items/s this run), ETA and fragment size of a stage.
+    /// Rate (items done per second lately), ETA and last fragment size of a stage.
     fn describe(&self, i: usize, s: &StageProgress) -> String {
         let finished = s.done + s.quarantined;
-        let before = self.done_at_start.as_ref().map_or(0, |d| d[i]);
-        let rate =
-            finished.saturating_sub(before) as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
-        let left = s.items - finished;
-        let eta = match (left, rate > 0.0) {
-            (0, _) if !s.ended => "waiting for items".to_string(),
-            (0, _) => "done".to_string(),
-            (_, true) => format!(
-                "eta {}",
-                humantime::format_duration(Duration::from_secs((left as f64 / rate) as u64))
+        let left = s.items.saturating_sub(finished);
+        let rate = self.rates.get(i).and_then(Rate::per_second);
+        let (rate_text, eta) = match (left, rate) {
+            (0, _) if !s.ended => ("-".to_string(), "waiting for items".to_string()),
+            (0, _) => ("-".to_string(), "done".to_string()),
+            _ if !s.started => (
+                "-".to_string(),
+                "waiting for the stages before it".to_string(),
             ),
-            _ => "eta ?".to_string(),
+            (_, Some(r)) if r > 0.0 => (
+                format!("{r:.0} items/s"),
+                format!(
+                    "eta {}",
+                    humantime::format_duration(Duration::from_secs((left as f64 / r) as u64))
+                ),
+            ),
+            (_, Some(_)) => ("0 items/s".to_string(), "eta ?".to_string()),
+            (_, None) => ("-".to_string(), "eta ?".to_string()),
         };
         let size = if self.sizes[i] > 0 {
             self.sizes[i]
         } else {
             s.fragment_size
         };
+        let size = if size > 0 {
+            format!(", last fragment {}", crate::cmd::plural(size, "item"))
+        } else {
+            String::new()
+        };
         let quarantined = if s.quarantined > 0 {
             format!(", {} quarantined", s.quarantined)
         } else {
             String::new()
         };
-        format!("{rate:.0} items/s, {eta}, fragment {size}{quarantined}")
+        format!("{rate_text}, {eta}{size}{quarantined}")
     }
 
     /// Shows the latest progress of the job's stages (in spec order).
@@ -108,8 +147,10 @@ impl Progress {
         if self.quiet {
             return;
         }
-        if self.done_at_start.is_none() {
-            self.done_at_start = Some(stages.iter().map(|s| s.done + s.quarantined).collect());
+        for (rate, s) in self.rates.iter_mut().zip(stages) {
+            if s.started && !s.ended {
+                rate.record(s.done);
+            }
         }
         self.last = Some(stages.to_vec());
         match &self.bars {
@@ -153,12 +194,44 @@ impl Progress {
         }
     }
 
-    /// Leaves the bars on screen in their final state, or prints a last plain line.
-    pub(crate) fn finish(&mut self) {
-        match (&self.bars, &self.last) {
-            (Some((_, bars)), _) => bars.iter().for_each(|b| b.abandon()),
-            (None, Some(stages)) if !self.quiet => self.print_plain(stages),
-            _ => {}
+    /// Stopping (a signal, a lifespan's end): the bars go, so no stale bar stays
+    /// above the message and what follows; progress continues in plain lines.
+    pub(crate) fn stopping(&mut self, message: &str) {
+        if let Some((multi, _)) = self.bars.take() {
+            let _ = multi.clear();
         }
+        self.note(message);
+    }
+
+    /// Leaves the bars on screen in their final state, then prints a summary: per
+    /// stage what was done and quarantined, and the time this run took.
+    pub(crate) fn finish(&mut self) {
+        if self.quiet {
+            return;
+        }
+        let Some(stages) = &self.last else {
+            return;
+        };
+        match &self.bars {
+            Some((_, bars)) => bars.iter().for_each(|b| b.abandon()),
+            None => self.print_plain(stages),
+        }
+        let parts: Vec<String> = stages
+            .iter()
+            .zip(&self.names)
+            .map(|(s, name)| {
+                let quarantined = if s.quarantined > 0 {
+                    format!(" ({} quarantined)", s.quarantined)
+                } else {
+                    String::new()
+                };
+                format!("{name} {}/{} done{quarantined}", s.done, s.items)
+            })
+            .collect();
+        eprintln!(
+            "granule: {} in {:.1}s",
+            parts.join(", "),
+            self.started.elapsed().as_secs_f64()
+        );
     }
 }

@@ -509,7 +509,7 @@ fn case9_bad_numbers_are_refused_and_a_job_whose_state_cannot_be_read_breaks_alo
             key
         };
         assert!(
-            stderr(&out).contains(&format!("stage[0].sizer.{expect_key}")),
+            stderr(&out).contains(&format!("stage \"s\".sizer.{expect_key}")),
             "{key}: {}",
             stderr(&out)
         );

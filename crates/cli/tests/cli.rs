@@ -171,7 +171,7 @@ fn a_poison_item_is_quarantined_alone() {
         assert_eq!(recorded.len(), 2999);
         assert!(!recorded.contains_key(&1234));
         let text = String::from_utf8_lossy(&job.output(&["status"]).stdout).into_owned();
-        assert!(text.contains("quarantined items: 1234"), "{text}");
+        assert!(text.contains("quarantined items: \"1234\""), "{text}");
         let logs = job.output(&["logs", "work"]);
         assert!(String::from_utf8_lossy(&logs.stdout).contains("exit code 3"));
     }
@@ -260,13 +260,13 @@ fn ctrl_c_yields_and_the_rerun_finishes() {
 fn bad_specs_exit_2_naming_file_line_and_key_before_running_anything() {
     let cases = [
         ("name = \"x\"\nbogus = 1\n", "bogus"),
-        ("name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { range = [5, 5] }\n", "stage[0].items"),
-        ("name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { range = [9, 2] }\n", "stage[0].items"),
-        ("name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"no-such-program-here\"]\nitems = { range = [0, 2] }\n", "stage[0].command"),
-        ("name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { lines = \"missing.txt\" }\n", "stage[0].items"),
+        ("name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { range = [5, 5] }\n", "stage \"a\".items"),
+        ("name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { range = [9, 2] }\n", "stage \"a\".items"),
+        ("name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"no-such-program-here\"]\nitems = { range = [0, 2] }\n", "stage \"a\".command"),
+        ("name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { lines = \"missing.txt\" }\n", "stage \"a\".items"),
         (
             "name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { range = [0, 2] }\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { range = [0, 2] }\n",
-            "stage[1].name",
+            "stage \"a\".name",
         ),
         (
             "name = \"x\"\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { range = [0, 2] }\nafter = [\"b\"]\n[[stage]]\nname = \"b\"\ncommand = [\"true\"]\nitems = { range = [0, 2] }\nafter = [\"a\"]\n",

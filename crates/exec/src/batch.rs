@@ -8,7 +8,7 @@
 //! line the task wrote before exiting has been applied.
 
 use crate::blob::Blob;
-use crate::drain::{read_until_stop, tail_reader, Stop};
+use crate::drain::{read_until_stop, tail_reader, Sink, Stop};
 use crate::items::ItemsError;
 use crate::protocol::{self, Line, Parser, PROTOCOL_VERSION};
 use crate::run::{
@@ -110,8 +110,9 @@ fn spawn_task(
     tag: &str,
     ack_write: &OwnedFd,
 ) -> std::io::Result<std::process::Child> {
-    let mut cmd = Command::new(&job.argv[0]);
-    cmd.args(&job.argv[1..])
+    let mut cmd = Command::new(job.program());
+    job.in_cwd(&mut cmd)
+        .args(&job.argv[1..])
         .envs(job.env.iter().map(|(k, v)| (k, v)))
         .env("GRANULE_ACK_FD", "3")
         .env("GRANULE_PROTOCOL", PROTOCOL_VERSION.to_string())
@@ -147,15 +148,19 @@ fn start_helpers(
     ack_read: OwnedFd,
     start: Instant,
 ) -> std::io::Result<Helpers> {
+    let label = format!("fragment {}", job.fragment);
+    let name = format!("fragment-{}", job.fragment);
     let stdout = tail_reader(
         child.stdout.take().expect("piped stdout").into(),
         stop.watch()?,
         job.log_tail_bytes,
+        Sink::open(job.tee.as_ref(), &label, false, &format!("{name}.stdout")),
     );
     let stderr = tail_reader(
         child.stderr.take().expect("piped stderr").into(),
         stop.watch()?,
         job.log_tail_bytes,
+        Sink::open(job.tee.as_ref(), &label, true, &format!("{name}.stderr")),
     );
     let stdin: OwnedFd = child.stdin.take().expect("piped stdin").into();
     sys::set_nonblocking(stdin.as_raw_fd())?;

@@ -80,20 +80,123 @@ pub(crate) fn read_until_stop(
     }
 }
 
-/// Keeps the last `cap` bytes read from a pipe, on its own thread.
-pub(crate) fn tail_reader(pipe: OwnedFd, stop: OwnedFd, cap: usize) -> mpsc::Receiver<Vec<u8>> {
+/// Where a stream of a task's output also goes: whole lines to the echo (with
+/// a label and whether it is stderr), every byte to a file.
+pub(crate) struct Sink {
+    echo: Option<(crate::run::Echo, String, bool)>,
+    file: Option<File>,
+    partial: Vec<u8>,
+}
+
+impl Sink {
+    /// A sink for one stream of `tee` labelled `label`, its file (if `tee` has a
+    /// folder) named `name` there; `None` when `tee` wants neither.
+    pub(crate) fn open(
+        tee: Option<&crate::run::OutputTee>,
+        label: &str,
+        stderr: bool,
+        name: &str,
+    ) -> Option<Sink> {
+        let tee = tee?;
+        let file = tee.dir.as_ref().and_then(|dir| {
+            let _ = std::fs::create_dir_all(dir);
+            File::create(dir.join(name)).ok()
+        });
+        let echo = tee.echo.clone().map(|e| (e, label.to_string(), stderr));
+        (echo.is_some() || file.is_some()).then_some(Sink {
+            echo,
+            file,
+            partial: Vec::new(),
+        })
+    }
+
+    /// Takes bytes as they arrive.
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        if let Some(f) = &mut self.file {
+            let _ = f.write_all(bytes);
+        }
+        let Some((echo, label, stderr)) = &self.echo else {
+            return;
+        };
+        self.partial.extend_from_slice(bytes);
+        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            echo(label, *stderr, &self.partial[..end]);
+            self.partial.drain(..=end);
+        }
+    }
+
+    /// Passes on a last line without its newline.
+    pub(crate) fn finish(&mut self) {
+        if let (Some((echo, label, stderr)), false) = (&self.echo, self.partial.is_empty()) {
+            echo(label, *stderr, &self.partial);
+            self.partial.clear();
+        }
+    }
+}
+
+/// Reads a pipe to its end on its own thread, copying what arrives to `forward`
+/// (the fragment's own output pipe, whose tail is kept) and to `sink`.
+pub(crate) fn tee_reader(
+    pipe: OwnedFd,
+    forward: Option<OwnedFd>,
+    mut sink: Option<Sink>,
+) -> mpsc::Receiver<()> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        use std::io::Write;
+        let mut pipe = File::from(pipe);
+        let mut forward = forward.map(File::from);
+        let mut buf = vec![0u8; 8192];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if let Some(f) = &mut forward {
+                        let _ = f.write_all(&buf[..n]);
+                    }
+                    if let Some(s) = &mut sink {
+                        s.write(&buf[..n]);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        if let Some(s) = &mut sink {
+            s.finish();
+        }
+        let _ = tx.send(());
+    });
+    rx
+}
+
+/// Keeps the last `cap` bytes read from a pipe, on its own thread; `sink` gets
+/// everything.
+pub(crate) fn tail_reader(
+    pipe: OwnedFd,
+    stop: OwnedFd,
+    cap: usize,
+    mut sink: Option<Sink>,
+) -> mpsc::Receiver<Vec<u8>> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let mut pipe = File::from(pipe);
         let mut kept: Vec<u8> = Vec::new();
         let mut buf = vec![0u8; 8192];
         read_until_stop(&mut pipe, stop.as_raw_fd(), &mut buf, |bytes| {
+            if let Some(s) = &mut sink {
+                s.write(bytes);
+            }
             kept.extend_from_slice(bytes);
             if kept.len() > 2 * cap.max(1) {
                 kept.drain(..kept.len() - cap);
             }
             true
         });
+        if let Some(s) = &mut sink {
+            s.finish();
+        }
         if kept.len() > cap {
             kept.drain(..kept.len() - cap);
         }

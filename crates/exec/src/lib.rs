@@ -28,7 +28,7 @@ pub use data::{sweep, Cache, DataError, DataStore, Fetched, Pin, StoredFile};
 pub use items::{ItemIter, ItemSource, ItemsError, LinesFile};
 pub use run::{
     failed_before_start, feed_window, run_fragment, unavailable_before_start, Checkpoint, Control,
-    Failure, FragmentJob, Progress, RunReport, Unflushed,
+    Echo, Failure, FragmentJob, OutputTee, Progress, RunReport, Unflushed,
 };
 pub use sample::{detect, Detected, Gpu, Sample, Sampler};
 pub use sys::random_hex;

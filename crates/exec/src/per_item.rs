@@ -2,7 +2,7 @@
 //! (as bytes, inside one argv element: never through a shell). Exit 0 acks the
 //! item; a failing item is a culprit and the fragment goes on with the next.
 
-use crate::drain::{tail_reader, Stop};
+use crate::drain::{tail_reader, tee_reader, Sink, Stop};
 use crate::run::PRIVATE_ENV;
 use crate::run::{classify, empty_report, supervise, Control, Failure, FragmentJob, RunReport};
 use crate::sys::{self, Waiter};
@@ -22,8 +22,8 @@ pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> 
         let stop = Stop::new()?;
         let (out_read, out_write) = sys::pipe()?;
         let (err_read, err_write) = sys::pipe()?;
-        let stdout = tail_reader(out_read, stop.watch()?, job.log_tail_bytes);
-        let stderr = tail_reader(err_read, stop.watch()?, job.log_tail_bytes);
+        let stdout = tail_reader(out_read, stop.watch()?, job.log_tail_bytes, None);
+        let stderr = tail_reader(err_read, stop.watch()?, job.log_tail_bytes, None);
         Ok((stop, out_write, err_write, stdout, stderr))
     })();
     let Ok((mut stop, out_write, err_write, stdout, stderr)) = pipes else {
@@ -72,8 +72,21 @@ pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> 
         let (Ok(out), Ok(err)) = (out, err_write.try_clone()) else {
             break;
         };
+        // With a tee, the item gets pipes of its own, copied to the fragment's and
+        // to the tee under the item's name, and read to their end before the next.
+        let (out, err, readers) = match &job.tee {
+            Some(tee) => match item_tee(tee, index, &value, out, err, captured.is_some()) {
+                Ok(teed) => teed,
+                Err(_) => break,
+            },
+            None => (out, err, Vec::new()),
+        };
         let cmd = item_command(job, index, &value, has_slot, out, err);
-        if !run_item(job, control, &mut report, index, cmd, start, captured) {
+        let going = run_item(job, control, &mut report, index, cmd, start, captured);
+        for reader in readers {
+            let _ = reader.recv();
+        }
+        if !going {
             break;
         }
     }
@@ -87,6 +100,34 @@ pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> 
     report
 }
 
+/// Pipes of one item's own for its stderr (and its stdout unless that is
+/// captured as outputs), each read by a thread that copies to the fragment's pipe
+/// (`out`, `err`) and to the tee, labelled with the item's value.
+type Teed = (OwnedFd, OwnedFd, Vec<mpsc::Receiver<()>>);
+
+fn item_tee(
+    tee: &crate::run::OutputTee,
+    index: u64,
+    value: &[u8],
+    out: OwnedFd,
+    err: OwnedFd,
+    captured: bool,
+) -> std::io::Result<Teed> {
+    let label: String = String::from_utf8_lossy(value).chars().take(80).collect();
+    let (err_read, err_write) = sys::pipe()?;
+    let sink = Sink::open(Some(tee), &label, true, &format!("{index}.stderr"));
+    let mut readers = vec![tee_reader(err_read, Some(err), sink)];
+    let out = if captured {
+        out
+    } else {
+        let (out_read, out_write) = sys::pipe()?;
+        let sink = Sink::open(Some(tee), &label, false, &format!("{index}.stdout"));
+        readers.push(tee_reader(out_read, Some(out), sink));
+        out_write
+    };
+    Ok((out, err_write, readers))
+}
+
 /// The command for one item: the value in the argv (at each `{}`, else last), the
 /// job's environment and the item's index, output to the fragment's tails.
 fn item_command(
@@ -97,7 +138,8 @@ fn item_command(
     out: OwnedFd,
     err: OwnedFd,
 ) -> Command {
-    let mut cmd = Command::new(&job.argv[0]);
+    let mut cmd = Command::new(job.program());
+    job.in_cwd(&mut cmd);
     for arg in &job.argv[1..] {
         cmd.arg(replace_slot(arg, value));
     }

@@ -70,6 +70,56 @@ pub struct FragmentJob {
     pub scratch: std::path::PathBuf,
     /// Per-item mode: each stdout line of an item's process is an output of it.
     pub stdout_outputs: bool,
+    /// The folder the task runs in (a relative `argv[0]` with a `/` is found
+    /// there); `None`: the worker's own.
+    pub cwd: Option<std::path::PathBuf>,
+    /// Where the task's output also goes (`run --output`, `--results`).
+    pub tee: Option<OutputTee>,
+}
+
+/// Called with a label (the fragment, or the item's value), whether the line came
+/// from stderr, and one whole line of output without its newline.
+pub type Echo = Arc<dyn Fn(&str, bool, &[u8]) + Send + Sync>;
+
+/// Where a task's output goes besides the tails the store keeps.
+#[derive(Clone, Default)]
+pub struct OutputTee {
+    /// Each line, as it comes.
+    pub echo: Option<Echo>,
+    /// A folder for files: `<index>.stdout` and `<index>.stderr` per item in
+    /// per-item mode, `fragment-<id>.stdout` and `.stderr` in batch mode.
+    pub dir: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for OutputTee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutputTee")
+            .field("echo", &self.echo.is_some())
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+impl FragmentJob {
+    /// The program to exec: `argv[0]`, found in `cwd` when it is a relative path.
+    pub(crate) fn program(&self) -> std::path::PathBuf {
+        let program = std::path::Path::new(&self.argv[0]);
+        match &self.cwd {
+            Some(cwd) if program.is_relative() && self.argv[0].contains('/') => cwd.join(program),
+            _ => program.to_path_buf(),
+        }
+    }
+
+    /// `cmd` set to run in the job's folder, if it has one.
+    pub(crate) fn in_cwd<'c>(
+        &self,
+        cmd: &'c mut std::process::Command,
+    ) -> &'c mut std::process::Command {
+        if let Some(cwd) = &self.cwd {
+            cmd.current_dir(cwd);
+        }
+        cmd
+    }
 }
 
 /// A checkpoint handed over on fd 3, already read and sealed.

@@ -31,6 +31,8 @@ fn job(argv: &[&str], source: ItemSource, span: Span) -> FragmentJob {
         data: None,
         scratch: std::env::temp_dir(),
         stdout_outputs: false,
+        cwd: None,
+        tee: None,
     }
 }
 

@@ -32,6 +32,8 @@ fn job(argv: &[&str], span: Span, per_item: bool) -> FragmentJob {
         data: None,
         scratch: std::env::temp_dir(),
         stdout_outputs: false,
+        cwd: None,
+        tee: None,
     }
 }
 

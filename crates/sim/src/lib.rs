@@ -25,3 +25,16 @@ pub fn run<'a>(
     report.lower_bound_ms = lower_bound(sc);
     report
 }
+
+/// A span of virtual time for people: `850 ms`, `12.4 s`, `7.5 min`, `3.20 h`.
+pub fn human_duration(ms: f64) -> String {
+    if ms < 1_000.0 {
+        format!("{ms:.0} ms")
+    } else if ms < 120_000.0 {
+        format!("{:.1} s", ms / 1e3)
+    } else if ms < 7_200_000.0 {
+        format!("{:.1} min", ms / 60_000.0)
+    } else {
+        format!("{:.2} h", ms / 3_600_000.0)
+    }
+}

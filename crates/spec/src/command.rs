@@ -5,13 +5,12 @@ use std::path::Path;
 
 /// Checks that `program` can be executed.
 ///
-/// A name containing `/` is a path, resolved against the *current working
-/// directory* (where the job is started, as `execvp` would resolve it), not
-/// against the spec's folder; any other name is looked up in `$PATH`. The
-/// error is the message to show, e.g. `command not found: "x" (not on PATH)`.
-pub(crate) fn check(program: &str) -> Result<(), String> {
+/// A name containing `/` is a path, resolved against `cwd` (the folder the
+/// tasks run in); any other name is looked up in `$PATH`. The error is the
+/// message to show, e.g. `command not found: "x" (not on PATH)`.
+pub(crate) fn check(program: &str, cwd: &Path) -> Result<(), String> {
     if program.contains('/') {
-        return check_path(program);
+        return check_path(program, cwd);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     if on_path(program, &path) {
@@ -22,11 +21,12 @@ pub(crate) fn check(program: &str) -> Result<(), String> {
 }
 
 /// A command given as a path: it must exist and be an executable file.
-fn check_path(program: &str) -> Result<(), String> {
-    let path = Path::new(program);
+fn check_path(program: &str, cwd: &Path) -> Result<(), String> {
+    let path = &cwd.join(program);
     match std::fs::metadata(path) {
         Err(_) => Err(format!(
-            "command not found: \"{program}\" (no such file, relative to the current directory)"
+            "command not found: \"{program}\" (no such file in {}, where the tasks run)",
+            cwd.display()
         )),
         Ok(_) if !is_executable(path) => {
             Err(format!("command \"{program}\" is not an executable file"))

@@ -45,7 +45,11 @@ fn unique_names<'s>(
                 "stage \"{}\" is listed twice (first at line {line})",
                 s.spec.name
             );
-            return Err(cx.err(s.name_span.clone(), &format!("stage[{i}].name"), msg));
+            return Err(cx.err(
+                s.name_span.clone(),
+                &format!("stage \"{}\".name", s.spec.name),
+                msg,
+            ));
         }
         index.insert(s.spec.name.as_str(), i);
     }
@@ -72,7 +76,7 @@ fn resolve_after(
         ];
         let mut out: Vec<Edge> = Vec::new();
         for (what, names, spans) in lists {
-            let key = format!("stage[{i}].{what}");
+            let key = format!("stage \"{}\".{what}", s.spec.name);
             let first = out.len();
             for (name, span) in names.iter().zip(spans) {
                 let err = |msg: String| cx.err(span.clone(), &key, msg);

@@ -57,6 +57,34 @@ pub struct StageSpec {
     /// Largest checkpoint a task may hand over, bytes (`max_checkpoint`).
     #[serde(default = "default_max_checkpoint_bytes")]
     pub max_checkpoint_bytes: u64,
+    /// Folder the tasks run in, absolute (`cwd`, relative to the spec's folder;
+    /// default: the spec's folder). Absent in specs stored before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<PathBuf>,
+    /// Variables added to the tasks' environment (`env`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// When to stop the job because the task itself looks broken (`halt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halt: Option<Halt>,
+}
+
+/// `halt = { fail_ratio = 0.5, after = 100 }`: once `after` item attempts of the
+/// stage have ended, a share of failed ones at or above `fail_ratio` stops the job.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Halt {
+    /// Share of failed item attempts, in (0, 1], that stops the job.
+    pub fail_ratio: f64,
+    /// Item attempts (done plus failed) to see before judging.
+    pub after: u64,
+}
+
+impl Halt {
+    /// Whether `failed` failed and `done` done item attempts say the task is broken.
+    pub fn trips(&self, failed: u64, done: u64) -> bool {
+        let seen = failed + done;
+        seen >= self.after.max(1) && failed as f64 >= self.fail_ratio * seen as f64
+    }
 }
 
 /// `max_checkpoint` when a stage does not set it: 256 MiB.
@@ -147,6 +175,43 @@ impl ItemsSpec {
         }
     }
 
+    /// The values of the items at `indices` (ascending), as text: `None` for
+    /// streamed items (they live in the store) or a `lines` file that cannot be
+    /// read now.
+    pub fn values_at(&self, indices: &[u64]) -> Option<Vec<String>> {
+        match self {
+            ItemsSpec::Range { start, .. } => Some(
+                indices
+                    .iter()
+                    .map(|&i| (start + i as i64).to_string())
+                    .collect(),
+            ),
+            ItemsSpec::List { values } => indices
+                .iter()
+                .map(|&i| values.get(i as usize).cloned())
+                .collect(),
+            ItemsSpec::Lines { path, .. } => {
+                use std::io::BufRead;
+                let file = std::io::BufReader::new(std::fs::File::open(path).ok()?);
+                let mut wanted = indices.iter().peekable();
+                let mut out = Vec::new();
+                for (i, line) in file.split(b'\n').enumerate() {
+                    let Some(&&next) = wanted.peek() else {
+                        break;
+                    };
+                    if i as u64 == next {
+                        let line = line.ok()?;
+                        let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                        out.push(String::from_utf8_lossy(line).into_owned());
+                        wanted.next();
+                    }
+                }
+                (out.len() == indices.len()).then_some(out)
+            }
+            ItemsSpec::Stream { .. } => None,
+        }
+    }
+
     /// Whether the items arrive while the job runs (`from`, `results_of`).
     pub fn streamed(&self) -> bool {
         matches!(self, ItemsSpec::Stream { .. })
@@ -155,7 +220,7 @@ impl ItemsSpec {
 
 /// A spec that cannot run, and where the problem is.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[error("{}:{line}:{column}: {key}: {message}", file.display())]
+#[error("{}", self.describe())]
 pub struct SpecError {
     /// The spec file.
     pub file: PathBuf,
@@ -169,6 +234,21 @@ pub struct SpecError {
     pub message: String,
 }
 
+impl SpecError {
+    /// `file:line:column: key: message`, leaving out the place when the problem has
+    /// none (an unreadable file) and the key when there is none.
+    fn describe(&self) -> String {
+        let mut out = self.file.display().to_string();
+        if self.line > 0 {
+            out.push_str(&format!(":{}:{}", self.line, self.column));
+        }
+        if !self.key.is_empty() {
+            out.push_str(&format!(": {}", self.key));
+        }
+        format!("{out}: {}", self.message)
+    }
+}
+
 /// Reads and validates the spec at `path`.
 pub fn load(path: &Path) -> Result<JobSpec, SpecError> {
     let text = std::fs::read_to_string(path).map_err(|e| SpecError {
@@ -176,7 +256,7 @@ pub fn load(path: &Path) -> Result<JobSpec, SpecError> {
         line: 0,
         column: 0,
         key: String::new(),
-        message: format!("cannot read spec: {e}"),
+        message: format!("cannot read the spec: {e}"),
     })?;
     parse(&text, path)
 }
@@ -184,9 +264,9 @@ pub fn load(path: &Path) -> Result<JobSpec, SpecError> {
 /// Parses and validates spec text; `path` names it in errors and anchors
 /// relative `lines` paths (relative to the spec file's folder).
 ///
-/// A `command[0]` containing `/` is resolved against the current working
-/// directory (as the runner will exec it), not the spec's folder; other names
-/// must be executables on `$PATH`.
+/// Tasks run in the stage's `cwd` (by default the spec's folder), and a
+/// `command[0]` containing `/` is resolved there; other names must be
+/// executables on `$PATH`.
 pub fn parse(text: &str, path: &Path) -> Result<JobSpec, SpecError> {
     stage::parse_job(&locate::Ctx::new(text, path))
 }

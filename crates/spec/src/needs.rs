@@ -54,7 +54,7 @@ pub(crate) fn parse(cx: &Ctx<'_>, t: &Table<'_>) -> Result<StageNeeds, SpecError
 }
 
 /// A non-negative number (integer or float).
-fn amount(cx: &Ctx<'_>, f: &Field<'_>) -> Result<f64, SpecError> {
+pub(crate) fn amount(cx: &Ctx<'_>, f: &Field<'_>) -> Result<f64, SpecError> {
     let value = match f.value.get_ref() {
         DeValue::Integer(_) => f.int(cx)? as f64,
         DeValue::Float(x) => x

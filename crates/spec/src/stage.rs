@@ -11,8 +11,11 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 const TOP_KEYS: [&str; 2] = ["name", "stage"];
-const STAGE_KEYS: [&str; 22] = [
+const STAGE_KEYS: [&str; 25] = [
     "name",
+    "cwd",
+    "env",
+    "halt",
     "after_any",
     "outputs",
     "command",
@@ -46,6 +49,8 @@ pub(crate) fn parse_job(cx: &Ctx<'_>) -> Result<JobSpec, SpecError> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    // Absolute, so a worker started elsewhere runs the tasks in the same folder.
+    let folder = &std::path::absolute(folder).unwrap_or_else(|_| folder.to_path_buf());
     let stages = stage_tables(cx, &root)?
         .iter()
         .map(|t| parse_stage(cx, t, folder))
@@ -88,7 +93,27 @@ fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, Sp
     t.check_keys(cx, &STAGE_KEYS)?;
     let name_field = t.require(cx, "name")?;
     let name = name_field.name(cx)?.to_string();
-    let command = parse_command(cx, &t.require(cx, "command")?)?;
+    // Errors name the stage as the user does, not by its position.
+    let t = &t.renamed(format!("stage \"{name}\""));
+    let cwd = match t.get("cwd") {
+        Some(f) => {
+            let dir = folder.join(f.non_empty_str(cx)?);
+            if !dir.is_dir() {
+                return Err(f.err(
+                    cx,
+                    format!(
+                        "cwd {} is not a folder (relative paths start at the spec's folder)",
+                        dir.display()
+                    ),
+                ));
+            }
+            dir
+        }
+        None => folder.to_path_buf(),
+    };
+    let env = parse_env(cx, t)?;
+    let halt = t.get("halt").map(|f| parse_halt(cx, &f)).transpose()?;
+    let command = parse_command(cx, &t.require(cx, "command")?, &cwd)?;
     let per_item = t
         .get("per_item")
         .map(|f| f.bool(cx))
@@ -154,6 +179,9 @@ fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, Sp
         sizer,
         needs,
         max_checkpoint_bytes,
+        cwd: Some(cwd),
+        env,
+        halt,
     };
     Ok(Located {
         spec,
@@ -164,8 +192,52 @@ fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, Sp
     })
 }
 
-/// `command`: a non-empty argv whose program can be found now.
-fn parse_command(cx: &Ctx<'_>, field: &Field<'_>) -> Result<Vec<String>, SpecError> {
+/// `env = { NAME = "value" }`: strings only, names without `=` or NUL.
+fn parse_env(
+    cx: &Ctx<'_>,
+    t: &Table<'_>,
+) -> Result<std::collections::BTreeMap<String, String>, SpecError> {
+    let mut env = std::collections::BTreeMap::new();
+    let Some(f) = t.get("env") else {
+        return Ok(env);
+    };
+    for var in f.table(cx)?.fields() {
+        let name = var.key.rsplit('.').next().unwrap_or_default().to_string();
+        if name.is_empty() || name.contains(['=', '\0']) || name.starts_with("GRANULE_") {
+            return Err(var.err(
+                cx,
+                "an environment variable's name must be non-empty, without '=', and not start with GRANULE_ (granule's own)",
+            ));
+        }
+        env.insert(name, var.str(cx)?.to_string());
+    }
+    Ok(env)
+}
+
+/// `halt = { fail_ratio = 0.5, after = 100 }`.
+fn parse_halt(cx: &Ctx<'_>, f: &Field<'_>) -> Result<crate::Halt, SpecError> {
+    let table = f.table(cx)?;
+    table.check_keys(cx, &["fail_ratio", "after"])?;
+    let ratio = table.require(cx, "fail_ratio")?;
+    let fail_ratio = needs::amount(cx, &ratio)?;
+    if !(fail_ratio > 0.0 && fail_ratio <= 1.0) {
+        return Err(ratio.err(
+            cx,
+            format!("fail_ratio must be in (0, 1] (found {fail_ratio})"),
+        ));
+    }
+    let after = match table.get("after") {
+        Some(a) => u64::try_from(a.int(cx)?)
+            .ok()
+            .filter(|&n| n >= 1)
+            .ok_or_else(|| a.err(cx, "after must be at least 1"))?,
+        None => 20,
+    };
+    Ok(crate::Halt { fail_ratio, after })
+}
+
+/// `command`: a non-empty argv whose program can be found now (a path, in `cwd`).
+fn parse_command(cx: &Ctx<'_>, field: &Field<'_>, cwd: &Path) -> Result<Vec<String>, SpecError> {
     let argv = field.strings(cx)?;
     let Some((program, span)) = argv.first() else {
         return Err(field.err(
@@ -176,7 +248,7 @@ fn parse_command(cx: &Ctx<'_>, field: &Field<'_>) -> Result<Vec<String>, SpecErr
     if program.is_empty() {
         return Err(cx.err(span.clone(), &field.key, "command[0] is empty"));
     }
-    command::check(program).map_err(|msg| cx.err(span.clone(), &field.key, msg))?;
+    command::check(program, cwd).map_err(|msg| cx.err(span.clone(), &field.key, msg))?;
     Ok(argv.into_iter().map(|(arg, _)| arg).collect())
 }
 

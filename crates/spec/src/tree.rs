@@ -41,6 +41,15 @@ impl<'a> Table<'a> {
         }
     }
 
+    /// The same table, named `key` in errors (a stage by its name, once known).
+    pub(crate) fn renamed(&self, key: String) -> Table<'a> {
+        Table {
+            key,
+            span: self.span.clone(),
+            map: self.map,
+        }
+    }
+
     /// Fails on the first key (in file order) not in `allowed`.
     pub(crate) fn check_keys(&self, cx: &Ctx<'_>, allowed: &[&str]) -> Result<(), SpecError> {
         let unknown = self

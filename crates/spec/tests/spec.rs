@@ -195,7 +195,7 @@ fn unknown_stage_key() {
 #[test]
 fn unknown_sizer_key() {
     let text = one_stage("[stage.sizer]\nkp = 0.3\nturbo = true");
-    assert_err(&text, 8, "stage[0].sizer.turbo", "unknown key \"turbo\"");
+    assert_err(&text, 8, "stage \"a\".sizer.turbo", "unknown key \"turbo\"");
 }
 
 #[test]
@@ -203,7 +203,7 @@ fn sizer_keys_filled_from_the_stage_are_not_sizer_keys() {
     assert_err(
         &one_stage("[stage.sizer]\ntarget_ms = 5"),
         7,
-        "stage[0].sizer.target_ms",
+        "stage \"a\".sizer.target_ms",
         "unknown key",
     );
 }
@@ -211,19 +211,19 @@ fn sizer_keys_filled_from_the_stage_are_not_sizer_keys() {
 #[test]
 fn missing_command() {
     let text = "name = \"j\"\n[[stage]]\nname = \"a\"\nitems = { range = [0, 1] }\n";
-    assert_err(text, 2, "stage[0].command", "missing key \"command\"");
+    assert_err(text, 2, "stage \"a\".command", "missing key \"command\"");
 }
 
 #[test]
 fn empty_command() {
     let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = []\nitems = { range = [0, 1] }\n";
-    assert_err(text, 4, "stage[0].command", "command is empty");
+    assert_err(text, 4, "stage \"a\".command", "command is empty");
 }
 
 #[test]
 fn command_as_shell_string_is_rejected() {
     let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = \"sh -c x\"\nitems = { range = [0, 1] }\n";
-    assert_err(text, 4, "stage[0].command", "expected an array");
+    assert_err(text, 4, "stage \"a\".command", "expected an array");
 }
 
 #[test]
@@ -232,20 +232,103 @@ fn command_not_found() {
     assert_err(
         text,
         4,
-        "stage[0].command",
+        "stage \"a\".command",
         "command not found: \"nosuchprog-granule\" (not on PATH)",
     );
 }
 
 #[test]
-fn command_path_is_relative_to_cwd_and_must_exist() {
+fn command_path_is_relative_to_the_stage_folder_and_must_exist() {
     let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"./no/such/tool\"]\nitems = { range = [0, 1] }\n";
-    assert_err(
-        text,
-        4,
-        "stage[0].command",
-        "relative to the current directory",
+    assert_err(text, 4, "stage \"a\".command", "where the tasks run");
+}
+
+#[test]
+fn tasks_run_in_the_spec_folder_unless_cwd_says_otherwise() {
+    // A script beside the spec is found whatever folder granule is started from.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let jobs = dir.path().join("jobs");
+    std::fs::create_dir_all(jobs.join("sub")).unwrap();
+    let script = jobs.join("task.sh");
+    std::fs::write(&script, "#!/bin/sh\n").unwrap();
+    std::fs::write(jobs.join("sub/other.sh"), "#!/bin/sh\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for s in [script.clone(), jobs.join("sub/other.sh")] {
+        std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"./task.sh\"]\nitems = { range = [0, 1] }\nenv = { FOO = \"bar\" }\n\
+                [[stage]]\nname = \"b\"\ncommand = [\"./other.sh\"]\ncwd = \"sub\"\nitems = { range = [0, 1] }\nhalt = { fail_ratio = 0.5, after = 40 }\n";
+    std::fs::write(jobs.join("job.toml"), text).unwrap();
+    let spec = load(&jobs.join("job.toml")).expect("valid");
+    let jobs = jobs.canonicalize().unwrap();
+    assert_eq!(
+        spec.stages[0]
+            .cwd
+            .as_deref()
+            .map(|p| p.canonicalize().unwrap()),
+        Some(jobs.clone())
     );
+    assert_eq!(
+        spec.stages[0].env.get("FOO").map(String::as_str),
+        Some("bar")
+    );
+    assert_eq!(
+        spec.stages[1]
+            .cwd
+            .as_deref()
+            .map(|p| p.canonicalize().unwrap()),
+        Some(jobs.join("sub"))
+    );
+    let halt = spec.stages[1].halt.expect("halt parsed");
+    assert_eq!((halt.fail_ratio, halt.after), (0.5, 40));
+    assert!(!halt.trips(19, 20), "39 attempts are fewer than after = 40");
+    assert!(halt.trips(20, 20) && !halt.trips(19, 21));
+}
+
+#[test]
+fn bad_cwd_env_and_halt_are_named() {
+    assert_err(
+        &one_stage("cwd = \"nowhere\""),
+        6,
+        "stage \"a\".cwd",
+        "is not a folder",
+    );
+    assert_err(
+        &one_stage("env = { GRANULE_X = \"1\" }"),
+        6,
+        "stage \"a\".env.GRANULE_X",
+        "GRANULE_",
+    );
+    assert_err(&one_stage("env = { A = 1 }"), 6, "stage \"a\".env.A", "");
+    assert_err(
+        &one_stage("halt = { fail_ratio = 2 }"),
+        6,
+        "stage \"a\".halt.fail_ratio",
+        "in (0, 1]",
+    );
+    assert_err(
+        &one_stage("halt = { fail_ratio = 0.5, after = 0 }"),
+        6,
+        "stage \"a\".halt.after",
+        "at least 1",
+    );
+    assert_err(
+        &one_stage("halt = { ratio = 0.5 }"),
+        6,
+        "stage \"a\".halt.ratio",
+        "",
+    );
+}
+
+#[test]
+fn an_unreadable_spec_says_so_without_a_made_up_place() {
+    let e = load(Path::new("/nonexistent/nothing.toml")).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.starts_with("/nonexistent/nothing.toml: cannot read the spec"),
+        "{text}"
+    );
+    assert!(!text.contains(":0:0"), "{text}");
 }
 
 #[test]
@@ -256,7 +339,7 @@ fn duplicate_stage_names() {
     assert_err(
         text,
         7,
-        "stage[1].name",
+        "stage \"b\".name",
         "stage \"b\" is listed twice (first at line 3)",
     );
 }
@@ -274,7 +357,7 @@ fn after_names_missing_stage() {
     assert_err(
         &two_stages("", "after = [\"a\", \"x\"]"),
         11,
-        "stage[1].after",
+        "stage \"b\".after",
         "unknown stage \"x\"",
     );
 }
@@ -282,7 +365,7 @@ fn after_names_missing_stage() {
 #[test]
 fn after_cycle() {
     let text = two_stages("after = [\"b\"]", "after = [\"a\"]");
-    assert_err(&text, 6, "stage[0].after", "cycle in after: a -> b -> a");
+    assert_err(&text, 6, "stage \"a\".after", "cycle in after: a -> b -> a");
 }
 
 #[test]
@@ -290,7 +373,7 @@ fn after_self_reference() {
     assert_err(
         &two_stages("", "after = [\"b\"]"),
         11,
-        "stage[1].after",
+        "stage \"b\".after",
         "stage \"b\" cannot come after itself",
     );
 }
@@ -299,20 +382,25 @@ fn after_self_reference() {
 fn empty_range() {
     let text =
         "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = { range = [5, 5] }\n";
-    assert_err(text, 5, "stage[0].items.range", "range [5, 5] is empty");
+    assert_err(text, 5, "stage \"a\".items.range", "range [5, 5] is empty");
 }
 
 #[test]
 fn reversed_range() {
     let text =
         "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = { range = [9, 2] }\n";
-    assert_err(text, 5, "stage[0].items.range", "range [9, 2] is reversed");
+    assert_err(
+        text,
+        5,
+        "stage \"a\".items.range",
+        "range [9, 2] is reversed",
+    );
 }
 
 #[test]
 fn missing_lines_file() {
     let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = { lines = \"nope.txt\" }\n";
-    let e = assert_err(text, 5, "stage[0].items.lines", "file not found: ");
+    let e = assert_err(text, 5, "stage \"a\".items.lines", "file not found: ");
     assert!(
         e.message
             .contains("nope.txt (relative to the spec's folder)"),
@@ -326,7 +414,11 @@ fn empty_lines_file() {
     std::fs::write(dir.path().join("empty.txt"), "").expect("write lines");
     let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = { lines = \"empty.txt\" }\n";
     let e = parse(text, &dir.path().join("job.toml")).expect_err("empty file");
-    assert_eq!((e.line, e.key.as_str()), (5, "stage[0].items.lines"), "{e}");
+    assert_eq!(
+        (e.line, e.key.as_str()),
+        (5, "stage \"a\".items.lines"),
+        "{e}"
+    );
     assert!(e.message.contains("no items"), "{e}");
 }
 
@@ -335,7 +427,7 @@ fn bad_duration_string() {
     let e = assert_err(
         &one_stage("target = \"2 parsecs\""),
         6,
-        "stage[0].target",
+        "stage \"a\".target",
         "bad duration \"2 parsecs\"",
     );
     assert_eq!(e.column, 10);
@@ -346,7 +438,7 @@ fn zero_duration() {
     assert_err(
         &one_stage("limit = 0"),
         6,
-        "stage[0].limit",
+        "stage \"a\".limit",
         "greater than zero",
     );
 }
@@ -356,13 +448,13 @@ fn absurd_duration() {
     assert_err(
         &one_stage("limit = 1e300"),
         6,
-        "stage[0].limit",
+        "stage \"a\".limit",
         "at most 10 years",
     );
     assert_err(
         &one_stage("limit = \"400000000years\""),
         6,
-        "stage[0].limit",
+        "stage \"a\".limit",
         "at most 10 years",
     );
 }
@@ -372,7 +464,7 @@ fn target_not_below_limit() {
     assert_err(
         &one_stage("limit = \"1s\"\ntarget = \"2s\""),
         7,
-        "stage[0].target",
+        "stage \"a\".target",
         "must be below limit",
     );
 }
@@ -383,7 +475,7 @@ fn list_value_with_newline() {
     assert_err(
         text,
         7,
-        "stage[0].items.list",
+        "stage \"a\".items.list",
         "item 1 (\"a\\nb\") contains a line break",
     );
 }
@@ -391,13 +483,13 @@ fn list_value_with_newline() {
 #[test]
 fn empty_list() {
     let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = { list = [] }\n";
-    assert_err(text, 5, "stage[0].items.list", "list is empty");
+    assert_err(text, 5, "stage \"a\".items.list", "list is empty");
 }
 
 #[test]
 fn items_with_two_sources() {
     let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\n[stage.items]\nrange = [0, 2]\nlist = [\"x\"]\n";
-    assert_err(text, 7, "stage[0].items", "has both range and list");
+    assert_err(text, 7, "stage \"a\".items", "has both range and list");
 }
 
 #[test]
@@ -406,7 +498,7 @@ fn items_with_no_source() {
     assert_err(
         text,
         5,
-        "stage[0].items",
+        "stage \"a\".items",
         "needs one of range, lines, list, from or results_of",
     );
 }
@@ -416,19 +508,19 @@ fn wrong_type_names_key() {
     assert_err(
         &one_stage("retries = \"many\""),
         6,
-        "stage[0].retries",
+        "stage \"a\".retries",
         "expected an integer, found string",
     );
     assert_err(
         &one_stage("initial = 0"),
         6,
-        "stage[0].initial",
+        "stage \"a\".initial",
         "at least 1",
     );
     assert_err(
         &one_stage("[stage.sizer]\nkp = \"high\""),
         7,
-        "stage[0].sizer.kp",
+        "stage \"a\".sizer.kp",
         "invalid type",
     );
 }
@@ -496,7 +588,7 @@ fn placement_keys_parse_into_stage_needs() {
     let err = granule_spec::load(&path).unwrap_err();
     assert_eq!(
         (err.key.as_str(), err.line),
-        ("stage[0].memory", 7),
+        ("stage \"a\".memory", 7),
         "{err}"
     );
 }
@@ -534,19 +626,19 @@ fn a_stream_from_an_unknown_stage_or_itself_is_refused_where_it_is_named() {
     assert_err(
         &streamed_pair("{ from = \"nope\" }", ""),
         10,
-        "stage[1].items",
+        "stage \"b\".items",
         "unknown stage \"nope\"",
     );
     assert_err(
         &streamed_pair("{ from = [\"a\", \"b\"] }", ""),
         10,
-        "stage[1].items",
+        "stage \"b\".items",
         "cannot come after itself",
     );
     assert_err(
         &streamed_pair("{ from = \"a\", range = [0, 2] }", ""),
         10,
-        "stage[1].items",
+        "stage \"b\".items",
         "give exactly one of",
     );
 }
@@ -554,7 +646,7 @@ fn a_stream_from_an_unknown_stage_or_itself_is_refused_where_it_is_named() {
 #[test]
 fn a_cycle_through_streamed_items_is_refused() {
     let text = "name = \"j\"\n[[stage]]\nname = \"a\"\ncommand = [\"sh\"]\nitems = { from = \"b\" }\n\n[[stage]]\nname = \"b\"\ncommand = [\"sh\"]\nitems = { from = \"a\" }\n";
-    assert_err(text, 5, "stage[0].items", "cycle in after: a -> b -> a");
+    assert_err(text, 5, "stage \"a\".items", "cycle in after: a -> b -> a");
 }
 
 #[test]
@@ -562,7 +654,7 @@ fn after_and_after_any_may_not_both_name_a_stage() {
     assert_err(
         &streamed_pair("{ range = [0, 1] }", "after = [\"a\"]\nafter_any = [\"a\"]"),
         12,
-        "stage[1].after_any",
+        "stage \"b\".after_any",
         "in both after and after_any",
     );
 }
@@ -572,13 +664,13 @@ fn stdout_outputs_need_per_item_mode() {
     assert_err(
         &one_stage("outputs = \"stdout\""),
         6,
-        "stage[0].outputs",
+        "stage \"a\".outputs",
         "needs per_item = true",
     );
     assert_err(
         &one_stage("per_item = true\noutputs = \"stderr\""),
         7,
-        "stage[0].outputs",
+        "stage \"a\".outputs",
         "the only mode is \"stdout\"",
     );
     let (_dir, spec) = load_text(&one_stage("per_item = true\noutputs = \"stdout\""));

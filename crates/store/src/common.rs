@@ -231,6 +231,23 @@ pub(crate) struct DoneRow {
     pub(crate) io_bytes: u64,
 }
 
+/// The cost of an item, µs: the model's slope, or where it has none (every
+/// fragment one item long, acks in one batch) the observed time per item of the
+/// finished fragments, start-up included.
+pub(crate) fn item_cost_us<'r>(slope_ms: f64, rows: impl IntoIterator<Item = &'r DoneRow>) -> f64 {
+    if slope_ms > 1e-6 {
+        return slope_ms * 1e3;
+    }
+    let (ms, n) = rows
+        .into_iter()
+        .fold((0.0, 0u64), |(ms, n), r| (ms + r.observed_ms, n + r.n));
+    if n == 0 {
+        slope_ms.max(0.0) * 1e3
+    } else {
+        ms / n as f64 * 1e3
+    }
+}
+
 /// Per-class figures of a stage from its finished fragments (in finish order) and
 /// its sizer states.
 pub(crate) fn class_statuses(rows: &[DoneRow], sizers: &[(String, Sizer)]) -> Vec<ClassStatus> {
@@ -258,11 +275,13 @@ pub(crate) fn class_statuses(rows: &[DoneRow], sizers: &[(String, Sizer)]) -> Ve
                 fragments: mine.len() as u64,
                 items: mine.iter().map(|r| r.n).sum(),
                 learned: model.ready(),
-                item_cost_us: model.b_ms * 1e3,
+                item_cost_us: item_cost_us(model.b_ms, mine.iter().copied()),
                 item_cost_spread_us: model.b_var.max(0.0).sqrt() * 1e3,
                 overhead_ms: model.a_ms,
+                // `+ 0.0`: an empty sum of floats is -0.0.
                 fragment_size: recent.iter().map(|r| r.n as f64).sum::<f64>()
-                    / recent.len().max(1) as f64,
+                    / recent.len().max(1) as f64
+                    + 0.0,
                 prediction_error_median: median,
                 prediction_error_p90: p90,
             }

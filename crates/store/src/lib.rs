@@ -33,6 +33,12 @@ pub enum StoreError {
     /// No job of that name.
     #[error("no job named \"{0}\" in this store")]
     NoSuchJob(String),
+    /// The job is cancelled or removed: nothing to retry.
+    #[error("job \"{0}\" is {1}; only a job that runs or ended can be retried")]
+    NotRetryable(String, String),
+    /// The job has no stage of that name.
+    #[error("job \"{0}\" has no stage named \"{1}\"")]
+    NoSuchStage(String, String),
     /// The job still runs: cancel it first.
     #[error("job \"{0}\" is still running; cancel it first (granule cancel {0})")]
     Running(String),
@@ -117,6 +123,25 @@ pub trait Store {
     fn job_by_id(&mut self, id: JobId) -> Result<Option<JobRecord>>;
     /// Cancels a running job; false if there is no running job of that name.
     fn cancel(&mut self, name: &str, now_ms: i64) -> Result<bool>;
+    /// Stops a running job whose task looks broken (`halt`); false if it was not
+    /// running.
+    fn halt(&mut self, job: JobId, why: &str, now_ms: i64) -> Result<bool>;
+    /// Puts quarantined items (of `stage`, or every stage) back to pending with
+    /// fresh retries and reopens the job; returns how many items.
+    fn retry(&mut self, job: &str, stage: Option<&str>, now_ms: i64) -> Result<u64>;
+    /// Every job, oldest first (`granule jobs`).
+    fn job_list(&mut self) -> Result<Vec<JobSummary>>;
+    /// A job's fragments claimed since `since_ms` or still running then, oldest
+    /// first, at most `limit` (the newest kept): the dashboard's timeline.
+    fn fragments(&mut self, job: &str, since_ms: i64, limit: u32) -> Result<Vec<FragmentRow>>;
+    /// Fragments of every job claimed (or, with `finished`, ended) after the cursor
+    /// `(unix ms, id)`, in that order, at most `limit`: what `/metrics` counts.
+    fn fragments_after(
+        &mut self,
+        finished: bool,
+        after: (i64, i64),
+        limit: u32,
+    ) -> Result<Vec<FragmentRow>>;
     /// Jobs not yet finished, oldest first.
     fn open_jobs(&mut self) -> Result<Vec<JobId>>;
     /// Registers or refreshes a worker.

@@ -136,6 +136,9 @@ stored_state! {
         Refused = "refused",
         /// Its stored state cannot be read.
         Broken = "broken",
+        /// Stopped because its task failed too often (`halt`); `granule retry`
+        /// resumes it.
+        Halted = "halted",
         /// Removed (`granule rm`, `--fresh`): only its id is kept, never to be
         /// given to another job.
         Removed = "removed",
@@ -151,6 +154,8 @@ stored_state! {
         Running = "running",
         /// Every item done or quarantined.
         Done = "done",
+        /// Ended with quarantined items (shown, never stored: stored as `done`).
+        Failed = "failed",
         /// Never ran: a stage it comes `after` ended with quarantined items.
         Skipped = "skipped",
     }
@@ -304,6 +309,12 @@ pub struct WorkerStatus {
     pub resources: serde_json::Value,
     /// The allocation `granule serve` started it in, if it did.
     pub allocation: Option<String>,
+    /// Its process id on its host.
+    pub pid: i64,
+    /// When that process started (to tell a reused pid apart).
+    pub proc_start: i64,
+    /// Its host's boot and pid namespace: where `pid` means this process.
+    pub locality: String,
 }
 
 /// A pool of `granule serve` as its last planning round left it, for `status`.
@@ -667,6 +678,70 @@ pub struct StageProgress {
     /// Whether the stage has ended (a streamed stage may have no items left now
     /// and still get more).
     pub ended: bool,
+    /// Whether work of it was ever claimed (it no longer waits for the stages
+    /// before it).
+    pub started: bool,
+}
+
+/// A job in the list of `granule jobs`.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobSummary {
+    /// Id.
+    pub id: JobId,
+    /// Name.
+    pub name: String,
+    /// Where it is.
+    pub state: JobState,
+    /// Submitted, unix ms.
+    pub created_ms: i64,
+    /// Finished, unix ms.
+    pub finished_ms: Option<i64>,
+    /// Why it was refused, broke or halted.
+    pub error: Option<String>,
+    /// Its number of stages.
+    pub stages: u64,
+}
+
+/// A fragment as the timeline of the dashboard draws it.
+#[derive(Clone, Debug, Serialize)]
+pub struct FragmentRow {
+    /// Id.
+    pub id: i64,
+    /// Its job.
+    pub job: String,
+    /// Its stage.
+    pub stage: String,
+    /// The worker that ran it.
+    pub worker: String,
+    /// That worker's class.
+    pub class: String,
+    /// First item.
+    pub start_idx: u64,
+    /// One past the last item.
+    pub end_idx: u64,
+    /// Items it was claimed with.
+    pub items: u64,
+    /// Items acked (done) in it.
+    pub acked: u64,
+    /// How it stands or ended.
+    pub state: String,
+    /// Why it failed (`exit`, `signal`, `timeout`, `oom`, ...).
+    pub cause: Option<String>,
+    /// Claimed, unix ms.
+    pub claimed_ms: i64,
+    /// Ended, unix ms.
+    pub finished_ms: Option<i64>,
+    /// What the cost model predicted, ms.
+    pub predicted_ms: f64,
+    /// What it took, ms.
+    pub observed_ms: Option<f64>,
+    /// Times it gave its tail to another worker.
+    pub splits: u64,
+    /// What bounded its size (`SizeCap` as a word).
+    pub size_cap: String,
+    /// How long its claim's transaction took in the store, µs (unknown for
+    /// fragments claimed before it was kept).
+    pub claim_us: Option<i64>,
 }
 
 /// Status of a stage.
@@ -684,6 +759,10 @@ pub struct StageStatus {
     pub running: u64,
     /// Items waiting for a claim.
     pub pending: u64,
+    /// The values of the first quarantined items (filled by the CLI from the
+    /// spec; empty when it could not tell them).
+    #[serde(default)]
+    pub quarantined_values: Vec<String>,
     /// Items quarantined.
     pub quarantined: u64,
     /// Quarantined items as `[start, end)` spans.

@@ -246,6 +246,10 @@ CREATE TABLE pools (
     updated_ms BIGINT NOT NULL
 );
 "#,
+    // 12: how long each claim's transaction took in the store (`/metrics`).
+    r#"
+ALTER TABLE fragments ADD COLUMN claim_us BIGINT;
+"#,
 ];
 
 /// A store in a PostgreSQL database.

@@ -264,6 +264,10 @@ CREATE TABLE pools (
     updated_ms INTEGER NOT NULL
 );
 "#,
+    // 13: how long each claim's transaction took in the store (`/metrics`).
+    r#"
+ALTER TABLE fragments ADD COLUMN claim_us INTEGER;
+"#,
 ];
 
 /// The schema version [`CURRENT`] is: the SQL migrations, the row layout and the
@@ -393,7 +397,8 @@ CREATE TABLE fragments (
     state_reruns INTEGER NOT NULL DEFAULT 0,
     results_missing INTEGER NOT NULL DEFAULT 0,
     done_count INTEGER NOT NULL DEFAULT 0,
-    unconfirmed INTEGER NOT NULL DEFAULT 0
+    unconfirmed INTEGER NOT NULL DEFAULT 0,
+    claim_us INTEGER
 );
 CREATE INDEX fragments_by_state ON fragments (stage_id, state);
 CREATE INDEX fragments_by_worker ON fragments (worker, state);

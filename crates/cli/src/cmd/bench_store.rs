@@ -16,7 +16,7 @@ pub(crate) struct BenchStoreArgs {
     #[arg(long, default_value_t = 32)]
     clients: u32,
     /// How long to run.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::cmd::duration)]
     duration: Duration,
 }
 

@@ -1,6 +1,6 @@
 //! `granule cancel`: stop a job; its done items are kept.
 
-use super::{open_store, StateArg};
+use super::StateArg;
 use crate::{host, BadInput, EXIT_DONE};
 use anyhow::Result;
 
@@ -12,15 +12,18 @@ pub(crate) struct CancelArgs {
     state: StateArg,
 }
 
-/// Cancels a running job; exit 2 if it is not running.
+/// Cancels a running job; exit 2 if there is no such job or it is not running.
 pub(crate) fn cancel(args: CancelArgs) -> Result<u8> {
-    let mut store = open_store(&args.state)?;
+    let mut store = super::open_existing_store(&args.state)?;
     if !store.cancel(&args.job, host::now_ms())? {
-        return Err(BadInput(format!(
-            "job \"{}\" is not running (see granule status)",
-            args.job
-        ))
-        .into());
+        let why = match store.job(&args.job)? {
+            None => format!(
+                "no job named \"{}\" in this store (see granule jobs)",
+                args.job
+            ),
+            Some(job) => format!("job \"{}\" is not running: it is {}", args.job, job.state),
+        };
+        return Err(BadInput(why).into());
     }
     eprintln!(
         "granule: job \"{}\" cancelled; its running fragments stop at the workers' next flush",

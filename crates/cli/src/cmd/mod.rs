@@ -4,6 +4,7 @@
 pub(crate) mod bench_store;
 pub(crate) mod cancel;
 pub(crate) mod gc;
+pub(crate) mod jobs;
 pub(crate) mod logs;
 pub(crate) mod outputs;
 pub(crate) mod results;
@@ -22,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub(crate) struct StateArg {
     /// State directory (holds the SQLite store, restored checkpoints).
     #[arg(long, default_value = ".granule", env = "GRANULE_STATE")]
@@ -36,10 +37,10 @@ pub(crate) struct StateArg {
 #[derive(clap::Args)]
 pub(crate) struct TuningArgs {
     /// How often acks are flushed to the store (the heartbeat, which renews leases).
-    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "100ms", value_parser = crate::cmd::duration)]
     pub(crate) flush: Duration,
     /// Lease length: a worker silent this long loses its fragments.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = crate::cmd::duration)]
     pub(crate) lease: Duration,
     /// zstd level of stored checkpoints (1 fast .. 19 small).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
@@ -58,7 +59,7 @@ pub(crate) struct TuningArgs {
 }
 
 /// The store named by `--store`, or the SQLite file in the state directory.
-pub(crate) fn open_store(args: &StateArg) -> Result<Box<dyn Store>> {
+pub(crate) fn open_store(args: &StateArg) -> Result<Box<dyn Store + Send>> {
     let state = &args.state;
     std::fs::create_dir_all(state)
         .with_context(|| format!("creating state directory {}", state.display()))?;
@@ -79,6 +80,50 @@ pub(crate) fn open_store(args: &StateArg) -> Result<Box<dyn Store>> {
                 .with_context(|| format!("opening store {}", path.display()))?;
             Ok(Box::new(store))
         }
+    }
+}
+
+/// The store to read from: like [`open_store`], but an embedded store that does
+/// not exist yet is an error instead of a new empty file (`status` in the wrong
+/// folder must not leave a `.granule` behind).
+pub(crate) fn open_existing_store(args: &StateArg) -> Result<Box<dyn Store + Send>> {
+    let path = args.state.join("granule.db");
+    if args.store.is_none() && !path.exists() {
+        return Err(NoStore(format!(
+            "no granule store in {} (run a job here first, or give --state or --store)",
+            args.state.display()
+        ))
+        .into());
+    }
+    open_store(args)
+}
+
+/// There is no store where the user pointed: exit 2.
+#[derive(Debug)]
+pub(crate) struct NoStore(pub(crate) String);
+
+impl std::fmt::Display for NoStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NoStore {}
+
+/// A duration argument (`30s`, `5m`, `1h30m`), with an error that says what one
+/// looks like.
+pub(crate) fn duration(text: &str) -> std::result::Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|_| {
+        format!("\"{text}\" is not a duration: give a number with a unit, such as 90s, 5m or 1h30m")
+    })
+}
+
+/// `1 stage`, `2 stages`.
+pub(crate) fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
     }
 }
 
@@ -121,7 +166,7 @@ pub(crate) struct StageArg {
 
 impl StageArg {
     /// The store, and the job named (or the latest one that has the stage).
-    pub(crate) fn open(&self) -> Result<(Box<dyn Store>, String)> {
+    pub(crate) fn open(&self) -> Result<(Box<dyn Store + Send>, String)> {
         let mut store = open_store(&self.state)?;
         let job = job_with_stage(store.as_mut(), self.job.clone(), &self.stage)?;
         Ok((store, job))

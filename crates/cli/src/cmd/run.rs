@@ -4,11 +4,12 @@ use super::submit::submit_job;
 use super::{count_signals, open_store, slots, StateArg, TuningArgs};
 use crate::{engine, BadInput};
 use crate::{
-    EXIT_BAD_INPUT, EXIT_BROKEN, EXIT_CANCELLED, EXIT_DONE, EXIT_INTERRUPTED, EXIT_QUARANTINED,
+    EXIT_BAD_INPUT, EXIT_BROKEN, EXIT_CANCELLED, EXIT_DONE, EXIT_HALTED, EXIT_INTERRUPTED,
+    EXIT_QUARANTINED,
 };
 use anyhow::{Context, Result};
 use granule_spec::JobSpec;
-use granule_store::Submitted;
+use granule_store::{JobState, Submitted};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,13 +27,25 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     fresh: bool,
     /// Time a yielding fragment gets after stdin closes before SIGTERM, and after SIGTERM before SIGKILL.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::cmd::duration)]
     grace: Duration,
     #[command(flatten)]
     tuning: TuningArgs,
     /// No progress output.
     #[arg(long, short)]
     quiet: bool,
+    /// Print the tasks' stdout and stderr as they come, each line labelled
+    /// `[stage fragment N]` (batch) or `[stage VALUE]` (per item).
+    #[arg(long)]
+    output: bool,
+    /// Also write the tasks' output to files in this folder: `STAGE/INDEX.stdout`
+    /// and `.stderr` per item (per-item stages), `STAGE/fragment-N.stdout` (batch).
+    #[arg(long, value_name = "DIR")]
+    results: Option<PathBuf>,
+    /// Append a tab-separated line per finished fragment to this file (stage,
+    /// items, worker, start, seconds, acked, failed, state, failure).
+    #[arg(long, value_name = "FILE")]
+    joblog: Option<PathBuf>,
 }
 
 /// Submits (or resumes) the spec and runs it here; the exit code says how it ended.
@@ -48,17 +61,21 @@ pub(crate) fn run(args: RunArgs) -> Result<u8> {
     let submitted = submit_job(store.as_mut(), &spec, args.fresh)?;
     if let Submitted::AlreadyFinished(_) = submitted {
         let record = store.job(&spec.name)?.context("job vanished")?;
-        eprintln!("granule: job \"{}\" already finished ({}); nothing to run. Use --fresh to run it again.", spec.name, record.state);
+        let again = match record.state {
+            JobState::Failed | JobState::Halted => format!(
+                "`granule retry {}` runs its failed items again, --fresh all of it",
+                spec.name
+            ),
+            _ => "use --fresh to run it again".to_string(),
+        };
+        eprintln!(
+            "granule: job \"{}\" already finished ({}); nothing to run: {again}",
+            spec.name, record.state
+        );
         if let Some(error) = &record.error {
             eprintln!("granule: {error}");
         }
-        return Ok(match record.state.as_str() {
-            "done" => EXIT_DONE,
-            "cancelled" => EXIT_CANCELLED,
-            "refused" => EXIT_BAD_INPUT,
-            "broken" => EXIT_BROKEN,
-            _ => EXIT_QUARANTINED,
-        });
+        return Ok(super::jobs::exit_code(record.state));
     }
     if let Submitted::Resumed(_) = submitted {
         eprintln!("granule: resuming job \"{}\"", spec.name);
@@ -76,6 +93,9 @@ pub(crate) fn run(args: RunArgs) -> Result<u8> {
         shared_store: args.state.store.is_some(),
         state_dir: args.state.state.clone(),
         quiet: args.quiet,
+        output: args.output,
+        results_dir: args.results.clone(),
+        joblog: args.joblog.clone(),
         job: Some((submitted.id(), Arc::new(spec))),
         write_counts: args.tuning.write_counts,
         ..engine::EngineConfig::default()
@@ -98,6 +118,10 @@ pub(crate) fn run(args: RunArgs) -> Result<u8> {
             engine::Outcome::Broken(why) => {
                 eprintln!("granule: error: job \"{name}\" stopped: {why}");
                 EXIT_BROKEN
+            }
+            engine::Outcome::Halted(why) => {
+                eprintln!("granule: error: job \"{name}\" {why}");
+                EXIT_HALTED
             }
         },
     )

@@ -22,7 +22,8 @@ pub(crate) struct SimArgs {
     /// Write every fragment as a JSON line here (granule's run).
     #[arg(long)]
     trace: Option<PathBuf>,
-    /// Write a timeline plot (SVG) of the first 120 workers here (granule's run).
+    /// Write a timeline plot (SVG) here (granule's run): up to 120 workers, shared
+    /// among the classes.
     #[arg(long)]
     svg: Option<PathBuf>,
     /// Print the report(s) as JSON.
@@ -142,7 +143,7 @@ pub(crate) fn sim(args: SimArgs) -> Result<u8> {
 }
 
 fn hours(ms: f64) -> String {
-    format!("{:.3} h", ms / 3_600_000.0)
+    granule_sim::human_duration(ms)
 }
 
 fn pct(v: Option<f64>) -> String {
@@ -188,11 +189,16 @@ fn print_report(r: &Report, wall: f64) {
     }
     for s in &r.stages {
         println!(
-            "  stage {:<10} done at {:>10}  fragments {:>7}  items by class {:?}  error median {} p90 {}",
+            "  stage {:<10} done at {:>10}  fragments {:>7}  items by class: {}  error median {} p90 {}",
             s.name,
             s.done_ms.map_or("-".into(), hours),
             s.fragments,
-            s.items_by_class,
+            r.classes
+                .iter()
+                .zip(&s.items_by_class)
+                .map(|(c, n)| format!("{} {n}", c.name))
+                .collect::<Vec<_>>()
+                .join(", "),
             pct(s.error_median),
             pct(s.error_p90)
         );

@@ -1,11 +1,11 @@
 //! `granule status`: jobs, stages, workers and the pool; `--explain STAGE` says
 //! where a stage's work can go and why.
 
-use super::{open_store, StateArg};
+use super::{open_existing_store, StateArg};
 use crate::{host, BadInput, EXIT_DONE};
 use anyhow::Result;
 use granule_core::ClassForecast;
-use granule_store::{PoolStatus, StageState, StageStatus, WorkerStatus};
+use granule_store::{PoolStatus, StageState, StageStatus, WorkerState, WorkerStatus};
 use std::time::Duration;
 
 #[derive(clap::Args)]
@@ -27,10 +27,27 @@ const WORKERS_SEEN_MS: i64 = 60_000;
 
 /// Prints jobs, workers and the pool (or JSON, or `--explain STAGE`).
 pub(crate) fn status(args: StatusArgs) -> Result<u8> {
-    let mut store = open_store(&args.state)?;
-    let jobs = store.status(args.job.as_deref())?;
+    let mut store = match open_existing_store(&args.state) {
+        // Nothing has run here: say so (scripts poll status while a run starts)
+        // and leave no store behind.
+        Err(e) if e.downcast_ref::<super::NoStore>().is_some() && args.job.is_none() => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "jobs": [], "workers": [], "pool": [], "pools": [] })
+                );
+            } else {
+                println!("no jobs: {e}");
+            }
+            return Ok(EXIT_DONE);
+        }
+        other => other?,
+    };
+    let mut jobs = store.status(args.job.as_deref())?;
+    name_quarantined(store.as_mut(), &mut jobs)?;
     let now = host::now_ms();
-    let workers = store.workers(now, WORKERS_SEEN_MS)?;
+    let mut workers = store.workers(now, WORKERS_SEEN_MS)?;
+    mark_gone(&mut workers);
     // Each class's slots 10 minutes ahead and its losses, from the last hour.
     let history = store.worker_history(now, now - granule_core::FORECAST_WINDOW_MS)?;
     let pool = granule_core::forecast_recent(&history, now);
@@ -59,6 +76,65 @@ pub(crate) fn status(args: StatusArgs) -> Result<u8> {
     print_pool(&pool);
     print_pools(&pools, now);
     Ok(EXIT_DONE)
+}
+
+/// Most quarantined items named by value per stage.
+const VALUES_SHOWN: usize = 20;
+
+/// Fills each stage's `quarantined_values` with the values of its first
+/// quarantined items, read from the job's stored spec.
+pub(crate) fn name_quarantined(
+    store: &mut dyn granule_store::Store,
+    jobs: &mut [granule_store::JobStatus],
+) -> Result<()> {
+    for job in jobs.iter_mut() {
+        if job.stages.iter().all(|s| s.quarantined == 0) {
+            continue;
+        }
+        let Some(record) = store.job(&job.name)? else {
+            continue;
+        };
+        let Ok(spec) = serde_json::from_str::<granule_spec::JobSpec>(&record.spec_json) else {
+            continue;
+        };
+        for stage in &mut job.stages {
+            let Some(items) = spec
+                .stages
+                .iter()
+                .find(|s| s.name == stage.name)
+                .map(|s| &s.items)
+            else {
+                continue;
+            };
+            let indices: Vec<u64> = stage
+                .quarantined_items
+                .iter()
+                .flat_map(|[a, b]| *a..*b)
+                .take(VALUES_SHOWN)
+                .collect();
+            if let Some(values) = items.values_at(&indices) {
+                stage.quarantined_values = values;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Workers of this host whose process is gone (killed without a word) show as
+/// exited with nothing busy, instead of running until their lease runs out.
+pub(crate) fn mark_gone(workers: &mut [WorkerStatus]) {
+    let (here, name) = (host::locality(), host::hostname());
+    for w in workers.iter_mut() {
+        let local = if w.locality.is_empty() {
+            w.host == name
+        } else {
+            w.locality == here
+        };
+        if w.state != WorkerState::Exited && local && !host::alive(w.pid, w.proc_start) {
+            w.state = WorkerState::Exited;
+            w.busy = 0;
+        }
+    }
 }
 
 /// The pools of `granule serve`: what its last round wanted and found, and the
@@ -151,7 +227,28 @@ fn print_stage(s: &StageStatus) {
                 }
             })
             .collect();
-        println!("    quarantined items: {}", items.join(", "));
+        if s.quarantined_values.is_empty() {
+            println!("    quarantined items (indices): {}", items.join(", "));
+        } else {
+            let more = s
+                .quarantined
+                .saturating_sub(s.quarantined_values.len() as u64);
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            let values: Vec<String> = s
+                .quarantined_values
+                .iter()
+                .map(|v| format!("{v:?}"))
+                .collect();
+            println!("    quarantined items: {}{more}", values.join(", "));
+            println!(
+                "    (indices: {}; granule retry runs them again)",
+                items.join(", ")
+            );
+        }
         if !s.feeds.is_empty() {
             println!(
                 "    their outputs are missing downstream, in: {}",
@@ -245,7 +342,7 @@ fn explain(
         "stage {} of job {} ({}): per fragment {} cpus, {} MiB, {} gpus, resources {:?}; {class}; priority {}",
         stage.name, job.name, stage.state, n.cpus, n.memory_mb, n.gpus, n.resources, n.priority
     );
-    println!("  {} pending, {} running; stages that fit go by priority, then the owner with fewer fragments running, then the class's relative speed on each stage (learned), then the preferred class, then the longest path of work left in the DAG, then fewest running", stage.pending, stage.running_fragments);
+    println!("  {} items pending, {} running in {}; stages that fit go by priority, then the owner with fewer fragments running, then the class's relative speed on each stage (learned), then the preferred class, then the longest path of work left in the DAG, then fewest running", stage.pending, stage.running, crate::cmd::plural(stage.running_fragments, "fragment"));
     if let (Some(profile), Some(source)) = (&stage.profile, &stage.profile_source) {
         println!("  profile: {profile} ({source}: history is CPU time / wall time, peak memory and block I/O; before any, the declared class or a guess from the name and command)");
     }
@@ -273,7 +370,13 @@ fn explain(
         println!("  no workers seen in the last minute");
     }
     for w in workers {
-        let verdict = worker_verdict(n, w);
+        let verdict = match w.state {
+            WorkerState::Exited => format!("exited: takes no work (it {})", worker_verdict(n, w)),
+            WorkerState::Draining => {
+                format!("draining: takes no new work (it {})", worker_verdict(n, w))
+            }
+            WorkerState::Running => worker_verdict(n, w),
+        };
         println!("  {} ({}, {}): {verdict}", w.id, w.class, w.state);
     }
     Ok(EXIT_DONE)
@@ -317,7 +420,7 @@ fn worker_verdict(n: &granule_core::StageNeeds, w: &WorkerStatus) -> String {
 /// this stage's work. It is the plan claims use (`job_deadline_plan` over the job's
 /// stages and the live pool, discounted by the forecast), as a worker that every
 /// ready stage fits sees it.
-fn deadline_verdict(
+pub(crate) fn deadline_verdict(
     job: &granule_store::JobStatus,
     stage: &granule_store::StageStatus,
     workers: &[WorkerStatus],

@@ -122,9 +122,10 @@ pub(crate) fn submit(args: SubmitArgs) -> Result<u8> {
     };
     let items: u64 = spec.stages.iter().map(|s| s.items.count()).sum();
     eprintln!(
-        "granule: job \"{}\" {what}: {} stages, {items} items",
+        "granule: job \"{}\" {what}: {}, {}",
         spec.name,
-        spec.stages.len()
+        super::plural(spec.stages.len() as u64, "stage"),
+        super::plural(items, "item")
     );
     Ok(EXIT_DONE)
 }

@@ -13,17 +13,17 @@ pub(crate) struct WorkerArgs {
     #[arg(long)]
     slots: Option<u32>,
     /// Wall-clock time this worker has (a walltime, a serverless limit).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = crate::cmd::duration)]
     lifespan: Option<Duration>,
     /// The moment this worker must be gone (RFC 3339 or unix seconds), or `slurm`:
     /// the end of the Slurm job it runs in. With `--lifespan`, the earlier end.
     #[arg(long)]
     deadline: Option<String>,
     /// Exit after this long with no work (default: exit once no unfinished job is left).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = crate::cmd::duration)]
     idle_exit: Option<Duration>,
     /// Preemption notice: on SIGTERM, yield everything and exit within this time.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = crate::cmd::duration)]
     grace: Duration,
     #[command(flatten)]
     tuning: TuningArgs,

@@ -45,7 +45,8 @@ pub(crate) fn claim_slots(
     let mut req = req.clone();
     let (mut claimed, mut contended) = (Vec::new(), false);
     while claimed.len() < slots {
-        let (assignment, locked_out) = claim_once(tx, &req)?;
+        let started = std::time::Instant::now();
+        let (assignment, locked_out) = claim_once(tx, &req, started)?;
         contended |= locked_out;
         let Some(a) = assignment else { break };
         req.offer = req.offer.less(&a.needs);
@@ -88,7 +89,12 @@ fn broken(why: String) -> JobHalt {
 /// One claim; also says whether a range existed but was locked by others. Jobs go
 /// by their highest stage priority, then oldest first. A job whose stored state
 /// cannot be read breaks alone: the others go on.
-fn claim_once(tx: &mut dyn Db, req: &ClaimRequest) -> Result<(Option<Assignment>, bool)> {
+/// `started`: when this claim began, for the claim's recorded latency.
+fn claim_once(
+    tx: &mut dyn Db,
+    req: &ClaimRequest,
+    started: std::time::Instant,
+) -> Result<(Option<Assignment>, bool)> {
     let mut keyed: Vec<(i64, i64, Vec<StageRow>)> = running_stages(tx, req)?
         .into_iter()
         .map(|(job, stages)| {
@@ -99,7 +105,7 @@ fn claim_once(tx: &mut dyn Db, req: &ClaimRequest) -> Result<(Option<Assignment>
     keyed.sort_by_key(|(top, job, _)| (*top, *job));
     let mut contended = false;
     for (_, job, stages) in keyed {
-        match claim_in_job(tx, req, job, &stages) {
+        match claim_in_job(tx, req, job, &stages, started) {
             Ok((Some(a), _)) => return Ok((Some(a), false)),
             Ok((None, busy)) => contended |= busy,
             Err(StoreError::Corrupt(why)) => halt_job(tx, job, &broken(why), req.now_ms)?,
@@ -116,6 +122,7 @@ fn claim_in_job(
     req: &ClaimRequest,
     job: i64,
     stages: &[StageRow],
+    started: std::time::Instant,
 ) -> Result<(Option<Assignment>, bool)> {
     let mut contended = false;
     let ready = ready_in_order(tx, req, job, stages)?;
@@ -145,7 +152,7 @@ fn claim_in_job(
                 .bool(0);
             continue;
         };
-        if let Some(a) = claim_range(tx, req, job, stage, range)? {
+        if let Some(a) = claim_range(tx, req, job, stage, range, started)? {
             return Ok((Some(a), false));
         }
     }
@@ -448,6 +455,7 @@ fn claim_range(
     job: i64,
     stage: &StageRow,
     first: Locked,
+    started: std::time::Instant,
 ) -> Result<Option<Assignment>> {
     let (sizing, sizer, stored, load) = size_claim(tx, req, stage, &first)?;
     let n = sizing.n;
@@ -476,8 +484,8 @@ fn claim_range(
     const INSERT: &str =
         "INSERT INTO fragments (stage_id, start_idx, end_idx, state, worker, class, lease_expires_ms, failures,
           checkpoint_id, n, predicted_ms, size_cap, claimed_ms, lost, floor_memory_mb, resumed_from, covers,
-          inherited, id)
-         VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $8, $15, $15, $16)
+          inherited, id, claim_us)
+         VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $8, $15, $15, $16, $17)
          RETURNING id";
     let lease_expires = tx.lease_clock(req.now_ms + req.lease_ms);
     let (cap_word, covers) = (json(&cap), json(&claim.covers));
@@ -498,6 +506,7 @@ fn claim_range(
         claim.floor_memory_mb,
         &covers,
         first.fragment_id,
+        started.elapsed().as_micros() as i64,
     ];
     // An id given ahead: nothing reads the insert back, it goes with what follows.
     let id = match first.fragment_id {

@@ -1110,9 +1110,19 @@ fn lose(tx: &mut dyn Db, held: &HeldFragment, detail: &str, now_ms: i64) -> Resu
     let report = ledger.finish(id, &FinishOutcome::Lost, u32::MAX);
     let (result, forgotten) = kept_result(tx, held.stage, &mut ledger, &report)?;
     insert_pending(tx, held.stage, ledger.pending.ranges())?;
+    // The work lost with it: its time from the claim to its worker's last sign of
+    // life, less the share its acked items stand for.
+    let seen = tx.query_one(
+        "SELECT f.claimed_ms, f.n, (SELECT w.heartbeat_ms FROM workers w WHERE w.id = f.worker)
+         FROM fragments f WHERE f.id = $1",
+        args![id.0],
+    )?;
+    let alive_ms = (seen.opt_i64(2).unwrap_or(now_ms).min(now_ms) - seen.i64(0)).max(0) as f64;
+    let kept = ledger.done.len() as f64 / seen.u64(1).max(1) as f64;
+    let wasted_ms = alive_ms * (1.0 - kept.min(1.0));
     tx.execute(
         "UPDATE fragments SET state = 'lost', finished_ms = $2, cause = 'lost', detail = $3, split_request = NULL,
-           acked = $4, done_count = $5, result = $6, state_reruns = state_reruns + $7
+           acked = $4, done_count = $5, result = $6, state_reruns = state_reruns + $7, wasted_ms = $8
          WHERE id = $1",
         args![
             id.0,
@@ -1122,6 +1132,7 @@ fn lose(tx: &mut dyn Db, held: &HeldFragment, detail: &str, now_ms: i64) -> Resu
             ledger.done.len(),
             result,
             report.undone + forgotten,
+            wasted_ms,
         ],
     )?;
     Ok(ledger.pending.is_empty())

@@ -5,9 +5,10 @@ use super::{Backend, TxKind, SHARDS};
 use crate::common::{json, sizer_config_json};
 use crate::db::{args, Db};
 use crate::{
-    JobRecord, NewJob, PoolStatus, Result, StoreError, Submitted, WorkerInfo, WorkerState,
+    JobRecord, JobSummary, NewJob, PoolStatus, Result, StoreError, Submitted, WorkerInfo,
+    WorkerState,
 };
-use granule_core::{JobId, PendingRange, Span};
+use granule_core::{IntervalSet, JobId, PendingRange, Span};
 
 /// How a job is looked up.
 pub(crate) enum JobKey<'a> {
@@ -146,6 +147,123 @@ pub(crate) fn cancel(b: &mut impl Backend, name: &str, now_ms: i64) -> Result<bo
             args![name, now_ms],
         )?;
         Ok(n == 1)
+    })
+}
+
+/// Stops a running job whose task looks broken (`halt`): state `halted` with
+/// `why`; its running fragments stop at their next flush, their acks kept.
+pub(crate) fn halt(b: &mut impl Backend, job: JobId, why: &str, now_ms: i64) -> Result<bool> {
+    b.transaction(TxKind::Write, |tx| {
+        let n = tx.execute(
+            "UPDATE jobs SET state = 'halted', error = $2, finished_ms = $3 WHERE id = $1 AND state = 'running'",
+            args![job.0, why, now_ms],
+        )?;
+        Ok(n == 1)
+    })
+}
+
+/// Puts a job's quarantined items (of one stage, or all) back to pending with
+/// fresh retries, reopens the stages they skipped and the job itself (a halted
+/// job too); done work stays done. Returns the items made pending again.
+pub(crate) fn retry(
+    b: &mut impl Backend,
+    name: &str,
+    stage: Option<&str>,
+    now_ms: i64,
+) -> Result<u64> {
+    b.transaction(TxKind::Write, |tx| {
+        let Some(job) = tx.query_opt(
+            "SELECT id, state FROM jobs WHERE name = $1 FOR UPDATE",
+            args![name],
+        )?
+        else {
+            return Err(StoreError::NoSuchJob(name.to_string()));
+        };
+        let id = job.i64(0);
+        if matches!(job.str(1), "cancelled" | "removed") {
+            return Err(StoreError::NotRetryable(name.to_string(), job.string(1)));
+        }
+        let rows = tx.query(
+            "SELECT id, name, state, quarantined, items FROM stages WHERE job_id = $1 ORDER BY idx FOR UPDATE",
+            args![id],
+        )?;
+        if let Some(wanted) = stage {
+            if !rows.iter().any(|r| r.str(1) == wanted) {
+                return Err(StoreError::NoSuchStage(name.to_string(), wanted.to_string()));
+            }
+        }
+        let mut again = 0;
+        for r in &rows {
+            let chosen = stage.is_none_or(|s| s == r.str(1));
+            let quarantined: IntervalSet = crate::common::parse(r.str(3), "quarantined")?;
+            if chosen && !quarantined.is_empty() {
+                let ranges: Vec<PendingRange> = quarantined
+                    .spans()
+                    .map(PendingRange::fresh)
+                    .collect();
+                insert_pending(tx, r.i64(0), &ranges)?;
+                again += quarantined.len();
+                tx.execute(
+                    "UPDATE stages SET quarantined = '[]', state = 'running' WHERE id = $1",
+                    args![r.i64(0)],
+                )?;
+            }
+            if chosen {
+                // Fresh retries for what a halt left pending.
+                tx.execute(
+                    "UPDATE pending SET failures = 0 WHERE stage_id = $1",
+                    args![r.i64(0)],
+                )?;
+            }
+            if r.str(2) == "skipped" {
+                // Skipped for an upstream's quarantined items: it may run now, once
+                // the stages before it finish clean.
+                insert_pending(tx, r.i64(0), &shards(r.u64(4)))?;
+                tx.execute(
+                    "UPDATE stages SET state = 'waiting' WHERE id = $1",
+                    args![r.i64(0)],
+                )?;
+            }
+        }
+        let pending = tx
+            .query_one(
+                "SELECT count(*) FROM pending WHERE stage_id IN (SELECT id FROM stages WHERE job_id = $1)",
+                args![id],
+            )?
+            .i64(0);
+        if pending > 0 && job.str(1) != "running" {
+            tx.execute(
+                "UPDATE jobs SET state = 'running', error = NULL, finished_ms = NULL WHERE id = $1",
+                args![id],
+            )?;
+        }
+        let _ = now_ms;
+        tx.notify()?;
+        Ok(again)
+    })
+}
+
+/// Every job, oldest first, with its counters (`granule jobs`).
+pub(crate) fn list(b: &mut impl Backend) -> Result<Vec<JobSummary>> {
+    b.transaction(TxKind::Read, |tx| {
+        let rows = tx.query(
+            "SELECT j.id, j.name, j.state, j.created_ms, j.finished_ms, j.error,
+                    (SELECT count(*) FROM stages s WHERE s.job_id = j.id)
+             FROM jobs j WHERE j.state != 'removed' ORDER BY j.id",
+            args![],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| JobSummary {
+                id: JobId(r.i64(0)),
+                name: r.string(1),
+                state: crate::common::job_state(r.str(2)),
+                created_ms: r.i64(3),
+                finished_ms: r.opt_i64(4),
+                error: r.opt_string(5),
+                stages: r.u64(6),
+            })
+            .collect())
     })
 }
 

@@ -210,6 +210,41 @@ macro_rules! store_over_backend {
             fn cancel(&mut self, name: &str, now_ms: i64) -> $crate::Result<bool> {
                 $crate::ops::jobs::cancel(self, name, now_ms)
             }
+            fn halt(
+                &mut self,
+                job: granule_core::JobId,
+                why: &str,
+                now_ms: i64,
+            ) -> $crate::Result<bool> {
+                $crate::ops::jobs::halt(self, job, why, now_ms)
+            }
+            fn retry(
+                &mut self,
+                job: &str,
+                stage: Option<&str>,
+                now_ms: i64,
+            ) -> $crate::Result<u64> {
+                $crate::ops::jobs::retry(self, job, stage, now_ms)
+            }
+            fn job_list(&mut self) -> $crate::Result<Vec<$crate::JobSummary>> {
+                $crate::ops::jobs::list(self)
+            }
+            fn fragments(
+                &mut self,
+                job: &str,
+                since_ms: i64,
+                limit: u32,
+            ) -> $crate::Result<Vec<$crate::FragmentRow>> {
+                $crate::ops::read::fragments(self, job, since_ms, limit)
+            }
+            fn fragments_after(
+                &mut self,
+                finished: bool,
+                after: (i64, i64),
+                limit: u32,
+            ) -> $crate::Result<Vec<$crate::FragmentRow>> {
+                $crate::ops::read::fragments_after(self, finished, after, limit)
+            }
             fn open_jobs(&mut self) -> $crate::Result<Vec<granule_core::JobId>> {
                 $crate::ops::jobs::open_jobs(self)
             }

@@ -40,6 +40,83 @@ pub(crate) fn workers_holding_work(b: &mut impl Backend) -> Result<Vec<WorkerInf
     })
 }
 
+/// Columns of a [`crate::FragmentRow`], with `f` the fragment, `s` its stage and
+/// `j` its job.
+const FRAGMENT_COLUMNS: &str =
+    "f.id, j.name, s.name, f.worker, f.class, f.start_idx, f.end_idx, f.n,
+    f.done_count, f.state, f.cause, f.claimed_ms, f.finished_ms, f.predicted_ms, f.observed_ms,
+    f.splits, f.size_cap, f.claim_us";
+
+fn fragment_row(r: &crate::db::Row) -> crate::FragmentRow {
+    crate::FragmentRow {
+        id: r.i64(0),
+        job: r.string(1),
+        stage: r.string(2),
+        worker: r.string(3),
+        class: r.string(4),
+        start_idx: r.u64(5),
+        end_idx: r.u64(6),
+        items: r.u64(7),
+        acked: r.u64(8),
+        state: r.string(9),
+        cause: r.opt_string(10),
+        claimed_ms: r.i64(11),
+        finished_ms: r.opt_i64(12),
+        predicted_ms: r.f64(13),
+        observed_ms: r.opt_f64(14),
+        splits: r.u64(15),
+        size_cap: r.string(16),
+        claim_us: r.opt_i64(17),
+    }
+}
+
+/// A job's fragments claimed since `since_ms` or still running then, oldest first;
+/// past `limit`, the newest.
+pub(crate) fn fragments(
+    b: &mut impl Backend,
+    job: &str,
+    since_ms: i64,
+    limit: u32,
+) -> Result<Vec<crate::FragmentRow>> {
+    b.transaction(TxKind::Read, |tx| {
+        let sql = format!(
+            "SELECT {FRAGMENT_COLUMNS}
+             FROM fragments f JOIN stages s ON s.id = f.stage_id JOIN jobs j ON j.id = s.job_id
+             WHERE j.name = $1 AND (f.claimed_ms >= $2 OR f.finished_ms IS NULL OR f.finished_ms >= $2)
+             ORDER BY f.id DESC LIMIT $3"
+        );
+        let rows = tx.query(&sql, args![job, since_ms, i64::from(limit)])?;
+        let mut out: Vec<crate::FragmentRow> = rows.iter().map(fragment_row).collect();
+        out.reverse();
+        Ok(out)
+    })
+}
+
+/// Fragments of every job claimed (or, with `finished`, ended) after the cursor
+/// `(ms, id)`, in that order, at most `limit`.
+pub(crate) fn fragments_after(
+    b: &mut impl Backend,
+    finished: bool,
+    after: (i64, i64),
+    limit: u32,
+) -> Result<Vec<crate::FragmentRow>> {
+    let at = if finished {
+        "f.finished_ms"
+    } else {
+        "f.claimed_ms"
+    };
+    b.transaction(TxKind::Read, |tx| {
+        let sql = format!(
+            "SELECT {FRAGMENT_COLUMNS}
+             FROM fragments f JOIN stages s ON s.id = f.stage_id JOIN jobs j ON j.id = s.job_id
+             WHERE {at} IS NOT NULL AND ({at} > $1 OR ({at} = $1 AND f.id > $2))
+             ORDER BY {at}, f.id LIMIT $3"
+        );
+        let rows = tx.query(&sql, args![after.0, after.1, i64::from(limit)])?;
+        Ok(rows.iter().map(fragment_row).collect())
+    })
+}
+
 /// Status of one job or all; a job whose stored state cannot be read shows broken.
 pub(crate) fn status(b: &mut impl Backend, job: Option<&str>) -> Result<Vec<JobStatus>> {
     b.transaction(TxKind::Read, |tx| {
@@ -67,6 +144,11 @@ pub(crate) fn status(b: &mut impl Backend, job: Option<&str>) -> Result<Vec<JobS
                             .all(|&a| finished.get(a).copied().unwrap_or(true));
                 }
                 links(tx, j.i64(0), &mut out)?;
+                for s in &mut out {
+                    if s.state == StageState::Done && s.quarantined > 0 {
+                        s.state = StageState::Failed;
+                    }
+                }
                 Ok(out)
             });
             let (mut state, mut error) = (job_state(j.str(2)), j.opt_string(4));
@@ -111,7 +193,12 @@ fn links(tx: &mut dyn Db, job: i64, stages: &mut [StageStatus]) -> Result<()> {
             (s.outputs, s.results) = (r.u64(3), r.u64(4));
         }
     }
-    let ended = |s: &StageStatus| matches!(s.state, StageState::Done | StageState::Skipped);
+    let ended = |s: &StageStatus| {
+        matches!(
+            s.state,
+            StageState::Done | StageState::Failed | StageState::Skipped
+        )
+    };
     for i in 0..stages.len().min(edges.len()) {
         let (sources, after, any) = &edges[i];
         let name = |k: &usize| stages.get(*k).map(|s| s.name.clone());
@@ -309,6 +396,7 @@ fn stage_status(tx: &mut dyn Db, stage: &StageRow) -> Result<StageStatus> {
         pending: t.pending,
         quarantined: t.quarantined.len(),
         quarantined_items: t.quarantined.spans().map(|s| [s.start, s.end]).collect(),
+        quarantined_values: Vec::new(),
         fragments: t.fragments,
         running_fragments: t.running_fragments,
         failed_fragments: t.failed,
@@ -318,7 +406,7 @@ fn stage_status(tx: &mut dyn Db, stage: &StageRow) -> Result<StageStatus> {
         acks: stage.acks.expected(),
         ready: false,
         running_by_class: running_by_class(tx, stage.id)?,
-        item_cost_us: sizer.model.b_ms * 1e3,
+        item_cost_us: crate::common::item_cost_us(sizer.model.b_ms, &rows),
         overhead_ms: sizer.model.a_ms,
         target_ms: sizer.target_ms(&stage.sizer_config),
         yields: t.yields,
@@ -348,26 +436,33 @@ fn stage_status(tx: &mut dyn Db, stage: &StageRow) -> Result<StageStatus> {
 /// Progress of a job's stages in spec order.
 pub(crate) fn progress(b: &mut impl Backend, job: JobId) -> Result<Vec<StageProgress>> {
     b.transaction(TxKind::Read, |tx| {
-        tx.query(
+        let rows = tx.query(
             "SELECT s.items,
                     (SELECT coalesce(sum(done_count), 0)::BIGINT FROM fragments WHERE stage_id = s.id),
                     s.quarantined,
                     (SELECT n FROM fragments WHERE stage_id = s.id ORDER BY id DESC LIMIT 1),
-                    s.state IN ('done', 'skipped')
+                    s.state IN ('done', 'skipped'),
+                    s.state != 'waiting',
+                    s.after
              FROM stages s WHERE s.job_id = $1 ORDER BY s.idx",
             args![job.0],
-        )?
-        .iter()
-        .map(|r| {
-            Ok(StageProgress {
-                items: r.u64(0),
-                done: r.u64(1),
-                quarantined: parse::<IntervalSet>(r.str(2), "quarantined")?.len(),
-                fragment_size: r.opt_i64(3).unwrap_or(0).max(0) as u64,
-                ended: r.bool(4),
+        )?;
+        let ended: Vec<bool> = rows.iter().map(|r| r.bool(4)).collect();
+        rows.iter()
+            .map(|r| {
+                let after: Vec<usize> = parse(r.str(6), "stage after")?;
+                Ok(StageProgress {
+                    items: r.u64(0),
+                    done: r.u64(1),
+                    quarantined: parse::<IntervalSet>(r.str(2), "quarantined")?.len(),
+                    fragment_size: r.opt_i64(3).unwrap_or(0).max(0) as u64,
+                    ended: r.bool(4),
+                    // Claimed from, or free to be: the stages before it ended.
+                    started: r.bool(5)
+                        || after.iter().all(|&a| ended.get(a).copied().unwrap_or(true)),
+                })
             })
-        })
-        .collect()
+            .collect()
     })
 }
 
@@ -405,7 +500,7 @@ pub(crate) fn workers(
         let rows = tx.query(
             "SELECT w.id, w.host, w.state, w.class, w.slots, w.busy, w.lifespan_end_ms, w.heartbeat_ms,
                     (SELECT count(*) FROM fragments f WHERE f.worker = w.id AND f.state = 'done'),
-                    w.cost, w.spot, w.resources, w.allocation
+                    w.cost, w.spot, w.resources, w.allocation, w.pid, w.proc_start, w.locality
              FROM workers w
              WHERE w.heartbeat_ms >= $1 OR w.id IN (SELECT worker FROM fragments WHERE state = 'running')
              ORDER BY w.started_ms",
@@ -427,6 +522,9 @@ pub(crate) fn workers(
                 spot: r.bool(10),
                 resources: serde_json::from_str(r.str(11)).unwrap_or_default(),
                 allocation: r.opt_string(12),
+                pid: r.i64(13),
+                proc_start: r.i64(14),
+                locality: r.string(15),
             })
             })
             .collect()

@@ -4,6 +4,7 @@
 
 mod pools;
 mod provider;
+mod web;
 
 use super::{count_signals, open_store, StateArg};
 use crate::{host, EXIT_DONE};
@@ -24,13 +25,25 @@ pub(crate) struct ServeArgs {
     state: StateArg,
     /// The pools file (TOML): each `[[pool]]` a class of workers, its price and
     /// limits, and how its provider (`local`, `slurm`, `command`) starts one.
+    /// Without it, serve only serves the dashboard, the API and /metrics.
     #[arg(long)]
-    pools: PathBuf,
+    pools: Option<PathBuf>,
+    /// Where the dashboard, the HTTP API and /metrics listen. An address other
+    /// than loopback needs --token.
+    #[arg(long, default_value = "127.0.0.1:8470")]
+    listen: std::net::SocketAddr,
+    /// The token API writes (submit, cancel, retry) need, as `Authorization:
+    /// Bearer TOKEN`; without it the API is read-only.
+    #[arg(long, env = "GRANULE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Serve no HTTP at all.
+    #[arg(long)]
+    no_http: bool,
     /// How often the planner runs.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = crate::cmd::duration)]
     interval: Duration,
     /// An idle worker the plan does not need is asked to leave after this long.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = crate::cmd::duration)]
     retire_after: Duration,
     /// Exit once no unfinished job is left and every allocation is gone.
     #[arg(long)]
@@ -44,7 +57,26 @@ const BACKOFF: (Duration, Duration) = (Duration::from_secs(2), Duration::from_se
 
 /// Runs the planner until interrupted (or, with `--until-done`, until the work is done).
 pub(crate) fn serve(args: ServeArgs) -> Result<u8> {
-    let specs = pools::load(&args.pools)?;
+    if !args.listen.ip().is_loopback() && args.token.is_none() && !args.no_http {
+        return Err(crate::BadInput(format!(
+            "--listen {}: serving beyond this machine needs --token (or GRANULE_TOKEN), so that only its holders can submit, cancel and retry",
+            args.listen
+        ))
+        .into());
+    }
+    if args.token.as_deref().is_some_and(|t| t.len() < 8) {
+        return Err(crate::BadInput("--token must be at least 8 characters".into()).into());
+    }
+    if args.pools.is_none() && args.no_http {
+        return Err(crate::BadInput(
+            "nothing to serve: give --pools, or leave out --no-http".into(),
+        )
+        .into());
+    }
+    let specs = match &args.pools {
+        Some(path) => pools::load(path)?,
+        None => Vec::new(),
+    };
     let mut store = open_store(&args.state)?;
     let state_dir = std::fs::canonicalize(&args.state.state)
         .with_context(|| format!("{}", args.state.state.display()))?;
@@ -106,13 +138,37 @@ pub(crate) fn serve(args: ServeArgs) -> Result<u8> {
         serve.providers.push(Provider::new(spec, tag, dir));
     }
     let interrupts = count_signals()?;
-    eprintln!(
-        "granule serve: {} pool(s), planning every {}",
-        serve.providers.len(),
-        humantime::format_duration(args.interval)
-    );
+    if !args.no_http {
+        let addr = web::start(web::WebConfig {
+            state: args.state.clone(),
+            listen: args.listen,
+            token: args.token.clone(),
+        })?;
+        let writes = if args.token.is_some() {
+            "writes with the token"
+        } else {
+            "read-only: --token allows writes"
+        };
+        eprintln!("granule serve: dashboard at http://{addr}/ (API under /api, {writes}; metrics at /metrics)");
+    }
+    if args.pools.is_some() {
+        eprintln!(
+            "granule serve: {} pool(s), planning every {}",
+            serve.providers.len(),
+            humantime::format_duration(args.interval)
+        );
+    }
     loop {
-        match serve.tick(store.as_mut()) {
+        let round = if args.pools.is_some() {
+            serve.tick(store.as_mut())
+        } else {
+            // No pools: nothing to plan; `--until-done` still waits for the work.
+            store
+                .open_jobs()
+                .map(|open| open.is_empty())
+                .map_err(Into::into)
+        };
+        match round {
             Ok(true) if args.until_done => return Ok(EXIT_DONE),
             Ok(_) => {}
             // The store out of reach (a restart, a busy file): the workers go on;
