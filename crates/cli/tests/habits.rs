@@ -138,6 +138,9 @@ fn a_task_that_fails_on_every_item_halts_the_job_quickly_and_quietly() {
     );
     let status = job.status();
     assert_eq!(status["jobs"][0]["state"], "halted");
+    // A class that learned nothing (every fragment failed) shows no negative zero.
+    let text = serde_json::to_string(&status).unwrap();
+    assert!(!text.contains("-0.0"), "{text}");
     // Done work is kept and `retry` reopens a halted job.
     let out = job.output(&["retry", "broken"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -513,5 +516,57 @@ fn the_simulator_plot_shares_lanes_among_classes_and_labels_them() {
     assert!(
         plot.contains("lost (worker killed)") && plot.contains("yielded"),
         "legend"
+    );
+}
+
+#[test]
+fn stopping_clears_the_bars_instead_of_leaving_a_stale_one_above() {
+    // Bars need a terminal: `script` gives the run one and records what it drew.
+    let job = Job::new(
+        "name = \"tty\"\n[[stage]]\nname = \"slow\"\ncommand = [\"sh\", \"-c\", \"while read -r x; do sleep 0.02; echo $x >&3; done\"]\nitems = { range = [0, 400] }\n",
+    );
+    let exe = env!("CARGO_BIN_EXE_granule");
+    let mut run = Spawned::start(
+        std::process::Command::new("script")
+            .args([
+                "-qfec",
+                &format!("{exe} run job.toml --slots 1 --grace 1s"),
+                "typescript",
+            ])
+            .current_dir(job.dir.path())
+            .env_remove("GRANULE_STORE")
+            .env_remove("GRANULE_STATE")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null()),
+    );
+    wait_until("items done", PATIENCE, || {
+        job.path(".granule/granule.db").exists() && done(&job) >= 60
+    });
+    // The run itself (under `script` and maybe a shell): granule, in this job's folder.
+    let folder = job.dir.path().canonicalize().unwrap();
+    let pid: i32 = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+            cmd.starts_with(exe.as_bytes()) && cwd.as_deref() == Some(folder.as_path())
+        })
+        .expect("the run under script");
+    // SAFETY: signalling the run our own child started.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    run.wait().unwrap();
+    let drawn =
+        String::from_utf8_lossy(&std::fs::read(job.path("typescript")).unwrap()).into_owned();
+    let (before, after) = drawn
+        .split_once("stop requested")
+        .unwrap_or_else(|| panic!("no stop message: {drawn}"));
+    assert!(
+        before.contains("[="),
+        "bars were drawn before the stop: {before}"
+    );
+    assert!(
+        !after.contains("[=") && !after.contains("[>"),
+        "no bar is drawn after the stop message: {after}"
     );
 }

@@ -78,6 +78,7 @@ pub(crate) fn start(config: WebConfig) -> Result<SocketAddr> {
         handle,
         claimed: (0, 0),
         finished: (0, 0),
+        recent: std::collections::VecDeque::new(),
     };
     // The first snapshot before the first request.
     reader.refresh();
@@ -188,7 +189,12 @@ struct Snapshots {
     /// How far the metrics have counted claims and ends: (unix ms, fragment id).
     claimed: (i64, i64),
     finished: (i64, i64),
+    /// Items done per stage (`job/stage`) at recent snapshots, for rates.
+    recent: std::collections::VecDeque<(i64, std::collections::HashMap<String, u64>)>,
 }
+
+/// The span of snapshots a stage's rate is measured over.
+const RATE_WINDOW_MS: i64 = 30_000;
 
 impl Snapshots {
     fn run(mut self) {
@@ -242,10 +248,60 @@ impl Snapshots {
             }
         }
         gauges(&jobs, &workers);
-        Ok(serde_json::json!({
+        let mut value = serde_json::json!({
             "now_ms": now, "jobs": jobs, "workers": workers, "pool": pool, "pools": pools,
             "verdicts": verdicts,
-        }))
+        });
+        self.rates(now, &mut value);
+        Ok(value)
+    }
+
+    /// Adds each running stage's `rate_per_s` (items done per second over the
+    /// snapshots of the last 30 s) and `eta_s` (the items left at that rate).
+    fn rates(&mut self, now: i64, value: &mut serde_json::Value) {
+        let mut done = std::collections::HashMap::new();
+        let jobs = value["jobs"].as_array_mut().expect("jobs is an array");
+        for job in jobs.iter() {
+            for s in job["stages"].as_array().into_iter().flatten() {
+                let key = format!(
+                    "{}/{}",
+                    job["name"].as_str().unwrap_or(""),
+                    s["name"].as_str().unwrap_or("")
+                );
+                done.insert(key, s["done"].as_u64().unwrap_or(0));
+            }
+        }
+        self.recent.push_back((now, done));
+        while self.recent.len() > 2 && now - self.recent[1].0 >= RATE_WINDOW_MS {
+            self.recent.pop_front();
+        }
+        let (t0, first) = self.recent.front().expect("just pushed");
+        let seconds = (now - t0) as f64 / 1e3;
+        if seconds < 1.0 {
+            return;
+        }
+        for job in jobs.iter_mut() {
+            let name = job["name"].as_str().unwrap_or("").to_string();
+            for s in job["stages"].as_array_mut().into_iter().flatten() {
+                if s["state"] != "running" {
+                    continue;
+                }
+                let key = format!("{name}/{}", s["name"].as_str().unwrap_or(""));
+                let now_done = s["done"].as_u64().unwrap_or(0);
+                let Some(before) = first.get(&key) else {
+                    continue;
+                };
+                let rate = now_done.saturating_sub(*before) as f64 / seconds;
+                let left = s["items"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    .saturating_sub(now_done + s["quarantined"].as_u64().unwrap_or(0));
+                s["rate_per_s"] = rate.into();
+                if rate > 0.0 {
+                    s["eta_s"] = (left as f64 / rate).into();
+                }
+            }
+        }
     }
 
     /// Counts the fragments claimed and ended since the last look.

@@ -81,8 +81,10 @@ function record(st) {
     if (!e.length) S.errs.delete(k);
   }
 }
-function rateOf(k) {
+function rateOf(k, s) {
   const r = S.rates.get(k);
+  // the server's own rate (its last 30 s of snapshots) until this page has its own
+  if ((!r || r.length < 2 || r[r.length - 1].t - r[0].t < 1500) && s?.rate_per_s != null) return s.rate_per_s;
   if (!r || r.length < 2) return null;
   const a = r[0], b = r[r.length - 1], dt = b.t - a.t;
   return dt >= 1500 ? ((b.done - a.done) * 1000) / dt : null;
@@ -114,7 +116,7 @@ ${rows ? `<table>${thead(['stage', 'state', 'progress', '>done / items', '>rate'
 }
 function stageRow(j, s, st) {
   const k = j.name + '/' + s.name, n = s.items || 0;
-  const left = Math.max(0, n - s.done - s.quarantined), r = rateOf(k);
+  const left = Math.max(0, n - s.done - s.quarantined), r = rateOf(k, s);
   const eta = s.state === 'done' ? 'done' : s.state === 'skipped' ? 'skipped' : r > 0 ? fmtDur((left / r) * 1000) : '—';
   const pct = (x) => (n ? Math.min(100, (100 * x) / n) : 0);
   const d = pct(s.done), q = pct(s.quarantined), ru = pct(s.running);
