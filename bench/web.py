@@ -76,7 +76,7 @@ def chromium_render(port, shot=None):
 def events(port, seconds):
     """The `status` events seen in `seconds`, as (time, done of the first stage)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.sendall(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.sendall(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     f = sock.makefile("rb")
     seen, end = [], time.time() + seconds
     while time.time() < end:

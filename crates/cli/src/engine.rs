@@ -1069,7 +1069,8 @@ impl Worker<'_> {
         // once the part that would run far past the target.
         let sized = source.sized();
         let (keep_until, predicted_ms) = sized_prediction(&a, sized.then(|| source.bytes(a.span)));
-        let job = self.fragment_job(&a, stage, env, source, by_life);
+        let mut job = self.fragment_job(&a, stage, env, source, by_life);
+        job.cwd = spec.task_dir(stage);
         let control = Control::new(a.span);
         if let Some(at) = keep_until.and_then(|at| control.split_at(at)) {
             self.unflushed_entry(a.fragment).split = Some(SplitAnswer::At(at));
@@ -1597,17 +1598,13 @@ impl Worker<'_> {
         let mut detail: Vec<String> = report.failure.iter().map(|f| f.to_string()).collect();
         detail.extend(slot.notes.iter().cloned());
         // The time spent on items that must run again: the unacked share of the
-        // run (all of it for a task that acks nothing and did not finish).
-        let wasted_ms = if matches!(
-            report.outcome,
-            FinishOutcome::Success | FinishOutcome::AllOrNothing { .. }
-        ) {
-            0.0
-        } else {
-            let unacked = report.fed.saturating_sub(report.acks);
-            match report.fed {
-                0 => 0.0,
-                fed => report.duration_ms * unacked as f64 / fed as f64,
+        // run (all of it for a task that failed before taking an item).
+        let wasted_ms = match (&report.outcome, report.fed) {
+            (FinishOutcome::Success | FinishOutcome::AllOrNothing { .. }, _) => 0.0,
+            (FinishOutcome::Failed { .. }, 0) => report.duration_ms,
+            (_, 0) => 0.0,
+            (_, fed) => {
+                report.duration_ms * report.fed.saturating_sub(report.acks) as f64 / fed as f64
             }
         };
         let load_now = self.sampler.sample().load_per_cpu;
@@ -1651,9 +1648,12 @@ impl Worker<'_> {
         seen.0 += c.failed_items;
         seen.1 += c.acked;
         let (failed, done) = *seen;
-        if !halt.trips(failed, done) {
+        // Judged when a fragment fails: successes alone never halt a job.
+        if c.failed_items == 0 || !halt.trips(failed, done) {
             return;
         }
+        // Counted afresh from here: a job retried after this halt starts clean.
+        self.attempts.remove(&(c.job, c.stage_index));
         let why = format!(
             "stage \"{}\" halted: {failed} of {} item attempts failed (halt: fail_ratio {} after {}); fix the task, then `granule retry`",
             c.stage,
@@ -1699,6 +1699,9 @@ impl Worker<'_> {
         let Some(path) = &self.cfg.joblog else {
             return;
         };
+        if c.stage.is_empty() {
+            return; // never ran: its job could not run here
+        }
         let new = !path.exists();
         let Ok(mut file) = std::fs::OpenOptions::new()
             .create(true)

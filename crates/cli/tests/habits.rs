@@ -570,3 +570,61 @@ fn stopping_clears_the_bars_instead_of_leaving_a_stale_one_above() {
         "no bar is drawn after the stop message: {after}"
     );
 }
+
+/// A per-item command that fails on `bad` while `poison` exists, else prints `out-VALUE`.
+fn fails_on(bad: u32) -> String {
+    format!(
+        "[\"sh\", \"-c\", \"if [ -e poison ] && [ \\\"$1\\\" = {bad} ]; then exit 1; fi; echo out-$1\", \"sh\", \"{{}}\"]"
+    )
+}
+
+#[test]
+fn retry_reopens_a_skipped_stage_only_when_its_upstream_is_clean() {
+    let job = Job::new(&format!(
+        "name = \"r\"\n[[stage]]\nname = \"x\"\ncommand = {}\nper_item = true\nretries = 0\nitems = {{ range = [0, 3] }}\n\
+         [[stage]]\nname = \"y\"\ncommand = [\"true\", \"{{}}\"]\nper_item = true\nitems = {{ range = [0, 3] }}\nafter = [\"x\"]\n\
+         [[stage]]\nname = \"a\"\ncommand = {}\nper_item = true\nretries = 0\nitems = {{ range = [0, 3] }}\n",
+        fails_on(2),
+        fails_on(1)
+    ));
+    std::fs::write(job.path("poison"), "").unwrap();
+    assert_eq!(job.run(&[], &[]).status.code(), Some(1));
+    let status = job.status();
+    assert_eq!(stage(&status, 1)["state"], "skipped");
+    // Retrying `a` alone leaves `y` skipped: `x` still has its quarantined item.
+    assert!(job.output(&["retry", "r", "a"]).status.success());
+    let status = job.status();
+    assert_eq!(stage(&status, 1)["state"], "skipped", "{status}");
+    assert_eq!(stage(&status, 0)["quarantined"], 1);
+    // Fixed, everything retried: `y` runs after `x` is clean.
+    std::fs::remove_file(job.path("poison")).unwrap();
+    assert!(job.output(&["retry", "r"]).status.success());
+    let out = job.run(&[], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let status = job.status();
+    for i in 0..3 {
+        assert_eq!(stage(&status, i)["done"], 3, "{status}");
+    }
+}
+
+#[test]
+fn retry_feeds_a_stage_that_streams_from_the_retried_one() {
+    let job = Job::new(&format!(
+        "name = \"s\"\n[[stage]]\nname = \"emit\"\ncommand = {}\nper_item = true\noutputs = \"stdout\"\nretries = 0\nitems = {{ range = [0, 3] }}\n\
+         [[stage]]\nname = \"take\"\ncommand = [\"true\", \"{{}}\"]\nper_item = true\nitems = {{ from = \"emit\" }}\n",
+        fails_on(2)
+    ));
+    std::fs::write(job.path("poison"), "").unwrap();
+    assert_eq!(job.run(&[], &[]).status.code(), Some(1));
+    assert_eq!(stage(&job.status(), 1)["done"], 2);
+    std::fs::remove_file(job.path("poison")).unwrap();
+    assert!(job.output(&["retry", "s"]).status.success());
+    let out = job.run(&[], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let status = job.status();
+    assert_eq!(
+        stage(&status, 1)["done"],
+        3,
+        "the retried item's output ran too: {status}"
+    );
+}

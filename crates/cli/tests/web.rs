@@ -118,7 +118,7 @@ fn the_api_binds_loopback_and_refuses_writes_without_the_token() {
     assert!(stderr(&out).contains("--token"), "{}", stderr(&out));
     // The default address is loopback.
     let help = job.output(&["serve", "--help"]);
-    assert!(String::from_utf8_lossy(&help.stdout).contains("[default: 127.0.0.1:8470]"));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("127.0.0.1:8470"));
 
     let server = serve(&job, &[]);
     assert!(server.addr.ip().is_loopback());
@@ -141,6 +141,16 @@ fn the_api_binds_loopback_and_refuses_writes_without_the_token() {
             .len(),
         1
     );
+    // A page elsewhere reaching 127.0.0.1 through its own name is turned away.
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    write!(
+        stream,
+        "GET /api/status HTTP/1.1\r\nHost: evil.example:8470\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
 }
 
 #[test]
@@ -327,7 +337,11 @@ fn events_stream_live_progress() {
     let server = serve(&job, &[]);
     let mut stream = TcpStream::connect(server.addr).unwrap();
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    write!(stream, "GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    )
+    .unwrap();
     let mut run = start_run(&job, &[]);
     let mut seen = Vec::new();
     let deadline = Instant::now() + PATIENCE;

@@ -80,6 +80,9 @@ pub(crate) fn read_until_stop(
     }
 }
 
+/// Longest line passed to an echo in one piece, bytes.
+const LONGEST_LINE: usize = 64 << 10;
+
 /// Where a stream of a task's output also goes: whole lines to the echo (with
 /// a label and whether it is stderr), every byte to a file.
 pub(crate) struct Sink {
@@ -124,6 +127,11 @@ impl Sink {
             echo(label, *stderr, &self.partial[..end]);
             self.partial.drain(..=end);
         }
+        // A task that never ends a line is shown in pieces, not held in memory.
+        if self.partial.len() >= LONGEST_LINE {
+            echo(label, *stderr, &self.partial);
+            self.partial.clear();
+        }
     }
 
     /// Passes on a last line without its newline.
@@ -135,10 +143,11 @@ impl Sink {
     }
 }
 
-/// Reads a pipe to its end on its own thread, copying what arrives to `forward`
+/// Reads a pipe to its end (or its stop) on its own thread, copying what arrives to `forward`
 /// (the fragment's own output pipe, whose tail is kept) and to `sink`.
 pub(crate) fn tee_reader(
     pipe: OwnedFd,
+    stop: OwnedFd,
     forward: Option<OwnedFd>,
     mut sink: Option<Sink>,
 ) -> mpsc::Receiver<()> {
@@ -148,21 +157,17 @@ pub(crate) fn tee_reader(
         let mut pipe = File::from(pipe);
         let mut forward = forward.map(File::from);
         let mut buf = vec![0u8; 8192];
-        loop {
-            match pipe.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if let Some(f) = &mut forward {
-                        let _ = f.write_all(&buf[..n]);
-                    }
-                    if let Some(s) = &mut sink {
-                        s.write(&buf[..n]);
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+        // To its end, or at a stop what is in it then (a grandchild that kept the
+        // pipe open cannot hold the fragment).
+        read_until_stop(&mut pipe, stop.as_raw_fd(), &mut buf, |bytes| {
+            if let Some(f) = &mut forward {
+                let _ = f.write_all(bytes);
             }
-        }
+            if let Some(s) = &mut sink {
+                s.write(bytes);
+            }
+            true
+        });
         if let Some(s) = &mut sink {
             s.finish();
         }

@@ -74,15 +74,19 @@ pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> 
         };
         // With a tee, the item gets pipes of its own, copied to the fragment's and
         // to the tee under the item's name, and read to their end before the next.
-        let (out, err, readers) = match &job.tee {
+        let (out, err, readers, mut item_stop) = match &job.tee {
             Some(tee) => match item_tee(tee, index, &value, out, err, captured.is_some()) {
-                Ok(teed) => teed,
+                Ok((out, err, readers, stop)) => (out, err, readers, Some(stop)),
                 Err(_) => break,
             },
-            None => (out, err, Vec::new()),
+            None => (out, err, Vec::new(), None),
         };
         let cmd = item_command(job, index, &value, has_slot, out, err);
         let going = run_item(job, control, &mut report, index, cmd, start, captured);
+        // The item's process group is gone: what it wrote is in the pipes.
+        if let Some(stop) = &mut item_stop {
+            stop.stop();
+        }
         for reader in readers {
             let _ = reader.recv();
         }
@@ -103,7 +107,7 @@ pub(crate) fn run(job: &FragmentJob, control: &Arc<Control>, start: Instant) -> 
 /// Pipes of one item's own for its stderr (and its stdout unless that is
 /// captured as outputs), each read by a thread that copies to the fragment's pipe
 /// (`out`, `err`) and to the tee, labelled with the item's value.
-type Teed = (OwnedFd, OwnedFd, Vec<mpsc::Receiver<()>>);
+type Teed = (OwnedFd, OwnedFd, Vec<mpsc::Receiver<()>>, Stop);
 
 fn item_tee(
     tee: &crate::run::OutputTee,
@@ -113,19 +117,25 @@ fn item_tee(
     err: OwnedFd,
     captured: bool,
 ) -> std::io::Result<Teed> {
-    let label: String = String::from_utf8_lossy(value).chars().take(80).collect();
+    // Printable: a value's line breaks and escapes do not reach the terminal.
+    let label: String = String::from_utf8_lossy(value)
+        .chars()
+        .take(80)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    let stop = Stop::new()?;
     let (err_read, err_write) = sys::pipe()?;
     let sink = Sink::open(Some(tee), &label, true, &format!("{index}.stderr"));
-    let mut readers = vec![tee_reader(err_read, Some(err), sink)];
+    let mut readers = vec![tee_reader(err_read, stop.watch()?, Some(err), sink)];
     let out = if captured {
         out
     } else {
         let (out_read, out_write) = sys::pipe()?;
         let sink = Sink::open(Some(tee), &label, false, &format!("{index}.stdout"));
-        readers.push(tee_reader(out_read, Some(out), sink));
+        readers.push(tee_reader(out_read, stop.watch()?, Some(out), sink));
         out_write
     };
-    Ok((out, err_write, readers))
+    Ok((out, err_write, readers, stop))
 }
 
 /// The command for one item: the value in the argv (at each `{}`, else last), the

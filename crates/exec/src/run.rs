@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 pub(crate) const TICK: Duration = Duration::from_millis(20);
 
 /// Environment variables a task never inherits: granule's own credentials.
-pub(crate) const PRIVATE_ENV: &[&str] = &["GRANULE_STORE"];
+pub(crate) const PRIVATE_ENV: &[&str] = &["GRANULE_STORE", "GRANULE_TOKEN"];
 
 /// Everything needed to run one fragment.
 #[derive(Clone, Debug)]

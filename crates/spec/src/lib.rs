@@ -25,6 +25,11 @@ pub struct JobSpec {
     pub name: String,
     /// The stages, in the order the file lists them.
     pub stages: Vec<StageSpec>,
+    /// The spec's folder, absolute: where tasks run unless their stage sets `cwd`
+    /// (a host without it runs them in the worker's own folder). Not part of the
+    /// job's identity (`job_hash`): its relative paths are resolved already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
 }
 
 /// One stage: a command mapped over an item source.
@@ -57,8 +62,8 @@ pub struct StageSpec {
     /// Largest checkpoint a task may hand over, bytes (`max_checkpoint`).
     #[serde(default = "default_max_checkpoint_bytes")]
     pub max_checkpoint_bytes: u64,
-    /// Folder the tasks run in, absolute (`cwd`, relative to the spec's folder;
-    /// default: the spec's folder). Absent in specs stored before it was kept.
+    /// Folder the tasks run in, absolute, when the stage sets `cwd` (relative to
+    /// the spec's folder); otherwise the job's `dir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<PathBuf>,
     /// Variables added to the tasks' environment (`env`).
@@ -274,7 +279,24 @@ pub fn parse(text: &str, path: &Path) -> Result<JobSpec, SpecError> {
 /// A stable hex digest (FNV-1a 64 of the JSON form) that identifies a spec, so
 /// a changed spec under an existing job name can be refused.
 pub fn job_hash(spec: &JobSpec) -> String {
+    // The folder is where the file was, not what the job is (and specs stored
+    // before it was kept resume under the same hash).
+    let spec = &JobSpec {
+        dir: None,
+        ..spec.clone()
+    };
     fnv_hex(&serde_json::to_vec(spec).unwrap_or_else(|_| format!("{spec:?}").into_bytes()))
+}
+
+impl JobSpec {
+    /// Where a stage's tasks run on this host: its `cwd`, else the spec's folder
+    /// if this host has it, else `None` (the worker's own folder).
+    pub fn task_dir(&self, stage: &StageSpec) -> Option<PathBuf> {
+        stage
+            .cwd
+            .clone()
+            .or_else(|| self.dir.clone().filter(|d| d.is_dir()))
+    }
 }
 
 /// A stable hex digest of what a stage's task costs to run: its argv and whether

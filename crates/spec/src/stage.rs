@@ -59,6 +59,7 @@ pub(crate) fn parse_job(cx: &Ctx<'_>) -> Result<JobSpec, SpecError> {
     Ok(JobSpec {
         name,
         stages: stages.into_iter().map(|s| s.spec).collect(),
+        dir: Some(folder.to_path_buf()),
     })
 }
 
@@ -107,13 +108,17 @@ fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, Sp
                     ),
                 ));
             }
-            dir
+            Some(dir)
         }
-        None => folder.to_path_buf(),
+        None => None,
     };
     let env = parse_env(cx, t)?;
     let halt = t.get("halt").map(|f| parse_halt(cx, &f)).transpose()?;
-    let command = parse_command(cx, &t.require(cx, "command")?, &cwd)?;
+    let command = parse_command(
+        cx,
+        &t.require(cx, "command")?,
+        cwd.as_deref().unwrap_or(folder),
+    )?;
     let per_item = t
         .get("per_item")
         .map(|f| f.bool(cx))
@@ -179,7 +184,7 @@ fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, Sp
         sizer,
         needs,
         max_checkpoint_bytes,
-        cwd: Some(cwd),
+        cwd,
         env,
         halt,
     };

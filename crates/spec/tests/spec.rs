@@ -261,24 +261,21 @@ fn tasks_run_in_the_spec_folder_unless_cwd_says_otherwise() {
     std::fs::write(jobs.join("job.toml"), text).unwrap();
     let spec = load(&jobs.join("job.toml")).expect("valid");
     let jobs = jobs.canonicalize().unwrap();
-    assert_eq!(
-        spec.stages[0]
-            .cwd
-            .as_deref()
-            .map(|p| p.canonicalize().unwrap()),
-        Some(jobs.clone())
-    );
+    let dir = |p: Option<std::path::PathBuf>| p.map(|p| p.canonicalize().unwrap());
+    assert_eq!(spec.stages[0].cwd, None, "no cwd key: the job's folder");
+    assert_eq!(dir(spec.task_dir(&spec.stages[0])), Some(jobs.clone()));
+    assert_eq!(dir(spec.dir.clone()), Some(jobs.clone()));
+    // The folder is not the job's identity: the same spec elsewhere is the same job.
+    let moved = granule_spec::JobSpec {
+        dir: Some("/elsewhere".into()),
+        ..spec.clone()
+    };
+    assert_eq!(job_hash(&moved), job_hash(&spec));
     assert_eq!(
         spec.stages[0].env.get("FOO").map(String::as_str),
         Some("bar")
     );
-    assert_eq!(
-        spec.stages[1]
-            .cwd
-            .as_deref()
-            .map(|p| p.canonicalize().unwrap()),
-        Some(jobs.join("sub"))
-    );
+    assert_eq!(dir(spec.task_dir(&spec.stages[1])), Some(jobs.join("sub")));
     let halt = spec.stages[1].halt.expect("halt parsed");
     assert_eq!((halt.fail_ratio, halt.after), (0.5, 40));
     assert!(!halt.trips(19, 20), "39 attempts are fewer than after = 40");

@@ -20,34 +20,67 @@ pub(crate) struct RmArgs {
     blobs: Option<String>,
 }
 
+/// A job's blobs `rm` deletes: those untouched since the job ended (a job running
+/// now that stored the same contents, blobs being content-addressed, touched it
+/// since); for a job without an end time, those older than this.
+const RM_MIN_AGE: Duration = Duration::from_secs(3600);
+
 /// Deletes jobs with everything the store kept of them, and the blobs (output
-/// files, checkpoints stored as files) only they referred to.
+/// files) only they referred to.
 pub(crate) fn rm(args: RmArgs) -> Result<u8> {
     let mut store = super::open_existing_store(&args.state)?;
-    let location = args
-        .blobs
-        .clone()
-        .unwrap_or_else(|| args.state.state.join("blobs").display().to_string());
-    let data = DataStore::open(&location, 3).map_err(|e| BadInput(format!("--blobs: {e}")))?;
+    // A shared store's files are where its workers put them: only --blobs says.
+    let location = match (&args.blobs, &args.state.store) {
+        (Some(l), _) => Some(l.clone()),
+        (None, None) => Some(args.state.state.join("blobs").display().to_string()),
+        (None, Some(_)) => None,
+    };
+    let data = location.as_deref().map(|l| DataStore::open(l, 3));
     for job in &args.jobs {
+        let ended = store
+            .job_list()?
+            .into_iter()
+            .find(|j| &j.name == job)
+            .and_then(|j| j.finished_ms);
+        let min_age = ended.map_or(RM_MIN_AGE, |at| {
+            Duration::from_millis((crate::host::now_ms() - at).max(0) as u64)
+        });
         let before: HashSet<String> = store.blob_keys()?.into_iter().collect();
         if !store.remove(job)? {
             return Err(BadInput(format!("no job named \"{job}\" in this store")).into());
         }
         let after: HashSet<String> = store.blob_keys()?.into_iter().collect();
-        let (mut removed, mut failed) = (0u64, 0u64);
-        for key in before.difference(&after) {
-            match data.delete(key) {
-                Ok(()) => removed += 1,
-                Err(_) => failed += 1,
+        let gone: Vec<&String> = before.difference(&after).collect();
+        let files = match &data {
+            _ if gone.is_empty() => String::new(),
+            None => format!(
+                "; its {} files stay until `granule gc --blobs LOCATION` (give --blobs to rm them with it)",
+                gone.len()
+            ),
+            Some(Err(e)) => format!("; its files stay: the blob store cannot be opened ({e})"),
+            Some(Ok(data)) => {
+                let old: HashSet<String> = data
+                    .aged(min_age)?
+                    .into_iter()
+                    .map(|(key, _)| key)
+                    .collect();
+                let (mut removed, mut left) = (0u64, 0u64);
+                for key in gone {
+                    if old.contains(key) && data.delete(key).is_ok() {
+                        removed += 1;
+                    } else {
+                        left += 1;
+                    }
+                }
+                let left = if left > 0 {
+                    format!(" ({left} touched since it ended, or not deletable now, stay for `granule gc`)")
+                } else {
+                    String::new()
+                };
+                format!(" and {removed} of its files{left}")
             }
-        }
-        let left = if failed > 0 {
-            format!("; {failed} could not be deleted now (`granule gc` tries again)")
-        } else {
-            String::new()
         };
-        eprintln!("granule: removed job \"{job}\" and {removed} of its files{left}");
+        eprintln!("granule: removed job \"{job}\"{files}");
     }
     Ok(EXIT_DONE)
 }

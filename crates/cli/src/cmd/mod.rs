@@ -167,7 +167,7 @@ pub(crate) struct StageArg {
 impl StageArg {
     /// The store, and the job named (or the latest one that has the stage).
     pub(crate) fn open(&self) -> Result<(Box<dyn Store + Send>, String)> {
-        let mut store = open_store(&self.state)?;
+        let mut store = open_existing_store(&self.state)?;
         let job = job_with_stage(store.as_mut(), self.job.clone(), &self.stage)?;
         Ok((store, job))
     }

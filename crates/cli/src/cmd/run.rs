@@ -103,7 +103,12 @@ pub(crate) fn run(args: RunArgs) -> Result<u8> {
     Ok(
         match engine::run_worker(store.as_mut(), &config, &interrupts)? {
             engine::Outcome::Done => EXIT_DONE,
-            engine::Outcome::Quarantined => EXIT_QUARANTINED,
+            engine::Outcome::Quarantined => {
+                eprintln!(
+                    "granule: job \"{name}\" finished with quarantined items: `granule status {name}` names them, `granule logs STAGE` shows their output; fix the task, then `granule retry {name}`"
+                );
+                EXIT_QUARANTINED
+            }
             engine::Outcome::Stopped => EXIT_INTERRUPTED,
             engine::Outcome::Cancelled => {
                 eprintln!(

@@ -1113,12 +1113,13 @@ fn lose(tx: &mut dyn Db, held: &HeldFragment, detail: &str, now_ms: i64) -> Resu
     // The work lost with it: its time from the claim to its worker's last sign of
     // life, less the share its acked items stand for.
     let seen = tx.query_one(
-        "SELECT f.claimed_ms, f.n, (SELECT w.heartbeat_ms FROM workers w WHERE w.id = f.worker)
+        "SELECT f.claimed_ms, (SELECT w.heartbeat_ms FROM workers w WHERE w.id = f.worker)
          FROM fragments f WHERE f.id = $1",
         args![id.0],
     )?;
-    let alive_ms = (seen.opt_i64(2).unwrap_or(now_ms).min(now_ms) - seen.i64(0)).max(0) as f64;
-    let kept = ledger.done.len() as f64 / seen.u64(1).max(1) as f64;
+    let alive_ms = (seen.opt_i64(1).unwrap_or(now_ms).min(now_ms) - seen.i64(0)).max(0) as f64;
+    // Its span as it stood (a split gave its tail away).
+    let kept = ledger.done.len() as f64 / held.fragment.span.len().max(1) as f64;
     let wasted_ms = alive_ms * (1.0 - kept.min(1.0));
     tx.execute(
         "UPDATE fragments SET state = 'lost', finished_ms = $2, cause = 'lost', detail = $3, split_request = NULL,

@@ -2,7 +2,7 @@
 
 use super::fragment::insert_pending;
 use super::{Backend, TxKind, SHARDS};
-use crate::common::{json, sizer_config_json};
+use crate::common::{json, parse, sizer_config_json};
 use crate::db::{args, Db};
 use crate::{
     JobRecord, JobSummary, NewJob, PoolStatus, Result, StoreError, Submitted, WorkerInfo,
@@ -163,14 +163,18 @@ pub(crate) fn halt(b: &mut impl Backend, job: JobId, why: &str, now_ms: i64) -> 
 }
 
 /// Puts a job's quarantined items (of one stage, or all) back to pending with
-/// fresh retries, reopens the stages they skipped and the job itself (a halted
-/// job too); done work stays done. Returns the items made pending again.
+/// fresh retries and reopens the job itself if it failed or halted; done work stays
+/// done. Stages that stream from a retried stage run again (they take what it
+/// publishes now); a stage skipped for quarantined items upstream is reopened once
+/// none of the stages it strictly comes after keeps any. Returns the items made
+/// pending again.
 pub(crate) fn retry(
     b: &mut impl Backend,
     name: &str,
     stage: Option<&str>,
     now_ms: i64,
 ) -> Result<u64> {
+    let _ = now_ms;
     b.transaction(TxKind::Write, |tx| {
         let Some(job) = tx.query_opt(
             "SELECT id, state FROM jobs WHERE name = $1 FOR UPDATE",
@@ -180,64 +184,115 @@ pub(crate) fn retry(
             return Err(StoreError::NoSuchJob(name.to_string()));
         };
         let id = job.i64(0);
-        if matches!(job.str(1), "cancelled" | "removed") {
+        if !matches!(job.str(1), "running" | "failed" | "halted" | "done") {
             return Err(StoreError::NotRetryable(name.to_string(), job.string(1)));
         }
-        let rows = tx.query(
-            "SELECT id, name, state, quarantined, items FROM stages WHERE job_id = $1 ORDER BY idx FOR UPDATE",
+        struct S {
+            id: i64,
+            name: String,
+            state: String,
+            quarantined: IntervalSet,
+            items: u64,
+            strict: Vec<usize>,
+            sources: Vec<usize>,
+        }
+        let mut stages = Vec::new();
+        for r in tx.query(
+            "SELECT id, name, state, quarantined, items, after, after_any, sources FROM stages
+             WHERE job_id = $1 ORDER BY idx FOR UPDATE",
             args![id],
-        )?;
+        )? {
+            let after: Vec<usize> = parse(r.str(5), "stage after")?;
+            let any: Vec<usize> = parse(r.str(6), "stage after_any")?;
+            stages.push(S {
+                id: r.i64(0),
+                name: r.string(1),
+                state: r.string(2),
+                quarantined: parse(r.str(3), "quarantined")?,
+                items: r.u64(4),
+                strict: after.into_iter().filter(|a| !any.contains(a)).collect(),
+                sources: parse(r.str(7), "stage sources")?,
+            });
+        }
         if let Some(wanted) = stage {
-            if !rows.iter().any(|r| r.str(1) == wanted) {
-                return Err(StoreError::NoSuchStage(name.to_string(), wanted.to_string()));
+            if !stages.iter().any(|s| s.name == wanted) {
+                return Err(StoreError::NoSuchStage(
+                    name.to_string(),
+                    wanted.to_string(),
+                ));
             }
         }
         let mut again = 0;
-        for r in &rows {
-            let chosen = stage.is_none_or(|s| s == r.str(1));
-            let quarantined: IntervalSet = crate::common::parse(r.str(3), "quarantined")?;
-            if chosen && !quarantined.is_empty() {
-                let ranges: Vec<PendingRange> = quarantined
-                    .spans()
-                    .map(PendingRange::fresh)
-                    .collect();
-                insert_pending(tx, r.i64(0), &ranges)?;
-                again += quarantined.len();
+        for s in stages.iter_mut() {
+            if stage.is_some_and(|wanted| wanted != s.name) {
+                continue;
+            }
+            if !s.quarantined.is_empty() {
+                let ranges: Vec<PendingRange> =
+                    s.quarantined.spans().map(PendingRange::fresh).collect();
+                insert_pending(tx, s.id, &ranges)?;
+                again += s.quarantined.len();
+                s.quarantined = IntervalSet::new();
+                s.state = "running".into();
                 tx.execute(
                     "UPDATE stages SET quarantined = '[]', state = 'running' WHERE id = $1",
-                    args![r.i64(0)],
+                    args![s.id],
                 )?;
             }
-            if chosen {
-                // Fresh retries for what a halt left pending.
-                tx.execute(
-                    "UPDATE pending SET failures = 0 WHERE stage_id = $1",
-                    args![r.i64(0)],
-                )?;
+            // Fresh retries for what a halt left pending.
+            tx.execute(
+                "UPDATE pending SET failures = 0 WHERE stage_id = $1",
+                args![s.id],
+            )?;
+        }
+        // Until nothing changes: stages fed by a reopened stage run again, and a
+        // skipped stage whose strict upstreams keep no quarantined item reopens.
+        loop {
+            let open: Vec<bool> = stages
+                .iter()
+                .map(|s| !matches!(s.state.as_str(), "done" | "skipped"))
+                .collect();
+            let tainted: Vec<bool> = stages
+                .iter()
+                .map(|s| !s.quarantined.is_empty() || s.state == "skipped")
+                .collect();
+            let mut changed = false;
+            for s in stages.iter_mut() {
+                if s.state == "done" && s.sources.iter().any(|&k| open.get(k) == Some(&true)) {
+                    s.state = "running".into();
+                    tx.execute(
+                        "UPDATE stages SET state = 'running' WHERE id = $1",
+                        args![s.id],
+                    )?;
+                    changed = true;
+                } else if s.state == "skipped"
+                    && s.strict.iter().all(|&k| tainted.get(k) == Some(&false))
+                {
+                    s.state = "waiting".into();
+                    tx.execute("DELETE FROM pending WHERE stage_id = $1", args![s.id])?;
+                    if s.sources.is_empty() {
+                        insert_pending(tx, s.id, &shards(s.items))?;
+                    }
+                    tx.execute(
+                        "UPDATE stages SET state = 'waiting' WHERE id = $1",
+                        args![s.id],
+                    )?;
+                    changed = true;
+                }
             }
-            if r.str(2) == "skipped" {
-                // Skipped for an upstream's quarantined items: it may run now, once
-                // the stages before it finish clean.
-                insert_pending(tx, r.i64(0), &shards(r.u64(4)))?;
-                tx.execute(
-                    "UPDATE stages SET state = 'waiting' WHERE id = $1",
-                    args![r.i64(0)],
-                )?;
+            if !changed {
+                break;
             }
         }
-        let pending = tx
-            .query_one(
-                "SELECT count(*) FROM pending WHERE stage_id IN (SELECT id FROM stages WHERE job_id = $1)",
-                args![id],
-            )?
-            .i64(0);
-        if pending > 0 && job.str(1) != "running" {
+        let reopened = stages
+            .iter()
+            .any(|s| !matches!(s.state.as_str(), "done" | "skipped"));
+        if reopened && matches!(job.str(1), "failed" | "halted" | "done") {
             tx.execute(
                 "UPDATE jobs SET state = 'running', error = NULL, finished_ms = NULL WHERE id = $1",
                 args![id],
             )?;
         }
-        let _ = now_ms;
         tx.notify()?;
         Ok(again)
     })

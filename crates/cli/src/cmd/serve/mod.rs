@@ -28,10 +28,10 @@ pub(crate) struct ServeArgs {
     /// Without it, serve only serves the dashboard, the API and /metrics.
     #[arg(long)]
     pools: Option<PathBuf>,
-    /// Where the dashboard, the HTTP API and /metrics listen. An address other
-    /// than loopback needs --token.
-    #[arg(long, default_value = "127.0.0.1:8470")]
-    listen: std::net::SocketAddr,
+    /// Where the dashboard, the HTTP API and /metrics listen [default:
+    /// 127.0.0.1:8470]. An address other than loopback needs --token.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
     /// The token API writes (submit, cancel, retry) need, as `Authorization:
     /// Bearer TOKEN`; without it the API is read-only.
     #[arg(long, env = "GRANULE_TOKEN", hide_env_values = true)]
@@ -50,6 +50,10 @@ pub(crate) struct ServeArgs {
     until_done: bool,
 }
 
+/// Where the HTTP side listens unless `--listen` says otherwise.
+const DEFAULT_LISTEN: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8470);
+
 /// What a worker takes to start (a launch to its first claim), for walltimes.
 const START_MS: f64 = 5_000.0;
 /// Backoff after a failed launch: doubles from the first to the last.
@@ -57,10 +61,10 @@ const BACKOFF: (Duration, Duration) = (Duration::from_secs(2), Duration::from_se
 
 /// Runs the planner until interrupted (or, with `--until-done`, until the work is done).
 pub(crate) fn serve(args: ServeArgs) -> Result<u8> {
-    if !args.listen.ip().is_loopback() && args.token.is_none() && !args.no_http {
+    let listen = args.listen.unwrap_or(DEFAULT_LISTEN);
+    if !listen.ip().is_loopback() && args.token.is_none() && !args.no_http {
         return Err(crate::BadInput(format!(
-            "--listen {}: serving beyond this machine needs --token (or GRANULE_TOKEN), so that only its holders can submit, cancel and retry",
-            args.listen
+            "--listen {listen}: serving beyond this machine needs --token (or GRANULE_TOKEN), so that only its holders can submit, cancel and retry"
         ))
         .into());
     }
@@ -138,12 +142,22 @@ pub(crate) fn serve(args: ServeArgs) -> Result<u8> {
         serve.providers.push(Provider::new(spec, tag, dir));
     }
     let interrupts = count_signals()?;
-    if !args.no_http {
-        let addr = web::start(web::WebConfig {
+    let started = (!args.no_http).then(|| {
+        web::start(web::WebConfig {
             state: args.state.clone(),
-            listen: args.listen,
+            listen,
             token: args.token.clone(),
-        })?;
+        })
+    });
+    let started = match started {
+        // The default port taken (another serve?): a planner goes on without it.
+        Some(Err(e)) if args.listen.is_none() && args.pools.is_some() => {
+            eprintln!("granule serve: no dashboard: {e:#} (give --listen another address)");
+            None
+        }
+        other => other.transpose()?,
+    };
+    if let Some(addr) = started {
         let writes = if args.token.is_some() {
             "writes with the token"
         } else {

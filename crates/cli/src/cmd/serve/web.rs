@@ -4,8 +4,10 @@
 //! One thread reads the store every second into a snapshot (status, workers,
 //! pools, the deadline plan's verdicts) and updates the metrics from the fragments
 //! claimed and ended since its last look; reads of the API and scrapes answer from
-//! that snapshot, so their cost does not grow with the store's history. Writes
-//! (submit, cancel, retry) need the token and go to the store at once.
+//! that snapshot, so their cost does not depend on the store. The snapshot re-reads
+//! only jobs that run or changed (a finished job's status is kept), so its own cost
+//! grows with the work running, not with history. Writes (submit, cancel, retry)
+//! need the token and go to the store at once.
 
 use super::super::{open_store, StateArg};
 use crate::host;
@@ -16,7 +18,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use granule_store::{FragmentRow, Store};
+use granule_store::{FragmentRow, JobState, Store};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
@@ -79,13 +81,15 @@ pub(crate) fn start(config: WebConfig) -> Result<SocketAddr> {
         claimed: (0, 0),
         finished: (0, 0),
         recent: std::collections::VecDeque::new(),
+        finished_jobs: std::collections::HashMap::new(),
+        counted: std::collections::HashMap::new(),
     };
     // The first snapshot before the first request.
     reader.refresh();
     std::thread::Builder::new()
         .name("serve-snapshots".into())
         .spawn(move || reader.run())?;
-    let app = router(shared);
+    let app = router(shared, addr.ip().is_loopback());
     std::thread::Builder::new()
         .name("serve-http".into())
         .spawn(move || {
@@ -125,6 +129,11 @@ fn recorder() -> Result<PrometheusHandle> {
             Matcher::Full("granule_fragment_prediction_error_ratio".into()),
             &error,
         )?
+        // Gauges no snapshot sets any more (jobs removed or long finished) go.
+        .idle_timeout(
+            metrics_util::MetricKindMask::GAUGE,
+            Some(Duration::from_secs(120)),
+        )
         .install_recorder()
         .context("installing the metrics recorder")?;
     describe();
@@ -189,9 +198,24 @@ struct Snapshots {
     /// How far the metrics have counted claims and ends: (unix ms, fragment id).
     claimed: (i64, i64),
     finished: (i64, i64),
-    /// Items done per stage (`job/stage`) at recent snapshots, for rates.
+    /// Items done per running stage (`job/stage`) at recent snapshots, for rates.
     recent: std::collections::VecDeque<(i64, std::collections::HashMap<String, u64>)>,
+    /// The status of each finished job as last read, by id, with the state and
+    /// finish time it was read at (re-read when they change: a retry, a resubmit).
+    finished_jobs: std::collections::HashMap<i64, FinishedJob>,
+    /// Fragments counted lately, by (ended?, id), with the time they were counted
+    /// at: the cursors look a minute back again and skip these.
+    counted: std::collections::HashMap<(bool, i64), i64>,
 }
+
+/// A finished job's status, and the state and finish time it was read at.
+type FinishedJob = (JobState, Option<i64>, granule_store::JobStatus);
+
+/// How far back each refresh looks again for fragments whose rows committed after
+/// later-stamped ones (clocks of other hosts, transactions that took long).
+const RECOUNT_MS: i64 = 60_000;
+/// Finished jobs whose gauges are kept: those finished in the last hour.
+const GAUGES_AFTER_MS: i64 = 3_600_000;
 
 /// The span of snapshots a stage's rate is measured over.
 const RATE_WINDOW_MS: i64 = 30_000;
@@ -228,9 +252,8 @@ impl Snapshots {
     /// What `status --json` shows, with the time and the deadline plan's verdicts;
     /// sets the gauges from it.
     fn snapshot(&mut self) -> Result<serde_json::Value> {
+        let jobs = self.jobs()?;
         let store = self.store.as_mut();
-        let mut jobs = store.status(None)?;
-        super::super::status::name_quarantined(store, &mut jobs)?;
         let now = host::now_ms();
         let mut workers = store.workers(now, 60_000)?;
         super::super::status::mark_gone(&mut workers);
@@ -247,13 +270,57 @@ impl Snapshots {
                 }
             }
         }
-        gauges(&jobs, &workers);
+        // Gauges for what runs and what ended in the last hour; older ones go idle
+        // and the recorder drops them.
+        let fresh: Vec<&granule_store::JobStatus> = jobs
+            .iter()
+            .filter(|j| {
+                j.state == JobState::Running
+                    || self.finished_jobs.values().any(|(_, at, f)| {
+                        f.name == j.name && at.is_some_and(|t| now - t < GAUGES_AFTER_MS)
+                    })
+            })
+            .collect();
+        gauges(&fresh, &jobs, &workers);
         let mut value = serde_json::json!({
             "now_ms": now, "jobs": jobs, "workers": workers, "pool": pool, "pools": pools,
             "verdicts": verdicts,
         });
         self.rates(now, &mut value);
         Ok(value)
+    }
+
+    /// Every job's status: running ones read afresh, finished ones from the cache
+    /// unless their state or finish time changed; quarantined items named.
+    fn jobs(&mut self) -> Result<Vec<granule_store::JobStatus>> {
+        let store = self.store.as_mut();
+        let list = store.job_list()?;
+        let ids: std::collections::HashSet<i64> = list.iter().map(|j| j.id.0).collect();
+        self.finished_jobs.retain(|id, _| ids.contains(id));
+        let mut jobs = Vec::with_capacity(list.len());
+        for summary in list {
+            if let Some((state, at, status)) = self.finished_jobs.get(&summary.id.0) {
+                if *state == summary.state && *at == summary.finished_ms {
+                    jobs.push(status.clone());
+                    continue;
+                }
+            }
+            let mut read = match store.status(Some(&summary.name)) {
+                Ok(read) => read,
+                // Removed since the list was read.
+                Err(granule_store::StoreError::NoSuchJob(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            super::super::status::name_quarantined(store, &mut read)?;
+            for status in read {
+                if summary.state != JobState::Running {
+                    let kept = (summary.state, summary.finished_ms, status.clone());
+                    self.finished_jobs.insert(summary.id.0, kept);
+                }
+                jobs.push(status);
+            }
+        }
+        Ok(jobs)
     }
 
     /// Adds each running stage's `rate_per_s` (items done per second over the
@@ -263,6 +330,9 @@ impl Snapshots {
         let jobs = value["jobs"].as_array_mut().expect("jobs is an array");
         for job in jobs.iter() {
             for s in job["stages"].as_array().into_iter().flatten() {
+                if s["state"] != "running" {
+                    continue;
+                }
                 let key = format!(
                     "{}/{}",
                     job["name"].as_str().unwrap_or(""),
@@ -304,20 +374,47 @@ impl Snapshots {
         }
     }
 
-    /// Counts the fragments claimed and ended since the last look.
+    /// Counts the fragments claimed and ended since the last look. Each look
+    /// starts a minute before its cursor and skips what it counted already: a row
+    /// stamped earlier than one counted may commit after it.
     fn count_fragments(&mut self) -> Result<()> {
         let store = self.store.as_mut();
-        for f in store.fragments_after(false, self.claimed, EVENTS_PER_REFRESH)? {
-            self.claimed = (f.claimed_ms, f.id);
-            metrics::counter!("granule_claims_total").increment(1);
-            if let Some(us) = f.claim_us {
-                metrics::histogram!("granule_claim_latency_seconds").record(us as f64 / 1e6);
+        for ended_too in [false, true] {
+            let cursor = if ended_too {
+                self.finished
+            } else {
+                self.claimed
+            };
+            let from = (cursor.0 - RECOUNT_MS, 0);
+            let mut last = cursor;
+            for f in store.fragments_after(ended_too, from, EVENTS_PER_REFRESH)? {
+                let at = if ended_too {
+                    f.finished_ms.unwrap_or(0)
+                } else {
+                    f.claimed_ms
+                };
+                last = last.max((at, f.id));
+                if self.counted.insert((ended_too, f.id), at).is_some() {
+                    continue;
+                }
+                if ended_too {
+                    ended(&f);
+                } else {
+                    metrics::counter!("granule_claims_total").increment(1);
+                    if let Some(us) = f.claim_us {
+                        metrics::histogram!("granule_claim_latency_seconds")
+                            .record(us as f64 / 1e6);
+                    }
+                }
+            }
+            if ended_too {
+                self.finished = last;
+            } else {
+                self.claimed = last;
             }
         }
-        for f in store.fragments_after(true, self.finished, EVENTS_PER_REFRESH)? {
-            self.finished = (f.finished_ms.unwrap_or(0), f.id);
-            ended(&f);
-        }
+        let horizon = self.claimed.0.min(self.finished.0) - 2 * RECOUNT_MS;
+        self.counted.retain(|_, at| *at >= horizon);
         Ok(())
     }
 }
@@ -329,8 +426,10 @@ fn ended(f: &FragmentRow) {
         "outcome" => f.state.clone(), "cap" => f.size_cap.clone())
     .increment(1);
     if f.state == "failed" {
+        // Its span as it ended (a split gave its tail away).
+        let span = f.end_idx.saturating_sub(f.start_idx);
         metrics::counter!("granule_items_failed_total", "job" => job, "stage" => stage)
-            .increment(f.items.saturating_sub(f.acked));
+            .increment(span.saturating_sub(f.acked));
     }
     if let Some(ms) = f.observed_ms.filter(|ms| *ms > 0.0) {
         metrics::histogram!("granule_fragment_duration_seconds", "class" => f.class.clone())
@@ -342,11 +441,17 @@ fn ended(f: &FragmentRow) {
     }
 }
 
-/// Gauges of stages, jobs and workers from a snapshot.
-fn gauges(jobs: &[granule_store::JobStatus], workers: &[granule_store::WorkerStatus]) {
+/// Gauges of the stages of `fresh` jobs, of every job by state, and of workers.
+fn gauges(
+    fresh: &[&granule_store::JobStatus],
+    jobs: &[granule_store::JobStatus],
+    workers: &[granule_store::WorkerStatus],
+) {
     let mut by_state: std::collections::BTreeMap<&str, f64> = std::collections::BTreeMap::new();
     for job in jobs {
         *by_state.entry(job.state.as_str()).or_default() += 1.0;
+    }
+    for job in fresh {
         for s in &job.stages {
             for (state, n) in [
                 ("done", s.done),
@@ -402,8 +507,8 @@ fn gauges(jobs: &[granule_store::JobStatus], workers: &[granule_store::WorkerSta
     }
 }
 
-fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+fn router(shared: Arc<Shared>, loopback: bool) -> Router {
+    let app = Router::new()
         .route(
             "/",
             get(|| async { page("text/html; charset=utf-8", INDEX_HTML) }),
@@ -431,7 +536,39 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/fragments", get(fragments))
         .route("/api/events", get(events))
         .route("/metrics", get(scrape))
-        .with_state(shared)
+        .with_state(shared);
+    if loopback {
+        app.layer(axum::middleware::from_fn(local_hosts_only))
+    } else {
+        app
+    }
+}
+
+/// On a loopback address, requests must name a local host: a web page elsewhere
+/// cannot read the API through a name it points at 127.0.0.1 (DNS rebinding).
+async fn local_hosts_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    if matches!(name, "localhost" | "127.0.0.1" | "::1") || name.starts_with("127.") {
+        next.run(request).await
+    } else {
+        error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "Host {host:?} is not this machine: a loopback server answers local names only"
+            ),
+        )
+    }
 }
 
 fn page(kind: &'static str, body: &'static str) -> Response {
@@ -609,9 +746,15 @@ async fn submit(
         Some(d) => d,
         None => std::env::current_dir().unwrap_or_default(),
     };
-    let spec = match granule_spec::parse(&body, &dir.join("submitted.toml")) {
-        Ok(spec) => spec,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    // Parsing reads and hashes `lines` files: off the async thread.
+    let parsed = tokio::task::spawn_blocking(move || {
+        granule_spec::parse(&body, &dir.join("submitted.toml"))
+    })
+    .await;
+    let spec = match parsed {
+        Ok(Ok(spec)) => spec,
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     let name = spec.name.clone();
     let result = with_store(s, move |store| {
@@ -633,7 +776,15 @@ async fn submit(
             )
                 .into_response()
         }
-        Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+        Err(e) => match e.downcast_ref::<granule_store::StoreError>() {
+            Some(granule_store::StoreError::SpecChanged(_)) => {
+                error(StatusCode::CONFLICT, format!("{e:#}"))
+            }
+            Some(err) if err.is_transient() => {
+                error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
+            }
+            _ => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+        },
     }
 }
 

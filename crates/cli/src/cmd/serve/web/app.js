@@ -203,7 +203,7 @@ function renderTimeline() {
 ${out.join('\n')}${grid.join('')}<line class="axis" x1="${LBL}" x2="${W - R}" y1="${y}" y2="${y}"/>
 <line class="now" x1="${x(t1)}" x2="${x(t1)}" y1="0" y2="${y}"/>${marks.join('')}</svg>`;
 
-  const more = frags.length >= FRAG_LIMIT ? ` (the first ${FRAG_LIMIT} only)` : '';
+  const more = frags.length >= FRAG_LIMIT ? ` (the newest ${FRAG_LIMIT} only)` : '';
   $('tl-info').textContent = `${fmtInt(frags.length)} fragments of ${job.name} since ${fmtTime(t0)}${more}`;
   // legend: stage colours, then outcome marks drawn as the timeline draws them
   const box1 = (c, fill, w = 20) => `<rect class="${c}" x="1" y="1" width="${w}" height="10" fill="${fill}"/>`;
