@@ -278,8 +278,11 @@ fn an_idle_worker_splits_a_running_fragment_and_no_item_runs_twice() {
         std::fs::create_dir(job.path("out")).unwrap();
         let out = job.path("out").to_str().unwrap().to_string();
         assert!(job.output(&["submit", "job.toml"]).status.success());
+        // 10 s of work: long enough that a second worker started on a loaded
+        // machine (a second or more to start) still finds the first one's
+        // fragment with unfed items to split off.
         let env = [
-            ("MED_US", "2000"),
+            ("MED_US", "5000"),
             ("SIGMA", "0"),
             ("OUT_DIR", out.as_str()),
         ];
