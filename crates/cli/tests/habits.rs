@@ -17,11 +17,11 @@ fn script(path: &Path, body: &str) {
 }
 
 /// A batch task that acks each value and fails on `1005` while `poison` exists
-/// beside it; it records each value it ran in `ran/`.
-const POISONED: &str = r#"mkdir -p ran
+/// beside it; it records each value it ran in `out/` (as `spin.py` does).
+const POISONED: &str = r#"mkdir -p out
 while read -r x; do
   if [ "$x" = 1005 ] && [ -e poison ]; then echo "cannot take $x" >&2; exit 3; fi
-  echo "$x" >> "ran/$$"
+  echo "$x" >> "out/$$"
   echo "$x" >&3
 done
 "#;
@@ -33,20 +33,6 @@ fn poisoned_job() -> Job {
     script(&job.path("task.sh"), POISONED);
     std::fs::write(job.path("poison"), "").unwrap();
     job
-}
-
-/// How often each value ran, from the task's own records.
-fn ran(job: &Job) -> std::collections::BTreeMap<u64, u32> {
-    let mut seen = std::collections::BTreeMap::new();
-    for entry in std::fs::read_dir(job.path("ran")).unwrap() {
-        for line in std::fs::read_to_string(entry.unwrap().path())
-            .unwrap()
-            .lines()
-        {
-            *seen.entry(line.parse().unwrap()).or_insert(0) += 1;
-        }
-    }
-    seen
 }
 
 #[test]
@@ -68,7 +54,7 @@ fn quarantined_items_are_named_by_value_and_retry_runs_only_them() {
 
     // The task is fixed; `retry` puts the one item back and the rerun runs only it.
     std::fs::remove_file(job.path("poison")).unwrap();
-    let before = ran(&job);
+    let before = job.recorded();
     let out = job.output(&["retry", "q"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
@@ -78,7 +64,7 @@ fn quarantined_items_are_named_by_value_and_retry_runs_only_them() {
     );
     let out = job.run(&[], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let after = ran(&job);
+    let after = job.recorded();
     for (value, n) in &after {
         let was = before.get(value).copied().unwrap_or(0);
         let expected = was + u32::from(*value == 1005);

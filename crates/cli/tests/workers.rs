@@ -443,7 +443,10 @@ for line in sys.stdin:
 
 #[test]
 fn two_classes_share_a_stage_each_sized_by_what_it_learned() {
-    let spec = "name = \"shard\"\n[[stage]]\nname = \"work\"\ncommand = [\"python3\", \"task.py\"]\nitems = { range = [0, 600] }\ntarget = \"2s\"\n";
+    // A 3 s target: on a loaded machine the interpreter takes a second or more to
+    // start, and with a target near that start-up both classes' sizes meet the
+    // same floor instead of following their costs.
+    let spec = "name = \"shard\"\n[[stage]]\nname = \"work\"\ncommand = [\"python3\", \"task.py\"]\nitems = { range = [0, 900] }\ntarget = \"3s\"\n";
     let job = Job::new(spec);
     std::fs::write(job.path("task.py"), CLASSED_TASK).unwrap();
     assert!(job.output(&["submit", "job.toml"]).status.success());
@@ -462,7 +465,7 @@ fn two_classes_share_a_stage_each_sized_by_what_it_learned() {
     }
     let status = job.status();
     assert_eq!(status["jobs"][0]["state"], "done", "{status}");
-    assert_eq!(stage(&status, 0)["done"], 600);
+    assert_eq!(stage(&status, 0)["done"], 900);
     let classes = stage(&status, 0)["classes"].as_array().unwrap().clone();
     let find = |name: &str| classes.iter().find(|c| c["class"] == name).unwrap().clone();
     let (f, s) = (find("fast"), find("slow"));
