@@ -375,8 +375,9 @@ impl Snapshots {
     }
 
     /// Counts the fragments claimed and ended since the last look. Each look
-    /// starts a minute before its cursor and skips what it counted already: a row
-    /// stamped earlier than one counted may commit after it.
+    /// first reads the minute before its cursor again and counts what it had not
+    /// (a row stamped earlier than one counted may commit after it), then what
+    /// lies past the cursor, which it moves.
     fn count_fragments(&mut self) -> Result<()> {
         let store = self.store.as_mut();
         for ended_too in [false, true] {
@@ -385,14 +386,15 @@ impl Snapshots {
             } else {
                 self.claimed
             };
-            let from = (cursor.0 - RECOUNT_MS, 0);
+            let window =
+                store.fragments_after(ended_too, (cursor.0 - RECOUNT_MS, 0), EVENTS_PER_REFRESH)?;
+            let late = window
+                .into_iter()
+                .filter(|f| (stamp(f, ended_too), f.id) <= cursor);
+            let new = store.fragments_after(ended_too, cursor, EVENTS_PER_REFRESH)?;
             let mut last = cursor;
-            for f in store.fragments_after(ended_too, from, EVENTS_PER_REFRESH)? {
-                let at = if ended_too {
-                    f.finished_ms.unwrap_or(0)
-                } else {
-                    f.claimed_ms
-                };
+            for f in late.chain(new) {
+                let at = stamp(&f, ended_too);
                 last = last.max((at, f.id));
                 if self.counted.insert((ended_too, f.id), at).is_some() {
                     continue;
@@ -416,6 +418,15 @@ impl Snapshots {
         let horizon = self.claimed.0.min(self.finished.0) - 2 * RECOUNT_MS;
         self.counted.retain(|_, at| *at >= horizon);
         Ok(())
+    }
+}
+
+/// When a fragment was claimed, or (`ended`) when it ended.
+fn stamp(f: &FragmentRow, ended: bool) -> i64 {
+    if ended {
+        f.finished_ms.unwrap_or(0)
+    } else {
+        f.claimed_ms
     }
 }
 
