@@ -122,7 +122,6 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             let bad_input = err.downcast_ref::<BadInput>().is_some()
-                || err.downcast_ref::<cmd::NoStore>().is_some()
                 || err.downcast_ref::<granule_spec::SpecError>().is_some()
                 || matches!(
                     err.downcast_ref::<StoreError>(),

@@ -83,32 +83,26 @@ pub(crate) fn open_store(args: &StateArg) -> Result<Box<dyn Store + Send>> {
     }
 }
 
-/// The store to read from: like [`open_store`], but an embedded store that does
-/// not exist yet is an error instead of a new empty file (`status` in the wrong
-/// folder must not leave a `.granule` behind).
-pub(crate) fn open_existing_store(args: &StateArg) -> Result<Box<dyn Store + Send>> {
-    let path = args.state.join("granule.db");
-    if args.store.is_none() && !path.exists() {
-        return Err(NoStore(format!(
+/// Where no store exists yet, the message saying so: an embedded store whose
+/// file is missing (a shared store always exists).
+pub(crate) fn missing_store(args: &StateArg) -> Option<String> {
+    (args.store.is_none() && !args.state.join("granule.db").exists()).then(|| {
+        format!(
             "no granule store in {} (run a job here first, or give --state or --store)",
             args.state.display()
-        ))
-        .into());
+        )
+    })
+}
+
+/// The store to read from: like [`open_store`], but an embedded store that does
+/// not exist yet is bad input instead of a new empty file (`status` in the wrong
+/// folder must not leave a `.granule` behind).
+pub(crate) fn open_existing_store(args: &StateArg) -> Result<Box<dyn Store + Send>> {
+    if let Some(missing) = missing_store(args) {
+        return Err(BadInput(missing).into());
     }
     open_store(args)
 }
-
-/// There is no store where the user pointed: exit 2.
-#[derive(Debug)]
-pub(crate) struct NoStore(pub(crate) String);
-
-impl std::fmt::Display for NoStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for NoStore {}
 
 /// A duration argument (`30s`, `5m`, `1h30m`), with an error that says what one
 /// looks like.

@@ -27,22 +27,20 @@ const WORKERS_SEEN_MS: i64 = 60_000;
 
 /// Prints jobs, workers and the pool (or JSON, or `--explain STAGE`).
 pub(crate) fn status(args: StatusArgs) -> Result<u8> {
-    let mut store = match open_existing_store(&args.state) {
-        // Nothing has run here: say so (scripts poll status while a run starts)
-        // and leave no store behind.
-        Err(e) if e.downcast_ref::<super::NoStore>().is_some() && args.job.is_none() => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "jobs": [], "workers": [], "pool": [], "pools": [] })
-                );
-            } else {
-                println!("no jobs: {e}");
-            }
-            return Ok(EXIT_DONE);
+    // Nothing has run here: say so (scripts poll status while a run starts) and
+    // leave no store behind.
+    if let (Some(missing), None) = (super::missing_store(&args.state), &args.job) {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "jobs": [], "workers": [], "pool": [], "pools": [] })
+            );
+        } else {
+            println!("no jobs: {missing}");
         }
-        other => other?,
-    };
+        return Ok(EXIT_DONE);
+    }
+    let mut store = open_existing_store(&args.state)?;
     let mut jobs = store.status(args.job.as_deref())?;
     name_quarantined(store.as_mut(), &mut jobs)?;
     let now = host::now_ms();
