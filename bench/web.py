@@ -8,7 +8,8 @@
 
 Tasks run as users run them: `python3` from PATH (spin.py). Every figure is measured
 beside a baseline from the same run: a static file from the same server (the floor of
-an HTTP round trip here).
+an HTTP round trip here), and for the dashboard a page of a few lines loaded the same
+way between its loads (the floor of a page render in this browser, on this machine now).
 """
 import http.client, json, os, re, shutil, socket, statistics, subprocess, sys, tempfile, time
 
@@ -57,11 +58,40 @@ def summary(ms):
     return f"median {statistics.median(ms):.2f} ms, p99 {ms[int(len(ms) * 0.99) - 1]:.2f} ms"
 
 
-def chromium_render(port, shot=None):
-    """The page's own render time (ms from navigation to its first full render)."""
+# The floor of a page render in this browser, loaded as the dashboard is: a page of a
+# few lines that times its first paint the way the dashboard does.
+FLOOR_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>floor</title>
+<style>body { font: 14px/1.4 system-ui, sans-serif; }</style></head><body><h1>granule</h1>
+<p>one paragraph of text</p><footer id="f"></footer><script>
+const start = performance.now();
+requestAnimationFrame(() => setTimeout(() => {
+  const now = performance.now();
+  document.getElementById('f').textContent = `rendered in ${Math.round(now)} ms (${Math.round(now - start)} ms after the script started)`;
+  document.body.dataset.rendered = '1';
+}, 0));
+setTimeout(() => {}, 3000); // a pending task: headless virtual time runs on until the paint
+</script></body></html>"""
+
+
+def serve_floor(d):
+    """FLOOR_HTML over HTTP from this process, as the dashboard comes over HTTP; the URL."""
+    import functools, http.server, threading
+    with open(os.path.join(d, "floor.html"), "w") as f:
+        f.write(FLOOR_HTML)
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=d))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/floor.html"
+
+
+def chromium_render(port, shot=None, url=None):
+    """The page's own render time (ms from navigation to the paint of its first full render)."""
     args = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
             f"--user-data-dir={tempfile.mkdtemp()}"]
-    url = f"http://127.0.0.1:{port}/?poll=1"
+    url = url or f"http://127.0.0.1:{port}/?poll=1"
     t0 = time.perf_counter()
     dom = subprocess.run(args + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     wall = (time.perf_counter() - t0) * 1e3
@@ -107,8 +137,14 @@ def dashboard():
             static, _ = timed_gets(port, "/style.css", 50)
             api, body = timed_gets(port, "/api/status", 50)
             frags, fbody = timed_gets(port, "/api/fragments?job=thumbs&since_ms=0&limit=5000", 10)
-            renders = [chromium_render(port, os.path.join(d, "shot.png") if i == 0 else None) for i in range(int(os.environ.get("LOADS", "3")))]
-            seen = events(port, 10)
+            seen = events(port, 10)  # while the job runs
+            floor_url = serve_floor(d)
+            renders, floors = [], []
+            for i in range(int(os.environ.get("LOADS", "3"))):  # interleaved: the same load for both
+                renders.append(chromium_render(port, os.path.join(d, "shot.png") if i == 0 else None))
+                floors.append(chromium_render(port, url=floor_url))
+            _, after = timed_gets(port, "/api/status", 1)
+            after = json.loads(after)["jobs"][0]["stages"][0]["done"]
             shot = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "dashboard-100k.png")
             shutil.copy(os.path.join(d, "shot.png"), shot)
             st = json.loads(body)["jobs"][0]["stages"][0]
@@ -121,6 +157,13 @@ def dashboard():
                 print(f"  chromium: rendered {'yes' if ok else 'NO'} in {ms} ms (page's own clock; "
                       f"{own} ms of it after the dashboard's script started, the rest the browser "
                       f"loading), {n} fragment rects, whole headless run {wall:.0f} ms")
+            floor = [ms for ms, *_ in floors if ms is not None]
+            print(f"  chromium floor (a page of a few lines over HTTP): render ms {sorted(floor)}, "
+                  f"median {statistics.median(floor):.0f} ms")
+            mine = [r[0] for r in renders if r[0] is not None]
+            print(f"  dashboard / floor, medians: {statistics.median(mine) / statistics.median(floor):.2f}")
+            print(f"  the job ran through every load: {'yes' if after < st['items'] else 'NO'} "
+                  f"({after} items done after the last)")
             gaps = [b[0] - a[0] for a, b in zip(seen, seen[1:])]
             rising = sum(1 for a, b in zip(seen, seen[1:]) if b[1] > a[1])
             print(f"  live: {len(seen)} status events in 10 s (gap median {statistics.median(gaps):.2f} s), "

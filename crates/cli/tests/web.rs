@@ -495,3 +495,39 @@ fn the_dashboard_renders_in_headless_chromium() {
         shot.display()
     );
 }
+
+#[test]
+fn the_page_carries_its_first_data_so_the_first_render_needs_one_request() {
+    let job = finished_job();
+    let server = serve(&job, &[]);
+    let (code, page) = http(server.addr, "GET", "/", None, "");
+    assert_eq!(code, 200, "{page}");
+    // Nothing else to fetch before the first render: style and script are inline.
+    for sub in ["src=\"app.js\"", "href=\"style.css\""] {
+        assert!(!page.contains(sub), "the page still loads {sub}");
+    }
+    let boot = page
+        .split("<script type=\"application/json\" id=\"boot\">")
+        .nth(1)
+        .and_then(|rest| rest.split("</script>").next())
+        .unwrap_or_else(|| panic!("no boot data in the page: {page}"));
+    let boot: serde_json::Value = serde_json::from_str(boot).unwrap();
+    assert_eq!(boot["status"]["jobs"][0]["name"], "shown", "{boot}");
+    assert!(boot["status"]["workers"].is_array(), "{boot}");
+    // The ended job's timeline is its whole life: every fragment of both stages.
+    let fragments = &boot["fragments"];
+    assert_eq!(fragments["job"], "shown", "{boot}");
+    assert_eq!(fragments["running"], false, "{boot}");
+    let rows = fragments["rows"].as_array().unwrap();
+    let all = get_json(
+        server.addr,
+        "/api/fragments?job=shown&since_ms=0&limit=20000",
+    );
+    assert_eq!(rows.len(), all["fragments"].as_array().unwrap().len());
+    for stage in ["first", "second"] {
+        assert!(
+            rows.iter().any(|f| f["stage"] == stage),
+            "fragments of {stage}: {boot}"
+        );
+    }
+}

@@ -520,10 +520,7 @@ fn gauges(
 
 fn router(shared: Arc<Shared>, loopback: bool) -> Router {
     let app = Router::new()
-        .route(
-            "/",
-            get(|| async { page("text/html; charset=utf-8", INDEX_HTML) }),
-        )
+        .route("/", get(index))
         .route(
             "/app.js",
             get(|| async { page("text/javascript; charset=utf-8", APP_JS) }),
@@ -580,6 +577,74 @@ async fn local_hosts_only(
             ),
         )
     }
+}
+
+/// Fragments the dashboard's timeline asks for at most (`FRAG_LIMIT` in app.js).
+const FRAG_LIMIT: u32 = 5000;
+/// The timeline of a running job: the last 5 minutes at most (`WINDOW_MS`).
+const WINDOW_MS: i64 = 5 * 60_000;
+
+/// The dashboard with its first data inside: the style, the script, the snapshot
+/// and the default job's fragments, so the first render needs one round trip.
+async fn index(State(s): State<Arc<Shared>>) -> Response {
+    let (status, timeline) = {
+        let snapshot = s.status.read().expect("not poisoned");
+        (snapshot.0.clone(), default_timeline(&snapshot.1))
+    };
+    let fragments = match timeline {
+        Some((job, since_ms, running)) => {
+            let name = job.clone();
+            // Without its fragments the page asks for them itself.
+            with_store(s, move |store| {
+                Ok(store.fragments(&name, since_ms, FRAG_LIMIT)?)
+            })
+            .await
+            .ok()
+            .map(|rows| {
+                serde_json::json!({
+                    "job": job, "since_ms": since_ms, "running": running, "rows": rows,
+                })
+            })
+        }
+        None => None,
+    };
+    let fragments = fragments.map_or_else(|| "null".to_owned(), |f| f.to_string());
+    // `<` escaped: nothing in the data can close the script element it sits in.
+    let boot = format!("{{\"status\":{status},\"fragments\":{fragments}}}").replace('<', "\\u003c");
+    let html = INDEX_HTML
+        .replacen(
+            r#"<link rel="stylesheet" href="style.css">"#,
+            &format!("<style>\n{STYLE_CSS}</style>"),
+            1,
+        )
+        .replacen(
+            r#"<script src="app.js"></script>"#,
+            &format!(
+                "<script type=\"application/json\" id=\"boot\">{boot}</script>\n<script>\n{APP_JS}</script>"
+            ),
+            1,
+        );
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
+}
+
+/// The job the dashboard shows first (running ones first, then the newest) and the
+/// window of its timeline: (name, since when in unix ms, running?). As app.js picks.
+fn default_timeline(snapshot: &serde_json::Value) -> Option<(String, i64, bool)> {
+    let now = snapshot["now_ms"].as_i64()?;
+    let job = snapshot["jobs"].as_array()?.iter().min_by_key(|j| {
+        (
+            j["state"] != "running",
+            std::cmp::Reverse(j["created_ms"].as_i64().unwrap_or(0)),
+        )
+    })?;
+    let running = job["state"] == "running";
+    let created = job["created_ms"].as_i64().unwrap_or(0);
+    let since = if running {
+        (now - WINDOW_MS).max(created).min(now - 10_000)
+    } else {
+        created
+    };
+    Some((job["name"].as_str()?.to_owned(), since, running))
 }
 
 fn page(kind: &'static str, body: &'static str) -> Response {
