@@ -58,6 +58,8 @@ enum Command {
     Results(cmd::results::ResultsArgs),
     /// List a stage's committed outputs (with the upstream item of each), or write them out.
     Outputs(cmd::outputs::OutputsArgs),
+    /// Fair share across jobs: set owners' (or accounts') shares and the usage half-life; show each owner's standing.
+    Shares(cmd::shares::SharesArgs),
     /// Cancel a job: nothing more of it is claimed, its running fragments are stopped.
     Cancel(cmd::cancel::CancelArgs),
     /// Remove finished jobs from the store, with the files only they referred to.
@@ -111,6 +113,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => cmd::logs::logs(args),
         Command::Results(args) => cmd::results::results(args),
         Command::Outputs(args) => cmd::outputs::outputs(args),
+        Command::Shares(args) => cmd::shares::shares(args),
         Command::Cancel(args) => cmd::cancel::cancel(args),
         Command::Rm(args) => cmd::gc::rm(args),
         Command::Gc(args) => cmd::gc::gc(args),

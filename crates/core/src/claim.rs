@@ -30,6 +30,8 @@ pub struct StageView {
     pub checkpoints: bool,
     /// When it should be done (its job's submission + its `deadline`), unix ms.
     pub deadline_at_ms: Option<i64>,
+    /// Its owner's turn in the fair share order across jobs (`fair::turns`; 0 first).
+    pub owner_turn: u64,
 }
 
 /// The sizer state with the most history among a stage's classes.
@@ -134,7 +136,7 @@ pub fn class_deadline_plan(
 
 /// The ready stages (by `idx`) in the order a worker offering `offer` should try
 /// them: the core's `order` over what the store knows (the deadline plan, priority,
-/// owner fairness within the job, comparative advantage from the per-class cost
+/// owner fairness across jobs (each view's `owner_turn`), comparative advantage from the per-class cost
 /// models, the preferred class, the critical path, the least-served stage). With
 /// a deadline plan (`planned`, per view), stages it keeps from this class are left
 /// out: their work waits for cheaper classes, or for the plan to change.
@@ -168,11 +170,7 @@ pub fn placement_order(
                 needs: &v.needs,
                 index: v.idx,
                 running: v.running,
-                owner_running: views
-                    .iter()
-                    .filter(|o| o.needs.owner == v.needs.owner)
-                    .map(|o| o.running)
-                    .sum(),
+                owner_turn: v.owner_turn,
                 critical_ms: critical[i],
                 slowdown: match (here, best[i]) {
                     (Some(h), Some(b)) if b > 0.0 => h / b,
@@ -556,6 +554,7 @@ mod tests {
             learned: vec![("cheap".into(), 1.0), ("dear".into(), 0.5)],
             checkpoints: false,
             deadline_at_ms,
+            owner_turn: 0,
         }
     }
 

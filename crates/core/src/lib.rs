@@ -6,6 +6,7 @@
 //! tested here is the policy that runs.
 
 mod claim;
+pub mod fair;
 mod forecast;
 mod ids;
 mod intervals;

@@ -29,6 +29,10 @@ pub struct StageNeeds {
     pub priority: i64,
     /// Who the work is for (for fairness between owners).
     pub owner: Option<String>,
+    /// The account the owner's work is charged to (fair share between accounts
+    /// comes before fair share between owners).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
     /// The class its name and command suggest when none is declared (a soft
     /// preference until history says more).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -39,6 +43,11 @@ pub struct StageNeeds {
 }
 
 impl StageNeeds {
+    /// Who the work is for, as fair share counts it: (account, owner).
+    pub fn owner_key(&self) -> crate::fair::OwnerKey {
+        (self.account.clone(), self.owner.clone())
+    }
+
     /// The class the stage prefers: the declared one, else the guessed one.
     pub fn preferred_class(&self) -> Option<&str> {
         self.class.as_deref().or(self.guess.as_deref())
@@ -179,6 +188,7 @@ mod tests {
                 class_required: required,
                 priority,
                 owner: None,
+                account: None,
                 guess: None,
                 deadline_ms: None,
             })

@@ -6,7 +6,7 @@
 //! finishes within a horizon (the deadline, or a little past the soonest possible
 //! finish). `order` sorts the stages that fit, by: the plan (a class the plan
 //! leaves out of a stage goes last), priority, owner
-//! fairness (the owner with fewer running fragments first), comparative advantage
+//! fairness (the owner's turn in the fair share order, `fair::turns`), comparative advantage
 //! (the stage this class is relatively best at), the declared preferred class,
 //! checkpointing work on spot workers (and the rest on on-demand ones), the
 //! critical path of the DAG (the stage with the most work behind it first), then
@@ -25,8 +25,8 @@ pub struct Candidate<'a> {
     pub index: usize,
     /// Fragments of the stage running now.
     pub running: u64,
-    /// Fragments of the stage's owner running now (all its stages).
-    pub owner_running: u64,
+    /// Its owner's turn in the fair share order across jobs (`fair::turns`; 0 first).
+    pub owner_turn: u64,
     /// Predicted work, ms, on the longest DAG path that starts at this stage.
     pub critical_ms: f64,
     /// This worker's class's per-item cost on the stage over the best class's
@@ -47,7 +47,7 @@ pub fn order_key(c: &Candidate<'_>, offer: &WorkerOffer) -> impl Ord {
     (
         !c.planned,
         -c.needs.priority,
-        c.owner_running,
+        c.owner_turn,
         slowdown,
         preferred_elsewhere,
         c.checkpoints != offer.spot,
@@ -382,7 +382,7 @@ mod tests {
             needs,
             index,
             running: 0,
-            owner_running: 0,
+            owner_turn: 0,
             critical_ms: 0.0,
             slowdown: 1.0,
             planned: true,
@@ -408,8 +408,8 @@ mod tests {
             sa in 1.0f64..20.0, sb in 1.0f64..20.0, ca in 0.0f64..1e6, cb in 0.0f64..1e6,
         ) {
             let (na, nb) = (needs(pa, "x", Some("gpu")), needs(pb, "y", None));
-            let a = Candidate { running: ra, owner_running: oa, slowdown: sa, critical_ms: ca, ..candidate(&na, 1) };
-            let b = Candidate { running: rb, owner_running: ob, slowdown: sb, critical_ms: cb, ..candidate(&nb, 0) };
+            let a = Candidate { running: ra, owner_turn: oa, slowdown: sa, critical_ms: ca, ..candidate(&na, 1) };
+            let b = Candidate { running: rb, owner_turn: ob, slowdown: sb, critical_ms: cb, ..candidate(&nb, 0) };
             let o = offer("cpu");
             if pa > pb {
                 prop_assert!(order_key(&a, &o) < order_key(&b, &o));
@@ -421,8 +421,8 @@ mod tests {
         #[test]
         fn the_least_served_owner_goes_first(oa in 0u64..50, ob in 0u64..50, sa in 1.0f64..50.0) {
             let (na, nb) = (needs(0, "a", None), needs(0, "b", None));
-            let a = Candidate { owner_running: oa, slowdown: sa, ..candidate(&na, 1) };
-            let b = Candidate { owner_running: ob, ..candidate(&nb, 0) };
+            let a = Candidate { owner_turn: oa, slowdown: sa, ..candidate(&na, 1) };
+            let b = Candidate { owner_turn: ob, ..candidate(&nb, 0) };
             let o = offer("cpu");
             if oa < ob {
                 prop_assert!(order_key(&a, &o) < order_key(&b, &o));

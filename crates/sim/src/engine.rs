@@ -945,6 +945,7 @@ impl Sim<'_> {
                         .collect(),
                     checkpoints: false,
                     deadline_at_ms: None,
+                    owner_turn: 0,
                 }
             })
             .collect();

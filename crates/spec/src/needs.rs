@@ -1,6 +1,6 @@
 //! What one slot of a stage needs and how it is placed: `cpus`, `memory`, `gpus`,
 //! `resources`, `class` (required) or `prefer` (preferred class), `priority`, `owner`,
-//! `deadline` (how long after submission the stage should be done).
+//! `account`, `deadline` (how long after submission the stage should be done).
 
 use crate::locate::Ctx;
 use crate::tree::{Field, Table};
@@ -46,6 +46,9 @@ pub(crate) fn parse(cx: &Ctx<'_>, t: &Table<'_>) -> Result<StageNeeds, SpecError
     }
     if let Some(f) = t.get("owner") {
         needs.owner = Some(f.name(cx)?.to_string());
+    }
+    if let Some(f) = t.get("account") {
+        needs.account = Some(f.name(cx)?.to_string());
     }
     if let Some(f) = t.get("deadline") {
         needs.deadline_ms = Some(crate::duration::millis(cx, &f)?);

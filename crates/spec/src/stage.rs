@@ -10,8 +10,9 @@ use std::path::Path;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
-const TOP_KEYS: [&str; 2] = ["name", "stage"];
-const STAGE_KEYS: [&str; 25] = [
+/// Top-level keys: `owner`, `account` and `priority` are defaults for every stage.
+const TOP_KEYS: [&str; 5] = ["name", "stage", "owner", "account", "priority"];
+const STAGE_KEYS: [&str; 26] = [
     "name",
     "cwd",
     "env",
@@ -35,6 +36,7 @@ const STAGE_KEYS: [&str; 25] = [
     "prefer",
     "priority",
     "owner",
+    "account",
     "deadline",
     "max_checkpoint",
 ];
@@ -51,9 +53,10 @@ pub(crate) fn parse_job(cx: &Ctx<'_>) -> Result<JobSpec, SpecError> {
     };
     // Absolute, so a worker started elsewhere runs the tasks in the same folder.
     let folder = &std::path::absolute(folder).unwrap_or_else(|_| folder.to_path_buf());
+    let defaults = needs::parse(cx, &root)?;
     let stages = stage_tables(cx, &root)?
         .iter()
-        .map(|t| parse_stage(cx, t, folder))
+        .map(|t| parse_stage(cx, t, folder, &defaults))
         .collect::<Result<Vec<_>, _>>()?;
     graph::check(cx, &stages)?;
     Ok(JobSpec {
@@ -90,7 +93,13 @@ fn stage_tables<'a>(cx: &Ctx<'_>, root: &Table<'a>) -> Result<Vec<Table<'a>>, Sp
 }
 
 /// One stage: its own keys checked, cross-stage checks left to [`graph`].
-fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, SpecError> {
+/// `defaults`: the job's own `owner`, `account` and `priority`, for stages without.
+fn parse_stage(
+    cx: &Ctx<'_>,
+    t: &Table<'_>,
+    folder: &Path,
+    defaults: &granule_core::StageNeeds,
+) -> Result<Located, SpecError> {
     t.check_keys(cx, &STAGE_KEYS)?;
     let name_field = t.require(cx, "name")?;
     let name = name_field.name(cx)?.to_string();
@@ -159,7 +168,16 @@ fn parse_stage(cx: &Ctx<'_>, t: &Table<'_>, folder: &Path) -> Result<Located, Sp
         .transpose()?
         .unwrap_or(3);
     let sizer = parse_sizer(cx, t)?;
-    let needs = needs::parse(cx, t)?;
+    let mut needs = needs::parse(cx, t)?;
+    if t.get("owner").is_none() {
+        needs.owner.clone_from(&defaults.owner);
+    }
+    if t.get("account").is_none() {
+        needs.account.clone_from(&defaults.account);
+    }
+    if t.get("priority").is_none() {
+        needs.priority = defaults.priority;
+    }
     let max_checkpoint_bytes = match t.get("max_checkpoint") {
         Some(f) => {
             let mib = needs::memory_mb(cx, &f)?;

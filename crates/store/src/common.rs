@@ -110,6 +110,7 @@ pub(crate) fn stage_view(
         learned,
         checkpoints: reading.checkpoints,
         deadline_at_ms: needs.deadline_ms.map(|ms| created_ms + ms as i64),
+        owner_turn: 0,
     })
 }
 

@@ -131,6 +131,12 @@ pub trait Store {
     fn retry(&mut self, job: &str, stage: Option<&str>, now_ms: i64) -> Result<u64>;
     /// Every job, oldest first (`granule jobs`).
     fn job_list(&mut self) -> Result<Vec<JobSummary>>;
+    /// Sets the fair-share shares of an owner, or with `account` of an account.
+    fn set_shares(&mut self, account: bool, name: &str, shares: f64) -> Result<()>;
+    /// Sets the half-life of the usage fair share judges owners by, ms.
+    fn set_half_life(&mut self, half_life_ms: f64) -> Result<()>;
+    /// Each owner's shares, recent usage and slots now (`granule status`).
+    fn fair_share(&mut self, now_ms: i64) -> Result<FairShare>;
     /// A job's fragments claimed since `since_ms` or still running then, oldest
     /// first, at most `limit` (the newest kept): the dashboard's timeline.
     fn fragments(&mut self, job: &str, since_ms: i64, limit: u32) -> Result<Vec<FragmentRow>>;

@@ -683,6 +683,32 @@ pub struct StageProgress {
     pub started: bool,
 }
 
+/// Fair share across jobs as `granule status` and `granule shares` show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct FairShare {
+    /// Half-life of recorded usage, seconds.
+    pub half_life_s: f64,
+    /// Every owner with shares set, usage or running work.
+    pub owners: Vec<OwnerShare>,
+}
+
+/// One owner's standing in the fair share.
+#[derive(Clone, Debug, Serialize)]
+pub struct OwnerShare {
+    /// The account above the owner, if any.
+    pub account: Option<String>,
+    /// The owner (`None`: work without an owner).
+    pub owner: Option<String>,
+    /// Its shares.
+    pub shares: f64,
+    /// Its account's shares, if it has an account.
+    pub account_shares: Option<f64>,
+    /// Recent usage, slot-seconds, decayed to now.
+    pub usage_s: f64,
+    /// Slots it runs now.
+    pub slots: u64,
+}
+
 /// A job in the list of `granule jobs`.
 #[derive(Clone, Debug, Serialize)]
 pub struct JobSummary {

@@ -250,6 +250,27 @@ CREATE TABLE pools (
     r#"
 ALTER TABLE fragments ADD COLUMN claim_us BIGINT;
 "#,
+    // 13: fair share across jobs: shares per owner and account, each owner's recent
+    // usage (decayed slot-ms; '' for none), and store-wide settings (the half-life).
+    r#"
+CREATE TABLE shares (
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    shares DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+CREATE TABLE usage (
+    account TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    slot_ms DOUBLE PRECISION NOT NULL,
+    at_ms BIGINT NOT NULL,
+    PRIMARY KEY (account, owner)
+);
+CREATE TABLE settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"#,
 ];
 
 /// A store in a PostgreSQL database.

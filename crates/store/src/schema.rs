@@ -267,6 +267,26 @@ CREATE TABLE pools (
     // 13: how long each claim's transaction took in the store (`/metrics`).
     r#"
 ALTER TABLE fragments ADD COLUMN claim_us INTEGER;
+"#, // 14: fair share across jobs: shares per owner and account, each owner's recent
+    // usage (decayed slot-ms; '' for none), and store-wide settings (the half-life).
+    r#"
+CREATE TABLE shares (
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    shares REAL NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+CREATE TABLE usage (
+    account TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    slot_ms REAL NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (account, owner)
+);
+CREATE TABLE settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 "#,
 ];
 
@@ -437,5 +457,22 @@ CREATE TABLE pools (
     name TEXT PRIMARY KEY,
     state TEXT NOT NULL,
     updated_ms INTEGER NOT NULL
+);
+CREATE TABLE shares (
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    shares REAL NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+CREATE TABLE usage (
+    account TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    slot_ms REAL NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (account, owner)
+);
+CREATE TABLE settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 "#;

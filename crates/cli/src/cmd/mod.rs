@@ -10,6 +10,7 @@ pub(crate) mod outputs;
 pub(crate) mod results;
 pub(crate) mod run;
 pub(crate) mod serve;
+pub(crate) mod shares;
 pub(crate) mod sim;
 pub(crate) mod status;
 pub(crate) mod submit;

@@ -33,7 +33,10 @@ pub(crate) fn status(args: StatusArgs) -> Result<u8> {
         if args.json {
             println!(
                 "{}",
-                serde_json::json!({ "jobs": [], "workers": [], "pool": [], "pools": [] })
+                serde_json::json!({
+                    "jobs": [], "workers": [], "pool": [], "pools": [],
+                    "fair_share": { "half_life_s": granule_core::fair::DEFAULT_HALF_LIFE_MS / 1000.0, "owners": [] },
+                })
             );
         } else {
             println!("no jobs: {missing}");
@@ -50,13 +53,16 @@ pub(crate) fn status(args: StatusArgs) -> Result<u8> {
     let history = store.worker_history(now, now - granule_core::FORECAST_WINDOW_MS)?;
     let pool = granule_core::forecast_recent(&history, now);
     let pools = store.pools()?;
+    let fair = store.fair_share(now)?;
     if let Some(stage) = &args.explain {
         return explain(&jobs, &workers, &history, stage);
     }
     if args.json {
         println!(
             "{}",
-            serde_json::json!({ "jobs": jobs, "workers": workers, "pool": pool, "pools": pools })
+            serde_json::json!({
+                "jobs": jobs, "workers": workers, "pool": pool, "pools": pools, "fair_share": fair,
+            })
         );
         return Ok(EXIT_DONE);
     }
@@ -73,6 +79,10 @@ pub(crate) fn status(args: StatusArgs) -> Result<u8> {
     print_workers(&workers);
     print_pool(&pool);
     print_pools(&pools, now);
+    // Owners matter once there are several, or shares were set.
+    if fair.owners.len() > 1 || fair.owners.iter().any(|o| o.shares != 1.0) {
+        super::shares::print(&fair);
+    }
     Ok(EXIT_DONE)
 }
 
@@ -340,7 +350,7 @@ fn explain(
         "stage {} of job {} ({}): per fragment {} cpus, {} MiB, {} gpus, resources {:?}; {class}; priority {}",
         stage.name, job.name, stage.state, n.cpus, n.memory_mb, n.gpus, n.resources, n.priority
     );
-    println!("  {} items pending, {} running in {}; stages that fit go by priority, then the owner with fewer fragments running, then the class's relative speed on each stage (learned), then the preferred class, then the longest path of work left in the DAG, then fewest running", stage.pending, stage.running, crate::cmd::plural(stage.running_fragments, "fragment"));
+    println!("  {} items pending, {} running in {}; stages that fit go by priority, then the owner's turn in the fair share (fewest slots per share, then least recent usage per share), then the class's relative speed on each stage (learned), then the preferred class, then the longest path of work left in the DAG, then fewest running", stage.pending, stage.running, crate::cmd::plural(stage.running_fragments, "fragment"));
     if let (Some(profile), Some(source)) = (&stage.profile, &stage.profile_source) {
         println!("  profile: {profile} ({source}: history is CPU time / wall time, peak memory and block I/O; before any, the declared class or a guess from the name and command)");
     }
@@ -457,6 +467,7 @@ pub(crate) fn deadline_verdict(
                 .collect(),
             checkpoints: s.checkpoints > 0,
             deadline_at_ms: s.needs.deadline_ms.map(|ms| job.created_ms + ms as i64),
+            owner_turn: 0,
         })
         .collect();
     let Some(plan) = granule_core::job_deadline_plan(&views, &pool, now) else {

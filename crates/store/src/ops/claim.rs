@@ -5,7 +5,7 @@
 
 use super::fragment::{save_sizer_if, sizer_read, write_range};
 use super::read::history;
-use super::{halt_job, stages_of, Backend, StageRow, TxKind};
+use super::{fair, halt_job, stages_of, Backend, StageRow, TxKind};
 use crate::common::{json, memory_of, parse, stage_view, StageReading};
 use crate::db::{args, Db, Row};
 use crate::{Acks, Assignment, ClaimRequest, JobHalt, Result, StoreError};
@@ -87,25 +87,40 @@ fn broken(why: String) -> JobHalt {
 }
 
 /// One claim; also says whether a range existed but was locked by others. Jobs go
-/// by their highest stage priority, then oldest first. A job whose stored state
-/// cannot be read breaks alone: the others go on.
-/// `started`: when this claim began, for the claim's recorded latency.
+/// by their highest stage priority, then by their owner's turn in the fair share
+/// (core's `fair::turns`, when more than one owner has unfinished work), then
+/// oldest first. A job whose stored state cannot be read breaks alone: the others
+/// go on. `started`: when this claim began, for the claim's recorded latency.
 fn claim_once(
     tx: &mut dyn Db,
     req: &ClaimRequest,
     started: std::time::Instant,
 ) -> Result<(Option<Assignment>, bool)> {
-    let mut keyed: Vec<(i64, i64, Vec<StageRow>)> = running_stages(tx, req)?
+    let jobs = running_stages(tx, req)?;
+    let turns = fair::turns(tx, &jobs, req.now_ms)?;
+    let turn = |s: &StageRow| {
+        turns
+            .as_ref()
+            .map_or(0, |t| t.get(&s.needs.owner_key()).copied().unwrap_or(0))
+    };
+    let mut keyed: Vec<((i64, u64, i64), Vec<StageRow>)> = jobs
         .into_iter()
         .map(|(job, stages)| {
             let top = stages.iter().map(|s| s.needs.priority).max().unwrap_or(0);
-            (-top, job, stages)
+            let first = stages
+                .iter()
+                .filter(|s| !s.is_done())
+                .map(turn)
+                .min()
+                .unwrap_or(0);
+            ((-top, first, job), stages)
         })
         .collect();
-    keyed.sort_by_key(|(top, job, _)| (*top, *job));
+    keyed.sort_by_key(|(key, _)| *key);
     let mut contended = false;
-    for (_, job, stages) in keyed {
-        match claim_in_job(tx, req, job, &stages, started) {
+    for ((_, _, job), stages) in keyed {
+        let turns: Vec<u64> = stages.iter().map(turn).collect();
+        match claim_in_job(tx, req, job, &stages, &turns, started) {
             Ok((Some(a), _)) => return Ok((Some(a), false)),
             Ok((None, busy)) => contended |= busy,
             Err(StoreError::Corrupt(why)) => halt_job(tx, job, &broken(why), req.now_ms)?,
@@ -117,15 +132,17 @@ fn claim_once(
 
 /// Tries the ready stages of one job in placement order; claims from the first
 /// that has an admitted range; also says whether a range existed but was locked.
+/// `turns`: each stage's owner's turn in the fair share.
 fn claim_in_job(
     tx: &mut dyn Db,
     req: &ClaimRequest,
     job: i64,
     stages: &[StageRow],
+    turns: &[u64],
     started: std::time::Instant,
 ) -> Result<(Option<Assignment>, bool)> {
     let mut contended = false;
-    let ready = ready_in_order(tx, req, job, stages)?;
+    let ready = ready_in_order(tx, req, job, stages, turns)?;
     let strict = Admission::strict(&req.offer);
     let mut relaxed: Option<Admission> = None;
     for stage in ready {
@@ -167,6 +184,7 @@ fn ready_in_order<'a>(
     req: &ClaimRequest,
     job: i64,
     stages: &'a [StageRow],
+    turns: &[u64],
 ) -> Result<Vec<&'a StageRow>> {
     let finished: Vec<bool> = stages.iter().map(StageRow::is_done).collect();
     let is_ready = |s: &StageRow| stage_ready(&finished, s.idx, &s.after, &s.needs, &req.offer);
@@ -179,8 +197,10 @@ fn ready_in_order<'a>(
         .query_one("SELECT created_ms FROM jobs WHERE id = $1", args![job])?
         .i64(0);
     let mut views = Vec::with_capacity(stages.len());
-    for stage in stages {
-        views.push(read_view(tx, stage, is_ready(stage), created)?);
+    for (stage, turn) in stages.iter().zip(turns) {
+        let mut view = read_view(tx, stage, is_ready(stage), created)?;
+        view.owner_turn = *turn;
+        views.push(view);
     }
     let plan = if deadlines {
         let key = super::PlanKey::new(job, &req.class, &views);

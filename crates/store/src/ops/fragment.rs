@@ -689,6 +689,7 @@ pub(crate) fn flush(
             }
         }
         renew(tx, worker, now_ms, lease_ms, heartbeat)?;
+        super::fair::split(tx, worker, now_ms)?;
         reply.split_requests = tx
             .query(
                 "SELECT id, split_request FROM fragments
@@ -914,6 +915,8 @@ fn finish_held(
         splits,
     };
     write_end(tx, end, &f, &ledger, &ended, now_ms)?;
+    // The slot it held, for fair share between owners.
+    super::fair::record_usage(tx, held.stage, end.observed_ms, now_ms)?;
     if ended.verdict.all_or_nothing && end.fed > 0 && held.acks == Acks::Unknown {
         tx.execute(
             "UPDATE stages SET acks = 'no' WHERE id = $1 AND acks = 'unknown'",
@@ -1121,6 +1124,7 @@ fn lose(tx: &mut dyn Db, held: &HeldFragment, detail: &str, now_ms: i64) -> Resu
     // Its span as it stood (a split gave its tail away).
     let kept = ledger.done.len() as f64 / held.fragment.span.len().max(1) as f64;
     let wasted_ms = alive_ms * (1.0 - kept.min(1.0));
+    super::fair::record_usage(tx, held.stage, alive_ms, now_ms)?;
     tx.execute(
         "UPDATE fragments SET state = 'lost', finished_ms = $2, cause = 'lost', detail = $3, split_request = NULL,
            acked = $4, done_count = $5, result = $6, state_reruns = state_reruns + $7, wasted_ms = $8

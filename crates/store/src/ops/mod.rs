@@ -13,6 +13,7 @@
 
 pub(crate) mod claim;
 pub(crate) mod data;
+pub(crate) mod fair;
 pub(crate) mod fragment;
 pub(crate) mod jobs;
 pub(crate) mod read;
@@ -30,7 +31,11 @@ use std::collections::HashMap;
 /// plan instead of reading the pool and solving its LPs again inside its
 /// transaction. The pool is not in the key: it is what the time bound is for.
 #[derive(Default)]
-pub(crate) struct Plans(HashMap<PlanKey, (i64, Option<Vec<bool>>)>);
+pub(crate) struct Plans(
+    HashMap<PlanKey, (i64, Option<Vec<bool>>)>,
+    /// When this connection last looked for a fairness split (`fair::split`).
+    i64,
+);
 
 /// What a deadline plan was made from (see [`Plans`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -77,6 +82,16 @@ impl Plans {
             .get(key)
             .filter(|(at, _)| (now_ms - at).abs() < PLAN_REUSE_MS)
             .map(|(_, plan)| plan.clone())
+    }
+
+    /// Whether a fairness split is due on this connection at `now_ms` (once per
+    /// `every_ms`); marks it done if so.
+    pub(crate) fn fair_split_due(&mut self, now_ms: i64, every_ms: i64) -> bool {
+        let due = (now_ms - self.1).abs() >= every_ms;
+        if due {
+            self.1 = now_ms;
+        }
+        due
     }
 
     /// Keeps a plan made at `now_ms`.
@@ -228,6 +243,15 @@ macro_rules! store_over_backend {
             }
             fn job_list(&mut self) -> $crate::Result<Vec<$crate::JobSummary>> {
                 $crate::ops::jobs::list(self)
+            }
+            fn set_shares(&mut self, account: bool, name: &str, shares: f64) -> $crate::Result<()> {
+                $crate::ops::fair::set_shares(self, account, name, shares)
+            }
+            fn set_half_life(&mut self, half_life_ms: f64) -> $crate::Result<()> {
+                $crate::ops::fair::set_half_life(self, half_life_ms)
+            }
+            fn fair_share(&mut self, now_ms: i64) -> $crate::Result<$crate::FairShare> {
+                $crate::ops::fair::report(self, now_ms)
             }
             fn fragments(
                 &mut self,
@@ -427,6 +451,7 @@ mod tests {
             learned: cost.map(|b| ("a".to_string(), b)).into_iter().collect(),
             checkpoints: false,
             deadline_at_ms: Some(1),
+            owner_turn: 0,
         }
     }
 

@@ -260,6 +260,7 @@ impl Snapshots {
         let history = store.worker_history(now, now - granule_core::FORECAST_WINDOW_MS)?;
         let pool = granule_core::forecast_recent(&history, now);
         let pools = store.pools()?;
+        let fair = store.fair_share(now)?;
         let mut verdicts = serde_json::Map::new();
         for job in &jobs {
             for stage in &job.stages {
@@ -284,7 +285,7 @@ impl Snapshots {
         gauges(&fresh, &jobs, &workers);
         let mut value = serde_json::json!({
             "now_ms": now, "jobs": jobs, "workers": workers, "pool": pool, "pools": pools,
-            "verdicts": verdicts,
+            "verdicts": verdicts, "fair_share": fair,
         });
         self.rates(now, &mut value);
         Ok(value)

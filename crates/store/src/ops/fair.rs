@@ -1,0 +1,362 @@
+//! Fair share in the store: each owner's usage recorded as its fragments end, the
+//! owners' turns read for a claim (core's `fair::turns`), and the shares and
+//! half-life `granule shares` sets. Owners and accounts without a name are stored
+//! as ''.
+
+use super::{Backend, StageRow, TxKind};
+use crate::common::parse;
+use crate::db::{args, Db};
+use crate::{FairShare, OwnerShare, Result};
+use granule_core::fair::{self, OwnerKey, Standing, Usage, DEFAULT_HALF_LIFE_MS, DEFAULT_SHARES};
+use granule_core::StageNeeds;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// The setting that holds the half-life, ms.
+const HALF_LIFE: &str = "fair_half_life_ms";
+
+fn stored(name: &Option<String>) -> &str {
+    name.as_deref().unwrap_or("")
+}
+
+fn named(stored: String) -> Option<String> {
+    (!stored.is_empty()).then_some(stored)
+}
+
+/// The half-life of usage: the store's setting, else the default.
+fn half_life_ms(tx: &mut dyn Db) -> Result<f64> {
+    Ok(tx
+        .query_opt(
+            "SELECT value FROM settings WHERE key = $1",
+            args![HALF_LIFE],
+        )?
+        .and_then(|r| r.str(0).parse::<f64>().ok())
+        .filter(|h| *h > 0.0)
+        .unwrap_or(DEFAULT_HALF_LIFE_MS))
+}
+
+/// Adds `slot_ms` to the usage of `stage`'s owner, as of `now_ms` (a fragment of it
+/// ended having held a slot that long).
+pub(crate) fn record_usage(tx: &mut dyn Db, stage: i64, slot_ms: f64, now_ms: i64) -> Result<()> {
+    if slot_ms <= 0.0 {
+        return Ok(());
+    }
+    let row = tx.query_one("SELECT needs FROM stages WHERE id = $1", args![stage])?;
+    let needs: StageNeeds = parse(row.str(0), "stage needs")?;
+    let half_life = half_life_ms(tx)?;
+    let (account, owner) = (stored(&needs.account), stored(&needs.owner));
+    let old = tx
+        .query_opt(
+            "SELECT slot_ms, at_ms FROM usage WHERE account = $1 AND owner = $2 FOR UPDATE",
+            args![account, owner],
+        )?
+        .map(|r| Usage {
+            slot_ms: r.f64(0),
+            at_ms: r.i64(1),
+        })
+        .unwrap_or_default();
+    let new = old.add(slot_ms, now_ms, half_life);
+    tx.defer(
+        "INSERT INTO usage (account, owner, slot_ms, at_ms) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (account, owner) DO UPDATE SET slot_ms = $3, at_ms = $4",
+        args![account, owner, new.slot_ms, new.at_ms],
+    )
+}
+
+/// Each owner's and account's shares, usage decayed to `now_ms`, and the half-life.
+struct Ledger {
+    half_life_ms: f64,
+    owner_shares: HashMap<String, f64>,
+    account_shares: HashMap<String, f64>,
+    usage: BTreeMap<OwnerKey, f64>,
+}
+
+fn ledger(tx: &mut dyn Db, now_ms: i64) -> Result<Ledger> {
+    let half_life_ms = half_life_ms(tx)?;
+    let (mut owner_shares, mut account_shares) = (HashMap::new(), HashMap::new());
+    for r in tx.query("SELECT kind, name, shares FROM shares", args![])? {
+        match r.str(0) {
+            "account" => account_shares.insert(r.string(1), r.f64(2)),
+            _ => owner_shares.insert(r.string(1), r.f64(2)),
+        };
+    }
+    let usage = tx
+        .query("SELECT account, owner, slot_ms, at_ms FROM usage", args![])?
+        .iter()
+        .map(|r| {
+            let u = Usage {
+                slot_ms: r.f64(2),
+                at_ms: r.i64(3),
+            };
+            (
+                (named(r.string(0)), named(r.string(1))),
+                u.at(now_ms, half_life_ms),
+            )
+        })
+        .collect();
+    Ok(Ledger {
+        half_life_ms,
+        owner_shares,
+        account_shares,
+        usage,
+    })
+}
+
+impl Ledger {
+    fn owner_shares(&self, owner: &Option<String>) -> f64 {
+        self.owner_shares
+            .get(stored(owner))
+            .copied()
+            .unwrap_or(DEFAULT_SHARES)
+    }
+
+    fn account_shares(&self, account: &str) -> f64 {
+        self.account_shares
+            .get(account)
+            .copied()
+            .unwrap_or(DEFAULT_SHARES)
+    }
+
+    /// The standings of owners and accounts, given the slots each owner runs.
+    fn standings(
+        &self,
+        running: &BTreeMap<OwnerKey, u64>,
+    ) -> (BTreeMap<String, Standing>, BTreeMap<OwnerKey, Standing>) {
+        let keys: BTreeSet<&OwnerKey> = running.keys().chain(self.usage.keys()).collect();
+        let (mut accounts, mut owners) = (BTreeMap::new(), BTreeMap::new());
+        for key in keys {
+            let run = running.get(key).copied().unwrap_or(0);
+            let used = self.usage.get(key).copied().unwrap_or(0.0);
+            owners.insert(
+                key.clone(),
+                Standing {
+                    shares: self.owner_shares(&key.1),
+                    running: run,
+                    usage_ms: used,
+                },
+            );
+            let a = key.0.clone().unwrap_or_default();
+            let s: &mut Standing = accounts.entry(a.clone()).or_insert_with(|| Standing {
+                shares: self.account_shares(&a),
+                ..Standing::default()
+            });
+            s.running += run;
+            s.usage_ms += used;
+        }
+        (accounts, owners)
+    }
+}
+
+/// Slots running now per owner, over the stages of running jobs.
+fn running_by_owner(tx: &mut dyn Db) -> Result<BTreeMap<OwnerKey, u64>> {
+    let rows = tx.query(
+        "SELECT s.needs, count(*) FROM fragments f
+           JOIN stages s ON s.id = f.stage_id
+           JOIN jobs j ON j.id = s.job_id
+         WHERE j.state = 'running' AND f.state = 'running'
+         GROUP BY s.id, s.needs",
+        args![],
+    )?;
+    let mut out = BTreeMap::new();
+    for r in rows {
+        let needs: StageNeeds = parse(r.str(0), "stage needs")?;
+        *out.entry(needs.owner_key()).or_default() += r.u64(1);
+    }
+    Ok(out)
+}
+
+/// The owners' turns for a claim over `jobs` (core's `fair::turns`); `None` when
+/// every unfinished stage has one owner: then there is nobody to be fair between.
+pub(crate) fn turns(
+    tx: &mut dyn Db,
+    jobs: &[(i64, Vec<StageRow>)],
+    now_ms: i64,
+) -> Result<Option<BTreeMap<OwnerKey, u64>>> {
+    let keys: BTreeSet<OwnerKey> = jobs
+        .iter()
+        .flat_map(|(_, stages)| stages.iter())
+        .filter(|s| !s.is_done())
+        .map(|s| s.needs.owner_key())
+        .collect();
+    if keys.len() <= 1 {
+        return Ok(None);
+    }
+    let ledger = ledger(tx, now_ms)?;
+    let running = running_by_owner(tx)?;
+    let (accounts, owners) = ledger.standings(&running);
+    let keys: Vec<OwnerKey> = keys.into_iter().collect();
+    Ok(Some(fair::turns(&keys, &accounts, &owners)))
+}
+
+/// Sets the shares of an owner (`account`: false) or an account (> 0; the CLI checks).
+pub(crate) fn set_shares(
+    b: &mut impl Backend,
+    account: bool,
+    name: &str,
+    shares: f64,
+) -> Result<()> {
+    let kind = if account { "account" } else { "owner" };
+    b.transaction(TxKind::Write, |tx| {
+        tx.execute(
+            "INSERT INTO shares (kind, name, shares) VALUES ($1, $2, $3)
+             ON CONFLICT (kind, name) DO UPDATE SET shares = $3",
+            args![kind, name, shares],
+        )?;
+        Ok(())
+    })
+}
+
+/// Sets the half-life of recorded usage, ms (> 0; the CLI checks).
+pub(crate) fn set_half_life(b: &mut impl Backend, half_life_ms: f64) -> Result<()> {
+    b.transaction(TxKind::Write, |tx| {
+        let value = half_life_ms.to_string();
+        tx.execute(
+            "INSERT INTO settings (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = $2",
+            args![HALF_LIFE, value.as_str()],
+        )?;
+        Ok(())
+    })
+}
+
+/// Every owner with shares set, usage or running work: shares, usage, slots now.
+pub(crate) fn report(b: &mut impl Backend, now_ms: i64) -> Result<FairShare> {
+    b.transaction(TxKind::Read, |tx| {
+        let ledger = ledger(tx, now_ms)?;
+        let running = running_by_owner(tx)?;
+        let (_, owners) = ledger.standings(&running);
+        let mut rows: Vec<OwnerShare> = owners
+            .iter()
+            .map(|(key, s)| OwnerShare {
+                account: key.0.clone(),
+                owner: key.1.clone(),
+                shares: s.shares,
+                account_shares: key.0.as_deref().map(|a| ledger.account_shares(a)),
+                usage_s: s.usage_ms / 1000.0,
+                slots: s.running,
+            })
+            .collect();
+        // Owners with shares set and nothing used yet.
+        for (name, shares) in &ledger.owner_shares {
+            if !rows.iter().any(|r| stored(&r.owner) == name) {
+                rows.push(OwnerShare {
+                    account: None,
+                    owner: named(name.clone()),
+                    shares: *shares,
+                    account_shares: None,
+                    usage_s: 0.0,
+                    slots: 0,
+                });
+            }
+        }
+        rows.sort_by(|a, b| (&a.account, &a.owner).cmp(&(&b.account, &b.owner)));
+        Ok(FairShare {
+            half_life_s: ledger.half_life_ms / 1000.0,
+            owners: rows,
+        })
+    })
+}
+
+/// How often, per store connection, a flush looks for a fairness split.
+const SPLIT_EVERY_MS: i64 = 1000;
+
+/// Restores the balance without preemption: when a slot of this worker, freed,
+/// would go to another owner (one below its share, or with work of a higher
+/// priority, that this worker's class may run), asks this worker to split the
+/// fragment holding it right after what it has fed; the rest goes back to pending
+/// and the slot's next claim follows the fair order. One fragment per look, at most
+/// one look a second per connection.
+pub(crate) fn split(tx: &mut dyn Db, worker: &str, now_ms: i64) -> Result<()> {
+    if !tx.plans().fair_split_due(now_ms, SPLIT_EVERY_MS) {
+        return Ok(());
+    }
+    let class = match tx.query_opt("SELECT class FROM workers WHERE id = $1", args![worker])? {
+        Some(r) => r.string(0),
+        None => return Ok(()),
+    };
+    // Owners with pending work in ready stages this worker's class may take, by
+    // their top priority.
+    let jobs: Vec<i64> = tx
+        .query("SELECT id FROM jobs WHERE state = 'running'", args![])?
+        .iter()
+        .map(|r| r.i64(0))
+        .collect();
+    let (mut owners_seen, mut waiting) = (BTreeSet::new(), BTreeMap::<OwnerKey, i64>::new());
+    for job in jobs {
+        let stages = super::stages_of(tx, job, true)?;
+        let finished: Vec<bool> = stages.iter().map(StageRow::is_done).collect();
+        for s in &stages {
+            if s.is_done() {
+                continue;
+            }
+            owners_seen.insert(s.needs.owner_key());
+            let ready = s
+                .after
+                .iter()
+                .all(|&a| finished.get(a).copied().unwrap_or(true));
+            let elsewhere =
+                s.needs.class_required && s.needs.class.as_deref() != Some(class.as_str());
+            if !ready || elsewhere || waiting.get(&s.needs.owner_key()) >= Some(&s.needs.priority) {
+                continue;
+            }
+            let pending = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pending WHERE stage_id = $1)",
+                    args![s.id],
+                )?
+                .bool(0);
+            if pending {
+                waiting.insert(s.needs.owner_key(), s.needs.priority);
+            }
+        }
+    }
+    if owners_seen.len() < 2 || waiting.is_empty() {
+        return Ok(());
+    }
+    let mine = tx.query(
+        "SELECT f.id, s.needs, f.start_idx FROM fragments f JOIN stages s ON s.id = f.stage_id
+         WHERE f.worker = $1 AND f.state = 'running' AND f.split_request IS NULL
+         ORDER BY f.claimed_ms",
+        args![worker],
+    )?;
+    if mine.is_empty() {
+        return Ok(());
+    }
+    let ledger = ledger(tx, now_ms)?;
+    let running = running_by_owner(tx)?;
+    for r in &mine {
+        let needs: StageNeeds = parse(r.str(1), "stage needs")?;
+        let me = needs.owner_key();
+        let higher = waiting
+            .iter()
+            .any(|(k, top)| *k != me && *top > needs.priority);
+        let mut freed = running.clone();
+        if let Some(n) = freed.get_mut(&me) {
+            *n = n.saturating_sub(1);
+        }
+        // By slots alone: usage breaks ties between claims, never splits (two
+        // owners at their share would take a slot from each other every second).
+        let (mut accounts, mut owners) = ledger.standings(&freed);
+        for s in accounts.values_mut().chain(owners.values_mut()) {
+            s.usage_ms = 0.0;
+        }
+        let contenders: BTreeSet<OwnerKey> = waiting
+            .iter()
+            .filter(|(_, top)| **top >= needs.priority)
+            .map(|(k, _)| k.clone())
+            .chain([me.clone()])
+            .collect();
+        let contenders: Vec<OwnerKey> = contenders.into_iter().collect();
+        let turns = fair::turns(&contenders, &accounts, &owners);
+        let first = turns.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k);
+        if higher || first.is_some_and(|k| *k != me) {
+            // At its first item: the worker cuts right after what it has fed.
+            tx.execute(
+                "UPDATE fragments SET split_request = $2
+                 WHERE id = $1 AND state = 'running' AND split_request IS NULL",
+                args![r.i64(0), r.i64(2)],
+            )?;
+            return Ok(());
+        }
+    }
+    Ok(())
+}
