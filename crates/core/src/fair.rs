@@ -109,7 +109,9 @@ pub fn turns(
             .iter()
             .map(|a| (a.clone(), accounts.get(a).unwrap_or(&none))),
     );
-    let mut keyed: Vec<(&OwnerKey, (f64, f64), (f64, f64))> = Vec::new();
+    // (owner, its account's key, its own key)
+    type Keyed<'a> = (&'a OwnerKey, (f64, f64), (f64, f64));
+    let mut keyed: Vec<Keyed<'_>> = Vec::new();
     for account in &names {
         let members = keys.iter().filter(|k| account_of(k) == *account);
         let owner_keys = level_keys(members.map(|k| (k, owners.get(k).unwrap_or(&none))));
