@@ -4,6 +4,7 @@
 
 use crate::pool::{Ending, Life, Lives};
 use crate::scenario::Scenario;
+use granule_core::fair::{self, OwnerKey, Standing, UsageLedger, DEFAULT_SHARES};
 use granule_core::{
     absolute_errors, claim_context, fits, median_p90, placement_order, size_with_unrun,
     split_share, unrun_estimate, Admission, ClaimContext, FinishOutcome, FragmentId, Holt,
@@ -16,7 +17,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, LogNormal, StandardNormal};
 use serde::Serialize;
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 /// Which placement to simulate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -171,7 +172,37 @@ pub struct Report {
     pub classes: Vec<ClassReport>,
     /// Per stage.
     pub stages: Vec<StageReport>,
+    /// Per owner: fair share across jobs.
+    pub owners: Vec<OwnerReport>,
+    /// Median duration of a fragment, ms (what starvation is judged against).
+    pub fragment_median_ms: f64,
 }
+
+/// One owner's fair share in a simulation.
+#[derive(Clone, Debug, Serialize)]
+pub struct OwnerReport {
+    /// The owner (`None`: stages without one).
+    pub owner: Option<String>,
+    /// Its account.
+    pub account: Option<String>,
+    /// Its shares.
+    pub shares: f64,
+    /// Its entitlement while every owner has work: its shares over all owners'
+    /// (accounts first), computed from the scenario alone.
+    pub entitlement: f64,
+    /// Its share of busy slot-time while every owner had work (from the last
+    /// submission to the first owner's end); `None` if there was no such time.
+    pub share_all_active: Option<f64>,
+    /// Slot-time it used, ms.
+    pub busy_ms: f64,
+    /// The longest time it had ready work waiting and nothing running, ms.
+    pub longest_starved_ms: f64,
+    /// Its share of busy slot-time per `OWNER_BUCKET_MS` of virtual time.
+    pub over_time: Vec<f64>,
+}
+
+/// Width of the time buckets of `OwnerReport::over_time`, ms.
+pub const OWNER_BUCKET_MS: f64 = 60_000.0;
 
 /// Fragments of at most this many items have their items' costs drawn one by one.
 const EXACT_SUM: u64 = 256;
@@ -193,6 +224,8 @@ enum Event {
     /// The lease of a fragment whose worker was killed (by index in `lapsed`)
     /// expires: its work goes back.
     Expire(usize),
+    /// A stage's job is submitted (its `submit_at`).
+    Submit(usize),
 }
 
 struct Running {
@@ -242,6 +275,8 @@ struct Stage {
     durations: Vec<(f64, f64)>,
     /// The factoring baseline's batch: chunk size and chunks left in it.
     batch: (u64, u64),
+    /// When its job is submitted, virtual ms.
+    submit_at: f64,
 }
 
 struct Sim<'a> {
@@ -284,6 +319,19 @@ struct Sim<'a> {
     parked: Vec<Vec<(u32, Life)>>,
     /// Slots of each class on their way (arrival scheduled).
     arriving: Vec<f64>,
+    /// Recent usage per owner and account, for fair share.
+    usage: UsageLedger,
+    /// Per owner: busy slot-ms per `OWNER_BUCKET_MS`, when it began to wait with
+    /// nothing running, and the longest such wait.
+    owners: BTreeMap<OwnerKey, OwnerTrack>,
+}
+
+/// What the simulation tracks of one owner.
+#[derive(Default)]
+struct OwnerTrack {
+    buckets: Vec<f64>,
+    starving_since: Option<f64>,
+    longest_starved: f64,
 }
 
 /// The scenario's stages, each with a fresh ledger and a sizer per class.
@@ -302,6 +350,7 @@ fn stages_of(sc: &Scenario) -> Vec<Stage> {
                 class_required: st.class_required,
                 priority: st.priority,
                 owner: st.owner.clone(),
+                account: st.account.clone(),
                 ..StageNeeds::default()
             },
             config: SizerConfig {
@@ -319,6 +368,7 @@ fn stages_of(sc: &Scenario) -> Vec<Stage> {
             items_by_class: vec![0; sc.classes.len()],
             durations: Vec::new(),
             batch: (0, 0),
+            submit_at: st.submit_at,
         })
         .collect()
 }
@@ -368,7 +418,23 @@ pub fn simulate<'a>(
         busy: vec![0; sc.classes.len()],
         parked: vec![Vec::new(); sc.classes.len()],
         arriving: vec![0.0; sc.classes.len()],
+        usage: UsageLedger::default(),
+        owners: sc
+            .stages
+            .iter()
+            .map(|st| {
+                (
+                    (st.account.clone(), st.owner.clone()),
+                    OwnerTrack::default(),
+                )
+            })
+            .collect(),
     };
+    for (s, st) in sc.stages.iter().enumerate() {
+        if st.submit_at > 0.0 {
+            sim.at(st.submit_at, Event::Submit(s));
+        }
+    }
     for (c, class) in sc.classes.iter().enumerate() {
         for i in 0..class.count {
             if class.autoscale {
@@ -457,6 +523,11 @@ impl Sim<'_> {
                 Event::End(w) => self.end(w),
                 Event::IdleCheck(w, since) => self.idle_check(w, since),
                 Event::Expire(i) => self.expire(i),
+                Event::Submit(_) => {
+                    self.replan();
+                    self.watch_owners();
+                    self.wake_idle();
+                }
             }
         }
         // Whoever is still here stops being paid for now.
@@ -641,6 +712,19 @@ impl Sim<'_> {
         st.items_by_class[class] += done;
         self.classes[class].items += done;
         self.classes[class].busy_slot_ms += elapsed;
+        let owner = st.needs.owner_key();
+        self.usage
+            .add(&owner, elapsed, ended as i64, self.sc.fair_half_life);
+        let track = self.owners.entry(owner).or_default();
+        let (mut t, mut b) = (r.start, (r.start / OWNER_BUCKET_MS) as usize);
+        while t < ended {
+            let edge = ((b + 1) as f64 * OWNER_BUCKET_MS).min(ended);
+            if track.buckets.len() <= b {
+                track.buckets.resize(b + 1, 0.0);
+            }
+            track.buckets[b] += edge - t;
+            (t, b) = (edge, b + 1);
+        }
         let useful = done as f64 * r.item_ms;
         self.useful_ms += useful;
         self.wasted_ms += (elapsed - r.overhead_ms - useful).max(0.0);
@@ -682,6 +766,7 @@ impl Sim<'_> {
             });
         }
         let requeued = outcome != FinishOutcome::Success;
+        self.watch_owners();
         let st = &mut self.stages[r.stage];
         if st.done_ms.is_none() && st.ledger.is_finished() {
             st.done_ms = Some(self.now);
@@ -869,6 +954,7 @@ impl Sim<'_> {
                 None => break,
             }
         }
+        self.watch_owners();
         let worker = &mut self.workers[w];
         if worker.slots.iter().any(Option::is_none) {
             self.idle.insert(w);
@@ -921,6 +1007,7 @@ impl Sim<'_> {
         let ready = |s: usize| {
             let st = &self.stages[s];
             st.done_ms.is_none()
+                && self.now >= st.submit_at
                 && (!st.ledger.pending.is_empty() || (!pending && st.running > 0))
                 && st.after.iter().all(|&a| self.stages[a].done_ms.is_some())
                 && fits(&st.needs, offer).is_ok()
@@ -928,6 +1015,7 @@ impl Sim<'_> {
         if !self.policy.plans() {
             return (0..self.stages.len()).filter(|&s| ready(s)).collect();
         }
+        let turns = self.owner_turns(|s| ready(s));
         let views: Vec<StageView> = (0..self.stages.len())
             .map(|s| {
                 let st = &self.stages[s];
@@ -945,7 +1033,7 @@ impl Sim<'_> {
                         .collect(),
                     checkpoints: false,
                     deadline_at_ms: None,
-                    owner_turn: 0,
+                    owner_turn: turns.get(&st.needs.owner_key()).copied().unwrap_or(0),
                 }
             })
             .collect();
@@ -955,9 +1043,87 @@ impl Sim<'_> {
         placement_order(&views, offer, Some(&planned))
     }
 
+    /// Each owner's and account's standing now: shares, slots running, usage.
+    fn standings(&self) -> (BTreeMap<String, Standing>, BTreeMap<OwnerKey, Standing>) {
+        let now = self.now as i64;
+        let half_life = self.sc.fair_half_life;
+        let (mut accounts, mut owners) = (BTreeMap::new(), BTreeMap::<OwnerKey, Standing>::new());
+        for st in &self.stages {
+            let key = st.needs.owner_key();
+            let o = owners.entry(key.clone()).or_insert_with(|| Standing {
+                shares: key
+                    .1
+                    .as_ref()
+                    .and_then(|o| self.sc.shares.get(o))
+                    .copied()
+                    .unwrap_or(DEFAULT_SHARES),
+                running: 0,
+                usage_ms: self
+                    .usage
+                    .owners
+                    .get(&key)
+                    .map_or(0.0, |u| u.at(now, half_life)),
+            });
+            o.running += st.running;
+            let account = key.0.clone().unwrap_or_default();
+            let a = accounts.entry(account.clone()).or_insert_with(|| Standing {
+                shares: self
+                    .sc
+                    .account_shares
+                    .get(&account)
+                    .copied()
+                    .unwrap_or(DEFAULT_SHARES),
+                running: 0,
+                usage_ms: self
+                    .usage
+                    .accounts
+                    .get(&account)
+                    .map_or(0.0, |u| u.at(now, half_life)),
+            });
+            a.running += st.running;
+        }
+        (accounts, owners)
+    }
+
+    /// The owners' turns in the fair share among the owners of the stages that
+    /// `ready` admits (core's `fair::turns`, as the stores rank them).
+    fn owner_turns(&self, ready: impl Fn(usize) -> bool) -> BTreeMap<OwnerKey, u64> {
+        let keys: BTreeSet<OwnerKey> = (0..self.stages.len())
+            .filter(|&s| ready(s))
+            .map(|s| self.stages[s].needs.owner_key())
+            .collect();
+        if keys.len() <= 1 {
+            return BTreeMap::new();
+        }
+        let (accounts, owners) = self.standings();
+        let keys: Vec<OwnerKey> = keys.into_iter().collect();
+        fair::turns(&keys, &accounts, &owners)
+    }
+
+    /// Notes, per owner, when it starts and stops waiting with ready work and
+    /// nothing running.
+    fn watch_owners(&mut self) {
+        let mut state: BTreeMap<OwnerKey, (bool, u64)> = BTreeMap::new();
+        for s in 0..self.stages.len() {
+            let st = &self.stages[s];
+            let e = state.entry(st.needs.owner_key()).or_default();
+            e.0 |= self.ready(s) && !st.ledger.pending.is_empty();
+            e.1 += st.running;
+        }
+        for (key, (waiting, running)) in state {
+            let track = self.owners.entry(key).or_default();
+            if waiting && running == 0 {
+                track.starving_since.get_or_insert(self.now);
+            } else if let Some(since) = track.starving_since.take() {
+                track.longest_starved = track.longest_starved.max(self.now - since);
+            }
+        }
+    }
+
     /// Whether stage `s` is unfinished and every stage it waits for is done.
     fn ready(&self, s: usize) -> bool {
         self.stages[s].done_ms.is_none()
+            && self.now >= self.stages[s].submit_at
             && self.stages[s]
                 .after
                 .iter()
@@ -1258,6 +1424,14 @@ impl Sim<'_> {
             })
             .collect();
         let (error_median, error_p90) = median_p90(&all_errors);
+        let owners = self.owner_reports();
+        let mut observed: Vec<f64> = self
+            .stages
+            .iter()
+            .flat_map(|st| st.durations.iter().map(|d| d.1))
+            .collect();
+        observed.sort_by(f64::total_cmp);
+        let fragment_median_ms = observed.get(observed.len() / 2).copied().unwrap_or(0.0);
         let mut classes = self.classes;
         let mut cost = 0.0;
         for (c, report) in classes.iter_mut().enumerate() {
@@ -1281,7 +1455,103 @@ impl Sim<'_> {
             error_p90,
             classes,
             stages,
+            owners,
+            fragment_median_ms,
         }
+    }
+
+    /// Per owner: entitlement, share while all had work, starvation, share over time.
+    fn owner_reports(&self) -> Vec<OwnerReport> {
+        let sc = self.sc;
+        let shares = |o: &Option<String>| {
+            o.as_ref()
+                .and_then(|o| sc.shares.get(o))
+                .copied()
+                .unwrap_or(DEFAULT_SHARES)
+        };
+        let account_shares = |a: &str| sc.account_shares.get(a).copied().unwrap_or(DEFAULT_SHARES);
+        let keys: Vec<&OwnerKey> = self.owners.keys().collect();
+        let accounts: BTreeSet<String> = keys
+            .iter()
+            .map(|k| k.0.clone().unwrap_or_default())
+            .collect();
+        let all_accounts: f64 = accounts.iter().map(|a| account_shares(a)).sum();
+        // Every owner has work from the last submission to the first owner's end.
+        let from = sc.stages.iter().map(|s| s.submit_at).fold(0.0, f64::max);
+        let until = keys
+            .iter()
+            .map(|k| {
+                self.stages
+                    .iter()
+                    .filter(|st| st.needs.owner_key() == **k)
+                    .map(|st| st.done_ms.unwrap_or(self.now))
+                    .fold(0.0, f64::max)
+            })
+            .fold(f64::INFINITY, f64::min);
+        let within = |buckets: &[f64]| -> f64 {
+            buckets
+                .iter()
+                .enumerate()
+                .map(|(b, ms)| {
+                    let (lo, hi) = (b as f64 * OWNER_BUCKET_MS, (b + 1) as f64 * OWNER_BUCKET_MS);
+                    let overlap = (hi.min(until) - lo.max(from)).max(0.0);
+                    ms * overlap / OWNER_BUCKET_MS
+                })
+                .sum()
+        };
+        let active_total: f64 = self.owners.values().map(|t| within(&t.buckets)).sum();
+        let buckets = self
+            .owners
+            .values()
+            .map(|t| t.buckets.len())
+            .max()
+            .unwrap_or(0);
+        let per_bucket: Vec<f64> = (0..buckets)
+            .map(|b| {
+                self.owners
+                    .values()
+                    .map(|t| t.buckets.get(b).copied().unwrap_or(0.0))
+                    .sum()
+            })
+            .collect();
+        self.owners
+            .iter()
+            .map(|(key, track)| {
+                let account = key.0.clone().unwrap_or_default();
+                let in_account: f64 = keys
+                    .iter()
+                    .filter(|k| k.0.clone().unwrap_or_default() == account)
+                    .map(|k| shares(&k.1))
+                    .sum();
+                let starved = track
+                    .starving_since
+                    .map_or(0.0, |since| self.now - since)
+                    .max(track.longest_starved);
+                OwnerReport {
+                    owner: key.1.clone(),
+                    account: key.0.clone(),
+                    shares: shares(&key.1),
+                    entitlement: account_shares(&account) / all_accounts * shares(&key.1)
+                        / in_account,
+                    share_all_active: (until > from && active_total > 0.0)
+                        .then(|| within(&track.buckets) / active_total),
+                    busy_ms: track.buckets.iter().sum(),
+                    longest_starved_ms: starved,
+                    over_time: per_bucket
+                        .iter()
+                        .enumerate()
+                        .map(|(b, total)| {
+                            let mine = track.buckets.get(b).copied().unwrap_or(0.0);
+                            if *total > 0.0 {
+                                mine / total
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
     }
 }
 

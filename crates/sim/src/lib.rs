@@ -9,7 +9,9 @@ mod scenario;
 mod svg;
 
 pub use bound::lower_bound;
-pub use engine::{simulate, ClassReport, Policy, Report, StageReport, TraceRow};
+pub use engine::{
+    simulate, ClassReport, OwnerReport, Policy, Report, StageReport, TraceRow, OWNER_BUCKET_MS,
+};
 pub use scenario::{parse, ClassSpec, Scenario, StageSpec};
 pub use svg::timeline;
 

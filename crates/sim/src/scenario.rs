@@ -45,9 +45,23 @@ pub struct Scenario {
     /// Worker classes of the pool.
     #[serde(rename = "class")]
     pub classes: Vec<ClassSpec>,
-    /// Stages of the workload (one job; `after` makes the DAG).
+    /// Stages of the workload (`after` makes the DAG; `job` and `submit_at` make
+    /// several jobs arriving over time).
     #[serde(rename = "stage")]
     pub stages: Vec<StageSpec>,
+    /// Fair-share shares per owner (`granule shares`), default 1 each.
+    #[serde(default)]
+    pub shares: BTreeMap<String, f64>,
+    /// Fair-share shares per account, default 1 each.
+    #[serde(default)]
+    pub account_shares: BTreeMap<String, f64>,
+    /// Half-life of the usage fair share judges owners by, default 10 min.
+    #[serde(default = "default_half_life", deserialize_with = "millis")]
+    pub fair_half_life: f64,
+}
+
+fn default_half_life() -> f64 {
+    granule_core::fair::DEFAULT_HALF_LIFE_MS
 }
 
 /// One class of workers.
@@ -118,6 +132,15 @@ pub struct StageSpec {
     /// Who the work is for (fairness between owners).
     #[serde(default)]
     pub owner: Option<String>,
+    /// The account above its owner.
+    #[serde(default)]
+    pub account: Option<String>,
+    /// The job it belongs to (for reports; jobs differ by `submit_at`).
+    #[serde(default)]
+    pub job: Option<String>,
+    /// When its job is submitted, virtual time (default 0: at the start).
+    #[serde(default, deserialize_with = "millis")]
+    pub submit_at: f64,
     /// Preferred (or, with `class_required`, required) class.
     #[serde(default)]
     pub class: Option<String>,
@@ -239,6 +262,16 @@ fn line_col(text: &str, at: usize) -> (usize, usize) {
 fn check(s: &Scenario) -> Result<(), String> {
     if s.classes.is_empty() || s.stages.is_empty() {
         return Err("a scenario needs at least one [[class]] and one [[stage]]".into());
+    }
+    for (name, shares) in s.shares.iter().chain(&s.account_shares) {
+        if !(shares.is_finite() && *shares > 0.0) {
+            return Err(format!(
+                "shares of {name}: must be a number above 0, not {shares}"
+            ));
+        }
+    }
+    if s.fair_half_life <= 0.0 {
+        return Err("fair_half_life must be longer than 0".into());
     }
     let classes: Vec<&str> = s.classes.iter().map(|c| c.name.as_str()).collect();
     for c in &s.classes {

@@ -210,6 +210,9 @@ after = ["a"]
     let unknown = cyclic.replace("after = [\"a\"]", "class = \"gpu\"");
     let err = parse("s.toml", &unknown).unwrap_err();
     assert!(err.contains("unknown class gpu"), "{err}");
+    let shares = cyclic.replacen("name = \"x\"", "name = \"x\"\nshares = { ada = 0 }", 1);
+    let err = parse("s.toml", &shares).unwrap_err();
+    assert!(err.contains("shares of ada"), "{err}");
 }
 
 #[test]
@@ -453,4 +456,43 @@ fn autoscaled_pools_start_the_dear_class_only_for_a_deadline_that_needs_it() {
     assert!(tight.finished);
     assert!(tight.classes[1].cost > 0.0, "{:?}", tight.classes);
     assert!(tight.makespan_ms < loose.makespan_ms);
+}
+
+#[test]
+fn owners_arriving_over_time_hold_their_entitlement_and_none_starves() {
+    // examples/sim/owners.toml, smaller: five jobs submitted over 12 minutes, one
+    // owner with 2 shares.
+    let text = include_str!("../../../examples/sim/owners.toml")
+        .replace("count = 1000", "count = 200")
+        .replace("20_000_000", "4_000_000");
+    let sc = scenario(&text);
+    let r = run(&sc, Policy::Granule, None);
+    assert!(r.finished);
+    assert_eq!(r.owners.len(), 5);
+    for o in &r.owners {
+        let share = o
+            .share_all_active
+            .expect("a time when every owner had work");
+        assert!(
+            (share - o.entitlement).abs() <= 0.05 * o.entitlement,
+            "{:?}: {share} for an entitlement of {}",
+            o.owner,
+            o.entitlement
+        );
+        assert!(
+            o.longest_starved_ms <= r.fragment_median_ms,
+            "{:?} starved {} ms; a fragment takes {} ms",
+            o.owner,
+            o.longest_starved_ms,
+            r.fragment_median_ms
+        );
+    }
+    let ada = r.owners.iter().find(|o| o.owner.as_deref() == Some("ada"));
+    assert!((ada.unwrap().entitlement - 1.0 / 3.0).abs() < 1e-9);
+    // Oldest first (FIFO) starves the late owners: the check can fail.
+    let fifo = run(&sc, Policy::Fifo, None);
+    assert!(fifo
+        .owners
+        .iter()
+        .any(|o| o.longest_starved_ms > 10.0 * fifo.fragment_median_ms));
 }

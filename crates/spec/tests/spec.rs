@@ -673,3 +673,28 @@ fn stdout_outputs_need_per_item_mode() {
     let (_dir, spec) = load_text(&one_stage("per_item = true\noutputs = \"stdout\""));
     assert!(spec.unwrap().stages[0].stdout_outputs);
 }
+
+#[test]
+fn job_level_owner_account_and_priority_are_defaults_for_its_stages() {
+    let text = "name = \"j\"\nowner = \"ada\"\naccount = \"physics\"\npriority = 3\n\
+                [[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { range = [0, 2] }\n\
+                [[stage]]\nname = \"b\"\ncommand = [\"true\"]\nitems = { range = [0, 2] }\nowner = \"bob\"\npriority = 0\n";
+    let (_dir, spec) = load_text(text);
+    let spec = spec.unwrap();
+    let (a, b) = (&spec.stages[0].needs, &spec.stages[1].needs);
+    assert_eq!(
+        (a.owner.as_deref(), a.account.as_deref(), a.priority),
+        (Some("ada"), Some("physics"), 3)
+    );
+    // A stage's own keys win, even a priority of 0.
+    assert_eq!(
+        (b.owner.as_deref(), b.account.as_deref(), b.priority),
+        (Some("bob"), Some("physics"), 0)
+    );
+    assert_err(
+        "name = \"j\"\naccount = \"\"\n[[stage]]\nname = \"a\"\ncommand = [\"true\"]\nitems = { range = [0, 2] }\n",
+        2,
+        "account",
+        "",
+    );
+}

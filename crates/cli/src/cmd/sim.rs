@@ -202,5 +202,30 @@ fn print_report(r: &Report, wall: f64) {
             pct(s.error_median),
             pct(s.error_p90)
         );
+    } // Fair share, once there are several owners.
+    if r.owners.len() > 1 {
+        println!(
+            "  owners (median fragment {}; share of busy slot-time per {} shown every 10th):",
+            hours(r.fragment_median_ms),
+            hours(granule_sim::OWNER_BUCKET_MS)
+        );
+    }
+    for o in r.owners.iter().filter(|_| r.owners.len() > 1) {
+        let over: Vec<String> = o
+            .over_time
+            .iter()
+            .step_by(10)
+            .map(|x| format!("{:.0}%", 100.0 * x))
+            .collect();
+        println!(
+            "  owner {:<8} {} shares, entitled to {:.1}%, had {} while all had work, longest starved {}, over time: {}",
+            o.owner.as_deref().unwrap_or("-"),
+            o.shares,
+            100.0 * o.entitlement,
+            o.share_all_active
+                .map_or("-".into(), |s| format!("{:.1}%", 100.0 * s)),
+            hours(o.longest_starved_ms),
+            over.join(" ")
+        );
     }
 }
