@@ -1015,7 +1015,7 @@ impl Sim<'_> {
         if !self.policy.plans() {
             return (0..self.stages.len()).filter(|&s| ready(s)).collect();
         }
-        let turns = self.owner_turns(&ready);
+        let turns = self.owner_turns(ready);
         let views: Vec<StageView> = (0..self.stages.len())
             .map(|s| {
                 let st = &self.stages[s];
