@@ -124,3 +124,42 @@ fn shares_and_the_half_life_are_set_checked_and_shown() {
         assert_eq!(ada["shares"], 3.0);
     }
 }
+
+#[test]
+fn a_long_fragment_is_split_for_an_owner_below_its_share_not_waited_for() {
+    for backend in backends("fair_split") {
+        // ada's two fragments would take ~250 s each: bob cannot wait for them.
+        let spec = owned_spec("ada-job", "ada", 50_000).replace(
+            "items = { range = [0, 50000] }",
+            "items = { range = [0, 50000] }\ninitial = 25000\ntarget = \"10m\"",
+        );
+        let jobs = Job::on(&spec, &backend);
+        std::fs::write(jobs.path("bob.toml"), owned_spec("bob-job", "bob", 50)).unwrap();
+        let out = jobs.output(&["submit", "job.toml"]);
+        assert!(out.status.success(), "{}: {}", backend.name, stderr(&out));
+        let _worker = Spawned::start(
+            jobs.cmd(&["worker", "--slots", "2"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        wait_until(
+            &format!("{}: ada's job in both slots", backend.name),
+            Duration::from_secs(120),
+            || job(&jobs.status(), "ada-job")["stages"][0]["running_fragments"] == 2,
+        );
+        let out = jobs.output(&["submit", "bob.toml"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        wait_until(
+            &format!("{}: bob's job done while ada's fragments run", backend.name),
+            Duration::from_secs(120),
+            || job(&jobs.status(), "bob-job")["state"] == "done",
+        );
+        // Nothing of ada's was lost or run twice by the split: every item acked
+        // once, the rest pending again.
+        let status = jobs.status();
+        let ada = &job(&status, "ada-job")["stages"][0];
+        assert_eq!(ada["quarantined"], 0, "{status}");
+        let out = jobs.output(&["cancel", "ada-job"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}
