@@ -18,6 +18,15 @@ fn owned_spec(name: &str, owner: &str, items: u64) -> String {
     )
 }
 
+/// A `granule worker --slots 2` on the job's store (killed when dropped).
+fn worker(jobs: &Job) -> Spawned {
+    Spawned::start(
+        jobs.cmd(&["worker", "--slots", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+}
+
 /// The job named in a `status --json`.
 fn job<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     status["jobs"]
@@ -37,11 +46,7 @@ fn a_second_owner_is_served_while_the_first_owners_job_runs() {
             let out = jobs.output(&["submit", spec]);
             assert!(out.status.success(), "{}: {}", backend.name, stderr(&out));
         }
-        let _worker = Spawned::start(
-            jobs.cmd(&["worker", "--slots", "2"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        );
+        let _worker = worker(&jobs);
         // Before: bob's job waited for the whole of ada's (oldest first).
         wait_until(
             &format!("{}: bob's job done", backend.name),
@@ -137,11 +142,7 @@ fn a_long_fragment_is_split_for_an_owner_below_its_share_not_waited_for() {
         std::fs::write(jobs.path("bob.toml"), owned_spec("bob-job", "bob", 50)).unwrap();
         let out = jobs.output(&["submit", "job.toml"]);
         assert!(out.status.success(), "{}: {}", backend.name, stderr(&out));
-        let _worker = Spawned::start(
-            jobs.cmd(&["worker", "--slots", "2"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        );
+        let _worker = worker(&jobs);
         wait_until(
             &format!("{}: ada's job in both slots", backend.name),
             Duration::from_secs(120),

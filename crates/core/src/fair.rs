@@ -88,16 +88,42 @@ fn level_keys<'a, K: Ord + Clone>(
         .collect()
 }
 
+/// One owner in the fair order: its key, its account's (quota, usage) key and its
+/// own within the account. Smaller keys go first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ranked {
+    /// The owner.
+    pub key: OwnerKey,
+    /// Its account's slots above quota, and usage per share.
+    pub account: (f64, f64),
+    /// Its own slots above quota within the account, and usage per share.
+    pub owner: (f64, f64),
+}
+
+impl Ranked {
+    /// Whether this owner stands strictly before `other` by slots against quota
+    /// alone (not usage, not names): what justifies taking a slot from `other`.
+    pub fn strictly_before(&self, other: &Ranked) -> bool {
+        const EPS: f64 = 1e-9;
+        if self.account.0 < other.account.0 - EPS {
+            return true;
+        }
+        if self.account.0 > other.account.0 + EPS || self.key.0 != other.key.0 {
+            return false;
+        }
+        self.owner.0 < other.owner.0 - EPS
+    }
+}
+
 /// The owners (with their accounts) in the order free slots should serve them:
 /// accounts by standing, then owners within the account by standing; ties by name.
-/// Returns each owner's turn (0 first). `accounts` (owners without one: the
-/// account "") and `owners` hold the standings; an account or owner missing from
-/// them stands at nothing used, default shares.
-pub fn turns(
+/// `accounts` (owners without one: the account "") and `owners` hold the standings;
+/// an account or owner missing from them stands at nothing used, default shares.
+pub fn rank(
     keys: &[OwnerKey],
     accounts: &BTreeMap<String, Standing>,
     owners: &BTreeMap<OwnerKey, Standing>,
-) -> BTreeMap<OwnerKey, u64> {
+) -> Vec<Ranked> {
     let none = Standing {
         shares: DEFAULT_SHARES,
         ..Standing::default()
@@ -109,27 +135,38 @@ pub fn turns(
             .iter()
             .map(|a| (a.clone(), accounts.get(a).unwrap_or(&none))),
     );
-    // (owner, its account's key, its own key)
-    type Keyed<'a> = (&'a OwnerKey, (f64, f64), (f64, f64));
-    let mut keyed: Vec<Keyed<'_>> = Vec::new();
+    let mut ranked = Vec::new();
     for account in &names {
         let members = keys.iter().filter(|k| account_of(k) == *account);
         let owner_keys = level_keys(members.map(|k| (k, owners.get(k).unwrap_or(&none))));
         for (k, key) in owner_keys {
-            keyed.push((k, account_keys[account], key));
+            ranked.push(Ranked {
+                key: k.clone(),
+                account: account_keys[account],
+                owner: key,
+            });
         }
     }
     let by = |x: (f64, f64), y: (f64, f64)| x.0.total_cmp(&y.0).then(x.1.total_cmp(&y.1));
-    keyed.sort_by(|a, b| {
-        by(a.1, b.1)
-            .then_with(|| account_of(a.0).cmp(&account_of(b.0)))
-            .then_with(|| by(a.2, b.2))
-            .then_with(|| a.0.cmp(b.0))
+    ranked.sort_by(|a, b| {
+        by(a.account, b.account)
+            .then_with(|| account_of(&a.key).cmp(&account_of(&b.key)))
+            .then_with(|| by(a.owner, b.owner))
+            .then_with(|| a.key.cmp(&b.key))
     });
-    keyed
+    ranked
+}
+
+/// Each owner's turn in [`rank`]'s order (0 first).
+pub fn turns(
+    keys: &[OwnerKey],
+    accounts: &BTreeMap<String, Standing>,
+    owners: &BTreeMap<OwnerKey, Standing>,
+) -> BTreeMap<OwnerKey, u64> {
+    rank(keys, accounts, owners)
         .into_iter()
         .enumerate()
-        .map(|(i, (k, _, _))| (k.clone(), i as u64))
+        .map(|(i, r)| (r.key, i as u64))
         .collect()
 }
 
@@ -219,6 +256,25 @@ mod tests {
         ]);
         let t = turns(&[p1.clone(), p2.clone(), b1.clone()], &accounts, &owners);
         assert_eq!((t[&b1], t[&p2], t[&p1]), (0, 1, 2));
+    }
+
+    #[test]
+    fn only_a_whole_slot_below_quota_justifies_taking_a_slot() {
+        let (ada, bob) = (key(None, "ada"), key(None, "bob"));
+        let ranked = |a: u64, b: u64| {
+            let owners = BTreeMap::from([
+                (ada.clone(), standing(1.0, a, 0.0)),
+                (bob.clone(), standing(1.0, b, 500.0)),
+            ]);
+            rank(&[ada.clone(), bob.clone()], &BTreeMap::new(), &owners)
+        };
+        // 3 slots, one of ada's freed: 1 against 1 is a tie, not a reason.
+        let r = ranked(1, 1);
+        assert!(!r[0].strictly_before(&r[1]) && !r[1].strictly_before(&r[0]));
+        // 4 slots all ada's, one freed: 3 against 0.
+        let r = ranked(3, 0);
+        assert_eq!(r[0].key, bob);
+        assert!(r[0].strictly_before(&r[1]));
     }
 
     proptest! {

@@ -1048,39 +1048,24 @@ impl Sim<'_> {
         let now = self.now as i64;
         let half_life = self.sc.fair_half_life;
         let (mut accounts, mut owners) = (BTreeMap::new(), BTreeMap::<OwnerKey, Standing>::new());
+        let fresh = |shares: Option<&f64>, usage: Option<&fair::Usage>| Standing {
+            shares: shares.copied().unwrap_or(DEFAULT_SHARES),
+            running: 0,
+            usage_ms: usage.map_or(0.0, |u| u.at(now, half_life)),
+        };
         for st in &self.stages {
             let key = st.needs.owner_key();
-            let o = owners.entry(key.clone()).or_insert_with(|| Standing {
-                shares: key
-                    .1
-                    .as_ref()
-                    .and_then(|o| self.sc.shares.get(o))
-                    .copied()
-                    .unwrap_or(DEFAULT_SHARES),
-                running: 0,
-                usage_ms: self
-                    .usage
-                    .owners
-                    .get(&key)
-                    .map_or(0.0, |u| u.at(now, half_life)),
-            });
-            o.running += st.running;
+            let shares = key.1.as_ref().and_then(|o| self.sc.shares.get(o));
+            owners
+                .entry(key.clone())
+                .or_insert_with(|| fresh(shares, self.usage.owners.get(&key)))
+                .running += st.running;
             let account = key.0.clone().unwrap_or_default();
-            let a = accounts.entry(account.clone()).or_insert_with(|| Standing {
-                shares: self
-                    .sc
-                    .account_shares
-                    .get(&account)
-                    .copied()
-                    .unwrap_or(DEFAULT_SHARES),
-                running: 0,
-                usage_ms: self
-                    .usage
-                    .accounts
-                    .get(&account)
-                    .map_or(0.0, |u| u.at(now, half_life)),
-            });
-            a.running += st.running;
+            let shares = self.sc.account_shares.get(&account);
+            accounts
+                .entry(account.clone())
+                .or_insert_with(|| fresh(shares, self.usage.accounts.get(&account)))
+                .running += st.running;
         }
         (accounts, owners)
     }

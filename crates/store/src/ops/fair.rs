@@ -280,36 +280,44 @@ pub(crate) fn split(tx: &mut dyn Db, worker: &str, now_ms: i64) -> Result<()> {
         .iter()
         .map(|r| r.i64(0))
         .collect();
-    let (mut owners_seen, mut waiting) = (BTreeSet::new(), BTreeMap::<OwnerKey, i64>::new());
+    let mut stages = Vec::new();
     for job in jobs {
-        let stages = super::stages_of(tx, job, true)?;
-        let finished: Vec<bool> = stages.iter().map(StageRow::is_done).collect();
-        for s in &stages {
-            if s.is_done() {
-                continue;
-            }
-            owners_seen.insert(s.needs.owner_key());
+        let rows = super::stages_of(tx, job, true)?;
+        let finished: Vec<bool> = rows.iter().map(StageRow::is_done).collect();
+        for s in rows.into_iter().filter(|s| !s.is_done()) {
             let ready = s
                 .after
                 .iter()
                 .all(|&a| finished.get(a).copied().unwrap_or(true));
-            let elsewhere =
-                s.needs.class_required && s.needs.class.as_deref() != Some(class.as_str());
-            if !ready || elsewhere || waiting.get(&s.needs.owner_key()) >= Some(&s.needs.priority) {
-                continue;
-            }
-            let pending = tx
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pending WHERE stage_id = $1)",
-                    args![s.id],
-                )?
-                .bool(0);
-            if pending {
-                waiting.insert(s.needs.owner_key(), s.needs.priority);
-            }
+            stages.push((s, ready));
         }
     }
-    if owners_seen.len() < 2 || waiting.is_empty() {
+    let owners_seen: BTreeSet<OwnerKey> = stages.iter().map(|(s, _)| s.needs.owner_key()).collect();
+    if owners_seen.len() < 2 {
+        return Ok(());
+    }
+    // One read for which of the ready stages this class may run have pending work.
+    let candidates: Vec<i64> = stages
+        .iter()
+        .filter(|(s, ready)| {
+            *ready && !(s.needs.class_required && s.needs.class.as_deref() != Some(class.as_str()))
+        })
+        .map(|(s, _)| s.id)
+        .collect();
+    let with_pending: BTreeSet<i64> = tx
+        .query(
+            "SELECT DISTINCT stage_id FROM pending WHERE stage_id = ANY($1)",
+            args![&candidates],
+        )?
+        .iter()
+        .map(|r| r.i64(0))
+        .collect();
+    let mut waiting = BTreeMap::<OwnerKey, i64>::new();
+    for (s, _) in stages.iter().filter(|(s, _)| with_pending.contains(&s.id)) {
+        let top = waiting.entry(s.needs.owner_key()).or_insert(i64::MIN);
+        *top = (*top).max(s.needs.priority);
+    }
+    if waiting.is_empty() {
         return Ok(());
     }
     let mine = tx.query(
@@ -323,6 +331,8 @@ pub(crate) fn split(tx: &mut dyn Db, worker: &str, now_ms: i64) -> Result<()> {
     }
     let ledger = ledger(tx, now_ms)?;
     let running = running_by_owner(tx)?;
+    // The owners the claim path ranks: those of every unfinished stage.
+    let keys: Vec<OwnerKey> = owners_seen.into_iter().collect();
     for r in &mine {
         let needs: StageNeeds = parse(r.str(1), "stage needs")?;
         let me = needs.owner_key();
@@ -339,16 +349,21 @@ pub(crate) fn split(tx: &mut dyn Db, worker: &str, now_ms: i64) -> Result<()> {
         for s in accounts.values_mut().chain(owners.values_mut()) {
             s.usage_ms = 0.0;
         }
-        let contenders: BTreeSet<OwnerKey> = waiting
-            .iter()
-            .filter(|(_, top)| **top >= needs.priority)
-            .map(|(k, _)| k.clone())
-            .chain([me.clone()])
-            .collect();
-        let contenders: Vec<OwnerKey> = contenders.into_iter().collect();
-        let turns = fair::turns(&contenders, &accounts, &owners);
-        let first = turns.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k);
-        if higher || first.is_some_and(|k| *k != me) {
+        let ranked = fair::rank(&keys, &accounts, &owners);
+        // The first owner the freed slot could serve (its own tail goes back to
+        // pending: this owner counts as waiting too).
+        let first = ranked.iter().find(|o| {
+            o.key == me
+                || waiting
+                    .get(&o.key)
+                    .is_some_and(|top| *top >= needs.priority)
+        });
+        let mine_ranked = ranked.iter().find(|o| o.key == me);
+        let fairer = match (first, mine_ranked) {
+            (Some(f), Some(m)) => f.key != me && f.strictly_before(m),
+            _ => false,
+        };
+        if higher || fairer {
             // At its first item: the worker cuts right after what it has fed.
             tx.execute(
                 "UPDATE fragments SET split_request = $2
