@@ -34,32 +34,45 @@ fn half_life_ms(tx: &mut dyn Db) -> Result<f64> {
         .unwrap_or(DEFAULT_HALF_LIFE_MS))
 }
 
-/// Adds `slot_ms` to the usage of `stage`'s owner, as of `now_ms` (a fragment of it
-/// ended having held a slot that long).
-pub(crate) fn record_usage(tx: &mut dyn Db, stage: i64, slot_ms: f64, now_ms: i64) -> Result<()> {
-    if slot_ms <= 0.0 {
+/// Adds to the usage of each `(stage, slot_ms)`'s owner, as of `now_ms` (fragments
+/// of those stages ended having held a slot that long). Its own transaction, after
+/// the one that ended them, locking usage rows only and in one order: usage is an
+/// estimate, and a lock taken inside a finish (which goes on to claim) could close a
+/// cycle with another finish's stage locks.
+pub(crate) fn record_usage(b: &mut impl Backend, used: &[(i64, f64)], now_ms: i64) -> Result<()> {
+    let used: Vec<(i64, f64)> = used.iter().copied().filter(|(_, ms)| *ms > 0.0).collect();
+    if used.is_empty() {
         return Ok(());
     }
-    let row = tx.query_one("SELECT needs FROM stages WHERE id = $1", args![stage])?;
-    let needs: StageNeeds = parse(row.str(0), "stage needs")?;
-    let half_life = half_life_ms(tx)?;
-    let (account, owner) = (stored(&needs.account), stored(&needs.owner));
-    let old = tx
-        .query_opt(
-            "SELECT slot_ms, at_ms FROM usage WHERE account = $1 AND owner = $2 FOR UPDATE",
-            args![account, owner],
-        )?
-        .map(|r| Usage {
-            slot_ms: r.f64(0),
-            at_ms: r.i64(1),
-        })
-        .unwrap_or_default();
-    let new = old.add(slot_ms, now_ms, half_life);
-    tx.defer(
-        "INSERT INTO usage (account, owner, slot_ms, at_ms) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (account, owner) DO UPDATE SET slot_ms = $3, at_ms = $4",
-        args![account, owner, new.slot_ms, new.at_ms],
-    )
+    b.transaction(TxKind::Write, |tx| {
+        let half_life = half_life_ms(tx)?;
+        let mut by_owner: BTreeMap<OwnerKey, f64> = BTreeMap::new();
+        for (stage, ms) in &used {
+            let row = tx.query_one("SELECT needs FROM stages WHERE id = $1", args![*stage])?;
+            let needs: StageNeeds = parse(row.str(0), "stage needs")?;
+            *by_owner.entry(needs.owner_key()).or_default() += ms;
+        }
+        for ((account, owner), ms) in &by_owner {
+            let (account, owner) = (stored(account), stored(owner));
+            let old = tx
+                .query_opt(
+                    "SELECT slot_ms, at_ms FROM usage WHERE account = $1 AND owner = $2 FOR UPDATE",
+                    args![account, owner],
+                )?
+                .map(|r| Usage {
+                    slot_ms: r.f64(0),
+                    at_ms: r.i64(1),
+                })
+                .unwrap_or_default();
+            let new = old.add(*ms, now_ms, half_life);
+            tx.execute(
+                "INSERT INTO usage (account, owner, slot_ms, at_ms) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (account, owner) DO UPDATE SET slot_ms = $3, at_ms = $4",
+                args![account, owner, new.slot_ms, new.at_ms],
+            )?;
+        }
+        Ok(())
+    })
 }
 
 /// Each owner's and account's shares, usage decayed to `now_ms`, and the half-life.

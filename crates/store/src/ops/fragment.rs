@@ -821,12 +821,16 @@ pub(crate) fn finish(
     now_ms: i64,
     end: &FragmentEnd,
 ) -> Result<Finished> {
-    b.transaction(TxKind::Finish, |tx| {
+    let mut used = Vec::new();
+    let finished = b.transaction(TxKind::Finish, |tx| {
         let Some(held) = hold_to_finish(tx, end.flush.fragment, worker)? else {
             return Ok(Finished::default());
         };
+        used.push((held.stage, end.observed_ms));
         finish_held(tx, worker, now_ms, end, &held)
-    })
+    })?;
+    super::fair::record_usage(b, &used, now_ms)?;
+    Ok(finished)
 }
 
 /// Ends a fragment and claims for the slots it frees, in one transaction (see
@@ -838,9 +842,13 @@ pub(crate) fn finish_and_claim(
     end: &FragmentEnd,
     next: Option<(&ClaimRequest, usize)>,
 ) -> Result<(Finished, Vec<Assignment>)> {
-    b.transaction(TxKind::Finish, |tx| {
+    let mut used = Vec::new();
+    let out = b.transaction(TxKind::Finish, |tx| {
         let finished = match hold_to_finish(tx, end.flush.fragment, worker)? {
-            Some(held) => finish_held(tx, worker, now_ms, end, &held)?,
+            Some(held) => {
+                used.push((held.stage, end.observed_ms));
+                finish_held(tx, worker, now_ms, end, &held)?
+            }
             None => Finished::default(),
         };
         let claimed = match next {
@@ -848,7 +856,9 @@ pub(crate) fn finish_and_claim(
             None => Vec::new(),
         };
         Ok((finished, claimed))
-    })
+    })?;
+    super::fair::record_usage(b, &used, now_ms)?;
+    Ok(out)
 }
 
 /// What a finish decided, for its row.
@@ -915,8 +925,6 @@ fn finish_held(
         splits,
     };
     write_end(tx, end, &f, &ledger, &ended, now_ms)?;
-    // The slot it held, for fair share between owners.
-    super::fair::record_usage(tx, held.stage, end.observed_ms, now_ms)?;
     if ended.verdict.all_or_nothing && end.fed > 0 && held.acks == Acks::Unknown {
         tx.execute(
             "UPDATE stages SET acks = 'no' WHERE id = $1 AND acks = 'unknown'",
@@ -1041,7 +1049,8 @@ fn learn(tx: &mut dyn Db, held: &HeldFragment, end: &FragmentEnd) -> Result<()> 
 /// Returns to pending the unacked items of fragments whose lease expired or whose
 /// worker is in `dead` (see `Store::release`).
 pub(crate) fn release(b: &mut impl Backend, now_ms: i64, dead: &[String]) -> Result<u64> {
-    b.transaction(TxKind::Write, |tx| {
+    let mut used = Vec::new();
+    let released = b.transaction(TxKind::Write, |tx| {
         let now_lease = tx.lease_clock(now_ms);
         let rows = tx.query(
             "SELECT f.id, f.worker FROM fragments f LEFT JOIN workers w ON w.id = f.worker
@@ -1061,7 +1070,7 @@ pub(crate) fn release(b: &mut impl Backend, now_ms: i64, dead: &[String]) -> Res
             } else {
                 "lease expired"
             };
-            if lose(tx, &held, &format!("{why}: {worker}"), now_ms)? {
+            if lose(tx, &held, &format!("{why}: {worker}"), now_ms, &mut used)? {
                 drained.push(held.stage);
             }
         }
@@ -1082,7 +1091,9 @@ pub(crate) fn release(b: &mut impl Backend, now_ms: i64, dead: &[String]) -> Res
             tx.notify()?;
         }
         Ok(rows.len() as u64)
-    })
+    })?;
+    super::fair::record_usage(b, &used, now_ms)?;
+    Ok(released)
 }
 
 /// Running stages of running jobs with nothing pending or running. Two last
@@ -1104,7 +1115,14 @@ fn stranded(tx: &mut dyn Db) -> Result<Vec<i64>> {
 
 /// Ends a held fragment as lost: its unacked items go back to pending. Returns
 /// whether nothing of it went back (it may have been its stage's last).
-fn lose(tx: &mut dyn Db, held: &HeldFragment, detail: &str, now_ms: i64) -> Result<bool> {
+/// `used`: gets the fragment's stage and the slot-ms it held, for fair share.
+fn lose(
+    tx: &mut dyn Db,
+    held: &HeldFragment,
+    detail: &str,
+    now_ms: i64,
+    used: &mut Vec<(i64, f64)>,
+) -> Result<bool> {
     let id = held.fragment.id;
     let mut ledger = window(held);
     if !ledger.stateful && !held.fragment.acked.is_empty() {
@@ -1124,7 +1142,7 @@ fn lose(tx: &mut dyn Db, held: &HeldFragment, detail: &str, now_ms: i64) -> Resu
     // Its span as it stood (a split gave its tail away).
     let kept = ledger.done.len() as f64 / held.fragment.span.len().max(1) as f64;
     let wasted_ms = alive_ms * (1.0 - kept.min(1.0));
-    super::fair::record_usage(tx, held.stage, alive_ms, now_ms)?;
+    used.push((held.stage, alive_ms));
     tx.execute(
         "UPDATE fragments SET state = 'lost', finished_ms = $2, cause = 'lost', detail = $3, split_request = NULL,
            acked = $4, done_count = $5, result = $6, state_reruns = state_reruns + $7, wasted_ms = $8
