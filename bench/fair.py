@@ -12,7 +12,8 @@ Tasks run as users run them: `python3` from PATH (spin.py, 20 ms per item median
 every fragment pays the interpreter's start. Shares are computed from the store's own
 fragment rows (claim to end: the time each held a slot); the entitlement they are held
 to is computed apart, from the shares alone. SECONDS sets how long each is measured
-after the last submission (default 60).
+after the last submission (default 60); STAGE_EXTRA adds lines to every stage (e.g.
+'target = "60s"\n': fragments long enough that only a fairness split frees a slot).
 """
 import json, os, subprocess, sys, tempfile, time
 
@@ -44,7 +45,8 @@ def spec(d, name, owner, items, priority=0):
     path = os.path.join(d, f"{name}.toml")
     with open(path, "w") as f:
         f.write(f'name = "{name}"\nowner = "{owner}"\npriority = {priority}\n[[stage]]\nname = "work"\n'
-                f'command = ["python3", "{SPIN}"]\nitems = {{ range = [0, {items}] }}\n')
+                f'command = ["python3", "{SPIN}"]\nitems = {{ range = [0, {items}] }}\n'
+                + os.environ.get("STAGE_EXTRA", "").replace("\\n", "\n"))
     return path
 
 

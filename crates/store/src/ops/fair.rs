@@ -129,6 +129,20 @@ impl Ledger {
             .unwrap_or(DEFAULT_SHARES)
     }
 
+    /// [`Ledger::standings`] by slots alone, usage left out: usage breaks ties
+    /// between claims but never splits a fragment (two owners at their share would
+    /// take a slot from each other every second).
+    fn standings_by_slots(
+        &self,
+        running: &BTreeMap<OwnerKey, u64>,
+    ) -> (BTreeMap<String, Standing>, BTreeMap<OwnerKey, Standing>) {
+        let (mut accounts, mut owners) = self.standings(running);
+        for s in accounts.values_mut().chain(owners.values_mut()) {
+            s.usage_ms = 0.0;
+        }
+        (accounts, owners)
+    }
+
     /// The standings of owners and accounts, given the slots each owner runs.
     fn standings(
         &self,
@@ -270,7 +284,7 @@ pub(crate) fn report(b: &mut impl Backend, now_ms: i64) -> Result<FairShare> {
 }
 
 /// How often, per store connection, a flush looks for a fairness split.
-const SPLIT_EVERY_MS: i64 = 1000;
+const SPLIT_EVERY_MS: i64 = 500;
 
 /// Restores the balance without preemption: when a slot of this worker, freed,
 /// would go to another owner (one below its share, or with work of a higher
@@ -343,9 +357,30 @@ pub(crate) fn split(tx: &mut dyn Db, worker: &str, now_ms: i64) -> Result<()> {
         return Ok(());
     }
     let ledger = ledger(tx, now_ms)?;
-    let running = running_by_owner(tx)?;
     // The owners the claim path ranks: those of every unfinished stage.
     let keys: Vec<OwnerKey> = owners_seen.into_iter().collect();
+    // Slots as they will stand once the splits asked for already are done: each
+    // freed slot given to the first owner with work waiting, as claims will (else
+    // every worker's look would split again for the same missing slot).
+    let mut running = running_by_owner(tx)?;
+    let splitting = tx.query(
+        "SELECT s.needs FROM fragments f JOIN stages s ON s.id = f.stage_id
+         WHERE f.state = 'running' AND f.split_request IS NOT NULL",
+        args![],
+    )?;
+    for r in &splitting {
+        let needs: StageNeeds = parse(r.str(0), "stage needs")?;
+        if let Some(n) = running.get_mut(&needs.owner_key()) {
+            *n = n.saturating_sub(1);
+        }
+    }
+    for _ in &splitting {
+        let (accounts, owners) = ledger.standings_by_slots(&running);
+        let ranked = fair::rank(&keys, &accounts, &owners);
+        if let Some(first) = ranked.iter().find(|o| waiting.contains_key(&o.key)) {
+            *running.entry(first.key.clone()).or_default() += 1;
+        }
+    }
     for r in &mine {
         let needs: StageNeeds = parse(r.str(1), "stage needs")?;
         let me = needs.owner_key();
@@ -356,12 +391,7 @@ pub(crate) fn split(tx: &mut dyn Db, worker: &str, now_ms: i64) -> Result<()> {
         if let Some(n) = freed.get_mut(&me) {
             *n = n.saturating_sub(1);
         }
-        // By slots alone: usage breaks ties between claims, never splits (two
-        // owners at their share would take a slot from each other every second).
-        let (mut accounts, mut owners) = ledger.standings(&freed);
-        for s in accounts.values_mut().chain(owners.values_mut()) {
-            s.usage_ms = 0.0;
-        }
+        let (accounts, owners) = ledger.standings_by_slots(&freed);
         let ranked = fair::rank(&keys, &accounts, &owners);
         // The first owner the freed slot could serve (its own tail goes back to
         // pending: this owner counts as waiting too).
