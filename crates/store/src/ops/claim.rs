@@ -58,8 +58,12 @@ pub(crate) fn claim_slots(
 /// The stages of the jobs a claim may take from (the one asked for, or every
 /// running job), each job's stages in spec order; a job whose stored state cannot
 /// be read is stopped as broken and left out.
-fn running_stages(tx: &mut dyn Db, req: &ClaimRequest) -> Result<Vec<(i64, Vec<StageRow>)>> {
-    let jobs: Vec<i64> = match req.job {
+pub(crate) fn running_stages(
+    tx: &mut dyn Db,
+    job: Option<JobId>,
+    now_ms: i64,
+) -> Result<Vec<(i64, Vec<StageRow>)>> {
+    let jobs: Vec<i64> = match job {
         Some(job) => vec![job.0],
         None => tx
             .query(
@@ -75,7 +79,7 @@ fn running_stages(tx: &mut dyn Db, req: &ClaimRequest) -> Result<Vec<(i64, Vec<S
         match stages_of(tx, job, true) {
             Ok(stages) if stages.is_empty() => {}
             Ok(stages) => out.push((job, stages)),
-            Err(StoreError::Corrupt(why)) => halt_job(tx, job, &broken(why), req.now_ms)?,
+            Err(StoreError::Corrupt(why)) => halt_job(tx, job, &broken(why), now_ms)?,
             Err(e) => return Err(e),
         }
     }
@@ -96,7 +100,7 @@ fn claim_once(
     req: &ClaimRequest,
     started: std::time::Instant,
 ) -> Result<(Option<Assignment>, bool)> {
-    let jobs = running_stages(tx, req)?;
+    let jobs = running_stages(tx, req.job, req.now_ms)?;
     let turns = fair::turns(tx, &jobs, req.now_ms)?;
     let turn = |s: &StageRow| {
         turns

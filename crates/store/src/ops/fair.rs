@@ -296,20 +296,10 @@ pub(crate) fn split(tx: &mut dyn Db, worker: &str, now_ms: i64) -> Result<()> {
     if !tx.plans().fair_split_due(now_ms, SPLIT_EVERY_MS) {
         return Ok(());
     }
-    let class = match tx.query_opt("SELECT class FROM workers WHERE id = $1", args![worker])? {
-        Some(r) => r.string(0),
-        None => return Ok(()),
-    };
-    // Owners with pending work in ready stages this worker's class may take, by
-    // their top priority.
-    let jobs: Vec<i64> = tx
-        .query("SELECT id FROM jobs WHERE state = 'running'", args![])?
-        .iter()
-        .map(|r| r.i64(0))
-        .collect();
+    // The unfinished stages of running jobs (read as the claim path reads them),
+    // and whether each is ready.
     let mut stages = Vec::new();
-    for job in jobs {
-        let rows = super::stages_of(tx, job, true)?;
+    for (_, rows) in super::claim::running_stages(tx, None, now_ms)? {
         let finished: Vec<bool> = rows.iter().map(StageRow::is_done).collect();
         for s in rows.into_iter().filter(|s| !s.is_done()) {
             let ready = s
@@ -323,6 +313,10 @@ pub(crate) fn split(tx: &mut dyn Db, worker: &str, now_ms: i64) -> Result<()> {
     if owners_seen.len() < 2 {
         return Ok(());
     }
+    let class = match tx.query_opt("SELECT class FROM workers WHERE id = $1", args![worker])? {
+        Some(r) => r.string(0),
+        None => return Ok(()),
+    };
     // One read for which of the ready stages this class may run have pending work.
     let candidates: Vec<i64> = stages
         .iter()
