@@ -46,7 +46,8 @@ pub(crate) struct EngineConfig {
     /// Time a yielding fragment gets (run: before SIGTERM and again before SIGKILL;
     /// worker: the whole preemption notice).
     pub(crate) grace: Duration,
-    /// Least items in flight beyond the last ack.
+    /// Most items in flight beyond the last ack (what a task may leave unacked);
+    /// slow items get about 100 ms of work (`granule_exec::feed_window`).
     pub(crate) window: u64,
     /// Bytes of stdout/stderr kept per fragment.
     pub(crate) log_tail_bytes: usize,
@@ -205,11 +206,10 @@ struct FinishContext {
 const YIELD_MARGIN_MIN: Duration = Duration::from_millis(100);
 
 /// How long a fragment whose task acks takes to yield once feeding stops: its
-/// fed-ahead window run out, plus what ending it costs (at least
+/// fed-ahead `window` run out, plus what ending it costs (at least
 /// [`YIELD_MARGIN_MIN`]).
-fn yield_latency(min_window: u64, item_cost_ms: f64) -> Duration {
-    let ms =
-        granule_exec::feed_window(min_window, item_cost_ms) as f64 * item_cost_ms.max(0.0) + 50.0;
+fn yield_latency(window: u64, item_cost_ms: f64) -> Duration {
+    let ms = window as f64 * item_cost_ms.max(0.0) + 50.0;
     Duration::from_secs_f64(ms / 1e3).max(YIELD_MARGIN_MIN)
 }
 
@@ -288,6 +288,9 @@ struct Worker<'a> {
     failures_seen: HashMap<String, u64>,
     /// Failed and acked item attempts per stage, for `halt`.
     attempts: HashMap<(JobId, usize), (u64, u64)>,
+    /// Stages whose tasks ack in batches larger than a small feed window
+    /// (`RunReport::acks_in_batches`): fed `window` items from the start.
+    batch_ackers: HashSet<(JobId, usize)>,
 }
 
 /// Failures of a stage shown one by one before only counts are.
@@ -360,6 +363,7 @@ pub(crate) fn run_worker(
         data_paused_until: None,
         data_backoff: None,
         failures_seen: HashMap::new(),
+        batch_ackers: HashSet::new(),
         attempts: HashMap::new(),
     };
     let outcome = worker.run(&finished_rx, interrupts);
@@ -558,7 +562,7 @@ impl Worker<'_> {
         }
         self.running
             .values()
-            .map(|s| yield_latency(self.cfg.window, s.assignment.item_cost_ms))
+            .map(|s| yield_latency(self.window_for(&s.assignment), s.assignment.item_cost_ms))
             .max()
             .unwrap_or(YIELD_MARGIN_MIN)
             .min(self.cfg.drain_margin)
@@ -1132,7 +1136,7 @@ impl Worker<'_> {
         // A task that acks stops being fed when its life is about to end, and yields
         // what it was not fed; one that does not is told to end at a share of it.
         let acking = a.expect_acks == Some(true);
-        let latency = yield_latency(self.cfg.window, a.item_cost_ms).min(self.cfg.drain_margin);
+        let latency = yield_latency(self.window_for(a), a.item_cost_ms).min(self.cfg.drain_margin);
         let by_life = self.cfg.lifespan_end.map(|(_, end)| match acking {
             true => end - latency.as_millis() as i64,
             false => now_ms + ((end - now_ms) as f64 * share) as i64,
@@ -1185,6 +1189,16 @@ impl Worker<'_> {
         })
     }
 
+    /// Items a fragment's task is fed beyond its last ack: `window`, or for slow
+    /// items about 100 ms of work unless its stage's tasks ack in batches.
+    fn window_for(&self, a: &Assignment) -> u64 {
+        if self.batch_ackers.contains(&(a.job, a.stage_index)) {
+            self.cfg.window
+        } else {
+            granule_exec::feed_window(self.cfg.window, a.item_cost_ms)
+        }
+    }
+
     /// What the runner of a fragment needs to run its task.
     fn fragment_job(
         &self,
@@ -1211,7 +1225,8 @@ impl Worker<'_> {
             yield_by: by_life.map(|ms| now + Duration::from_millis((ms - now_ms).max(0) as u64)),
             feed_for: a.feed_for_ms.map(|ms| Duration::from_secs_f64(ms / 1e3)),
             grace: self.task_grace(),
-            window: granule_exec::feed_window(self.cfg.window, a.item_cost_ms),
+            window: self.window_for(a),
+            window_max: self.cfg.window,
             expect_acks: a.expect_acks,
             first_ack_patience: Duration::from_secs_f64(
                 (a.predicted_ms * 4.0 / 1e3).clamp(1.0, 60.0),
@@ -1541,6 +1556,10 @@ impl Worker<'_> {
             }
             None if report.failure.is_none() => self.data_backoff = None,
             None => {}
+        }
+        if report.acks_in_batches {
+            let stage = (slot.assignment.job, slot.assignment.stage_index);
+            self.batch_ackers.insert(stage);
         }
         let end = self.end_of(&slot, &report, flush);
         let stage_spec = &slot.spec.stages[slot.assignment.stage_index];

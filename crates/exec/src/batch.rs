@@ -12,8 +12,8 @@ use crate::drain::{read_until_stop, tail_reader, Sink, Stop};
 use crate::items::ItemsError;
 use crate::protocol::{self, Line, Parser, PROTOCOL_VERSION};
 use crate::run::{
-    classify, empty_report, supervise, window_now, Checkpoint, Control, Failure, FragmentJob,
-    RunReport, PRIVATE_ENV,
+    classify, empty_report, supervise, window_now, window_stalled, Checkpoint, Control, Failure,
+    FragmentJob, RunReport, PRIVATE_ENV,
 };
 use crate::sys::{self, Ready, Waiter};
 use granule_core::Output;
@@ -302,6 +302,7 @@ fn wait_for_room(
     fed_since: Instant,
 ) -> bool {
     let mut st = control.lock();
+    let mut full_since: Option<(Instant, u64)> = None;
     loop {
         if st.stop_feeding || index >= st.feed_end {
             drop(st);
@@ -320,6 +321,19 @@ fn wait_for_room(
         }
         st = control.lock();
         if st.fed - st.acks.min(st.fed) >= window_now(job, &st) && !st.stop_feeding {
+            // Full since when, with how many acks: an ack restarts the clock.
+            let now = Instant::now();
+            let since = match full_since {
+                Some((at, acks)) if acks == st.acks => now.duration_since(at),
+                _ => {
+                    full_since = Some((now, st.acks));
+                    Duration::ZERO
+                }
+            };
+            if window_stalled(job, &st, sys::available(out.file.as_raw_fd()), since) {
+                st.window_grown = true;
+                continue;
+            }
             st.feeder_waiting = true;
             st = control
                 .cond
@@ -521,6 +535,7 @@ fn apply(
         return false;
     }
     let fed_end = job.span.start + st.fed;
+    let acks_before = st.acks;
     let mut version_one = None;
     for action in lines.into_iter().flatten() {
         let index = match action {
@@ -556,6 +571,7 @@ fn apply(
             st.pending_outputs.clear();
         }
     }
+    st.most_acks_at_once = st.most_acks_at_once.max(st.acks - acks_before);
     if st.feeder_waiting && st.fed - st.acks.min(st.fed) <= window_now(job, &st) / 2 {
         control.cond.notify_all();
     }

@@ -49,8 +49,13 @@ pub struct FragmentJob {
     pub feed_for: Option<Duration>,
     /// Time between closing stdin and SIGTERM, and between SIGTERM and SIGKILL.
     pub grace: Duration,
-    /// Items fed beyond the last ack, once the task has acked.
+    /// Items fed beyond the last ack, once the task has acked ([`feed_window`]:
+    /// about 100 ms of work for slow items, so a split or yield waits little).
     pub window: u64,
+    /// What the window grows to when the task stalls holding it, having read all
+    /// it was fed without acking (a task that acks in batches, with each
+    /// checkpoint): the most a task may leave unacked (64 by default).
+    pub window_max: u64,
     /// Whether the stage's tasks ack (`None`: not known yet). Unless they are known
     /// not to, the window holds from the first item, waiting at most
     /// `first_ack_patience` for a first ack before feeding freely.
@@ -231,6 +236,10 @@ pub struct RunReport {
     pub acks: u64,
     /// Ack lines that matched no fed, unacked item.
     pub bad_acks: u64,
+    /// The task stalled holding its feed window, then acked more items at once
+    /// than that window held: it acks in batches, and its stage's next fragments
+    /// are better fed `window_max` from the start.
+    pub acks_in_batches: bool,
     /// Per-item mode: items whose run failed.
     pub culprits: IntervalSet,
     /// Wall time, ms.
@@ -269,6 +278,10 @@ pub(crate) struct Shared {
     pub(crate) feed_end: u64,
     pub(crate) stop_feeding: bool,
     pub(crate) feeder_waiting: bool,
+    /// The task stalled holding a full window: it is `window_max` from now on.
+    pub(crate) window_grown: bool,
+    /// The most acks one read of fd 3 brought.
+    pub(crate) most_acks_at_once: u64,
     pub(crate) yield_requested: bool,
     pub(crate) kill_requested: bool,
     pub(crate) acks: u64,
@@ -438,6 +451,7 @@ pub fn run_fragment(job: &FragmentJob, control: &Arc<Control>) -> RunReport {
     report.end = st.feed_end;
     report.acks = st.acks;
     report.bad_acks = st.bad_acks;
+    report.acks_in_batches = st.window_grown && st.most_acks_at_once > job.window;
     if st.acks == 0 && !st.pending_outputs.is_empty() && report.failure.is_none() {
         // Outputs belong to the item acked after them: with no ack at all they
         // belong to nothing (an all-or-nothing exit cannot say which item made them).
@@ -513,6 +527,7 @@ pub(crate) fn empty_report() -> RunReport {
         end: 0,
         acks: 0,
         bad_acks: 0,
+        acks_in_batches: false,
         culprits: IntervalSet::new(),
         duration_ms: 0.0,
         first_ack_ms: None,
@@ -616,26 +631,65 @@ fn trim_to_life(job: &FragmentJob, st: &mut Shared, now: Instant) {
     }
 }
 
-/// Items in flight beyond the last ack: at least `min`, and about 20 ms of work at
-/// `item_cost_ms`, so that reading acks in batches never starves a fast task.
-pub fn feed_window(min: u64, item_cost_ms: f64) -> u64 {
-    let by_time = if item_cost_ms > 0.0 {
-        (20.0 / item_cost_ms) as u64
-    } else {
-        min
-    };
-    by_time.clamp(min, 1 << 20)
+/// Work a slow item's feed window holds, ms: what a split or a yield waits for
+/// once feeding stops (64 items of 20 ms held 1.3 s of a fragment out of reach).
+const WINDOW_WORK_MS: f64 = 100.0;
+
+/// Items in flight beyond the last ack: about 20 ms of work at `item_cost_ms`, so
+/// that reading acks in batches never starves a fast task, and `max` items where
+/// that is at most [`WINDOW_WORK_MS`] of work, else that much work (at least 2).
+/// A fed item can no longer be split off or handed back at a yield. A task that
+/// acks in batches larger than this is given `max` once it stalls
+/// ([`window_stalled`]).
+pub fn feed_window(max: u64, item_cost_ms: f64) -> u64 {
+    if item_cost_ms <= 0.0 {
+        return max;
+    }
+    let by_time = (20.0 / item_cost_ms) as u64;
+    let floor = max
+        .min((WINDOW_WORK_MS / item_cost_ms).ceil() as u64)
+        .max(2);
+    by_time.clamp(floor, 1 << 20)
 }
 
 /// The fragment's feed window now: `job.window`, or where the claim knew no
 /// per-item cost (a first elastic fragment), 20 ms of work at the pace its acks
-/// show. A 64-item window of 0.1 ms items woke the feeder and the ack reader
-/// every few ms, CPU taken from the tasks on a busy machine.
+/// show (a 64-item window of 0.1 ms items woke the feeder and the ack reader
+/// every few ms, CPU taken from the tasks on a busy machine); `job.window_max`
+/// once the task stalled holding it.
 pub(crate) fn window_now(job: &FragmentJob, st: &Shared) -> u64 {
-    match (job.item_cost_ms > 0.0, live_pace_ms(st)) {
-        (false, Some(pace)) => feed_window(job.window, pace),
+    let base = match (job.item_cost_ms > 0.0, live_pace_ms(st)) {
+        (false, Some(pace)) => feed_window(job.window_max.max(job.window), pace),
         _ => job.window,
+    };
+    if st.window_grown {
+        base.max(job.window_max)
+    } else {
+        base
     }
+}
+
+/// Whether a task holding a full window has stalled: it has read every byte it
+/// was fed (`unread` is 0) and acked nothing for `since`, four times the window's
+/// predicted work and at least 250 ms. Such a task waits for more input before it
+/// acks (it acks in batches), and would wait for ever. A task still starting up
+/// has not read its input, so it never counts as stalled.
+pub(crate) fn window_stalled(
+    job: &FragmentJob,
+    st: &Shared,
+    unread: usize,
+    since: Duration,
+) -> bool {
+    if st.window_grown || unread > 0 || window_now(job, st) >= job.window_max {
+        return false;
+    }
+    let cost = if job.item_cost_ms > 0.0 {
+        job.item_cost_ms
+    } else {
+        live_pace_ms(st).unwrap_or(0.0)
+    };
+    let work_ms = window_now(job, st) as f64 * cost;
+    since >= Duration::from_secs_f64((4.0 * work_ms).max(250.0) / 1e3)
 }
 
 /// The per-item pace the fragment's acks show so far, ms (`None` before two).
@@ -701,5 +755,23 @@ pub(crate) fn classify(s: &Supervision, limit: Option<Duration>) -> Option<Failu
         (Some(code), _) => Some(Failure::Exit(code)),
         (_, Some(sig)) => Some(Failure::Signal(sig)),
         _ => Some(Failure::Exit(-1)),
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::feed_window;
+
+    #[test]
+    fn the_window_holds_about_20ms_and_never_seconds_of_work() {
+        assert_eq!(feed_window(64, 0.1), 200, "fast items: 20 ms of them");
+        assert_eq!(feed_window(64, 1.0), 64, "the most, 64 ms of work");
+        assert_eq!(feed_window(64, 20.0), 5, "100 ms of 20 ms items");
+        assert_eq!(
+            feed_window(64, 150.0),
+            2,
+            "slow items: two, not 10 s of them"
+        );
+        assert_eq!(feed_window(64, 0.0), 64, "unknown cost: the most");
     }
 }

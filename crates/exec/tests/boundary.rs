@@ -23,6 +23,7 @@ fn job(argv: &[&str], source: ItemSource, span: Span) -> FragmentJob {
         feed_for: None,
         grace: Duration::from_secs(5),
         window: 8,
+        window_max: 64,
         expect_acks: Some(true),
         first_ack_patience: Duration::from_secs(10),
         log_tail_bytes: 4096,

@@ -24,6 +24,7 @@ fn job(argv: &[&str], span: Span, per_item: bool) -> FragmentJob {
         feed_for: None,
         grace: Duration::from_secs(5),
         window: 8,
+        window_max: 64,
         expect_acks: Some(true),
         first_ack_patience: Duration::from_secs(10),
         log_tail_bytes: 1024,
@@ -193,6 +194,48 @@ for line in sys.stdin:
     assert_eq!(
         ctl.take_unflushed().acked,
         IntervalSet::from_span(Span::new(0, at))
+    );
+}
+
+#[test]
+fn a_task_that_acks_in_batches_larger_than_the_window_is_fed_enough() {
+    // Acks every 20 items, all at once; the window starts at 8. The task reads
+    // all it was fed and waits for more before it acks: without the window
+    // growing to `window_max` it would wait for ever.
+    let batches = r#"
+import os, sys
+ack = os.fdopen(3, "w")
+pending = []
+for line in sys.stdin:
+    pending.append(line)
+    if len(pending) == 20:
+        ack.write("".join(pending))
+        ack.flush()
+        pending = []
+ack.write("".join(pending))
+"#;
+    let mut j = job(&["python3", "-c", batches], Span::new(0, 200), false);
+    j.first_ack_patience = Duration::from_secs(600);
+    let ctl = Control::new(j.span);
+    let runner = {
+        let (j, ctl) = (j.clone(), ctl.clone());
+        std::thread::spawn(move || run_fragment(&j, &ctl))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !runner.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !runner.is_finished() {
+        ctl.kill(); // ends the task, so no process outlives the test
+        let _ = runner.join();
+        panic!("a task acking in batches of 20 was held at a window of 8");
+    }
+    let report = runner.join().unwrap();
+    assert_no_failure(&report);
+    assert_eq!(report.acks, 200);
+    assert!(
+        report.acks_in_batches,
+        "the worker is told to feed more next time"
     );
 }
 
