@@ -680,7 +680,8 @@ pub(crate) fn window_stalled(
     unread: usize,
     since: Duration,
 ) -> bool {
-    if st.window_grown || unread > 0 || window_now(job, st) >= job.window_max {
+    let window = window_now(job, st);
+    if st.window_grown || unread > 0 || window >= job.window_max {
         return false;
     }
     let cost = if job.item_cost_ms > 0.0 {
@@ -688,7 +689,7 @@ pub(crate) fn window_stalled(
     } else {
         live_pace_ms(st).unwrap_or(0.0)
     };
-    let work_ms = window_now(job, st) as f64 * cost;
+    let work_ms = window as f64 * cost;
     since >= Duration::from_secs_f64((4.0 * work_ms).max(250.0) / 1e3)
 }
 

@@ -6,7 +6,7 @@
 use super::{Backend, StageRow, TxKind};
 use crate::common::parse;
 use crate::db::{args, Db};
-use crate::{FairShare, OwnerShare, Result};
+use crate::{FairShare, OwnerShare, Result, StageState};
 use granule_core::fair::{self, OwnerKey, Standing, Usage, DEFAULT_HALF_LIFE_MS, DEFAULT_SHARES};
 use granule_core::StageNeeds;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -291,9 +291,22 @@ const SPLIT_EVERY_MS: i64 = 500;
 /// priority, that this worker's class may run), asks this worker to split the
 /// fragment holding it right after what it has fed; the rest goes back to pending
 /// and the slot's next claim follows the fair order. One fragment per look, at most
-/// one look a second per connection.
+/// one look per [`SPLIT_EVERY_MS`] per connection.
 pub(crate) fn split(tx: &mut dyn Db, worker: &str, now_ms: i64) -> Result<()> {
     if !tx.plans().fair_split_due(now_ms, SPLIT_EVERY_MS) {
+        return Ok(());
+    }
+    // One read first: a store with one owner (most of them) looks no further.
+    let needs = tx.query(
+        "SELECT DISTINCT s.needs FROM stages s JOIN jobs j ON j.id = s.job_id
+         WHERE j.state = 'running' AND s.state <> $1 AND s.state <> $2",
+        args![StageState::Done.as_str(), StageState::Skipped.as_str()],
+    )?;
+    let mut owners_listed = BTreeSet::new();
+    for r in &needs {
+        owners_listed.insert(parse::<StageNeeds>(r.str(0), "stage needs")?.owner_key());
+    }
+    if owners_listed.len() < 2 {
         return Ok(());
     }
     // The unfinished stages of running jobs (read as the claim path reads them),
